@@ -1,0 +1,398 @@
+"""Hugging Face ``GPTNeoXForCausalLM`` checkpoints <-> neox_jax parameters.
+
+The name map below is the whole conversion. Hugging Face stores ``nn.Linear.weight``
+as ``[out, in]``; we store ``kernel`` as ``[in, out]``, so linear weights are
+transposed and nothing else changes. In particular the fused
+``attention.query_key_value`` keeps its per-head ``[q|k|v]`` output order in both
+formats (documented once, in ``neox_jax.model.layers``). Layers are stacked on a
+leading axis on our side (the scanned ``layers`` subtree).
+
+Loading goes tensor by tensor into preallocated arrays of the target dtype, so a
+checkpoint never needs twice its size in host memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from neox_jax.model import ModelConfig, abstract_params
+
+# HF name (with {i} for the layer) -> (our path, transpose?)
+LAYER_MAP = {
+    "gpt_neox.layers.{i}.input_layernorm.weight": ("layers/input_layernorm/scale", False),
+    "gpt_neox.layers.{i}.input_layernorm.bias": ("layers/input_layernorm/bias", False),
+    "gpt_neox.layers.{i}.post_attention_layernorm.weight": (
+        "layers/post_attention_layernorm/scale", False),
+    "gpt_neox.layers.{i}.post_attention_layernorm.bias": (
+        "layers/post_attention_layernorm/bias", False),
+    "gpt_neox.layers.{i}.attention.query_key_value.weight": (
+        "layers/attention/query_key_value/kernel", True),
+    "gpt_neox.layers.{i}.attention.query_key_value.bias": (
+        "layers/attention/query_key_value/bias", False),
+    "gpt_neox.layers.{i}.attention.dense.weight": ("layers/attention/dense/kernel", True),
+    "gpt_neox.layers.{i}.attention.dense.bias": ("layers/attention/dense/bias", False),
+    "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight": ("layers/mlp/dense_h_to_4h/kernel", True),
+    "gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias": ("layers/mlp/dense_h_to_4h/bias", False),
+    "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight": ("layers/mlp/dense_4h_to_h/kernel", True),
+    "gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias": ("layers/mlp/dense_4h_to_h/bias", False),
+}
+GLOBAL_MAP = {
+    "gpt_neox.embed_in.weight": ("embed_in/embedding", False),
+    "gpt_neox.final_layer_norm.weight": ("final_layer_norm/scale", False),
+    "gpt_neox.final_layer_norm.bias": ("final_layer_norm/bias", False),
+    "embed_out.weight": ("embed_out/kernel", True),
+}
+# Buffers that old checkpoints carry and that hold no parameters.
+IGNORED = re.compile(r".*\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+
+DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": ml_dtypes.bfloat16,
+}
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+TORCH_SINGLE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "tokenizer.model")
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted; the message says what and how to fix it."""
+
+
+# -------------------------------------------------------------------- config
+def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """``ModelConfig`` from a Hugging Face ``config.json`` dict (either rotary spelling).
+
+    Old files carry ``rotary_pct``/``rotary_emb_base``; transformers 5 writes
+    ``rope_parameters: {partial_rotary_factor, rope_theta, rope_type}``.
+    """
+    model_type = hf.get("model_type")
+    if model_type != "gpt_neox":
+        raise ConversionError(
+            f"config.json has model_type={model_type!r}, not 'gpt_neox': this is not a "
+            "GPT-NeoX checkpoint (GPT-NeoX-20B and Pythia use 'gpt_neox')."
+        )
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
+    base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
+    scaling = None
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "linear":
+        scaling = {"type": "linear", "factor": float(rope["factor"])}
+    elif rope_type not in ("default", None):
+        raise ConversionError(f"rope type {rope_type!r} in config.json is not supported.")
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        hidden_act=hf.get("hidden_act", "gelu"),
+        rotary_pct=float(rotary_pct),
+        rotary_emb_base=float(base),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
+        use_parallel_residual=hf.get("use_parallel_residual", True),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        attention_bias=hf.get("attention_bias", True),
+        rope_scaling=scaling,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[str, Any]:
+    """A ``config.json`` dict that transformers 4.x and 5.x both read."""
+    out = {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.hidden_act,
+        "rotary_pct": config.rotary_pct,
+        "rotary_emb_base": config.rotary_emb_base,
+        "max_position_embeddings": config.max_position_embeddings,
+        "layer_norm_eps": config.layer_norm_eps,
+        "use_parallel_residual": config.use_parallel_residual,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_bias": config.attention_bias,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
+    if config.rope_scaling and config.rope_scaling_dict["type"] == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling_dict["factor"]}
+    out.update(extra)
+    return out
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConversionError(f"{path} is not a directory; pass a Hugging Face checkpoint folder.")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ConversionError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+# ------------------------------------------------------------------- loading
+def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(name, array)`` one tensor at a time from safetensors or torch files."""
+    if (path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file():
+        from safetensors import safe_open
+
+        for file in _shard_files(path, SAFE_INDEX, SAFE_SINGLE):
+            with safe_open(str(file), framework="numpy") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name)
+    elif (path / TORCH_INDEX).is_file() or (path / TORCH_SINGLE).is_file():
+        try:
+            import torch
+        except ImportError:
+            raise ConversionError(
+                f"{path} holds only pytorch_model.bin files, which need torch to read "
+                "safely: pip install torch (or convert the checkpoint to safetensors)."
+            ) from None
+        for file in _shard_files(path, TORCH_INDEX, TORCH_SINGLE):
+            # weights_only=True: never unpickle arbitrary objects from a checkpoint.
+            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            for name in list(state):
+                tensor = state.pop(name)
+                yield name, _torch_to_numpy(tensor)
+            del state
+    else:
+        raise ConversionError(
+            f"{path} has no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_SINGLE} "
+            f"or {TORCH_INDEX}."
+        )
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _shard_files(path: Path, index_name: str, single_name: str) -> list[Path]:
+    if (path / index_name).is_file():
+        try:
+            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ConversionError(f"{path / index_name} is not a valid index file: {e}") from None
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = [path / single_name]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise ConversionError(f"Checkpoint shards listed by the index are missing: {missing}")
+    return files
+
+
+def _hf_name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None]]:
+    """Every HF tensor name this config needs -> (our path, transpose, layer or None)."""
+    table = {}
+    for name, (ours, t) in GLOBAL_MAP.items():
+        if name == "embed_out.weight" and config.tie_word_embeddings:
+            continue
+        table[name] = (ours, t, None)
+    for i in range(config.num_hidden_layers):
+        for name, (ours, t) in LAYER_MAP.items():
+            if not config.attention_bias and name.endswith(
+                ("query_key_value.bias", "dense.bias")
+            ) and ".attention." in name:
+                continue
+            table[name.format(i=i)] = (ours, t, i)
+    return table
+
+
+def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32",
+            **config_overrides) -> tuple[ModelConfig, dict[str, Any]]:
+    """Read a Hugging Face GPT-NeoX directory.
+
+    Args:
+      path: folder with ``config.json`` and ``model.safetensors`` (single or sharded with
+        its index), or legacy ``pytorch_model.bin`` (read with ``weights_only=True``).
+      param_dtype: dtype of the returned arrays ("float32", "bfloat16", "float16").
+      **config_overrides: ModelConfig fields to set (``dtype``, ``attention_impl``, ...).
+
+    Returns:
+      ``(config, params)`` with params a tree of numpy arrays in our layout.
+    """
+    path = Path(path)
+    config = config_from_hf(read_hf_config(path), param_dtype=param_dtype, **config_overrides)
+    target = DTYPES[param_dtype]
+    shapes = _flatten(abstract_params(config))
+    params = {k: np.empty(s.shape, target) for k, s in shapes.items()}
+    table = _hf_name_table(config)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in _iter_hf_tensors(path):
+        if IGNORED.match(name):
+            continue
+        if name == "embed_out.weight" and config.tie_word_embeddings:
+            continue  # tied checkpoints may still carry a copy of the embedding
+        if name not in table:
+            unexpected.append(name)
+            continue
+        ours, transpose, layer = table[name]
+        value = tensor.T if transpose else tensor
+        expected = shapes[ours].shape[1:] if layer is not None else shapes[ours].shape
+        if value.shape != tuple(expected):
+            hf_shape = tuple(expected[::-1]) if transpose else tuple(expected)
+            raise ConversionError(
+                f"Tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"{hf_shape}; the weights do not match the config."
+            )
+        if layer is None:
+            params[ours][...] = value
+        else:
+            params[ours][layer] = value
+        seen.add(name)
+    if unexpected:
+        raise ConversionError(
+            f"{len(unexpected)} tensors are not part of a GPT-NeoX model, e.g. "
+            f"{unexpected[:5]}; is {path} a GPTNeoXForCausalLM checkpoint?"
+        )
+    missing = sorted(set(table) - seen)
+    if missing:
+        raise ConversionError(
+            f"{path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}; "
+            "the checkpoint is incomplete."
+        )
+    return config, _unflatten(params)
+
+
+# -------------------------------------------------------------------- saving
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
+    if not m:
+        raise ValueError(f"Cannot parse size {size!r}; use e.g. 5GB, 500MB or a byte count.")
+    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+
+
+def _hf_tensors(config: ModelConfig, params: dict[str, Any], dtype) -> Iterator[
+        tuple[str, np.ndarray]]:
+    flat = _flatten(params)
+    for name, (ours, transpose, layer) in _hf_name_table(config).items():
+        value = np.asarray(flat[ours] if layer is None else flat[ours][layer])
+        value = value.T if transpose else value
+        yield name, np.ascontiguousarray(value.astype(dtype))
+
+
+def save_hf(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, *,
+            dtype: str = "float32", max_shard_size: int | str = "5GB",
+            tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a folder that ``GPTNeoXForCausalLM.from_pretrained`` loads.
+
+    Shards ``model.safetensors`` above ``max_shard_size`` (with the index file). The
+    folder is written under a temporary name and renamed at the end, so a failure
+    leaves nothing partial at ``path``. Tokenizer files from ``tokenizer_dir`` are
+    copied when given.
+    """
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
+    limit = _parse_size(max_shard_size)
+    np_dtype = DTYPES[dtype]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
+        hf_config = config_to_hf(config, dtype=dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out: Path, limit: int) -> None:
+    """Group tensors into safetensors files of at most ``limit`` bytes (one tensor may exceed)."""
+    from safetensors.numpy import save_file
+
+    files: list[dict[str, np.ndarray]] = []
+    current: dict[str, np.ndarray] = {}
+    size = total = 0
+    names: list[str] = []
+
+    def flush():
+        name = f"part-{len(names):05d}.safetensors"
+        save_file(current, str(out / name), metadata={"format": "pt"})
+        names.append(name)
+        files.append(dict.fromkeys(current))  # keep only the keys, free the arrays
+
+    for name, value in tensors:
+        if current and size + value.nbytes > limit:
+            flush()
+            current, size = {}, 0
+        current[name] = value
+        size += value.nbytes
+        total += value.nbytes
+    flush()
+    if len(names) == 1:
+        os.replace(out / names[0], out / SAFE_SINGLE)
+        return
+    n = len(names)  # conventional names need the shard count, known only now
+    weight_map = {}
+    for i, (old, keys) in enumerate(zip(names, files, strict=True)):
+        new = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out / old, out / new)
+        weight_map.update(dict.fromkeys(keys, new))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------------- tree helpers
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out

@@ -1,0 +1,26 @@
+"""The GPT-NeoX model: config, size table and Flax linen modules."""
+
+from neox_jax.model.config import PRESETS, ModelConfig
+from neox_jax.model.transformer import (
+    GPTNeoX,
+    ModelOutput,
+    abstract_params,
+    cache_logical_axes,
+    count_params,
+    init_cache,
+    init_params,
+    param_logical_axes,
+)
+
+__all__ = [
+    "PRESETS",
+    "GPTNeoX",
+    "ModelConfig",
+    "ModelOutput",
+    "abstract_params",
+    "cache_logical_axes",
+    "count_params",
+    "init_cache",
+    "init_params",
+    "param_logical_axes",
+]

@@ -1,0 +1,223 @@
+"""``ModelConfig``: the frozen description of a GPT-NeoX model, and the size table.
+
+Field names follow Hugging Face's ``GPTNeoXConfig`` so that interop is a dict copy;
+``dtype``, ``param_dtype``, ``attention_impl``, ``remat`` and ``rope_scaling`` are ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax.numpy as jnp
+
+ACTIVATIONS = (
+    "gelu",  # exact, erf-based (torch.nn.functional.gelu); Pythia hub configs
+    "gelu_python",  # the same formula written out in transformers
+    "gelu_new",  # tanh approximation, sqrt(2/pi) computed (GPT-2's)
+    "gelu_fast",  # tanh approximation with 0.7978845608 written out; GPT-NeoX-20B's hub config
+    "gelu_pytorch_tanh",  # torch's approximate="tanh"
+    "gelu_python_tanh",
+    "gelu_accurate",
+    "quick_gelu",
+    "relu",
+    "silu",
+)
+ATTENTION_IMPLS = ("xla", "pallas")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ROPE_SCALING_TYPES = ("linear", "ntk")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one GPT-NeoX model (hashable, so it can be a static jit argument).
+
+    Attributes (Hugging Face names):
+      vocab_size: rows of the (padded) embedding matrices.
+      hidden_size: model width; ``hidden_size // num_attention_heads`` is the head size.
+      num_hidden_layers: transformer blocks.
+      num_attention_heads: attention heads.
+      intermediate_size: MLP width (4 * hidden_size for every released model).
+      hidden_act: one of ``ACTIVATIONS``, defined exactly as transformers does.
+      rotary_pct: fraction of each head that gets rotary embeddings (0.25 for Pythia/20B).
+      rotary_emb_base: rotary base (theta).
+      max_position_embeddings: the trained context length.
+      layer_norm_eps: LayerNorm epsilon.
+      use_parallel_residual: ``x + attn(ln1(x)) + mlp(ln2(x))`` if True, else sequential.
+      tie_word_embeddings: share the input embedding with the output projection.
+      attention_bias: biases on ``query_key_value`` and ``dense``.
+    Ours:
+      dtype: compute dtype ("float32" or "bfloat16"); LayerNorm and softmax stay fp32.
+      param_dtype: storage dtype of parameters.
+      attention_impl: "xla" (the reference) or "pallas" (flash kernels).
+      remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
+      rope_scaling: None, or {"type": "linear"|"ntk", "factor": f} to run past
+        ``max_position_embeddings`` (see ``neox_jax.model.layers.rotary_inv_freq``).
+    """
+
+    vocab_size: int = 50432
+    hidden_size: int = 6144
+    num_hidden_layers: int = 44
+    num_attention_heads: int = 64
+    intermediate_size: int = 24576
+    hidden_act: str = "gelu"
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    max_position_embeddings: int = 2048
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    tie_word_embeddings: bool = False
+    attention_bias: bool = True
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat: str = "none"
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_ndims(self) -> int:
+        # Same truncation as transformers: int(head_dim * rotary_pct).
+        return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    # --------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raises ``ValueError`` naming the field and the fix for invalid combinations."""
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose sizes whose ratio is the head size."
+            )
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"rotary_pct must lie in [0, 1], got {self.rotary_pct}.")
+        if self.rotary_ndims % 2:
+            raise ValueError(
+                f"rotary dims int(head_dim * rotary_pct) = int({self.head_dim} * {self.rotary_pct})"
+                f" = {self.rotary_ndims} is odd; rotate-half needs an even count. Adjust "
+                "rotary_pct or the head size."
+            )
+        _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        _check_choice("dtype", self.dtype, tuple(DTYPES))
+        _check_choice("param_dtype", self.param_dtype, tuple(DTYPES))
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+        if self.rope_scaling is not None:
+            scaling = self.rope_scaling_dict
+            kind = scaling.get("type")
+            _check_choice("rope_scaling['type']", kind, ROPE_SCALING_TYPES)
+            factor = scaling.get("factor")
+            if not isinstance(factor, int | float) or factor < 1.0:
+                raise ValueError(f"rope_scaling['factor'] must be a number >= 1, got {factor!r}.")
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        """The published architecture of ``name`` (see ``PRESETS``), with field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["rope_scaling"] = self.rope_scaling_dict
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(names)}.")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown {name} {value!r}; supported: {', '.join(map(str, choices))}.")
+
+
+def _pythia(layers: int, hidden: int, heads: int, vocab: int = 50304) -> dict[str, Any]:
+    # Every Pythia hub config: gelu (exact), rotary_pct 0.25, base 10000, 2048 positions,
+    # eps 1e-5, parallel residual, untied embeddings, intermediate = 4 * hidden.
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        hidden_act="gelu",
+        rotary_pct=0.25,
+        rotary_emb_base=10000.0,
+        max_position_embeddings=2048,
+        layer_norm_eps=1e-5,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+    )
+
+
+# The size table. Sources: the config.json of each model on the Hugging Face hub,
+# https://huggingface.co/EleutherAI/<name>/blob/main/config.json, which agree with the
+# Pythia README table (github.com/EleutherAI/pythia) and, for the 20B, with gpt-neox's
+# configs/20B.yml and arXiv:2204.06745 (Table 1). Parameter counts are checked in
+# tests/test_model.py against the published figures.
+PRESETS: dict[str, dict[str, Any]] = {
+    "pythia-14m": _pythia(6, 128, 4),  # EleutherAI/pythia-14m
+    "pythia-31m": _pythia(6, 256, 8),  # EleutherAI/pythia-31m
+    "pythia-70m": _pythia(6, 512, 8),  # EleutherAI/pythia-70m: 70,426,624 params
+    "pythia-160m": _pythia(12, 768, 12),  # EleutherAI/pythia-160m: 162,322,944
+    "pythia-410m": _pythia(24, 1024, 16),  # EleutherAI/pythia-410m: 405,334,016
+    "pythia-1b": _pythia(16, 2048, 8),  # EleutherAI/pythia-1b: 1,011,781,632 (head 256)
+    "pythia-1.4b": _pythia(24, 2048, 16),  # EleutherAI/pythia-1.4b: 1,414,647,808
+    "pythia-2.8b": _pythia(32, 2560, 32),  # EleutherAI/pythia-2.8b: 2,775,208,960 (head 80)
+    "pythia-6.9b": _pythia(32, 4096, 32, vocab=50432),  # EleutherAI/pythia-6.9b: 6,857,302,016
+    "pythia-12b": _pythia(36, 5120, 40, vocab=50688),  # EleutherAI/pythia-12b: 11,846,072,320
+    # EleutherAI/gpt-neox-20b: 44 layers, 6144 wide, 64 heads of 96, rotary on 24 dims,
+    # hidden_act gelu_fast (a tanh approximation), vocab padded to 50432: 20,554,567,680.
+    "neox-20b": {**_pythia(44, 6144, 64, vocab=50432), "hidden_act": "gelu_fast"},
+}

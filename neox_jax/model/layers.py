@@ -1,0 +1,284 @@
+"""The GPT-NeoX building blocks: LayerNorm, Linear, rotary, attention, MLP, block.
+
+Shapes: ``B`` batch, ``T`` length, ``S`` cache length, ``E`` hidden, ``H`` heads,
+``D`` head size, ``F`` intermediate size, ``V`` vocabulary.
+
+Every linear layer is a ``Linear`` with a ``kernel`` of shape ``[in, out]`` (the
+transpose of a torch ``nn.Linear.weight``) and a ``bias`` of shape ``[out]``. The fused
+``query_key_value`` projection keeps Hugging Face's output order, per head ``[q|k|v]``:
+output feature ``h * 3D + j * D + d`` is component ``j`` (0=q, 1=k, 2=v), dimension
+``d`` of head ``h``. Sharding its output axis into contiguous chunks therefore hands
+whole heads to each tensor-parallel shard, which is why Megatron chose this layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from neox_jax.kernels import reference
+from neox_jax.model import axes
+from neox_jax.model.config import ModelConfig
+
+Array = jax.Array
+
+
+# ---------------------------------------------------------------- activations
+def activation(name: str):
+    """The activation ``name`` exactly as transformers' ``ACT2FN`` defines it."""
+    sqrt_2_over_pi = math.sqrt(2.0 / math.pi)
+
+    def tanh_gelu(x):  # gelu_new / gelu_pytorch_tanh / gelu_python_tanh / gelu_accurate
+        return 0.5 * x * (1.0 + jnp.tanh(sqrt_2_over_pi * (x + 0.044715 * x**3)))
+
+    def fast_gelu(x):  # transformers' FastGELUActivation writes the constant out
+        return 0.5 * x * (1.0 + jnp.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+    table = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_python": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": tanh_gelu,
+        "gelu_pytorch_tanh": tanh_gelu,
+        "gelu_python_tanh": tanh_gelu,
+        "gelu_accurate": tanh_gelu,
+        "gelu_fast": fast_gelu,
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+    }
+    if name not in table:
+        raise ValueError(f"Unknown hidden_act {name!r}; supported: {', '.join(table)}.")
+    return table[name]
+
+
+# --------------------------------------------------------------- initialisers
+def small_init(dim: int):
+    """GPT-NeoX ``small_init``: N(0, sqrt(2 / 5d)) (Nguyen & Salazar 2019); Pythia's init_method."""
+    return nn.initializers.normal(math.sqrt(2.0 / (5.0 * dim)))
+
+
+def wang_init(dim: int, num_layers: int):
+    """GPT-NeoX ``wang_init``: N(0, 2 / (L sqrt(d))) for the layers writing the residual."""
+    return nn.initializers.normal(2.0 / (num_layers * math.sqrt(dim)))
+
+
+# ---------------------------------------------------------------------- layers
+class LayerNorm(nn.Module):
+    """LayerNorm computed in fp32 (two-pass variance, as torch), output in ``dtype``."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        dim = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)), (dim,),
+            self.param_dtype,
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)), (dim,),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel + bias`` over the last axis; ``kernel`` is ``[in, out]``.
+
+    ``kernel_axes`` are the logical names of (in, out); the bias takes the out name.
+    """
+
+    features: int
+    kernel_axes: tuple[str, str]
+    kernel_init: nn.initializers.Initializer
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+            (x.shape[-1], self.features),
+            self.param_dtype,
+        )
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.kernel_axes[1],)),
+                (self.features,),
+                self.param_dtype,
+            )
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+# ---------------------------------------------------------------------- rotary
+def rotary_inv_freq(config: ModelConfig) -> Array:
+    """``1 / base^(2i / rd)`` for the ``rd`` rotary dims, with optional RoPE scaling.
+
+    Linear scaling (position interpolation, Chen et al. 2023) divides positions by
+    ``factor``; NTK-aware scaling (bloc97, 2023) raises the base to
+    ``base * factor^(rd / (rd - 2))`` so low frequencies stretch and high ones stay.
+    """
+    rd = config.rotary_ndims
+    base = config.rotary_emb_base
+    scaling = config.rope_scaling_dict or {}
+    if scaling.get("type") == "ntk" and rd > 2:
+        base = base * scaling["factor"] ** (rd / (rd - 2))
+    inv_freq = 1.0 / (base ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
+    if scaling.get("type") == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    return inv_freq
+
+
+def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate the first ``2 * len(inv_freq)`` dims of each head (rotate-half convention).
+
+    Args:
+      x: ``[B, T, H, D]``.
+      positions: ``[B, T]`` integer positions.
+      inv_freq: ``[rd / 2]`` fp32.
+    """
+    rd = 2 * inv_freq.shape[0]
+    if rd == 0:
+        return x
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x_rot, x_pass = x[..., :rd], x[..., rd:]
+    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2 :]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
+
+
+# ------------------------------------------------------------------- attention
+def attend(config: ModelConfig, q, k, v, q_segment_ids, kv_segment_ids, *, q_offset=0,
+           cached: bool = False, length=None):
+    """Dispatch on ``config.attention_impl``; every path equals ``reference.attention``.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, S, H, D]`` (S == T unless ``cached``).
+      q_segment_ids: ``[B, T]``; kv_segment_ids: ``[B, S]`` (0 = padding / empty slot).
+      q_offset: cache slot of the first query (``cached`` only).
+      cached: k/v are a KV cache written up to ``length`` slots.
+    """
+    if config.attention_impl == "pallas":
+        if not cached:
+            from neox_jax.kernels.flash_attention import flash_attention
+
+            return flash_attention(q, k, v, q_segment_ids, causal=True)
+        if q.shape[1] == 1:
+            from neox_jax.kernels.decode_attention import decode_attention
+
+            out = decode_attention(q[:, 0], k, v, kv_segment_ids, length=length)
+            return out[:, None]
+        # A multi-token step into a non-empty cache (chunked prefill) takes the XLA path.
+    mask = reference.make_attention_mask(
+        q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
+    )
+    return reference.attention(q, k, v, mask)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with partial rotary embeddings and an optional KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, layer_cache=None, cache_info=None):
+        """Args:
+          x: ``[B, T, E]``; positions, segment_ids: ``[B, T]``.
+          layer_cache: None, or ``{"k", "v"}`` of ``[B, S, H, D]`` for this layer.
+          cache_info: ``{"segment_ids": [B, S] (already updated), "index": scalar}``.
+        Returns ``(out [B, T, E], new layer_cache or None)``.
+        """
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        dense = lambda feats, names, init, name: Linear(  # noqa: E731
+            feats, names, init, cfg.attention_bias, cfg.compute_dtype, cfg.params_dtype, name=name
+        )
+        qkv = dense(3 * cfg.hidden_size, (axes.EMBED, axes.HEADS), small_init(cfg.hidden_size),
+                    "query_key_value")(x)
+        qkv = qkv.reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
+        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, D]
+        names = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+        q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+        inv_freq = rotary_inv_freq(cfg)
+        q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+
+        if layer_cache is None:
+            out = attend(cfg, q, k, v, segment_ids, segment_ids)
+            new_cache = None
+        else:
+            index = cache_info["index"]
+            k_all = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0)
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
+            )
+            new_cache = {"k": k_all, "v": v_all}
+            out = attend(cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), segment_ids,
+                         cache_info["segment_ids"], q_offset=index, cached=True,
+                         length=index + length)
+        out = nn.with_logical_constraint(out, names).reshape(batch, length, heads * head_dim)
+        init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
+        return dense(cfg.hidden_size, (axes.HEADS, axes.EMBED), init, "dense")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        h = Linear(cfg.intermediate_size, (axes.EMBED, axes.MLP), small_init(cfg.hidden_size),
+                   True, cfg.compute_dtype, cfg.params_dtype, name="dense_h_to_4h")(x)
+        h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        h = activation(cfg.hidden_act)(h)
+        init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
+        return Linear(cfg.hidden_size, (axes.MLP, axes.EMBED), init, True, cfg.compute_dtype,
+                      cfg.params_dtype, name="dense_4h_to_h")(h)
+
+
+class Block(nn.Module):
+    """One transformer layer, parallel or sequential residual (as ``GPTNeoXLayer``).
+
+    Written for ``nn.scan``: ``(carry=x, per-layer cache) -> (x, (new cache, layer input))``.
+    """
+
+    config: ModelConfig
+    keep_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x, layer_cache, positions, segment_ids, cache_info):
+        cfg = self.config
+        act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
+        x = nn.with_logical_constraint(x, act_names)
+        layer_input = x if self.keep_hidden else None
+        norm = lambda name: LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype,  # noqa: E731
+                                      name=name)
+        attn, new_cache = Attention(cfg, name="attention")(
+            norm("input_layernorm")(x), positions, segment_ids, layer_cache, cache_info
+        )
+        if cfg.use_parallel_residual:
+            # x + attn(ln1(x)) + mlp(ln2(x)), summed in transformers' order.
+            mlp = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+            x = mlp + attn + x
+        else:
+            x = attn + x
+            x = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x)) + x
+        return nn.with_logical_constraint(x, act_names), (new_cache, layer_input)

@@ -1,0 +1,231 @@
+"""``GPTNeoX``: embedding, a scanned stack of blocks, final norm, output projection.
+
+The layers are one ``nn.scan`` over ``Block``, so every layer parameter carries a
+leading ``[num_hidden_layers]`` axis (logical name ``layers``). That keeps compile time
+flat in depth (the 44-layer 20B compiles as fast as 2 layers), and makes pipeline
+stages a reshape of that axis.
+
+Parameter tree (``kernel`` is ``[in, out]``; see ``neox_jax.convert.hf`` for the
+mapping to Hugging Face names)::
+
+    embed_in/embedding                                  [V, E]
+    layers/input_layernorm/{scale,bias}                 [L, E]
+    layers/post_attention_layernorm/{scale,bias}        [L, E]
+    layers/attention/query_key_value/{kernel,bias}      [L, E, 3E], [L, 3E]
+    layers/attention/dense/{kernel,bias}                [L, E, E], [L, E]
+    layers/mlp/dense_h_to_4h/{kernel,bias}              [L, E, F], [L, F]
+    layers/mlp/dense_4h_to_h/{kernel,bias}              [L, F, E], [L, E]
+    final_layer_norm/{scale,bias}                       [E]
+    embed_out/kernel                                    [E, V]   (absent when tied)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from neox_jax.model import axes
+from neox_jax.model.config import ModelConfig
+from neox_jax.model.layers import Block, LayerNorm, Linear, small_init
+
+Array = jax.Array
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """What ``GPTNeoX`` returns when a cache or hidden states are asked for.
+
+    logits: ``[B, T, V]`` fp32 (None when ``compute_logits=False``).
+    cache: the updated KV cache (see ``init_cache``), or None.
+    hidden_states: ``[L + 1, B, T, E]`` as transformers' ``output_hidden_states``:
+      entry ``i < L`` is the input of layer ``i`` (0 = embeddings), entry ``L`` the
+      final-LayerNorm output. None unless requested.
+    """
+
+    logits: Array | None
+    cache: dict[str, Array] | None = None
+    hidden_states: Array | None = None
+
+
+class GPTNeoX(nn.Module):
+    """GPT-NeoX causal language model (``GPTNeoXForCausalLM`` in transformers)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        *,
+        attention_mask: Array | None = None,
+        cache: dict[str, Array] | None = None,
+        return_hidden_states: bool = False,
+        compute_logits: bool = True,
+    ):
+        """Run the model.
+
+        Args:
+          input_ids: ``[B, T]`` int token ids.
+          positions: ``[B, T]`` rotary positions; default ``arange(T)`` (offset by the
+            cache index when decoding), as transformers does without ``position_ids``.
+          segment_ids: ``[B, T]`` int, 0 = padding; tokens attend only within their id
+            (packed documents). Default: all ones.
+          attention_mask: Hugging Face style ``[B, T]`` (1 = token, 0 = padding); used as
+            ``segment_ids`` when those are not given.
+          cache: a KV cache from ``init_cache``; the new keys/values are written at
+            ``cache["index"]`` and the returned cache has the index advanced by ``T``.
+          return_hidden_states: also return every layer's hidden states.
+          compute_logits: skip the vocabulary projection (embeddings only need states).
+
+        Returns:
+          logits ``[B, T, V]`` (fp32) when neither ``cache`` nor ``return_hidden_states``
+          is given, else a ``ModelOutput``.
+        """
+        cfg = self.config
+        batch, length = input_ids.shape
+        if segment_ids is None:
+            segment_ids = attention_mask if attention_mask is not None else None
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        cache_info = None
+        if cache is not None:
+            index = cache["index"]
+            cache_info = {
+                "index": index,
+                "segment_ids": jax.lax.dynamic_update_slice(
+                    cache["segment_ids"], segment_ids, (0, index)
+                ),
+            }
+        if positions is None:
+            offset = 0 if cache is None else cache["index"]
+            positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32),
+                                         (batch, length))
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            embedding_init=nn.with_logical_partitioning(
+                small_init(cfg.hidden_size), (axes.VOCAB, axes.EMBED)
+            ),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            name="embed_in",
+        )
+        x = embed(input_ids.astype(jnp.int32))
+        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+        layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        x, (new_layer_caches, layer_inputs) = self._stack(return_hidden_states)(
+            x, layer_caches, positions, segment_ids, cache_info
+        )
+        x = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype,
+                      name="final_layer_norm")(x)
+
+        logits = None
+        if compute_logits:
+            if cfg.tie_word_embeddings:
+                logits = jnp.einsum("bte,ve->btv", x, embed.embedding.astype(x.dtype),
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB),
+                                small_init(cfg.hidden_size), False, cfg.compute_dtype,
+                                cfg.params_dtype, name="embed_out")(x)
+            logits = nn.with_logical_constraint(
+                logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
+            )
+
+        if cache is None and not return_hidden_states:
+            return logits
+        new_cache = None
+        if cache is not None:
+            new_cache = {
+                **new_layer_caches,
+                "segment_ids": cache_info["segment_ids"],
+                "index": cache["index"] + length,
+            }
+        hidden = None
+        if return_hidden_states:
+            hidden = jnp.concatenate([layer_inputs, x[None]], axis=0)
+        return ModelOutput(logits=logits, cache=new_cache, hidden_states=hidden)
+
+    def _stack(self, keep_hidden: bool):
+        cfg = self.config
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        return nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_hidden_layers,
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+        )(cfg, keep_hidden, name="layers")
+
+
+# ------------------------------------------------------------------ utilities
+def init_params(config: ModelConfig, rng: Array) -> dict[str, Any]:
+    """Random parameters (unboxed) for ``config``; GPT-NeoX's small_init/wang_init."""
+    variables = GPTNeoX(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+    return nn.meta.unbox(variables["params"])
+
+
+def abstract_params(config: ModelConfig) -> dict[str, Any]:
+    """Parameter shapes/dtypes as ``jax.ShapeDtypeStruct``; allocates nothing."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
+    """The logical axis names of every parameter, as a tree of ``PartitionSpec``."""
+    boxed = jax.eval_shape(
+        lambda: GPTNeoX(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    )
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(config: ModelConfig) -> int:
+    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated)."""
+    return sum(int(x.size) for x in jax.tree.leaves(abstract_params(config)))
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
+    """An empty KV cache.
+
+    Layout: ``k``, ``v``: ``[L, B, S, H, D]``; ``segment_ids``: ``[B, S]`` (0 = empty or
+    padding slot); ``index``: int32 scalar, the next slot to write.
+    """
+    dtype = dtype or config.compute_dtype
+    shape = (config.num_hidden_layers, batch, max_length, config.num_attention_heads,
+             config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch, max_length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def cache_logical_axes() -> dict[str, Any]:
+    """Logical axis names of the ``init_cache`` tree, for sharding it."""
+    kv = jax.sharding.PartitionSpec(
+        axes.CACHE_LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.CACHE_HEADS, axes.CACHE_KV
+    )
+    return {
+        "k": kv,
+        "v": kv,
+        "segment_ids": jax.sharding.PartitionSpec(axes.CACHE_BATCH, axes.CACHE_LENGTH),
+        "index": jax.sharding.PartitionSpec(),
+    }

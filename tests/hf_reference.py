@@ -1,0 +1,65 @@
+"""Random tiny Hugging Face GPT-NeoX models: the independent reference for our tests."""
+
+import numpy as np
+import torch
+import transformers
+
+
+def make_hf_model(path=None, *, seed=0, **overrides):
+    """A random ``GPTNeoXForCausalLM`` whose activations are O(1).
+
+    With transformers' default ``initializer_range=0.02`` a tiny model's activations are
+    ~1e-2 and, e.g., a wrong GELU variant moves logits by only ~1e-5, slipping through a
+    parity test. So weights are drawn with std 0.3 / sqrt-ish scaling and LayerNorm
+    parameters and biases are made non-trivial, so every term is exercised.
+    """
+    kwargs = dict(
+        vocab_size=96,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=192,
+        max_position_embeddings=128,
+        rotary_pct=0.25,
+        hidden_act="gelu",
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    kwargs.update(overrides)
+    config = transformers.GPTNeoXConfig(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.GPTNeoXForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or "layer_norm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
+def hf_logits(model, input_ids, attention_mask=None):
+    with torch.no_grad():
+        ids = torch.tensor(np.asarray(input_ids), dtype=torch.long)
+        mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
+        return model(ids, attention_mask=mask).logits.numpy()
+
+
+def assert_logits_close(ours, ref, rel=1e-5):
+    """max |ours - ref| <= rel * max |ref|.
+
+    Both sides compute in fp32 with different kernels and summation orders, so they
+    differ by accumulated round-off (~1e-6 of the logit scale for these sizes); 1e-5 of
+    the largest logit leaves headroom for that while any formula difference (a GELU
+    variant, a rotary convention, a LayerNorm detail) is orders of magnitude larger.
+    """
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    err = np.max(np.abs(ours - ref))
+    scale = np.max(np.abs(ref))
+    assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * {scale:.3g}"
