@@ -18,16 +18,27 @@ CASES = [
     dict(tie_word_embeddings=True),
     dict(attention_bias=False),
     dict(num_attention_heads=2, rotary_emb_base=500.0),
-] + [dict(hidden_act=act) for act in
-     ("gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python", "quick_gelu", "relu", "silu")]
+] + [
+    dict(hidden_act=act)
+    for act in (
+        "gelu_new",
+        "gelu_fast",
+        "gelu_pytorch_tanh",
+        "gelu_python",
+        "quick_gelu",
+        "relu",
+        "silu",
+    )
+]
 
 
 def _ids(shape, vocab, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=lambda d: ",".join(f"{k}={v}" for k, v in
-                                                                    d.items()) or "default")
+@pytest.mark.parametrize(
+    "overrides", CASES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "default"
+)
 def test_logits_match_transformers(tmp_path, overrides):
     ref = make_hf_model(tmp_path, **overrides)
     config, params = load_hf(tmp_path)
@@ -75,15 +86,19 @@ def test_hidden_states_match_transformers(tmp_path):
         assert_logits_close(out.hidden_states[layer], h.numpy())
 
 
-@pytest.mark.parametrize("overrides", [dict(), dict(use_parallel_residual=False,
-                                                    rotary_pct=1.0)])
+@pytest.mark.parametrize("overrides", [dict(), dict(use_parallel_residual=False, rotary_pct=1.0)])
 def test_greedy_matches_transformers_generate(tmp_path, overrides):
     ref = make_hf_model(tmp_path, **overrides)
     config, params = load_hf(tmp_path)
     prompt = _ids((1, 6), config.vocab_size, seed=3)
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor(prompt, dtype=torch.long), max_new_tokens=20,
-                              do_sample=False, min_new_tokens=20, pad_token_id=0)
+        theirs = ref.generate(
+            torch.tensor(prompt, dtype=torch.long),
+            max_new_tokens=20,
+            do_sample=False,
+            min_new_tokens=20,
+            pad_token_id=0,
+        )
     ours = greedy_generate(config, params, prompt, max_new_tokens=20)
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy()[:, 6:])
 

@@ -32,9 +32,14 @@ MODEL_CONFIG = "model_config"
 TOKENIZER_DIR = "tokenizer"
 
 
-def save_checkpoint(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, *,
-                    tokenizer_dir: str | os.PathLike | None = None,
-                    overwrite: bool = False) -> Path:
+def save_checkpoint(
+    config: ModelConfig,
+    params: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``params`` and ``config`` as a model checkpoint at ``path`` (atomically)."""
     path = Path(path).absolute()
     if path.exists() and any(path.iterdir()) and not overwrite:
@@ -43,10 +48,16 @@ def save_checkpoint(config: ModelConfig, params: dict[str, Any], path: str | os.
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        ckptr.save(tmp / "ckpt", args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardSave(params),
-            MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
-        }), force=True)
+        ckptr.save(
+            tmp / "ckpt",
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardSave(params),
+                    MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
+                }
+            ),
+            force=True,
+        )
         for item in (tmp / "ckpt").iterdir():
             os.replace(item, tmp / item.name)
         (tmp / "ckpt").rmdir()
@@ -98,13 +109,15 @@ def _is_complete(step_dir: Path) -> bool:
 
 def read_model_config(ckpt_dir: Path) -> ModelConfig:
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = ckptr.restore(ckpt_dir, args=ocp.args.Composite(**{
-        MODEL_CONFIG: ocp.args.JsonRestore()}))
+    restored = ckptr.restore(
+        ckpt_dir, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
+    )
     return ModelConfig.from_dict(restored[MODEL_CONFIG])
 
 
-def load_checkpoint(path: str | os.PathLike, *, shardings: Any = None,
-                    **config_overrides) -> tuple[ModelConfig, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, *, shardings: Any = None, **config_overrides
+) -> tuple[ModelConfig, dict[str, Any]]:
     """Read a model checkpoint or a trainer step directory.
 
     Args:
@@ -131,8 +144,9 @@ def load_checkpoint(path: str | os.PathLike, *, shardings: Any = None,
     )
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        restored = ckptr.restore(path, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(target)}))
+        restored = ckptr.restore(
+            path, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
+        )
     except (ValueError, KeyError) as e:
         raise ConversionError(f"Cannot restore parameters from {path}: {e}") from None
     return config, restored[PARAMS]

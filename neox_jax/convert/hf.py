@@ -32,13 +32,21 @@ LAYER_MAP = {
     "gpt_neox.layers.{i}.input_layernorm.weight": ("layers/input_layernorm/scale", False),
     "gpt_neox.layers.{i}.input_layernorm.bias": ("layers/input_layernorm/bias", False),
     "gpt_neox.layers.{i}.post_attention_layernorm.weight": (
-        "layers/post_attention_layernorm/scale", False),
+        "layers/post_attention_layernorm/scale",
+        False,
+    ),
     "gpt_neox.layers.{i}.post_attention_layernorm.bias": (
-        "layers/post_attention_layernorm/bias", False),
+        "layers/post_attention_layernorm/bias",
+        False,
+    ),
     "gpt_neox.layers.{i}.attention.query_key_value.weight": (
-        "layers/attention/query_key_value/kernel", True),
+        "layers/attention/query_key_value/kernel",
+        True,
+    ),
     "gpt_neox.layers.{i}.attention.query_key_value.bias": (
-        "layers/attention/query_key_value/bias", False),
+        "layers/attention/query_key_value/bias",
+        False,
+    ),
     "gpt_neox.layers.{i}.attention.dense.weight": ("layers/attention/dense/kernel", True),
     "gpt_neox.layers.{i}.attention.dense.bias": ("layers/attention/dense/bias", False),
     "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight": ("layers/mlp/dense_h_to_4h/kernel", True),
@@ -52,6 +60,9 @@ GLOBAL_MAP = {
     "gpt_neox.final_layer_norm.bias": ("final_layer_norm/bias", False),
     "embed_out.weight": ("embed_out/kernel", True),
 }
+# transformers 5 names the output projection lm_head in memory (embed_out on disk); a
+# state_dict saved by hand therefore carries lm_head.weight.
+ALIASES = {"lm_head.weight": "embed_out.weight"}
 # Buffers that old checkpoints carry and that hold no parameters.
 IGNORED = re.compile(r".*\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
 
@@ -64,8 +75,12 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 TORCH_SINGLE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
 
 
 class ConversionError(ValueError):
@@ -221,16 +236,19 @@ def _hf_name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None
         table[name] = (ours, t, None)
     for i in range(config.num_hidden_layers):
         for name, (ours, t) in LAYER_MAP.items():
-            if not config.attention_bias and name.endswith(
-                ("query_key_value.bias", "dense.bias")
-            ) and ".attention." in name:
+            if (
+                not config.attention_bias
+                and name.endswith(("query_key_value.bias", "dense.bias"))
+                and ".attention." in name
+            ):
                 continue
             table[name.format(i=i)] = (ours, t, i)
     return table
 
 
-def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32",
-            **config_overrides) -> tuple[ModelConfig, dict[str, Any]]:
+def load_hf(
+    path: str | os.PathLike, *, param_dtype: str = "float32", **config_overrides
+) -> tuple[ModelConfig, dict[str, Any]]:
     """Read a Hugging Face GPT-NeoX directory.
 
     Args:
@@ -251,6 +269,7 @@ def load_hf(path: str | os.PathLike, *, param_dtype: str = "float32",
     seen: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in _iter_hf_tensors(path):
+        name = ALIASES.get(name, name)
         if IGNORED.match(name):
             continue
         if name == "embed_out.weight" and config.tie_word_embeddings:
@@ -296,8 +315,9 @@ def _parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
 
 
-def _hf_tensors(config: ModelConfig, params: dict[str, Any], dtype) -> Iterator[
-        tuple[str, np.ndarray]]:
+def _hf_tensors(
+    config: ModelConfig, params: dict[str, Any], dtype
+) -> Iterator[tuple[str, np.ndarray]]:
     flat = _flatten(params)
     for name, (ours, transpose, layer) in _hf_name_table(config).items():
         value = np.asarray(flat[ours] if layer is None else flat[ours][layer])
@@ -305,9 +325,16 @@ def _hf_tensors(config: ModelConfig, params: dict[str, Any], dtype) -> Iterator[
         yield name, np.ascontiguousarray(value.astype(dtype))
 
 
-def save_hf(config: ModelConfig, params: dict[str, Any], path: str | os.PathLike, *,
-            dtype: str = "float32", max_shard_size: int | str = "5GB",
-            tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+def save_hf(
+    config: ModelConfig,
+    params: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    max_shard_size: int | str = "5GB",
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write a folder that ``GPTNeoXForCausalLM.from_pretrained`` loads.
 
     Shards ``model.safetensors`` above ``max_shard_size`` (with the index file). The

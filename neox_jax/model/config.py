@@ -166,7 +166,9 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(names)}.")
+            raise ValueError(
+                f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(names)}."
+            )
         return cls(**d)
 
     def to_json(self) -> str:

@@ -77,11 +77,15 @@ class LayerNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         dim = x.shape[-1]
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)), (dim,),
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+            (dim,),
             self.param_dtype,
         )
         bias = self.param(
-            "bias", nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)), (dim,),
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, (axes.NORM,)),
+            (dim,),
             self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
@@ -164,8 +168,18 @@ def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 # ------------------------------------------------------------------- attention
-def attend(config: ModelConfig, q, k, v, q_segment_ids, kv_segment_ids, *, q_offset=0,
-           cached: bool = False, length=None):
+def attend(
+    config: ModelConfig,
+    q,
+    k,
+    v,
+    q_segment_ids,
+    kv_segment_ids,
+    *,
+    q_offset=0,
+    cached: bool = False,
+    length=None,
+):
     """Dispatch on ``config.attention_impl``; every path equals ``reference.attention``.
 
     Args:
@@ -210,8 +224,12 @@ class Attention(nn.Module):
         dense = lambda feats, names, init, name: Linear(  # noqa: E731
             feats, names, init, cfg.attention_bias, cfg.compute_dtype, cfg.params_dtype, name=name
         )
-        qkv = dense(3 * cfg.hidden_size, (axes.EMBED, axes.HEADS), small_init(cfg.hidden_size),
-                    "query_key_value")(x)
+        qkv = dense(
+            3 * cfg.hidden_size,
+            (axes.EMBED, axes.HEADS),
+            small_init(cfg.hidden_size),
+            "query_key_value",
+        )(x)
         qkv = qkv.reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, D]
         names = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
@@ -231,9 +249,17 @@ class Attention(nn.Module):
                 layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
             )
             new_cache = {"k": k_all, "v": v_all}
-            out = attend(cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), segment_ids,
-                         cache_info["segment_ids"], q_offset=index, cached=True,
-                         length=index + length)
+            out = attend(
+                cfg,
+                q,
+                k_all.astype(q.dtype),
+                v_all.astype(q.dtype),
+                segment_ids,
+                cache_info["segment_ids"],
+                q_offset=index,
+                cached=True,
+                length=index + length,
+            )
         out = nn.with_logical_constraint(out, names).reshape(batch, length, heads * head_dim)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
         return dense(cfg.hidden_size, (axes.HEADS, axes.EMBED), init, "dense")(out), new_cache
@@ -245,13 +271,27 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        h = Linear(cfg.intermediate_size, (axes.EMBED, axes.MLP), small_init(cfg.hidden_size),
-                   True, cfg.compute_dtype, cfg.params_dtype, name="dense_h_to_4h")(x)
+        h = Linear(
+            cfg.intermediate_size,
+            (axes.EMBED, axes.MLP),
+            small_init(cfg.hidden_size),
+            True,
+            cfg.compute_dtype,
+            cfg.params_dtype,
+            name="dense_h_to_4h",
+        )(x)
         h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
         h = activation(cfg.hidden_act)(h)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
-        return Linear(cfg.hidden_size, (axes.MLP, axes.EMBED), init, True, cfg.compute_dtype,
-                      cfg.params_dtype, name="dense_4h_to_h")(h)
+        return Linear(
+            cfg.hidden_size,
+            (axes.MLP, axes.EMBED),
+            init,
+            True,
+            cfg.compute_dtype,
+            cfg.params_dtype,
+            name="dense_4h_to_h",
+        )(h)
 
 
 class Block(nn.Module):
@@ -269,8 +309,12 @@ class Block(nn.Module):
         act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
         x = nn.with_logical_constraint(x, act_names)
         layer_input = x if self.keep_hidden else None
-        norm = lambda name: LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype,  # noqa: E731
-                                      name=name)
+        norm = lambda name: LayerNorm(
+            cfg.layer_norm_eps,
+            cfg.compute_dtype,
+            cfg.params_dtype,  # noqa: E731
+            name=name,
+        )
         attn, new_cache = Attention(cfg, name="attention")(
             norm("input_layernorm")(x), positions, segment_ids, layer_cache, cache_info
         )

@@ -111,8 +111,9 @@ class GPTNeoX(nn.Module):
             }
         if positions is None:
             offset = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32),
-                                         (batch, length))
+            positions = jnp.broadcast_to(
+                offset + jnp.arange(length, dtype=jnp.int32), (batch, length)
+            )
 
         embed = nn.Embed(
             cfg.vocab_size,
@@ -131,18 +132,29 @@ class GPTNeoX(nn.Module):
         x, (new_layer_caches, layer_inputs) = self._stack(return_hidden_states)(
             x, layer_caches, positions, segment_ids, cache_info
         )
-        x = LayerNorm(cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype,
-                      name="final_layer_norm")(x)
+        x = LayerNorm(
+            cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_layer_norm"
+        )(x)
 
         logits = None
         if compute_logits:
             if cfg.tie_word_embeddings:
-                logits = jnp.einsum("bte,ve->btv", x, embed.embedding.astype(x.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = jnp.einsum(
+                    "bte,ve->btv",
+                    x,
+                    embed.embedding.astype(x.dtype),
+                    preferred_element_type=jnp.float32,
+                )
             else:
-                logits = Linear(cfg.vocab_size, (axes.EMBED, axes.VOCAB),
-                                small_init(cfg.hidden_size), False, cfg.compute_dtype,
-                                cfg.params_dtype, name="embed_out")(x)
+                logits = Linear(
+                    cfg.vocab_size,
+                    (axes.EMBED, axes.VOCAB),
+                    small_init(cfg.hidden_size),
+                    False,
+                    cfg.compute_dtype,
+                    cfg.params_dtype,
+                    name="embed_out",
+                )(x)
             logits = nn.with_logical_constraint(
                 logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
             )
@@ -208,8 +220,13 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> 
     padding slot); ``index``: int32 scalar, the next slot to write.
     """
     dtype = dtype or config.compute_dtype
-    shape = (config.num_hidden_layers, batch, max_length, config.num_attention_heads,
-             config.head_dim)
+    shape = (
+        config.num_hidden_layers,
+        batch,
+        max_length,
+        config.num_attention_heads,
+        config.head_dim,
+    )
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),

@@ -1,0 +1,193 @@
+"""ModelConfig, presets, parameter counts, KV cache and packing behaviour."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from neox_jax.model import (
+    PRESETS,
+    GPTNeoX,
+    ModelConfig,
+    count_params,
+    init_cache,
+    init_params,
+    param_logical_axes,
+)
+
+# Published parameter counts (Hugging Face model cards / Pythia README; the 20B
+# figure is the sum of the hub checkpoint's tensor sizes).
+PUBLISHED = {
+    "pythia-70m": 70_426_624,
+    "pythia-160m": 162_322_944,
+    "pythia-410m": 405_334_016,
+    "pythia-1b": 1_011_781_632,
+    "pythia-1.4b": 1_414_647_808,
+    "pythia-2.8b": 2_775_208_960,
+    "pythia-6.9b": 6_857_302_016,
+    "pythia-12b": 11_846_072_320,
+    "neox-20b": 20_554_567_680,
+}
+# Non-embedding counts from the Pythia README for the two small models.
+NON_EMBEDDING = {"pythia-14m": 1_189_888, "pythia-31m": 4_739_072}
+
+SMALL = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+)
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_preset_parameter_counts(name):
+    assert count_params(ModelConfig.from_preset(name)) == PUBLISHED[name]
+
+
+@pytest.mark.parametrize("name", NON_EMBEDDING)
+def test_small_pythia_non_embedding_counts(name):
+    cfg = ModelConfig.from_preset(name)
+    embeddings = 2 * cfg.vocab_size * cfg.hidden_size
+    assert count_params(cfg) - embeddings == NON_EMBEDDING[name]
+
+
+def test_preset_table_is_complete_and_architectural():
+    expected = {
+        "pythia-14m",
+        "pythia-31m",
+        "pythia-70m",
+        "pythia-160m",
+        "pythia-410m",
+        "pythia-1b",
+        "pythia-1.4b",
+        "pythia-2.8b",
+        "pythia-6.9b",
+        "pythia-12b",
+        "neox-20b",
+    }
+    assert set(PRESETS) == expected
+    neox = ModelConfig.from_preset("neox-20b")
+    assert (neox.head_dim, neox.rotary_ndims, neox.hidden_act) == (96, 24, "gelu_fast")
+    assert ModelConfig.from_preset("pythia-2.8b").head_dim == 80
+    assert ModelConfig.from_preset("pythia-1b").head_dim == 256
+
+
+def test_count_params_allocates_nothing():
+    # 20B parameters in fp32 would be 82 GB: eval_shape must not materialise them.
+    assert count_params(ModelConfig.from_preset("neox-20b")) > 2e10
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(hidden_size=30), "not divisible by num_attention_heads"),
+        (dict(rotary_pct=0.375), "is odd"),  # int(8 * 0.375) = 3
+        (dict(rotary_pct=1.5), r"rotary_pct must lie in \[0, 1\]"),
+        (dict(hidden_act="gelu_bogus"), "Unknown hidden_act 'gelu_bogus'"),
+        (dict(attention_impl="cuda"), "Unknown attention_impl"),
+        (dict(dtype="float8"), "Unknown dtype"),
+        (dict(remat="sometimes"), "Unknown remat"),
+        (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
+    ],
+)
+def test_invalid_configs_raise_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(SMALL, **change)
+
+
+def test_unknown_preset_and_fields():
+    with pytest.raises(ValueError, match="Unknown preset 'pythia-7b'"):
+        ModelConfig.from_preset("pythia-7b")
+    with pytest.raises(ValueError, match="Unknown ModelConfig fields"):
+        ModelConfig.from_dict({**SMALL.to_dict(), "n_layer": 3})
+
+
+def test_config_json_round_trip_and_hashable():
+    cfg = SMALL.replace(rope_scaling={"type": "linear", "factor": 2.0})
+    assert ModelConfig.from_json(cfg.to_json()) == cfg
+    assert hash(cfg) == hash(ModelConfig.from_json(cfg.to_json()))
+
+
+def test_every_parameter_has_logical_axes():
+    axes = param_logical_axes(SMALL)
+    shapes = jax.eval_shape(lambda: init_params(SMALL, jax.random.key(0)))
+    for spec, shape in zip(
+        jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+        jax.tree.leaves(shapes),
+        strict=True,
+    ):
+        assert len(spec) == len(shape.shape) and all(name is not None for name in spec)
+
+
+def _ids(shape, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, SMALL.vocab_size, shape), jnp.int32)
+
+
+def test_kv_cache_decode_equals_full_recomputation():
+    params = init_params(SMALL, jax.random.key(0))
+    model = GPTNeoX(SMALL)
+    ids = _ids((2, 12))
+    full = model.apply({"params": params}, ids)
+    # Prefill 5 tokens, then feed 3, then 1 at a time.
+    cache = init_cache(SMALL, 2, 16)
+    pieces = []
+    for start, stop in [(0, 5), (5, 8), *[(i, i + 1) for i in range(8, 12)]]:
+        out = model.apply({"params": params}, ids[:, start:stop], cache=cache)
+        cache = out.cache
+        pieces.append(out.logits)
+    # Same math, different op order (masked softmax over a longer cache): fp32 round-off.
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == 12
+
+
+def test_packed_segments_do_not_attend_across_documents():
+    params = init_params(SMALL, jax.random.key(1))
+    model = GPTNeoX(SMALL)
+    a, b = _ids((1, 7), 1), _ids((1, 5), 2)
+    packed = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)
+    segments = jnp.asarray([[1] * 7 + [2] * 5 + [0] * 4])
+    positions = jnp.asarray([list(range(7)) + list(range(5)) + [0] * 4])
+    out = model.apply({"params": params}, packed, positions, segments)
+    np.testing.assert_allclose(out[:, :7], model.apply({"params": params}, a), atol=1e-5)
+    np.testing.assert_allclose(out[:, 7:12], model.apply({"params": params}, b), atol=1e-5)
+    assert np.all(np.isfinite(np.asarray(out)))  # fully masked padding rows stay finite
+
+
+def test_remat_and_bf16_params_run():
+    ids = _ids((2, 8))
+    base = init_params(SMALL, jax.random.key(2))
+    ref = GPTNeoX(SMALL).apply({"params": base}, ids)
+    for policy in ("full", "dots", "dots_no_batch"):
+        cfg = SMALL.replace(remat=policy)
+        loss = lambda p, cfg=cfg: GPTNeoX(cfg).apply({"params": p}, ids).mean()  # noqa: E731
+        grads = jax.grad(loss)(base)
+        assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+        np.testing.assert_allclose(GPTNeoX(cfg).apply({"params": base}, ids), ref, atol=1e-6)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
+    out = GPTNeoX(SMALL.replace(param_dtype="bfloat16", dtype="bfloat16")).apply(
+        {"params": half}, ids
+    )
+    assert out.dtype == jnp.float32 and out.shape == (2, 8, SMALL.vocab_size)
+
+
+@pytest.mark.parametrize("kind", ["linear", "ntk"])
+def test_rope_scaling(kind):
+    """Factor 1 equals no scaling; a real factor changes the outputs."""
+    cfg = SMALL.replace(rotary_pct=1.0)  # 8 rotary dims, so NTK has frequencies to stretch
+    params = init_params(cfg, jax.random.key(3))
+    ids = _ids((1, 20))
+    plain = GPTNeoX(cfg).apply({"params": params}, ids)
+    same = GPTNeoX(cfg.replace(rope_scaling={"type": kind, "factor": 1.0})).apply(
+        {"params": params}, ids
+    )
+    np.testing.assert_allclose(same, plain, atol=1e-6)
+    scaled = GPTNeoX(cfg.replace(rope_scaling={"type": kind, "factor": 4.0})).apply(
+        {"params": params}, ids
+    )
+    assert not np.allclose(scaled, plain, atol=1e-3)
