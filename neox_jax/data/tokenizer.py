@@ -1,0 +1,533 @@
+"""Tokenizers: one interface over Hugging Face `tokenizer.json` files and sentencepiece models.
+
+GPT-NeoX-20B/Pythia ship a byte-level BPE `tokenizer.json` (`HFTokenizer`); `train_sentencepiece`
+trains a byte-fallback sentencepiece BPE on which any text round-trips exactly
+(`SentencePieceTokenizer`); `load_tokenizer` picks the backend from a file or directory. Train with
+
+  python -m neox_jax.data.tokenizer --train --input=a.txt,b.txt --vocab_size=4096 \
+      --output=/path/spm.model
+"""
+
+from __future__ import annotations
+
+import abc
+import argparse
+import functools
+import io
+import itertools
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import tokenizers
+
+HF_FILE = "tokenizer.json"
+SPM_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+_SPM_NAMES = (SPM_FILE, "spm.model")
+# Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
+# model declares none). GPT-NeoX/Pythia use <|endoftext|> to end and to start documents.
+_CANDIDATES = {
+    "eos": ("<|endoftext|>", "</s>", "<eos>"),
+    "bos": ("<s>", "<bos>", "<|endoftext|>"),
+    "pad": ("<|padding|>", "<pad>"),
+}
+_META = "\u2581"  # sentencepiece's stand-in for " "
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Write beside the target, then rename: a crash never leaves half a file in a checkpoint.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared checkpoint must stay readable
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    if not (path := Path(path)).is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return path
+
+
+def _id_list(ids: Sequence[int] | np.ndarray) -> list[int]:
+    if (arr := np.asarray(ids)).ndim != 1:
+        raise ValueError(f"decode takes a 1-D sequence of ids, got shape {arr.shape}")
+    return [int(i) for i in arr]
+
+
+class Tokenizer(abc.ABC):
+    """The interface over both backends.
+
+    Subclasses implement `_encode_many(texts)` (no special tokens added), `decode(ids, *,
+    skip_special_tokens=False)` (1-D ids; special tokens are written out unless skipped),
+    `vocab_size` (every id is below it), and `token_to_id` / `id_to_token` (None when absent).
+
+    `eos_id`, `bos_id`, `pad_id` (int or None) come from `tokenizer_config.json` beside the file
+    when it names them (`eos_token`, ...: a string or a dict with "content"), else from the
+    backend's own declarations, else from the well-known strings in `_CANDIDATES`.
+    """
+
+    file_name: str  # canonical name used by `save_to`
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        config_path = path.parent / CONFIG_FILE
+        self._config = _read_json(config_path) if config_path.is_file() else {}
+        self._special = {k: self._resolve_special(k, config_path) for k in _CANDIDATES}
+
+    def _resolve_special(self, kind: str, config_path: Path) -> int | None:
+        value = self._config.get(f"{kind}_token")
+        if isinstance(value, dict):
+            value = value.get("content")
+        if value:
+            if (idx := self.token_to_id(value)) is None:
+                raise ValueError(f"{config_path}: {kind}_token {value!r} is not in {self.path}")
+            return idx
+        found = (self._special_token_id(t) for t in _CANDIDATES[kind])
+        return next((i for i in (self._declared_special(kind), *found) if i is not None), None)
+
+    def _declared_special(self, kind: str) -> int | None:
+        return None
+
+    def _special_token_id(self, token: str) -> int | None:
+        return self.token_to_id(token)
+
+    @abc.abstractmethod
+    def _encode_many(self, texts: list[str]) -> list[list[int]]: ...
+    @abc.abstractmethod
+    def decode(
+        self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False
+    ) -> str: ...
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+    @abc.abstractmethod
+    def token_to_id(self, token: str) -> int | None: ...
+    @abc.abstractmethod
+    def id_to_token(self, idx: int) -> str | None: ...
+
+    eos_id = property(lambda self: self._special["eos"])
+    bos_id = property(lambda self: self._special["bos"])
+    pad_id = property(lambda self: self._special["pad"])
+
+    def _require(self, kind: str) -> int:
+        if (idx := self._special[kind]) is None:
+            raise ValueError(f"{self.path} has no {kind} token; set {kind}_token in {CONFIG_FILE}")
+        return idx
+
+    def _with_specials(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        bos = [self._require("bos")] if add_bos else []
+        return bos + ids + ([self._require("eos")] if add_eos else [])
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Encodes one text; special tokens are added only when asked.
+
+        Args:
+          text: the text.
+          add_bos: prepend the bos id; add_eos: append the eos id.
+
+        Returns:
+          The token ids.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode takes a str, got {type(text).__name__}")
+        return self._with_specials(self._encode_many([text])[0], add_bos, add_eos)
+
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        padding: str | None = "longest",
+        padding_side: str = "right",
+        truncation: bool = False,
+        add_bos: bool = False,
+        add_eos: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray] | list[list[int]]:
+        """Encodes several texts, padded into one array.
+
+        Args:
+          texts: the texts.
+          max_length: longest sequence allowed (bos/eos included); needed by truncation and
+            padding="max_length"; without truncation a longer sequence is an error.
+          padding: "longest", "max_length", or None for unpadded lists.
+          padding_side: "right" (training) or "left" (batched prompts for decoding).
+          truncation: keep the first `max_length` ids (an eos from `add_eos` goes with the tail).
+          add_bos, add_eos: as in `encode`, for every sequence.
+
+        Returns:
+          `(ids, mask)`, both int32 [batch, length]: mask is 1 on tokens and 0 on padding,
+          where `ids` holds `pad_id`. With padding=None, the list of id lists instead.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode_batch takes a sequence of str; use encode() for one text")
+        if padding not in ("longest", "max_length", None) or padding_side not in ("right", "left"):
+            raise ValueError(
+                "padding must be 'longest', 'max_length' or None and padding_side 'right' or "
+                f"'left'; got {padding!r}, {padding_side!r}"
+            )
+        needs_length = truncation or padding == "max_length"
+        if (max_length is None and needs_length) or (max_length is not None and max_length < 1):
+            raise ValueError(f"truncation/padding='max_length' need max_length >= 1: {max_length}")
+        seqs = [self._with_specials(s, add_bos, add_eos) for s in self._encode_many(list(texts))]
+        if truncation:
+            seqs = [s[:max_length] for s in seqs]
+        elif max_length and (over := [i for i, s in enumerate(seqs) if len(s) > max_length]):
+            raise ValueError(
+                f"{len(over)} text(s) exceed max_length={max_length} (text {over[0]} has "
+                f"{len(seqs[over[0]])} tokens); pass truncation=True or a larger max_length"
+            )
+        if padding is None:
+            return seqs
+        length = max_length if padding == "max_length" else max(map(len, seqs), default=0)
+        ids = np.full((len(seqs), length), self._require("pad"), dtype=np.int32)  # [batch, length]
+        mask = np.zeros((len(seqs), length), dtype=np.int32)  # [batch, length]
+        for row, seq in enumerate(seqs):
+            start = 0 if padding_side == "right" else length - len(seq)
+            ids[row, start : start + len(seq)] = seq
+            mask[row, start : start + len(seq)] = 1
+        return ids, mask
+
+    def save_to(self, directory: str | os.PathLike) -> Path:
+        """Copies the tokenizer into `directory` (e.g. a checkpoint) under its canonical name,
+        with a `tokenizer_config.json` naming the resolved special tokens, so that
+        `load_tokenizer(directory)` gives back the same tokenizer and ids.
+
+        Args:
+          directory: the target directory; created if missing.
+
+        Returns:
+          The path of the copied tokenizer file.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.file_name != HF_FILE and (directory / HF_FILE).exists():
+            raise ValueError(f"{directory} holds a {HF_FILE}, which load_tokenizer would prefer")
+        target = directory / self.file_name
+        if not (target.exists() and target.samefile(self.path)):
+            _atomic_write(target, self.path.read_bytes())
+        config = dict(self._config)
+        for kind, idx in self._special.items():
+            config[f"{kind}_token"] = None if idx is None else self.id_to_token(idx)
+        _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode() + b"\n")
+        return target
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizers` file (GPT-NeoX-20B/Pythia: byte-level BPE)."""
+
+    file_name = HF_FILE
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = _existing_file(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from e
+        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        super().__init__(path)
+
+    def _special_token_id(self, token: str) -> int | None:
+        # Only added tokens count: a plain BPE entry spelled "<s>" is ordinary text.
+        return self._added.get(token)
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(_id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        # Added tokens may sit past the BPE vocabulary; count up to the largest id.
+        added_end = max(self._added.values(), default=-1) + 1
+        return max(self._tok.get_vocab_size(with_added_tokens=True), added_end)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self._tok.id_to_token(idx) if idx >= 0 else None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece `.model` file."""
+
+    file_name = SPM_FILE
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = _existing_file(path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from e
+        self._meta_bytes = self._literal_meta_ids()
+        super().__init__(path)
+
+    def _literal_meta_ids(self) -> list[int] | None:
+        # sentencepiece BPE escapes " " as "▁" and unescapes on decode, so a literal "▁" would
+        # come back as a space. Its UTF-8 byte pieces decode literally, so we spell it with them
+        # and encode the text between occurrences separately. That needs byte pieces and segment
+        # encodings that concatenate exactly (no dummy prefix or whitespace removal): probe it.
+        ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
+        probe = ["a ", " b", "  c  ", "\td"]
+        joined = [i for p in probe for i in self._sp.encode(p)]
+        exact = self._sp.decode(joined) == "".join(probe)
+        return ids if exact and all(self._sp.is_byte(i) for i in ids) else None
+
+    def _declared_special(self, kind: str) -> int | None:
+        idx = {"eos": self._sp.eos_id, "bos": self._sp.bos_id, "pad": self._sp.pad_id}[kind]()
+        return idx if idx >= 0 else None
+
+    def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        if self._meta_bytes is None or not any(_META in t for t in texts):
+            return self._sp.encode(texts) if texts else []
+        parts = [self._sp.encode(t.split(_META)) for t in texts]
+        meta = self._meta_bytes
+        return [list(itertools.chain(p[0], *([*meta, *q] for q in p[1:]))) for p in parts]
+
+    @functools.cached_property
+    def _special_ids(self) -> frozenset[int]:
+        n = self._sp.get_piece_size()
+        return frozenset(i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i))
+
+    def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
+        # Control pieces (eos, pad, bos) and unk are the special tokens here.
+        ids, special = _id_list(ids), self._special_ids
+        if skip_special_tokens:
+            return self._sp.decode([i for i in ids if i not in special])
+        out, run = [], []  # sentencepiece drops control pieces; write them out like HF does
+        for i in ids:
+            if i in special:
+                out += [self._sp.decode(run), self._sp.id_to_piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(out) + self._sp.decode(run)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.get_piece_size()
+
+    def token_to_id(self, token: str) -> int | None:
+        idx = self._sp.piece_to_id(token)  # unk_id for unknown pieces
+        return idx if self._sp.id_to_piece(idx) == token else None
+
+    def id_to_token(self, idx: int) -> str | None:
+        return self._sp.id_to_piece(idx) if 0 <= idx < self._sp.get_piece_size() else None
+
+
+def _find_in_dir(directory: Path) -> Path:
+    for name in (HF_FILE, *_SPM_NAMES):
+        if (directory / name).is_file():
+            return directory / name
+    models = sorted(p for p in directory.glob("*.model") if p.is_file())
+    if len(models) > 1:
+        names = ", ".join(p.name for p in models)
+        raise ValueError(f"{directory} holds several .model files ({names}); pass one of them")
+    if not models:
+        looked = ", ".join((HF_FILE, *_SPM_NAMES, "*.model"))
+        raise FileNotFoundError(f"no tokenizer in {directory}: looked for {looked}")
+    return models[0]
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Loads a tokenizer from a file or from a directory holding one.
+
+    Args:
+      path: a `tokenizer.json`, a sentencepiece `.model`, or a directory with one of them
+        (`tokenizer.json` preferred, then `tokenizer.model`, `spm.model`, a single `*.model`).
+
+    Returns:
+      An `HFTokenizer` or a `SentencePieceTokenizer`.
+
+    Raises:
+      FileNotFoundError: nothing at `path`, or no tokenizer in the directory.
+      ValueError: a corrupt file.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = _find_in_dir(path)
+    elif not path.exists():
+        raise FileNotFoundError(
+            f"no tokenizer at {path}: expected a {HF_FILE} file, a sentencepiece .model file, "
+            "or a directory holding one"
+        )
+    if path.suffix in (".json", ".model"):
+        return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+    with open(path, "rb") as f:  # other names: tokenizer.json is JSON, a .model is protobuf
+        is_json = f.read(64).lstrip().startswith(b"{")
+    return HFTokenizer(path) if is_json else SentencePieceTokenizer(path)
+
+
+def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Copies `tokenizer` into `directory`; see `Tokenizer.save_to`."""
+    return tokenizer.save_to(directory)
+
+
+def _file_lines(path: os.PathLike) -> Iterator[str]:
+    try:  # newline="\n": split only at "\n" and keep "\r" as data
+        with open(path, encoding="utf-8", newline="\n") as f:
+            yield from (line.removesuffix("\n") for line in f)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"training file not found: {path}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read training file {path}: {e}") from e
+
+
+def _training_lines(sources: Iterable[str | os.PathLike], chunk_chars: int) -> Iterator[str]:
+    # sentencepiece trains on lines, so we split at "\n" (it comes back as the "\n" symbol) and
+    # chunk over-long lines, which sentencepiece would silently skip. Files are streamed.
+    for source in sources:
+        lines = _file_lines(source) if isinstance(source, os.PathLike) else source.split("\n")
+        for line in lines:
+            for i in range(0, len(line), chunk_chars):
+                yield line[i : i + chunk_chars]
+
+
+def _sample(lines: Iterable[str], k: int, seed: int) -> list[str]:
+    # Reservoir sampling with our own seeded RNG: uniform, reproducible, one pass, O(k) memory.
+    rng, sample = random.Random(seed), []
+    for n, line in enumerate(lines):
+        if n < k:
+            sample.append(line)
+        elif (j := rng.randrange(n + 1)) < k:
+            sample[j] = line
+    return sample
+
+
+def train_sentencepiece(
+    files_or_texts: str | os.PathLike | Iterable[str | os.PathLike],
+    vocab_size: int,
+    output_path: str | os.PathLike,
+    *,
+    model_type: str = "bpe",
+    input_sentence_size: int = 1_000_000,
+    max_sentence_length: int = 16384,
+    character_coverage: float = 0.9995,
+    split_digits: bool = False,
+    user_defined_symbols: Sequence[str] = (),
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|padding|>",
+    unk_token: str = "<unk>",
+    bos_token: str | None = None,
+    seed: int = 0,
+    num_threads: int = 8,
+    **trainer_options,
+) -> SentencePieceTokenizer:
+    """Trains a byte-fallback sentencepiece model on which any text round-trips exactly.
+
+    Ids: 0 eos, 1 pad, 2 unk, 3 bos if `bos_token` is given (else bos resolves to eos when that
+    is <|endoftext|>, as in GPT-NeoX), then "\\n" and `user_defined_symbols`, the 256 byte
+    pieces, and learned pieces. Characters outside `character_coverage` are spelled in bytes.
+
+    Args:
+      files_or_texts: a file path, or an iterable of file paths (`os.PathLike`, e.g.
+        `pathlib.Path`) and texts (`str`).
+      vocab_size: exact vocabulary size.
+      output_path: the `.model` to write (an existing directory gets `tokenizer.model`).
+      model_type: "bpe" or "unigram".
+      input_sentence_size: lines sampled (reproducibly, by `seed`) to train on; 0 keeps all.
+      max_sentence_length: longest line in bytes; longer lines are cut into chunks.
+      character_coverage: share of characters that get their own piece.
+      split_digits: split numbers into single digits.
+      user_defined_symbols: extra strings always kept as one piece.
+      eos_token, pad_token, unk_token, bos_token: the special pieces.
+      seed: seeds the line sampling and sentencepiece's generator.
+      num_threads: trainer threads; fixed by default because unigram results depend on it.
+      **trainer_options: other `SentencePieceTrainer` options; they override ours.
+
+    Returns:
+      The trained tokenizer, loaded from `output_path`.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    symbols = ["\n", *user_defined_symbols]
+    if vocab_size <= 256 + 4 + len(symbols):
+        raise ValueError(f"vocab_size={vocab_size} leaves no room beyond 256 bytes and specials")
+    if isinstance(files_or_texts, str | os.PathLike):
+        files_or_texts = [Path(files_or_texts)]
+    lines = _training_lines(files_or_texts, max(1, max_sentence_length // 4))  # <= 4 B/char
+    lines = (line for line in lines if line)
+    sample = _sample(lines, input_sentence_size, seed) if input_sentence_size else list(lines)
+    if not sample:
+        raise ValueError("no training text: every input was empty")
+    # fmt: off
+    options = dict(
+        model_type=model_type, vocab_size=vocab_size, character_coverage=character_coverage,
+        byte_fallback=True, split_digits=split_digits, user_defined_symbols=symbols,
+        # Exact round trips: no normalization, no dummy "▁" prefix, whitespace kept as is, and
+        # runs of whitespace (indentation) allowed to become pieces.
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        max_sentence_length=max_sentence_length, input_sentence_size=0,  # sampled above
+        eos_id=0, eos_piece=eos_token, pad_id=1, pad_piece=pad_token, unk_id=2,
+        unk_piece=unk_token, bos_id=3 if bos_token else -1, bos_piece=bos_token or "<s>",
+        num_threads=num_threads, minloglevel=1,
+    )
+    # fmt: on
+    options.update(trainer_options)
+    output_path = Path(output_path)
+    if output_path.is_dir():
+        output_path = output_path / SPM_FILE
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # process-global in sentencepiece; set on every call
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sample), model_writer=model, **options
+        )
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training failed: {e}") from e
+    _atomic_write(output_path, model.getvalue())
+    return SentencePieceTokenizer(output_path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Trains a sentencepiece tokenizer from the command line (see the module docstring)."""
+    # argparse, not absl flags: module-level flags would be defined for every importer of this
+    # library module and could clash with the entry points' own flags.
+    parser = argparse.ArgumentParser(prog="python -m neox_jax.data.tokenizer")
+    parser.add_argument("--train", action="store_true", help="train a sentencepiece model")
+    parser.add_argument("--input", required=True, help="comma-separated UTF-8 text files")
+    parser.add_argument("--output", required=True, help="the .model file to write")
+    parser.add_argument("--vocab_size", type=int, default=32000)
+    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    parser.add_argument("--input_sentence_size", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.train:
+        parser.error("only --train is supported")
+    files = [Path(p) for p in args.input.split(",") if p]
+    tok = train_sentencepiece(
+        files, args.vocab_size, args.output, model_type=args.model_type,
+        input_sentence_size=args.input_sentence_size, seed=args.seed,
+    )  # fmt: skip
+    print(f"wrote {tok.path}: vocab {tok.vocab_size}, eos {tok.eos_id}, pad {tok.pad_id}")
+
+
+if __name__ == "__main__":
+    main()
