@@ -1,0 +1,332 @@
+"""Tokenize jsonl / text corpora into a Megatron indexed dataset (``.bin`` / ``.idx``).
+
+The counterpart of GPT-NeoX ``tools/datasets/preprocess_data.py``: one document per
+jsonl line (text under ``--jsonl_key``) or per text file (or per blank-line-separated
+block), tokenized in a process pool that preserves input order, one sequence per
+document, with the tokenizer's end-of-document id appended by default. Unlike
+GPT-NeoX the output goes to exactly ``<output_prefix>.bin/.idx`` (no
+``_text_document`` suffix), and nothing is written there unless the whole corpus
+was processed.
+
+    python -m neox_jax.data.preprocess --input=a.jsonl,b.txt \\
+        --tokenizer=/path/to/tokenizer.json --output_prefix=data/pile_text --workers=8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from neox_jax.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+
+logger = logging.getLogger(__name__)
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessStats:
+    """What ``preprocess`` wrote.
+
+    Attributes:
+      output_prefix: dataset prefix written.
+      documents: documents stored (one sequence each).
+      tokens: tokens stored, end-of-document tokens included.
+      skipped_empty: documents dropped because they tokenized to nothing.
+      skipped_malformed: jsonl lines dropped (``on_malformed="skip"``).
+      input_bytes: characters of text read.
+      seconds: wall time.
+    """
+
+    output_prefix: str
+    documents: int
+    tokens: int
+    skipped_empty: int
+    skipped_malformed: int
+    input_bytes: int
+    seconds: float
+
+
+class MalformedInputError(ValueError):
+    """A jsonl line that is not an object holding a string under the key."""
+
+
+def _open_text(path: str):
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def iter_documents(
+    files: Sequence[str],
+    jsonl_key: str = "text",
+    text_split: str = "file",
+    on_malformed: str = "fail",
+    malformed: list[str] | None = None,
+) -> Iterator[str]:
+    """Yields the text of every document, in file order.
+
+    Args:
+      files: paths; ``.jsonl``/``.json``/``.ndjson`` (optionally ``.gz``) hold one JSON
+        object per line, anything else is plain UTF-8 text.
+      jsonl_key: key of the text in each JSON object.
+      text_split: ``"file"`` (a text file is one document) or ``"blank_line"`` (each
+        block separated by one or more blank lines is a document).
+      on_malformed: ``"fail"`` raises ``MalformedInputError`` at the first bad jsonl
+        line, ``"skip"`` logs it, appends ``"file:line: reason"`` to ``malformed`` and
+        goes on.
+      malformed: list collecting the skipped lines' descriptions.
+
+    Yields:
+      Document texts; empty documents are yielded too (the caller drops them).
+    """
+    if text_split not in ("file", "blank_line"):
+        raise ValueError(f"text_split must be 'file' or 'blank_line', got {text_split!r}")
+    if on_malformed not in ("fail", "skip"):
+        raise ValueError(f"on_malformed must be 'fail' or 'skip', got {on_malformed!r}")
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file {path} does not exist")
+        if path.endswith(JSONL_SUFFIXES):
+            yield from _iter_jsonl(path, jsonl_key, on_malformed, malformed)
+        else:
+            with _open_text(path) as f:
+                text = f.read()
+            if text_split == "file":
+                yield text
+            else:
+                yield from _blank_line_blocks(text)
+
+
+def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
+    with _open_text(path) as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue  # blank lines (e.g. a trailing newline) are not records
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                problem = f"invalid JSON ({e.msg} at column {e.colno})"
+            else:
+                if not isinstance(record, dict):
+                    problem = f"expected a JSON object, got {type(record).__name__}"
+                elif key not in record:
+                    problem = f"no key {key!r} (keys: {sorted(record)[:8]})"
+                elif not isinstance(record[key], str):
+                    problem = f"{key!r} is {type(record[key]).__name__}, not a string"
+                else:
+                    yield record[key]
+                    continue
+            where = f"{path}:{line_no}: {problem}"
+            if on_malformed == "fail":
+                raise MalformedInputError(
+                    f"{where}; fix the line or pass on_malformed='skip' (--on_malformed=skip)"
+                )
+            logger.warning("skipping malformed jsonl line %s", where)
+            if malformed is not None:
+                malformed.append(where)
+
+
+def _blank_line_blocks(text: str) -> Iterator[str]:
+    block: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block)
+            block = []
+    if block:
+        yield "".join(block)
+
+
+# Per-process tokenizer, set by _init_worker (the GPT-NeoX Encoder.initializer idea).
+_WORKER: dict = {}
+
+
+def _init_worker(tokenizer, tokenizer_path, append_eod) -> None:
+    if tokenizer is None:
+        from neox_jax.data.tokenizer import load_tokenizer  # lazy: optional heavy deps
+
+        tokenizer = load_tokenizer(tokenizer_path)
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["append_eod"] = append_eod
+
+
+def _encode(text: str) -> tuple[np.ndarray, int]:
+    tok = _WORKER["tokenizer"]
+    ids = list(tok.encode(text)) if text else []
+    # GPT-NeoX appends eod to the last sentence only when the text produced tokens.
+    if ids and _WORKER["append_eod"]:
+        ids.append(tok.eos_id)
+    return np.asarray(ids, dtype=np.int64), len(text)
+
+
+def _batched(it: Iterable, n: int) -> Iterator[list]:
+    it = iter(it)
+    while batch := list(itertools.islice(it, n)):
+        yield batch
+
+
+def _encoded_docs(docs, workers, chunksize, init_args) -> Iterator[tuple[np.ndarray, int]]:
+    if workers <= 1:
+        _init_worker(*init_args)
+        yield from map(_encode, docs)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        # Feed imap a bounded window at a time: imap drains its input eagerly, which
+        # on a large corpus would hold every document in memory (GPT-NeoX bounds it
+        # with a semaphore for the same reason).
+        for window in _batched(docs, workers * chunksize * 64):
+            yield from pool.imap(_encode, window, chunksize=chunksize)
+
+
+def preprocess(
+    files: Sequence[str],
+    tokenizer_path: str | None = None,
+    output_prefix: str = "",
+    *,
+    tokenizer=None,
+    jsonl_key: str = "text",
+    append_eod: bool = True,
+    text_split: str = "file",
+    on_malformed: str = "fail",
+    workers: int = 1,
+    chunksize: int = 32,
+    progress: bool = True,
+) -> PreprocessStats:
+    """Tokenizes ``files`` into the indexed dataset ``output_prefix``.
+
+    Args:
+      files: input paths (see ``iter_documents``).
+      tokenizer_path: path for ``neox_jax.data.tokenizer.load_tokenizer``; each
+        worker loads its own copy.
+      output_prefix: output path without ``.bin`` / ``.idx``.
+      tokenizer: alternatively an object with ``encode(text) -> list[int]``,
+        ``eos_id`` and ``vocab_size`` (must pickle when ``workers > 1`` under a
+        spawn start method).
+      jsonl_key: key of the text in each jsonl object.
+      append_eod: append ``eos_id`` to every document, as GPT-NeoX's ``--append-eod``.
+      text_split: ``"file"`` or ``"blank_line"`` for plain text inputs.
+      on_malformed: ``"fail"`` or ``"skip"`` for bad jsonl lines.
+      workers: tokenizer processes; 1 tokenizes in this process.
+      chunksize: documents per task sent to a worker.
+      progress: show a tqdm progress bar.
+
+    Returns:
+      ``PreprocessStats``.
+
+    Raises:
+      ValueError: bad arguments, a malformed line with ``on_malformed="fail"``, or
+        a corpus with no non-empty document. Nothing is left at ``output_prefix``.
+    """
+    if (tokenizer is None) == (tokenizer_path is None):
+        raise ValueError("pass exactly one of tokenizer_path and tokenizer")
+    if not output_prefix:
+        raise ValueError("output_prefix is required")
+    if not files:
+        raise ValueError("no input files given")
+    if tokenizer is None:
+        from neox_jax.data.tokenizer import load_tokenizer
+
+        main_tok = load_tokenizer(tokenizer_path)
+    else:
+        main_tok = tokenizer
+    if append_eod and main_tok.eos_id is None:
+        raise ValueError("append_eod=True but the tokenizer has no eos_id")
+    dtype = best_dtype(main_tok.vocab_size)
+
+    start = time.time()
+    malformed: list[str] = []
+    docs = iter_documents(files, jsonl_key, text_split, on_malformed, malformed)
+    encoded = _encoded_docs(docs, workers, chunksize, (tokenizer, tokenizer_path, append_eod))
+    n_docs = n_tokens = n_empty = n_bytes = 0
+    from tqdm import tqdm
+
+    try:
+        with (
+            IndexedDatasetBuilder(output_prefix, dtype) as builder,
+            tqdm(desc="tokenizing", unit="doc", disable=not progress) as bar,
+        ):
+            for ids, n_chars in encoded:
+                n_bytes += n_chars
+                bar.update(1)
+                if ids.size == 0:
+                    n_empty += 1
+                    continue
+                builder.add_document(ids)
+                n_docs += 1
+                n_tokens += int(ids.size)
+            if n_docs == 0:
+                # Raising inside the block makes the builder discard its temp files.
+                raise ValueError(
+                    f"empty corpus: no document in {list(files)} produced any token "
+                    f"({n_empty} empty, {len(malformed)} malformed skipped); nothing "
+                    f"written to {output_prefix}"
+                )
+    finally:
+        encoded.close()  # shuts the worker pool down now, even on error
+    stats = PreprocessStats(
+        output_prefix=output_prefix,
+        documents=n_docs,
+        tokens=n_tokens,
+        skipped_empty=n_empty,
+        skipped_malformed=len(malformed),
+        input_bytes=n_bytes,
+        seconds=time.time() - start,
+    )
+    logger.info("preprocess: %s", stats)
+    return stats
+
+
+def _main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    stats = preprocess(
+        [p for p in f.input.split(",") if p],
+        f.tokenizer,
+        f.output_prefix,
+        jsonl_key=f.jsonl_key,
+        append_eod=f.append_eod,
+        text_split=f.text_split,
+        on_malformed=f.on_malformed,
+        workers=f.workers,
+        chunksize=f.chunksize,
+    )
+    print(
+        f"wrote {stats.output_prefix}.bin/.idx: {stats.documents} documents, "
+        f"{stats.tokens} tokens ({stats.skipped_empty} empty and {stats.skipped_malformed} "
+        f"malformed skipped) in {stats.seconds:.1f}s"
+    )
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("input", None, "Comma-separated input files (.jsonl[.gz] or text).")
+    flags.DEFINE_string("tokenizer", None, "Tokenizer path for load_tokenizer.")
+    flags.DEFINE_string("output_prefix", None, "Output path without .bin/.idx.")
+    flags.DEFINE_string("jsonl_key", "text", "Key of the text in each jsonl object.")
+    flags.DEFINE_bool("append_eod", True, "Append the end-of-document token to each document.")
+    flags.DEFINE_enum("text_split", "file", ["file", "blank_line"], "Documents in text files.")
+    flags.DEFINE_enum("on_malformed", "fail", ["fail", "skip"], "Bad jsonl lines: fail or skip.")
+    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Tokenizer processes.")
+    flags.DEFINE_integer("chunksize", 32, "Documents per worker task.")
+    flags.mark_flags_as_required(["input", "tokenizer", "output_prefix"])
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(_main)
