@@ -1,0 +1,115 @@
+"""The one table mapping the model's logical axis names onto mesh axes.
+
+Layout it implements (Megatron tensor parallelism + ZeRO-3/FSDP + data parallelism):
+
+* ``tensor``: attention heads (the fused QKV output and the attention-out input), the
+  MLP hidden dimension and the vocabulary are split across it, so each device holds
+  a slice of every layer and the residual stream is all-reduced twice per layer.
+* ``fsdp``: every parameter (and its optimizer state) is split along its ``embed``
+  dimension; XLA all-gathers a layer's weights just before use. The batch is split
+  across it too, as in ZeRO-3.
+* ``data``: pure data parallelism; parameters are replicated across it.
+* ``stage``: the stacked ``layers`` axis, for pipeline parallelism.
+
+A dimension that an axis does not divide is left unsharded along that axis
+(``logical_to_sharding`` warns), so tiny test models run on any mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from neox_jax.model import axes
+
+BATCH_AXES = ("data", "fsdp")
+
+RULES: tuple[tuple[str, Any], ...] = (
+    # Parameters.
+    (axes.VOCAB, "tensor"),
+    (axes.EMBED, "fsdp"),
+    (axes.HEADS, "tensor"),
+    (axes.MLP, "tensor"),
+    (axes.LAYERS, "stage"),
+    (axes.NORM, None),
+    (axes.RANK, None),
+    (axes.GROUPS, None),
+    # Activations.
+    (axes.BATCH, BATCH_AXES),
+    (axes.LENGTH, None),
+    (axes.ACT_EMBED, None),
+    (axes.ACT_HEADS, "tensor"),
+    (axes.ACT_KV, None),
+    (axes.ACT_MLP, "tensor"),
+    (axes.ACT_VOCAB, "tensor"),
+    # KV cache.
+    (axes.CACHE_LAYERS, "stage"),
+    (axes.CACHE_BATCH, BATCH_AXES),
+    (axes.CACHE_LENGTH, None),
+    (axes.CACHE_HEADS, "tensor"),
+    (axes.CACHE_KV, None),
+)
+
+
+def _mesh_axes(spec: PartitionSpec, rules) -> PartitionSpec:
+    return nn.logical_to_mesh_axes(tuple(spec), rules)
+
+
+def fit_spec(
+    mesh_spec: PartitionSpec, shape: tuple[int, ...], mesh: jax.sharding.Mesh, name: str = ""
+) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide (with a warning)."""
+    out = []
+    for dim, entry in zip(
+        shape, tuple(mesh_spec) + (None,) * (len(shape) - len(mesh_spec)), strict=True
+    ):
+        names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+        kept = []
+        size = 1
+        for n in names:
+            if mesh.shape[n] > 1 and dim % (size * mesh.shape[n]) == 0:
+                kept.append(n)
+                size *= mesh.shape[n]
+            elif mesh.shape[n] > 1:
+                logging.warning(
+                    "%s: dimension %d is not divisible by mesh axis %r (%d); "
+                    "leaving it unsharded there.",
+                    name or "array",
+                    dim,
+                    n,
+                    mesh.shape[n],
+                )
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def logical_to_sharding(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rules=RULES) -> Any:
+    """``NamedSharding`` for every leaf, from its logical spec and shape.
+
+    Args:
+      logical: tree of ``PartitionSpec`` of logical names (e.g. ``param_logical_axes``).
+      shapes: matching tree of arrays or ``ShapeDtypeStruct``.
+    """
+
+    def one(spec, shape):
+        mesh_spec = fit_spec(_mesh_axes(spec, rules), tuple(shape.shape), mesh, str(spec))
+        return NamedSharding(mesh, mesh_spec)
+
+    return jax.tree.map(one, logical, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
+    """Batches are split over ``data`` x ``fsdp`` along their first dimension."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,63 @@
+"""Train (or fine-tune) a GPT-NeoX model.
+
+    python -m neox_jax.train --config=configs/pretrain.py:tiny --workdir=/tmp/neox_tiny
+    python -m neox_jax.train --config=configs/pretrain.py:pythia-70m --workdir=... \\
+        --config.data.source=indexed --config.data.paths=/data/pile --config.mesh.fsdp=-1
+
+Any field of the config can be overridden (``--config.optimizer.lr=3e-4``). Running the
+same command again resumes from the latest checkpoint in ``--workdir``.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, config.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def print_sample(result, sample_cfg) -> str | None:
+    """Continue ``sample_cfg.prompt`` with the trained model; returns the text."""
+    import jax
+
+    if not sample_cfg.prompt or not result.get("tokenizer") or jax.process_index() != 0:
+        return None
+    from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.inference import Generator, SamplingParams
+
+    tokenizer = load_tokenizer(result["tokenizer"])
+    generator = Generator(result["model_config"], result["state"].params, tokenizer)
+    sampling = SamplingParams(
+        max_new_tokens=sample_cfg.max_new_tokens,
+        temperature=sample_cfg.temperature,
+        top_k=sample_cfg.top_k,
+        seed=0,
+    )
+    text = generator.generate([sample_cfg.prompt], sampling)[0].text
+    print(f"\n--- sample (temperature {sample_cfg.temperature}, top-k {sample_cfg.top_k}) ---")
+    print(sample_cfg.prompt + text)
+    return text
+
+
+def main(argv):
+    del argv
+    from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
+
+    logging.getLogger("absl").setLevel(logging.INFO)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if result.get("preempted"):
+        print(f"Preempted at step {result['step']}: checkpoint saved in {FLAGS.workdir}.")
+        return
+    print_sample(result, FLAGS.config.sample)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,158 @@
+"""Training checkpoints: orbax ``CheckpointManager`` over ``<workdir>/checkpoints/<step>/``.
+
+Each step directory holds four items:
+
+* ``params``: the trained parameters (so a step directory is a model checkpoint,
+  see ``neox_jax.convert.checkpoint``);
+* ``model_config``: ``ModelConfig`` as JSON;
+* ``train_state``: optimizer state, step and RNG;
+* ``meta``: JSON with the data position and run facts (the step fully determines the
+  data position, since the batch of step ``s`` is a pure function of ``s``).
+
+orbax writes each save under a temporary name and renames it when complete, so a
+save cut short is never listed as the latest step. Saves are asynchronous: training
+continues while the arrays are written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS
+from neox_jax.model import ModelConfig
+from neox_jax.training.step import TrainState
+
+TRAIN_STATE = "train_state"
+META = "meta"
+
+
+class Checkpointer:
+    """Save every ``save_every`` steps, keep the last ``keep`` plus every ``keep_period``-th."""
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        *,
+        save_every: int,
+        keep: int = 3,
+        keep_period: int = 0,
+        async_save: bool = True,
+    ):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=max(1, save_every),
+            max_to_keep=keep if keep > 0 else None,
+            keep_period=keep_period or None,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_names=(PARAMS, MODEL_CONFIG, TRAIN_STATE, META),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(
+        self,
+        state: TrainState,
+        model_config: ModelConfig,
+        meta: dict[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Save ``state`` at its step if the interval says so (or ``force``)."""
+        step = int(jax.device_get(state.step))
+        args = ocp.args.Composite(
+            **{
+                PARAMS: ocp.args.StandardSave(state.params),
+                MODEL_CONFIG: ocp.args.JsonSave(model_config.to_dict()),
+                TRAIN_STATE: ocp.args.StandardSave(
+                    {"opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+                ),
+                META: ocp.args.JsonSave({**meta, "step": step}),
+            }
+        )
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            logging.info("Saving checkpoint at step %d to %s", step, self.directory)
+        return saved
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        """Restore onto the shardings of ``abstract_state`` (any mesh, any device count)."""
+        target = {
+            "opt_state": abstract_state.opt_state,
+            "step": abstract_state.step,
+            "rng": abstract_state.rng,
+        }
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    PARAMS: ocp.args.StandardRestore(abstract_state.params),
+                    TRAIN_STATE: ocp.args.StandardRestore(target),
+                    META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
+        ts = restored[TRAIN_STATE]
+        state = abstract_state.replace(
+            params=restored[PARAMS], opt_state=ts["opt_state"], step=ts["step"], rng=ts["rng"]
+        )
+        return state, restored[META]
+
+    def saved_model_config(self, step: int) -> ModelConfig:
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
+        )
+        return ModelConfig.from_dict(restored[MODEL_CONFIG])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host once JAX's preemption notice (TPU maintenance) arrives."""
+        try:
+            return bool(self.manager.reached_preemption(step))
+        except Exception:  # noqa: BLE001 - no preemption service on this platform
+            return False
+
+
+def check_compatible(saved: ModelConfig, current: ModelConfig) -> None:
+    """A checkpoint from a different architecture cannot be resumed: say what differs."""
+    shape_fields = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "tie_word_embeddings",
+        "attention_bias",
+    )
+    diffs = [
+        f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(current, f)}"
+        for f in shape_fields
+        if getattr(saved, f) != getattr(current, f)
+    ]
+    if diffs:
+        raise ValueError(
+            "The checkpoint in the workdir was trained with a different model ("
+            + "; ".join(diffs)
+            + "). Use a new --workdir or restore the original model config."
+        )
+
+
+def host_scalar(x) -> float:
+    return float(np.asarray(jax.device_get(x)))

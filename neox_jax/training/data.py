@@ -1,0 +1,155 @@
+"""From ``config.data`` to batch sources, and from host batches to global arrays.
+
+Every source has ``host_batch(step, process_index, process_count)`` returning this
+host's rows of global step ``step``; the batch is a pure function of the step, which
+is what makes resumption exact and independent of the host count.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from neox_jax.data.indexed_dataset import IndexedDataset
+from neox_jax.data.indexed_dataset import exists as dataset_exists
+from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
+from neox_jax.parallel.rules import batch_sharding
+
+SOURCES = ("stdlib", "indexed", "tfds")
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | None, list[str]]:
+    """Prepare the default corpus if asked; return ``(tokenizer path, dataset prefixes)``."""
+    if data_cfg.source not in SOURCES:
+        raise ValueError(f"Unknown data.source {data_cfg.source!r}; choose from {SOURCES}.")
+    if data_cfg.source == "stdlib":
+        from neox_jax.data.corpus import prepare_stdlib_corpus
+
+        corpus_dir = data_cfg.corpus_dir or os.path.join(workdir, "data")
+        tok, prefix = prepare_stdlib_corpus(
+            corpus_dir,
+            vocab_size=data_cfg.tokenizer_vocab_size,
+            max_bytes=int(data_cfg.stdlib_max_mb * 2**20),
+        )
+        return str(tok), [prefix]
+    tokenizer = data_cfg.tokenizer or None
+    if data_cfg.source == "tfds":
+        if not tokenizer:
+            raise ValueError("data.source='tfds' tokenizes on the fly: set data.tokenizer.")
+        return tokenizer, []
+    paths = _split_list(data_cfg.paths)
+    if not paths:
+        raise ValueError(
+            "data.source='indexed' needs data.paths (comma-separated prefixes of "
+            ".bin/.idx files written by neox_jax.data.preprocess or GPT-NeoX)."
+        )
+    missing = [p for p in paths if not dataset_exists(p)]
+    if missing:
+        raise FileNotFoundError(
+            f"Indexed datasets not found (need <prefix>.bin and .idx): {missing}"
+        )
+    return tokenizer, paths
+
+
+def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_batch: int):
+    """``(train_source, eval_source or None)`` for the configured data."""
+    seq_len = data_cfg.seq_len
+    if data_cfg.source == "tfds":
+        from neox_jax.data.tfds_source import TfdsSource
+        from neox_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path)
+        common = dict(
+            data_dir=data_cfg.tfds_data_dir or None,
+            seed=data_cfg.seed,
+            text_key=data_cfg.text_key,
+            reset_at_eod=data_cfg.reset_at_eod,
+        )
+        train = TfdsSource(
+            data_cfg.tfds_name, tok, seq_len, global_batch, split=data_cfg.tfds_split, **common
+        )
+        evals = None
+        if data_cfg.tfds_eval_split:
+            evals = TfdsSource(
+                data_cfg.tfds_name,
+                tok,
+                seq_len,
+                data_cfg.eval_batch_size,
+                split=data_cfg.tfds_eval_split,
+                **common,
+            )
+        return train, evals
+
+    eval_paths = _split_list(data_cfg.eval_paths)
+    held_out = data_cfg.eval_fraction if not eval_paths else 0.0
+    common = dict(seed=data_cfg.seed, reset_at_eod=data_cfg.reset_at_eod)
+
+    def build(prefixes, batch, split, fraction):
+        sources = [
+            PretrainSource(
+                IndexedDataset(p), seq_len, batch, split=split, eval_fraction=fraction, **common
+            )
+            for p in prefixes
+        ]
+        if len(sources) == 1:
+            return sources[0]
+        weights = [float(w) for w in _split_list(data_cfg.weights)] or [1.0] * len(sources)
+        if len(weights) != len(sources):
+            raise ValueError(
+                f"data.weights has {len(weights)} entries for {len(sources)} "
+                "datasets in data.paths."
+            )
+        return BlendedSource(sources, weights, batch)
+
+    train = build(paths, global_batch, "train" if held_out > 0 else "all", held_out)
+    evals = None
+    if eval_paths:
+        evals = build(eval_paths, data_cfg.eval_batch_size, "all", 0.0)
+    elif held_out > 0:
+        evals = build(paths, data_cfg.eval_batch_size, "eval", held_out)
+    return train, evals
+
+
+def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
+    """The contiguous range of global batch rows that this process's devices hold."""
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_rows, 1))
+    spans = sorted(
+        {
+            (sl[0].start or 0, global_rows if sl[0].stop is None else sl[0].stop)
+            for sl in index_map.values()
+        }
+    )
+    lo, hi = spans[0][0], max(stop for _, stop in spans)
+    covered = sum(stop - start for start, stop in spans)
+    if covered != hi - lo:
+        raise ValueError(
+            f"This process's devices hold non-contiguous batch rows {spans}; "
+            "order the mesh so each host's devices are adjacent along data/fsdp."
+        )
+    return lo, hi
+
+
+def global_batch(source, step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """Step ``step``'s batch as global arrays sharded over the batch axes.
+
+    Each process reads only the rows its own devices hold (``process_rows``), so hosts
+    never load data they do not use, and the rows of a step do not depend on how many
+    hosts there are.
+    """
+    rows = source.global_batch_size
+    lo, hi = process_rows(mesh, rows)
+    local = source.samples(np.arange(step * rows + lo, step * rows + hi, dtype=np.int64))
+    out = {}
+    for key, value in local.items():
+        value = np.asarray(value, np.int32)
+        out[key] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, value.ndim), value, (rows, *value.shape[1:])
+        )
+    return out

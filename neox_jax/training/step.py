@@ -1,0 +1,178 @@
+"""Pure train and eval steps: ``train_step(state, batch) -> (state, metrics)``.
+
+A batch is a dict of ``[B, T + 1]`` int32 arrays: ``tokens`` and optionally
+``loss_mask`` (1 where the token is a target worth learning), ``segment_ids`` (0 =
+padding; packed documents never attend each other) and ``positions``. Inputs are
+``tokens[:, :-1]`` and targets ``tokens[:, 1:]``.
+
+The loss is the mean next-token cross entropy over the masked target tokens of the
+whole batch. Gradient accumulation splits the batch into microbatches inside one
+``lax.scan`` and sums per-token losses and gradients before dividing by the total
+token count, so k microbatches give the full-batch gradient (up to summation order).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from neox_jax.model import GPTNeoX, ModelConfig, axes
+
+# apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V]
+ApplyFn = Callable[..., jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. ``frozen`` holds parameters that are used but never
+    trained (the base model under LoRA); it gets no gradient and no optimizer state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    frozen: Any = None
+
+
+def model_apply_fn(config: ModelConfig) -> ApplyFn:
+    """The apply function of plain (pre)training: all parameters trainable."""
+    model = GPTNeoX(config)
+
+    def apply(params, frozen, inputs, positions, segment_ids, rng):
+        del frozen, rng  # GPT-NeoX/Pythia train without dropout
+        return model.apply({"params": params}, inputs, positions, segment_ids)
+
+    return apply
+
+
+def split_batch(batch: dict[str, jax.Array]):
+    """Inputs, targets and per-target weights from a ``[B, T + 1]`` batch."""
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    weights = jnp.ones(targets.shape, jnp.float32)
+    if "loss_mask" in batch:
+        weights *= batch["loss_mask"][:, 1:].astype(jnp.float32)
+    segment_ids = positions = None
+    if "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        segment_ids = seg[:, :-1]
+        # A target in another segment (the next packed document) is not predictable.
+        weights *= ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)).astype(jnp.float32)
+    if "positions" in batch:
+        positions = batch["positions"][:, :-1]
+    return inputs, targets, weights, positions, segment_ids
+
+
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross entropy per token ``[B, T]`` in fp32."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - picked
+
+
+def _sum_loss(params, frozen, batch, rng, apply_fn: ApplyFn):
+    inputs, targets, weights, positions, segment_ids = split_batch(batch)
+    logits = apply_fn(params, frozen, inputs, positions, segment_ids, rng)
+    losses = token_losses(logits, targets)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """``[B, ...] -> [k, B/k, ...]`` taking rows j, j+k, j+2k... for microbatch j, so each
+    data-parallel shard contributes equally to every microbatch (no resharding)."""
+
+    def split(x):
+        b = x.shape[0]
+        x = x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, axes.BATCH) + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, batch)
+
+
+def loss_and_grads(params, frozen, batch, rng, apply_fn: ApplyFn, microbatches: int = 1):
+    """``(mean loss, token count, mean gradients)`` over the batch."""
+    grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
+    if microbatches == 1:
+        (total, count), grads = grad_fn(params, frozen, batch, rng, apply_fn)
+    else:
+
+        def body(carry, xs):
+            mb, i = xs
+            total, count, acc = carry
+            (t, c), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), apply_fn)
+            acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+            return (total + t, count + c, acc), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+        xs = (_microbatches(batch, microbatches), jnp.arange(microbatches))
+        (total, count, grads), _ = jax.lax.scan(body, init, xs)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    return total / denom, count, grads
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    tx: optax.GradientTransformation,
+    apply_fn: ApplyFn,
+    schedule: optax.Schedule | None = None,
+    microbatches: int = 1,
+    skip_nonfinite: bool = False,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step. Pure; jit it with donated ``state``.
+
+    With ``skip_nonfinite`` a step whose loss or gradient norm is not finite leaves the
+    state unchanged except for the step counter (and reports ``skipped = 1``).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    loss, count, grads = loss_and_grads(
+        state.params, state.frozen, batch, rng, apply_fn, microbatches
+    )
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old
+        )
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "tokens": count,
+        "finite": finite.astype(jnp.int32),
+        "skipped": (~finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32),
+    }
+    if schedule is not None:
+        metrics["lr"] = schedule(state.step)
+    return new_state, metrics
+
+
+def eval_step(params, frozen, batch, *, apply_fn: ApplyFn) -> dict[str, jax.Array]:
+    """Summed loss and token count (sum over batches, divide once for the mean)."""
+    total, count = _sum_loss(params, frozen, batch, jax.random.key(0), apply_fn)
+    return {"loss_sum": total, "tokens": count}
+
+
+def make_train_step(tx, apply_fn, schedule=None, microbatches=1, skip_nonfinite=False):
+    return functools.partial(
+        train_step,
+        tx=tx,
+        apply_fn=apply_fn,
+        schedule=schedule,
+        microbatches=microbatches,
+        skip_nonfinite=skip_nonfinite,
+    )

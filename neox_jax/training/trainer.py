@@ -1,0 +1,376 @@
+"""The training loop, read top to bottom. Pretraining and fine-tuning share it.
+
+Where the weights come from, in order: resume (the latest complete checkpoint in
+``workdir``), else ``config.train.init_from`` (a Hugging Face folder or one of our
+checkpoints), else random initialisation.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from neox_jax.convert.checkpoint import copy_tokenizer, load_model
+from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
+from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
+from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
+from neox_jax.training import data as data_lib
+from neox_jax.training.checkpoints import Checkpointer, check_compatible
+from neox_jax.training.metrics import (
+    MetricWriter,
+    device_peak_flops,
+    flops_per_token,
+    measure_matmul_peak,
+)
+from neox_jax.training.optimizer import make_optimizer
+from neox_jax.training.state import abstract_train_state, init_train_state, state_from_params
+from neox_jax.training.step import eval_step, make_train_step, model_apply_fn
+
+ARCH_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "rotary_pct",
+    "rotary_emb_base",
+    "max_position_embeddings",
+    "layer_norm_eps",
+    "use_parallel_residual",
+    "tie_word_embeddings",
+    "attention_bias",
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/inf and ``train.nonfinite='stop'``."""
+
+
+class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    pass
+
+
+def build_mesh(mesh_cfg) -> jax.sharding.Mesh:
+    ici = {a: mesh_cfg[a] for a in AXES}
+    dcn = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}
+    return create_mesh(ici, dcn)
+
+
+def check_batch(config, mesh) -> None:
+    """The global batch must split evenly over data-parallel shards and microbatches."""
+    batch, k = config.data.global_batch_size, config.train.microbatches
+    dp = data_parallel_size(mesh)
+    if k < 1 or batch % k:
+        raise ValueError(
+            f"data.global_batch_size={batch} is not divisible by train.microbatches={k}."
+        )
+    if (batch // k) % dp:
+        raise ValueError(
+            f"Each microbatch has {batch // k} rows, not divisible by the data-parallel size "
+            f"{dp} (mesh data x fsdp). Make global_batch_size / microbatches a multiple of {dp}."
+        )
+
+
+class _SigtermFlag:
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, no preemption saves
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+        self.raised = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
+    """(state, model_config, start_step, source) by the documented precedence."""
+    latest = ckpt.latest_step()
+    init_from = config.train.init_from
+    if latest is None and init_from:
+        # The architecture comes from the checkpoint; dtype/attention_impl/remat from config.
+        loaded = _peek_config(init_from)
+        model_config = model_config.replace(**{f: getattr(loaded, f) for f in ARCH_FIELDS})
+    abstract, shardings = abstract_train_state(
+        tx, abstract_params(model_config), param_logical_axes(model_config), mesh
+    )
+    if latest is not None:
+        check_compatible(ckpt.saved_model_config(latest), model_config)
+        state, meta = ckpt.restore(latest, abstract)
+        logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+        return state, model_config, latest, f"resume:{latest}"
+    if init_from:
+        if _is_hf(init_from):  # host numpy arrays, placed on the mesh by state_from_params
+            _, params = load_model(init_from, param_dtype=model_config.param_dtype)
+        else:  # restored straight onto the mesh
+            _, params = load_model(init_from, shardings=shardings.params)
+        state = state_from_params(params, tx, shardings, config.train.seed)
+        logging.info("Initialised from %s", init_from)
+        return state, model_config, 0, f"init_from:{init_from}"
+    state = init_train_state(
+        lambda rng: init_params(model_config, rng), tx, shardings, config.train.seed
+    )
+    return state, model_config, 0, "scratch"
+
+
+def _is_hf(path: str) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def _peek_config(path: str) -> ModelConfig:
+    from neox_jax.convert.checkpoint import is_model_checkpoint, latest_step_dir, read_model_config
+    from neox_jax.convert.hf import config_from_hf, read_hf_config
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"train.init_from={path} does not exist.")
+    if _is_hf(path):
+        return config_from_hf(read_hf_config(p))
+    step_dir = p if is_model_checkpoint(p) else latest_step_dir(p)
+    if step_dir is None:
+        raise ValueError(
+            f"train.init_from={path} is neither a Hugging Face folder nor a "
+            "neox_jax checkpoint or run directory."
+        )
+    return read_model_config(step_dir)
+
+
+def _save_run_files(config, workdir: Path, tokenizer_path: str | None) -> None:
+    if jax.process_index() != 0:
+        return
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+    if tokenizer_path:
+        copy_tokenizer(tokenizer_path, workdir / "tokenizer")
+
+
+def _evaluate(eval_fn, state, source, mesh, batches: int) -> dict[str, float]:
+    totals = [
+        eval_fn(state.params, state.frozen, data_lib.global_batch(source, i, mesh))
+        for i in range(batches)
+    ]
+    totals = jax.device_get(totals)
+    loss = sum(float(t["loss_sum"]) for t in totals) / max(
+        1.0, sum(float(t["tokens"]) for t in totals)
+    )
+    return {"eval_loss": loss, "eval_perplexity": float(np.exp(min(loss, 50.0)))}
+
+
+def train_and_evaluate(
+    config, workdir: str | Path, *, apply_fn=None, state_factory=None
+) -> dict[str, Any]:
+    """Train as ``config`` says, checkpointing under ``workdir``; returns final metrics.
+
+    ``apply_fn``/``state_factory`` let fine-tuning (LoRA) swap what is trained while
+    keeping this loop; pretraining leaves them None.
+    """
+    dist = config.distributed
+    initialize_distributed(
+        dist.coordinator_address or None,
+        dist.num_processes or None,
+        dist.process_id if dist.coordinator_address else None,
+    )
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    mesh = build_mesh(config.mesh)
+    check_batch(config, mesh)
+    tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(config.data, workdir)
+    train_src, eval_src = data_lib.make_sources(
+        config.data, paths, tokenizer_path, config.data.global_batch_size
+    )
+    total_steps = config.train.steps
+    tx, schedule = make_optimizer(_optimizer_cfg(config))
+    ckpt = Checkpointer(
+        workdir,
+        save_every=config.train.save_every,
+        keep=config.train.keep,
+        keep_period=config.train.keep_period,
+        async_save=config.train.async_checkpoint,
+    )
+    _save_run_files(config, workdir, tokenizer_path)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES), _SigtermFlag() as sigterm:
+        if state_factory is None:
+            state, model_config, start, origin = _initial_state(
+                config, model_config, tx, mesh, ckpt
+            )
+            shardings = jax.tree.map(lambda x: x.sharding, state)
+        else:
+            state, model_config, start, origin, shardings = state_factory(tx, mesh, ckpt)
+        _check_vocab(tokenizer_path, model_config)
+        writer = MetricWriter(workdir, total_steps, start)
+        apply_fn = apply_fn or model_apply_fn(model_config)
+        seq_len = config.data.seq_len
+        batch_spec = {k: batch_sharding(mesh) for k in train_src.samples(np.zeros(1, np.int64))}
+        step_fn = jax.jit(
+            make_train_step(
+                tx, apply_fn, schedule, config.train.microbatches, config.train.nonfinite == "skip"
+            ),
+            in_shardings=(shardings, batch_spec),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(lambda p, f, b: eval_step(p, f, b, apply_fn=apply_fn))
+        peak = _peak_flops(config) * jax.device_count()
+        step_flops = (
+            flops_per_token(model_config, seq_len) * config.data.global_batch_size * seq_len
+        )
+        meta = {
+            "origin": origin,
+            "data_seed": config.data.seed,
+            "seq_len": seq_len,
+            "global_batch_size": config.data.global_batch_size,
+        }
+        logging.info(
+            "Training %s from step %d to %d (%s) on mesh %s",
+            origin,
+            start,
+            total_steps,
+            model_config.dtype,
+            dict(mesh.shape),
+        )
+
+        final: dict[str, Any] = {"step": start}
+        pending: list[dict] = []
+        t_log, step_log = time.time(), start
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            nxt = pool.submit(data_lib.global_batch, train_src, start, mesh)
+            for step in range(start, total_steps):
+                if sigterm.raised or ckpt.reached_preemption(step):
+                    _check_finite(pending, step, ckpt, config.train.nonfinite)
+                    ckpt.save(state, model_config, meta, force=True)
+                    ckpt.close()
+                    writer.close()
+                    final.update(step=step, preempted=True)
+                    return final
+                batch = nxt.result()
+                if step + 1 < total_steps:
+                    nxt = pool.submit(data_lib.global_batch, train_src, step + 1, mesh)
+                state, metrics = step_fn(state, batch)
+                pending.append(metrics)
+                done = step + 1
+                log_now = done % config.train.log_every == 0 or done == total_steps
+                save_now = done % config.train.save_every == 0 or done == total_steps
+                if log_now or save_now:
+                    scalars = _check_finite(pending, done, ckpt, config.train.nonfinite)
+                    pending = []
+                    if log_now:
+                        dt = time.time() - t_log
+                        rate = (done - step_log) * config.data.global_batch_size * seq_len / dt
+                        scalars.update(tokens_per_sec=rate, step_time=dt / (done - step_log))
+                        if peak:
+                            scalars["mfu"] = step_flops * (done - step_log) / dt / peak
+                        t_log, step_log = time.time(), done
+                        final.update(scalars)
+                    if eval_src is not None and (
+                        done % config.train.eval_every == 0 or done == total_steps
+                    ):
+                        ev = _evaluate(eval_fn, state, eval_src, mesh, config.train.eval_batches)
+                        writer.write(done, ev, "eval")
+                        scalars.update(ev)
+                        final.update(ev)
+                    if log_now:
+                        writer.write(done, scalars)
+                        writer.progress(done, scalars)
+                    if save_now:
+                        ckpt.save(state, model_config, meta, force=done == total_steps)
+                final["step"] = done
+        ckpt.close()
+        writer.close()
+        final["state"] = state
+        final["model_config"] = model_config
+        final["tokenizer"] = tokenizer_path
+    return final
+
+
+def _check_finite(
+    pending: list[dict], step: int, ckpt: Checkpointer, policy: str
+) -> dict[str, float]:
+    """Fetch buffered step metrics (one host sync per log), stop on NaN/inf if asked."""
+    if not pending:
+        return {}
+    host = jax.device_get(pending)
+    bad = [m for m in host if not int(m["finite"])]
+    if bad and policy == "stop":
+        latest = ckpt.latest_step()
+        raise NonFiniteLossError(
+            f"The loss became non-finite (loss={float(bad[0]['loss'])}, grad_norm="
+            f"{float(bad[0]['grad_norm'])}) before step {step}. Stopped without saving; the "
+            f"last good checkpoint is step {latest}. Lower optimizer.lr, raise warmup, use "
+            "float32, or set train.nonfinite='skip' to skip such steps."
+        )
+    good = [m for m in host if int(m["finite"])] or host
+    out = {k: float(np.mean([float(m[k]) for m in good])) for k in ("loss", "grad_norm")}
+    if "lr" in host[-1]:
+        out["lr"] = float(host[-1]["lr"])
+    out["skipped_steps"] = float(sum(int(m["skipped"]) for m in host))
+    return out
+
+
+def _optimizer_cfg(config):
+    opt = config.optimizer
+    steps = config.train.steps
+    warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_ratio * steps))
+    return _Namespace(
+        lr=opt.lr,
+        min_lr_ratio=opt.min_lr_ratio,
+        warmup_steps=warmup,
+        total_steps=steps,
+        b1=opt.b1,
+        b2=opt.b2,
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        grad_clip=opt.grad_clip,
+    )
+
+
+class _Namespace:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _peak_flops(config) -> float:
+    if config.train.peak_flops > 0:
+        return config.train.peak_flops
+    peak = device_peak_flops()
+    if peak is None and jax.default_backend() == "cpu":
+        peak = measure_matmul_peak()
+    return peak or 0.0
+
+
+def _check_vocab(tokenizer_path: str | None, model_config: ModelConfig) -> None:
+    if not tokenizer_path:
+        return
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(tokenizer_path).vocab_size
+    if vocab > model_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {vocab} tokens but model.vocab_size is "
+            f"{model_config.vocab_size}; set --config.model.vocab_size={vocab} or larger."
+        )
+
+
+def save_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
