@@ -125,7 +125,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.distributed.process_id = 0
 
     c.sample = ml_collections.ConfigDict()
-    c.sample.prompt = "def " if tiny else ""  # printed continuation after training
+    c.sample.prompt = "def" if tiny else ""  # printed continuation after training
     c.sample.max_new_tokens = 96
     c.sample.temperature = 0.7
     c.sample.top_k = 40

@@ -8,10 +8,9 @@ Any field of the config can be overridden (``--config.optimizer.lr=3e-4``). Runn
 same command again resumes from the latest checkpoint in ``--workdir``.
 """
 
-import logging
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
@@ -45,9 +44,10 @@ def print_sample(result, sample_cfg) -> str | None:
 
 def main(argv):
     del argv
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
+        logging.set_verbosity(logging.WARNING)
     from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
-    logging.getLogger("absl").setLevel(logging.INFO)
     try:
         result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (ValueError, FileNotFoundError, NonFiniteLossError) as e:

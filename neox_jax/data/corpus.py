@@ -7,7 +7,6 @@ interrupted preparation is simply redone).
 
 from __future__ import annotations
 
-import logging
 import os
 import sysconfig
 from pathlib import Path
@@ -66,14 +65,14 @@ def prepare_stdlib_corpus(
     prefix = str(directory / "stdlib")
     files = stdlib_files(max_bytes)
     if not tokenizer_path.is_file():
-        logging.info(
-            "Training a %d-piece sentencepiece tokenizer on %d stdlib files.",
-            vocab_size,
-            len(files),
+        print(
+            f"Training a {vocab_size}-piece sentencepiece tokenizer on {len(files)} stdlib "
+            f"files into {tokenizer_path}",
+            flush=True,
         )
         train_sentencepiece(files, vocab_size, tokenizer_path)  # Paths, not texts
     if not dataset_exists(prefix):
-        logging.info("Tokenizing %d stdlib files into %s.", len(files), prefix)
+        print(f"Tokenizing {len(files)} stdlib files into {prefix}.bin/.idx", flush=True)
         preprocess(
             [str(f) for f in files], str(tokenizer_path), prefix, workers=workers, progress=False
         )

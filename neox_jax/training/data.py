@@ -18,17 +18,27 @@ from neox_jax.data.indexed_dataset import exists as dataset_exists
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
 from neox_jax.parallel.rules import batch_sharding
 
-SOURCES = ("stdlib", "indexed", "tfds")
+SOURCES = ("stdlib", "indexed", "tfds", "sft")
 
 
 def _split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | None, list[str]]:
-    """Prepare the default corpus if asked; return ``(tokenizer path, dataset prefixes)``."""
+def resolve_tokenizer_and_paths(
+    data_cfg, workdir: str | Path, init_from: str = ""
+) -> tuple[str | None, list[str]]:
+    """Prepare the default corpus if asked; return ``(tokenizer path, dataset prefixes)``.
+
+    ``init_from`` (the model fine-tuning starts from) supplies the tokenizer of
+    ``source="sft"`` when ``data.tokenizer`` is empty.
+    """
     if data_cfg.source not in SOURCES:
         raise ValueError(f"Unknown data.source {data_cfg.source!r}; choose from {SOURCES}.")
+    if data_cfg.source == "sft":
+        from neox_jax.finetune.sft_data import resolve_sft
+
+        return resolve_sft(data_cfg, init_from, workdir)
     if data_cfg.source == "stdlib":
         from neox_jax.data.corpus import prepare_stdlib_corpus
 
@@ -61,6 +71,10 @@ def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | No
 def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_batch: int):
     """``(train_source, eval_source or None)`` for the configured data."""
     seq_len = data_cfg.seq_len
+    if data_cfg.source == "sft":
+        from neox_jax.finetune.sft_data import make_sft_sources
+
+        return make_sft_sources(data_cfg, tokenizer_path, global_batch)
     if data_cfg.source == "tfds":
         from neox_jax.data.tfds_source import TfdsSource
         from neox_jax.data.tokenizer import load_tokenizer

@@ -77,6 +77,13 @@ def measure_matmul_peak(size: int = 1024, dtype=np.float32, repeats: int = 5) ->
     return 2.0 * size**3 / best
 
 
+def say(message: str) -> None:
+    """A line for the person running the job (process 0 only), also sent to the log."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
 class MetricWriter:
     """Console progress line, TensorBoard events and a JSON-lines log; process 0 only."""
 
@@ -129,8 +136,7 @@ class MetricWriter:
         parts.append(f"ETA {_hms(eta)}")
         line = " | ".join(parts)
         if self.enabled:
-            logging.info(line)
-            print(line, flush=True)
+            say(line)
         return line
 
     def close(self):

@@ -30,6 +30,7 @@ from neox_jax.training.metrics import (
     device_peak_flops,
     flops_per_token,
     measure_matmul_peak,
+    say,
 )
 from neox_jax.training.optimizer import make_optimizer
 from neox_jax.training.state import abstract_train_state, init_train_state, state_from_params
@@ -118,7 +119,7 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     if latest is not None:
         check_compatible(ckpt.saved_model_config(latest), model_config)
         state, meta = ckpt.restore(latest, abstract)
-        logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+        say(f"Resumed from step {latest} in {ckpt.directory}")
         return state, model_config, latest, f"resume:{latest}"
     if init_from:
         if _is_hf(init_from):  # host numpy arrays, placed on the mesh by state_from_params
@@ -126,7 +127,7 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
         else:  # restored straight onto the mesh
             _, params = load_model(init_from, shardings=shardings.params)
         state = state_from_params(params, tx, shardings, config.train.seed)
-        logging.info("Initialised from %s", init_from)
+        say(f"Initialised from {init_from}")
         return state, model_config, 0, f"init_from:{init_from}"
     state = init_train_state(
         lambda rng: init_params(model_config, rng), tx, shardings, config.train.seed
@@ -177,12 +178,15 @@ def _evaluate(eval_fn, state, source, mesh, batches: int) -> dict[str, float]:
 
 
 def train_and_evaluate(
-    config, workdir: str | Path, *, apply_fn=None, state_factory=None
+    config, workdir: str | Path, *, apply_fn=None, state_factory=None, eval_apply_fn=None
 ) -> dict[str, Any]:
     """Train as ``config`` says, checkpointing under ``workdir``; returns final metrics.
 
     ``apply_fn``/``state_factory`` let fine-tuning (LoRA) swap what is trained while
-    keeping this loop; pretraining leaves them None.
+    keeping this loop; pretraining leaves them None. ``eval_apply_fn`` (default
+    ``apply_fn``) is the deterministic forward used for evaluation (no dropout).
+    A config with ``finetune.method == "lora"`` gets the hooks of
+    ``neox_jax.finetune.trainer_hooks`` when none are passed.
     """
     dist = config.distributed
     initialize_distributed(
@@ -192,10 +196,16 @@ def train_and_evaluate(
     )
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    if state_factory is None and "finetune" in config and config.finetune.method == "lora":
+        from neox_jax.finetune.trainer_hooks import lora_hooks
+
+        apply_fn, eval_apply_fn, state_factory = lora_hooks(config, workdir)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     mesh = build_mesh(config.mesh)
     check_batch(config, mesh)
-    tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(config.data, workdir)
+    tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(
+        config.data, workdir, config.train.init_from
+    )
     train_src, eval_src = data_lib.make_sources(
         config.data, paths, tokenizer_path, config.data.global_batch_size
     )
@@ -231,7 +241,8 @@ def train_and_evaluate(
             out_shardings=(shardings, None),
             donate_argnums=0,
         )
-        eval_fn = jax.jit(lambda p, f, b: eval_step(p, f, b, apply_fn=apply_fn))
+        eval_apply_fn = eval_apply_fn or apply_fn
+        eval_fn = jax.jit(lambda p, f, b: eval_step(p, f, b, apply_fn=eval_apply_fn))
         peak = _peak_flops(config) * jax.device_count()
         step_flops = (
             flops_per_token(model_config, seq_len) * config.data.global_batch_size * seq_len
@@ -242,13 +253,10 @@ def train_and_evaluate(
             "seq_len": seq_len,
             "global_batch_size": config.data.global_batch_size,
         }
-        logging.info(
-            "Training %s from step %d to %d (%s) on mesh %s",
-            origin,
-            start,
-            total_steps,
-            model_config.dtype,
-            dict(mesh.shape),
+        say(
+            f"Training ({origin}) from step {start} to {total_steps}: "
+            f"{count_params_str(model_config)} parameters, {model_config.dtype} compute, "
+            f"mesh {dict(mesh.shape)}"
         )
 
         final: dict[str, Any] = {"step": start}
@@ -302,6 +310,12 @@ def train_and_evaluate(
         final["model_config"] = model_config
         final["tokenizer"] = tokenizer_path
     return final
+
+
+def count_params_str(model_config: ModelConfig) -> str:
+    from neox_jax.model import count_params
+
+    return f"{count_params(model_config):,}"
 
 
 def _check_finite(
