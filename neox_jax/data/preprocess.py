@@ -181,7 +181,9 @@ def _encoded_docs(docs, workers, chunksize, init_args) -> Iterator[tuple[np.ndar
         _init_worker(*init_args)
         yield from map(_encode, docs)
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+    # "spawn": forking a process that has started JAX's threads can deadlock the child.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         # Feed imap a bounded window at a time: imap drains its input eagerly, which
         # on a large corpus would hold every document in memory (GPT-NeoX bounds it
         # with a semaphore for the same reason).

@@ -7,8 +7,10 @@ from neox_jax.model.transformer import (
     abstract_params,
     cache_logical_axes,
     count_params,
+    embed_tokens,
     init_cache,
     init_params,
+    output_logits,
     param_logical_axes,
 )
 
@@ -20,7 +22,9 @@ __all__ = [
     "abstract_params",
     "cache_logical_axes",
     "count_params",
+    "embed_tokens",
     "init_cache",
     "init_params",
+    "output_logits",
     "param_logical_axes",
 ]

@@ -188,6 +188,42 @@ class GPTNeoX(nn.Module):
         )(cfg, keep_hidden, name="layers")
 
 
+# ------------------------------------------- the model's ends, outside its scan
+# Paths that run the layers themselves (the unrolled decode step, the pipeline) apply
+# the model's own modules to its parameters here, so they cannot drift from GPTNeoX.
+def embed_tokens(config: ModelConfig, params, input_ids: Array) -> Array:
+    """``[B, T]`` ids -> ``[B, T, E]`` embeddings in the compute dtype (``embed_in``)."""
+    x = jnp.take(params["embed_in"]["embedding"], input_ids.astype(jnp.int32), axis=0)
+    x = x.astype(config.compute_dtype)
+    return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+
+def output_logits(config: ModelConfig, params, x: Array) -> Array:
+    """Final layer norm and output head: ``[B, T, E]`` -> fp32 logits ``[B, T, V]``."""
+    dtype = config.compute_dtype
+    x = LayerNorm(config.layer_norm_eps, dtype, config.params_dtype).apply(
+        {"params": params["final_layer_norm"]}, x
+    )
+    if config.tie_word_embeddings:
+        table = params["embed_in"]["embedding"]
+        logits = jnp.einsum(
+            "bte,ve->btv", x, table.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+    else:
+        head = Linear(
+            config.vocab_size,
+            (axes.EMBED, axes.VOCAB),
+            small_init(config.hidden_size),
+            False,
+            dtype,
+            config.params_dtype,
+        )
+        logits = head.apply({"params": params["embed_out"]}, x)
+    return nn.with_logical_constraint(
+        logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
+    )
+
+
 # ------------------------------------------------------------------ utilities
 def init_params(config: ModelConfig, rng: Array) -> dict[str, Any]:
     """Random parameters (unboxed) for ``config``; GPT-NeoX's small_init/wang_init."""
