@@ -110,13 +110,17 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
-            (x.shape[-1], self.features),
-            self.param_dtype,
-        )
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        stored = self.get_variable("params", "kernel")
+        if hasattr(stored, "matmul"):  # a neox_jax.quant.QuantizedWeight replaced the kernel
+            y = stored.matmul(x, self.dtype)  # dequantizes on the fly; see neox_jax.quant
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
+                (x.shape[-1], self.features),
+                self.param_dtype,
+            )
+            y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:
             bias = self.param(
                 "bias",
@@ -125,6 +129,12 @@ class Linear(nn.Module):
                 self.param_dtype,
             )
             y = y + bias.astype(self.dtype)
+        adapter = self.get_variable("params", "lora")  # a finetune.lora.LoraAdapter, or None
+        if adapter is not None:  # y + scale * dropout(x) @ A @ B, after the bias as PEFT does
+            # Dropout noise comes from the "params" stream: the layer scan splits only that
+            # one, so each layer draws its own (finetune.lora.lora_apply_fn passes it).
+            use_dropout = adapter.dropout > 0 and self.has_rng("params")
+            y = y + adapter(x, self.dtype, self.make_rng("params") if use_dropout else None)
         return y
 
 

@@ -1,0 +1,90 @@
+"""Calibration tokens for GPTQ: random fixed-length windows of a text file or indexed dataset.
+
+GPTQ (§5, "Setup") calibrates on 128 random 2048-token segments of C4; any text close
+to the model's training distribution works, and a few hundred thousand tokens suffice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from neox_jax.data import indexed_dataset
+
+_MAX_TEXT_BYTES = 64 << 20  # tokenizing more than this buys nothing for calibration
+
+
+def _windows(read, total: int, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
+    if total < seq_len:
+        raise ValueError(
+            f"the calibration source holds {total} tokens, fewer than one window of "
+            f"{seq_len}; pass more text or a smaller --calibration_seq_len."
+        )
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, total - seq_len + 1, size=num_samples)
+    return np.stack([read(int(s), seq_len) for s in starts]).astype(np.int32)
+
+
+def _from_indexed(prefix: str, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
+    ds = indexed_dataset.IndexedDataset(prefix)
+    ends = np.cumsum(ds.sizes.astype(np.int64))  # token stream of all sequences, in order
+
+    def read(start: int, length: int) -> np.ndarray:
+        parts, i = [], int(np.searchsorted(ends, start, side="right"))
+        offset = start - (int(ends[i - 1]) if i else 0)
+        while length > 0:
+            take = min(length, int(ds.sizes[i]) - offset)
+            parts.append(ds.get(i, offset, take))
+            length, i, offset = length - take, i + 1, 0
+        return np.concatenate(parts)
+
+    return _windows(read, int(ends[-1]) if len(ends) else 0, num_samples, seq_len, seed)
+
+
+def _from_text(path: Path, tokenizer, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
+    if tokenizer is None:
+        raise ValueError(
+            f"calibration text {path} needs a tokenizer: pass --tokenizer, or keep the "
+            "tokenizer in the checkpoint's tokenizer/ folder."
+        )
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read(_MAX_TEXT_BYTES)
+    ids = np.asarray(tokenizer.encode(text), np.int64)
+    return _windows(lambda s, n: ids[s : s + n], len(ids), num_samples, seq_len, seed)
+
+
+def calibration_tokens(
+    source: str | os.PathLike,
+    tokenizer=None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> np.ndarray:
+    """``[num_samples, seq_len]`` int32 token windows drawn uniformly from ``source``.
+
+    Args:
+      source: a UTF-8 text file, or the prefix of a Megatron indexed dataset
+        (``<prefix>.bin`` / ``<prefix>.idx``), whose sequences are read as one stream.
+      tokenizer: a ``neox_jax.data.tokenizer.Tokenizer``; needed for text.
+      num_samples, seq_len: windows and their length (windows may overlap when the
+        source is small).
+      seed: seeds the window positions.
+
+    Returns:
+      int32 array ``[num_samples, seq_len]``.
+    """
+    if num_samples <= 0 or seq_len <= 0:
+        raise ValueError(f"num_samples and seq_len must be positive, got {num_samples}, {seq_len}")
+    source = str(source)
+    if indexed_dataset.exists(source):
+        return _from_indexed(source, num_samples, seq_len, seed)
+    path = Path(source)
+    if path.is_file():
+        return _from_text(path, tokenizer, num_samples, seq_len, seed)
+    raise FileNotFoundError(
+        f"calibration source {source} is neither a text file nor an indexed dataset prefix "
+        "(<prefix>.bin + <prefix>.idx)."
+    )

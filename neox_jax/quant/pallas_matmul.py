@@ -1,0 +1,191 @@
+"""Pallas quantized matmul: ``x [M, K]`` (bf16/fp32) times an int8/int4 weight stored ``[N, K]``.
+
+Each program owns one ``[block_m, block_n]`` output tile and walks K in steps of
+``block_k`` input rows: it loads the codes of a ``[block_n, block_k]`` weight tile
+(``block_k / 2`` bytes per row for 4 bits), dequantizes it on chip with the tile's scale
+column (``block_k`` divides the group size, so a tile lies in one group and needs one
+scale per output row), and accumulates ``x_tile @ w_tile^T`` in fp32. The weight is
+read from memory once, as codes; nothing float-sized of it is ever written, which is
+the point when decoding is memory-bound. The loop over K lives inside the program (a
+GPU grid has no sequential axis to accumulate over).
+
+4-bit codes of input rows ``2j`` and ``2j + 1`` share a byte, so the activations are
+split into even and odd columns once per call (``[M, K / 2]`` each, cheap next to the
+weight) and each tile does two dots, one per nibble, instead of interleaving columns
+on chip.
+
+On CPU the kernel runs in the Pallas interpreter (tests); compiled it targets GPU
+(Triton): tile sides are powers of two and ``block_m >= 16`` for ``tl.dot``.
+Gradients (QLoRA) go through a ``custom_vjp`` whose backward is the XLA path's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from neox_jax.quant.config import QuantizationError
+from neox_jax.quant.core import QuantizedWeight, xla_matmul
+
+_BLOCK_N = (128, 64, 32, 16)
+_BLOCK_K = (256, 128, 64, 32)  # >= 32 so a 4-bit tile is >= 16 bytes wide (tl.dot's minimum)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static description of one call (hashable: a nondiff argument of the custom_vjp)."""
+
+    bits: int
+    symmetric: bool
+    group_size: int
+    shape: tuple[int, int]  # (K, N) of the kernel
+    block_m: int
+    block_n: int
+    block_k: int
+    interpret: bool
+
+
+def _dot_t(a, b):
+    """``a [m, k] @ b[n, k]^T`` accumulated in fp32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _kernel(*refs, plan: _Plan):
+    n_x = 1 if plan.bits == 8 else 2
+    x_refs, q_ref, s_ref = refs[:n_x], refs[n_x], refs[n_x + 1]
+    z_ref = None if plan.symmetric else refs[n_x + 2]
+    o_ref = refs[-1]
+    bk = plan.block_k
+    width = bk if plan.bits == 8 else bk // 2  # columns of x / bytes of q per step
+    tiles_per_group = plan.group_size // bk
+    compute = x_refs[0].dtype
+
+    def dequant(c, group):  # c: [block_n, width] int32 codes -> compute dtype
+        if z_ref is not None:
+            c = c - z_ref[:, pl.ds(group, 1)].astype(jnp.int32)
+        return (c.astype(jnp.float32) * s_ref[:, pl.ds(group, 1)].astype(jnp.float32)).astype(
+            compute
+        )
+
+    def body(t, acc):
+        group = lax.div(t, tiles_per_group)
+        cols = pl.ds(pl.multiple_of(t * width, width), width)
+        v = q_ref[:, cols].astype(jnp.int32)  # [block_n, width]
+        if plan.bits == 8:
+            return acc + _dot_t(x_refs[0][:, cols], dequant(v, group))
+        lo, hi = v & 15, v >> 4
+        if plan.symmetric:
+            lo, hi = (lo ^ 8) - 8, (hi ^ 8) - 8
+        acc = acc + _dot_t(x_refs[0][:, cols], dequant(lo, group))
+        return acc + _dot_t(x_refs[1][:, cols], dequant(hi, group))
+
+    acc = jnp.zeros((plan.block_m, plan.block_n), jnp.float32)
+    acc = lax.fori_loop(0, plan.shape[0] // bk, body, acc)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _forward(x, qvalue, scale, zero, plan: _Plan):
+    m, k = x.shape
+    n = plan.shape[1]
+    bm, bn = plan.block_m, plan.block_n
+    pad = -m % bm
+    x = jnp.pad(x, ((0, pad), (0, 0))) if pad else x
+    xs = [x] if plan.bits == 8 else [x[:, 0::2], x[:, 1::2]]  # [Mp, K] or 2 x [Mp, K/2]
+    x_specs = [pl.BlockSpec((bm, a.shape[1]), lambda i, j: (i, 0)) for a in xs]
+    row_spec = lambda a: pl.BlockSpec((bn, a.shape[1]), lambda i, j: (j, 0))
+    operands = [*xs, qvalue, scale] + ([] if zero is None else [zero])
+    compiler_params = None
+    if not plan.interpret:
+        compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
+    out = pl.pallas_call(
+        functools.partial(_kernel, plan=plan),
+        grid=(x.shape[0] // bm, n // bn),
+        in_specs=[*x_specs, *(row_spec(a) for a in operands[len(xs) :])],
+        out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], n), x.dtype),
+        compiler_params=compiler_params,
+        interpret=plan.interpret,
+        name=f"quantized_matmul_int{plan.bits}",
+    )(*operands)
+    return out[:m]
+
+
+def _as_weight(qvalue, scale, zero, plan: _Plan) -> QuantizedWeight:
+    return QuantizedWeight(qvalue, scale, zero, plan.bits, plan.group_size, plan.shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _qmm(x, qvalue, scale, zero, plan):
+    return _forward(x, qvalue, scale, zero, plan)
+
+
+def _qmm_fwd(x, qvalue, scale, zero, plan):
+    return _forward(x, qvalue, scale, zero, plan), (x, qvalue, scale, zero)
+
+
+def _qmm_bwd(plan, res, g):
+    # pallas_call has no autodiff rule; the XLA path computes the same function, so its
+    # VJP is the exact gradient: dx = g @ W, dscale = sum over each group of dW * codes.
+    x, qvalue, scale, zero = res
+    f = lambda x, s: xla_matmul(x, _as_weight(qvalue, s, zero, plan), x.dtype)
+    _, vjp = jax.vjp(f, x, scale)
+    dx, dscale = vjp(g.astype(x.dtype))
+    float0 = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)
+    return dx, float0(qvalue), dscale, float0(zero)
+
+
+_qmm.defvjp(_qmm_fwd, _qmm_bwd)
+
+
+def _largest_dividing(candidates, n):
+    return next((c for c in candidates if n % c == 0), 0)
+
+
+def make_plan(m: int, qw: QuantizedWeight, *, block_m=None, block_n=None, block_k=None,
+              interpret=None) -> _Plan:  # fmt: skip
+    """Tile sizes for ``[m, K] @ qw``; raises ``QuantizationError`` if none fit."""
+    k, n = qw.shape
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    bm = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
+    bn = block_n or _largest_dividing(_BLOCK_N, n)
+    bk = block_k or _largest_dividing(_BLOCK_K, qw.group_size)
+    if not bn or n % bn:
+        raise QuantizationError(
+            f"Pallas quantized matmul: no block of {_BLOCK_N} divides the output size {n}; "
+            "use matmul_impl='xla' for this weight."
+        )
+    if not bk or qw.group_size % bk:
+        raise QuantizationError(
+            f"Pallas quantized matmul: no K block of {_BLOCK_K} divides the group size "
+            f"{qw.group_size}; use matmul_impl='xla' or a group size that is a multiple of 32."
+        )
+    return _Plan(qw.bits, qw.symmetric, qw.group_size, (k, n), bm, bn, bk, bool(interpret))
+
+
+def pallas_matmul(x, qw: QuantizedWeight, dtype, **plan_kwargs):
+    """``x [..., K] @ kernel`` with the Pallas kernel; same contract as ``xla_matmul``.
+
+    Args:
+      x: ``[..., K]`` activations.
+      qw: a kernel-layout ``QuantizedWeight`` without leading axes.
+      dtype: compute dtype (the weight tile is dequantized to it; fp32 accumulation).
+      **plan_kwargs: ``block_m``, ``block_n``, ``block_k``, ``interpret`` overrides.
+
+    Returns:
+      ``[..., N]`` in ``dtype``.
+    """
+    k, n = qw.shape
+    if x.shape[-1] != k:
+        raise QuantizationError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    x2 = x.reshape(-1, k).astype(dtype)
+    plan = make_plan(x2.shape[0], qw, **plan_kwargs)
+    y = _qmm(x2, qw.qvalue, qw.scale, qw.zero, plan)
+    return y.reshape(*x.shape[:-1], n)

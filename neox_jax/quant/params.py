@@ -1,0 +1,212 @@
+"""Quantizing a whole parameter tree, and what the rest of the codebase needs from it.
+
+``quantize_params`` replaces the kernels of every ``Linear`` in the blocks (and, when
+asked, ``embed_out`` and ``embed_in``) by ``QuantizedWeight`` values; everything else
+(biases, LayerNorms) stays float. The result goes straight into
+``GPTNeoX(config).apply`` (``Linear`` dispatches on the quantized kernel), so any
+sampler or evaluator works on it unchanged, except a quantized ``embed_in`` (see
+``QuantConfig.embed_in``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from neox_jax.model import ModelConfig, abstract_params, axes
+from neox_jax.quant.config import QuantConfig, QuantizationError
+from neox_jax.quant.core import QuantizedWeight, is_quantized, quantize
+
+# The Linear kernels of one block, as paths under params["layers"].
+BLOCK_KERNELS = (
+    ("attention", "query_key_value"),
+    ("attention", "dense"),
+    ("mlp", "dense_h_to_4h"),
+    ("mlp", "dense_4h_to_h"),
+)
+EMBED_IN = ("embed_in", "embedding")
+EMBED_OUT = ("embed_out", "kernel")
+
+
+_quantize_jit = jax.jit(
+    quantize,
+    static_argnames=("bits", "group_size", "symmetric", "transposed", "scale_dtype", "impl"),
+)
+
+
+def target_paths(config: ModelConfig, qconfig: QuantConfig) -> list[tuple[str, ...]]:
+    """Paths of the parameters that ``qconfig`` quantizes, in the model's order."""
+    paths = [("layers", *p, "kernel") for p in BLOCK_KERNELS]
+    if qconfig.embed_out and not config.tie_word_embeddings:
+        paths.append(EMBED_OUT)
+    if qconfig.embed_in:
+        paths.append(EMBED_IN)
+    return paths
+
+
+def get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path, value) -> dict:
+    """A copy of ``tree`` (dicts copied along ``path`` only) with ``value`` at ``path``."""
+    if not path:
+        return value
+    out = dict(tree)
+    out[path[0]] = set_path(tree[path[0]], path[1:], value)
+    return out
+
+
+def quantize_leaf(w, path: tuple[str, ...], qconfig: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest quantization of the parameter at ``path`` (a kernel or the table)."""
+    embedding = path == EMBED_IN
+    in_dim = w.shape[-1] if embedding else w.shape[-2]
+    group = qconfig.group_for(in_dim, "/".join(path))
+    return _quantize_jit(
+        w,
+        bits=qconfig.bits,
+        group_size=group,
+        symmetric=qconfig.symmetric,
+        transposed=not embedding,
+        scale_dtype=qconfig.scale_jnp_dtype,
+        impl=qconfig.matmul_impl,
+    )
+
+
+def check_float_params(config: ModelConfig, params, qconfig: QuantConfig) -> None:
+    """Every target exists, is a float array of the shape ``config`` implies."""
+    expected = abstract_params(config)
+    for path in target_paths(config, qconfig):
+        try:
+            leaf = get_path(params, path)
+        except (KeyError, TypeError):
+            raise QuantizationError(f"params have no {'/'.join(path)}") from None
+        if is_quantized(leaf):
+            raise QuantizationError(f"{'/'.join(path)} is already quantized")
+        want = get_path(expected, path).shape
+        if tuple(leaf.shape) != tuple(want):
+            raise QuantizationError(
+                f"{'/'.join(path)} has shape {tuple(leaf.shape)} but the model config implies "
+                f"{tuple(want)}; the params and config do not belong together."
+            )
+
+
+def quantize_params(
+    config: ModelConfig,
+    params: dict[str, Any],
+    qconfig: QuantConfig,
+    calibration: np.ndarray | None = None,
+    **gptq_kwargs,
+) -> dict[str, Any]:
+    """Quantize the weights of a float parameter tree.
+
+    Args:
+      config: the model's config.
+      params: float parameters (unboxed), e.g. from ``load_model``.
+      qconfig: the scheme, see ``QuantConfig``.
+      calibration: ``[num_samples, length]`` int token ids; required for GPTQ.
+      **gptq_kwargs: passed to ``neox_jax.quant.gptq_model.gptq_quantize_params``
+        (``batch_size``, ``log``).
+
+    Returns:
+      The same tree with ``QuantizedWeight`` values at ``target_paths``.
+    """
+    check_float_params(config, params, qconfig)
+    if qconfig.method == "gptq":
+        if calibration is None:
+            raise QuantizationError(
+                "method='gptq' needs calibration tokens (--calibration=<text file or "
+                "indexed dataset prefix>); use method='rtn' to quantize without data."
+            )
+        from neox_jax.quant.gptq_model import gptq_quantize_params
+
+        return gptq_quantize_params(config, params, qconfig, calibration, **gptq_kwargs)
+    out = params
+    for path in target_paths(config, qconfig):
+        out = set_path(out, path, quantize_leaf(get_path(params, path), path, qconfig))
+    return out
+
+
+def dequantize_params(params, dtype=None, only: tuple[str, ...] | None = None):
+    """Replace ``QuantizedWeight`` values by float arrays.
+
+    Args:
+      params: a (partly) quantized tree.
+      dtype: float dtype of the result; default float32.
+      only: top-level keys to dequantize (e.g. ``("embed_in",)``); default all.
+
+    Returns:
+      The tree with float arrays in place of the selected quantized values.
+    """
+    dtype = dtype or jnp.float32
+
+    def fn(path, leaf):
+        if is_quantized(leaf) and (only is None or path[0].key in only):
+            return leaf.dequantize(dtype)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(fn, params, is_leaf=is_quantized)
+
+
+def with_matmul_impl(params, impl: str):
+    """The same tree with every ``QuantizedWeight`` using matmul ``impl`` ("xla"/"pallas")."""
+    QuantConfig(matmul_impl=impl)  # validates the name
+    return jax.tree.map(
+        lambda x: x.replace(impl=impl) if is_quantized(x) else x, params, is_leaf=is_quantized
+    )
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every array (or ``ShapeDtypeStruct``) in a parameter tree."""
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+def quantized_logical_axes(param_axes, qparams):
+    """Logical axis names for a quantized tree, consistent with the float kernels'.
+
+    ``qvalue`` takes the kernel's names in stored order (``[.., out, in]`` for kernels),
+    so its shards hold the same rows and columns as the float kernel's would. The
+    scales' group axis takes the input axis name too, so the scales of a shard's rows
+    live on that shard (a row-parallel ``dense`` shards K: each shard then holds its
+    own groups); with a single group (per-channel scales) the size-1 axis is named
+    ``axes.GROUPS``, which a rules table maps to no mesh axis.
+
+    Args:
+      param_axes: ``param_logical_axes(config)`` (a tree of ``PartitionSpec``).
+      qparams: the quantized params (or their ``jax.eval_shape``).
+
+    Returns:
+      A tree shaped like ``qparams`` whose leaves are ``PartitionSpec``s.
+    """
+
+    def fn(spec, q):
+        if not is_quantized(q):
+            return spec
+        *lead, a, b = tuple(spec)
+        out_name, in_name = (b, a) if q.transposed else (a, b)
+        group_name = in_name if q.scale.shape[-1] > 1 else axes.GROUPS
+        scale = PartitionSpec(*lead, out_name, group_name)
+        return q.replace(
+            qvalue=PartitionSpec(*lead, out_name, in_name),
+            scale=scale,
+            zero=None if q.zero is None else scale,
+        )
+
+    return jax.tree.map(
+        fn, param_axes, qparams, is_leaf=lambda x: isinstance(x, PartitionSpec) or is_quantized(x)
+    )
+
+
+def abstract_quantized_params(config: ModelConfig, qconfig: QuantConfig):
+    """Shapes and dtypes of ``quantize_params``' output (``jax.eval_shape``; nothing allocated).
+
+    GPTQ and round-to-nearest produce the same structure, so this serves both.
+    """
+    rtn = qconfig.replace(method="rtn")
+    return jax.eval_shape(lambda p: quantize_params(config, p, rtn), abstract_params(config))
