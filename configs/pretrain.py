@@ -102,6 +102,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200 if tiny else (150_000 if arg == "neox-20b" else 143_000)
     c.train.microbatches = 1  # gradient accumulation (a lax.scan inside the step)
+    c.train.pipeline_microbatches = 0  # >0: pipeline the layers over mesh.stage (GPipe)
     c.train.log_every = 10 if tiny else 100
     c.train.eval_every = 100 if tiny else 1000
     c.train.eval_batches = 4 if tiny else 20

@@ -83,13 +83,22 @@ def check_batch(config, mesh) -> None:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps."""
+    """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+
+    Single process only. Under ``jax.distributed`` JAX's preemption service already
+    catches SIGTERM and brings every process to the same step
+    (``Checkpointer.reached_preemption``); a Python handler here would replace its
+    handler, so a host signalled alone would stop alone and leave the others blocked
+    in the next step's collectives.
+    """
 
     def __init__(self):
         self.raised = False
         self._old = None
 
     def __enter__(self):
+        if jax.process_count() > 1 and jax.distributed.is_initialized():
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, no preemption saves
@@ -185,8 +194,8 @@ def train_and_evaluate(
     ``apply_fn``/``state_factory`` let fine-tuning (LoRA) swap what is trained while
     keeping this loop; pretraining leaves them None. ``eval_apply_fn`` (default
     ``apply_fn``) is the deterministic forward used for evaluation (no dropout).
-    A config with ``finetune.method == "lora"`` gets the hooks of
-    ``neox_jax.finetune.trainer_hooks`` when none are passed.
+    A config with a ``finetune`` section (``configs/finetune.py``) gets its hooks from
+    ``neox_jax.finetune.trainer_hooks`` (LoRA) when none are passed.
     """
     dist = config.distributed
     initialize_distributed(
@@ -196,10 +205,10 @@ def train_and_evaluate(
     )
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if state_factory is None and "finetune" in config and config.finetune.method == "lora":
-        from neox_jax.finetune.trainer_hooks import lora_hooks
+    if state_factory is None and "finetune" in config:  # configs/finetune.py
+        from neox_jax.finetune.trainer_hooks import finetune_hooks
 
-        apply_fn, eval_apply_fn, state_factory = lora_hooks(config, workdir)
+        apply_fn, eval_apply_fn, state_factory = finetune_hooks(config, workdir, apply_fn)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     mesh = build_mesh(config.mesh)
     check_batch(config, mesh)
@@ -230,6 +239,11 @@ def train_and_evaluate(
             state, model_config, start, origin, shardings = state_factory(tx, mesh, ckpt)
         _check_vocab(tokenizer_path, model_config)
         writer = MetricWriter(workdir, total_steps, start)
+        if apply_fn is None and config.train.pipeline_microbatches > 0:
+            from neox_jax.parallel.pipeline import pipeline_apply_fn
+
+            # GPipe over the mesh's stage axis (neox_jax/parallel/pipeline.py).
+            apply_fn = pipeline_apply_fn(model_config, config.train.pipeline_microbatches)
         apply_fn = apply_fn or model_apply_fn(model_config)
         seq_len = config.data.seq_len
         batch_spec = {k: batch_sharding(mesh) for k in train_src.samples(np.zeros(1, np.int64))}

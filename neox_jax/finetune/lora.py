@@ -1,0 +1,285 @@
+"""LoRA (Hu et al. 2021, arXiv:2106.09685): low-rank adapters on the block's linear layers.
+
+A target ``Linear`` with kernel ``W [in, out]`` computes ``x @ W + b + s * drop(x) @ A @ B``
+with ``A [in, r]``, ``B [r, out]`` and ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA,
+Kalajdzievski 2023). ``B`` starts at zero, so the adapted model starts as the base model.
+
+Adapters are their own parameter tree, shaped like the slice of the model they adapt::
+
+    layers/attention/query_key_value/{lora_a [L, E, r], lora_b [L, r, 3E]}
+    layers/attention/dense/{lora_a [L, E, r], lora_b [L, r, E]}
+    layers/mlp/dense_h_to_4h/{lora_a [L, E, r], lora_b [L, r, F]}
+    layers/mlp/dense_4h_to_h/{lora_a [L, F, r], lora_b [L, r, E]}
+
+Training differentiates only this tree; the base parameters ride along as
+``TrainState.frozen`` (no gradient, no optimizer state). ``attach`` puts a
+``LoraAdapter`` beside each target kernel (key ``lora``) for one forward pass, and
+``neox_jax.model.layers.Linear`` adds its output. ``A`` takes the kernel's input axis
+name and ``B`` its output axis name (the rank axis is ``lora_rank``, never sharded), so
+adapters shard like the weights they adapt.
+
+Target names follow PEFT's module names for ``GPTNeoXForCausalLM``, where ``dense`` is
+``attention.dense`` (PEFT matches a name as a suffix after a dot, and the MLP layers are
+``dense_h_to_4h`` / ``dense_4h_to_h``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from neox_jax.model import ModelConfig, abstract_params, axes, param_logical_axes
+
+Array = jax.Array
+
+# Target name -> path of the Linear under params["layers"].
+TARGETS = {
+    "query_key_value": ("attention", "query_key_value"),
+    "dense": ("attention", "dense"),
+    "dense_h_to_4h": ("mlp", "dense_h_to_4h"),
+    "dense_4h_to_h": ("mlp", "dense_4h_to_h"),
+}
+INITS = ("kaiming", "gaussian")
+
+
+class LoraError(ValueError):
+    """A LoRA setting or adapter that cannot be used; the message says why and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What to adapt and how.
+
+    Attributes:
+      targets: module names from ``TARGETS`` (``attention.dense`` / ``mlp.dense_h_to_4h``
+        spellings are accepted too).
+      rank: r, at most the smaller side of every adapted kernel.
+      alpha: the scale numerator; the update is ``alpha / r * A @ B``.
+      dropout: dropout on the adapter's input during training (PEFT's ``lora_dropout``).
+      init: "kaiming" (PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in)), i.e. torch's
+        ``kaiming_uniform_(a=sqrt(5))``) or "gaussian" (A ~ N(0, 1/r)); B is zero either way.
+      rslora: scale by ``alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+    """
+
+    targets: tuple[str, ...] = ("query_key_value", "dense")
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    init: str = "kaiming"
+    rslora: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(_split(self.targets)))
+        names = tuple(dict.fromkeys(canonical_target(t) for t in self.targets))
+        object.__setattr__(self, "targets", names)
+        if not names:
+            raise LoraError(f"lora.targets is empty; choose from {', '.join(TARGETS)}.")
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraError(f"lora.rank must be a positive integer, got {self.rank!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraError(f"lora.dropout must lie in [0, 1), got {self.dropout}.")
+        if self.init not in INITS:
+            raise LoraError(f"Unknown lora.init {self.init!r}; choose from {', '.join(INITS)}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    @classmethod
+    def from_config(cls, c) -> LoraConfig:
+        """From the ``lora`` section of ``configs/finetune.py``."""
+        return cls(
+            targets=c.targets,
+            rank=c.rank,
+            alpha=c.alpha,
+            dropout=c.dropout,
+            init=c.init,
+            rslora=c.rslora,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "targets": list(self.targets)}
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def canonical_target(name: str) -> str:
+    """``"attention.dense"`` -> ``"dense"``; unknown names raise naming the valid ones."""
+    for key, path in TARGETS.items():
+        if name in (key, ".".join(path)):
+            return key
+    raise LoraError(
+        f"LoRA target {name!r} matches no linear layer of GPT-NeoX; valid targets: "
+        f"{', '.join(TARGETS)} (dense is attention.dense)."
+    )
+
+
+def target_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
+    """``{target: (in, out)}`` of each adapted kernel, checking that the rank fits."""
+    kernels = abstract_params(config)["layers"]
+    out = {}
+    for t in lora.targets:
+        group, name = TARGETS[t]
+        d_in, d_out = kernels[group][name]["kernel"].shape[1:]
+        if lora.rank > min(d_in, d_out):
+            raise LoraError(
+                f"lora.rank={lora.rank} exceeds the smaller side of {group}.{name} "
+                f"([{d_in}, {d_out}]); a rank above min(in, out) adds parameters but no "
+                f"expressiveness. Use lora.rank <= {min(d_in, d_out)}."
+            )
+        out[t] = (d_in, d_out)
+    return out
+
+
+# ------------------------------------------------------------------ parameters
+def init_adapters(config: ModelConfig, lora: LoraConfig, rng: Array) -> dict[str, Any]:
+    """Fresh adapters: A as PEFT initialises it, B = 0 (so the model starts as the base)."""
+    layers = config.num_hidden_layers
+    tree: dict[str, Any] = {}
+    for i, (t, (d_in, d_out)) in enumerate(target_shapes(config, lora).items()):
+        key = jax.random.fold_in(rng, i)
+        if lora.init == "kaiming":
+            # torch kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]: bound 1/sqrt(in).
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(key, (layers, d_in, lora.rank), jnp.float32, -bound, bound)
+        else:
+            a = jax.random.normal(key, (layers, d_in, lora.rank), jnp.float32) / lora.rank
+        b = jnp.zeros((layers, lora.rank, d_out), jnp.float32)
+        group, name = TARGETS[t]
+        tree.setdefault(group, {})[name] = {"lora_a": a, "lora_b": b}
+    return {"layers": tree}
+
+
+def abstract_adapters(config: ModelConfig, lora: LoraConfig) -> dict[str, Any]:
+    """Adapter shapes as ``jax.ShapeDtypeStruct`` (nothing allocated)."""
+    return jax.eval_shape(lambda: init_adapters(config, lora, jax.random.key(0)))
+
+
+def adapter_logical_axes(config: ModelConfig, lora: LoraConfig) -> dict[str, Any]:
+    """Logical names: A takes the kernel's (layers, in), B its out axis; the rank is unsharded."""
+    kernel_axes = param_logical_axes(config)["layers"]
+    tree: dict[str, Any] = {}
+    for t in lora.targets:
+        group, name = TARGETS[t]
+        layer_ax, in_ax, out_ax = tuple(kernel_axes[group][name]["kernel"])
+        tree.setdefault(group, {})[name] = {
+            "lora_a": PartitionSpec(layer_ax, in_ax, axes.RANK),
+            "lora_b": PartitionSpec(layer_ax, axes.RANK, out_ax),
+        }
+    return {"layers": tree}
+
+
+def trainable_fraction(config: ModelConfig, lora: LoraConfig) -> tuple[int, int, float]:
+    """``(adapter params, base params, adapter / base)`` from shapes alone (``eval_shape``)."""
+    size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))  # noqa: E731
+    n_lora, n_base = size(abstract_adapters(config, lora)), size(abstract_params(config))
+    return n_lora, n_base, n_lora / n_base
+
+
+# --------------------------------------------------------------------- forward
+@flax.struct.dataclass
+class LoraAdapter:
+    """One adapted ``Linear``'s adapter, placed under its ``lora`` key by ``attach``.
+
+    ``nn.scan`` slices the array leaves per layer, so inside a block ``a`` is ``[in, r]``
+    and ``b`` is ``[r, out]``.
+    """
+
+    a: Array
+    b: Array
+    scale: float = flax.struct.field(pytree_node=False)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def __call__(self, x: Array, dtype, rng: Array | None = None) -> Array:
+        """``scale * drop(x) @ a @ b`` for ``x [..., in]``; dropout only when ``rng`` is given."""
+        if rng is not None and self.dropout > 0:
+            keep = jax.random.bernoulli(rng, 1 - self.dropout, x.shape)
+            x = jnp.where(keep, x / (1 - self.dropout), 0).astype(x.dtype)
+        h = jnp.dot(x.astype(dtype), self.a.astype(dtype))  # [..., r]
+        return jnp.dot(h, self.b.astype(dtype)) * jnp.asarray(self.scale, dtype)  # [..., out]
+
+
+def attach(base: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
+    """The base tree with a ``LoraAdapter`` beside every adapted kernel (dicts copied, not arrays).
+
+    Args:
+      base: model parameters (float or ``neox_jax.quant`` quantized kernels).
+      adapters: ``init_adapters``-shaped tree.
+      lora: its config (scale, dropout).
+
+    Returns:
+      A parameter tree for ``GPTNeoX.apply``.
+    """
+    out = dict(base)
+    layers = dict(base["layers"])
+    for t in lora.targets:
+        group, name = TARGETS[t]
+        ad = adapters["layers"][group][name]
+        layers[group] = dict(layers[group])
+        layers[group][name] = {
+            **layers[group][name],
+            "lora": LoraAdapter(ad["lora_a"], ad["lora_b"], lora.scale, lora.dropout),
+        }
+    out["layers"] = layers
+    return out
+
+
+def lora_apply_fn(config: ModelConfig, lora: LoraConfig, *, deterministic: bool = False):
+    """The trainer's ``apply_fn(adapters, frozen_base, inputs, positions, segment_ids, rng)``.
+
+    ``deterministic=True`` (evaluation) switches adapter dropout off. The dropout key is
+    passed as the "params" stream, the one the layer scan splits per layer (no parameter
+    is created with it: every parameter is given).
+    """
+    from neox_jax.model import GPTNeoX
+
+    model = GPTNeoX(config)
+    use_dropout = lora.dropout > 0 and not deterministic
+
+    def apply(adapters, frozen, inputs, positions, segment_ids, rng):
+        params = attach(frozen, adapters, lora)
+        rngs = {"params": rng} if use_dropout else None
+        return model.apply({"params": params}, inputs, positions, segment_ids, rngs=rngs)
+
+    return apply
+
+
+# ----------------------------------------------------------------------- merge
+def merge(base: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
+    """Base parameters with ``W + scale * A @ B`` folded into every adapted kernel.
+
+    A quantized base kernel is dequantized first (the sum is not representable on the
+    quantization grid), so the result is a float tree (float32 for such kernels).
+
+    Args:
+      base: model parameters (float or quantized kernels).
+      adapters: ``init_adapters``-shaped tree.
+      lora: the adapters' config (targets, scale).
+
+    Returns:
+      A parameter tree of the plain model (no ``lora`` entries), for ``GPTNeoX.apply``,
+      ``save_hf`` or the ``Generator``.
+    """
+    out = attach(base, adapters, lora)  # copies the dicts along the way
+    for t in lora.targets:
+        group, name = TARGETS[t]
+        node = dict(out["layers"][group][name])
+        adapter = node.pop("lora")
+        kernel = node["kernel"]
+        if hasattr(kernel, "dequantize"):
+            kernel = kernel.dequantize(jnp.float32)
+        delta = jnp.einsum("lir,lro->lio", adapter.a, adapter.b, precision="highest")
+        node["kernel"] = (kernel.astype(jnp.float32) + lora.scale * delta).astype(
+            jnp.dtype(kernel.dtype)
+        )
+        out["layers"][group][name] = node
+    return out

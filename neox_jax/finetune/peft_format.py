@@ -1,0 +1,214 @@
+"""LoRA adapters in PEFT's on-disk format, both ways.
+
+``peft.PeftModel.save_pretrained`` writes ``adapter_config.json`` and
+``adapter_model.safetensors``; for ``GPTNeoXForCausalLM`` the tensors are named::
+
+    base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_A.weight  [r, in]
+    base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_B.weight  [out, r]
+
+(the same for ``attention.dense``, ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``). They are
+torch ``nn.Linear`` weights, ``[out, in]``, so ours (``A [L, in, r]``, ``B [L, r, out]``) are
+transposed per layer; nothing else changes. The update is ``lora_alpha / r`` (or
+``/ sqrt(r)`` with ``use_rslora``) times ``B @ A`` in both libraries.
+
+Importing checks the adapter against the model it is meant for: every tensor must name a
+layer the model has and have the shape the model implies, and settings we cannot honour
+(DoRA, LoRA biases, per-module ranks, ``modules_to_save``) are refused by name. Layers that
+an adapter leaves out (``layers_to_transform``) get zero adapters, which add nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neox_jax.finetune.lora import TARGETS, LoraConfig, LoraError, target_shapes
+from neox_jax.model import ModelConfig
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_KEY = re.compile(
+    r"^base_model\.model\.gpt_neox\.layers\.(\d+)\.(attention|mlp)\."
+    r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.lora_([AB])\.weight$"
+)
+
+
+def _hf_module(target: str, layer: int) -> str:
+    group, name = TARGETS[target]
+    return f"base_model.model.gpt_neox.layers.{layer}.{group}.{name}"
+
+
+def save_peft_adapter(
+    config: ModelConfig,
+    adapters: dict[str, Any],
+    lora: LoraConfig,
+    path: str | os.PathLike,
+    *,
+    base_model_name_or_path: str = "",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``adapters`` as a PEFT LoRA adapter folder (atomically).
+
+    Args:
+      config: the base model's config.
+      adapters: ``init_adapters``-shaped tree (host or device arrays).
+      lora: the adapter's settings.
+      path: destination folder (absent or empty unless ``overwrite``).
+      base_model_name_or_path: recorded in ``adapter_config.json`` for PEFT.
+
+    Returns:
+      The absolute path written.
+    """
+    from safetensors.numpy import save_file
+
+    path = Path(path).absolute()
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
+    tensors = {}
+    for t in lora.targets:
+        group, name = TARGETS[t]
+        a = np.asarray(adapters["layers"][group][name]["lora_a"], np.float32)  # [L, in, r]
+        b = np.asarray(adapters["layers"][group][name]["lora_b"], np.float32)  # [L, r, out]
+        for i in range(config.num_hidden_layers):
+            tensors[f"{_hf_module(t, i)}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{_hf_module(t, i)}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or None,
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "target_modules": [".".join(TARGETS[t]) for t in lora.targets],
+        "use_rslora": lora.rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
+    checks = [
+        (cfg.get("peft_type") != "LORA", f"peft_type is {cfg.get('peft_type')!r}, not 'LORA'"),
+        (bool(cfg.get("use_dora")), "it is a DoRA adapter (use_dora)"),
+        (cfg.get("bias", "none") != "none" or cfg.get("lora_bias"), "it trains biases"),
+        (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out is set (GPT-NeoX uses nn.Linear)"),
+        (bool(cfg.get("modules_to_save")), "it saves whole modules (modules_to_save)"),
+        (
+            bool(cfg.get("rank_pattern")) or bool(cfg.get("alpha_pattern")),
+            "it has per-module ranks or alphas (rank_pattern/alpha_pattern)",
+        ),
+    ]
+    for bad, why in checks:
+        if bad:
+            raise LoraError(f"Cannot import the adapter in {where}: {why}.")
+
+
+def load_peft_adapter(
+    path: str | os.PathLike, config: ModelConfig, *, expected_base: str | None = None
+) -> tuple[LoraConfig, dict[str, Any]]:
+    """Read a PEFT LoRA adapter for the model ``config`` describes.
+
+    Args:
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      config: the base model's config; shapes and layer count are checked against it.
+      expected_base: if given, the adapter's ``base_model_name_or_path`` (when set) must
+        name the same model (equal, or the same last path component).
+
+    Returns:
+      ``(lora config, adapters)`` with adapters an ``init_adapters``-shaped numpy tree.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    _refuse_unsupported(cfg, path)
+    base = cfg.get("base_model_name_or_path")
+    if expected_base and base and _name(base) != _name(expected_base):
+        raise LoraError(
+            f"The adapter in {path} was made for {base!r}, not {expected_base!r}; load it on "
+            "the model it was trained on."
+        )
+    found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    for key, value in load_file(str(path / ADAPTER_WEIGHTS)).items():
+        m = _KEY.match(key)
+        if m is None:
+            raise LoraError(
+                f"{path / ADAPTER_WEIGHTS} holds {key!r}, which is not a LoRA weight of a "
+                "GPT-NeoX block linear layer; this adapter is for another architecture."
+            )
+        layer, group, name, ab = int(m[1]), m[2], m[3], m[4]
+        target = next((t for t, p in TARGETS.items() if p == (group, name)), None)
+        if target is None:
+            raise LoraError(f"{key!r}: GPT-NeoX has no {group}.{name}.")
+        if layer >= config.num_hidden_layers:
+            raise LoraError(
+                f"{key!r} adapts layer {layer}, but the model has {config.num_hidden_layers} "
+                "layers: the adapter was made for a different base model."
+            )
+        found.setdefault(target, {}).setdefault(layer, {})[ab] = value
+    if not found:
+        raise LoraError(f"{path / ADAPTER_WEIGHTS} holds no LoRA weights.")
+    rank = int(cfg["r"])
+    lora = LoraConfig(
+        targets=tuple(t for t in TARGETS if t in found),
+        rank=rank,
+        alpha=float(cfg.get("lora_alpha", rank)),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        rslora=bool(cfg.get("use_rslora", False)),
+    )
+    shapes = target_shapes(config, lora)
+    tree: dict[str, Any] = {}
+    n = config.num_hidden_layers
+    for t, layers in found.items():
+        d_in, d_out = shapes[t]
+        a = np.zeros((n, d_in, rank), np.float32)
+        b = np.zeros((n, rank, d_out), np.float32)
+        for i, pair in layers.items():
+            for ab, want, dst in (("A", (rank, d_in), a), ("B", (d_out, rank), b)):
+                if ab not in pair:
+                    raise LoraError(f"{_hf_module(t, i)} has no lora_{ab}.weight in {path}.")
+                if pair[ab].shape != want:
+                    raise LoraError(
+                        f"{_hf_module(t, i)}.lora_{ab}.weight has shape {pair[ab].shape}, but "
+                        f"this model (hidden {config.hidden_size}, intermediate "
+                        f"{config.intermediate_size}) with r={rank} needs {want}: the adapter "
+                        "was made for a different base model."
+                    )
+                dst[i] = pair[ab].astype(np.float32).T
+        group, name = TARGETS[t]
+        tree.setdefault(group, {})[name] = {"lora_a": a, "lora_b": b}
+    return lora, {"layers": tree}
+
+
+def _name(ref: str) -> str:
+    return Path(str(ref).rstrip("/")).name
