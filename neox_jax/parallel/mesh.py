@@ -85,11 +85,18 @@ def create_mesh(
     return jax.sharding.Mesh(array, AXES)
 
 
+# Set by launch_tpu.sh on every worker: a TPU VM's shell has no environment variable
+# naming its peers (jax.distributed finds them from the TPU metadata server), so the
+# launcher says explicitly that this is one process of many.
+DISTRIBUTED_ENV = "NEOX_JAX_DISTRIBUTED"
+
+
 def _cluster_detected() -> bool:
     """True when the environment describes more than one process (TPU pod, SLURM, MPI)."""
     hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
     return (
-        len([h for h in hosts.split(",") if h]) > 1
+        os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true")
+        or len([h for h in hosts.split(",") if h]) > 1
         or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1

@@ -1,0 +1,191 @@
+"""The sampling CLI: ``python -m neox_jax.sample`` and the ``run`` function behind it."""
+
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_generate import make_model_dir
+
+from neox_jax.convert import load_hf, save_checkpoint
+from neox_jax.inference import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _get_config(arg=None, **overrides):
+    spec = importlib.util.spec_from_file_location("sample_config", ROOT / "configs/sample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg)
+    config.update(overrides)
+    return config
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "hf"
+    make_model_dir(path)
+    return path
+
+
+def _run(config, stdin=""):
+    out = io.StringIO()
+    cli.run(config, io.StringIO(stdin), out)
+    return out.getvalue()
+
+
+def test_single_prompt_streams_and_matches_batch(hf_dir, tmp_path):
+    base = dict(checkpoint=str(hf_dir), max_new_tokens=12, ignore_eos=True, seed=3)
+    streamed = _run(_get_config(prompt="naïve café", **base))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "naïve café"}) + "\n" + '{"prompt": "ab"}\n')
+    lines = _run(_get_config(prompt_file=str(prompts), **base)).splitlines()
+    results = [json.loads(line) for line in lines]
+    assert streamed == results[0]["text"] + "\n"
+    assert [r["prompt"] for r in results] == ["naïve café", "ab"]
+    assert all(r["finish_reason"] == "length" and r["num_tokens"] == 12 for r in results)
+
+
+def test_prompt_file_text_output_file_and_beam(hf_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("first prompt\n\nsecond\nthird one\n")
+    out = tmp_path / "out.jsonl"
+    config = _get_config(
+        "beam", checkpoint=str(hf_dir), prompt_file=str(prompts), output_file=str(out),
+        max_new_tokens=6, batch_size=2,
+    )  # fmt: skip
+    assert _run(config) == ""
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in results] == ["first prompt", "second", "third one"]
+
+
+def test_interactive_loop(hf_dir):
+    config = _get_config(
+        "greedy", checkpoint=str(hf_dir), interactive=True, max_new_tokens=4, echo_prompt=True
+    )
+    out = _run(config, stdin="hello\nwörld\n\n")
+    assert out.count("> ") == 3 and "hello" in out and "wörld" in out
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "run_dir"])
+def test_loads_our_checkpoints(hf_dir, tmp_path, kind):
+    config, params = load_hf(hf_dir)
+    path = tmp_path / "ckpt" if kind == "checkpoint" else tmp_path / "run/checkpoints/100"
+    save_checkpoint(config, params, path, tokenizer_dir=hf_dir)
+    model = tmp_path / "ckpt" if kind == "checkpoint" else tmp_path / "run"
+    args = dict(prompt="ab", max_new_tokens=5, temperature=0.0, top_p=1.0, ignore_eos=True)
+    assert _run(_get_config(checkpoint=str(model), **args)) == _run(
+        _get_config(checkpoint=str(hf_dir), **args)
+    )
+
+
+def test_bad_inputs_raise_user_errors(hf_dir, tmp_path):
+    ok = dict(checkpoint=str(hf_dir), prompt="x")
+    cases = [
+        (dict(checkpoint=str(tmp_path / "missing"), prompt="x"), "does not exist"),
+        (dict(checkpoint="", prompt="x"), "checkpoint"),
+        (dict(ok, top_p=0.0), "top_p"),
+        (dict(ok, temperature=-1.0), "temperature"),
+        (dict(ok, max_new_tokens=10_000), "context"),
+        (dict(ok, early_stopping="maybe"), "early_stopping"),
+        (dict(ok, interactive=True), "exactly one"),
+        (dict(checkpoint=str(hf_dir), prompt_file=str(tmp_path / "none.txt")), "prompt_file"),
+        (dict(ok, tokenizer=str(tmp_path / "no_tok")), "tokenizer"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(cli.UserError, match=match):
+            _run(_get_config(**overrides))
+    # A checkpoint whose config does not match its weights.
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dir, broken)
+    hf_config = json.loads((broken / "config.json").read_text())
+    hf_config["intermediate_size"] += 8
+    (broken / "config.json").write_text(json.dumps(hf_config))
+    with pytest.raises(cli.UserError, match="intermediate|shape"):
+        _run(_get_config(checkpoint=str(broken), prompt="x"))
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "neox_jax.sample", "--config=configs/sample.py", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_entry_point(hf_dir, tmp_path):
+    ok = _cli(f"--config.checkpoint={hf_dir}", "--config.prompt=ab", "--config.max_new_tokens=4")
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.endswith("\n")
+    for args in (
+        [f"--config.checkpoint={tmp_path / 'missing'}", "--config.prompt=x"],
+        [f"--config.checkpoint={hf_dir}", "--config.prompt=x", "--config.topp=0.5"],
+    ):
+        bad = _cli(*args)
+        assert bad.returncode == 1
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("neox_jax.sample: error:"), bad.stderr
+
+
+def test_chat_mode_formats_turns_and_keeps_the_conversation(hf_dir, monkeypatch):
+    from neox_jax.convert import find_tokenizer
+    from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.finetune.chat import format_chat
+
+    tok = load_tokenizer(find_tokenizer(hf_dir))
+    args = dict(checkpoint=str(hf_dir), max_new_tokens=5, ignore_eos=True)
+    user = [{"role": "user", "content": "hi"}]
+    chat = _run(_get_config("greedy", prompt="hi", chat=True, **args))
+    manual = _run(_get_config("greedy", prompt=format_chat(user, tok), **args))
+    assert chat == manual
+
+    seen = []
+    stream = cli.Generator.stream
+
+    def recording(self, prompt, sampling=None):
+        seen.append(prompt)
+        return (yield from stream(self, prompt, sampling))
+
+    monkeypatch.setattr(cli.Generator, "stream", recording)
+    out = _run(_get_config("greedy", interactive=True, chat=True, **args), stdin="hi\nmore\n\n")
+    first_reply = out.split("> ")[1].rstrip("\n")
+    history = [*user, {"role": "assistant", "content": first_reply}]
+    assert seen == [
+        format_chat(user, tok),
+        format_chat([*history, {"role": "user", "content": "more"}], tok),
+    ]
+    with pytest.raises(cli.UserError, match="template"):
+        _run(_get_config("greedy", prompt="hi", chat=True, chat_template="{% if %}", **args))
+
+
+def test_tensor_and_pipeline_parallel_cli_equals_one_device(hf_dir):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    args = [f"--config.checkpoint={hf_dir}", "--config.prompt=ab", "--config.max_new_tokens=6"]
+    outs = [
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "neox_jax.sample",
+                "--config=configs/sample.py:greedy",
+                *args,
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )  # fmt: skip
+        for extra in ([], ["--config.tensor_parallel=2", "--config.pipeline_stages=2"])
+    ]
+    for r in outs:
+        assert r.returncode == 0, r.stderr
+    assert outs[0].stdout == outs[1].stdout
+    with pytest.raises(cli.UserError, match="needs 8 devices"):
+        _run(_get_config(checkpoint=str(hf_dir), prompt="x", tensor_parallel=8))
