@@ -63,6 +63,19 @@ def test_save_hf_loads_in_transformers_with_our_logits(tmp_path):
     assert_logits_close(GPTNeoX(TINY).apply({"params": params}, ids), hf_logits(model, ids))
 
 
+@pytest.mark.parametrize("kind", ["linear", "ntk"])
+def test_rope_scaling_exports_to_transformers(tmp_path, kind):
+    # Linear scaling maps to transformers' rope_scaling; static NTK to a larger base.
+    import dataclasses
+
+    config = dataclasses.replace(TINY, rope_scaling={"type": kind, "factor": 4.0})
+    params = init_params(config, jax.random.key(1))
+    save_hf(config, params, tmp_path / "out")
+    model = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = _ids(config.vocab_size, (2, 40))
+    assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(model, ids))
+
+
 def test_sharded_save_and_load(tmp_path):
     params = init_params(TINY, jax.random.key(1))
     save_hf(TINY, params, tmp_path / "sharded", max_shard_size="40KB")

@@ -153,8 +153,16 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[s
         "bos_token_id": 0,
         "eos_token_id": 0,
     }
-    if config.rope_scaling and config.rope_scaling_dict["type"] == "linear":
-        out["rope_scaling"] = {"rope_type": "linear", "factor": config.rope_scaling_dict["factor"]}
+    scaling = config.rope_scaling_dict or {}
+    if scaling.get("type") == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": scaling["factor"]}
+    elif scaling.get("type") == "ntk" and config.rotary_ndims > 2:
+        # Static NTK-aware scaling is a larger rotary base (model/layers.py rotary_inv_freq);
+        # transformers has no static NTK type, so the exported base carries it exactly.
+        rd = config.rotary_ndims
+        out["rotary_emb_base"] = config.rotary_emb_base * scaling["factor"] ** (rd / (rd - 2))
+    elif scaling:
+        raise ConversionError(f"rope_scaling {scaling} has no Hugging Face equivalent.")
     out.update(extra)
     return out
 
