@@ -1,0 +1,178 @@
+"""Compile the neox-20b and pythia-12b train steps for TPU pod slices, on a CPU.
+
+    JAX_PLATFORMS=cpu python experiments/aot/run.py            # every layout (~40 min)
+    JAX_PLATFORMS=cpu python experiments/aot/run.py --only=20b-v5p   # names containing it
+
+Each layout runs ``python -m neox_jax.aot`` in its own process (libtpu and the
+topology stay per process) and its JSON report is merged into ``results.json`` beside
+this file, so an interrupted sweep resumes where it stopped (``--redo`` recompiles).
+``results.md`` gets the table the README shows, with the command of every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+
+# name: (preset, topology, {config overrides}). One global batch per topology (one row
+# of the preset's 2048 tokens per chip), so layouts on a topology are comparable; the
+# published batches (1538 for the 20B, 1024 for Pythia) do not divide these chip
+# counts, and only the activations, not the state, depend on the batch.
+LAYOUTS = {
+    "20b-v4-16-fsdp16-dots": ("neox-20b", "v4:2x2x4", {"mesh.fsdp": -1, "batch": 16}),
+    "20b-v4-16-fsdp16-full": (
+        "neox-20b", "v4:2x2x4", {"mesh.fsdp": -1, "batch": 16, "model.remat": "full"}
+    ),
+    "20b-v4-16-fsdp8-tp2-full": (
+        "neox-20b", "v4:2x2x4",
+        {"mesh.fsdp": -1, "mesh.tensor": 2, "batch": 16, "model.remat": "full"},
+    ),
+    "20b-v5e-256-fsdp256-dots": ("neox-20b", "v5e:16x16", {"mesh.fsdp": -1, "batch": 256}),
+    "20b-v5e-256-fsdp256-full": (
+        "neox-20b", "v5e:16x16", {"mesh.fsdp": -1, "batch": 256, "model.remat": "full"}
+    ),
+    "20b-v5e-256-fsdp64-tp4-dots": (
+        "neox-20b", "v5e:16x16", {"mesh.fsdp": -1, "mesh.tensor": 4, "batch": 256}
+    ),
+    "20b-v5p-128-fsdp128-dots": ("neox-20b", "v5p:4x4x8", {"mesh.fsdp": -1, "batch": 128}),
+    "20b-v5p-128-fsdp128-none": (
+        "neox-20b", "v5p:4x4x8", {"mesh.fsdp": -1, "batch": 128, "model.remat": "none"}
+    ),
+    "20b-v5p-128-fsdp32-tp4-dots": (
+        "neox-20b", "v5p:4x4x8", {"mesh.fsdp": -1, "mesh.tensor": 4, "batch": 128}
+    ),
+    "12b-v4-16-fsdp16-full": (
+        "pythia-12b", "v4:2x2x4", {"mesh.fsdp": -1, "batch": 16, "model.remat": "full"}
+    ),
+    "12b-v5e-256-fsdp256-dots": ("pythia-12b", "v5e:16x16", {"mesh.fsdp": -1, "batch": 256}),
+    "12b-v5p-128-fsdp128-dots": ("pythia-12b", "v5p:4x4x8", {"mesh.fsdp": -1, "batch": 128}),
+}  # fmt: skip
+
+
+def command(preset: str, topology: str, overrides: dict, json_out: Path | None) -> list[str]:
+    """The ``python -m neox_jax.aot`` command line of one layout."""
+    flags = {"mesh.data": 1, **overrides}
+    flags["data.global_batch_size"] = flags.pop("batch")
+    cmd = [
+        "python",
+        "-m",
+        "neox_jax.aot",
+        f"--config=configs/pretrain.py:{preset}",
+        f"--topology={topology}",
+        *[f"--config.{k}={v}" for k, v in flags.items()],
+    ]
+    return cmd + ([f"--json_out={json_out}"] if json_out else [])
+
+
+def run(name: str, results: dict, log) -> None:
+    preset, topology, overrides = LAYOUTS[name]
+    out = HERE / f".{name}.json"
+    cmd = command(preset, topology, overrides, out)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, *cmd[1:]], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    wall = time.time() - start
+    if proc.returncode != 0 or not out.exists():
+        report = {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    else:
+        report = json.loads(out.read_text())
+        out.unlink()
+    report.update(
+        name=name,
+        preset=preset,
+        command="JAX_PLATFORMS=cpu " + shlex.join(command(preset, topology, overrides, None)),
+        wall_seconds=wall,
+    )
+    results[name] = report
+    log(f"{name}: {wall:.0f} s, fits={report.get('fits')}, error={report.get('error', '')[:80]}")
+
+
+def rejudge(results: dict) -> None:
+    """Compare reports made before ``neox_jax.aot`` asked the compiler for the usable
+    HBM (they used the datasheet size) against the usable HBM instead."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from neox_jax import aot
+
+    usable = {}
+    for r in results.values():
+        if "hbm_source" in r or "topology" not in r:
+            continue
+        if r["topology"] not in usable:
+            usable[r["topology"]] = aot.usable_hbm_bytes(aot.topology_devices(r["topology"])[0])
+        hbm = usable[r["topology"]]
+        if hbm:
+            r.update(hbm_gib=hbm / 2**30, hbm_source="compiler")
+            if r.get("per_device_gib") is not None:
+                r["fits"] = r["per_device_gib"] * 2**30 <= hbm
+
+
+def table(results: dict) -> str:
+    """The README table: one row per layout, in ``LAYOUTS`` order."""
+    head = (
+        "| layout | model | topology (chips) | mesh | batch x seq | remat | state GiB/chip "
+        "| total GiB/chip | HBM GiB | fits | model TFLOP/chip/step | XLA TFLOP/chip* "
+        "| compile s |\n|" + " --- |" * 13
+    )
+    rows = []
+    for name in LAYOUTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        mesh = "x".join(f"{a}{s}" for a, s in r.get("mesh", {}).items() if s > 1) or "-"
+        total = r.get("per_device_gib")
+        if total is None and "required_gib" in r:
+            total_text = f"> {r['required_gib']:.2f} (OOM; {r['available_gib']:.2f} usable)"
+        else:
+            total_text = "-" if total is None else f"{total:.2f}"
+        xla = r.get("xla_flops_per_device")
+        rows.append(
+            f"| {name} | {r.get('preset')} | {r.get('topology', '')} ({r.get('devices', '')}) "
+            f"| {mesh} | {r.get('global_batch_size', '')} x {r.get('seq_len', '')} "
+            f"| {r.get('remat', '')} | {r.get('state_gib', float('nan')):.2f} | {total_text} "
+            f"| {r.get('hbm_gib', float('nan')):.2f} | {r.get('fits')} "
+            f"| {r.get('model_flops_per_device', float('nan')) / 1e12:.1f} "
+            f"| {'-' if xla is None else f'{xla / 1e12:.2f}'} "
+            f"| {r.get('compile_seconds', float('nan')):.0f} |"
+        )
+    cmds = "\n".join(f"    {results[n]['command']}" for n in LAYOUTS if n in results)
+    return head + "\n" + "\n".join(rows) + "\n\nCommands:\n\n" + cmds + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="run layouts whose name contains this")
+    parser.add_argument("--redo", action="store_true", help="recompile layouts already done")
+    args = parser.parse_args()
+    path = HERE / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    with open(HERE / "run.log", "a") as logfile:
+
+        def log(line):
+            print(line, flush=True)
+            logfile.write(line + "\n")
+            logfile.flush()
+
+        for name in LAYOUTS:
+            if args.only not in name or (name in results and not args.redo):
+                continue
+            run(name, results, log)
+            path.write_text(json.dumps(results, indent=2) + "\n")
+            (HERE / "results.md").write_text(table(results))
+    rejudge(results)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (HERE / "results.md").write_text(table(results))
+
+
+if __name__ == "__main__":
+    main()
