@@ -10,7 +10,8 @@ import sys
 import pytest
 from train_helpers import REPO, config_flags, tiny_config, write_dataset
 
-sys.path.insert(0, str(REPO / "experiments" / "sweep"))
+SWEEP = REPO / "experiments" / "sweep" / "sweep.py"
+sys.path.insert(0, str(SWEEP.parent))
 import sweep  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def test_two_by_one_sweep(tmp_path):
     work = tmp_path / "sweep"
     cmd = [
         sys.executable,
-        str(REPO / "experiments" / "sweep" / "sweep.py"),
+        str(SWEEP),
         f"--config={REPO / 'configs' / 'pretrain.py'}:tiny",
         f"--workdir={work}",
         "--grid=optimizer.lr=1e-2,1e-4;model.num_hidden_layers=2",
@@ -75,7 +76,7 @@ def test_two_by_one_sweep(tmp_path):
 
 def test_bad_grid_exits_with_a_message(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "sweep" / "sweep.py"), "--config=c.py", "--workdir",
+        [sys.executable, str(SWEEP), "--config=c.py", "--workdir",
          str(tmp_path), "--grid=optimizer.lr"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip

@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf import ConversionError, load_hf
 from neox_jax.model import ModelConfig, abstract_params
 
@@ -41,35 +41,31 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``params`` and ``config`` as a model checkpoint at ``path`` (atomically)."""
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    items = {
+        PARAMS: ocp.args.StandardSave(params),
+        MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
+    }
+    return save_items(items, path, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
+
+
+def save_items(
+    items: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write orbax composite ``items`` (name -> ``ocp.args``) as the folder ``path``,
+    atomically, with the tokenizer files of ``tokenizer_dir`` in ``<path>/tokenizer``."""
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-        ckptr.save(
-            tmp / "ckpt",
-            args=ocp.args.Composite(
-                **{
-                    PARAMS: ocp.args.StandardSave(params),
-                    MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
-                }
-            ),
-            force=True,
-        )
-        for item in (tmp / "ckpt").iterdir():
+        ckptr.save(tmp / "ckpt", args=ocp.args.Composite(**items), force=True)
+        for item in (tmp / "ckpt").iterdir():  # orbax writes a fresh folder: move its items up
             os.replace(item, tmp / item.name)
         (tmp / "ckpt").rmdir()
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path).absolute()
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -153,7 +149,8 @@ def load_checkpoint(
 
 
 def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str, Any]]:
-    """``(config, params)`` from a Hugging Face folder, a checkpoint or a run directory."""
+    """``(config, params)`` from a Hugging Face folder, a checkpoint or a run directory
+    (a LoRA run gives its base with the latest adapters merged in)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -164,6 +161,12 @@ def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str
             return load_hf(path, **kwargs)
     if is_model_checkpoint(path):
         return load_checkpoint(path, **kwargs)
+    if (path / "lora.json").is_file():  # a LoRA run holds adapters: merge them into the base
+        from neox_jax.finetune.export import load_lora_run, merged_params
+
+        config, base, adapters, lora, _ = load_lora_run(path)
+        kwargs.pop("shardings", None)
+        return config.replace(**kwargs) if kwargs else config, merged_params(base, adapters, lora)
     step_dir = latest_step_dir(path)
     if step_dir is not None:
         return load_checkpoint(step_dir, **kwargs)

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from neox_jax.atomic import atomic_directory
 from neox_jax.model import ModelConfig, abstract_params
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
@@ -351,13 +351,9 @@ def save_hf(
     copied when given.
     """
     path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
     limit = _parse_size(max_shard_size)
     np_dtype = DTYPES[dtype]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
         hf_config = config_to_hf(config, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
@@ -365,12 +361,6 @@ def save_hf(
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from neox_jax.atomic import atomic_directory
 from neox_jax.finetune.lora import TARGETS, LoraConfig, LoraError, target_shapes
 from neox_jax.model import ModelConfig
 
@@ -69,8 +68,6 @@ def save_peft_adapter(
     from safetensors.numpy import save_file
 
     path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
     tensors = {}
     for t in lora.targets:
         group, name = TARGETS[t]
@@ -100,17 +97,9 @@ def save_peft_adapter(
         "alpha_pattern": {},
         "revision": None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

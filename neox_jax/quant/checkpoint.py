@@ -16,15 +16,13 @@ which is also how a mismatch is caught before anything is read.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS, TOKENIZER_DIR, copy_tokenizer
+from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS, save_items
 from neox_jax.model import ModelConfig
 from neox_jax.quant.config import QuantConfig, QuantizationError
 from neox_jax.quant.core import QuantizedWeight, is_quantized
@@ -93,32 +91,13 @@ def save_quantized(
     Returns:
       The absolute path written.
     """
-    path = Path(path).absolute()
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace.")
     _check_structure(params, abstract_quantized_params(config, qconfig), "the params to save")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        ckptr = _checkpointer()
-        items = {
-            PARAMS: ocp.args.StandardSave(to_state(params)),
-            MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
-            QUANT_CONFIG: ocp.args.JsonSave(qconfig.to_dict()),
-        }
-        ckptr.save(tmp / "ckpt", args=ocp.args.Composite(**items), force=True)
-        for item in (tmp / "ckpt").iterdir():
-            os.replace(item, tmp / item.name)
-        (tmp / "ckpt").rmdir()
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    items = {
+        PARAMS: ocp.args.StandardSave(to_state(params)),
+        MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),
+        QUANT_CONFIG: ocp.args.JsonSave(qconfig.to_dict()),
+    }
+    return save_items(items, path, tokenizer_dir=tokenizer_dir, overwrite=overwrite)
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:

@@ -25,13 +25,13 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from neox_jax.atomic import atomic_directory
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
@@ -186,22 +186,12 @@ class VectorIndex:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the index directory (atomically: a crash leaves no half-written index)."""
         directory = Path(directory).absolute()
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise FileExistsError(f"{directory} is not empty; pass overwrite=True to replace.")
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
             _faiss().write_index(self.index, str(tmp / INDEX_FILE))
             with open(tmp / RECORDS_FILE, "w", encoding="utf-8") as f:
                 for r in self.records:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
             (tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod
