@@ -13,12 +13,13 @@ from hf_reference import assert_logits_close, hf_logits, make_hf_model
 from test_finetune_utils import write_char_tokenizer, write_jsonl
 from train_helpers import REPO, logged
 
-from neox_jax.convert import load_hf
+from neox_jax.convert import load_hf, load_model
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.finetune.chat import encode_chat
 from neox_jax.finetune.export import export_run
 from neox_jax.finetune.lora import LoraConfig, lora_apply_fn, merge
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.model import GPTNeoX
 from neox_jax.training.trainer import train_and_evaluate
 
 STEPS = 160
@@ -133,6 +134,11 @@ def test_lora_sft_learns_resumes_exactly_and_exports(setup, tmp_path):
     assert (out["hf"] / "tokenizer.json").is_file()
     base_hf = transformers.GPTNeoXForCausalLM.from_pretrained(base).eval()
     assert_logits_close(hf_logits(peft.PeftModel.from_pretrained(base_hf, out["peft"]), ids), ours)
+    # load_model (what sampling, evaluation and conversion read) merges a LoRA run too.
+    loaded_config, loaded = load_model(run)
+    assert loaded_config == model_config
+    logits = GPTNeoX(loaded_config).apply({"params": loaded}, ids)
+    np.testing.assert_allclose(logits, ours, atol=1e-5, rtol=0)  # same fp32 merge as export
 
 
 def test_lora_run_refuses_other_settings_on_resume(setup, tmp_path):
