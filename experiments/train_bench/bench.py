@@ -1,0 +1,540 @@
+"""Train-step throughput and MFU: neox_jax against transformers + PyTorch, same model.
+
+CPU (default): a pythia-70m-shaped model in fp32 trained by neox_jax's own train step
+(``make_train_step`` with the trainer's AdamW, clipping and schedule, jitted with
+donated state) and, in the same run, by Hugging Face ``GPTNeoXForCausalLM`` with
+``torch.optim.AdamW``, same batch and sequence length; plus the machine's measured
+fp32 matmul peak (JAX and torch, several sizes), which MFU is relative to.
+
+    python experiments/train_bench/bench.py --out=experiments/train_bench/results.json
+    python experiments/train_bench/bench.py --profile         # + per-op trace summary
+    python experiments/train_bench/bench.py --gpu --out=gpu.json   # pythia-1b, bf16
+
+Each engine (and each JAX variant: XLA flags, remat, dtype) runs in its own process,
+``--rounds`` times alternating, and the best round counts: the engines see the same
+machine load. MFU uses one FLOPs formula for both engines
+(``neox_jax.training.metrics.flops_per_token``: 6N + attention, PaLM appendix B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# JAX variants tried on CPU: name -> (extra XLA_FLAGS, config.model overrides).
+VARIANTS = {
+    "default": ("", {}),
+    "remat_dots_no_batch": ("", {"remat": "dots_no_batch"}),
+    "onednn": ("--xla_cpu_use_onednn=true", {}),
+    "fast_math": ("--xla_cpu_enable_fast_math=true", {}),
+    "vector_width_512": ("--xla_cpu_prefer_vector_width=512", {}),
+    "bf16_compute": ("", {"dtype": "bfloat16"}),
+    # Not a config option: the bench swaps the step's cross entropy for
+    # ``_fused_token_losses`` (see there), to measure what that would gain.
+    "fused_ce": ("", {"_fused_ce": True}),
+}
+
+
+def _best_time(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+# ------------------------------------------------------------------------ workers
+def peak_worker(args) -> dict:
+    """fp32 matmul FLOP/s (best of ``reps``) for several sizes, in JAX and torch."""
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax.training.metrics import measure_matmul_peak
+
+    out = {"jax": {}, "torch": {}}
+    for n in args.peak_sizes:
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        out["jax"][n] = 2 * n**3 / _best_time(lambda a=a, f=f: f(a).block_until_ready(), 5)
+    out["measure_matmul_peak_default"] = measure_matmul_peak()
+    if not args.skip_torch:
+        import torch
+
+        out["torch_threads"] = torch.get_num_threads()
+        for n in args.peak_sizes:
+            a = torch.ones(n, n)
+            out["torch"][n] = 2 * n**3 / _best_time(lambda a=a: a @ a, 5)
+    return out
+
+
+def _config(args, model_overrides):
+    from configs.pretrain import get_config
+
+    c = get_config(args.model)
+    c.model.update(dtype=args.dtype, remat=args.remat, attention_impl=args.attention_impl)
+    c.model.update(model_overrides)
+    c.data.update(global_batch_size=args.batch, seq_len=args.seq)
+    c.train.steps = 10_000  # only shapes the schedule; nothing here runs that long
+    return c
+
+
+def jax_worker(args) -> dict:
+    """Time the product's train step (and, with --breakdown, its parts)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
+    from neox_jax.parallel.mesh import create_mesh
+    from neox_jax.parallel.rules import RULES, batch_sharding
+    from neox_jax.training import step as step_lib
+    from neox_jax.training.metrics import flops_per_token
+    from neox_jax.training.optimizer import make_optimizer
+    from neox_jax.training.state import abstract_train_state, init_train_state
+    from neox_jax.training.trainer import _optimizer_cfg
+
+    overrides = json.loads(args.model_overrides)
+    if overrides.pop("_fused_ce", False):
+        step_lib.token_losses = _fused_token_losses  # the step looks it up at trace time
+    config = _config(args, overrides)
+    mc = ModelConfig.from_dict(config.model.to_dict())
+    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    tx, schedule = make_optimizer(_optimizer_cfg(config))
+    _, shardings = abstract_train_state(tx, abstract_params(mc), param_logical_axes(mc), mesh)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, mc.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)
+    out = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "config": mc.to_dict()}
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        state = init_train_state(lambda r: init_params(mc, r), tx, shardings, 0)
+        batch = {"tokens": jax.device_put(tokens, batch_sharding(mesh))}
+        apply_fn = step_lib.model_apply_fn(mc)
+        step = jax.jit(
+            step_lib.make_train_step(tx, apply_fn, schedule),
+            in_shardings=(shardings, {"tokens": batch_sharding(mesh)}),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        t = time.perf_counter()
+        compiled = step.lower(state, batch).compile()
+        out["compile_s"] = time.perf_counter() - t
+        cost = compiled.cost_analysis()
+        out["xla_flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0))
+        times = []
+        for i in range(args.warmup + args.steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics["loss"])
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t)
+        out["loss"] = float(metrics["loss"])
+        if args.breakdown:
+            out["breakdown_s"] = _jax_breakdown(args, mc, state, batch, apply_fn, tx)
+        if args.profile:
+            out["profile"] = _jax_profile(compiled, state, batch)
+    out.update(_rates(times, args, flops_per_token(mc, args.seq)))
+    return out
+
+
+def _fused_token_losses(logits, targets):
+    """``step.token_losses`` with a hand-written gradient: ``softmax - one_hot`` in one
+    elementwise pass over ``[B, T, V]``, where autodiff of ``take_along_axis`` builds a
+    zero ``[B, T, V]`` array and scatters into it (a broadcast and a scatter per step).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def ce(logits, targets):
+        return fwd(logits, targets)[0]
+
+    def fwd(logits, targets):
+        logits = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return lse - picked, (logits, lse, targets)
+
+    def bwd(res, g):
+        logits, lse, targets = res
+        vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+        one_hot = (vocab == targets[..., None]).astype(jnp.float32)
+        return g[..., None] * (jnp.exp(logits - lse[..., None]) - one_hot), None
+
+    ce.defvjp(fwd, bwd)
+    return ce(logits, targets)
+
+
+def _jax_breakdown(args, mc, state, batch, apply_fn, tx) -> dict:
+    """Forward, forward+backward, the optimizer and the output layer, each jitted alone."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from neox_jax.training import step as step_lib
+
+    key = jax.random.key(0)
+    fwd = jax.jit(lambda p, b: step_lib._sum_loss(p, None, b, key, apply_fn)[0])
+    fwd_bwd = jax.jit(lambda p, b: step_lib.loss_and_grads(p, None, b, key, apply_fn))
+    grads = fwd_bwd(state.params, batch)[2]
+    opt = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]), donate_argnums=())
+    # The output layer alone: [B*T, E] @ [E, V] logits in fp32, cross entropy, and its
+    # gradient (the model's last Linear + step.token_losses).
+    x = jnp.ones((args.batch, args.seq, mc.hidden_size), mc.compute_dtype)
+    w = state.params["embed_out"]["kernel"]
+    targets = batch["tokens"][:, 1:]
+
+    def head(x, w):
+        logits = jnp.einsum("bte,ev->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return step_lib.token_losses(logits, targets).sum()
+
+    head_grad = jax.jit(jax.grad(head, argnums=(0, 1)))
+    reps = max(2, args.steps // 2)
+    return {
+        "forward": _best_time(lambda: fwd(state.params, batch).block_until_ready(), reps),
+        "forward_backward": _best_time(
+            lambda: jax.block_until_ready(fwd_bwd(state.params, batch)), reps
+        ),
+        "optimizer": _best_time(
+            lambda: jax.block_until_ready(opt(grads, state.opt_state, state.params)), reps
+        ),
+        "output_layer_fwd_bwd": _best_time(lambda: jax.block_until_ready(head_grad(x, w)), reps),
+    }
+
+
+def _jax_profile(compiled, state, batch, steps: int = 2) -> dict:
+    """Per-op time of the compiled step from a ``jax.profiler`` trace.
+
+    Returns the top ops and the time per category: matmuls (XLA's ``dot`` thunks and
+    the XNNPACK/YNNPACK ``ynn_fusion`` kernels it hands dots to), other fusions
+    (elementwise, reductions), copies/transposes, everything else.
+    """
+    import collections
+    import gzip
+    import re
+
+    import jax
+
+    logdir = tempfile.mkdtemp(prefix="neox_bench_trace_")
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics["loss"])
+    wall = (time.perf_counter() - start) / steps
+    jax.profiler.stop_trace()
+    (trace,) = Path(logdir).glob("plugins/profile/*/*.trace.json.gz")
+    with gzip.open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    runtime = ("PjitFunction", "PjRt", "Execute", "Thunk", "Threadpool", "SlinkyThreadPool",
+               "$", "Await", "Handle", "end: ", "Allocate", "Parse", "Wait", "Python")  # fmt: skip
+    total, count = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(runtime):
+            total[e["name"]] += e.get("dur", 0) / 1e6 / steps
+            count[e["name"]] += 1 / steps
+
+    def category(name):
+        if name.startswith(("ynn_fusion", "dot", "onednn", "xnn")) or "convolution" in name:
+            return "matmul"
+        if re.match(r"(copy|transpose|bitcast)", name) and "fusion" not in name[:4]:
+            return "copy/transpose"
+        return "fusion (elementwise/reduce)" if "fusion" in name else "other"
+
+    categories = collections.Counter()
+    for name, t in total.items():
+        categories[category(name)] += t
+    return {
+        "step_wall_s": wall,
+        "categories_s": dict(categories.most_common()),
+        "top_ops": [
+            {"op": n, "s_per_step": t, "calls_per_step": count[n]} for n, t in total.most_common(20)
+        ],
+    }
+
+
+def torch_worker(args) -> dict:
+    """transformers' GPTNeoXForCausalLM + torch.optim.AdamW on the same shapes."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from neox_jax.model import ModelConfig
+    from neox_jax.training.metrics import flops_per_token
+
+    config = _config(args, {})
+    mc = ModelConfig.from_dict(config.model.to_dict())
+    torch.manual_seed(0)
+    hf_config = transformers.GPTNeoXConfig(
+        vocab_size=mc.vocab_size,
+        hidden_size=mc.hidden_size,
+        num_hidden_layers=mc.num_hidden_layers,
+        num_attention_heads=mc.num_attention_heads,
+        intermediate_size=mc.intermediate_size,
+        hidden_act=mc.hidden_act,
+        rotary_pct=mc.rotary_pct,
+        rotary_emb_base=mc.rotary_emb_base,
+        max_position_embeddings=mc.max_position_embeddings,
+        layer_norm_eps=mc.layer_norm_eps,
+        use_parallel_residual=mc.use_parallel_residual,
+        tie_word_embeddings=mc.tie_word_embeddings,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+    )
+    model = transformers.GPTNeoXForCausalLM(hf_config).train()
+    opt = torch.optim.AdamW(
+        model.parameters(),
+        lr=config.optimizer.lr,
+        betas=(config.optimizer.b1, config.optimizer.b2),
+        eps=config.optimizer.eps,
+        weight_decay=config.optimizer.weight_decay,
+    )
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(
+        rng.integers(0, mc.vocab_size, (args.batch, args.seq + 1)).astype(np.int64)
+    )
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].reshape(-1)
+
+    def forward():
+        logits = model(input_ids=inputs).logits  # [B, T, V]
+        return torch.nn.functional.cross_entropy(logits.float().view(-1, mc.vocab_size), targets)
+
+    def step():
+        loss = forward()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    out = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "attn_implementation": model.config._attn_implementation,
+        "loss": float(loss),
+    }
+    if args.breakdown:
+        reps = max(2, args.steps // 2)
+
+        def fwd_bwd():
+            opt.zero_grad(set_to_none=True)
+            forward().backward()
+
+        def optimizer():
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip)
+            opt.step()
+
+        with torch.no_grad():
+            no_grad_fwd = _best_time(forward, reps)
+        out["breakdown_s"] = {
+            "forward": _best_time(forward, reps),
+            "forward_no_grad": no_grad_fwd,
+            "forward_backward": _best_time(fwd_bwd, reps),
+            "optimizer": _best_time(optimizer, reps),  # the gradients of fwd_bwd's last call
+        }
+    out.update(_rates(times, args, flops_per_token(mc, args.seq)))
+    return out
+
+
+def _rates(times, args, flops_per_tok) -> dict:
+    tokens = args.batch * args.seq
+    best, median = min(times), statistics.median(times)
+    return {
+        "step_s_best": best,
+        "step_s_median": median,
+        "step_s_all": times,
+        "tokens_per_s": tokens / median,
+        "tokens_per_s_best": tokens / best,
+        "model_flops_per_token": flops_per_tok,
+        "achieved_flops": flops_per_tok * tokens / median,
+    }
+
+
+# -------------------------------------------------------------------- orchestration
+def spawn(kind: str, args, xla_flags: str = "", model_overrides: dict | None = None) -> dict:
+    """Run one worker in a fresh process (its own XLA flags) and return its JSON."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = Path(f.name)
+    cmd = [sys.executable, __file__, f"--worker={kind}", f"--worker_out={out}"]
+    cmd += [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out"))]
+    cmd += [f"--model_overrides={json.dumps(model_overrides or {})}"]
+    env = dict(os.environ)
+    flags = " ".join(filter(None, [env.get("XLA_FLAGS", ""), xla_flags]))
+    if kind == "jax" and args.profile:
+        flags += " --xla_cpu_enable_xprof_traceme=true"  # per-op events in the trace
+    env["XLA_FLAGS"] = flags.strip()
+    if not args.gpu:
+        env["JAX_PLATFORMS"] = "cpu"  # never probe for accelerators (libtpu is installed)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
+    result = json.loads(out.read_text())
+    out.unlink()
+    return result
+
+
+def load_average() -> list[float]:
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return []
+
+
+def run_cpu(args) -> dict:
+    report = {
+        "mode": "cpu",
+        "machine": {
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "load_average_before": load_average(),
+        },
+        "settings": {
+            k: getattr(args, k)
+            for k in ("model", "batch", "seq", "dtype", "remat", "steps", "warmup", "rounds")
+        },
+        "peaks": [],
+        "rounds": [],
+    }
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    for r in range(args.rounds):
+        # The peak is measured every round too: on a shared machine the best of all
+        # measurements is the closest to what the cores can do.
+        report["peaks"].append(spawn("peak", args))
+        results = {}
+        for name in variants:
+            flags, overrides = VARIANTS[name]
+            print(f"[round {r}] jax {name}", flush=True)
+            results[f"jax:{name}"] = spawn("jax", args, flags, overrides)
+        if not args.skip_torch:
+            print(f"[round {r}] torch", flush=True)
+            results["torch"] = spawn("torch", args)
+        report["rounds"].append(results)
+    report["machine"]["load_average_after"] = load_average()
+    rates = [v for p in report["peaks"] for k in ("jax", "torch") for v in p.get(k, {}).values()]
+    report["peak_flops"] = max(rates)
+    report["summary"] = summarize(report)
+    return report
+
+
+def summarize(report: dict) -> dict:
+    """Best round per engine, MFU against the measured peak, speed-up over torch."""
+    peak = report["peak_flops"]
+    best = {}
+    for results in report["rounds"]:
+        for name, r in results.items():
+            if "tokens_per_s" in r and r["tokens_per_s"] > best.get(name, {}).get(
+                "tokens_per_s", 0
+            ):
+                best[name] = r
+    torch_rate = best.get("torch", {}).get("tokens_per_s")
+    return {
+        name: {
+            "tokens_per_s": r["tokens_per_s"],
+            "step_s_median": r["step_s_median"],
+            "mfu": r["achieved_flops"] / peak,
+            "vs_torch": None if not torch_rate else r["tokens_per_s"] / torch_rate,
+            "breakdown_s": r.get("breakdown_s"),
+        }
+        for name, r in best.items()
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Peak (best fp32 matmul, measured): {report['peak_flops'] / 1e9:.1f} GFLOP/s",
+        "",
+        "| engine | tokens/s | step s (median) | MFU | vs torch |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, s in report["summary"].items():
+        vs = "-" if s["vs_torch"] is None else f"{s['vs_torch']:.2f}x"
+        rate, step = f"{s['tokens_per_s']:.0f}", f"{s['step_s_median']:.3f}"
+        lines.append(f"| {name} | {rate} | {step} | {s['mfu']:.1%} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_gpu(args) -> dict:
+    """pythia-1b in bf16 on one accelerator: the product's step, MFU from the datasheet."""
+    import jax
+
+    from neox_jax.training.metrics import device_peak_flops
+
+    device = jax.devices()[0]
+    if device.platform == "cpu" and not args.allow_cpu:
+        sys.exit("--gpu needs an accelerator (jax.devices() is CPU); --allow_cpu to smoke-test.")
+    result = jax_worker(args)
+    peak = args.peak_flops or device_peak_flops(device)
+    result["peak_flops"] = peak
+    result["mfu"] = None if not peak else result["achieved_flops"] / peak
+    return {"mode": "gpu", "settings": vars(args), "result": result}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gpu", action="store_true", help="pythia-1b bf16 MFU on one accelerator")
+    p.add_argument("--model", default=None, help="preset (cpu: pythia-70m, gpu: pythia-1b)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--dtype", default=None, help="compute dtype (cpu: float32, gpu: bfloat16)")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--attention_impl", default="xla")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="alternating repeats (cpu)")
+    p.add_argument("--variants", default="", help=f"comma-separated of {list(VARIANTS)}")
+    p.add_argument("--breakdown", action="store_true", help="time forward/backward/optimizer")
+    p.add_argument("--profile", action="store_true", help="per-op trace summary (jax)")
+    p.add_argument("--skip_torch", action="store_true")
+    p.add_argument("--peak_sizes", default="512,1024,2048,4096")
+    p.add_argument("--peak_flops", type=float, default=0.0, help="gpu: override datasheet peak")
+    p.add_argument("--allow_cpu", action="store_true", help="let --gpu run on CPU (smoke test)")
+    p.add_argument("--out", default="", help="write the JSON report here")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--model_overrides", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    gpu = args.gpu
+    args.model = args.model or ("pythia-1b" if gpu else "pythia-70m")
+    args.batch = args.batch or (8 if gpu else 8)
+    args.seq = args.seq or (2048 if gpu else 256)
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.peak_sizes = [int(s) for s in str(args.peak_sizes).split(",")]
+    if args.worker:
+        fn = {"peak": peak_worker, "jax": jax_worker, "torch": torch_worker}[args.worker]
+        Path(args.worker_out).write_text(json.dumps(fn(args)))
+        return
+    report = run_gpu(args) if gpu else run_cpu(args)
+    text = json.dumps(report, indent=2, default=str)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if gpu:
+        r = report["result"]
+        mfu = "n/a (unknown peak; pass --peak_flops)" if r["mfu"] is None else f"{r['mfu']:.1%}"
+        print(
+            f"{args.model} {args.dtype} batch {args.batch} x {args.seq} on {r['device']}: "
+            f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_s_median']:.3f} s, MFU {mfu}"
+        )
+    else:
+        print(markdown(report), end="")
+
+
+if __name__ == "__main__":
+    main()
