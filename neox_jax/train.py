@@ -19,17 +19,23 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, config."
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def print_sample(result, sample_cfg) -> str | None:
-    """Continue ``sample_cfg.prompt`` with the trained model; returns the text."""
+def print_sample(result, config) -> str | None:
+    """Continue ``config.sample.prompt`` with the trained model; returns the text."""
     import jax
 
+    sample_cfg = config.sample
     if not sample_cfg.prompt or not result.get("tokenizer") or jax.process_index() != 0:
         return None
     from neox_jax.data.tokenizer import load_tokenizer
     from neox_jax.inference import Generator, SamplingParams
 
+    params = result["state"].params
+    if "finetune" in config and config.finetune.method == "lora":  # params are the adapters
+        from neox_jax.finetune.lora import LoraConfig, merge
+
+        params = merge(result["state"].frozen, params, LoraConfig.from_config(config.lora))
     tokenizer = load_tokenizer(result["tokenizer"])
-    generator = Generator(result["model_config"], result["state"].params, tokenizer)
+    generator = Generator(result["model_config"], params, tokenizer)
     sampling = SamplingParams(
         max_new_tokens=sample_cfg.max_new_tokens,
         temperature=sample_cfg.temperature,
@@ -56,7 +62,7 @@ def main(argv):
     if result.get("preempted"):
         print(f"Preempted at step {result['step']}: checkpoint saved in {FLAGS.workdir}.")
         return
-    print_sample(result, FLAGS.config.sample)
+    print_sample(result, FLAGS.config)
 
 
 if __name__ == "__main__":

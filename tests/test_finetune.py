@@ -114,6 +114,14 @@ def test_lora_sft_learns_resumes_exactly_and_exports(setup, tmp_path):
     lora = LoraConfig.from_config(config.lora)
     merged = jax.device_get(merge(state.frozen, state.params, lora))
     assert greedy_answers(model_config, merged, base) == [a for _, a in PAIRS]
+    # The sample printed after training (neox_jax.train) comes from the merged model too.
+    from neox_jax.train import print_sample
+
+    config.sample.update(prompt=PAIRS[0][0], temperature=0.0, max_new_tokens=6)
+    expected = Generator(model_config, merged, load_tokenizer(base)).generate(
+        [PAIRS[0][0]], SamplingParams(max_new_tokens=6, temperature=0.0)
+    )
+    assert print_sample(result, config) == expected[0].text
 
     # Resume: drop the last checkpoint; the run continues from the middle on the same curve.
     first = logged(run)
