@@ -189,3 +189,26 @@ def test_tensor_and_pipeline_parallel_cli_equals_one_device(hf_dir):
     assert outs[0].stdout == outs[1].stdout
     with pytest.raises(cli.UserError, match="needs 8 devices"):
         _run(_get_config(checkpoint=str(hf_dir), prompt="x", tensor_parallel=8))
+
+
+def test_samples_from_a_quantized_checkpoint(hf_dir, tmp_path):
+    # python -m neox_jax.quantize output is a checkpoint the CLI (via load_model) takes.
+    from neox_jax.convert import load_model
+    from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.inference import Generator, SamplingParams
+    from neox_jax.quant import QuantConfig, load_quantized, quantize_params, save_quantized
+
+    config, params = load_hf(hf_dir)
+    qconfig = QuantConfig(bits=8)
+    save_quantized(
+        config, qconfig, quantize_params(config, params, qconfig), tmp_path / "q",
+        tokenizer_dir=hf_dir,
+    )  # fmt: skip
+    loaded_config, loaded = load_model(tmp_path / "q")
+    assert loaded_config == config
+    _, _, direct = load_quantized(tmp_path / "q")
+    gen = Generator(config, direct, load_tokenizer(hf_dir))
+    expected = gen.generate(["ab"], SamplingParams(max_new_tokens=5, ignore_eos=True))[0].text
+    out = _run(_get_config("greedy", checkpoint=str(tmp_path / "q"), prompt="ab",
+                           max_new_tokens=5, ignore_eos=True))  # fmt: skip
+    assert out == expected + "\n"

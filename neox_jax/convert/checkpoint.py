@@ -149,8 +149,13 @@ def load_checkpoint(
 
 
 def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str, Any]]:
-    """``(config, params)`` from a Hugging Face folder, a checkpoint or a run directory
-    (a LoRA run gives its base with the latest adapters merged in)."""
+    """``(config, params)`` from a Hugging Face folder, a checkpoint or a run directory.
+
+    A quantized checkpoint (``python -m neox_jax.quantize``) gives its quantized params,
+    which ``GPTNeoX`` and the ``Generator`` run as they are; a LoRA run gives its base with
+    the latest adapters merged in. ``kwargs``: ``ModelConfig`` overrides (and
+    ``shardings`` for our float checkpoints).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
@@ -159,6 +164,15 @@ def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str
         if "model_type" in cfg:
             kwargs.pop("shardings", None)
             return load_hf(path, **kwargs)
+    from neox_jax.quant.checkpoint import is_quantized_checkpoint  # quant imports this module
+
+    if is_quantized_checkpoint(path):  # int8/int4 weights: the model dequantizes on the fly
+        from neox_jax.quant.checkpoint import load_quantized, read_configs
+
+        kwargs.pop("shardings", None)
+        config = read_configs(path)[0]
+        config, _, params = load_quantized(path, config=config.replace(**kwargs))
+        return config, params
     if is_model_checkpoint(path):
         return load_checkpoint(path, **kwargs)
     if (path / "lora.json").is_file():  # a LoRA run holds adapters: merge them into the base
