@@ -10,6 +10,7 @@ import pytest
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from neox_jax.data import spm_training
 from neox_jax.data import tokenizer as tk
 
 # Word lists for a small generated corpus; the held-out texts below use other words.
@@ -104,7 +105,7 @@ def hf(hf_dir) -> tk.HFTokenizer:
 @pytest.fixture(scope="module")
 def spm_tok(tmp_path_factory, corpus_file) -> tk.SentencePieceTokenizer:
     out = tmp_path_factory.mktemp("spm") / "spm.model"
-    return tk.train_sentencepiece(corpus_file, 700, out, input_sentence_size=5000)
+    return spm_training.train_sentencepiece(corpus_file, 700, out, input_sentence_size=5000)
 
 
 # --- Hugging Face backend -------------------------------------------------------------------
@@ -265,11 +266,13 @@ def test_spm_special_ids_and_layout(spm_tok):
 
 
 def test_spm_training_is_deterministic(corpus_file, spm_tok, tmp_path):
-    again = tk.train_sentencepiece(corpus_file, 700, tmp_path / "a.model", input_sentence_size=5000)
+    again = spm_training.train_sentencepiece(
+        corpus_file, 700, tmp_path / "a.model", input_sentence_size=5000
+    )
     assert again.path.read_bytes() == spm_tok.path.read_bytes()
     # In-memory texts are split into the same lines as the file, so they train the same model.
     texts = corpus_file.read_text(encoding="utf-8").split("\n")
-    from_texts = tk.train_sentencepiece(texts, 700, tmp_path, input_sentence_size=5000)
+    from_texts = spm_training.train_sentencepiece(texts, 700, tmp_path, input_sentence_size=5000)
     assert from_texts.path == tmp_path / "tokenizer.model"  # a directory gets the canonical name
     assert from_texts.path.read_bytes() == spm_tok.path.read_bytes()
 
@@ -277,7 +280,7 @@ def test_spm_training_is_deterministic(corpus_file, spm_tok, tmp_path):
 def test_spm_long_lines_unigram_and_bos(tmp_path):
     # A line far over max_sentence_length is chunked rather than silently dropped.
     long_line = " ".join(_corpus_lines(400, seed=1))
-    tok = tk.train_sentencepiece(
+    tok = spm_training.train_sentencepiece(
         [long_line],
         400,
         tmp_path / "u.model",
@@ -293,20 +296,20 @@ def test_spm_long_lines_unigram_and_bos(tmp_path):
 
 def test_train_rejects_bad_arguments(corpus_file, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
-        tk.train_sentencepiece(corpus_file, 200, tmp_path / "x.model")
+        spm_training.train_sentencepiece(corpus_file, 200, tmp_path / "x.model")
     with pytest.raises(ValueError, match="Vocabulary size too high"):
-        tk.train_sentencepiece(["tiny corpus"], 5000, tmp_path / "x.model")
+        spm_training.train_sentencepiece(["tiny corpus"], 5000, tmp_path / "x.model")
     with pytest.raises(ValueError, match="model_type"):
-        tk.train_sentencepiece(corpus_file, 700, tmp_path / "x.model", model_type="word")
+        spm_training.train_sentencepiece(corpus_file, 700, tmp_path / "x.model", model_type="word")
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        tk.train_sentencepiece(tmp_path / "missing.txt", 700, tmp_path / "x.model")
+        spm_training.train_sentencepiece(tmp_path / "missing.txt", 700, tmp_path / "x.model")
     assert not (tmp_path / "x.model").exists()
 
 
 def test_cli_trains(corpus_file, tmp_path, capsys):
     out = tmp_path / "cli" / "spm.model"
-    tk.main(
-        ["--train", f"--input={corpus_file},{corpus_file}", "--vocab_size=600", f"--output={out}"]
+    spm_training.main(
+        [f"--input={corpus_file},{corpus_file}", "--vocab_size=600", f"--output={out}"]
     )
     assert "vocab 600" in capsys.readouterr().out
     assert tk.load_tokenizer(out.parent).vocab_size == 600

@@ -44,7 +44,8 @@ import optax
 from speed import decode_speed, greedy, kernel_bisection, log, matvec_chain
 
 from neox_jax.convert import save_checkpoint
-from neox_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from neox_jax.data.spm_training import train_sentencepiece
+from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.model import GPTNeoX, ModelConfig, abstract_params, init_params
 from neox_jax.quant import (
     QuantConfig,

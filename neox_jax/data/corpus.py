@@ -57,7 +57,7 @@ def prepare_stdlib_corpus(
       ``(tokenizer_path, dataset_prefix)``.
     """
     from neox_jax.data.preprocess import preprocess
-    from neox_jax.data.tokenizer import train_sentencepiece
+    from neox_jax.data.spm_training import train_sentencepiece
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
