@@ -7,19 +7,15 @@ other's compilations instead of compiling the same tiny model again.
 
 import atexit
 import functools
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from hf_reference import make_hf_model
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from hf_reference import make_hf_model, train_byte_level_bpe
 
 from neox_jax.convert import load_hf
-from neox_jax.data.tokenizer import load_tokenizer
 
 # fmt: off
 WORDS = (
@@ -39,20 +35,8 @@ def corpus_lines(n: int, seed: int = 0) -> list[str]:
 
 def train_tokenizer(directory: Path, vocab_size: int = 320):
     """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0 is eos, <|padding|> = 1)."""
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(corpus_lines(400), trainer)
-    raw.save(str(directory / "tokenizer.json"))
     config = {"eos_token": "<|endoftext|>", "pad_token": "<|padding|>"}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return load_tokenizer(directory)
+    return train_byte_level_bpe(directory, corpus_lines(400), vocab_size, config)
 
 
 def make_model_dir(path: Path, **overrides):

@@ -63,3 +63,27 @@ def assert_logits_close(ours, ref, rel=1e-5):
     err = np.max(np.abs(ours - ref))
     scale = np.max(np.abs(ref))
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * {scale:.3g}"
+
+
+def train_byte_level_bpe(directory, texts, vocab_size, tokenizer_config):
+    """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0, <|padding|> = 1) trained on
+    ``texts`` and saved in ``directory`` with ``tokenizer_config.json``; returns it loaded."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(texts, trainer)
+    raw.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return load_tokenizer(directory)

@@ -8,19 +8,14 @@ need two logits within round-off (~1e-6) of each other, which random O(1) logits
 vanishingly rare (any real bug changes tokens within a few steps).
 """
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import assert_logits_close, make_hf_model
-from tokenizers import Tokenizer as RawTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from hf_reference import assert_logits_close, make_hf_model, train_byte_level_bpe
 
 from neox_jax.convert import load_hf
-from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.inference import (
     Generator,
     IncrementalDetokenizer,
@@ -42,19 +37,8 @@ TEXTS = [
 def train_byte_bpe(directory, vocab_size=300):
     """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0) with few merges, so most
     non-ASCII characters span several tokens. Returns the loaded tokenizer."""
-    raw = RawTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    raw.train_from_iterator(TEXTS * 20, trainer)
-    raw.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
-    return load_tokenizer(directory)
+    config = {"eos_token": "<|endoftext|>"}
+    return train_byte_level_bpe(directory, TEXTS * 20, vocab_size, config)
 
 
 def make_model_dir(path, **overrides):

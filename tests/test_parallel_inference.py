@@ -8,14 +8,13 @@ the order of partial sums across devices, which on this model never flips a choi
 tokens must be identical.
 """
 
-import json
 import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
-from train_helpers import REPO
+from train_helpers import REPO, run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os
@@ -61,18 +60,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("JSON"))
-    return json.loads(line[4:])
+    return run_json_script(SCRIPT)
 
 
 @pytest.mark.parametrize("layout", ["tensor4", "stage2", "stage2_tensor2", "stage4"])

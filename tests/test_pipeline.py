@@ -4,14 +4,10 @@ Everything runs in one subprocess (the fake device count must be set before JAX
 starts) that prints JSON; the assertions are here.
 """
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
-from train_helpers import REPO
+from train_helpers import run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -72,19 +68,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=900,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(x for x in r.stdout.splitlines() if x.startswith("JSON"))
-    return json.loads(line[4:])
+    return run_json_script(SCRIPT, str(tmp_path_factory.mktemp("pipeline")))
 
 
 def test_layers_are_split_over_stages(result):

@@ -109,3 +109,20 @@ def logged(workdir, split="train", key="loss"):
             if rec["split"] == split and key in rec:
                 out[rec["step"]] = rec[key]
     return out
+
+
+def run_json_script(script: str, *args: str, timeout: int = 900) -> dict:
+    """Run Python ``script`` in a fresh CPU process (so it can set its own fake device
+    count before JAX starts) and return the JSON it prints on a line starting "JSON"."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stdout.splitlines() if x.startswith("JSON"))
+    return json.loads(line[4:])
