@@ -209,6 +209,12 @@ def train_and_evaluate(
         from neox_jax.finetune.trainer_hooks import finetune_hooks
 
         apply_fn, eval_apply_fn, state_factory = finetune_hooks(config, workdir, apply_fn)
+    if config.train.pipeline_microbatches > 0 and apply_fn is not None:
+        raise ValueError(
+            "train.pipeline_microbatches pipelines the plain model, but this run has its own "
+            "forward (LoRA fine-tuning): set train.pipeline_microbatches=0 and split the "
+            "model with mesh.fsdp / mesh.tensor instead."
+        )
     model_config = ModelConfig.from_dict(config.model.to_dict())
     mesh = build_mesh(config.mesh)
     check_batch(config, mesh)
