@@ -158,6 +158,33 @@ def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
     assert out["n-samples"]["tiny_mc"]["effective"] == 6
 
 
+def test_lm_eval_cli_wrapper_runs_lm_evals_own_command_line(tmp_path):
+    # `python -m neox_jax.evaluation.lm_eval_cli` is lm-eval's CLI with "neox_jax" registered;
+    # its accuracy must be what simple_evaluate computes in-process for the same model.
+    import subprocess
+    import sys
+
+    _write_tasks(tmp_path)
+    path = tiny_model()[0]
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    expected = lm_eval.simple_evaluate(
+        model="neox_jax",
+        model_args={"checkpoint": str(path), "batch_size": 4},
+        tasks=["tiny_mc"],
+        task_manager=manager,
+        bootstrap_iters=0,
+    )["results"]["tiny_mc"]["acc,none"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "neox_jax.evaluation.lm_eval_cli", "--model", "neox_jax",
+         "--model_args", f"checkpoint={path},batch_size=4", "--tasks", "tiny_mc",
+         "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = list((tmp_path / "out").rglob("results*.json"))
+    assert json.loads(written.read_text())["results"]["tiny_mc"]["acc,none"] == expected
+
+
 def test_evaluate_runner_from_config(tmp_path):
     _write_tasks(tmp_path)
     (tmp_path / "held_out.txt").write_text("\n".join(corpus_lines(20, seed=3)))
