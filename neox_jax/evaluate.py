@@ -6,7 +6,7 @@
 Every field of ``configs/evaluate.py`` can be overridden on the command line. The work
 is done by ``neox_jax.evaluation.runner.run``, which a notebook can call too; results
 are printed as JSON. lm-eval's own CLI with this model is
-``python -m neox_jax.evaluation.lm_eval_cli --model neox_jax --model_args checkpoint=...``.
+``lm_eval --model neox_jax --model_args checkpoint=...``.
 """
 
 from neox_jax.evaluation.runner import run

@@ -9,6 +9,9 @@ over a few dozen tokens: ~1e-5 apart; any off-by-one is O(1)).
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # Offline before lm-eval / datasets are imported: a test must never reach the hub.
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -158,12 +161,19 @@ def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
     assert out["n-samples"]["tiny_mc"]["effective"] == 6
 
 
-def test_lm_eval_cli_wrapper_runs_lm_evals_own_command_line(tmp_path):
-    # `python -m neox_jax.evaluation.lm_eval_cli` is lm-eval's CLI with "neox_jax" registered;
-    # its accuracy must be what simple_evaluate computes in-process for the same model.
-    import subprocess
-    import sys
+def _lm_eval_console_script():
+    script = Path(sys.executable).parent / "lm_eval"
+    if not script.exists():
+        pytest.skip(f"lm-eval's console script is not installed next to {sys.executable}")
+    return [str(script)]
 
+
+@pytest.mark.parametrize("command", ["lm_eval", "wrapper"])
+def test_lm_eval_command_line_matches_simple_evaluate(tmp_path, command):
+    # lm-eval's own console script finds "neox_jax" through the start-up hook that the
+    # package installs (neox_jax-lm_eval.pth); `python -m neox_jax.evaluation.lm_eval_cli`
+    # is the same CLI with the adapter imported first. Either way the accuracy must be what
+    # simple_evaluate computes in-process for the same model.
     _write_tasks(tmp_path)
     path = tiny_model()[0]
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
@@ -174,11 +184,17 @@ def test_lm_eval_cli_wrapper_runs_lm_evals_own_command_line(tmp_path):
         task_manager=manager,
         bootstrap_iters=0,
     )["results"]["tiny_mc"]["acc,none"]
+    program = (
+        _lm_eval_console_script()
+        if command == "lm_eval"
+        else [sys.executable, "-m", "neox_jax.evaluation.lm_eval_cli"]
+    )
     proc = subprocess.run(
-        [sys.executable, "-m", "neox_jax.evaluation.lm_eval_cli", "--model", "neox_jax",
+        [*program, "--model", "neox_jax",
          "--model_args", f"checkpoint={path},batch_size=4", "--tasks", "tiny_mc",
          "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     (written,) = list((tmp_path / "out").rglob("results*.json"))

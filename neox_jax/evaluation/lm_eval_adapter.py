@@ -1,22 +1,24 @@
 """The lm-evaluation-harness model ``neox_jax``.
 
 Importing this module registers ``NeoxLM`` under the name ``neox_jax`` in lm-eval's
-model registry (lm-eval 0.4 finds models only by import, not by entry point, and its
-``--include_path`` is for tasks). Three supported ways in:
+model registry. lm-eval 0.4 finds models only by import, not by entry point, so the
+installed package also carries a start-up hook (``neox_jax/_lm_eval_hook.py``) that
+registers the name lazily whenever lm-eval's registry is imported. Ways in:
 
     # 1. our CLI, from a config (perplexity and harness tasks):
     python -m neox_jax.evaluate --config=configs/evaluate.py --config.checkpoint=PATH \
         --config.harness.tasks=lambada_openai
 
-    # 2. lm-eval's own CLI, with the model registered first:
-    python -m neox_jax.evaluation.lm_eval_cli --model neox_jax \
-        --model_args checkpoint=PATH,batch_size=16 --tasks lambada_openai
+    # 2. lm-eval's own CLI (or, where .pth start-up hooks are off, `python -m
+    #    neox_jax.evaluation.lm_eval_cli` with the same arguments):
+    lm_eval --model neox_jax --model_args checkpoint=PATH,batch_size=16 \
+        --tasks lambada_openai
 
     # 3. Python:
     import lm_eval
     from neox_jax.evaluation.lm_eval_adapter import NeoxLM
     lm_eval.simple_evaluate(model=NeoxLM(checkpoint=PATH), tasks=["lambada_openai"])
-    # or, once this module is imported: simple_evaluate(model="neox_jax",
+    # or by name: simple_evaluate(model="neox_jax",
     #     model_args="checkpoint=PATH,batch_size=16", tasks=[...])
 
 Scoring goes through ``LogLikelihoodScorer`` (batched, bucketed, split over devices);
