@@ -32,7 +32,10 @@ class BuildPyWithLmEvalHook(build_py):
             f.write(hook.PTH_LINE)
 
     def get_outputs(self, include_bytecode=True):
-        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, hook.PTH_NAME)]
+        outputs = super().get_outputs(include_bytecode)
+        if getattr(self, "editable_mode", False):  # not in build_lib: nothing to link there
+            return outputs
+        return [*outputs, os.path.join(self.build_lib, hook.PTH_NAME)]
 
 
 setup(cmdclass={"build_py": BuildPyWithLmEvalHook})
