@@ -32,3 +32,18 @@ def test_an_empty_existing_folder_is_not_in_the_way(tmp_path):
     with atomic_directory(tmp_path / "out") as tmp:
         (tmp / "x").write_text("x")
     assert (tmp_path / "out" / "x").is_file()
+
+
+def test_the_folder_gets_the_umask_permissions_not_mkdtemp_s_private_ones(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        with atomic_directory(tmp_path / "shared") as tmp:
+            (tmp / "x").write_text("x")
+        plain = tmp_path / "plain"
+        plain.mkdir()  # what mkdir makes under the same umask is the reference
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "shared").stat().st_mode & 0o777
+    assert mode == plain.stat().st_mode & 0o777 == 0o750
