@@ -6,7 +6,7 @@
 Every field of ``configs/evaluate.py`` can be overridden on the command line. The work
 is done by ``neox_jax.evaluation.runner.run``, which a notebook can call too; results
 are printed as JSON. lm-eval's own CLI with this model is
-``lm_eval --model neox_jax --model_args checkpoint=...``.
+``neox-lm-eval --model neox_jax --model_args checkpoint=...``.
 """
 
 from neox_jax.evaluation.runner import run

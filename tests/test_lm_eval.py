@@ -161,19 +161,30 @@ def test_lm_eval_end_to_end_on_local_tasks(tmp_path):
     assert out["n-samples"]["tiny_mc"]["effective"] == 6
 
 
-def _lm_eval_console_script():
-    script = Path(sys.executable).parent / "lm_eval"
+def _console_script(name):
+    script = Path(sys.executable).parent / name
     if not script.exists():
-        pytest.skip(f"lm-eval's console script is not installed next to {sys.executable}")
+        pytest.skip(f"{name} is not installed next to {sys.executable} (pip install -e .)")
     return [str(script)]
 
 
-@pytest.mark.parametrize("command", ["lm_eval", "wrapper"])
+def _run_cli(program, tmp_path, *args):
+    proc = subprocess.run(
+        [*program, *args, "--tasks", "tiny_mc", "--include_path", str(tmp_path),
+         "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (written,) = list((tmp_path / "out").rglob("results*.json"))
+    return json.loads(written.read_text())["results"]["tiny_mc"]["acc,none"]
+
+
+@pytest.mark.parametrize("command", ["neox-lm-eval", "module"])
 def test_lm_eval_command_line_matches_simple_evaluate(tmp_path, command):
-    # lm-eval's own console script finds "neox_jax" through the start-up hook that the
-    # package installs (neox_jax-lm_eval.pth); `python -m neox_jax.evaluation.lm_eval_cli`
-    # is the same CLI with the adapter imported first. Either way the accuracy must be what
-    # simple_evaluate computes in-process for the same model.
+    # `neox-lm-eval` (the console script setup.cfg declares) and `python -m
+    # neox_jax.evaluation.lm_eval_cli` are lm-eval's CLI with the adapter imported first;
+    # the accuracy must be what simple_evaluate computes in-process for the same model.
     _write_tasks(tmp_path)
     path = tiny_model()[0]
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
@@ -185,20 +196,42 @@ def test_lm_eval_command_line_matches_simple_evaluate(tmp_path, command):
         bootstrap_iters=0,
     )["results"]["tiny_mc"]["acc,none"]
     program = (
-        _lm_eval_console_script()
-        if command == "lm_eval"
+        _console_script("neox-lm-eval")
+        if command == "neox-lm-eval"
         else [sys.executable, "-m", "neox_jax.evaluation.lm_eval_cli"]
     )
+    args = ("--model", "neox_jax", "--model_args", f"checkpoint={path},batch_size=4")
+    assert _run_cli(program, tmp_path, *args) == expected
+
+
+def test_lm_eval_own_builtin_models_unchanged_by_installing_neox_jax(tmp_path):
+    # lm-eval's own console script, nothing imported by hand: its built-in "hf" model runs
+    # on the tiny Hugging Face folder (an installed start-up hook that filled lm-eval's
+    # registry first used to hide every built-in model). The accuracy is what the
+    # in-process "hf" model computes: the same torch code on the same weights.
+    _write_tasks(tmp_path)
+    path = tiny_model()[0]
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    model_args = f"pretrained={path},dtype=float32"
+    expected = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=["tiny_mc"],
+        task_manager=manager,
+        bootstrap_iters=0,
+        device="cpu",
+    )["results"]["tiny_mc"]["acc,none"]
+    args = ("--model", "hf", "--model_args", model_args, "--device", "cpu")
+    assert _run_cli(_console_script("lm_eval"), tmp_path, *args) == expected
+
+
+def test_python_start_up_imports_nothing_of_neox_jax(tmp_path):
+    # Installing neox_jax must not change other programs: no .pth hook importing it.
     proc = subprocess.run(
-        [*program, "--model", "neox_jax",
-         "--model_args", f"checkpoint={path},batch_size=4", "--tasks", "tiny_mc",
-         "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        [sys.executable, "-c", "import sys; print('neox_jax' in sys.modules)"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (written,) = list((tmp_path / "out").rglob("results*.json"))
-    assert json.loads(written.read_text())["results"]["tiny_mc"]["acc,none"] == expected
+    assert proc.returncode == 0 and proc.stdout.strip() == "False", proc.stdout + proc.stderr
 
 
 def test_evaluate_runner_from_config(tmp_path):

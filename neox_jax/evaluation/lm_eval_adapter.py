@@ -1,17 +1,17 @@
 """The lm-evaluation-harness model ``neox_jax``.
 
 Importing this module registers ``NeoxLM`` under the name ``neox_jax`` in lm-eval's
-model registry. lm-eval 0.4 finds models only by import, not by entry point, so the
-installed package also carries a start-up hook (``neox_jax/_lm_eval_hook.py``) that
-registers the name lazily whenever lm-eval's registry is imported. Ways in:
+model registry. lm-eval 0.4 finds models only by import, not by entry point, so its own
+``lm_eval`` command does not know ``neox_jax``; the ``neox-lm-eval`` console script
+(``neox_jax/evaluation/lm_eval_cli.py``) imports this module first. Ways in:
 
     # 1. our CLI, from a config (perplexity and harness tasks):
     python -m neox_jax.evaluate --config=configs/evaluate.py --config.checkpoint=PATH \
         --config.harness.tasks=lambada_openai
 
-    # 2. lm-eval's own CLI (or, where .pth start-up hooks are off, `python -m
-    #    neox_jax.evaluation.lm_eval_cli` with the same arguments):
-    lm_eval --model neox_jax --model_args checkpoint=PATH,batch_size=16 \
+    # 2. lm-eval's CLI with the model registered (same arguments as `lm_eval`; without
+    #    installing: `python -m neox_jax.evaluation.lm_eval_cli`):
+    neox-lm-eval --model neox_jax --model_args checkpoint=PATH,batch_size=16 \
         --tasks lambada_openai
 
     # 3. Python:

@@ -1,20 +1,30 @@
-"""lm-eval's own command line with the ``neox_jax`` model registered.
+"""lm-eval's own command line with the ``neox_jax`` model registered: ``neox-lm-eval``.
 
-    python -m neox_jax.evaluation.lm_eval_cli --model neox_jax \
-        --model_args checkpoint=PATH,batch_size=16 --tasks hellaswag --include_path my_tasks/
+    neox-lm-eval --model neox_jax --model_args checkpoint=PATH,batch_size=16 \
+        --tasks hellaswag --include_path my_tasks/
+    python -m neox_jax.evaluation.lm_eval_cli ...   # the same, without installing
 
-Everything after the program name is lm-eval's (``lm-eval run --help``). An installed
-neox_jax makes plain ``lm_eval --model neox_jax`` work through a start-up hook
-(``neox_jax/_lm_eval_hook.py``); this wrapper does not depend on it (``python -S``,
-a source checkout on ``PYTHONPATH``): it imports the adapter before lm-eval's CLI runs.
+Every argument is lm-eval's (``lm_eval --help``). lm-eval 0.4 has no plugin discovery, so
+its own ``lm_eval`` command cannot know ``neox_jax``; this console script (declared in
+setup.cfg) imports the adapter, which registers the model next to lm-eval's built-in ones,
+and then hands ``sys.argv`` to lm-eval's CLI. Installing neox_jax adds no start-up hook:
+``lm_eval`` itself, and every other program, behaves exactly as before.
 """
 
-import neox_jax.evaluation.lm_eval_adapter  # noqa: F401  (registers "neox_jax")
+import sys
 
 
 def main() -> None:
-    """Run lm-eval's CLI on ``sys.argv``."""
-    from lm_eval.__main__ import cli_evaluate
+    """Register ``neox_jax`` with lm-eval, then run lm-eval's CLI on ``sys.argv``."""
+    # Inside main because lm-eval is an optional dependency (the `eval` extra): without it
+    # the command says what to install instead of failing with an ImportError traceback.
+    try:
+        from lm_eval.__main__ import cli_evaluate
+    except ImportError as e:
+        print(f"neox-lm-eval: error: lm-eval is not installed ({e}); "
+              "install it with: pip install 'neox_jax[eval]'", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    import neox_jax.evaluation.lm_eval_adapter  # noqa: F401  (registers "neox_jax")
 
     cli_evaluate()
 
