@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from neox_jax.atomic import atomic_directory
+from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
 from neox_jax.model import ModelConfig, abstract_params
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
@@ -341,14 +341,17 @@ def save_hf(
     dtype: str = "float32",
     max_shard_size: int | str = "5GB",
     tokenizer_dir: str | os.PathLike | None = None,
+    chat_template: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a folder that ``GPTNeoXForCausalLM.from_pretrained`` loads.
 
     Shards ``model.safetensors`` above ``max_shard_size`` (with the index file). The
     folder is written under a temporary name and renamed at the end, so a failure
-    leaves nothing partial at ``path``. Tokenizer files from ``tokenizer_dir`` are
-    copied when given.
+    leaves nothing partial at ``path``. The tokenizer of ``tokenizer_dir`` (when given) is
+    written as a ``tokenizer.json`` + ``tokenizer_config.json`` that transformers'
+    ``AutoTokenizer`` reads into the same ids (a sentencepiece model is converted; see
+    ``hf_tokenizer``), with ``chat_template`` in the config when given.
     """
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
@@ -358,9 +361,7 @@ def save_hf(
         hf_config = config_to_hf(config, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
     return path
 
 

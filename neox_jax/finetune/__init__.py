@@ -20,6 +20,7 @@ from neox_jax.finetune.chat import (
     encode_chat,
     format_chat,
     read_chat_template,
+    run_chat_template,
 )
 from neox_jax.finetune.lora import (
     LoraAdapter,
@@ -66,6 +67,7 @@ __all__ = [
     "merge",
     "pack_rows",
     "read_chat_template",
+    "run_chat_template",
     "save_peft_adapter",
     "trainable_fraction",
 ]

@@ -136,6 +136,33 @@ def read_chat_template(source: str | None) -> str:
     return template
 
 
+def run_chat_template(path: str | Path) -> str | None:
+    """The chat template an SFT run trained with, or None when ``path`` is no SFT run.
+
+    Args:
+      path: a run directory, or a checkpoint inside one (``<run>/checkpoints/<step>``);
+        the run's ``config.json`` is looked for there and up to two folders above.
+
+    Returns:
+      The Jinja text (``data.sft_chat_template``, or the default) for a run with
+      ``data.source="sft"``; None otherwise.
+    """
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "config.json").is_file():
+            try:
+                data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            except json.JSONDecodeError:
+                return None
+            run_data = data.get("data") if isinstance(data, dict) else None
+            if not isinstance(run_data, dict) or "source" not in run_data:
+                continue  # a model's config.json, not a run's
+            if run_data["source"] != "sft":
+                return None
+            return read_chat_template(run_data.get("sft_chat_template") or None)
+    return None
+
+
 class ChatTemplate:
     """A compiled template plus the special-token strings it may use.
 

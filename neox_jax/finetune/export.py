@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from neox_jax.finetune.chat import run_chat_template
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
 from neox_jax.finetune.lora import merge as merge_adapters
 from neox_jax.finetune.trainer_hooks import (
@@ -106,6 +107,7 @@ def export_run(
     run_dir = Path(run_dir).absolute()
     tokenizer = run_dir / "tokenizer"
     tokenizer = tokenizer if tokenizer.is_dir() else None
+    chat_template = run_chat_template(run_dir)
     out: dict[str, Path] = {}
     if read_record(run_dir) is None:  # full fine-tuning: the checkpoint is the model
         if peft_out:
@@ -118,6 +120,7 @@ def export_run(
                 hf_out,
                 dtype=dtype,
                 tokenizer_dir=tokenizer,
+                chat_template=chat_template,
                 overwrite=overwrite,
             )
         return out
@@ -125,7 +128,13 @@ def export_run(
     if hf_out:
         merged = merged_params(base, adapters, lora)
         out["hf"] = save_hf(
-            model_config, merged, hf_out, dtype=dtype, tokenizer_dir=tokenizer, overwrite=overwrite
+            model_config,
+            merged,
+            hf_out,
+            dtype=dtype,
+            tokenizer_dir=tokenizer,
+            chat_template=chat_template,
+            overwrite=overwrite,
         )
     if peft_out:
         from neox_jax.finetune.peft_format import save_peft_adapter
