@@ -16,6 +16,7 @@ import numpy as np
 from neox_jax.data.indexed_dataset import IndexedDataset
 from neox_jax.data.indexed_dataset import exists as dataset_exists
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
+from neox_jax.errors import UserError
 from neox_jax.parallel.rules import batch_sharding
 
 SOURCES = ("stdlib", "indexed", "tfds", "sft")
@@ -23,6 +24,24 @@ SOURCES = ("stdlib", "indexed", "tfds", "sft")
 
 def _split_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# Fields that only some sources read: setting one for another source would be ignored.
+_SOURCE_FIELDS = {
+    "paths": ("indexed",),
+    "eval_paths": ("indexed",),
+    "tokenizer": ("indexed", "tfds", "sft"),
+}
+
+
+def _check_fields_of_other_sources(data_cfg) -> None:
+    for field, sources in _SOURCE_FIELDS.items():
+        if getattr(data_cfg, field, "") and data_cfg.source not in sources:
+            raise UserError(
+                f"data.{field} is set but data.source={data_cfg.source!r} ignores it (it is read "
+                f"with data.source={' or '.join(map(repr, sources))}); add "
+                f"--config.data.source={sources[0]} to train on your data."
+            )
 
 
 def resolve_tokenizer_and_paths(
@@ -35,6 +54,7 @@ def resolve_tokenizer_and_paths(
     """
     if data_cfg.source not in SOURCES:
         raise ValueError(f"Unknown data.source {data_cfg.source!r}; choose from {SOURCES}.")
+    _check_fields_of_other_sources(data_cfg)
     if data_cfg.source == "sft":
         from neox_jax.finetune.sft_data import resolve_sft
 
