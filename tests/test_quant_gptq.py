@@ -128,6 +128,18 @@ def test_calibration_windows_from_text_and_indexed_dataset(tmp_path):
         np.testing.assert_array_equal(w, stream[w[0] : w[0] + 40])
 
 
+def test_calibration_reports_and_warns_when_windows_repeat_the_source(tmp_path, capsys):
+    # #14 item 4: 300 characters cannot fill 128 windows of 16 without reusing text.
+    text = tmp_path / "calib.txt"
+    text.write_text("abcdefghij" * 30)
+    calibration_tokens(text, _CharTokenizer(), num_samples=128, seq_len=16)
+    out = capsys.readouterr().out
+    assert "128 windows of 16 tokens from a source of 300 tokens" in out
+    assert "warning: GPTQ calibration repeats data" in out and f"~{128 * 16 / 300:.1f}x" in out
+    calibration_tokens(text, _CharTokenizer(), num_samples=4, seq_len=16)
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_calibration_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither a text file nor an indexed dataset"):
         calibration_tokens(tmp_path / "missing")

@@ -202,3 +202,24 @@ def test_examples_without_trained_tokens_are_dropped_and_counted(tmp_path, tok):
     assert len(examples) == 1 and stats.dropped_no_target == 1
     with pytest.raises(SFTDataError, match="no usable example"):
         _load(tmp_path, tok, records[:1])
+
+
+def test_start_up_reports_epochs_per_step_and_warns_on_repetition(tmp_path, tok_dir, capsys):
+    # #14 item 4: 60 short examples pack into a couple of rows; a batch of 32 rows then
+    # holds the whole dataset many times over, which used to pass without a word.
+    from configs import finetune
+    from neox_jax.finetune.sft_data import make_sft_sources
+
+    records = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(60)]
+    config = finetune.get_config("sft-full")
+    config.data.sft_path = str(write_jsonl(tmp_path / "d.jsonl", records))
+    config.data.eval_fraction = 0.0
+    config.data.seq_len = 127
+    train, _ = make_sft_sources(config.data, str(tok_dir), global_batch=32)
+    rows = len(train.epoch_rows(0))  # independent count of the packed rows
+    out = capsys.readouterr().out
+    assert f"60 train examples pack into {rows} rows of 128 tokens" in out
+    assert f"is {32 / rows:.3g} epochs" in out
+    assert f"warning: SFT: every step repeats the data {32 / rows:.3g} times" in out
+    train, _ = make_sft_sources(config.data, str(tok_dir), global_batch=rows)
+    assert "warning" not in capsys.readouterr().out

@@ -409,10 +409,7 @@ def make_sft_sources(data_cfg, tokenizer_path: str, global_batch: int):
     train = SFTSource(
         examples, data_cfg.seq_len, global_batch, seed=data_cfg.seed, pad_id=pad, stats=stats
     )
-    say(
-        f"SFT: {len(examples)} train examples pack into {train.rows_per_epoch} rows of "
-        f"{data_cfg.seq_len + 1} tokens per epoch"
-    )
+    report_repetition(len(examples), train.rows_per_epoch, global_batch, data_cfg.seq_len + 1)
     evals = None
     if eval_examples:
         evals = SFTSource(
@@ -425,6 +422,32 @@ def make_sft_sources(data_cfg, tokenizer_path: str, global_batch: int):
             stats=eval_stats,
         )
     return train, evals
+
+
+def report_repetition(examples: int, rows: int, global_batch: int, row_tokens: int) -> float:
+    """Says how the data fills a step; warns when one step holds the data more than once.
+
+    Args:
+      examples: training examples; rows: packed rows they fill per epoch;
+      global_batch: rows per step; row_tokens: tokens per row.
+
+    Returns:
+      Epochs per step (``global_batch / rows``).
+    """
+    epochs = global_batch / max(rows, 1)
+    say(
+        f"SFT: {examples} train examples pack into {rows} rows of {row_tokens} tokens per "
+        f"epoch; a step of {global_batch} rows is {epochs:.3g} epochs"
+    )
+    if epochs > 1:
+        message = (
+            f"SFT: every step repeats the data {epochs:.3g} times (batch {global_batch} rows, "
+            f"{rows} rows of data): the model sees each example ~{epochs:.0f}x per step. Lower "
+            f"data.global_batch_size to at most {rows} or add data."
+        )
+        logging.warning(message)
+        say(f"warning: {message}")
+    return epochs
 
 
 def _report(stats: SFTStats) -> None:

@@ -6,14 +6,35 @@ to the model's training distribution works, and a few hundred thousand tokens su
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
 from neox_jax.data import indexed_dataset
+from neox_jax.training.metrics import say
 
 _MAX_TEXT_BYTES = 64 << 20  # tokenizing more than this buys nothing for calibration
+
+
+def _report(total: int, num_samples: int, seq_len: int) -> float:
+    # Windows are drawn independently, so more window tokens than source tokens means the
+    # same text is calibrated on several times (GPTQ's Hessians then overweight it).
+    coverage = num_samples * seq_len / total
+    say(
+        f"GPTQ calibration: {num_samples} windows of {seq_len} tokens from a source of "
+        f"{total:,} tokens ({coverage:.3g}x the source)"
+    )
+    if coverage > 1:
+        message = (
+            f"GPTQ calibration repeats data: {num_samples} x {seq_len} tokens drawn from "
+            f"{total:,}, so windows overlap ~{coverage:.1f}x; pass more text, or fewer or "
+            "shorter windows (--num_calibration_samples / --calibration_seq_len)."
+        )
+        logging.warning(message)
+        say(f"warning: {message}")
+    return coverage
 
 
 def _windows(read, total: int, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
@@ -22,6 +43,7 @@ def _windows(read, total: int, num_samples: int, seq_len: int, seed: int) -> np.
             f"the calibration source holds {total} tokens, fewer than one window of "
             f"{seq_len}; pass more text or a smaller --calibration_seq_len."
         )
+    _report(total, num_samples, seq_len)
     rng = np.random.default_rng(seed)
     starts = rng.integers(0, total - seq_len + 1, size=num_samples)
     return np.stack([read(int(s), seq_len) for s in starts]).astype(np.int32)
