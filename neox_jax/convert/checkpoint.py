@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from neox_jax import hub
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf import ConversionError, load_hf
 from neox_jax.model import ModelConfig, abstract_params
@@ -154,9 +155,10 @@ def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str
     A quantized checkpoint (``python -m neox_jax.quantize``) gives its quantized params,
     which ``GPTNeoX`` and the ``Generator`` run as they are; a LoRA run gives its base with
     the latest adapters merged in. ``kwargs``: ``ModelConfig`` overrides (and
-    ``shardings`` for our float checkpoints).
+    ``shardings`` for our float checkpoints). ``path`` may be a Hugging Face Hub model id
+    (``EleutherAI/pythia-70m``, ``...@step3000``; see ``neox_jax.hub``).
     """
-    path = Path(path)
+    path = Path(hub.resolve(path))
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     if (path / "config.json").is_file():
@@ -192,8 +194,8 @@ def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str
 
 
 def find_tokenizer(path: str | os.PathLike) -> Path | None:
-    """Where the tokenizer of a model directory lives, if anywhere."""
-    path = Path(path)
+    """Where the tokenizer of a model directory (or Hub model id) lives, if anywhere."""
+    path = Path(hub.resolve(path))
     candidates = [path, path / TOKENIZER_DIR]
     step_dir = latest_step_dir(path) if path.is_dir() else None
     if step_dir is not None:
