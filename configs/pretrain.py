@@ -114,6 +114,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.nonfinite = "stop"  # "stop" | "skip" on NaN/inf loss
     c.train.init_from = ""  # Hugging Face folder or neox_jax checkpoint (if not resuming)
     c.train.peak_flops = 0.0  # per device, for MFU; 0: known accelerators, measured on CPU
+    c.train.profile_steps = ""  # "10,12": jax.profiler trace of steps 10..12 -> tensorboard/
+    c.train.wandb_project = ""  # Weights & Biases project to log to ("": off); needs [wandb]
+    c.train.wandb_run = ""  # W&B run name ("": the workdir's name)
 
     c.mesh = ml_collections.ConfigDict()
     for axis, size in (("data", -1), ("stage", 1), ("fsdp", 1), ("tensor", 1)):

@@ -1,4 +1,4 @@
-"""FLOPs, MFU, throughput and the metric writers (console line + TensorBoard).
+"""FLOPs, MFU, throughput and the metric writers (console line, TensorBoard, W&B), profiling.
 
 FLOPs per trained token (forward + backward = 3x forward), following the PaLM paper
 (Chowdhery et al. 2022, appendix B) with attention counted:
@@ -22,7 +22,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
+from neox_jax.optional import require
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets).
 PEAK_FLOPS = {
@@ -84,8 +86,83 @@ def say(message: str) -> None:
         print(message, flush=True)
 
 
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """``"10,12"`` -> ``(10, 12)`` (first and last step traced); ``""`` -> None."""
+    if not text:
+        return None
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) <= 2 else (None, None)
+    except ValueError:
+        first = last = None
+    if first is None or not 0 <= first <= last:
+        raise UserError(
+            f"train.profile_steps={text!r}: expected 'FIRST,LAST' step numbers with "
+            "0 <= FIRST <= LAST (e.g. '10,12'), or one step"
+        )
+    return first, last
+
+
+class StepProfiler:
+    """A ``jax.profiler`` trace of steps ``first..last`` into ``trace_dir``.
+
+    ``trace_dir`` is the TensorBoard log folder: the trace lands in its
+    ``plugins/profile/<run>/``, where TensorBoard's profile plugin finds it.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, trace_dir: Path):
+        self.steps, self.trace_dir, self.active = steps, trace_dir, False
+
+    def before_step(self, step: int, state) -> None:
+        """Call before running ``step``; ``state`` is waited on so a trace holds whole steps."""
+        if self.steps is None:
+            return
+        first, last = self.steps
+        if step == first and not self.active:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.trace_dir))
+            self.active = True
+        elif step == last + 1:
+            self.stop(state)
+
+    def stop(self, state=None) -> None:
+        if self.active:
+            if state is not None:
+                jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            say(f"profile of steps {self.steps[0]}..{self.steps[1]} written to {self.trace_dir}")
+
+
+def device_memory() -> str | None:
+    """``"mem 1.2/16.0 GiB"``: the fullest local device's use and limit (None on CPU)."""
+    stats = [s for s in (d.memory_stats() for d in jax.local_devices()) if s]
+    if not stats:
+        return None
+    used = max(s.get("bytes_in_use", 0) for s in stats)
+    limit = max(s.get("bytes_limit", 0) for s in stats)
+    return f"mem {used / 2**30:.1f}/{limit / 2**30:.1f} GiB"
+
+
+class _Wandb:
+    """Weights & Biases run (the ``wandb`` extra); honours ``WANDB_MODE=offline``."""
+
+    def __init__(self, project: str, name: str, workdir: Path, config: dict | None):
+        wandb = require("wandb", "train.wandb_project")
+        self.run = wandb.init(
+            project=project, name=name, dir=str(workdir), config=config, resume="allow"
+        )
+
+    def log(self, step: int, scalars: dict[str, float], prefix: str) -> None:
+        self.run.log({f"{prefix}/{k}": v for k, v in scalars.items()}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricWriter:
-    """Console progress line, TensorBoard events and a JSON-lines log; process 0 only."""
+    """Console progress line, TensorBoard events, a JSON-lines log and optionally W&B;
+    process 0 only. Also runs the profiler (``before_step``) for the trainer."""
 
     def __init__(
         self,
@@ -93,18 +170,34 @@ class MetricWriter:
         total_steps: int,
         start_step: int = 0,
         enabled: bool = True,
+        *,
+        train_config=None,
+        run_config: dict | None = None,
     ):
         self.total_steps = total_steps
         self.enabled = enabled and jax.process_index() == 0
         self.tb = None
         self.jsonl = None
+        self.wandb = None
+        train_config = train_config or {}
+        profile = parse_profile_steps(train_config.get("profile_steps", ""))
+        tb_dir = Path(workdir or ".") / "tensorboard"
+        # Every process traces its own devices (a trace per host, as the profiler expects).
+        self.profiler = StepProfiler(profile if workdir is not None else None, tb_dir)
         if self.enabled and workdir is not None:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            self.tb = SummaryWriter(str(tb_dir))
             self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
+            if project := train_config.get("wandb_project", ""):
+                name = train_config.get("wandb_run", "") or Path(workdir).absolute().name
+                self.wandb = _Wandb(project, name, Path(workdir), run_config)
         self.start = time.time()
         self.start_step = start_step
+
+    def before_step(self, step: int, state) -> None:
+        """Starts or stops the profiler trace around the configured steps."""
+        self.profiler.before_step(step, state)
 
     def write(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -116,6 +209,8 @@ class MetricWriter:
         if self.jsonl is not None:
             self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
             self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, scalars, prefix)
 
     def progress(self, step: int, scalars: dict[str, float]) -> str:
         done = step - self.start_step
@@ -133,6 +228,8 @@ class MetricWriter:
             if key in scalars:
                 label = "" if key in ("tokens_per_sec", "mfu") else f"{key} "
                 parts.append(label + fmt.format(scalars[key]))
+        if (memory := device_memory()) is not None:  # accelerators only
+            parts.append(memory)
         parts.append(f"ETA {_hms(eta)}")
         line = " | ".join(parts)
         if self.enabled:
@@ -140,6 +237,10 @@ class MetricWriter:
         return line
 
     def close(self):
+        self.profiler.stop()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:

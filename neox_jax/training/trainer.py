@@ -244,7 +244,9 @@ def train_and_evaluate(
         else:
             state, model_config, start, origin, shardings = state_factory(tx, mesh, ckpt)
         _check_vocab(tokenizer_path, model_config)
-        writer = MetricWriter(workdir, total_steps, start)
+        writer = MetricWriter(
+            workdir, total_steps, start, train_config=config.train, run_config=config.to_dict()
+        )
         if apply_fn is None and config.train.pipeline_microbatches > 0:
             from neox_jax.parallel.pipeline import pipeline_apply_fn
 
@@ -295,6 +297,7 @@ def train_and_evaluate(
                 batch = nxt.result()
                 if step + 1 < total_steps:
                     nxt = pool.submit(data_lib.global_batch, train_src, step + 1, mesh)
+                writer.before_step(step, state)  # profiler trace of train.profile_steps
                 state, metrics = step_fn(state, batch)
                 pending.append(metrics)
                 done = step + 1
