@@ -19,7 +19,7 @@ EXTRAS = {
     "torch": ("torch", "hf"),
     "transformers": ("transformers", "hf"),
     "peft": ("peft", "hf"),
-    "datasets": ("datasets", "hf"),
+    "datasets": ("datasets", "datasets"),
     "faiss": ("faiss-cpu", "retrieval"),
     "lm_eval": ("lm-eval", "eval"),
     "tensorflow_datasets": ("tensorflow-datasets", "tfds"),
