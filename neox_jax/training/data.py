@@ -19,7 +19,7 @@ from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
 from neox_jax.errors import UserError
 from neox_jax.parallel.rules import batch_sharding
 
-SOURCES = ("stdlib", "indexed", "tfds", "sft")
+SOURCES = ("stdlib", "indexed", "tfds", "hf", "sft")
 
 
 def _split_list(text: str) -> list[str]:
@@ -30,7 +30,8 @@ def _split_list(text: str) -> list[str]:
 _SOURCE_FIELDS = {
     "paths": ("indexed",),
     "eval_paths": ("indexed",),
-    "tokenizer": ("indexed", "tfds", "sft"),
+    "tokenizer": ("indexed", "tfds", "hf", "sft"),
+    "hf_name": ("hf",),
 }
 
 
@@ -70,9 +71,11 @@ def resolve_tokenizer_and_paths(
         )
         return str(tok), [prefix]
     tokenizer = data_cfg.tokenizer or None
-    if data_cfg.source == "tfds":
+    if data_cfg.source in ("tfds", "hf"):
         if not tokenizer:
-            raise ValueError("data.source='tfds' tokenizes on the fly: set data.tokenizer.")
+            raise UserError(
+                f"data.source={data_cfg.source!r} tokenizes on the fly: set data.tokenizer."
+            )
         return tokenizer, []
     paths = _split_list(data_cfg.paths)
     if not paths:
@@ -95,6 +98,19 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
         from neox_jax.finetune.sft_data import make_sft_sources
 
         return make_sft_sources(data_cfg, tokenizer_path, global_batch)
+    if data_cfg.source == "hf":
+        from neox_jax.data.hf_source import make_hf_source
+        from neox_jax.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_path)
+        process = (jax.process_index(), jax.process_count())
+        train = make_hf_source(data_cfg, tok, global_batch, data_cfg.hf_split, process)
+        evals = None
+        if data_cfg.hf_eval_split:
+            evals = make_hf_source(
+                data_cfg, tok, data_cfg.eval_batch_size, data_cfg.hf_eval_split, process
+            )
+        return train, evals
     if data_cfg.source == "tfds":
         from neox_jax.data.tfds_source import TfdsSource
         from neox_jax.data.tokenizer import load_tokenizer
