@@ -5,7 +5,8 @@
     python -m neox_jax.train --config=configs/finetune.py:sft-full --workdir=/runs/full \\
         --config.train.init_from=/models/pythia-410m --config.data.sft_path=train.jsonl \\
         --config.mesh.fsdp=-1 --config.mesh.data=1
-    python -m neox_jax.finetune.export --run=/runs/sft --hf_out=/out/merged --peft_out=/out/lora
+    python -m neox_jax.finetune.export --config=configs/export.py --config.run=/runs/sft \\
+        --config.hf_out=/out/merged --config.peft_out=/out/lora
 
 The structure is ``configs/pretrain.py``'s (model, data, optimizer, train, mesh,
 distributed, sample) plus the SFT data fields (``data.sft_*``), ``finetune`` and ``lora``.

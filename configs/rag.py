@@ -7,7 +7,7 @@ Build an index (chunks, their embeddings, a faiss index and the chunk texts):
 
 Answer questions with it (the same model settings; the index records them):
 
-  python -m neox_jax.retrieval.rag --config=configs/rag.py --config.checkpoint=PATH \
+  python -m neox_jax.rag --config=configs/rag.py --config.checkpoint=PATH \
       --config.index_dir=/tmp/docs_index --config.question="Who maintains the parser?"
 
 Presets after the colon: ``configs/rag.py:ivf`` and ``configs/rag.py:hnsw`` pick an
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # HNSW: graph degree and search breadth.
     c.index.hnsw_m = 32
     c.index.ef_search = 64
-    # Where the index is written (neox_jax.embed) or read (neox_jax.retrieval.rag).
+    # Where the index is written (neox_jax.embed) or read (neox_jax.rag).
     c.index_dir = ""
     # Replace a non-empty index_dir.
     c.overwrite = False

@@ -25,17 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any
 
-from absl import app, flags
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-flags.DEFINE_string("topology", "v5e:2x2", "TPU topology, e.g. v4:2x2x4, v5e:16x16, v5p:4x4x8.")
-flags.DEFINE_string("json_out", "", "Also write the report as JSON here.")
+from neox_jax import cli
 
 # HBM per chip in bytes (Google Cloud TPU system architecture pages), the fallback
 # when the compiler cannot be asked (``usable_hbm_bytes``); device_kind prefixes as
@@ -247,21 +240,26 @@ def _parse_oom(message: str) -> dict[str, float]:
     return {"required_gib": sizes[0] / 2**30, "available_gib": sizes[1] / 2**30}
 
 
-def main(argv):
-    del argv
-    try:
-        report = compile_train_step(FLAGS.config, topology_devices(FLAGS.topology))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    report = {"topology": FLAGS.topology, **report}
+def main(config, topology: str, json_out: str) -> dict[str, Any]:
+    """Compile ``config``'s train step for ``topology``; print (and save) the report."""
+    report = {"topology": topology, **compile_train_step(config, topology_devices(topology))}
     for key, value in report.items():
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         print(f"{key:>24}: {text}")
-    if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(report, f, indent=2)
+    return report
 
+
+COMMAND = cli.Command(
+    main,
+    "neox_jax.aot",
+    extra_flags={
+        "topology": ("v5e:2x2", "TPU topology, e.g. v4:2x2x4, v5e:16x16, v5p:4x4x8."),
+        "json_out": ("", "Also write the report as JSON here."),
+    },
+)
 
 if __name__ == "__main__":
-    app.run(main)
+    COMMAND.run()

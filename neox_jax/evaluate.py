@@ -9,8 +9,17 @@ are printed as JSON. lm-eval's own CLI with this model is
 ``neox-lm-eval --model neox_jax --model_args checkpoint=...``.
 """
 
+from neox_jax import cli, config_checks
 from neox_jax.evaluation.runner import run
-from neox_jax.retrieval.cli import run_app
+
+
+def main(config) -> None:
+    """Check the config, then evaluate (``neox_jax.evaluation.runner.run``)."""
+    config_checks.evaluate(config)
+    run(config)
+
+
+COMMAND = cli.Command(main, "neox_jax.evaluate", default_config="evaluate.py")
 
 if __name__ == "__main__":
-    run_app(run, "neox_jax.evaluate", "configs/evaluate.py")
+    COMMAND.run()

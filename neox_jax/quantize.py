@@ -1,49 +1,33 @@
 r"""Quantize a model (our checkpoint, a run directory or a Hugging Face folder) to int8/int4.
 
-# int8, one scale per output channel (round to nearest)
-python -m neox_jax.quantize --src=/ckpt/pythia-410m --dst=/ckpt/pythia-410m-int8 --bits=8
-# int4, groups of 128, GPTQ calibrated on 128 x 512 tokens of a text file
-python -m neox_jax.quantize --src=/models/pythia-1b --dst=/ckpt/pythia-1b-gptq4 --bits=4 \
-    --group_size=128 --method=gptq --calibration=/data/val.txt
-# ... or of an indexed dataset (the prefix of <prefix>.bin / <prefix>.idx)
-python -m neox_jax.quantize --src=... --dst=... --bits=4 --method=gptq \
-    --calibration=/data/pile_val_text_document
+  # int8, one scale per output channel (round to nearest)
+  python -m neox_jax.quantize --config=configs/quantize.py --config.src=/ckpt/pythia-410m \
+      --config.dst=/ckpt/pythia-410m-int8
+  # int4, groups of 128, GPTQ calibrated on 128 x 512 tokens of a text file (or of an
+  # indexed dataset: the prefix of <prefix>.bin / <prefix>.idx)
+  python -m neox_jax.quantize --config=configs/quantize.py:gptq4 --config.src=/models/pythia-1b \
+      --config.dst=/ckpt/pythia-1b-gptq4 --config.calibration=/data/val.txt
 
-Load the result with ``neox_jax.quant.load_quantized(dst)``.
+Every field of ``configs/quantize.py`` can be overridden; the old flags (``--src= --dst=
+--bits=4 --method=gptq ...``) still work. The destination is checked before the model is
+loaded. Load the result with ``neox_jax.quant.load_quantized(dst)``.
 """
 
 from __future__ import annotations
 
-import sys
+from neox_jax import cli, config_checks
+from neox_jax.errors import UserError
 
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "A neox_jax checkpoint, run directory or Hugging Face folder.")
-flags.DEFINE_string("dst", None, "Destination folder (must be absent or empty).")
-flags.DEFINE_enum("bits", "8", ["8", "4"], "Bits per weight.")
-flags.DEFINE_integer(
-    "group_size", None, "Input rows per scale; default per output channel (8) or 128 (4)."
-)
-flags.DEFINE_enum("method", "rtn", ["rtn", "gptq"], "Round to nearest, or GPTQ (needs data).")
-flags.DEFINE_bool("symmetric", True, "Symmetric grid; --nosymmetric adds zero points.")
-flags.DEFINE_string(
-    "calibration", None, "GPTQ data: a UTF-8 text file or an indexed dataset prefix."
-)
-flags.DEFINE_string("tokenizer", None, "Tokenizer for text calibration; default the model's.")
-flags.DEFINE_integer("num_calibration_samples", 128, "GPTQ calibration windows.")
-flags.DEFINE_integer("calibration_seq_len", 512, "Tokens per calibration window.")
-flags.DEFINE_integer("calibration_batch_size", 8, "Calibration windows per forward pass.")
-flags.DEFINE_float("gptq_damp", 0.01, "GPTQ dampening (fraction of the mean Hessian diagonal).")
-flags.DEFINE_integer("gptq_block_size", 128, "GPTQ lazy-batch block size.")
-flags.DEFINE_bool("gptq_act_order", False, "GPTQ: quantize inputs by decreasing activation.")
-flags.DEFINE_bool("embed_out", False, "Also quantize the output projection.")
-flags.DEFINE_bool("embed_in", False, "Also quantize the input embedding (storage only).")
-flags.DEFINE_enum("scale_dtype", "float32", ["float32", "bfloat16", "float16"], "Scale dtype.")
-flags.DEFINE_enum("matmul_impl", "xla", ["xla", "pallas"], "Quantized matmul implementation.")
-flags.DEFINE_integer("seed", 0, "Seeds the choice of calibration windows.")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
-flags.mark_flags_as_required(["src", "dst"])
+# The flags of the old command line (README before configs/quantize.py): same field names.
+LEGACY_FLAGS = {
+    name: name
+    for name in (
+        "src", "dst", "bits", "group_size", "method", "symmetric", "calibration", "tokenizer",
+        "num_calibration_samples", "calibration_seq_len", "calibration_batch_size",
+        "gptq_damp", "gptq_block_size", "gptq_act_order", "embed_out", "embed_in",
+        "scale_dtype", "matmul_impl", "seed", "overwrite",
+    )
+}  # fmt: skip
 
 
 def quantize_checkpoint(
@@ -81,7 +65,9 @@ def quantize_checkpoint(
     tokens = None
     if qconfig.method == "gptq":
         if calibration is None:
-            raise ValueError("--method=gptq needs --calibration (a text file or dataset prefix)")
+            raise UserError(
+                "method=gptq needs calibration data (a text file or an indexed dataset prefix)"
+            )
         tok = None
         if tokenizer or tokenizer_dir:
             from neox_jax.data.tokenizer import load_tokenizer
@@ -95,7 +81,7 @@ def quantize_checkpoint(
         log("note: --calibration is only used by --method=gptq; ignoring it")
     config, params = load_model(src)
     if tokens is not None and tokens.shape[1] > config.max_position_embeddings:
-        raise ValueError(
+        raise UserError(
             f"calibration_seq_len {tokens.shape[1]} exceeds the model's context "
             f"({config.max_position_embeddings})"
         )
@@ -110,42 +96,43 @@ def quantize_checkpoint(
     return out
 
 
-def main(argv):
-    del argv
-    from neox_jax.convert import ConversionError
+def quantize(config) -> None:
+    """Quantize ``config.src`` into ``config.dst`` as ``configs/quantize.py`` describes."""
     from neox_jax.quant import QuantConfig
 
-    try:
-        qconfig = QuantConfig(
-            bits=int(FLAGS.bits),
-            group_size=FLAGS.group_size,
-            symmetric=FLAGS.symmetric,
-            method=FLAGS.method,
-            matmul_impl=FLAGS.matmul_impl,
-            embed_out=FLAGS.embed_out,
-            embed_in=FLAGS.embed_in,
-            scale_dtype=FLAGS.scale_dtype,
-            gptq_damp=FLAGS.gptq_damp,
-            gptq_block_size=FLAGS.gptq_block_size,
-            gptq_act_order=FLAGS.gptq_act_order,
-        )
-        quantize_checkpoint(
-            FLAGS.src,
-            FLAGS.dst,
-            qconfig,
-            calibration=FLAGS.calibration,
-            tokenizer=FLAGS.tokenizer,
-            num_samples=FLAGS.num_calibration_samples,
-            seq_len=FLAGS.calibration_seq_len,
-            batch_size=FLAGS.calibration_batch_size,
-            seed=FLAGS.seed,
-            overwrite=FLAGS.overwrite,
-        )
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {FLAGS.dst}")
+    config_checks.quantize(config)
+    config_checks.destination(config, "dst")  # before loading and calibrating
+    qconfig = QuantConfig(
+        bits=config.bits,
+        group_size=config.group_size or None,
+        symmetric=config.symmetric,
+        method=config.method,
+        matmul_impl=config.matmul_impl,
+        embed_out=config.embed_out,
+        embed_in=config.embed_in,
+        scale_dtype=config.scale_dtype,
+        gptq_damp=config.gptq_damp,
+        gptq_block_size=config.gptq_block_size,
+        gptq_act_order=config.gptq_act_order,
+    )
+    quantize_checkpoint(
+        config.src,
+        config.dst,
+        qconfig,
+        calibration=config.calibration or None,
+        tokenizer=config.tokenizer or None,
+        num_samples=config.num_calibration_samples,
+        seq_len=config.calibration_seq_len,
+        batch_size=config.calibration_batch_size,
+        seed=config.seed,
+        overwrite=config.overwrite,
+    )
+    print(f"wrote {config.dst}")
 
+
+COMMAND = cli.Command(
+    quantize, "neox_jax.quantize", default_config="quantize.py", legacy=LEGACY_FLAGS
+)
 
 if __name__ == "__main__":
-    app.run(main)
+    COMMAND.run()

@@ -8,15 +8,8 @@ Any field of the config can be overridden (``--config.optimizer.lr=3e-4``). Runn
 same command again resumes from the latest checkpoint in ``--workdir``.
 """
 
-import sys
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, config.")
-flags.mark_flags_as_required(["config", "workdir"])
+from neox_jax import cli
+from neox_jax.errors import UserError
 
 
 def print_sample(result, config) -> str | None:
@@ -48,22 +41,27 @@ def print_sample(result, config) -> str | None:
     return text
 
 
-def main(argv):
-    del argv
-    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the console readable
-        logging.set_verbosity(logging.WARNING)
+def main(config, workdir: str) -> dict:
+    """Train as ``config`` describes in ``workdir`` (resuming), then print a sample."""
     from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        result = train_and_evaluate(config, workdir)
+    except NonFiniteLossError as e:  # the user's hyperparameters, not a bug
+        raise UserError(str(e)) from e
     if result.get("preempted"):
-        print(f"Preempted at step {result['step']}: checkpoint saved in {FLAGS.workdir}.")
-        return
-    print_sample(result, FLAGS.config)
+        print(f"Preempted at step {result['step']}: checkpoint saved in {workdir}.")
+        return result
+    print_sample(result, config)
+    return result
 
+
+COMMAND = cli.Command(
+    main,
+    "neox_jax.train",
+    extra_flags={"workdir": (None, "Run directory: checkpoints, logs, config.")},
+    required=["workdir"],
+)
 
 if __name__ == "__main__":
-    app.run(main)
+    COMMAND.run()

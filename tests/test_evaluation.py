@@ -203,7 +203,7 @@ def test_evaluate_cli_rejects_empty_config():
         text=True,
         timeout=300,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert (
         done.stderr.strip()
         .splitlines()[-1]

@@ -1,30 +1,27 @@
 """Convert between Hugging Face GPT-NeoX folders and neox_jax checkpoints.
 
-# Hugging Face -> neox_jax (orbax)
-python -m neox_jax.convert --src=/models/pythia-70m --dst=/ckpt/pythia-70m --to=neox
-# neox_jax (a checkpoint, a step directory or a run directory) -> Hugging Face
-python -m neox_jax.convert --src=/runs/tiny --dst=/export/tiny-hf --to=hf --dtype=bfloat16
-# ... and upload the export to the Hugging Face Hub (needs `huggingface-cli login`)
-python -m neox_jax.convert --src=/runs/tiny --dst=/export/tiny-hf --to=hf --push_to_hub=me/tiny
-# --src also takes a Hub model id: EleutherAI/pythia-70m, or EleutherAI/pythia-70m@step3000
+  # Hugging Face -> neox_jax (orbax)
+  python -m neox_jax.convert --config=configs/convert.py --config.src=/models/pythia-70m \
+      --config.dst=/ckpt/pythia-70m --config.to=neox
+  # neox_jax (a checkpoint, a step directory or a run directory) -> Hugging Face
+  python -m neox_jax.convert --config=configs/convert.py --config.src=/runs/tiny \
+      --config.dst=/export/tiny-hf --config.to=hf --config.dtype=bfloat16
+  # ... and upload the export to the Hugging Face Hub (needs `huggingface-cli login`)
+  python -m neox_jax.convert --config=configs/convert.py --config.src=/runs/tiny \
+      --config.dst=/export/tiny-hf --config.to=hf --config.push_to_hub=me/tiny
+  # --config.src also takes a Hub model id: EleutherAI/pythia-70m(@step3000)
+
+Every field of ``configs/convert.py`` can be overridden; the old flags (``--src= --dst=
+--to= --dtype= --max_shard_size= --overwrite --push_to_hub= --private``) still work. The
+destination is checked before the source is read.
 """
 
-import sys
+from neox_jax import cli, config_checks
 
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("src", None, "Source: a Hugging Face folder, a checkpoint or a run dir.")
-flags.DEFINE_string("dst", None, "Destination folder (must not exist or be empty).")
-flags.DEFINE_enum("to", None, ["neox", "hf"], "Target format.")
-flags.DEFINE_enum(
-    "dtype", "float32", ["float32", "bfloat16", "float16"], "Dtype of the written weights."
-)
-flags.DEFINE_string("max_shard_size", "5GB", "Hugging Face output: shard size limit.")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty destination.")
-flags.DEFINE_string("push_to_hub", None, "--to=hf: also upload the export to this Hub repo.")
-flags.DEFINE_bool("private", False, "--push_to_hub: create the repository private.")
-flags.mark_flags_as_required(["src", "dst", "to"])
+LEGACY_FLAGS = {
+    n: n
+    for n in ("src", "dst", "to", "dtype", "max_shard_size", "overwrite", "push_to_hub", "private")
+}
 
 
 def convert(
@@ -77,25 +74,23 @@ def convert(
         print(f"pushed {dst} to the Hub repository {push_to_hub}: {url}")
 
 
-def main(argv):
-    del argv
-    from neox_jax.convert import ConversionError
+def main(config) -> None:
+    """Convert as ``configs/convert.py`` describes."""
+    config_checks.convert(config)
+    config_checks.destination(config, "dst")  # before loading the source
+    convert(
+        config.src,
+        config.dst,
+        config.to,
+        dtype=config.dtype,
+        max_shard_size=config.max_shard_size,
+        overwrite=config.overwrite,
+        push_to_hub=config.push_to_hub or None,
+        private=config.private,
+    )
 
-    try:
-        convert(
-            FLAGS.src,
-            FLAGS.dst,
-            FLAGS.to,
-            dtype=FLAGS.dtype,
-            max_shard_size=FLAGS.max_shard_size,
-            overwrite=FLAGS.overwrite,
-            push_to_hub=FLAGS.push_to_hub,
-            private=FLAGS.private,
-        )
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
+COMMAND = cli.Command(main, "neox_jax.convert", default_config="convert.py", legacy=LEGACY_FLAGS)
 
 if __name__ == "__main__":
-    app.run(main)
+    COMMAND.run()

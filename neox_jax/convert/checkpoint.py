@@ -14,7 +14,6 @@ sit beside the items in ``tokenizer/``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from neox_jax import hub
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf import ConversionError, load_hf
+from neox_jax.errors import load_json
 from neox_jax.model import ModelConfig, abstract_params
 
 PARAMS = "params"
@@ -162,7 +162,7 @@ def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
     if (path / "config.json").is_file():
-        cfg = json.loads((path / "config.json").read_text())
+        cfg = load_json(path / "config.json", "model config")
         if "model_type" in cfg:
             kwargs.pop("shardings", None)
             return load_hf(path, **kwargs)

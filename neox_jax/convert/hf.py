@@ -25,6 +25,7 @@ import numpy as np
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
+from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, abstract_params
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
@@ -83,11 +84,17 @@ TOKENIZER_FILES = (
 )
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that cannot be converted; the message says what and how to fix it."""
 
 
 # -------------------------------------------------------------------- config
+# Sizes config.json must state (everything else has transformers' default).
+REQUIRED_HF_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+)  # fmt: skip
+
+
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     """``ModelConfig`` from a Hugging Face ``config.json`` dict (either rotary spelling).
 
@@ -109,6 +116,12 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
         scaling = {"type": "linear", "factor": float(rope["factor"])}
     elif rope_type not in ("default", None):
         raise ConversionError(f"rope type {rope_type!r} in config.json is not supported.")
+    missing = [k for k in REQUIRED_HF_KEYS if k not in hf]
+    if missing:
+        raise ConversionError(
+            f"config.json lacks {', '.join(missing)}: every GPT-NeoX config.json names "
+            f"{', '.join(REQUIRED_HF_KEYS)}; restore the file from the original checkpoint."
+        )
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -184,12 +197,18 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time from safetensors or torch files."""
     if (path / SAFE_INDEX).is_file() or (path / SAFE_SINGLE).is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         for file in _shard_files(path, SAFE_INDEX, SAFE_SINGLE):
-            with safe_open(str(file), framework="numpy") as f:
-                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    yield name, f.get_tensor(name)
+            try:
+                with safe_open(str(file), framework="numpy") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                        yield name, f.get_tensor(name)
+            except SafetensorError as e:
+                raise ConversionError(
+                    f"{file} is truncated or not a safetensors file ({e}); download or copy "
+                    "it again."
+                ) from None
     elif (path / TORCH_INDEX).is_file() or (path / TORCH_SINGLE).is_file():
         try:
             import torch

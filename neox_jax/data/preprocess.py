@@ -8,8 +8,11 @@ GPT-NeoX the output goes to exactly ``<output_prefix>.bin/.idx`` (no
 ``_text_document`` suffix), and nothing is written there unless the whole corpus
 was processed.
 
-    python -m neox_jax.data.preprocess --input=a.jsonl,b.txt \\
-        --tokenizer=/path/to/tokenizer.json --output_prefix=data/pile_text --workers=8
+    python -m neox_jax.data.preprocess --config=configs/preprocess.py \\
+        --config.input=a.jsonl,b.txt --config.tokenizer=/path/to/tokenizer.json \\
+        --config.output_prefix=data/pile_text --config.workers=8
+
+(the old flags, ``--input= --tokenizer= --output_prefix= ...``, still work).
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from neox_jax import cli, config_checks
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from neox_jax.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +62,7 @@ class PreprocessStats:
     seconds: float
 
 
-class MalformedInputError(ValueError):
+class MalformedInputError(UserError):
     """A jsonl line that is not an object holding a string under the key."""
 
 
@@ -96,15 +102,25 @@ def iter_documents(
     for path in files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"input file {path} does not exist")
-        if path.endswith(JSONL_SUFFIXES):
-            yield from _iter_jsonl(path, jsonl_key, on_malformed, malformed)
-        else:
-            with _open_text(path) as f:
-                text = f.read()
-            if text_split == "file":
-                yield text
-            else:
-                yield from _blank_line_blocks(text)
+        try:
+            yield from _iter_file(path, jsonl_key, text_split, on_malformed, malformed)
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"input file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                "convert it to UTF-8 first"
+            ) from None
+
+
+def _iter_file(path, jsonl_key, text_split, on_malformed, malformed) -> Iterator[str]:
+    if path.endswith(JSONL_SUFFIXES):
+        yield from _iter_jsonl(path, jsonl_key, on_malformed, malformed)
+        return
+    with _open_text(path) as f:
+        text = f.read()
+    if text_split == "file":
+        yield text
+    else:
+        yield from _blank_line_blocks(text)
 
 
 def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
@@ -289,46 +305,39 @@ def preprocess(
     return stats
 
 
-def _main(argv) -> None:
-    from absl import flags
+LEGACY_FLAGS = {
+    n: n
+    for n in ("input", "tokenizer", "output_prefix", "jsonl_key", "append_eod", "text_split",
+              "on_malformed", "workers", "chunksize")
+}  # fmt: skip
 
-    del argv
-    f = flags.FLAGS
+
+def main(config) -> PreprocessStats:
+    """Preprocess as ``configs/preprocess.py`` describes; prints what was written."""
+    config_checks.preprocess(config)
     stats = preprocess(
-        [p for p in f.input.split(",") if p],
-        f.tokenizer,
-        f.output_prefix,
-        jsonl_key=f.jsonl_key,
-        append_eod=f.append_eod,
-        text_split=f.text_split,
-        on_malformed=f.on_malformed,
-        workers=f.workers,
-        chunksize=f.chunksize,
+        [p for p in config.input.split(",") if p],
+        config.tokenizer,
+        config.output_prefix,
+        jsonl_key=config.jsonl_key,
+        append_eod=config.append_eod,
+        text_split=config.text_split,
+        on_malformed=config.on_malformed,
+        workers=config.workers,
+        chunksize=config.chunksize,
+        progress=sys.stderr.isatty(),  # a bar in a terminal, not in logs
     )
     print(
         f"wrote {stats.output_prefix}.bin/.idx: {stats.documents} documents, "
         f"{stats.tokens} tokens ({stats.skipped_empty} empty and {stats.skipped_malformed} "
         f"malformed skipped) in {stats.seconds:.1f}s"
     )
+    return stats
 
 
-def _define_flags() -> None:
-    from absl import flags
-
-    flags.DEFINE_string("input", None, "Comma-separated input files (.jsonl[.gz] or text).")
-    flags.DEFINE_string("tokenizer", None, "Tokenizer path for load_tokenizer.")
-    flags.DEFINE_string("output_prefix", None, "Output path without .bin/.idx.")
-    flags.DEFINE_string("jsonl_key", "text", "Key of the text in each jsonl object.")
-    flags.DEFINE_bool("append_eod", True, "Append the end-of-document token to each document.")
-    flags.DEFINE_enum("text_split", "file", ["file", "blank_line"], "Documents in text files.")
-    flags.DEFINE_enum("on_malformed", "fail", ["fail", "skip"], "Bad jsonl lines: fail or skip.")
-    flags.DEFINE_integer("workers", max(1, (os.cpu_count() or 2) - 1), "Tokenizer processes.")
-    flags.DEFINE_integer("chunksize", 32, "Documents per worker task.")
-    flags.mark_flags_as_required(["input", "tokenizer", "output_prefix"])
-
+COMMAND = cli.Command(
+    main, "neox_jax.data.preprocess", default_config="preprocess.py", legacy=LEGACY_FLAGS
+)
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(_main)
+    COMMAND.run()

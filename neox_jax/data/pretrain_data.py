@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from neox_jax.data.indexed_dataset import IndexedDataset
+from neox_jax.errors import UserError
 
 # Tags separating the independent random streams drawn from one seed.
 _TAG_DOCS, _TAG_SAMPLES, _TAG_SPLIT = 0, 1, 2
@@ -304,7 +305,11 @@ class PretrainSource(SampleSource):
         self.dataset = dataset if isinstance(dataset, IndexedDataset) else IndexedDataset(dataset)
         self.seed, self.shuffle, self.reset_at_eod = seed, shuffle, reset_at_eod
         self.docs = split_documents(self.dataset, split, eval_fraction, split_seed)
-        self.stream = EpochStream(self.docs, self.dataset.sizes, seed, shuffle)
+        try:
+            self.stream = EpochStream(self.docs, self.dataset.sizes, seed, shuffle)
+        except ValueError as e:  # name the dataset: a run may blend several
+            where = getattr(self.dataset, "prefix", None) or "the dataset"
+            raise UserError(f"{where} ({split} split): {e}") from None
         # As GPT-NeoX's _num_epochs: the last window of an epoch needs L + 1 tokens.
         self.samples_per_epoch = max(1, (self.stream.tokens_per_epoch - 1) // self.seq_len)
         self._block = _LRU(2, self._build_block)

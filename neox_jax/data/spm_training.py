@@ -1,14 +1,15 @@
 """Training a sentencepiece tokenizer on which any text round-trips exactly (byte fallback).
 
-  python -m neox_jax.data.spm_training --input=a.txt,b.txt --vocab_size=4096 \
-      --output=/path/spm.model
+  python -m neox_jax.data.spm_training --config=configs/spm_training.py \
+      --config.input=a.txt,b.txt --config.vocab_size=4096 --config.output=/path/spm.model
+
+(the old flags, ``--input= --output= --vocab_size= ...``, still work).
 
 The result loads as a ``neox_jax.data.tokenizer.SentencePieceTokenizer``.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import random
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from neox_jax import cli, config_checks
 from neox_jax.data.tokenizer import SPM_FILE, SentencePieceTokenizer, _atomic_write
 
 
@@ -138,25 +140,26 @@ def train_sentencepiece(
     return SentencePieceTokenizer(output_path)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Trains a sentencepiece tokenizer from the command line (see the module docstring)."""
-    # argparse, not absl flags: module-level flags would be defined for every importer of this
-    # library module and could clash with the entry points' own flags.
-    parser = argparse.ArgumentParser(prog="python -m neox_jax.data.spm_training")
-    parser.add_argument("--input", required=True, help="comma-separated UTF-8 text files")
-    parser.add_argument("--output", required=True, help="the .model file to write")
-    parser.add_argument("--vocab_size", type=int, default=32000)
-    parser.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
-    parser.add_argument("--input_sentence_size", type=int, default=1_000_000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    files = [Path(p) for p in args.input.split(",") if p]
+LEGACY_FLAGS = {
+    n: n for n in ("input", "output", "vocab_size", "model_type", "input_sentence_size", "seed")
+}
+
+
+def main(config) -> SentencePieceTokenizer:
+    """Trains the tokenizer ``configs/spm_training.py`` describes; prints what it wrote."""
+    config_checks.spm_training(config)
+    files = [Path(p) for p in config.input.split(",") if p]
     tok = train_sentencepiece(
-        files, args.vocab_size, args.output, model_type=args.model_type,
-        input_sentence_size=args.input_sentence_size, seed=args.seed,
+        files, config.vocab_size, config.output, model_type=config.model_type,
+        input_sentence_size=config.input_sentence_size, seed=config.seed,
     )  # fmt: skip
     print(f"wrote {tok.path}: vocab {tok.vocab_size}, eos {tok.eos_id}, pad {tok.pad_id}")
+    return tok
 
+
+COMMAND = cli.Command(
+    main, "neox_jax.data.spm_training", default_config="spm_training.py", legacy=LEGACY_FLAGS
+)
 
 if __name__ == "__main__":
-    main()
+    COMMAND.run()

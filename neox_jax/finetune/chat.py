@@ -41,6 +41,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from neox_jax.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -52,7 +54,7 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError):
     """A conversation or template that cannot be rendered; the message says what to fix."""
 
 

@@ -1,8 +1,12 @@
 """Export a fine-tuning run: the merged model as a Hugging Face folder, the adapter for PEFT.
 
-    python -m neox_jax.finetune.export --run=/runs/sft --hf_out=/out/merged --peft_out=/out/adapter
-    python -m neox_jax.finetune.export --base=/models/pythia-70m --peft_in=/adapters/a \\
-        --hf_out=/out/merged
+    python -m neox_jax.finetune.export --config=configs/export.py --config.run=/runs/sft \\
+        --config.hf_out=/out/merged --config.peft_out=/out/adapter
+    python -m neox_jax.finetune.export --config=configs/export.py \\
+        --config.base=/models/pythia-70m --config.peft_in=/adapters/a --config.hf_out=/out/merged
+
+Every field of ``configs/export.py`` can be overridden; the old flags (``--run=
+--hf_out= --peft_out= --base= --peft_in= --step= --dtype= --overwrite``) still work.
 
 A LoRA run directory holds only adapters in its checkpoints; the base is found through
 the run's ``lora.json`` (see ``neox_jax.finetune.trainer_hooks``). A full fine-tuning run
@@ -11,13 +15,13 @@ the run's ``lora.json`` (see ``neox_jax.finetune.trainer_hooks``). A full fine-t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from neox_jax import cli, config_checks
 from neox_jax.finetune.chat import run_chat_template
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
 from neox_jax.finetune.lora import merge as merge_adapters
@@ -163,42 +167,36 @@ def merge_peft(base: str, adapter: str, hf_out: str, *, dtype="float32", overwri
     )
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m neox_jax.finetune.export")
-    parser.add_argument("--run", help="training workdir (LoRA or full fine-tuning)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default latest)")
-    parser.add_argument("--base", help="with --peft_in: the base model folder")
-    parser.add_argument("--peft_in", help="a PEFT adapter folder to merge into --base")
-    parser.add_argument("--hf_out", help="write the merged model here (Hugging Face format)")
-    parser.add_argument("--peft_out", help="write the adapter here (PEFT format)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    if args.peft_in:
-        if not (args.base and args.hf_out):
-            parser.error("--peft_in needs --base and --hf_out")
-        print(
-            merge_peft(
-                args.base, args.peft_in, args.hf_out, dtype=args.dtype, overwrite=args.overwrite
-            )
-        )
-        return
-    if not args.run or not (args.hf_out or args.peft_out):
-        parser.error("pass --run and at least one of --hf_out / --peft_out")
-    try:
+LEGACY_FLAGS = {
+    n: n for n in ("run", "step", "base", "peft_in", "hf_out", "peft_out", "dtype", "overwrite")
+}
+
+
+def main(config) -> None:
+    """Export as ``configs/export.py`` describes; prints what was written."""
+    config_checks.export(config)
+    for field in ("hf_out", "peft_out"):  # before anything is loaded
+        if config[field]:
+            config_checks.destination(config, field)
+    if config.peft_in:
+        written = {"hf": merge_peft(config.base, config.peft_in, config.hf_out,
+                                    dtype=config.dtype, overwrite=config.overwrite)}  # fmt: skip
+    else:
         written = export_run(
-            args.run,
-            hf_out=args.hf_out,
-            peft_out=args.peft_out,
-            step=args.step,
-            dtype=args.dtype,
-            overwrite=args.overwrite,
+            config.run,
+            hf_out=config.hf_out or None,
+            peft_out=config.peft_out or None,
+            step=None if config.step < 0 else config.step,
+            dtype=config.dtype,
+            overwrite=config.overwrite,
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        parser.exit(2, f"error: {e}\n")
     for kind, path in written.items():
         print(f"{kind}: {path}")
 
 
+COMMAND = cli.Command(
+    main, "neox_jax.finetune.export", default_config="export.py", legacy=LEGACY_FLAGS
+)
+
 if __name__ == "__main__":
-    main()
+    COMMAND.run()

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, abstract_params, axes, param_logical_axes
 
 Array = jax.Array
@@ -48,7 +49,7 @@ TARGETS = {
 INITS = ("kaiming", "gaussian")
 
 
-class LoraError(ValueError):
+class LoraError(UserError):
     """A LoRA setting or adapter that cannot be used; the message says why and how to fix it."""
 
 

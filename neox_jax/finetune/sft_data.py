@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.data.pretrain_data import SampleSource, permute
+from neox_jax.errors import UserError
 from neox_jax.finetune.chat import (
     ChatFormatError,
     ChatTemplate,
@@ -51,7 +52,7 @@ PROMPT_FORMATS = ("raw", "chat")
 _TAG_EPOCH, _TAG_SPLIT = 10, 11  # random streams (see pretrain_data.permute)
 
 
-class SFTDataError(ValueError):
+class SFTDataError(UserError):
     """Unusable SFT data; the message names the file, the lines and the fix."""
 
 

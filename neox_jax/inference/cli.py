@@ -2,8 +2,8 @@
 
 ``run(config)`` validates the config, loads the model and tokenizer, and runs one of
 three modes: a single prompt (streamed), a file of prompts (batched, JSON lines out),
-or an interactive loop on stdin. Every error a user can cause is raised as one of
-``UserError``; the entry point prints it on one line and exits non-zero.
+or an interactive loop on stdin. Every error a user can cause is raised as
+``neox_jax.errors.UserError``; the entry point (``neox_jax.cli``) prints it and exits 2.
 """
 
 from __future__ import annotations
@@ -13,24 +13,19 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from neox_jax import config_checks
+from neox_jax.errors import UserError, read_utf8
 from neox_jax.inference.generator import Generator
 from neox_jax.inference.sampling import SamplingParams
 
-# Exceptions that mean "bad input" (ConversionError is a ValueError): shown as one line.
-UserError = (ValueError, TypeError, OSError, KeyError)
 _EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
-
-
-def one_line(error: BaseException) -> str:
-    """An exception message collapsed onto a single line."""
-    return " ".join(str(error).split()) or type(error).__name__
 
 
 def sampling_params(config) -> SamplingParams:
     """The ``SamplingParams`` named by a ``configs/sample.py`` config (validated)."""
     early = str(config.early_stopping).lower()
     if early not in _EARLY_STOPPING:
-        raise ValueError(f"early_stopping must be one of false/true/never, got {early!r}.")
+        raise UserError(f"--config.early_stopping={early!r}: choose false, true or never.")
     return SamplingParams(
         max_new_tokens=config.max_new_tokens,
         temperature=config.temperature,
@@ -54,14 +49,14 @@ def load_generator(config) -> Generator:
     from neox_jax.data.tokenizer import load_tokenizer
 
     if not config.checkpoint:
-        raise ValueError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+        raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
     if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size}.")
+        raise UserError(f"--config.batch_size must be >= 1, got {config.batch_size}.")
     overrides = {k: config[k] for k in ("dtype", "attention_impl") if config[k]}
     model_config, params = load_model(config.checkpoint, **overrides)
     tok_path = config.tokenizer or find_tokenizer(config.checkpoint)
     if tok_path is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"no tokenizer found beside {config.checkpoint}; pass --config.tokenizer=PATH."
         )
     return Generator(
@@ -82,12 +77,12 @@ def inference_mesh(tensor: int, stages: int):
     from neox_jax.parallel import create_mesh
 
     if tensor < 1 or stages < 1:
-        raise ValueError(f"tensor_parallel and pipeline_stages must be >= 1: {tensor}, {stages}.")
+        raise UserError(f"tensor_parallel and pipeline_stages must be >= 1: {tensor}, {stages}.")
     if tensor * stages == 1:
         return None
     devices = jax.devices()
     if tensor * stages > len(devices):
-        raise ValueError(
+        raise UserError(
             f"tensor_parallel={tensor} x pipeline_stages={stages} needs {tensor * stages} "
             f"devices; {len(devices)} are available."
         )
@@ -97,9 +92,7 @@ def inference_mesh(tensor: int, stages: int):
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a text file (one per non-empty line) or JSON lines with "prompt"."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt_file {path} does not exist.")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line for line in read_utf8(path, "prompt_file").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return lines
     prompts = []
@@ -108,9 +101,9 @@ def read_prompts(path: str | Path) -> list[str]:
             record = json.loads(line)
             prompts.append(record["prompt"] if isinstance(record, dict) else record)
         except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path}:{n}: expected a JSON object with a 'prompt' ({e}).") from e
+            raise UserError(f"{path}:{n}: expected a JSON object with a 'prompt' ({e}).") from e
         if not isinstance(prompts[-1], str):
-            raise ValueError(f"{path}:{n}: 'prompt' must be a string.")
+            raise UserError(f"{path}:{n}: 'prompt' must be a string.")
     return prompts
 
 
@@ -123,15 +116,10 @@ def run(config, stdin: TextIO | None = None, stdout: TextIO | None = None) -> No
       stdout: where output goes (default ``sys.stdout``).
 
     Raises:
-      One of ``UserError`` for bad input (the message names the problem and the fix).
+      UserError: bad input (the message names the problem and the fix).
     """
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    modes = [bool(config.prompt), bool(config.prompt_file), bool(config.interactive)]
-    if sum(modes) != 1:
-        raise ValueError(
-            "choose exactly one of --config.prompt=, --config.prompt_file= and "
-            "--config.interactive=True."
-        )
+    config_checks.sample(config)
     sampling = sampling_params(config)  # fail on bad values before loading the model
     prompts = read_prompts(config.prompt_file) if config.prompt_file else None
     generator = load_generator(config)
@@ -202,6 +190,7 @@ def _batch(generator: Generator, prompts, sampling, config, out: TextIO) -> None
     ]
     if config.output_file:
         Path(config.output_file).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        print(f"wrote {len(lines)} results to {config.output_file}", file=sys.stderr)
     else:
         out.write("\n".join(lines) + "\n")
         out.flush()

@@ -20,6 +20,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from neox_jax.errors import UserError
+
 BITS = (4, 8)
 METHODS = ("rtn", "gptq")
 MATMUL_IMPLS = ("xla", "pallas")
@@ -27,7 +29,7 @@ SCALE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp
 DEFAULT_GROUP_SIZE_4BIT = 128  # GPTQ §5 and most int4 deployments use groups of 128
 
 
-class QuantizationError(ValueError):
+class QuantizationError(UserError):
     """A quantization request or a quantized checkpoint that cannot be honoured."""
 
 

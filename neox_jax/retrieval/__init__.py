@@ -6,7 +6,7 @@
 * ``read_corpus``, ``chunk_documents``, ``build_index`` — documents to an index.
 * ``assemble_prompt``, ``RAG`` — budgeted prompts and retrieve-then-generate answers.
 
-CLIs: ``python -m neox_jax.embed`` (build) and ``python -m neox_jax.retrieval.rag``
+CLIs: ``python -m neox_jax.embed`` (build) and ``python -m neox_jax.rag``
 (answer), both with ``configs/rag.py``.
 """
 

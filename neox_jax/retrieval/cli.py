@@ -1,10 +1,10 @@
-"""What ``python -m neox_jax.embed`` and ``python -m neox_jax.retrieval.rag`` do.
+"""What ``python -m neox_jax.embed`` and ``python -m neox_jax.rag`` do.
 
 ``build_from_config`` embeds a corpus into an index directory (the faiss index, the
 chunk records, ``embeddings.npy`` with the vectors and ``ids.json`` with the chunk id of
 each row); ``answer_from_config`` answers questions with such a directory. Both take a
-``configs/rag.py`` config; ``run_app`` is the shared absl entry point, which prints any
-error a user can cause on one line and exits with status 1.
+``configs/rag.py`` config (checked by ``neox_jax.config_checks.rag``); the entry points
+run them through ``neox_jax.cli``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from typing import TextIO
 
 import numpy as np
 
+from neox_jax.errors import UserError, read_utf8
 from neox_jax.evaluation.loading import load_from_config
 from neox_jax.retrieval.embed import Embedder
 from neox_jax.retrieval.index import VectorIndex
 from neox_jax.retrieval.rag import RAG, embed_corpus, index_metadata, read_corpus
-
-# Exceptions that mean "bad input": shown as one line (ConversionError is a ValueError).
-UserError = (ValueError, TypeError, OSError, KeyError, NotImplementedError)
 
 
 def _embedder(config, model_config, params, tokenizer, settings=None) -> Embedder:
@@ -42,7 +40,7 @@ def build_from_config(config, out: TextIO | None = None) -> Path:
     """Embed ``config.corpus`` into ``config.index_dir``; returns the directory."""
     out = out or sys.stdout
     if not config.corpus or not config.index_dir:
-        raise ValueError("pass --config.corpus=FILE_OR_DIR and --config.index_dir=DIR.")
+        raise UserError("pass --config.corpus=FILE_OR_DIR and --config.index_dir=DIR.")
     index_dir = Path(config.index_dir)
     if index_dir.exists() and any(index_dir.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{index_dir} is not empty; pass --config.overwrite=True.")
@@ -82,19 +80,19 @@ def build_from_config(config, out: TextIO | None = None) -> Path:
 def read_questions(config) -> list[str]:
     """The question(s) named by the config."""
     if bool(config.question) == bool(config.question_file):
-        raise ValueError("pass exactly one of --config.question= and --config.question_file=.")
+        raise UserError("pass exactly one of --config.question= and --config.question_file=.")
     if config.question:
         return [config.question]
     path = Path(config.question_file)
     if not path.is_file():
-        raise FileNotFoundError(f"question_file {path} does not exist.")
-    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        raise UserError(f"question_file {path} does not exist.")
+    lines = [ln for ln in read_utf8(path, "question_file").splitlines() if ln.strip()]
     if path.suffix != ".jsonl":
         return lines
     try:
         return [str(json.loads(ln)["question"]) for ln in lines]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: every line must be a JSON object with 'question' ({e}).") from e
+        raise UserError(f"{path}: every line must be a JSON object with 'question' ({e}).") from e
 
 
 def answer_from_config(config, out: TextIO | None = None) -> list[dict]:
@@ -103,13 +101,13 @@ def answer_from_config(config, out: TextIO | None = None) -> list[dict]:
 
     out = out or sys.stdout
     if not config.index_dir:
-        raise ValueError("pass --config.index_dir=DIR (built by python -m neox_jax.embed).")
+        raise UserError("pass --config.index_dir=DIR (built by python -m neox_jax.embed).")
     questions = read_questions(config)
     index = VectorIndex.load(config.index_dir)
     model_config, params, tokenizer = load_from_config(config)
     built = index.meta.get("metadata", {})
     if "rope_scaling" in built and built["rope_scaling"] != model_config.rope_scaling_dict:
-        raise ValueError(
+        raise UserError(
             f"the index was built with rope_scaling={built['rope_scaling']} but the model is "
             f"loaded with {model_config.rope_scaling_dict}; queries would be embedded "
             "differently. Pass the same --config.rope_scaling_type/_factor as for neox_jax.embed."
@@ -132,39 +130,3 @@ def answer_from_config(config, out: TextIO | None = None) -> list[dict]:
     else:
         out.write(lines)
     return rows
-
-
-def run_app(fn, prog: str, config_help: str = "configs/rag.py") -> None:
-    """Parse ``--config`` (locked) and run ``fn(config)``; user errors print one line."""
-    from absl import app, flags, logging
-    from ml_collections import config_flags
-
-    config_flag = config_flags.DEFINE_config_file(
-        "config", None, f"Config file ({config_help}).", lock_config=True
-    )
-
-    def fail(message: str) -> None:
-        print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr)
-        sys.exit(1)
-
-    def parse(argv):
-        try:
-            return flags.FLAGS(argv)
-        except flags.Error as e:
-            fail(e)
-        except (AttributeError, KeyError, TypeError, ValueError) as e:  # a locked config
-            fail(f"bad --config override: unknown or invalid field {e}")
-
-    def main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        if not flags.FLAGS["verbosity"].present:
-            logging.set_verbosity(logging.WARNING)  # stdout for results, stderr for errors
-        if config_flag.value is None:
-            fail(f"pass --config={config_help}")
-        try:
-            fn(config_flag.value)
-        except UserError as e:
-            fail(e)
-
-    app.run(main, flags_parser=parse)

@@ -6,7 +6,7 @@
     answer.text, answer.chunk_ids
 
 Command line (``configs/rag.py``): ``python -m neox_jax.embed`` builds an index from a
-corpus, ``python -m neox_jax.retrieval.rag`` answers questions with it.
+corpus, ``python -m neox_jax.rag`` answers questions with it.
 
 The prompt is assembled from token ids (header, one block per passage in retrieval
 order, then the question), each part encoded on its own, so its length is known
@@ -390,13 +390,12 @@ def _answer(question: str, prompt: AssembledPrompt, hits: list[Hit], result) -> 
     )
 
 
-def main() -> None:
-    """``python -m neox_jax.retrieval.rag --config=configs/rag.py --config.index_dir=...
-    --config.question="..."``: answer questions with an index built by neox_jax.embed."""
-    from neox_jax.retrieval.cli import answer_from_config, run_app
+if __name__ == "__main__":  # the command moved up to the entry-point layer
+    import sys
 
-    run_app(answer_from_config, "neox_jax.retrieval.rag")
-
-
-if __name__ == "__main__":
-    main()
+    print(
+        "neox_jax.retrieval.rag: error: this command is now `python -m neox_jax.rag` "
+        "(same --config flags).",
+        file=sys.stderr,
+    )
+    sys.exit(2)

@@ -150,7 +150,13 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
         ]
         if len(sources) == 1:
             return sources[0]
-        weights = [float(w) for w in _split_list(data_cfg.weights)] or [1.0] * len(sources)
+        try:
+            weights = [float(w) for w in _split_list(data_cfg.weights)] or [1.0] * len(sources)
+        except ValueError:
+            raise UserError(
+                f"data.weights={data_cfg.weights!r} must be comma-separated numbers, one per "
+                "dataset in data.paths (e.g. --config.data.weights=0.7,0.3)."
+            ) from None
         if len(weights) != len(sources):
             raise ValueError(
                 f"data.weights has {len(weights)} entries for {len(sources)} "
