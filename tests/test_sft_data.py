@@ -223,3 +223,18 @@ def test_start_up_reports_epochs_per_step_and_warns_on_repetition(tmp_path, tok_
     assert f"warning: SFT: every step repeats the data {32 / rows:.3g} times" in out
     train, _ = make_sft_sources(config.data, str(tok_dir), global_batch=rows)
     assert "warning" not in capsys.readouterr().out
+
+
+def test_hf_dataset_gives_the_examples_of_the_same_jsonl(tmp_path, tok):
+    # data.sft_path=hf:NAME[:SPLIT] streams a Hugging Face dataset (here a local folder that
+    # datasets.load_dataset reads) with the jsonl's fields; the examples must be identical.
+    records = [{"messages": CHAT}, {"prompt": "1+1=", "completion": "2"}] * 3
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    path = write_jsonl(folder / "train.jsonl", records)
+    direct, _ = load_examples(path, tok, max_len=512)
+    via_hf, stats = load_examples(f"hf:{folder}:train", tok, max_len=512)
+    assert stats.examples == len(direct) == 6
+    for (a_ids, a_mask), (b_ids, b_mask) in zip(direct, via_hf, strict=True):
+        np.testing.assert_array_equal(a_ids, b_ids)
+        np.testing.assert_array_equal(a_mask, b_mask)

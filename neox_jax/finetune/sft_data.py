@@ -146,6 +146,29 @@ def _fit(ids, mask, capacity: int, truncation: str, stats: SFTStats):
     return np.asarray(ids, np.int32), np.asarray(mask, np.int8)
 
 
+HF_PREFIX = "hf:"
+
+
+def _records(path: str):
+    """``(line or record number, json line or record)`` of a jsonl file, or of a Hugging
+    Face dataset named ``hf:NAME[:SPLIT]`` (a Hub id or local folder; split "train")."""
+    if str(path).startswith(HF_PREFIX):
+        from neox_jax.data.hf_source import load_hf_dataset
+
+        name, _, split = str(path)[len(HF_PREFIX) :].partition(":")
+        ds = load_hf_dataset(name, split or "train", streaming=True)
+        # Arrow gives every record every column: a field a record lacks comes back as None.
+        yield from ((i, {k: v for k, v in r.items() if v is not None}) for i, r in enumerate(ds, 1))
+        return
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"SFT data file {path} does not exist.")
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
+
+
 def load_examples(
     path: str,
     tokenizer,
@@ -160,7 +183,8 @@ def load_examples(
     """Read and tokenize a jsonl file.
 
     Args:
-      path: the jsonl file (blank lines are ignored).
+      path: the jsonl file (blank lines are ignored), or ``hf:NAME[:SPLIT]``: a Hugging
+        Face dataset (Hub id or local folder) with the same fields, streamed.
       tokenizer: a ``neox_jax.data.tokenizer.Tokenizer``.
       max_len: longest example kept whole (``seq_len + 1``).
       truncation: "left", "right" or "drop" (module docstring).
@@ -179,28 +203,22 @@ def load_examples(
     ):
         if value not in choices:
             raise SFTDataError(f"Unknown data.sft_{name} {value!r}; choose from {choices}.")
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"SFT data file {path} does not exist.")
     chat = ChatTemplate.for_tokenizer(tokenizer, chat_template)
     stats = SFTStats(path=str(path))
     examples = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                _check_record(rec)
-                ids, mask = tokenize_record(
-                    rec, tokenizer, chat, prompt_format=prompt_format, add_eos=add_eos
-                )
-            except (json.JSONDecodeError, ChatFormatError) as e:
-                stats.bad_lines.append((lineno, str(e).splitlines()[0]))
-                continue
-            fitted = _fit(ids, mask, max_len, truncation, stats)
-            if fitted is not None:
-                examples.append(fitted)
+    for lineno, rec in _records(path):
+        try:
+            rec = json.loads(rec) if isinstance(rec, str) else rec
+            _check_record(rec)
+            ids, mask = tokenize_record(
+                rec, tokenizer, chat, prompt_format=prompt_format, add_eos=add_eos
+            )
+        except (json.JSONDecodeError, ChatFormatError) as e:
+            stats.bad_lines.append((lineno, str(e).splitlines()[0]))
+            continue
+        fitted = _fit(ids, mask, max_len, truncation, stats)
+        if fitted is not None:
+            examples.append(fitted)
     if stats.bad_lines and bad_lines == "error":
         shown = "\n".join(f"  {path}:{n}: {why}" for n, why in stats.bad_lines[:10])
         more = len(stats.bad_lines) - 10
