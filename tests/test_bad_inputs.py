@@ -84,7 +84,7 @@ def art(tmp_path_factory):
     paths["new"] = root / "new_dst"
     paths["ro"] = READ_ONLY
     # Broken copies of the model folder.
-    for name in ("truncated", "no_key_cfg", "bad_json_cfg"):
+    for name in ("truncated", "no_key_cfg", "bad_json_cfg", "bad_tok"):
         shutil.copytree(model, root / name)
         paths[name] = root / name
     weights = root / "truncated" / "model.safetensors"
@@ -93,6 +93,15 @@ def art(tmp_path_factory):
     del cfg["hidden_size"]
     (root / "no_key_cfg" / "config.json").write_text(json.dumps(cfg))
     (root / "bad_json_cfg" / "config.json").write_text('{"hidden_size": 64,')
+    (root / "bad_tok" / "tokenizer.json").write_text('{"model": ')
+    for name in ("index.faiss", "chunks.jsonl"):  # an index folder with broken settings
+        write(f"bad_index/{name}", "")
+    write("bad_index/index.json", "{oops")
+    write("bad_lora_run/lora.json", "[1, 2")
+    write("bad_peft/adapter_config.json", '{"r": ')
+    write("bad_peft/adapter_model.safetensors", b"")
+    for name in ("bad_index", "bad_lora_run", "bad_peft"):
+        paths[name] = root / name
     return paths
 
 
@@ -177,6 +186,8 @@ CASES = _generic_cases() + [
     ("sample", ["--config.checkpoint={truncated}", "--config.prompt=x"], 2, "truncated", None),
     ("sample", ["--config=configs/sample.py:nucleus", "--config.checkpoint={model}"], 2,
      "Unknown preset", None),
+    ("sample", ["--config.checkpoint={bad_tok}", "--config.prompt=x"], 2, "tokenizer.json",
+     None),
     # --- evaluate
     ("evaluate", ["--config.checkpoint={model}"], 2, "nothing to evaluate", None),
     ("evaluate", ["--config.perplexity.text_file={good_txt}"], 2, "missing --config.checkpoint",
@@ -227,6 +238,8 @@ CASES = _generic_cases() + [
      2, "full", None),
     ("rag", ["--config.checkpoint={model}", "--config.index_dir={full}", "--config.question=hi",
              "--config.top_k=0"], 2, "top_k", None),
+    ("rag", ["--config.checkpoint={model}", "--config.index_dir={bad_index}",
+             "--config.question=hi"], 2, "index.json is not valid JSON", None),
     # --- quantize (old spellings included: the README documented them)
     ("quantize", ["--config.src={missing}", "--config.dst={new}"], 2, "missing", "new"),
     ("quantize", ["--config.src={model}"], 2, "missing --config.dst", None),
@@ -269,6 +282,10 @@ CASES = _generic_cases() + [
     ("export", ["--run={model}", "--peft_out={new}"], 2, "not a LoRA run", "new"),
     ("export", ["--run={model}", "--hf_out={full}"], 2, "not empty", "full"),
     ("export", ["--run={model}", "--hf_out={new}", "--dtype=int4"], 2, "config.dtype", "new"),
+    ("export", ["--run={bad_lora_run}", "--hf_out={new}"], 2, "lora.json is not valid JSON",
+     "new"),
+    ("export", ["--base={model}", "--peft_in={bad_peft}", "--hf_out={new}"], 2,
+     "adapter_config.json is not valid JSON", "new"),
     # --- data.preprocess (old spellings included)
     ("preprocess", ["--input={missing}", "--tokenizer={tok}", "--output_prefix={new}"], 2,
      "missing", None),
@@ -318,6 +335,10 @@ LEGEND = {
     "questions_txt": "one question", "truncated": "the model with its weights cut short",
     "no_key_cfg": "the model without hidden_size in config.json",
     "bad_json_cfg": "the model with an unparsable config.json", "root": "the scratch folder",
+    "bad_tok": "the model with an unparsable tokenizer.json",
+    "bad_index": "an index folder whose index.json does not parse",
+    "bad_lora_run": "a run folder whose lora.json does not parse",
+    "bad_peft": "a PEFT folder whose adapter_config.json does not parse",
 }  # fmt: skip
 
 
@@ -549,6 +570,15 @@ def test_internal_error_shows_summary_then_traceback(capsys):
     first, *rest = err.strip().splitlines()
     assert first.startswith("neox_jax.demo: internal error: RuntimeError: boom")
     assert "Traceback" in rest[0]
+
+
+def test_quantize_success_is_quiet(art, monkeypatch, capfd):
+    # orbax logs each save at INFO (about 70 lines for a quantized checkpoint): hidden.
+    monkeypatch.chdir(REPO)
+    dst = art["root"] / "int8"
+    assert quantize_cli.COMMAND(["q", f"--src={art['model']}", f"--dst={dst}"]) == 0
+    out, err = capfd.readouterr()
+    assert f"wrote {dst}" in out and "INFO" not in err and len(err.splitlines()) <= 2, err
 
 
 def test_batch_sample_says_what_it_wrote(art, monkeypatch):

@@ -25,7 +25,7 @@ import numpy as np
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
-from neox_jax.errors import UserError
+from neox_jax.errors import UserError, load_json
 from neox_jax.model import ModelConfig, abstract_params
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
@@ -187,10 +187,7 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{cfg_file} is not valid JSON: {e}") from None
+    return load_json(cfg_file, "model config")
 
 
 # ------------------------------------------------------------------- loading
@@ -242,7 +239,7 @@ def _torch_to_numpy(tensor) -> np.ndarray:
 def _shard_files(path: Path, index_name: str, single_name: str) -> list[Path]:
     if (path / index_name).is_file():
         try:
-            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            weight_map = load_json(path / index_name, "shard index")["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise ConversionError(f"{path / index_name} is not a valid index file: {e}") from None
         files = [path / f for f in dict.fromkeys(weight_map.values())]

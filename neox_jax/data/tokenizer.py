@@ -21,6 +21,8 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from neox_jax.errors import UserError
+
 HF_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
@@ -39,7 +41,7 @@ def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read JSON ({e})") from e
+        raise UserError(f"{path}: cannot read JSON ({e}); fix or replace the file") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from neox_jax.atomic import atomic_directory
+from neox_jax.errors import load_json
 from neox_jax.finetune.lora import TARGETS, LoraConfig, LoraError, target_shapes
 from neox_jax.model import ModelConfig
 
@@ -139,7 +140,7 @@ def load_peft_adapter(
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    cfg = load_json(path / ADAPTER_CONFIG, "PEFT adapter config")
     _refuse_unsupported(cfg, path)
     base = cfg.get("base_model_name_or_path")
     if expected_base and base and _name(base) != _name(expected_base):

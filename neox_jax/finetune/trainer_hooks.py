@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 
+from neox_jax.errors import load_json
 from neox_jax.finetune.lora import (
     LoraConfig,
     LoraError,
@@ -47,7 +48,7 @@ RUN_RECORD = "lora.json"
 
 def read_record(workdir: str | Path) -> dict[str, Any] | None:
     path = Path(workdir) / RUN_RECORD
-    return json.loads(path.read_text()) if path.is_file() else None
+    return load_json(path, "LoRA run record") if path.is_file() else None
 
 
 def _quant_config(bits: int, group_size: int):

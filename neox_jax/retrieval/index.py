@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from neox_jax.atomic import atomic_directory
+from neox_jax.errors import load_json
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
@@ -208,7 +209,7 @@ class VectorIndex:
                     f"{directory / name} is missing; is {directory} an index written by "
                     "VectorIndex.save (or python -m neox_jax.embed)?"
                 )
-        meta = json.loads((directory / META_FILE).read_text())
+        meta = load_json(directory / META_FILE, "index settings")
         with open(directory / RECORDS_FILE, encoding="utf-8") as f:
             records = [json.loads(line) for line in f if line.strip()]
         index = _faiss().read_index(str(directory / INDEX_FILE))
