@@ -1,0 +1,314 @@
+"""The device side of continuous batching: a fixed set of decode slots and three jitted
+programs over them (the JetStream shape).
+
+    prefill(params, tokens, length) -> Prefix     one request's prompt, bucketed length P
+    insert(prefix, state, slot, ...) -> state     put it into free slot ``slot``
+    generate(params, state) -> state, StepOutput  every running slot advances one token
+
+A slot owns row ``slot`` of every cache buffer (``[N, S, H, D]`` per layer), its own
+write index, rotary position, step counter, PRNG key, seen-token row and sampling
+knobs. Nothing about a request is static: prompt lengths share their bucket's
+compiled prefill, and every ``SamplingParams`` knob is a traced ``[N]`` array, so a new
+request never compiles. Two ``SamplingMode``s exist (all-greedy and full sampling); the
+scheduler picks per step, and both are compiled at start-up.
+
+The model forward is ``inference.step.forward`` (the same per-layer unrolled step the
+``Generator`` decodes with), ``jax.vmap``-ed over the slots so that each slot writes its
+key/value at its own index: the cache index of ``step.forward`` is a scalar shared by
+the rows of a batch, and under ``vmap`` every slot is a batch of one.
+
+Prompt layout inside a slot (right-aligned is not needed: each slot has its own index):
+
+    columns 0 .. n-2    the prompt minus its last token (written by prefill)
+    column  n-1 + i     decode step i feeds token i (the last prompt token at i = 0)
+
+as in ``inference.generate``, so a request's tokens and positions are those of
+``Generator.generate`` for it alone. Prefill runs the whole bucket (the last prompt
+token and the padding behind it are written too, marked segment 0 so nothing attends
+to them); decode overwrites those columns before any query can see them (causality).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neox_jax.inference import step
+from neox_jax.inference.generate import (
+    RUNNING,
+    Controls,
+    _finish_reason,
+    id_table,
+    seen_tokens,
+)
+from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
+from neox_jax.model import ModelConfig
+
+Array = jax.Array
+
+FREE = -1  # finish code of an empty slot (never RUNNING, so generate skips it)
+# The two processor sets every request is served by. The repetition penalty is always
+# compiled in: at 1.0 it is exactly neutral (x / 1 and x * 1 are exact), so greedy rows
+# get the argmax of the raw logits, as ``Generator``'s greedy loop does.
+GREEDY = SamplingMode(greedy=True, top_k=False, top_p=False, repetition_penalty=True)
+SAMPLE = SamplingMode(greedy=False, top_k=True, top_p=True, repetition_penalty=True)
+
+
+@flax.struct.dataclass
+class Prefix:
+    """One prefilled prompt: its ``[1, P, H, D]`` per-layer k/v, ``[1, P]`` segment ids
+    (1 on the prompt minus its last token), the ``[V]`` seen-token row, and the last
+    prompt token with its position (fed by the first decode step)."""
+
+    k: tuple
+    v: tuple
+    segment_ids: Array
+    seen: Array
+    last: Array
+    position: Array
+
+
+@flax.struct.dataclass
+class SlotState:
+    """Everything the slots carry; donated to every call (updated in place).
+
+    cache: ``k``/``v`` tuples of per-layer ``[N, S, H, D]``, ``segment_ids [N, S]``,
+    ``index [N]`` (next column each slot writes). last / positions: ``[N]`` the token
+    each slot feeds next and its rotary position. steps: ``[N]`` tokens generated.
+    finish: ``[N]`` RUNNING, FREE, or the reason the request ended. keys: ``[N]`` PRNG
+    keys (step ``i`` draws with ``fold_in(key, i)``, as ``inference.generate.decode``).
+    seen: ``[N, V]`` tokens in prompt or output (repetition penalty). controls: the
+    per-slot knobs, limits and eos / stop id tables.
+    """
+
+    cache: dict
+    last: Array
+    positions: Array
+    steps: Array
+    finish: Array
+    keys: Array
+    seen: Array
+    controls: Controls
+
+
+@flax.struct.dataclass
+class StepOutput:
+    """What one ``generate`` call produced, per slot: ``tokens [N]`` (0 where a slot did
+    not run), ``finish [N]`` after the step, ``logprob [N]`` of the chosen token under
+    the model's distribution, and the ``top_logprobs / top_ids [N, K]`` alternatives."""
+
+    tokens: Array
+    finish: Array
+    logprob: Array
+    top_logprobs: Array
+    top_ids: Array
+
+
+def init_state(config: ModelConfig, slots: int, max_len: int, stop_width: int) -> SlotState:
+    """Empty slots: ``slots`` rows of ``max_len`` cache columns, all FREE.
+
+    ``stop_width``: entries of the per-slot eos and stop-id tables (a request may name
+    up to this many stop ids)."""
+    cache = step.layer_cache(config, slots, max_len)
+    cache["index"] = jnp.zeros((slots,), jnp.int32)
+    zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731 (donated: distinct buffers)
+    neutral = SamplingParams(max_new_tokens=1)
+    controls = Controls(
+        knobs={k: jnp.asarray(v) for k, v in row_arrays([neutral] * slots).items()},
+        max_new=jnp.ones((slots,), jnp.int32),
+        eos_ids=jnp.full((slots, stop_width), -1, jnp.int32),
+        stop_ids=jnp.full((slots, stop_width), -1, jnp.int32),
+    )
+    return SlotState(
+        cache=cache,
+        last=zeros(),
+        positions=zeros(),
+        steps=zeros(),
+        finish=jnp.full((slots,), FREE, jnp.int32),
+        keys=jax.random.split(jax.random.key(0), slots),
+        seen=jnp.zeros((slots, config.vocab_size), jnp.bool_),
+        controls=controls,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def prefill(config: ModelConfig, params, tokens: Array, length: Array) -> Prefix:
+    """Run one prompt, right-padded to its bucket.
+
+    Args:
+      config: the model config (static).
+      params: model parameters (``step.split_params`` for fast CPU decoding).
+      tokens: ``[P]`` int32, the prompt in ``tokens[:length]``, padding after it.
+      length: scalar int32, the prompt's length ``n`` (1 <= n <= P).
+    """
+    plen = tokens.shape[0]
+    cols = jnp.arange(plen, dtype=jnp.int32)
+    segment_ids = (cols < length - 1).astype(jnp.int32)[None]  # [1, P]
+    _, cache = step.forward(
+        config,
+        params,
+        tokens[None],
+        cols[None],
+        segment_ids,
+        step.layer_cache(config, 1, plen),
+        compute_logits=False,
+    )
+    seen = seen_tokens(tokens[None], (cols < length)[None], config.vocab_size)[0]
+    return Prefix(
+        k=cache["k"],
+        v=cache["v"],
+        segment_ids=cache["segment_ids"],
+        seen=seen,
+        last=tokens[length - 1],
+        position=length - 1,
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def insert(
+    prefix: Prefix,
+    state: SlotState,
+    slot: Array,
+    knobs: dict,
+    max_new: Array,
+    eos_ids: Array,
+    stop_ids: Array,
+    key: Array,
+) -> SlotState:
+    """Put ``prefix`` into ``slot`` with the request's knobs (scalars) and id rows
+    (``[stop_width]``); the slot starts RUNNING at step 0."""
+    plen = prefix.segment_ids.shape[1]
+    max_len = state.cache["segment_ids"].shape[1]
+
+    def put(buf, row):  # buf [N, S, ...], row [1, P, ...]
+        start = (slot,) + (0,) * (buf.ndim - 1)
+        return jax.lax.dynamic_update_slice(buf, row.astype(buf.dtype), start)
+
+    # Columns past the prefix may hold an earlier request's keys: mark them empty.
+    seg_row = jnp.zeros((1, max_len), jnp.int32).at[:, :plen].set(prefix.segment_ids)
+    cache = {
+        "k": tuple(map(put, state.cache["k"], prefix.k)),
+        "v": tuple(map(put, state.cache["v"], prefix.v)),
+        "segment_ids": put(state.cache["segment_ids"], seg_row),
+        "index": state.cache["index"].at[slot].set(prefix.position),
+    }
+    c = state.controls
+    controls = Controls(
+        knobs={name: c.knobs[name].at[slot].set(knobs[name]) for name in c.knobs},
+        max_new=c.max_new.at[slot].set(max_new),
+        eos_ids=c.eos_ids.at[slot].set(eos_ids),
+        stop_ids=c.stop_ids.at[slot].set(stop_ids),
+    )
+    return state.replace(
+        cache=cache,
+        last=state.last.at[slot].set(prefix.last),
+        positions=state.positions.at[slot].set(prefix.position),
+        steps=state.steps.at[slot].set(0),
+        finish=state.finish.at[slot].set(RUNNING),
+        keys=state.keys.at[slot].set(key),
+        seen=state.seen.at[slot].set(prefix.seen),
+        controls=controls,
+    )
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def release(state: SlotState, slot: Array) -> SlotState:
+    """Mark ``slot`` FREE (a cancelled request, or one a stop string ended on the host)."""
+    return state.replace(finish=state.finish.at[slot].set(FREE))
+
+
+def _slot_forward(config: ModelConfig, params, state: SlotState):
+    """``step.forward`` of one token per slot, each slot writing at its own index.
+
+    Returns ``(logits [N, V] fp32, new cache)``."""
+
+    def one(last, position, k, v, segment_ids, index):
+        cache = {
+            "k": tuple(x[None] for x in k),
+            "v": tuple(x[None] for x in v),
+            "segment_ids": segment_ids[None],
+            "index": index,
+        }
+        one_token = jnp.ones((1, 1), jnp.int32)
+        logits, cache = step.forward(
+            config, params, last.reshape(1, 1), position.reshape(1, 1), one_token, cache
+        )
+        unbatch = lambda t: tuple(x[0] for x in t)  # noqa: E731
+        return logits[0], unbatch(cache["k"]), unbatch(cache["v"]), cache["segment_ids"][0]
+
+    c = state.cache
+    logits, k, v, seg = jax.vmap(one)(
+        state.last, state.positions, c["k"], c["v"], c["segment_ids"], c["index"]
+    )
+    return logits, {"k": k, "v": v, "segment_ids": seg, "index": c["index"]}
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "mode", "num_logprobs"), donate_argnames=("state",)
+)
+def generate(
+    config: ModelConfig, params, state: SlotState, *, mode: SamplingMode, num_logprobs: int = 0
+) -> tuple[SlotState, StepOutput]:
+    """Advance every RUNNING slot by one token; other slots are left as they are.
+
+    Args:
+      config: the model config (static).
+      params: model parameters.
+      state: the slots (donated).
+      mode: ``GREEDY`` when every running slot has temperature 0, else ``SAMPLE``.
+      num_logprobs: alternatives per token to return in ``StepOutput.top_*`` (static;
+        0 returns ``[N, 1]`` placeholders).
+    """
+    slots = state.last.shape[0]
+    rows = jnp.arange(slots)
+    logits, cache = _slot_forward(config, params, state)
+    running = state.finish == RUNNING
+    keys = None
+    if not mode.greedy:
+        keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
+    c = state.controls
+    tok = next_tokens(logits, c.knobs, mode, keys, state.seen)
+    tok = jnp.where(running, tok, 0)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if num_logprobs:
+        top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
+    else:
+        top_logprobs, top_ids = jnp.zeros((slots, 1)), jnp.zeros((slots, 1), jnp.int32)
+    finish = jnp.where(running, _finish_reason(tok, state.steps, c), state.finish)
+    cache["index"] = jnp.where(running, cache["index"] + 1, cache["index"])
+    new = state.replace(
+        cache=cache,
+        last=jnp.where(running, tok, state.last),
+        positions=jnp.where(running, state.positions + 1, state.positions),
+        steps=jnp.where(running, state.steps + 1, state.steps),
+        finish=finish,
+        seen=state.seen.at[rows, tok].set(state.seen[rows, tok] | running),
+    )
+    out = StepOutput(
+        tokens=tok,
+        finish=finish,
+        logprob=logprobs[rows, tok],
+        top_logprobs=top_logprobs,
+        top_ids=top_ids.astype(jnp.int32),
+    )
+    return new, out
+
+
+def request_controls(
+    p: SamplingParams, eos_token_ids, stop_width: int
+) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A request's ``insert`` arguments: knobs (numpy scalars), max_new, eos and stop rows.
+
+    Raises ``ValueError`` when it names more stop ids than the slots have room for."""
+    eos = () if p.ignore_eos else tuple(eos_token_ids)
+    if len(p.stop_token_ids) > stop_width or len(eos) > stop_width:
+        raise ValueError(
+            f"at most {stop_width} stop token ids per request, got {len(p.stop_token_ids)}."
+        )
+    knobs = {k: v[0] for k, v in row_arrays([p]).items()}
+    table = id_table([eos, p.stop_token_ids], multiple=stop_width)
+    return knobs, np.int32(p.max_new_tokens), table[0], table[1]
