@@ -85,6 +85,7 @@ def forward(
     cache: dict,
     *,
     compute_logits: bool = True,
+    all_logits: bool = False,
     pipeline: int = 0,
 ):
     """Run ``tokens`` through the model, writing their keys/values into ``cache``.
@@ -96,6 +97,7 @@ def forward(
         (0 = padding, never attended).
       cache: a ``layer_cache`` tree; the tokens are written at ``cache["index"]``.
       compute_logits: also return the logits of the last position.
+      all_logits: return the logits of every position, ``[B, T, V]`` (prompt scoring).
       pipeline: 0 runs the layers here, one after another; ``M > 0`` runs them as a
         pipeline over the mesh's ``stage`` axis with ``M`` microbatches (fewer when ``M``
         does not divide the batch); then ``params`` and ``cache`` must be stacked.
@@ -145,4 +147,6 @@ def forward(
     }
     if not compute_logits:
         return None, new_cache
+    if all_logits:
+        return output_logits(config, params, x), new_cache
     return output_logits(config, params, x[:, -1:])[:, 0], new_cache

@@ -228,6 +228,19 @@ class Engine:
             self.waiting.extend(requests)
             self._lock.notify_all()
 
+    def close(self) -> None:
+        """Stop admitting new requests (``submit`` raises ``EngineStopped``); running and
+        waiting ones go on. Thread- and signal-safe."""
+        self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     @property
     def free_slots(self) -> int:
         return sum(s is None for s in self.slots)
@@ -238,6 +251,22 @@ class Engine:
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
+
+    def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list:
+        """Per prompt token after the first: ``(logprob, [(id, logprob)] * k)``, the
+        model's distribution given the tokens before it (``echo`` with ``logprobs``).
+        Thread-safe; runs beside the decode loop, in the prompt's prefill bucket."""
+        n = len(prompt_ids)
+        tokens = np.zeros(self.bucket(n), np.int32)
+        tokens[:n] = prompt_ids
+        chosen, top_lp, top_ids = jax.device_get(
+            dev.score(self.config, self.params, tokens, k=max(1, k))
+        )
+        out = []
+        for i in range(n - 1):
+            top = zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist(), strict=True)
+            out.append((float(chosen[i]), list(top)))
+        return out
 
     # ------------------------------------------------------------ compilation
     def warmup(self, progress: Callable[[str], None] = print) -> float:
@@ -320,6 +349,8 @@ class Engine:
             self.metrics.observe_step(len(running), time.perf_counter() - start)
         for slot, r in running:
             self._deliver(slot, r, out, now)
+        if self.metrics is not None:
+            self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
 
     def _deliver(self, slot: int, r: Request, out: dev.StepOutput, now: float) -> None:
@@ -410,14 +441,28 @@ class Engine:
         else:
             self._fail_all()
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list:
-        """Convenience for tests and notebooks: run ``prompts`` to the end (the loop must
-        not be running in a thread); returns ``(token_ids, text, finish_reason)`` each."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams],
+    ) -> list[tuple[list[int], str, str]]:
+        """Run ``prompts`` to the end on this thread (for tests and notebooks; not while
+        ``start``'s thread runs). ``sampling``: one for all or one per prompt.
+
+        Returns ``(token_ids, text, finish_reason)`` per prompt."""
+        if isinstance(sampling, SamplingParams):
+            sampling = [sampling] * len(prompts)
         collectors = [Collector() for _ in prompts]
-        for ids, c in zip(prompts, collectors, strict=True):
-            self.submit(Request(list(ids), sampling, c))
-        while self.step() or self.waiting:
-            pass
+        pending = [
+            Request(list(ids), p, c)
+            for ids, p, c in zip(prompts, sampling, collectors, strict=True)
+        ]
+        for r in pending:
+            self.check(r.prompt_ids, r.sampling)
+        while pending or self.waiting or self.free_slots < self.num_slots:
+            while pending and len(self.waiting) < self.max_queue:
+                self.submit(pending.pop(0))
+            self.step()
         return [c.result(timeout=0) for c in collectors]
 
 

@@ -1,0 +1,62 @@
+"""Serving a model over an OpenAI-compatible HTTP API with continuous batching.
+
+Run (a neox_jax checkpoint, a training run directory, a LoRA run or a Hugging Face folder):
+
+  python -m neox_jax.serve --config=configs/serve.py --config.checkpoint=PATH
+
+then talk to it with any OpenAI client at http://127.0.0.1:8000/v1 (see README.md,
+"Serving"). Every field below can be overridden with --config.FIELD=VALUE.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The serving config (``arg`` is unused: there are no presets)."""
+    if arg:
+        raise ValueError(f"configs/serve.py has no presets, got {arg!r}.")
+    c = ml_collections.ConfigDict()
+    # ------------------------------------------------------------------ model
+    # A neox_jax checkpoint, a training run directory (its latest complete step), a LoRA
+    # run (merged into its base) or a Hugging Face GPT-NeoX folder. Required.
+    c.checkpoint = ""
+    # Tokenizer file or folder; "" = the one found beside the checkpoint.
+    c.tokenizer = ""
+    # The model id clients send ("model" field); "" = the checkpoint folder's name.
+    c.model_name = ""
+    # Compute dtype override: "" keeps the checkpoint's; "float32" or "bfloat16".
+    c.dtype = ""
+    # Attention implementation override: "" keeps the checkpoint's; "xla" or "pallas".
+    c.attention_impl = ""
+    # Chat template for /v1/chat/completions: a Jinja file, inline text, or "" for the
+    # default (neox_jax.finetune.chat.DEFAULT_CHAT_TEMPLATE, the one SFT trains with).
+    c.chat_template = ""
+
+    # ----------------------------------------------------------------- engine
+    # Decode slots: requests generated at once (continuous batching).
+    c.num_slots = 8
+    # Tokens per request (prompt + generated) = KV-cache columns per slot; 0 = the
+    # model's context. Cache memory is num_slots x max_len x (bytes per token).
+    c.max_len = 0
+    # Padded prompt lengths, compiled at start-up, e.g. "(64, 256, 1024)"; () = powers of
+    # two from 16 up to max_len.
+    c.prefill_buckets = ()
+    # Requests that may wait for a slot; beyond it the server answers 429.
+    c.max_queue = 64
+    # Prompts admitted between two decode steps (bounds how long decoding pauses).
+    c.max_prefills_per_step = 4
+    # Most choices per request (n) and most logprobs alternatives per token.
+    c.max_n = 8
+    c.max_logprobs = 5
+    # Most stop token ids a request may name.
+    c.max_stop_ids = 8
+
+    # ----------------------------------------------------------------- server
+    # Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every interface.
+    c.host = "127.0.0.1"
+    c.port = 8000
+    # Seconds in-flight requests get to finish after SIGTERM before they are cancelled.
+    c.shutdown_timeout = 30.0
+    # Compile every prefill bucket and decode step before listening.
+    c.warmup = True
+    return c

@@ -1,0 +1,129 @@
+"""Serve a model over an OpenAI-compatible HTTP API: the command-line entry point.
+
+  python -m neox_jax.serve --config=configs/serve.py --config.checkpoint=PATH
+
+Loads the model, compiles the engine's programs (a progress line each, then the time
+taken), and listens on ``config.host:config.port`` until SIGTERM or Ctrl-C: then it
+stops admitting requests, gives in-flight ones ``config.shutdown_timeout`` seconds,
+cancels the rest and exits 0. Bad input prints one line on stderr and exits 2.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Serving config file (configs/serve.py).", lock_config=True
+)
+
+
+def build(config, progress=print):
+    """``(engine, app)`` for a ``configs/serve.py`` config (loads and compiles)."""
+    from neox_jax.convert import find_tokenizer, load_model
+    from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.errors import UserError
+    from neox_jax.serving.api import create_app
+    from neox_jax.serving.engine import Engine
+    from neox_jax.serving.metrics import Metrics
+
+    if not config.checkpoint:
+        raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+    overrides = {k: config[k] for k in ("dtype", "attention_impl") if config[k]}
+    model_config, params = load_model(config.checkpoint, **overrides)
+    tok_path = config.tokenizer or find_tokenizer(config.checkpoint)
+    tokenizer = load_tokenizer(tok_path) if tok_path else None
+    if tokenizer is None:
+        progress("no tokenizer found: only token-id prompts are served (pass --config.tokenizer)")
+    metrics = Metrics(config.num_slots)
+    engine = Engine(
+        model_config,
+        params,
+        tokenizer,
+        num_slots=config.num_slots,
+        max_len=config.max_len or None,
+        prefill_buckets=tuple(config.prefill_buckets) or None,
+        max_queue=config.max_queue,
+        stop_width=config.max_stop_ids,
+        max_logprobs=config.max_logprobs,
+        max_prefills_per_step=config.max_prefills_per_step,
+        metrics=metrics,
+    )
+    del params  # the engine keeps its per-layer copy
+    if config.warmup:
+        engine.warmup(progress)
+    name = config.model_name or Path(config.checkpoint).resolve().name
+    template = config.chat_template or None
+    if template is not None and tokenizer is not None:
+        from neox_jax.finetune.chat import read_chat_template
+
+        template = read_chat_template(template)  # fail now on a missing file
+    application = create_app(
+        engine,
+        model_name=name,
+        chat_template=template,
+        max_n=config.max_n,
+        metrics=metrics,
+        shutdown_timeout=config.shutdown_timeout,
+    )
+    return engine, application
+
+
+def serve(config) -> None:
+    """Build, then run uvicorn until a signal; SIGTERM/SIGINT close admission at once."""
+    import uvicorn
+
+    engine, application = build(config)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.close()  # new requests get 503 while in-flight ones finish
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutting down (death by SIGTERM);
+            # a graceful SIGTERM shutdown is a success: exit 0. Ctrl-C still ends in 130.
+            if sig == signal.SIGTERM:
+                self._captured_signals.remove(sig)
+
+    server = Server(
+        uvicorn.Config(
+            application,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=config.shutdown_timeout,
+        )
+    )
+    print(
+        f"serving {application.title} model on http://{config.host}:{config.port}/v1 "
+        f"({engine.num_slots} slots x {engine.max_len} tokens)",
+        flush=True,
+    )
+    server.run()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    from neox_jax.errors import UserError
+
+    config = _CONFIG.value
+    if config is None:
+        print("neox_jax.serve: error: pass --config=configs/serve.py", file=sys.stderr)
+        sys.exit(2)
+    try:
+        serve(config)
+    except (UserError, FileNotFoundError) as e:
+        print(f"neox_jax.serve: error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,439 @@
+"""The OpenAI-compatible HTTP API over an ``Engine`` (FastAPI on uvicorn).
+
+Why FastAPI/Starlette on uvicorn: it is the ASGI stack vLLM's and TGI's OpenAI
+front-ends use, it streams server-sent events without extra libraries, and request
+bodies are validated by pydantic. The engine runs in its own thread; each HTTP call
+submits its sequences (one per prompt and choice) and receives their events through
+an asyncio queue fed with ``call_soon_threadsafe``. A call whose client goes away
+cancels its sequences, which frees their slots at the engine's next step.
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``, ``GET /metrics`` (Prometheus text).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from neox_jax.errors import UserError
+from neox_jax.serving import protocol
+from neox_jax.serving.engine import CANCELLED, Engine, EngineStopped, Event, QueueFull
+from neox_jax.serving.engine import Request as Sequence_
+from neox_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, bad
+
+
+class _Call:
+    """The sequences of one HTTP call and the queue their events arrive on."""
+
+    def __init__(self, engine: Engine, poll_s: float = 0.5):
+        self.engine, self.poll_s = engine, poll_s
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.sequences: list[Sequence_] = []
+
+    def add(self, ids, sampling, num_logprobs: int, row: int) -> None:
+        index = len(self.sequences)
+
+        def sink(event: Event, index=index) -> None:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        self.sequences.append(Sequence_(ids, sampling, sink, num_logprobs, row))
+
+    def submit(self) -> None:
+        try:
+            self.engine.submit_many(self.sequences)
+        except UserError as e:
+            raise bad(str(e)) from None
+        except QueueFull as e:
+            raise APIError(429, f"too many requests: {e}", code="queue_full") from None
+        except EngineStopped as e:
+            raise APIError(503, str(e), code="shutting_down") from None
+
+    async def events(self, http: Request) -> AsyncIterator[tuple[int, Event]]:
+        """Every sequence's events until all are done; cancels them on the way out
+        (finished, client gone or an error)."""
+        remaining = len(self.sequences)
+        try:
+            while remaining:
+                try:
+                    index, event = await asyncio.wait_for(self.queue.get(), self.poll_s)
+                except TimeoutError:
+                    if await http.is_disconnected():
+                        return
+                    continue
+                remaining -= event.done
+                yield index, event
+        finally:
+            for s in self.sequences:
+                s.cancel()
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str,
+    chat_template: str | None = None,
+    max_n: int = 8,
+    metrics=None,
+    shutdown_timeout: float = 30.0,
+) -> FastAPI:
+    """The app serving ``engine`` as model ``model_name``; starts the engine's thread on
+    start-up and stops it (``shutdown_timeout`` to finish) on shutdown."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        if not engine.running:
+            engine.start()
+        yield
+        await asyncio.to_thread(engine.stop, shutdown_timeout)
+
+    app = FastAPI(title="neox_jax", lifespan=lifespan)
+    tok = engine.tokenizer
+    created = int(time.time())
+
+    # ---------------------------------------------------------------- errors
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        message, param = protocol.validation_message(list(e.errors()))
+        return JSONResponse(APIError(400, message, param).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_, e: Exception):
+        body = APIError(500, f"internal error: {type(e).__name__}: {e}").body()
+        return JSONResponse(body, status_code=500)
+
+    # ----------------------------------------------------------------- helpers
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{model_name}'.",
+                "model",
+                "model_not_found",
+            )
+
+    def encode(prompt) -> list[list[int]]:
+        """The prompt field as token-id lists (400 on empty or text without tokenizer)."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise bad("prompt is empty: give text or token ids.", "prompt")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                if tok is None:
+                    raise bad("this server has no tokenizer: send token ids.", "prompt")
+                p = tok.encode(p)
+            if not p:
+                raise bad("prompt is empty: give text or token ids.", "prompt")
+            out.append(list(p))
+        return out
+
+    def token_str(i: int) -> str:
+        return tok.decode([i]) if tok is not None else f"token_id:{i}"
+
+    def decode(ids: Sequence[int]) -> str:
+        return tok.decode(list(ids)) if tok is not None else ""
+
+    def max_tokens_for(req, ids: list[int], default: int | None) -> int:
+        if len(ids) >= engine.max_len:
+            raise bad(
+                f"the prompt has {len(ids)} tokens; this server's limit is {engine.max_len} "
+                "tokens per request (prompt + max_tokens): shorten the prompt.",
+                "prompt",
+            )
+        value = default if default is not None else engine.max_len - len(ids)
+        if value > engine.max_len - 1:
+            raise bad(
+                f"max_tokens={value} is beyond this server's limit of {engine.max_len} tokens "
+                "per request (prompt + max_tokens).",
+                "max_tokens",
+            )
+        return value
+
+    def usage(prompts: list[list[int]], n: int, completion_tokens: int) -> dict:
+        prompt_tokens = sum(len(p) for p in prompts) * n
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def sse(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+    def finish(reason: str | None) -> str | None:
+        if reason == CANCELLED:
+            raise APIError(503, "the request was cancelled: the server is shutting down.")
+        return reason
+
+    # --------------------------------------------------------------- endpoints
+    @app.get("/health")
+    async def health():
+        if not engine.accepting:
+            raise APIError(503, "shutting down", code="shutting_down")
+        return {"status": "ok", "free_slots": engine.free_slots, "queue": engine.queue_length}
+
+    @app.get("/metrics")
+    async def prometheus():
+        if metrics is None:
+            raise APIError(404, "metrics are off")
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "neox_jax",
+            "max_model_len": engine.max_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: Request):
+        check_model(body.model)
+        if body.suffix:
+            raise bad("suffix is not supported.", "suffix")
+        if body.best_of not in (None, body.n):
+            raise bad("best_of must equal n (or be omitted).", "best_of")
+        k = body.logprobs or 0
+        if not 0 <= k <= engine.max_logprobs:
+            raise bad(f"logprobs must be between 0 and {engine.max_logprobs}.", "logprobs")
+        want_lp = body.logprobs is not None
+        prompts = encode(body.prompt)
+        call = _Call(engine)
+        for ids in prompts:
+            sampling = body.sampling(max_tokens_for(body, ids, body.max_tokens), max_n)
+            for j in range(body.n):
+                call.add(ids, sampling, k if want_lp else 0, j)
+        call.submit()
+        rid, n = f"cmpl-{uuid.uuid4().hex}", body.n
+        echo_lp = {}
+        if body.echo and want_lp:
+            for ids in {tuple(p) for p in prompts}:
+                echo_lp[ids] = await asyncio.to_thread(engine.prompt_logprobs, list(ids), k)
+
+        def logprobs_obj(ids, lps, offset0=0) -> dict:
+            tokens = [token_str(i) for i in ids]
+            offsets, pos = [], offset0
+            for t in tokens:
+                offsets.append(pos)
+                pos += len(t)
+            return {
+                "tokens": tokens,
+                "token_logprobs": [lp[0] if lp else None for lp in lps],
+                "top_logprobs": [{token_str(i): v for i, v in lp[1]} if lp else None for lp in lps],
+                "text_offset": offsets,
+            }
+
+        def echo_part(index: int) -> tuple[str, dict | None]:
+            ids = prompts[index // n]
+            text = decode(ids)
+            if not want_lp:
+                return text, None
+            lps = [None] + echo_lp[tuple(ids)]
+            return text, logprobs_obj(ids, lps)
+
+        def merge(a: dict | None, b: dict | None) -> dict | None:
+            if a is None or b is None:
+                return a or b
+            shift = (a["text_offset"][-1] + len(a["tokens"][-1])) if a["tokens"] else 0
+            return {
+                "tokens": a["tokens"] + b["tokens"],
+                "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
+                "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
+                "text_offset": a["text_offset"] + [o + shift for o in b["text_offset"]],
+            }
+
+        def chunk(index, text, lp, reason=None) -> dict:
+            choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
+            return {
+                "id": rid,
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [choice],
+            }
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def stream():
+                count = 0
+                try:
+                    if body.echo:
+                        for index in range(len(call.sequences)):
+                            text, lp = echo_part(index)
+                            yield sse(chunk(index, text, lp))
+                    async for index, ev in call.events(http):
+                        count += len(ev.token_ids)
+                        lp = logprobs_obj(ev.token_ids, ev.logprobs) if want_lp else None
+                        if ev.text or ev.done or want_lp:
+                            yield sse(chunk(index, ev.text, lp, finish(ev.finish_reason)))
+                except APIError as e:
+                    yield sse(e.body())
+                if include_usage:
+                    final = chunk(0, "", None)
+                    final["choices"], final["usage"] = [], usage(prompts, n, count)
+                    yield sse(final)
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        texts = [[] for _ in call.sequences]
+        ids_out = [[] for _ in call.sequences]
+        lps = [[] for _ in call.sequences]
+        reasons = [None] * len(call.sequences)
+        async for index, ev in call.events(http):
+            texts[index].append(ev.text)
+            ids_out[index] += ev.token_ids
+            lps[index] += ev.logprobs
+            if ev.done:
+                reasons[index] = finish(ev.finish_reason)
+        choices = []
+        for index in range(len(call.sequences)):
+            text, lp = "".join(texts[index]), None
+            if want_lp:
+                lp = logprobs_obj(ids_out[index], lps[index])
+            if body.echo:
+                prefix, prefix_lp = echo_part(index)
+                text, lp = prefix + text, merge(prefix_lp, lp)
+            choices.append(
+                {"index": index, "text": text, "logprobs": lp, "finish_reason": reasons[index]}
+            )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": usage(prompts, n, sum(map(len, ids_out))),
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, http: Request):
+        from neox_jax.finetune.chat import ChatFormatError, encode_chat
+
+        check_model(body.model)
+        if tok is None:
+            raise bad("chat needs the model's tokenizer; this server has none.")
+        if not body.messages:
+            raise bad("messages is empty: give at least one message.", "messages")
+        k = body.top_logprobs or 0
+        if not 0 <= k <= engine.max_logprobs or (k and not body.logprobs):
+            raise bad(
+                f"top_logprobs must be between 0 and {engine.max_logprobs}, with logprobs=true.",
+                "top_logprobs",
+            )
+        messages = [m.model_dump() for m in body.messages]
+        try:
+            ids = encode_chat(messages, tok, chat_template)
+        except ChatFormatError as e:
+            raise bad(str(e), "messages") from None
+        limit = body.max_completion_tokens or body.max_tokens
+        sampling = body.sampling(max_tokens_for(body, ids, limit), max_n)
+        call = _Call(engine)
+        for j in range(body.n):
+            call.add(ids, sampling, max(k, 1) if body.logprobs else 0, j)
+        call.submit()
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+
+        def content_lp(token_ids, lps) -> list[dict]:
+            out = []
+            for i, (lp, top) in zip(token_ids, lps, strict=True):
+                s = token_str(i)
+                alts = [
+                    {"token": token_str(t), "logprob": v, "bytes": list(token_str(t).encode())}
+                    for t, v in top[:k]
+                ]
+                out.append(
+                    {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": alts}
+                )
+            return out
+
+        def chunk(index, delta, lp=None, reason=None) -> dict:
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
+            return {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model_name,
+                "choices": [choice],
+            }
+
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+            async def stream():
+                count = 0
+                try:
+                    for index in range(body.n):
+                        yield sse(chunk(index, {"role": "assistant", "content": ""}))
+                    async for index, ev in call.events(http):
+                        count += len(ev.token_ids)
+                        lp = None
+                        if body.logprobs:
+                            lp = {"content": content_lp(ev.token_ids, ev.logprobs)}
+                        if ev.text or (body.logprobs and ev.token_ids):
+                            yield sse(chunk(index, {"content": ev.text}, lp))
+                        if ev.done:
+                            yield sse(chunk(index, {}, None, finish(ev.finish_reason)))
+                except APIError as e:
+                    yield sse(e.body())
+                if include_usage:
+                    final = chunk(0, {})
+                    final["choices"], final["usage"] = [], usage([ids], body.n, count)
+                    yield sse(final)
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream")
+
+        texts = [[] for _ in range(body.n)]
+        ids_out = [[] for _ in range(body.n)]
+        lps = [[] for _ in range(body.n)]
+        reasons = [None] * body.n
+        async for index, ev in call.events(http):
+            texts[index].append(ev.text)
+            ids_out[index] += ev.token_ids
+            lps[index] += ev.logprobs
+            if ev.done:
+                reasons[index] = finish(ev.finish_reason)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "logprobs": {"content": content_lp(ids_out[i], lps[i])} if body.logprobs else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(body.n)
+        ]
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            "usage": usage([ids], body.n, sum(map(len, ids_out))),
+        }
+
+    return app

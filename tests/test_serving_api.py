@@ -1,0 +1,292 @@
+"""The OpenAI-compatible server, end to end: a real ``python -m neox_jax.serve`` process
+on a free loopback port, driven by the official ``openai`` client and raw HTTP.
+
+One tiny random model and one server process for the module. Greedy outputs are
+compared with ``Generator.generate`` in this process (exact tokens: see
+test_serving_engine.py for why no tolerance is needed on this model).
+"""
+
+import concurrent.futures
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hf_reference import make_hf_model, train_byte_level_bpe
+
+from neox_jax.convert import load_hf
+from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.inference import Generator, SamplingParams
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOTS, MAX_LEN, QUEUE = 2, 64, 4
+TEXTS = ["the model reads tokens and predicts what comes next", "hello world, hello model"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, log: Path):
+        self.port = _free_port()
+        self.name = model_dir.name
+        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+        cmd = [
+            sys.executable, "-m", "neox_jax.serve", f"--config={ROOT / 'configs/serve.py'}",
+            f"--config.checkpoint={model_dir}", f"--config.port={self.port}",
+            f"--config.num_slots={SLOTS}", f"--config.max_len={MAX_LEN}",
+            f"--config.max_queue={QUEUE}", "--config.prefill_buckets=(16,)",
+            "--config.shutdown_timeout=20",
+        ]  # fmt: skip
+        self.log = log
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
+            try:
+                if self.get("/health")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.5)
+        self.proc.kill()
+        raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
+
+    def request(self, method, path, body=None, raw: bytes | None = None):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, data, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        conn.close()
+        return resp.status, text
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, body=None, raw=None):
+        status, text = self.request("POST", path, body, raw)
+        return status, json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("served")
+    tok = train_byte_level_bpe(path, TEXTS * 20, 120, {"eos_token": "<|endoftext|>"})
+    make_hf_model(path, vocab_size=tok.vocab_size, max_position_embeddings=96)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
+    yield s
+    if s.proc.poll() is None:
+        s.proc.kill()
+        s.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def generator(model_dir):
+    config, params = load_hf(model_dir)
+    return Generator(config, params, load_tokenizer(model_dir), max_cache_len=MAX_LEN)
+
+
+def test_startup_progress_and_models(server, client):
+    log = server.log.read_text()
+    assert "compiling prefill bucket 16" in log and "compiled 6 programs in" in log
+    (card,) = client.models.list().data
+    assert card.id == server.name and card.owned_by == "neox_jax"
+
+
+def test_completion_equals_generator_and_usage(server, client, generator):
+    prompt = "the model reads"
+    r = client.completions.create(
+        model=server.name, prompt=prompt, max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    ref = generator.generate([prompt], SamplingParams(max_new_tokens=12, ignore_eos=True))[0]
+    assert r.choices[0].text == ref.text and r.choices[0].finish_reason == "length"
+    n_prompt = len(ref.prompt_token_ids)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (n_prompt, 12)
+    assert r.usage.total_tokens == n_prompt + 12
+    # Token ids as the prompt, a batch of two prompts, n=2 choices each.
+    ids = ref.prompt_token_ids
+    r = client.completions.create(
+        model=server.name, prompt=[ids, ids[:3]], max_tokens=5, n=2, temperature=0.8, seed=4
+    )
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.usage.prompt_tokens == 2 * (len(ids) + 3) and r.usage.completion_tokens <= 20
+    assert r.choices[0].text != r.choices[1].text  # two choices draw independently
+
+
+def test_stream_equals_non_stream(server, client):
+    kw = dict(model=server.name, prompt="hello world", max_tokens=10, temperature=0.7, seed=11)
+    whole = client.completions.create(**kw).choices[0]
+    chunks = list(
+        client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.finish_reason
+    assert chunks[-1].usage.completion_tokens == 10 or whole.finish_reason == "stop"
+
+
+def test_chat_stream_and_stop(server, client, generator):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    kw = dict(model=server.name, messages=messages, max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    from neox_jax.finetune.chat import encode_chat
+
+    ids = encode_chat(messages, generator.tokenizer)
+    ref = generator.generate([ids], SamplingParams(max_new_tokens=12))[0]
+    assert whole.choices[0].message.content == ref.text
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    if len(ref.text) > 3:  # a stop string cuts the text before it
+        stop = ref.text[2:4]
+        cut = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+        assert cut.message.content == ref.text[: ref.text.index(stop)]
+        assert cut.finish_reason == "stop"
+
+
+def test_logprobs_and_echo(server, client):
+    r = client.completions.create(
+        model=server.name, prompt="hello model", max_tokens=4, temperature=0, logprobs=2,
+        echo=True, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    c = r.choices[0]
+    lp = c.logprobs
+    n_prompt = r.usage.prompt_tokens
+    assert c.text.startswith("hello model")
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for i in range(1, n_prompt + 4):
+        assert lp.token_logprobs[i] <= 0 and len(lp.top_logprobs[i]) <= 2
+        # greedy: each generated token is the most likely one. (Alternatives are keyed by
+        # their text, so two tokens that decode alike, e.g. partial UTF-8, share a key.)
+        if i >= n_prompt:
+            assert lp.token_logprobs[i] >= max(lp.top_logprobs[i].values()) - 1e-6
+    chat = client.chat.completions.create(
+        model=server.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
+
+
+BAD = [
+    ({"model": "other", "prompt": "x"}, 404, "does not exist"),
+    ({"model": "{m}", "prompt": "x" * 80}, 400, f"limit is {MAX_LEN}"),
+    ({"model": "{m}", "prompt": "x", "max_tokens": 0}, 400, "at least 1"),
+    ({"model": "{m}", "prompt": "x", "max_tokens": 500}, 400, f"limit of {MAX_LEN}"),
+    ({"model": "{m}", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"model": "{m}", "prompt": "x", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "{m}", "prompt": "x", "n": 99}, 400, "n must be"),
+    ({"model": "{m}", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "{m}", "prompt": ""}, 400, "empty"),
+    ({"model": "{m}", "prompt": []}, 400, "empty"),
+    ({"model": "{m}"}, 400, "prompt"),
+    ({"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
+    ({"model": "{m}", "prompt": [10**6]}, 400, "outside the vocabulary"),
+    ({"model": "{m}", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+]
+
+
+def _bad(server, body):
+    return json.loads(json.dumps(body).replace("{m}", server.name))
+
+
+@pytest.mark.parametrize("body,status,fragment", BAD)
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    code, reply = server.post("/v1/completions", _bad(server, body))
+    assert code == status, reply
+    assert fragment in reply["error"]["message"] and reply["error"]["type"]
+
+
+def test_malformed_json_chat_errors_and_queue_limit(server):
+    code, reply = server.post("/v1/completions", raw=b'{"model": ')
+    assert code == 400 and "not valid JSON" in reply["error"]["message"]
+    code, reply = server.post("/v1/chat/completions", {"model": server.name, "messages": []})
+    assert code == 400 and "messages" in reply["error"]["message"]
+    bad_role = {"model": server.name, "messages": [{"role": "wizard", "content": "x"}]}
+    assert server.post("/v1/chat/completions", bad_role)[0] == 400
+    # More choices than the queue holds: refused whole, with 429.
+    code, reply = server.post(
+        "/v1/completions", {"model": server.name, "prompt": "x", "n": QUEUE + 1}
+    )
+    assert code == 429 and "retry later" in reply["error"]["message"]
+
+
+def test_many_mixed_requests_leave_every_slot_free(server):
+    """~200 requests, a third bad, four at a time; streams dropped half-way too."""
+    good = {"model": server.name, "prompt": "hello", "max_tokens": 6, "temperature": 0.5}
+
+    def one(i):
+        if i % 3 == 0:
+            body = _bad(server, BAD[i % len(BAD)][0])
+            return server.post("/v1/completions", body)[0]
+        if i % 10 == 1:  # read the first event of a stream, then hang up
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            body = dict(good, stream=True, max_tokens=40)
+            headers = {"Content-Type": "application/json"}
+            conn.request("POST", "/v1/completions", json.dumps(body), headers)
+            resp = conn.getresponse()
+            resp.readline()
+            conn.close()
+            return resp.status
+        return server.post("/v1/completions", dict(good, seed=i))[0]
+
+    with concurrent.futures.ThreadPoolExecutor(QUEUE) as pool:
+        codes = list(pool.map(one, range(200)))
+    assert set(codes) <= {200, 400, 404, 429}
+    assert codes.count(200) > 100
+    deadline = time.monotonic() + 30  # dropped streams are noticed within the poll
+    while time.monotonic() < deadline:
+        health = json.loads(server.get("/health")[1])
+        if health["free_slots"] == SLOTS and health["queue"] == 0:
+            break
+        time.sleep(0.2)
+    assert health == {"status": "ok", "free_slots": SLOTS, "queue": 0}
+    metrics = server.get("/metrics")[1]
+    assert "neox_jax_active_slots 0.0" in metrics and "neox_jax_queue_length 0.0" in metrics
+    for name in ("time_to_first_token_seconds_count", "time_per_output_token_seconds_count"):
+        assert f"neox_jax_{name}" in metrics
+    assert "neox_jax_tokens_per_second" in metrics
+
+
+def test_sigterm_finishes_in_flight_and_exits_0(server):
+    """Runs last: stops the module's server. A stream in flight at SIGTERM completes."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    body = {"model": server.name, "prompt": "hi", "max_tokens": 40, "ignore_eos": True}
+    body["stream"] = True
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    first = resp.readline()
+    assert first.startswith(b"data: {")
+    server.proc.send_signal(signal.SIGTERM)
+    events = [first] + [line for line in resp.read().splitlines() if line.startswith(b"data:")]
+    conn.close()
+    assert events[-1] == b"data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert server.proc.wait(60) == 0

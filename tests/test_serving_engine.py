@@ -1,0 +1,199 @@
+"""The continuous-batching engine (neox_jax.serving) against ``Generator.generate``.
+
+The reference for every request is ``Generator.generate`` on that request alone. Both
+compute in fp32 with the same decode step, but the engine runs each slot as a batch
+of one under ``vmap`` with a longer cache, so logits may differ in the last bits.
+A greedy token could only flip where two logits are within that round-off (~1e-6) of
+each other; the random O(1)-logit model of ``hf_reference.make_hf_model`` makes that
+vanishingly rare, so the tokens must agree exactly (a real bug, e.g. a slot reading
+another slot's cache or a wrong position, changes tokens within a step or two).
+Sampled requests use the same per-request PRNG keys, so they must agree too (a flip
+would need a uniform draw within ~1e-6 of a CDF boundary).
+"""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from hf_reference import make_hf_model, train_byte_level_bpe
+
+from neox_jax.convert import load_hf
+from neox_jax.errors import UserError
+from neox_jax.inference import Generator, SamplingParams
+from neox_jax.model import GPTNeoX
+from neox_jax.serving import Collector, Engine, EngineStopped, QueueFull, Request
+from neox_jax.serving import slots as dev
+
+TEXTS = ["the model reads tokens and predicts what comes next", "héllo wörld, ça va? 🙂"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve_model")
+    tok = train_byte_level_bpe(path, TEXTS * 20, 120, {"eos_token": "<|endoftext|>"})
+    make_hf_model(path, vocab_size=tok.vocab_size, max_position_embeddings=96)
+    config, params = load_hf(path)
+    return config, params, tok
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=3, max_len=64, prefill_buckets=(8, 16, 32), max_queue=40
+    )
+    lines = []
+    eng.warmup(progress=lines.append)
+    assert lines[-1].startswith("compiled 8 programs in")  # 4 buckets + 4 step variants
+    return eng
+
+
+def _prompts(vocab, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(2, vocab, n)] for n in lengths]
+
+
+def _cache_sizes():
+    return [f._cache_size() for f in (dev.prefill, dev.insert, dev.generate, dev.release)]
+
+
+def test_concurrent_greedy_requests_equal_generator_alone(model, engine):
+    """More requests than slots, mixed prompt lengths and max_tokens (so slots retire
+    and refill at different steps): each equals its own ``Generator.generate``."""
+    config, params, tok = model
+    gen = Generator(config, params, tok)
+    lengths = (1, 5, 30, 9, 17, 2, 12, 40)
+    prompts = _prompts(config.vocab_size, lengths)
+    samplings = [
+        SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (20, 3, 11, 24, 6, 15, 9, 13)
+    ]
+    before = _cache_sizes()
+    collectors = [Collector() for _ in prompts]
+    for p, s, c in zip(prompts, samplings, collectors, strict=True):
+        engine.submit(Request(p, s, c))
+    while engine.step():
+        pass
+    assert _cache_sizes() == before  # nothing compiled after warm-up
+    for p, s, c in zip(prompts, samplings, collectors, strict=True):
+        ids, text, reason = c.result(timeout=0)
+        ref = gen.generate([p], s)[0]
+        assert ids == ref.token_ids
+        assert text == ref.text
+        assert reason == "length" == ref.finish_reason
+    assert engine.free_slots == engine.num_slots
+
+
+def test_sampling_knobs_eos_and_stops_equal_generator(model, engine):
+    """Per-request temperature / top-k / top-p / penalty / seed, eos, stop ids and stop
+    strings, all in one batch: each request equals the ``Generator`` alone."""
+    config, params, tok = model
+    gen = Generator(config, params, tok)
+    prompts = _prompts(config.vocab_size, (4, 11, 7, 3, 9), seed=3)
+    greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    free = gen.generate(prompts[3:5], greedy)
+    stop_id = free[0].token_ids[4]
+    stop_text = free[1].text[3:5]
+    assert len(stop_text) == 2
+    samplings = [
+        SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.8, seed=7, ignore_eos=True),
+        SamplingParams(max_new_tokens=16, temperature=1.3, top_k=5, repetition_penalty=1.5),
+        SamplingParams(max_new_tokens=16, repetition_penalty=2.0, ignore_eos=True),
+        SamplingParams(max_new_tokens=12, stop_token_ids=(stop_id,), ignore_eos=True),
+        SamplingParams(max_new_tokens=12, stop_strings=(stop_text,), seed=1, ignore_eos=True),
+    ]
+    samplings.append(SamplingParams(max_new_tokens=30))  # eos (tokenizer's) may end it
+    prompts.append(prompts[0])
+    results = engine.generate(prompts, samplings)
+    for p, s, (ids, text, reason) in zip(prompts, samplings, results, strict=True):
+        ref = gen.generate([p], s)[0]
+        assert ids == ref.token_ids, s
+        assert text == ref.text
+        assert reason == ("length" if ref.finish_reason == "length" else "stop")
+    assert results[3][0][-1] == stop_id and results[3][2] == "stop"
+    assert stop_text not in results[4][1] and results[4][2] == "stop"
+
+
+def test_logprobs_are_the_models_distribution(model, engine):
+    config, params, tok = model
+    prompt = _prompts(config.vocab_size, (6,), seed=9)[0]
+    c = Collector()
+    engine.submit(Request(prompt, SamplingParams(max_new_tokens=3, ignore_eos=True), c, 3))
+    events = []
+    while engine.step():
+        pass
+    while not c.events.empty():
+        events.append(c.events.get())
+    ids = prompt + [t for e in events for t in e.token_ids]
+    logits = GPTNeoX(config).apply({"params": params}, np.asarray([ids]))[0]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    lps = [lp for e in events for lp in e.logprobs]
+    assert len(lps) == 3
+    for i, (chosen, top) in enumerate(lps):
+        row = np.asarray(logp[len(prompt) - 1 + i])
+        # fp32 log-softmax of the same logits through two code paths: 1e-4.
+        assert chosen == pytest.approx(row[ids[len(prompt) + i]], abs=1e-4)
+        assert [t for t, _ in top] == list(np.argsort(-row)[:3])
+        assert top[0][0] == ids[len(prompt) + i]  # greedy takes the most likely
+
+
+def test_queue_bound_cancel_and_bad_requests(model, engine):
+    config, _, _ = model
+    prompt = _prompts(config.vocab_size, (5,))[0]
+    long = SamplingParams(max_new_tokens=50, ignore_eos=True)
+    first = [Request(prompt, long, Collector()) for _ in range(engine.num_slots)]
+    for r in first:
+        engine.submit(r)
+    engine.step()  # all slots busy
+    assert engine.free_slots == 0
+    queued = [Request(prompt, long, Collector()) for _ in range(engine.max_queue)]
+    engine.submit_many(queued)
+    with pytest.raises(QueueFull, match="retry later"):
+        engine.submit(Request(prompt, long, Collector()))
+    first[1].cancel()
+    for r in queued:
+        r.cancel()
+    engine.step()  # the cancelled slot is freed and refilled from the queue... if any
+    assert first[1].sink.result(timeout=0)[2] == "cancelled"
+    assert all(r.sink.result(timeout=0)[2] == "cancelled" for r in queued)
+    assert engine.queue_length == 0 and engine.free_slots == 1
+    for r in first:
+        r.cancel()
+    engine.step()
+    assert engine.free_slots == engine.num_slots
+    with pytest.raises(UserError, match="limit of 64 tokens"):
+        engine.submit(Request(prompt, SamplingParams(max_new_tokens=60), Collector()))
+    with pytest.raises(UserError, match="empty"):
+        engine.submit(Request([], long, Collector()))
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        engine.submit(Request([config.vocab_size], long, Collector()))
+
+
+def test_background_thread_serves_concurrent_callers_and_stops(model, engine):
+    """Runs last: it stops the module's engine."""
+    config, params, tok = model
+    eng = engine
+    eng.start()
+    prompts = _prompts(config.vocab_size, (3, 8, 5, 12, 2), seed=4)
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    results = [None] * len(prompts)
+
+    def call(i):
+        c = Collector()
+        eng.submit(Request(prompts[i], sampling, c))
+        results[i] = c.result(timeout=120)[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    gen = Generator(config, params, tok)
+    assert results == [r.token_ids for r in gen.generate(prompts, sampling)]
+    slow = Collector()
+    eng.submit(Request(prompts[0], SamplingParams(max_new_tokens=25, ignore_eos=True), slow))
+    eng.stop(timeout=0.0)  # cancel at once
+    assert slow.result(timeout=10)[2] in ("cancelled", "length")
+    assert eng.free_slots == eng.num_slots
+    with pytest.raises(EngineStopped):
+        eng.submit(Request(prompts[0], sampling, Collector()))
