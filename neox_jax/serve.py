@@ -5,34 +5,49 @@
 Loads the model, compiles the engine's programs (a progress line each, then the time
 taken), and listens on ``config.host:config.port`` until SIGTERM or Ctrl-C: then it
 stops admitting requests, gives in-flight ones ``config.shutdown_timeout`` seconds,
-cancels the rest and exits 0. Bad input prints one line on stderr and exits 2.
+cancels the rest and exits 0. Bad input prints one line on stderr and exits 2, Ctrl-C
+exits 130 (``neox_jax.cli``).
 """
 
 from __future__ import annotations
 
 import signal
-import sys
 from pathlib import Path
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from neox_jax import cli
+from neox_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Serving config file (configs/serve.py).", lock_config=True
-)
+
+def check_config(config) -> None:
+    """Raises ``UserError`` naming a bad field, before anything is loaded."""
+    if not config.checkpoint:
+        raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+    positive = ("num_slots", "max_prefills_per_step", "max_n", "max_stop_ids")
+    for name in positive:
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise UserError(f"--config.{name} must be an integer >= 1, got {config[name]!r}.")
+    for name in ("max_len", "max_queue", "max_logprobs"):
+        if not isinstance(config[name], int) or config[name] < 0:
+            raise UserError(f"--config.{name} must be an integer >= 0, got {config[name]!r}.")
+    if not 0 <= config.port < 65536:
+        raise UserError(f"--config.port must be in [0, 65535], got {config.port}.")
+    if config.shutdown_timeout < 0:
+        raise UserError(f"--config.shutdown_timeout must be >= 0, got {config.shutdown_timeout}.")
+    if any(not isinstance(b, int) or b < 2 for b in config.prefill_buckets):
+        raise UserError(
+            f"--config.prefill_buckets must be integers >= 2, got {config.prefill_buckets!r}."
+        )
 
 
 def build(config, progress=print):
     """``(engine, app)`` for a ``configs/serve.py`` config (loads and compiles)."""
     from neox_jax.convert import find_tokenizer, load_model
     from neox_jax.data.tokenizer import load_tokenizer
-    from neox_jax.errors import UserError
     from neox_jax.serving.api import create_app
     from neox_jax.serving.engine import Engine
     from neox_jax.serving.metrics import Metrics
 
-    if not config.checkpoint:
-        raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+    check_config(config)
     overrides = {k: config[k] for k in ("dtype", "attention_impl") if config[k]}
     model_config, params = load_model(config.checkpoint, **overrides)
     tok_path = config.tokenizer or find_tokenizer(config.checkpoint)
@@ -105,25 +120,7 @@ def serve(config) -> None:
     server.run()
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    from neox_jax.errors import UserError
-
-    config = _CONFIG.value
-    if config is None:
-        print("neox_jax.serve: error: pass --config=configs/serve.py", file=sys.stderr)
-        sys.exit(2)
-    try:
-        serve(config)
-    except (UserError, FileNotFoundError) as e:
-        print(f"neox_jax.serve: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
-
+COMMAND = cli.Command(serve, "neox_jax.serve", default_config="serve.py")
 
 if __name__ == "__main__":
-    app.run(main)
+    COMMAND.run()

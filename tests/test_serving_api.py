@@ -290,3 +290,21 @@ def test_sigterm_finishes_in_flight_and_exits_0(server):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert server.proc.wait(60) == 0
+
+
+@pytest.mark.parametrize(
+    "flag,fragment",
+    [
+        ("--config.num_slots=0", "num_slots must be an integer >= 1"),
+        ("--config.max_queue=-1", "max_queue must be an integer >= 0"),
+        ("--config.prefill_buckets=(1,)", "prefill_buckets"),
+        ("--config.port=70000", "port must be in"),
+        ("--config.nslots=2", "did you mean --config.num_slots"),
+    ],
+)
+def test_cli_rejects_bad_config_before_loading(model_dir, capsys, flag, fragment):
+    from neox_jax.serve import COMMAND
+
+    assert COMMAND(["neox_jax.serve", f"--config.checkpoint={model_dir}", flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neox_jax.serve: error:") and fragment in err
