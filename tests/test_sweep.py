@@ -1,4 +1,4 @@
-"""experiments/sweep/sweep.py: a grid of overrides through the real trainer, one table."""
+"""neox_jax.sweep: a grid (or random search) of overrides through the real trainer, one table."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import sys
 import pytest
 from train_helpers import REPO, config_flags, tiny_config, write_dataset
 
-SWEEP = REPO / "experiments" / "sweep" / "sweep.py"
-sys.path.insert(0, str(SWEEP.parent))
-import sweep  # noqa: E402
+from neox_jax import sweep
+
+SWEEP = ["-m", "neox_jax.sweep"]
 
 
 def test_parse_grid_and_names():
@@ -44,10 +44,11 @@ def test_two_by_one_sweep(tmp_path):
     work = tmp_path / "sweep"
     cmd = [
         sys.executable,
-        str(SWEEP),
+        *SWEEP,
         f"--config={REPO / 'configs' / 'pretrain.py'}:tiny",
         f"--workdir={work}",
         "--grid=optimizer.lr=1e-2,1e-4;model.num_hidden_layers=2",
+        "--parallel=2",
         "--",
         *fixed,
     ]
@@ -76,8 +77,31 @@ def test_two_by_one_sweep(tmp_path):
 
 def test_bad_grid_exits_with_a_message(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(SWEEP), "--config=c.py", "--workdir",
+        [sys.executable, *SWEEP, "--config=c.py", "--workdir",
          str(tmp_path), "--grid=optimizer.lr"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "Bad grid axis 'optimizer.lr'" in proc.stderr
+
+
+def test_random_search_draws_reproducible_points_within_the_ranges():
+    axes = sweep.parse_grid("optimizer.lr=loguniform(1e-4,1e-2);model.num_hidden_layers=2,4")
+    assert axes[0] == ("optimizer.lr", ["loguniform(1e-4,1e-2)"])
+    points = sweep.random_points(axes, 50, seed=3)
+    assert points == sweep.random_points(axes, 50, seed=3)
+    lrs = [float(p["optimizer.lr"]) for p in points]
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    # Log-uniform: about half the draws fall below the geometric middle (1e-3).
+    assert 15 <= sum(lr < 1e-3 for lr in lrs) <= 35
+    assert {p["model.num_hidden_layers"] for p in points} == {"2", "4"}
+    ints = sweep.random_points(sweep.parse_grid("train.seed=randint(1,3)"), 30, seed=0)
+    assert {p["train.seed"] for p in ints} == {"1", "2", "3"}
+    with pytest.raises(ValueError, match="need --random"):
+        sweep.train_command("c.py", REPO, points and {"optimizer.lr": "uniform(0,1)"}, [])
+
+
+def test_runs_share_one_corpus_unless_told_otherwise(tmp_path):
+    shared = sweep._shared_corpus(tmp_path, ["--x=1"], ["optimizer.lr"])
+    assert shared == ["--x=1", f"--config.data.corpus_dir={tmp_path.absolute() / 'data'}"]
+    mine = ["--config.data.corpus_dir=/c"]
+    assert sweep._shared_corpus(tmp_path, mine, ["optimizer.lr"]) == mine
