@@ -207,13 +207,10 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                     "it again."
                 ) from None
     elif (path / TORCH_INDEX).is_file() or (path / TORCH_SINGLE).is_file():
-        try:
-            import torch
-        except ImportError:
-            raise ConversionError(
-                f"{path} holds only pytorch_model.bin files, which need torch to read "
-                "safely: pip install torch (or convert the checkpoint to safetensors)."
-            ) from None
+        from neox_jax.optional import require
+
+        # Or convert the checkpoint to safetensors elsewhere.
+        torch = require("torch", f"reading {path}'s pytorch_model.bin files")
         for file in _shard_files(path, TORCH_INDEX, TORCH_SINGLE):
             # weights_only=True: never unpickle arbitrary objects from a checkpoint.
             state = torch.load(str(file), map_location="cpu", weights_only=True)

@@ -74,7 +74,9 @@ class TfdsSource(SampleSource):
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {seed}")
         if isinstance(dataset, str):
-            import tensorflow_datasets as tfds  # lazy: optional dependency
+            from neox_jax.optional import require
+
+            tfds = require("tensorflow_datasets", "data.source='tfds'")
 
             dataset = tfds.data_source(dataset, split=split, data_dir=data_dir, download=download)
         self.source = dataset

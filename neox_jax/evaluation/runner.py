@@ -20,6 +20,7 @@ import yaml
 from neox_jax.evaluation import perplexity as ppl
 from neox_jax.evaluation.loading import load_from_config
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
+from neox_jax.optional import require
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def _split(text: str) -> list[str]:
 
 def run_harness(lm, harness_config) -> dict[str, Any]:
     """Run lm-eval tasks on an ``lm_eval`` model; returns ``{"results", "versions", ...}``."""
-    import lm_eval
+    lm_eval = require("lm_eval", "config.harness.tasks")
     from lm_eval.tasks import TaskManager
 
     tasks = _split(harness_config.tasks)

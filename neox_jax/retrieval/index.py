@@ -33,6 +33,7 @@ import numpy as np
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.errors import load_json
+from neox_jax.optional import require
 
 KINDS = ("flat", "ivf", "hnsw")
 METRICS = ("ip", "l2")
@@ -40,11 +41,7 @@ INDEX_FILE, RECORDS_FILE, META_FILE = "index.faiss", "chunks.jsonl", "index.json
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError as e:  # an optional dependency: the "retrieval" extra
-        raise ImportError("vector indexes need faiss: pip install 'neox_jax[retrieval]'.") from e
-    return faiss
+    return require("faiss", "a vector index")  # the "retrieval" extra
 
 
 @dataclasses.dataclass(frozen=True)
