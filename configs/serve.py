@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_logprobs = 5
     # Most stop token ids a request may name.
     c.max_stop_ids = 8
+    # Decode from per-layer copies of the weights (faster on CPU); while splitting, the
+    # layer weights are held twice: set False when they fill more than half the memory.
+    c.split_layers = True
 
     # ----------------------------------------------------------------- server
     # Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every interface.

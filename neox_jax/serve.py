@@ -67,6 +67,7 @@ def build(config, progress=print):
         max_logprobs=config.max_logprobs,
         max_prefills_per_step=config.max_prefills_per_step,
         metrics=metrics,
+        split_layers=config.split_layers,
     )
     del params  # the engine keeps its per-layer copy
     if config.warmup:

@@ -123,6 +123,10 @@ class Engine:
       max_prefills_per_step: prompts admitted between two decode steps, bounding how long
         running requests wait for new ones' prefill.
       metrics: an object with the hooks of ``serving.metrics.Metrics``, or None.
+      split_layers: decode from per-layer copies of the layer weights
+        (``inference.step.split_params``; faster on CPU). Splitting holds the layer
+        weights twice until the caller drops ``params``: turn it off when the weights
+        take more than half the device memory.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class Engine:
         max_logprobs: int = 5,
         max_prefills_per_step: int = 4,
         metrics=None,
+        split_layers: bool = True,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -156,7 +161,7 @@ class Engine:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = () if eos is None else (eos,)
         self.config, self.tokenizer = config, tokenizer
-        self.params = split_params(params)
+        self.params = split_params(params) if split_layers else params
         self.num_slots, self.max_len, self.buckets = num_slots, max_len, buckets
         self.max_queue, self.stop_width, self.max_logprobs = max_queue, stop_width, max_logprobs
         self.max_prefills_per_step = max_prefills_per_step
