@@ -184,8 +184,21 @@ def _parse_error(error: Exception, argv: Sequence[str], config, config_help: str
     return one_line(text)
 
 
-def main(
-    fn: Callable[..., Any],
+class CommandLineError(UserError):
+    """A command line that cannot be parsed (message names the flag, field or file)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Parsed:
+    """A parsed command line: the config, the extra flags' values and the switches."""
+
+    config: Any
+    extras: dict[str, Any]
+    verbosity: int = -1
+    help_text: str | None = None  # set when --help was asked for
+
+
+def parse(
     argv: Sequence[str],
     *,
     prog: str,
@@ -193,20 +206,14 @@ def main(
     extra_flags: Mapping[str, tuple[str | None, str]] | None = None,
     required: Sequence[str] = (),
     legacy: Mapping[str, str] | None = None,
-) -> int:
-    """Parse ``argv``, run ``fn(config, **extra_flags)``; returns the exit status.
+) -> Parsed:
+    """Parse a command line (program name first) without running anything.
 
-    Args:
-      fn: the entry point's function; gets the config and the extra string flags.
-      argv: the command line, program name first.
-      prog: the name used in messages (``neox_jax.quantize``).
-      default_config: a file under ``configs/`` used when ``--config`` is absent.
-      extra_flags: other string flags, ``name -> (default, help)`` (e.g. ``workdir``).
-      required: extra flags that must be given.
-      legacy: old flag name -> config field, for spellings the README once documented.
+    Raises:
+      CommandLineError: an unknown flag or config field, a config file that does not
+        load, a bad override value, a missing required flag or a stray argument.
     """
     argv = [argv[0], *translate_legacy(argv[1:], legacy or {})]
-    debug = debug_requested(argv)
     config_help = f"configs/{default_config}" if default_config else "configs/<name>.py"
     fv = flags.FlagValues()
     try:  # the config file is loaded (and overridden) while flags are defined and parsed
@@ -224,24 +231,48 @@ def main(
         if config is not None:
             config.keys()  # a config file that failed to load raises only when touched
     except Exception as e:  # noqa: BLE001 - every parsing failure is the user's
-        if debug:
-            traceback.print_exc()
-        return _fail(prog, _parse_error(e, argv, _config_for_message(argv, default_config),
-                                        config_help))  # fmt: skip
+        config = _config_for_message(argv, default_config)
+        raise CommandLineError(_parse_error(e, argv, config, config_help)) from e
     if fv.help:
-        print(f"usage: python -m {prog} --config={config_help} [--config.FIELD=VALUE ...]\n")
-        print(fv.get_help())
-        return 0
+        usage = f"usage: python -m {prog} --config={config_help} [--config.FIELD=VALUE ...]"
+        return Parsed(None, {}, help_text=f"{usage}\n\n{fv.get_help()}")
     if len(rest) > 1:
-        return _fail(prog, f"unexpected arguments: {' '.join(rest[1:])} (flags look like --x=y)")
+        raise CommandLineError(
+            f"unexpected arguments: {' '.join(rest[1:])} (flags look like --x=y)"
+        )
     missing = [f"--{name}" for name in required if not fv[name].value]
     if config is None:
         missing.insert(0, f"--config={config_help}")
     if missing:
-        return _fail(prog, f"missing {', '.join(missing)}")
-    logging.set_verbosity(fv.verbosity)
+        raise CommandLineError(f"missing {', '.join(missing)}")
     extras = {name: fv[name].value for name in extra_flags or {}}
-    return _call(fn, config, extras, prog, debug)
+    return Parsed(config, extras, fv.verbosity)
+
+
+def main(fn: Callable[..., Any], argv: Sequence[str], *, prog: str, **options) -> int:
+    """Parse ``argv``, run ``fn(config, **extra_flags)``; returns the exit status.
+
+    Args:
+      fn: the entry point's function; gets the config and the extra string flags.
+      argv: the command line, program name first.
+      prog: the name used in messages (``neox_jax.quantize``).
+      **options: ``parse``'s: ``default_config`` (a file under ``configs/`` used when
+        ``--config`` is absent), ``extra_flags`` (other string flags, ``name -> (default,
+        help)``), ``required`` (extra flags that must be given), ``legacy`` (old flag
+        name -> config field, for spellings the README once documented).
+    """
+    debug = debug_requested(argv)
+    try:
+        parsed = parse(argv, prog=prog, **options)
+    except CommandLineError as e:
+        if debug:
+            traceback.print_exc()
+        return _fail(prog, str(e))
+    if parsed.help_text is not None:
+        print(parsed.help_text)
+        return 0
+    logging.set_verbosity(parsed.verbosity)
+    return _call(fn, parsed.config, parsed.extras, prog, debug)
 
 
 def _config_for_message(argv: Sequence[str], default_config: str | None):
@@ -296,11 +327,16 @@ class Command:
     required: Sequence[str] = ()
     legacy: Mapping[str, str] | None = None
 
+    def _options(self) -> dict[str, Any]:
+        return dict(default_config=self.default_config, extra_flags=self.extra_flags,
+                    required=self.required, legacy=self.legacy)  # fmt: skip
+
     def __call__(self, argv: Sequence[str]) -> int:
-        return main(
-            self.fn, argv, prog=self.prog, default_config=self.default_config,
-            extra_flags=self.extra_flags, required=self.required, legacy=self.legacy,
-        )  # fmt: skip
+        return main(self.fn, argv, prog=self.prog, **self._options())
+
+    def parse(self, argv: Sequence[str]) -> Parsed:
+        """The command line parsed, nothing run (raises ``CommandLineError``)."""
+        return parse(argv, prog=self.prog, **self._options())
 
     def run(self) -> None:
         """Run on ``sys.argv`` and exit with the status (the ``__main__`` block)."""

@@ -12,9 +12,12 @@ Ctrl-C). The cases are listed for users in docs/errors.md.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -262,6 +265,8 @@ CASES = _generic_cases() + [
     ("quantize", ["--config.src={truncated}", "--config.dst={new}"], 2, "truncated", "new"),
     ("quantize", ["--src={model}", "--dst={new}", "--scale_dtype=int8"], 2, "scale_dtype",
      "new"),
+    # the destination is refused before the (here broken) source is read
+    ("quantize", ["--src={truncated}", "--dst={full}"], 2, "not empty", "full"),
     # --- convert (old spellings included)
     ("convert", ["--src={missing}", "--dst={new}", "--to=neox"], 2, "missing", "new"),
     ("convert", ["--src={model}", "--dst={new}", "--to=onnx"], 2, "config.to", "new"),
@@ -273,6 +278,9 @@ CASES = _generic_cases() + [
     ("convert", ["--src={bad_json_cfg}", "--dst={new}", "--to=neox"], 2, "config.json", "new"),
     ("convert", ["--src={model}", "--dst={new}", "--to=hf", "--dtype=int8"], 2, "config.dtype",
      "new"),
+    ("convert", ["--src={truncated}", "--dst={full}", "--to=hf"], 2, "not empty", "full"),
+    ("convert", ["--src={model}", "--dst={new}", "--to=neox", "--push_to_hub=me/x"], 2,
+     "config.to=hf", "new"),
     # --- finetune.export (old spellings included)
     ("export", [], 2, "pass --config.run", None),
     ("export", ["--run={missing}", "--hf_out={new}"], 2, "missing", "new"),
@@ -517,6 +525,30 @@ def test_bad_api_input(art, fn, kind, phrase):
     with pytest.raises(kind, match=phrase) as info:
         fn(art)
     assert cli.is_user_error(info.value), repr(info.value)
+
+
+# --- the README's commands ----------------------------------------------------------------
+def _readme_commands():
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [line[line.index("python -m ") :] for line in lines if "python -m neox_jax." in line]
+
+
+@pytest.mark.parametrize("line", _readme_commands())
+def test_readme_command_lines_parse(line, monkeypatch):
+    # Every documented command line is valid for today's flags and configs (paths are
+    # the reader's, so only the parsing is checked, not the run).
+    monkeypatch.chdir(REPO)
+    _, _, module, *args = shlex.split(line, comments=True)
+    if module == "neox_jax.evaluation.lm_eval_cli":
+        pytest.skip("lm-eval's own command line")
+    package = importlib.import_module(module)
+    command = (
+        getattr(package, "COMMAND", None) or importlib.import_module(f"{module}.__main__").COMMAND
+    )
+    parsed = command.parse([module, *args])
+    assert parsed.config is not None
 
 
 # --- what only a real process shows ---------------------------------------------------------
