@@ -171,7 +171,7 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(dataset, tmp_path):
             "train.log_every": 1,
         },
     )
-    with pytest.raises(NonFiniteLossError, match="non-finite.*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match="non-finite.*latest complete checkpoint"):
         train_and_evaluate(config, tmp_path)
     for step_dir in (tmp_path / "checkpoints").iterdir():
         # Every checkpoint on disk holds finite parameters.

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS
 from neox_jax.model import ModelConfig
@@ -51,6 +52,9 @@ class Checkpointer:
             keep_period=keep_period or None,
             enable_async_checkpointing=async_save,
             create=True,
+            # A save cut short (SIGKILL, full disk) leaves "<step>.orbax-checkpoint-tmp";
+            # it is never restored, and is removed when the run restarts.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -118,15 +122,61 @@ class Checkpointer:
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
+    def finish(self) -> Exception | None:
+        """Wait for the save in flight; return its error rather than raise it.
+
+        For exit paths that are already failing: the save in flight completes (or
+        fails, and its temporary folder is never taken for a checkpoint), and the
+        caller reports the original error together with this one.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            logging.error("The checkpoint save in progress failed: %s", e)
+            return e
+        return None
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose checkpoint is complete on disk now (fresh from the directory)."""
+        try:
+            self.manager.reload()
+            return sorted(int(s) for s in self.manager.all_steps())
+        except Exception:  # noqa: BLE001 - a manager broken by a failed save
+            if not self.directory.is_dir():
+                return []
+            return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit())
+
+    def describe_latest(self) -> str:
+        """A true sentence about what a rerun resumes from (call after ``finish``)."""
+        steps = self.complete_steps()
+        if not steps:
+            return f"no checkpoint is complete in {self.directory}; a rerun starts from scratch"
+        return (
+            f"the latest complete checkpoint is step {steps[-1]} "
+            f"({self.directory / str(steps[-1])}); a rerun resumes from it"
+        )
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
 
-    def reached_preemption(self, step: int) -> bool:
-        """True on every host once JAX's preemption notice (TPU maintenance) arrives."""
+    def close_quietly(self) -> None:
+        """Release the manager after ``finish`` on a failing path; never raises."""
         try:
-            return bool(self.manager.reached_preemption(step))
-        except Exception:  # noqa: BLE001 - no preemption service on this platform
+            self.manager.close()
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            logging.warning("Closing the checkpoint manager failed: %s", e)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host at the same step once any host got a preemption notice.
+
+        JAX's preemption sync point (multi-process runs under ``jax.distributed``): the
+        service catches SIGTERM on whichever host gets it and agrees on the next step
+        all hosts reach, so they save together. Must be called at every step.
+        """
+        try:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        except RuntimeError:  # jax_enable_preemption_service is off: no notices
             return False
 
 

@@ -7,7 +7,10 @@ checkpoints), else random initialisation.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import errno
 import json
 import logging
 import signal
@@ -20,6 +23,7 @@ import jax
 import numpy as np
 
 from neox_jax.convert.checkpoint import copy_tokenizer, load_model
+from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
 from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
@@ -51,6 +55,10 @@ ARCH_FIELDS = (
     "tie_word_embeddings",
     "attention_bias",
 )
+
+
+# Steps dispatched but not finished; bounds how late SIGTERM / preemption takes effect.
+MAX_STEPS_IN_FLIGHT = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -283,8 +291,9 @@ def train_and_evaluate(
 
         final: dict[str, Any] = {"step": start}
         pending: list[dict] = []
+        in_flight: collections.deque = collections.deque()
         t_log, step_log = time.time(), start
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, _saves_survive(ckpt, writer):
             nxt = pool.submit(data_lib.global_batch, train_src, start, mesh)
             for step in range(start, total_steps):
                 if sigterm.raised or ckpt.reached_preemption(step):
@@ -300,6 +309,14 @@ def train_and_evaluate(
                 writer.before_step(step, state)  # profiler trace of train.profile_steps
                 state, metrics = step_fn(state, batch)
                 pending.append(metrics)
+                # Python would otherwise run ahead of the device by every step it can
+                # dispatch, and a SIGTERM seen at the loop's top would save a state many
+                # steps after the signal (and past a preemption's grace period). Waiting
+                # for the previous step keeps one step queued (the device stays busy)
+                # and the flag at most two steps from the device.
+                in_flight.append(metrics["loss"])
+                if len(in_flight) > MAX_STEPS_IN_FLIGHT:
+                    in_flight.popleft().block_until_ready()
                 done = step + 1
                 log_now = done % config.train.log_every == 0 or done == total_steps
                 save_now = done % config.train.save_every == 0 or done == total_steps
@@ -335,6 +352,42 @@ def train_and_evaluate(
     return final
 
 
+@contextlib.contextmanager
+def _saves_survive(ckpt: Checkpointer, writer: MetricWriter):
+    """Every way out of the loop leaves the checkpoints complete and says so truly.
+
+    Normal end: the last save's errors (a full disk) surface here, inside the guard.
+    Any error, SIGINT or non-finite stop: the save in flight completes (or fails, and
+    its temporary folder is never restored), then the user is told which checkpoint
+    a rerun resumes from, as found on disk, and the error goes on.
+    """
+    try:
+        yield
+        ckpt.wait()
+    except BaseException as e:
+        save_error = ckpt.finish()
+        where = ckpt.describe_latest()
+        ckpt.close_quietly()
+        writer.close()
+        if isinstance(e, NonFiniteLossError):  # its message already says where to resume
+            raise
+        storage = next((x for x in (e, save_error) if _is_storage_error(x)), None)
+        if storage is not None:
+            raise UserError(
+                f"Training stopped: {storage}. Free space or fix the permissions of "
+                f"{ckpt.directory.parent} (or use another --workdir); {where}."
+            ) from e
+        failed = f" (the save in progress failed: {save_error})" if save_error else ""
+        say(f"Training stopped by {type(e).__name__}{failed}: {where}.")
+        raise
+
+
+def _is_storage_error(e: BaseException | None) -> bool:
+    """A write refused by the file system: the user can fix it, it is no bug."""
+    codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EFBIG)
+    return isinstance(e, OSError) and e.errno in codes
+
+
 def count_params_str(model_config: ModelConfig) -> str:
     from neox_jax.model import count_params
 
@@ -350,11 +403,11 @@ def _check_finite(
     host = jax.device_get(pending)
     bad = [m for m in host if not int(m["finite"])]
     if bad and policy == "stop":
-        latest = ckpt.latest_step()
+        ckpt.finish()  # the save in flight holds an earlier, finite state: let it complete
         raise NonFiniteLossError(
             f"The loss became non-finite (loss={float(bad[0]['loss'])}, grad_norm="
-            f"{float(bad[0]['grad_norm'])}) before step {step}. Stopped without saving; the "
-            f"last good checkpoint is step {latest}. Lower optimizer.lr, raise warmup, use "
+            f"{float(bad[0]['grad_norm'])}) before step {step}. Stopped without saving; "
+            f"{ckpt.describe_latest()}. Lower optimizer.lr, raise warmup, use "
             "float32, or set train.nonfinite='skip' to skip such steps."
         )
     good = [m for m in host if int(m["finite"])] or host
