@@ -40,6 +40,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from neox_jax.errors import UserError
+from neox_jax.tpu_probe import quiet_tpu_probe
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -213,6 +214,7 @@ def parse(
       CommandLineError: an unknown flag or config field, a config file that does not
         load, a bad override value, a missing required flag or a stray argument.
     """
+    quiet_tpu_probe()  # no libtpu warnings on machines without a TPU (neox_jax/tpu_probe.py)
     argv = [argv[0], *translate_legacy(argv[1:], legacy or {})]
     config_help = f"configs/{default_config}" if default_config else "configs/<name>.py"
     fv = flags.FlagValues()
