@@ -13,7 +13,7 @@ paper (Black et al. 2022, section 3; gpt-neox ``configs/20B.yml``).
 
 import ml_collections
 
-from neox_jax.model.config import PRESETS
+from neox_jax.model.config import PRESETS, ModelConfig
 
 # Peak learning rates from the Pythia paper (Table 1) and configs/20B.yml.
 PEAK_LR = {
@@ -30,34 +30,25 @@ PEAK_LR = {
     "neox-20b": 0.97e-4,
 }
 
-# A small model that trains to a falling loss in a few minutes on 2 CPU cores.
+# A small model that trains to a falling loss in a few minutes on 2 CPU cores; the
+# fields not named here keep ModelConfig's defaults (Pythia's choices).
 TINY_MODEL = dict(
     vocab_size=4096,
     hidden_size=256,
     num_hidden_layers=4,
     num_attention_heads=4,
     intermediate_size=1024,
-    hidden_act="gelu",
-    rotary_pct=0.25,
-    rotary_emb_base=10000.0,
-    max_position_embeddings=2048,
-    layer_norm_eps=1e-5,
-    use_parallel_residual=True,
-    tie_word_embeddings=False,
-    attention_bias=True,
 )
 
 
 def model_config(arg: str) -> ml_collections.ConfigDict:
-    fields = dict(TINY_MODEL) if arg == "tiny" else dict(PRESETS[arg])
-    fields.update(
-        dtype="float32" if arg == "tiny" else "bfloat16",  # compute dtype; LN/softmax fp32
-        param_dtype="float32",  # parameters and optimizer state stay fp32
-        attention_impl="xla",  # "pallas" for the flash-attention kernels
-        remat="none" if arg == "tiny" else "dots_no_batch",  # rematerialisation policy
-        rope_scaling=None,
-    )
-    return ml_collections.ConfigDict(fields)
+    """Every ``ModelConfig`` field (documented there), so ``--config.model.<field>=...``
+    overrides any of them; published sizes compute in bfloat16 with remat."""
+    if arg == "tiny":
+        model = ModelConfig(**TINY_MODEL)
+    else:
+        model = ModelConfig.from_preset(arg, dtype="bfloat16", remat="dots_no_batch")
+    return ml_collections.ConfigDict(model.to_dict())
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:

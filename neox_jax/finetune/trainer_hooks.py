@@ -59,7 +59,7 @@ def _quant_config(bits: int, group_size: int):
 
 def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
     """``(init_from, model config)`` of a LoRA run, checked against its ``lora.json``."""
-    from neox_jax.training.trainer import ARCH_FIELDS, _peek_config
+    from neox_jax.training.trainer import _peek_config
 
     record = read_record(workdir)
     init_from = config.train.init_from
@@ -78,8 +78,7 @@ def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
                 "float base when it loads it: pass the float model and set "
                 "finetune.quantize_bits."
             )
-        loaded = _peek_config(init_from)
-        model_config = model_config.replace(**{f: getattr(loaded, f) for f in ARCH_FIELDS})
+        model_config = model_config.with_architecture_of(_peek_config(init_from))
     if record is not None:
         lora = LoraConfig.from_config(config.lora).to_dict()
         mismatch = []

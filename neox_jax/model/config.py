@@ -30,6 +30,11 @@ ROPE_SCALING_TYPES = ("linear", "ntk")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def _runtime(default):
+    """A field the user picks per run (precision, kernel, remat, context extension)."""
+    return dataclasses.field(default=default, metadata={"runtime": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of one GPT-NeoX model (hashable, so it can be a static jit argument).
@@ -70,11 +75,13 @@ class ModelConfig:
     use_parallel_residual: bool = True
     tie_word_embeddings: bool = False
     attention_bias: bool = True
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "xla"
-    remat: str = "none"
-    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    # How the model runs rather than what it is: a checkpoint's architecture never
+    # overrides these (see ``architecture_fields``).
+    dtype: str = _runtime("float32")
+    param_dtype: str = _runtime("float32")
+    attention_impl: str = _runtime("xla")
+    remat: str = _runtime("none")
+    rope_scaling: tuple[tuple[str, Any], ...] | None = _runtime(None)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable
@@ -102,6 +109,22 @@ class ModelConfig:
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling else None
+
+    # ----------------------------------------------------------- field groups
+    @classmethod
+    def architecture_fields(cls) -> tuple[str, ...]:
+        """The fields that define the function (and the parameter shapes) of a model:
+        the ones a checkpoint dictates when a run starts from it."""
+        return tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("runtime"))
+
+    @classmethod
+    def runtime_fields(cls) -> tuple[str, ...]:
+        """The fields a run chooses whatever the checkpoint: dtypes, kernel, remat, RoPE scaling."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
+
+    def with_architecture_of(self, other: ModelConfig) -> ModelConfig:
+        """``other``'s architecture with this config's runtime fields."""
+        return self.replace(**{f: getattr(other, f) for f in self.architecture_fields()})
 
     # --------------------------------------------------------------- validation
     def validate(self) -> None:

@@ -40,22 +40,6 @@ from neox_jax.training.optimizer import make_optimizer
 from neox_jax.training.state import abstract_train_state, init_train_state, state_from_params
 from neox_jax.training.step import eval_step, make_train_step, model_apply_fn
 
-ARCH_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "hidden_act",
-    "rotary_pct",
-    "rotary_emb_base",
-    "max_position_embeddings",
-    "layer_norm_eps",
-    "use_parallel_residual",
-    "tie_word_embeddings",
-    "attention_bias",
-)
-
 
 # Steps dispatched but not finished; bounds how late SIGTERM / preemption takes effect.
 MAX_STEPS_IN_FLIGHT = 2
@@ -128,8 +112,7 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     init_from = config.train.init_from
     if latest is None and init_from:
         # The architecture comes from the checkpoint; dtype/attention_impl/remat from config.
-        loaded = _peek_config(init_from)
-        model_config = model_config.replace(**{f: getattr(loaded, f) for f in ARCH_FIELDS})
+        model_config = model_config.with_architecture_of(_peek_config(init_from))
     abstract, shardings = abstract_train_state(
         tx, abstract_params(model_config), param_logical_axes(model_config), mesh
     )
