@@ -132,6 +132,44 @@ def _bytes_per_device(abstract, shardings) -> int:
     return total
 
 
+def lower_train_step(config, devices):
+    """The trainer's step (``training.step.build_train_step``) lowered for ``devices``.
+
+    Returns:
+      ``(lowered, abstract train state, its shardings, mesh, model config)``.
+    """
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax.model import ModelConfig, abstract_params, param_logical_axes
+    from neox_jax.parallel.rules import RULES, batch_sharding
+    from neox_jax.training.optimizer import optimizer_from_config
+    from neox_jax.training.state import abstract_train_state
+    from neox_jax.training.step import build_train_step
+    from neox_jax.training.trainer import build_mesh, check_batch
+
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    mesh = build_mesh(config.mesh, devices)
+    check_batch(config, mesh)
+    tx, schedule = optimizer_from_config(config)
+    batch, seq = config.data.global_batch_size, config.data.seq_len
+    # Shapes and shardings first, outside the mesh context: no op may run on the
+    # (non-existent) TPU devices.
+    abstract, shardings = abstract_train_state(
+        tx, abstract_params(model_config), param_logical_axes(model_config), mesh
+    )
+    # Pretraining batches: tokens, plus per-document segments and positions when
+    # attention resets at end-of-document (neox_jax.data.pretrain_data).
+    keys = ("tokens", "segment_ids", "positions") if config.data.reset_at_eod else ("tokens",)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        batch_spec = {k: batch_sharding(mesh) for k in keys}
+        step = build_train_step(config, model_config, tx, schedule, shardings, batch_spec)
+        row = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=batch_sharding(mesh))
+        lowered = step.lower(abstract, {k: row for k in keys})
+    return lowered, abstract, shardings, mesh, model_config
+
+
 def compile_train_step(config, devices) -> dict[str, Any]:
     """Lower and compile the real train step for ``devices``; report memory and FLOPs.
 
@@ -141,47 +179,20 @@ def compile_train_step(config, devices) -> dict[str, Any]:
     Returns:
       A dict of the figures printed by the CLI (sizes in GiB).
     """
-    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
 
-    from neox_jax.model import ModelConfig, abstract_params, count_params, param_logical_axes
-    from neox_jax.parallel.mesh import AXES, create_mesh
-    from neox_jax.parallel.rules import RULES, batch_sharding
+    from neox_jax.model import count_params
     from neox_jax.training.metrics import flops_per_token
-    from neox_jax.training.optimizer import make_optimizer
-    from neox_jax.training.state import abstract_train_state
-    from neox_jax.training.step import make_train_step, model_apply_fn
-    from neox_jax.training.trainer import _optimizer_cfg, check_batch
 
-    model_config = ModelConfig.from_dict(config.model.to_dict())
-    mesh = create_mesh(
-        {a: config.mesh[a] for a in AXES}, {a: config.mesh[f"dcn_{a}"] for a in AXES}, devices
-    )
-    check_batch(config, mesh)
-    tx, schedule = make_optimizer(_optimizer_cfg(config))
-    batch, seq = config.data.global_batch_size, config.data.seq_len
-    # Shapes and shardings first, outside the mesh context: no op may run on the
-    # (non-existent) TPU devices.
-    abstract, shardings = abstract_train_state(
-        tx, abstract_params(model_config), param_logical_axes(model_config), mesh
-    )
     start = time.time()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-        tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=batch_sharding(mesh))
-        step = jax.jit(
-            make_train_step(tx, model_apply_fn(model_config), schedule, config.train.microbatches),
-            in_shardings=(shardings, {"tokens": batch_sharding(mesh)}),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        lowered = step.lower(abstract, {"tokens": tokens})
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            compiled, error = None, str(e).split("\n")[0]
+    lowered, abstract, shardings, mesh, model_config = lower_train_step(config, devices)
+    batch, seq = config.data.global_batch_size, config.data.seq_len
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, error = None, str(e).split("\n")[0]
     compile_seconds = time.time() - start
     gib = 2**30
     kind = devices[0].device_kind

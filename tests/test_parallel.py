@@ -87,11 +87,11 @@ def _initial_state_report(config) -> dict:
     from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
     from neox_jax.parallel.rules import RULES
     from neox_jax.training import trainer
-    from neox_jax.training.optimizer import make_optimizer
+    from neox_jax.training.optimizer import optimizer_from_config
     from neox_jax.training.state import abstract_train_state, init_train_state
 
     mesh = trainer.build_mesh(config.mesh)
-    tx, _ = make_optimizer(trainer._optimizer_cfg(config))
+    tx, _ = optimizer_from_config(config)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     abstract, shardings = abstract_train_state(
         tx, abstract_params(model_config), param_logical_axes(model_config), mesh

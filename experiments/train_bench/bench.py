@@ -102,9 +102,8 @@ def jax_worker(args) -> dict:
     from neox_jax.parallel.rules import RULES, batch_sharding
     from neox_jax.training import step as step_lib
     from neox_jax.training.metrics import flops_per_token
-    from neox_jax.training.optimizer import make_optimizer
+    from neox_jax.training.optimizer import optimizer_from_config
     from neox_jax.training.state import abstract_train_state, init_train_state
-    from neox_jax.training.trainer import _optimizer_cfg
 
     overrides = json.loads(args.model_overrides)
     if overrides.pop("_fused_ce", False):
@@ -112,7 +111,7 @@ def jax_worker(args) -> dict:
     config = _config(args, overrides)
     mc = ModelConfig.from_dict(config.model.to_dict())
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
-    tx, schedule = make_optimizer(_optimizer_cfg(config))
+    tx, schedule = optimizer_from_config(config)
     _, shardings = abstract_train_state(tx, abstract_params(mc), param_logical_axes(mc), mesh)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, mc.vocab_size, (args.batch, args.seq + 1), dtype=np.int32)

@@ -8,6 +8,8 @@ linear warmup over 1% of the steps, cosine decay to 10% of the peak rate.
 
 from __future__ import annotations
 
+import types
+
 import jax
 import optax
 
@@ -17,12 +19,11 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
     """Linear warmup from 0 to ``lr``, then cosine to ``min_lr_ratio * lr`` at ``total_steps``."""
     warmup_steps = max(0, min(warmup_steps, total_steps))
-    decay_steps = max(1, total_steps - warmup_steps)
-    cosine = optax.cosine_decay_schedule(lr, decay_steps, alpha=min_lr_ratio)
-    if warmup_steps == 0:
-        return cosine
-    warmup = optax.linear_schedule(0.0, lr, warmup_steps)
-    return optax.join_schedules([warmup, cosine], [warmup_steps])
+    # optax counts decay_steps from step 0, warmup included; at least one cosine step.
+    decay_steps = max(warmup_steps + 1, total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup_steps, decay_steps, end_value=min_lr_ratio * lr
+    )
 
 
 def decay_mask(params):
@@ -59,3 +60,14 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         )
     )
     return optax.chain(*parts), schedule
+
+
+def optimizer_from_config(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``make_optimizer`` for a training config (``optimizer`` section and ``train.steps``);
+    a negative ``optimizer.warmup_steps`` means ``warmup_ratio`` of the steps."""
+    opt, steps = config.optimizer, config.train.steps
+    warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_ratio * steps))
+    fields = ("lr", "min_lr_ratio", "b1", "b2", "eps", "weight_decay", "grad_clip")
+    return make_optimizer(
+        types.SimpleNamespace(**{f: opt[f] for f in fields}, warmup_steps=warmup, total_steps=steps)
+    )

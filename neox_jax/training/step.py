@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from neox_jax.model import GPTNeoX, ModelConfig, axes
+from neox_jax.parallel.pipeline import pipeline_apply_fn
 
 # apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V]
 ApplyFn = Callable[..., jax.Array]
@@ -50,6 +51,14 @@ def model_apply_fn(config: ModelConfig) -> ApplyFn:
         return model.apply({"params": params}, inputs, positions, segment_ids)
 
     return apply
+
+
+def default_apply_fn(config, model_config: ModelConfig) -> ApplyFn:
+    """The plain model's forward, pipelined over ``mesh.stage`` (GPipe, see
+    ``neox_jax.parallel.pipeline``) when ``config.train.pipeline_microbatches > 0``."""
+    if config.train.pipeline_microbatches > 0:
+        return pipeline_apply_fn(model_config, config.train.pipeline_microbatches)
+    return model_apply_fn(model_config)
 
 
 def split_batch(batch: dict[str, jax.Array]):
@@ -168,6 +177,7 @@ def eval_step(params, frozen, batch, *, apply_fn: ApplyFn) -> dict[str, jax.Arra
 
 
 def make_train_step(tx, apply_fn, schedule=None, microbatches=1, skip_nonfinite=False):
+    """``train_step`` with everything but ``(state, batch)`` bound (unjitted)."""
     return functools.partial(
         train_step,
         tx=tx,
@@ -175,4 +185,41 @@ def make_train_step(tx, apply_fn, schedule=None, microbatches=1, skip_nonfinite=
         schedule=schedule,
         microbatches=microbatches,
         skip_nonfinite=skip_nonfinite,
+    )
+
+
+def build_train_step(
+    config,
+    model_config: ModelConfig,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule | None,
+    state_shardings,
+    batch_shardings: dict[str, Any],
+    apply_fn: ApplyFn | None = None,
+):
+    """The jitted train step of a training config: what the trainer runs and what
+    ``neox_jax.aot`` compiles, so an ahead-of-time compile is the step that trains.
+
+    Args:
+      config: a training config (``configs/pretrain.py``): ``train.microbatches``,
+        ``train.nonfinite`` ("skip" keeps the state on NaN/inf) and
+        ``train.pipeline_microbatches`` (> 0 pipelines the layers over ``mesh.stage``).
+      model_config: the model being trained.
+      tx, schedule: from ``optimizer_from_config``.
+      state_shardings: a ``TrainState`` of shardings (donated in, same out).
+      batch_shardings: ``{key: sharding}`` of the batch arrays.
+      apply_fn: a forward of its own (LoRA fine-tuning); default the plain model,
+        pipelined when the config asks.
+    Returns:
+      ``step(state, batch) -> (state, metrics)``, jitted with donated state.
+    """
+    apply_fn = apply_fn or default_apply_fn(config, model_config)
+    step = make_train_step(
+        tx, apply_fn, schedule, config.train.microbatches, config.train.nonfinite == "skip"
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
     )

@@ -11,7 +11,6 @@ import collections
 import concurrent.futures
 import contextlib
 import errno
-import json
 import logging
 import signal
 import time
@@ -36,10 +35,9 @@ from neox_jax.training.metrics import (
     measure_matmul_peak,
     say,
 )
-from neox_jax.training.optimizer import make_optimizer
+from neox_jax.training.optimizer import optimizer_from_config
 from neox_jax.training.state import abstract_train_state, init_train_state, state_from_params
-from neox_jax.training.step import eval_step, make_train_step, model_apply_fn
-
+from neox_jax.training.step import build_train_step, default_apply_fn, eval_step
 
 # Steps dispatched but not finished; bounds how late SIGTERM / preemption takes effect.
 MAX_STEPS_IN_FLIGHT = 2
@@ -53,10 +51,11 @@ class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
     pass
 
 
-def build_mesh(mesh_cfg) -> jax.sharding.Mesh:
+def build_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+    """The mesh of ``config.mesh`` over ``devices`` (default: every device)."""
     ici = {a: mesh_cfg[a] for a in AXES}
     dcn = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}
-    return create_mesh(ici, dcn)
+    return create_mesh(ici, dcn, devices)
 
 
 def check_batch(config, mesh) -> None:
@@ -216,7 +215,7 @@ def train_and_evaluate(
         config.data, paths, tokenizer_path, config.data.global_batch_size
     )
     total_steps = config.train.steps
-    tx, schedule = make_optimizer(_optimizer_cfg(config))
+    tx, schedule = optimizer_from_config(config)
     ckpt = Checkpointer(
         workdir,
         save_every=config.train.save_every,
@@ -238,21 +237,11 @@ def train_and_evaluate(
         writer = MetricWriter(
             workdir, total_steps, start, train_config=config.train, run_config=config.to_dict()
         )
-        if apply_fn is None and config.train.pipeline_microbatches > 0:
-            from neox_jax.parallel.pipeline import pipeline_apply_fn
-
-            # GPipe over the mesh's stage axis (neox_jax/parallel/pipeline.py).
-            apply_fn = pipeline_apply_fn(model_config, config.train.pipeline_microbatches)
-        apply_fn = apply_fn or model_apply_fn(model_config)
+        apply_fn = apply_fn or default_apply_fn(config, model_config)
         seq_len = config.data.seq_len
         batch_spec = {k: batch_sharding(mesh) for k in train_src.samples(np.zeros(1, np.int64))}
-        step_fn = jax.jit(
-            make_train_step(
-                tx, apply_fn, schedule, config.train.microbatches, config.train.nonfinite == "skip"
-            ),
-            in_shardings=(shardings, batch_spec),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
+        step_fn = build_train_step(
+            config, model_config, tx, schedule, shardings, batch_spec, apply_fn
         )
         eval_apply_fn = eval_apply_fn or apply_fn
         eval_fn = jax.jit(lambda p, f, b: eval_step(p, f, b, apply_fn=eval_apply_fn))
@@ -401,28 +390,6 @@ def _check_finite(
     return out
 
 
-def _optimizer_cfg(config):
-    opt = config.optimizer
-    steps = config.train.steps
-    warmup = opt.warmup_steps if opt.warmup_steps >= 0 else int(round(opt.warmup_ratio * steps))
-    return _Namespace(
-        lr=opt.lr,
-        min_lr_ratio=opt.min_lr_ratio,
-        warmup_steps=warmup,
-        total_steps=steps,
-        b1=opt.b1,
-        b2=opt.b2,
-        eps=opt.eps,
-        weight_decay=opt.weight_decay,
-        grad_clip=opt.grad_clip,
-    )
-
-
-class _Namespace:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 def _peak_flops(config) -> float:
     if config.train.peak_flops > 0:
         return config.train.peak_flops
@@ -443,7 +410,3 @@ def _check_vocab(tokenizer_path: str | None, model_config: ModelConfig) -> None:
             f"The tokenizer has {vocab} tokens but model.vocab_size is "
             f"{model_config.vocab_size}; set --config.model.vocab_size={vocab} or larger."
         )
-
-
-def save_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
