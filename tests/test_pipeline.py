@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     from train_helpers import logged, tiny_config, write_dataset
     from neox_jax.model import GPTNeoX, ModelConfig, init_cache, init_params, param_logical_axes
     from neox_jax.parallel.mesh import create_mesh
-    from neox_jax.parallel.pipeline import pipeline_apply
+    from neox_jax.training.step import pipeline_apply
     from neox_jax.parallel.rules import RULES, logical_to_sharding
     from neox_jax.training.trainer import train_and_evaluate
 

@@ -238,8 +238,7 @@ def lora_apply_fn(config: ModelConfig, lora: LoraConfig, *, deterministic: bool 
     """The trainer's ``apply_fn(adapters, frozen_base, inputs, positions, segment_ids, rng)``.
 
     ``deterministic=True`` (evaluation) switches adapter dropout off. The dropout key is
-    passed as the "params" stream, the one the layer scan splits per layer (no parameter
-    is created with it: every parameter is given).
+    the "dropout" stream, which the layer scan splits per layer.
     """
     from neox_jax.model import GPTNeoX
 
@@ -248,7 +247,7 @@ def lora_apply_fn(config: ModelConfig, lora: LoraConfig, *, deterministic: bool 
 
     def apply(adapters, frozen, inputs, positions, segment_ids, rng):
         params = attach(frozen, adapters, lora)
-        rngs = {"params": rng} if use_dropout else None
+        rngs = {"dropout": rng} if use_dropout else None
         return model.apply({"params": params}, inputs, positions, segment_ids, rngs=rngs)
 
     return apply

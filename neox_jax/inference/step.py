@@ -23,8 +23,17 @@ import math
 import flax.linen as nn
 import jax
 
-from neox_jax.model import ModelConfig, cache_logical_axes, embed_tokens, init_cache, output_logits
-from neox_jax.model.layers import Block
+from neox_jax.model import (
+    ModelConfig,
+    block_fn,
+    cache_logical_axes,
+    embed_tokens,
+    init_cache,
+    output_logits,
+    prepare_inputs,
+    updated_cache,
+)
+from neox_jax.parallel.pipeline import pipeline_layers
 
 Array = jax.Array
 
@@ -106,17 +115,12 @@ def forward(
       ``(logits [B, V] fp32 of the last position or None, new cache)``, the cache index
       advanced by ``T``.
     """
-    index = cache["index"]
-    info = {
-        "index": index,
-        "segment_ids": jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids, (0, index)),
-    }
+    positions, segment_ids, info = prepare_inputs(tokens, positions, segment_ids, cache)
     x = embed_tokens(config, params, tokens)  # [B, T, E]
+    block = block_fn(config)
     if pipeline:
-        from neox_jax.parallel.pipeline import pipeline_layers  # parallel imports the model
-
         x, new_k, new_v = pipeline_layers(
-            config,
+            block,
             params["layers"],
             x,
             positions,
@@ -128,8 +132,8 @@ def forward(
     else:
         new_k, new_v = [], []
         for i in range(config.num_hidden_layers):
-            x, (updated, _) = Block(config).apply(
-                {"params": _layer(params["layers"], i)},
+            x, updated = block(
+                _layer(params["layers"], i),
                 x,
                 {"k": cache["k"][i], "v": cache["v"][i]},
                 positions,
@@ -139,12 +143,7 @@ def forward(
             new_k.append(updated["k"])
             new_v.append(updated["v"])
         new_k, new_v = tuple(new_k), tuple(new_v)
-    new_cache = {
-        "k": new_k,
-        "v": new_v,
-        "segment_ids": info["segment_ids"],
-        "index": index + tokens.shape[1],
-    }
+    new_cache = updated_cache({"k": new_k, "v": new_v}, info, tokens.shape[1])
     if not compute_logits:
         return None, new_cache
     if all_logits:

@@ -5,6 +5,7 @@ from neox_jax.model.transformer import (
     GPTNeoX,
     ModelOutput,
     abstract_params,
+    block_fn,
     cache_logical_axes,
     count_params,
     embed_tokens,
@@ -12,6 +13,8 @@ from neox_jax.model.transformer import (
     init_params,
     output_logits,
     param_logical_axes,
+    prepare_inputs,
+    updated_cache,
 )
 
 __all__ = [
@@ -20,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "abstract_params",
+    "block_fn",
     "cache_logical_axes",
     "count_params",
     "embed_tokens",
@@ -27,4 +31,6 @@ __all__ = [
     "init_params",
     "output_logits",
     "param_logical_axes",
+    "prepare_inputs",
+    "updated_cache",
 ]

@@ -13,6 +13,7 @@ whole heads to each tensor-parallel shard, which is why Megatron chose this layo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -131,10 +132,10 @@ class Linear(nn.Module):
             y = y + bias.astype(self.dtype)
         adapter = self.get_variable("params", "lora")  # a finetune.lora.LoraAdapter, or None
         if adapter is not None:  # y + scale * dropout(x) @ A @ B, after the bias as PEFT does
-            # Dropout noise comes from the "params" stream: the layer scan splits only that
-            # one, so each layer draws its own (finetune.lora.lora_apply_fn passes it).
-            use_dropout = adapter.dropout > 0 and self.has_rng("params")
-            y = y + adapter(x, self.dtype, self.make_rng("params") if use_dropout else None)
+            # Dropout noise comes from the "dropout" stream, which the layer scan splits
+            # so each layer draws its own (finetune.lora.lora_apply_fn passes it).
+            use_dropout = adapter.dropout > 0 and self.has_rng("dropout")
+            y = y + adapter(x, self.dtype, self.make_rng("dropout") if use_dropout else None)
         return y
 
 
@@ -231,14 +232,17 @@ class Attention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-        dense = lambda feats, names, init, name: Linear(  # noqa: E731
-            feats, names, init, cfg.attention_bias, cfg.compute_dtype, cfg.params_dtype, name=name
+        dense = functools.partial(
+            Linear,
+            use_bias=cfg.attention_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
         )
         qkv = dense(
-            3 * cfg.hidden_size,
-            (axes.EMBED, axes.HEADS),
-            small_init(cfg.hidden_size),
-            "query_key_value",
+            features=3 * cfg.hidden_size,
+            kernel_axes=(axes.EMBED, axes.HEADS),
+            kernel_init=small_init(cfg.hidden_size),
+            name="query_key_value",
         )(x)
         qkv = qkv.reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, D]
@@ -272,7 +276,13 @@ class Attention(nn.Module):
             )
         out = nn.with_logical_constraint(out, names).reshape(batch, length, heads * head_dim)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
-        return dense(cfg.hidden_size, (axes.HEADS, axes.EMBED), init, "dense")(out), new_cache
+        out = dense(
+            features=cfg.hidden_size,
+            kernel_axes=(axes.HEADS, axes.EMBED),
+            kernel_init=init,
+            name="dense",
+        )(out)
+        return out, new_cache
 
 
 class MLP(nn.Module):
@@ -281,25 +291,20 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        h = Linear(
-            cfg.intermediate_size,
-            (axes.EMBED, axes.MLP),
-            small_init(cfg.hidden_size),
-            True,
-            cfg.compute_dtype,
-            cfg.params_dtype,
+        dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
+        h = dense(
+            features=cfg.intermediate_size,
+            kernel_axes=(axes.EMBED, axes.MLP),
+            kernel_init=small_init(cfg.hidden_size),
             name="dense_h_to_4h",
         )(x)
         h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
         h = activation(cfg.hidden_act)(h)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
-        return Linear(
-            cfg.hidden_size,
-            (axes.MLP, axes.EMBED),
-            init,
-            True,
-            cfg.compute_dtype,
-            cfg.params_dtype,
+        return dense(
+            features=cfg.hidden_size,
+            kernel_axes=(axes.MLP, axes.EMBED),
+            kernel_init=init,
             name="dense_4h_to_h",
         )(h)
 
@@ -319,20 +324,17 @@ class Block(nn.Module):
         act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
         x = nn.with_logical_constraint(x, act_names)
         layer_input = x if self.keep_hidden else None
-        norm = lambda name: LayerNorm(
-            cfg.layer_norm_eps,
-            cfg.compute_dtype,
-            cfg.params_dtype,  # noqa: E731
-            name=name,
+        norm = functools.partial(
+            LayerNorm, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
         )
         attn, new_cache = Attention(cfg, name="attention")(
-            norm("input_layernorm")(x), positions, segment_ids, layer_cache, cache_info
+            norm(name="input_layernorm")(x), positions, segment_ids, layer_cache, cache_info
         )
         if cfg.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)), summed in transformers' order.
-            mlp = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+            mlp = MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
             x = mlp + attn + x
         else:
             x = attn + x
-            x = MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x)) + x
+            x = MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x)) + x
         return nn.with_logical_constraint(x, act_names), (new_cache, layer_input)

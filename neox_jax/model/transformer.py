@@ -21,6 +21,7 @@ mapping to Hugging Face names)::
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -94,27 +95,11 @@ class GPTNeoX(nn.Module):
           is given, else a ``ModelOutput``.
         """
         cfg = self.config
-        batch, length = input_ids.shape
         if segment_ids is None:
-            segment_ids = attention_mask if attention_mask is not None else None
-        if segment_ids is None:
-            segment_ids = jnp.ones((batch, length), jnp.int32)
-        segment_ids = segment_ids.astype(jnp.int32)
-        cache_info = None
-        if cache is not None:
-            index = cache["index"]
-            cache_info = {
-                "index": index,
-                "segment_ids": jax.lax.dynamic_update_slice(
-                    cache["segment_ids"], segment_ids, (0, index)
-                ),
-            }
-        if positions is None:
-            offset = 0 if cache is None else cache["index"]
-            positions = jnp.broadcast_to(
-                offset + jnp.arange(length, dtype=jnp.int32), (batch, length)
-            )
-
+            segment_ids = attention_mask
+        positions, segment_ids, cache_info = prepare_inputs(
+            input_ids, positions, segment_ids, cache
+        )
         embed = nn.Embed(
             cfg.vocab_size,
             cfg.hidden_size,
@@ -125,49 +110,26 @@ class GPTNeoX(nn.Module):
             param_dtype=cfg.params_dtype,
             name="embed_in",
         )
-        x = embed(input_ids.astype(jnp.int32))
-        x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        # nn.Embed casts the table before the lookup, ``embed_tokens`` after: the same
+        # values, but the table's gradient accumulates in the compute dtype here, as
+        # training always has.
+        x = _constrain_embeddings(embed(input_ids.astype(jnp.int32)))
 
         layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, (new_layer_caches, layer_inputs) = self._stack(return_hidden_states)(
             x, layer_caches, positions, segment_ids, cache_info
         )
-        x = LayerNorm(
-            cfg.layer_norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_layer_norm"
-        )(x)
-
+        x = _final_norm(cfg, name="final_layer_norm")(x)
         logits = None
         if compute_logits:
-            if cfg.tie_word_embeddings:
-                logits = jnp.einsum(
-                    "bte,ve->btv",
-                    x,
-                    embed.embedding.astype(x.dtype),
-                    preferred_element_type=jnp.float32,
-                )
-            else:
-                logits = Linear(
-                    cfg.vocab_size,
-                    (axes.EMBED, axes.VOCAB),
-                    small_init(cfg.hidden_size),
-                    False,
-                    cfg.compute_dtype,
-                    cfg.params_dtype,
-                    name="embed_out",
-                )(x)
-            logits = nn.with_logical_constraint(
-                logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
-            )
+            head = None if cfg.tie_word_embeddings else _output_head(cfg, name="embed_out")
+            logits = _project(cfg, x, head, embed.embedding)
 
         if cache is None and not return_hidden_states:
             return logits
         new_cache = None
         if cache is not None:
-            new_cache = {
-                **new_layer_caches,
-                "segment_ids": cache_info["segment_ids"],
-                "index": cache["index"] + length,
-            }
+            new_cache = updated_cache(new_layer_caches, cache_info, input_ids.shape[1])
         hidden = None
         if return_hidden_states:
             hidden = jnp.concatenate([layer_inputs, x[None]], axis=0)
@@ -181,7 +143,7 @@ class GPTNeoX(nn.Module):
         return nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
@@ -189,39 +151,116 @@ class GPTNeoX(nn.Module):
 
 
 # ------------------------------------------- the model's ends, outside its scan
-# Paths that run the layers themselves (the unrolled decode step, the pipeline) apply
-# the model's own modules to its parameters here, so they cannot drift from GPTNeoX.
-def embed_tokens(config: ModelConfig, params, input_ids: Array) -> Array:
-    """``[B, T]`` ids -> ``[B, T, E]`` embeddings in the compute dtype (``embed_in``)."""
-    x = jnp.take(params["embed_in"]["embedding"], input_ids.astype(jnp.int32), axis=0)
-    x = x.astype(config.compute_dtype)
+# GPTNeoX and the paths that run the layers themselves (the unrolled decode step, the
+# pipeline) share these, so they cannot drift from each other.
+def prepare_inputs(
+    input_ids: Array,
+    positions: Array | None,
+    segment_ids: Array | None,
+    cache: dict[str, Array] | None,
+) -> tuple[Array, Array, dict[str, Array] | None]:
+    """Default positions and segment ids, and the cache bookkeeping of ``GPTNeoX``.
+
+    Returns:
+      ``(positions [B, T], segment_ids [B, T] int32, cache_info)``: positions default to
+      ``arange(T)`` offset by the cache index, segment ids to ones; ``cache_info`` is
+      None without a cache, else ``{"index", "segment_ids" [B, S] with these written}``.
+    """
+    batch, length = input_ids.shape
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+    offset = 0 if cache is None else cache["index"]
+    if positions is None:
+        positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    cache_info = None
+    if cache is not None:
+        cache_info = {
+            "index": cache["index"],
+            "segment_ids": jax.lax.dynamic_update_slice(
+                cache["segment_ids"], segment_ids, (0, cache["index"])
+            ),
+        }
+    return positions, segment_ids, cache_info
+
+
+def updated_cache(layer_caches: dict[str, Array], cache_info: dict[str, Array], length: int):
+    """The cache after ``length`` tokens: new ``k``/``v``, segments, index advanced."""
+    return {
+        **layer_caches,
+        "segment_ids": cache_info["segment_ids"],
+        "index": cache_info["index"] + length,
+    }
+
+
+def block_fn(config: ModelConfig):
+    """One layer as a function of its parameters, for paths that run the layers
+    themselves: ``(layer_params, x, layer_cache, positions, segment_ids, cache_info)
+    -> (x, new layer_cache or None)``."""
+    block = Block(config)
+
+    def apply(layer_params, x, layer_cache, positions, segment_ids, cache_info):
+        x, (new_cache, _) = block.apply(
+            {"params": layer_params}, x, layer_cache, positions, segment_ids, cache_info
+        )
+        return x, new_cache
+
+    return apply
+
+
+def _constrain_embeddings(x: Array) -> Array:
     return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
-def output_logits(config: ModelConfig, params, x: Array) -> Array:
-    """Final layer norm and output head: ``[B, T, E]`` -> fp32 logits ``[B, T, V]``."""
-    dtype = config.compute_dtype
-    x = LayerNorm(config.layer_norm_eps, dtype, config.params_dtype).apply(
-        {"params": params["final_layer_norm"]}, x
+def _final_norm(config: ModelConfig, name: str | None = None) -> LayerNorm:
+    return LayerNorm(
+        eps=config.layer_norm_eps,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        name=name,
     )
-    if config.tie_word_embeddings:
-        table = params["embed_in"]["embedding"]
+
+
+def _output_head(config: ModelConfig, name: str | None = None) -> Linear:
+    return Linear(
+        features=config.vocab_size,
+        kernel_axes=(axes.EMBED, axes.VOCAB),
+        kernel_init=small_init(config.hidden_size),
+        use_bias=False,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        name=name,
+    )
+
+
+def _project(config: ModelConfig, x: Array, head, table: Array) -> Array:
+    """``[B, T, E]`` normed states -> fp32 logits ``[B, T, V]``: the untied ``head``, or
+    the input embedding ``table`` when tied (``head`` is None)."""
+    if head is None:
         logits = jnp.einsum(
             "bte,ve->btv", x, table.astype(x.dtype), preferred_element_type=jnp.float32
         )
     else:
-        head = Linear(
-            config.vocab_size,
-            (axes.EMBED, axes.VOCAB),
-            small_init(config.hidden_size),
-            False,
-            dtype,
-            config.params_dtype,
-        )
-        logits = head.apply({"params": params["embed_out"]}, x)
+        logits = head(x)
     return nn.with_logical_constraint(
         logits.astype(jnp.float32), (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
     )
+
+
+def embed_tokens(config: ModelConfig, params, input_ids: Array) -> Array:
+    """``[B, T]`` ids -> ``[B, T, E]`` embeddings in the compute dtype (``embed_in``)."""
+    table = params["embed_in"]["embedding"]
+    x = jnp.take(table, input_ids.astype(jnp.int32), axis=0).astype(config.compute_dtype)
+    return _constrain_embeddings(x)
+
+
+def output_logits(config: ModelConfig, params, x: Array) -> Array:
+    """Final layer norm and output head: ``[B, T, E]`` -> fp32 logits ``[B, T, V]``."""
+    x = _final_norm(config).apply({"params": params["final_layer_norm"]}, x)
+    head = None
+    if not config.tie_word_embeddings:
+        head = functools.partial(_output_head(config).apply, {"params": params["embed_out"]})
+    return _project(config, x, head, params["embed_in"]["embedding"])
 
 
 # ------------------------------------------------------------------ utilities

@@ -8,26 +8,30 @@ stage ``s`` runs microbatch ``t - s`` through its layers and passes the result t
 ``s + 1`` with one ``ppermute``; after ``M + S - 1`` ticks the last stage holds every
 microbatch's output. The bubble costs ``(S - 1) / (M + S - 1)`` of the ticks.
 
-``pipeline_apply`` is a drop-in for ``GPTNeoX.apply`` (same parameters, same outputs),
-differentiable (the schedule is a ``fori_loop`` of ``shard_map``-ed ops; ``ppermute``
-transposes to the reverse permutation), so the same schedule serves training
-(``train_step`` with ``pipeline_apply_fn``) and generation (``inference.step.forward``
-with ``pipeline=M`` inside the decode loop). Only ``stage`` is manual inside the
+The schedule knows nothing of the model: it is given the function of one layer
+(``neox_jax.model.block_fn``). ``neox_jax.training.step.pipeline_apply`` wraps it with
+the model's ends into a drop-in for ``GPTNeoX.apply`` (same parameters, same outputs).
+It is differentiable (a ``fori_loop`` of ``shard_map``-ed ops; ``ppermute`` transposes
+to the reverse permutation), so the same schedule serves training (``train_step`` with
+``pipeline_apply_fn``) and generation (``inference.step.forward`` with ``pipeline=M``
+inside the decode loop). Only ``stage`` is manual inside the
 ``shard_map``; ``data``, ``fsdp`` and ``tensor`` keep working as usual around and inside it.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from neox_jax.model import ModelConfig, embed_tokens, output_logits
-from neox_jax.model.layers import Block
-
 STAGE = "stage"
+
+# block(layer_params, x, layer_cache, positions, segment_ids, cache_info)
+#   -> (x, new layer_cache or None); layer_cache is None or {"k", "v"} [B, S, H, D].
+BlockFn = Callable[..., tuple[jax.Array, dict | None]]
 
 
 def _split(x, m):
@@ -35,13 +39,13 @@ def _split(x, m):
     return x.reshape(m, x.shape[0] // m, *x.shape[1:])
 
 
-def _local_layers(config, layer_params, x, positions, segment_ids, k, v, info):
+def _local_layers(block: BlockFn, layer_params, x, positions, segment_ids, k, v, info):
     """Run this stage's layers (a scan over its ``L/S`` stacked layers)."""
 
     def body(x, p_kv):
         p, k_l, v_l = p_kv
         cache = None if k_l is None else {"k": k_l, "v": v_l}
-        x, (new, _) = Block(config).apply({"params": p}, x, cache, positions, segment_ids, info)
+        x, new = block(p, x, cache, positions, segment_ids, info)
         return x, (None, None) if new is None else (new["k"], new["v"])
 
     x, (k, v) = jax.lax.scan(body, x, (layer_params, k, v))
@@ -49,7 +53,7 @@ def _local_layers(config, layer_params, x, positions, segment_ids, k, v, info):
 
 
 def _pipeline_body(
-    config,
+    block,
     microbatches,
     stages,
     layer_params,
@@ -85,13 +89,13 @@ def _pipeline_body(
             v_m = jax.lax.dynamic_slice(v, start, size)
             info = {"index": index, "segment_ids": segs[mc]}
             out, k_new, v_new = _local_layers(
-                config, layer_params, inp, pos[mc], seg[mc], k_m, v_m, info
+                block, layer_params, inp, pos[mc], seg[mc], k_m, v_m, info
             )
             # Only a valid tick writes its rows of the cache.
             k = jax.lax.dynamic_update_slice(k, jnp.where(valid, k_new, k_m), start)
             v = jax.lax.dynamic_update_slice(v, jnp.where(valid, v_new, v_m), start)
         else:
-            out, _, _ = _local_layers(config, layer_params, inp, pos[mc], seg[mc], None, None, None)
+            out, _, _ = _local_layers(block, layer_params, inp, pos[mc], seg[mc], None, None, None)
         keep = valid & (stage == stages - 1)
         outputs = outputs.at[mc].set(jnp.where(keep, out, outputs[mc]))
         buf = jax.lax.ppermute(out, STAGE, perm)
@@ -105,7 +109,7 @@ def _pipeline_body(
 
 
 def pipeline_layers(
-    config: ModelConfig,
+    block: BlockFn,
     layer_params,
     x,
     positions,
@@ -119,6 +123,7 @@ def pipeline_layers(
     """The layer stack, pipelined over ``stage``. Returns ``(x, new k, new v)``.
 
     Args:
+      block: one layer as a function of its parameters (``neox_jax.model.block_fn``).
       layer_params: stacked ``[L, ...]`` parameters (``params["layers"]``).
       x: ``[B, T, E]`` embeddings; positions, segment_ids: ``[B, T]``.
       microbatches: ``M``; must divide the batch.
@@ -140,7 +145,7 @@ def pipeline_layers(
         segs, index = cache_info["segment_ids"], cache_info["index"]
     kv_spec = None if k is None else P(STAGE)
     fn = jax.shard_map(
-        functools.partial(_pipeline_body, config, microbatches, stages),
+        functools.partial(_pipeline_body, block, microbatches, stages),
         mesh=mesh,
         in_specs=(
             stage_spec,
@@ -157,70 +162,3 @@ def pipeline_layers(
         check_vma=False,
     )
     return fn(layer_params, x, positions, segment_ids, k, v, segs, index)
-
-
-def pipeline_apply(
-    config: ModelConfig,
-    params,
-    input_ids,
-    positions=None,
-    segment_ids=None,
-    *,
-    microbatches: int,
-    cache=None,
-    mesh=None,
-):
-    """``GPTNeoX(config).apply({"params": params}, ...)`` with the layers pipelined.
-
-    Returns logits ``[B, T, V]`` (fp32), or ``(logits, new_cache)`` when a stacked cache
-    (``init_cache``) is given.
-    """
-    batch, length = input_ids.shape
-    if segment_ids is None:
-        segment_ids = jnp.ones((batch, length), jnp.int32)
-    segment_ids = segment_ids.astype(jnp.int32)
-    offset = 0 if cache is None else cache["index"]
-    if positions is None:
-        positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x = embed_tokens(config, params, input_ids)
-    info = None
-    if cache is not None:
-        info = {
-            "index": cache["index"],
-            "segment_ids": jax.lax.dynamic_update_slice(
-                cache["segment_ids"], segment_ids, (0, cache["index"])
-            ),
-        }
-    x, k, v = pipeline_layers(
-        config,
-        params["layers"],
-        x,
-        positions,
-        segment_ids,
-        microbatches=microbatches,
-        cache=cache,
-        cache_info=info,
-        mesh=mesh,
-    )
-    logits = output_logits(config, params, x)
-    if cache is None:
-        return logits
-    new_cache = {
-        "k": k,
-        "v": v,
-        "segment_ids": info["segment_ids"],
-        "index": cache["index"] + length,
-    }
-    return logits, new_cache
-
-
-def pipeline_apply_fn(config: ModelConfig, microbatches: int):
-    """A ``training.step`` apply function that pipelines the layers (a config switch)."""
-
-    def apply(params, frozen, inputs, positions, segment_ids, rng):
-        del frozen, rng
-        return pipeline_apply(
-            config, params, inputs, positions, segment_ids, microbatches=microbatches
-        )
-
-    return apply

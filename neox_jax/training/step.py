@@ -23,8 +23,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from neox_jax.model import GPTNeoX, ModelConfig, axes
-from neox_jax.parallel.pipeline import pipeline_apply_fn
+from neox_jax.model import (
+    GPTNeoX,
+    ModelConfig,
+    axes,
+    block_fn,
+    embed_tokens,
+    output_logits,
+    prepare_inputs,
+    updated_cache,
+)
+from neox_jax.parallel.pipeline import pipeline_layers
 
 # apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V]
 ApplyFn = Callable[..., jax.Array]
@@ -49,6 +58,53 @@ def model_apply_fn(config: ModelConfig) -> ApplyFn:
     def apply(params, frozen, inputs, positions, segment_ids, rng):
         del frozen, rng  # GPT-NeoX/Pythia train without dropout
         return model.apply({"params": params}, inputs, positions, segment_ids)
+
+    return apply
+
+
+def pipeline_apply(
+    config: ModelConfig,
+    params,
+    input_ids,
+    positions=None,
+    segment_ids=None,
+    *,
+    microbatches: int,
+    cache=None,
+    mesh=None,
+):
+    """``GPTNeoX(config).apply({"params": params}, ...)`` with the layers pipelined over
+    the mesh's ``stage`` axis (``neox_jax.parallel.pipeline``) in ``microbatches``.
+
+    Returns logits ``[B, T, V]`` (fp32), or ``(logits, new_cache)`` when a stacked cache
+    (``init_cache``) is given.
+    """
+    positions, segment_ids, info = prepare_inputs(input_ids, positions, segment_ids, cache)
+    x, k, v = pipeline_layers(
+        block_fn(config),
+        params["layers"],
+        embed_tokens(config, params, input_ids),
+        positions,
+        segment_ids,
+        microbatches=microbatches,
+        cache=cache,
+        cache_info=info,
+        mesh=mesh,
+    )
+    logits = output_logits(config, params, x)
+    if cache is None:
+        return logits
+    return logits, updated_cache({"k": k, "v": v}, info, input_ids.shape[1])
+
+
+def pipeline_apply_fn(config: ModelConfig, microbatches: int) -> ApplyFn:
+    """The apply function of pipelined (pre)training (a config switch)."""
+
+    def apply(params, frozen, inputs, positions, segment_ids, rng):
+        del frozen, rng
+        return pipeline_apply(
+            config, params, inputs, positions, segment_ids, microbatches=microbatches
+        )
 
     return apply
 
