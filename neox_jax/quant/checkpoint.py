@@ -31,20 +31,6 @@ from neox_jax.quant.params import abstract_quantized_params, dequantize_params
 QUANT_CONFIG = "quant_config"
 
 
-def _checkpointer() -> ocp.Checkpointer:
-    # Items are written through a composite with named handlers, and read one item
-    # folder at a time (the composite would warn about the tokenizer/ folder).
-    return ocp.Checkpointer(
-        ocp.CompositeCheckpointHandler(
-            **{
-                PARAMS: ocp.StandardCheckpointHandler(),
-                MODEL_CONFIG: ocp.JsonCheckpointHandler(),
-                QUANT_CONFIG: ocp.JsonCheckpointHandler(),
-            }
-        )
-    )
-
-
 def to_state(tree):
     """``QuantizedWeight`` nodes -> plain dicts (what is written to disk)."""
 

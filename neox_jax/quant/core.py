@@ -65,11 +65,6 @@ class QuantizedWeight:
         return self.zero is None
 
     @property
-    def stored_shape(self) -> tuple[int, int]:
-        """``(R, C)``: rows and (unpacked) columns of the stored matrix."""
-        return tuple(reversed(self.shape)) if self.transposed else tuple(self.shape)
-
-    @property
     def nbytes(self) -> int:
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
@@ -203,6 +202,3 @@ def check_compatible(saved: ModelConfig, current: ModelConfig) -> None:
             + "). Use a new --workdir or restore the original model config."
         )
 
-
-def host_scalar(x) -> float:
-    return float(np.asarray(jax.device_get(x)))
