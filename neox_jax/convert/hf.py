@@ -22,6 +22,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
@@ -284,7 +285,7 @@ def load_hf(
     path = Path(path)
     config = config_from_hf(read_hf_config(path), param_dtype=param_dtype, **config_overrides)
     target = DTYPES[param_dtype]
-    shapes = _flatten(abstract_params(config))
+    shapes = flatten_dict(abstract_params(config), sep="/")
     params = {k: np.empty(s.shape, target) for k, s in shapes.items()}
     table = _hf_name_table(config)
     seen: set[str] = set()
@@ -323,23 +324,26 @@ def load_hf(
             f"{path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}; "
             "the checkpoint is incomplete."
         )
-    return config, _unflatten(params)
+    return config, unflatten_dict(params, sep="/")
 
 
 # -------------------------------------------------------------------- saving
 def _parse_size(size: int | str) -> int:
+    """Bytes in ``size`` as transformers' ``max_shard_size`` counts them: KB/MB/GB are
+    decimal (5GB = 5 * 10**9), KiB/MiB/GiB binary."""
     if isinstance(size, int):
         return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", size.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(?:([KMG])(I?)B?)?\s*", size.upper())
     if not m:
-        raise ValueError(f"Cannot parse size {size!r}; use e.g. 5GB, 500MB or a byte count.")
-    return int(float(m.group(1)) * {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[m.group(2)])
+        raise ValueError(f"Cannot parse size {size!r}; use e.g. 5GB, 500MB, 1GiB or a byte count.")
+    power = " KMG".index(m.group(2) or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
 def _hf_tensors(
     config: ModelConfig, params: dict[str, Any], dtype
 ) -> Iterator[tuple[str, np.ndarray]]:
-    flat = _flatten(params)
+    flat = flatten_dict(params, sep="/")
     for name, (ours, transpose, layer) in _hf_name_table(config).items():
         value = np.asarray(flat[ours] if layer is None else flat[ours][layer])
         value = value.T if transpose else value
@@ -379,7 +383,11 @@ def save_hf(
 
 
 def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out: Path, limit: int) -> None:
-    """Group tensors into safetensors files of at most ``limit`` bytes (one tensor may exceed)."""
+    """Group tensors into safetensors files of at most ``limit`` bytes (one tensor may exceed).
+
+    Not huggingface_hub's ``split_*_state_dict_into_shards``: that plans from the whole
+    state dict in memory, while this writes each shard as the tensors stream in (host
+    memory holds one shard, not a 20B model's 40 GB)."""
     from safetensors.numpy import save_file
 
     files: list[dict[str, np.ndarray]] = []
@@ -412,26 +420,3 @@ def _write_shards(tensors: Iterator[tuple[str, np.ndarray]], out: Path, limit: i
         weight_map.update(dict.fromkeys(keys, new))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# --------------------------------------------------------------- tree helpers
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
