@@ -54,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # layer weights are held twice: set False when they fill more than half the memory.
     c.split_layers = True
 
+    # ---------------------------------------------------------------- devices
+    # Tensor parallelism: attention heads, MLP, vocabulary and the KV cache split over
+    # this many devices (the rules table's "tensor" axis).
+    c.tensor_parallel = 1
+
     # ----------------------------------------------------------------- server
     # Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every interface.
     c.host = "127.0.0.1"

@@ -22,7 +22,7 @@ def check_config(config) -> None:
     """Raises ``UserError`` naming a bad field, before anything is loaded."""
     if not config.checkpoint:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
-    positive = ("num_slots", "max_prefills_per_step", "max_n", "max_stop_ids")
+    positive = ("num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel")
     for name in positive:
         if not isinstance(config[name], int) or config[name] < 1:
             raise UserError(f"--config.{name} must be an integer >= 1, got {config[name]!r}.")
@@ -43,6 +43,7 @@ def build(config, progress=print):
     """``(engine, app)`` for a ``configs/serve.py`` config (loads and compiles)."""
     from neox_jax.convert import find_tokenizer, load_model
     from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.inference.cli import inference_mesh
     from neox_jax.serving.api import create_app
     from neox_jax.serving.engine import Engine
     from neox_jax.serving.metrics import Metrics
@@ -68,6 +69,7 @@ def build(config, progress=print):
         max_prefills_per_step=config.max_prefills_per_step,
         metrics=metrics,
         split_layers=config.split_layers,
+        mesh=inference_mesh(config.tensor_parallel, 1),
     )
     del params  # the engine keeps its per-layer copy
     if config.warmup:

@@ -11,7 +11,12 @@ Sampled requests use the same per-request PRNG keys, so they must agree too (a f
 would need a uniform draw within ~1e-6 of a CDF boundary).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -197,3 +202,48 @@ def test_background_thread_serves_concurrent_callers_and_stops(model, engine):
     assert eng.free_slots == eng.num_slots
     with pytest.raises(EngineStopped):
         eng.submit(Request(prompts[0], sampling, Collector()))
+
+
+MESH_SCRIPT = """
+import sys
+import jax
+import numpy as np
+from hf_reference import make_hf_model
+from neox_jax.convert import load_hf
+from neox_jax.inference import SamplingParams
+from neox_jax.parallel import create_mesh
+from neox_jax.serving import Engine
+
+make_hf_model(sys.argv[1], vocab_size=96, max_position_embeddings=64)
+config, params = load_hf(sys.argv[1])
+rng = np.random.default_rng(0)
+prompts = [[int(t) for t in rng.integers(2, 96, n)] for n in (3, 9, 14, 5)]
+sampling = SamplingParams(max_new_tokens=10, ignore_eos=True)
+kw = dict(num_slots=2, max_len=32, prefill_buckets=(16,))
+mesh = create_mesh({"tensor": 2}, devices=jax.devices()[:2])
+sharded = Engine(config, params, mesh=mesh, **kw)
+spec = sharded.state.cache["k"][0].sharding.spec
+assert tuple(spec)[2] == "tensor", spec  # [N, S, H, D]: heads split over the devices
+ours = [r[0] for r in sharded.generate(prompts, sampling)]
+alone = [r[0] for r in Engine(config, params, **kw).generate(prompts, sampling)]
+assert ours == alone, (ours, alone)
+print("SAME_TOKENS")
+"""
+
+
+def test_tensor_parallel_engine_equals_one_device(tmp_path):
+    """On 2 fake CPU devices (own process: the device count is fixed at start-up),
+    the engine with weights and KV cache split over ``tensor`` gives one device's
+    greedy tokens (exact, as above: the split only reorders fp32 sums)."""
+    tests = Path(__file__).resolve().parent
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(MESH_SCRIPT), str(tmp_path / "model")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0 and "SAME_TOKENS" in out.stdout, out.stderr[-3000:]

@@ -13,6 +13,7 @@ as the ``Generator``); eos, stop ids and max tokens end a slot on the device.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -22,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -31,6 +33,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.inference.text import TextTracker
 from neox_jax.model import ModelConfig
+from neox_jax.parallel.rules import RULES
 from neox_jax.serving import slots as dev
 
 log = logging.getLogger(__name__)
@@ -123,6 +126,8 @@ class Engine:
       max_prefills_per_step: prompts admitted between two decode steps, bounding how long
         running requests wait for new ones' prefill.
       metrics: an object with the hooks of ``serving.metrics.Metrics``, or None.
+      mesh: serve on this mesh (``parallel.create_mesh({"tensor": N})``): weights and KV
+        cache are sharded by the rules table, heads / MLP / vocabulary over ``tensor``.
       split_layers: decode from per-layer copies of the layer weights
         (``inference.step.split_params``; faster on CPU). Splitting holds the layer
         weights twice until the caller drops ``params``: turn it off when the weights
@@ -145,6 +150,7 @@ class Engine:
         max_prefills_per_step: int = 4,
         metrics=None,
         split_layers: bool = True,
+        mesh=None,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -161,19 +167,36 @@ class Engine:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = () if eos is None else (eos,)
         self.config, self.tokenizer = config, tokenizer
+        if mesh is not None:
+            if mesh.shape.get("stage", 1) > 1:
+                raise UserError("the serving engine does not run pipelines; use a tensor mesh.")
+            from neox_jax.inference.generator import shard_params
+
+            params = shard_params(config, params, mesh)
+        self.mesh = mesh
         self.params = split_params(params) if split_layers else params
         self.num_slots, self.max_len, self.buckets = num_slots, max_len, buckets
         self.max_queue, self.stop_width, self.max_logprobs = max_queue, stop_width, max_logprobs
         self.max_prefills_per_step = max_prefills_per_step
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.metrics = metrics
-        self.state = dev.init_state(config, num_slots, max_len, stop_width)
+        with self._context():  # under jit, the cache takes the rules table's sharding
+            init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3))
+            self.state = init(config, num_slots, max_len, stop_width)
         self.slots: list[Request | None] = [None] * num_slots
         self.waiting: deque[Request] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+
+    def _context(self):
+        """The mesh and rules table every device call runs under (nothing without a mesh)."""
+        stack = contextlib.ExitStack()
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+            stack.enter_context(nn.logical_axis_rules(RULES))
+        return stack
 
     # ------------------------------------------------------------- admission
     def check(self, prompt_ids: Sequence[int], p: SamplingParams) -> None:
@@ -264,9 +287,9 @@ class Engine:
         n = len(prompt_ids)
         tokens = np.zeros(self.bucket(n), np.int32)
         tokens[:n] = prompt_ids
-        chosen, top_lp, top_ids = jax.device_get(
-            dev.score(self.config, self.params, tokens, k=max(1, k))
-        )
+        with self._context():
+            scored = dev.score(self.config, self.params, tokens, k=max(1, k))
+        chosen, top_lp, top_ids = jax.device_get(scored)
         out = []
         for i in range(n - 1):
             top = zip(top_ids[i, :k].tolist(), top_lp[i, :k].tolist(), strict=True)
@@ -275,6 +298,10 @@ class Engine:
 
     # ------------------------------------------------------------ compilation
     def warmup(self, progress: Callable[[str], None] = print) -> float:
+        with self._context():
+            return self._warmup(progress)
+
+    def _warmup(self, progress: Callable[[str], None]) -> float:
         """Compile every program the engine runs (each prefill bucket and its insert, the
         greedy and sampling steps with and without logprobs); returns the seconds taken.
 
@@ -329,6 +356,10 @@ class Engine:
     def step(self) -> bool:
         """One scheduler iteration: retire cancelled requests, admit waiting ones, advance
         every running slot by a token and deliver it. Returns whether anything ran."""
+        with self._context():
+            return self._step()
+
+    def _step(self) -> bool:
         for slot, r in enumerate(self.slots):
             if r is not None and r.cancelled:
                 self._retire(slot, CANCELLED)
@@ -417,9 +448,10 @@ class Engine:
         self._fail_all()
 
     def _fail_all(self) -> None:
-        for slot, r in enumerate(self.slots):
-            if r is not None:
-                self._retire(slot, CANCELLED)
+        with self._context():
+            for slot, r in enumerate(self.slots):
+                if r is not None:
+                    self._retire(slot, CANCELLED)
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
         for r in waiting:
