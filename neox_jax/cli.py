@@ -96,8 +96,6 @@ def user_message(error: BaseException) -> str:
             errno.EACCES: " (no permission; pick a destination you can write)",
         }.get(error.errno, "")
         return f"{error.filename}: {reason}{hint}"
-    if isinstance(error, KeyError) and error.args:
-        return str(error.args[0])
     return str(error).strip() or type(error).__name__
 
 
@@ -237,7 +235,8 @@ def parse(
         raise CommandLineError(_parse_error(e, argv, config, config_help)) from e
     if fv.help:
         usage = f"usage: python -m {prog} --config={config_help} [--config.FIELD=VALUE ...]"
-        return Parsed(None, {}, help_text=f"{usage}\n\n{fv.get_help()}")
+        fields = f"\n\nconfig fields and their values:\n{config}" if config is not None else ""
+        return Parsed(None, {}, help_text=f"{usage}\n\n{fv.get_help()}{fields}")
     if len(rest) > 1:
         raise CommandLineError(
             f"unexpected arguments: {' '.join(rest[1:])} (flags look like --x=y)"

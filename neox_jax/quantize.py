@@ -78,7 +78,7 @@ def quantize_checkpoint(
         )
         log(f"calibration: {tokens.shape[0]} windows of {tokens.shape[1]} tokens")
     elif calibration is not None:
-        log("note: --calibration is only used by --method=gptq; ignoring it")
+        log("note: calibration data is only used by method=gptq; ignoring it")
     config, params = load_model(src)
     if tokens is not None and tokens.shape[1] > config.max_position_embeddings:
         raise UserError(
