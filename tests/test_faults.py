@@ -155,3 +155,86 @@ def test_sigterm_saves_within_two_steps_of_the_signal(dataset, tmp_path):
         late,
     )
     _assert_restorable(tmp_path, saved)
+
+
+# ------------------------------------------------------------------ writers and exports
+WRITER_CONFIG = dict(
+    vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+)
+
+
+def _write_with(kind, config, params, dst, **kw):
+    """One writer of each on-disk format, given float params made for ``config``."""
+    from neox_jax.convert import save_checkpoint, save_hf
+    from neox_jax.finetune.lora import LoraConfig, init_adapters
+    from neox_jax.finetune.peft_format import save_peft_adapter
+    from neox_jax.quant import QuantConfig, quantize_params, save_quantized
+
+    if kind == "hf":
+        return save_hf(config, params, dst, **kw)
+    if kind == "checkpoint":
+        return save_checkpoint(config, params, dst, **kw)
+    if kind == "quantized":
+        qconfig = QuantConfig(bits=8)
+        return save_quantized(config, qconfig, quantize_params(config, params, qconfig), dst, **kw)
+    lora = LoraConfig(targets=("query_key_value",), rank=4, alpha=8.0)
+    adapters = init_adapters(config, lora, jax.random.key(0))
+    return save_peft_adapter(config, adapters, lora, dst, **kw)
+
+
+@pytest.mark.parametrize("kind", ["hf", "checkpoint", "quantized", "peft"])
+def test_writers_refuse_params_of_another_shape_and_write_nothing(tmp_path, kind):
+    from neox_jax.model import ModelConfig, init_params
+
+    made_for = ModelConfig(**WRITER_CONFIG)
+    params = init_params(made_for, jax.random.key(0))
+    if kind == "peft":  # adapters are shaped by the config passed to init_adapters
+        from neox_jax.finetune.lora import LoraConfig, init_adapters
+        from neox_jax.finetune.peft_format import save_peft_adapter
+
+        lora = LoraConfig(targets=("query_key_value",), rank=4, alpha=8.0)
+        adapters = init_adapters(made_for, lora, jax.random.key(0))
+        claimed = made_for.replace(num_hidden_layers=3)
+        with pytest.raises(UserError, match=r"lora_a has shape \(2, 32, 4\).*\(3, 32, 4\)"):
+            save_peft_adapter(claimed, adapters, lora, tmp_path / "out")
+    else:
+        # A 3-layer config with 2-layer params: JAX would clamp layer 2 to layer 1.
+        claimed = made_for.replace(num_hidden_layers=3)
+        with pytest.raises(UserError, match=r"layers/.*\(2, .*\(3, "):
+            if kind == "quantized":  # quantize for the true config, save under the wrong one
+                from neox_jax.quant import QuantConfig, quantize_params, save_quantized
+
+                qconfig = QuantConfig(bits=8)
+                qparams = quantize_params(made_for, params, qconfig)
+                save_quantized(claimed, qconfig, qparams, tmp_path / "out")
+            else:
+                _write_with(kind, claimed, params, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # not even a temporary folder
+
+
+@pytest.mark.parametrize("kind", ["hf", "checkpoint", "peft"])
+def test_full_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypatch, kind):
+    """A write fails half way (ENOSPC); the export already at the destination survives."""
+    import safetensors.numpy
+    import tensorstore
+
+    from neox_jax.model import ModelConfig, init_params
+
+    config = ModelConfig(**WRITER_CONFIG)
+    params = init_params(config, jax.random.key(0))
+    dst = tmp_path / "export"
+    _write_with(kind, config, params, dst)
+    before = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    if kind == "checkpoint":  # orbax writes arrays through tensorstore
+        monkeypatch.setattr(tensorstore, "open", full_disk)
+    else:
+        monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _write_with(kind, config, params, dst, overwrite=True)
+    after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary left behind

@@ -27,6 +27,7 @@ from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf import ConversionError, load_hf
 from neox_jax.errors import load_json
 from neox_jax.model import ModelConfig, abstract_params
+from neox_jax.model.shapes import check_params
 
 PARAMS = "params"
 MODEL_CONFIG = "model_config"
@@ -42,6 +43,7 @@ def save_checkpoint(
     overwrite: bool = False,
 ) -> Path:
     """Write ``params`` and ``config`` as a model checkpoint at ``path`` (atomically)."""
+    check_params(config, params, what="params to save")
     items = {
         PARAMS: ocp.args.StandardSave(params),
         MODEL_CONFIG: ocp.args.JsonSave(config.to_dict()),

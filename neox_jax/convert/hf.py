@@ -28,6 +28,7 @@ from neox_jax.atomic import atomic_directory
 from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
 from neox_jax.errors import UserError, load_json
 from neox_jax.model import ModelConfig, abstract_params
+from neox_jax.model.shapes import check_params
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
 LAYER_MAP = {
@@ -373,6 +374,7 @@ def save_hf(
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
     np_dtype = DTYPES[dtype]
+    check_params(config, params, what="params to export")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
         hf_config = config_to_hf(config, dtype=dtype)

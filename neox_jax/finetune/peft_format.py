@@ -29,8 +29,15 @@ import numpy as np
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.errors import load_json
-from neox_jax.finetune.lora import TARGETS, LoraConfig, LoraError, target_shapes
+from neox_jax.finetune.lora import (
+    TARGETS,
+    LoraConfig,
+    LoraError,
+    abstract_adapters,
+    target_shapes,
+)
 from neox_jax.model import ModelConfig
+from neox_jax.model.shapes import describe, shape_mismatches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -69,6 +76,15 @@ def save_peft_adapter(
     from safetensors.numpy import save_file
 
     path = Path(path).absolute()
+    expected = abstract_adapters(config, lora)
+    bad = shape_mismatches(adapters, expected)
+    if bad:  # numpy would index past a short layer stack; a wrong rank is written as is
+        raise LoraError(
+            f"The adapters do not match the base config and lora settings ({describe(config)}, "
+            f"rank={lora.rank}, targets={list(lora.targets)}): "
+            + "; ".join(bad[:4])
+            + ". Nothing was written."
+        )
     tensors = {}
     for t in lora.targets:
         group, name = TARGETS[t]
