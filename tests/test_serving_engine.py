@@ -54,6 +54,19 @@ def engine(model):
     return eng
 
 
+_GENERATORS = {}
+
+
+def _reference(model):
+    """One ``Generator`` per model, with a fixed cache (fewer shapes to compile)."""
+    config, params, tok = model
+    key = id(params)
+    if key not in _GENERATORS:
+        _GENERATORS.clear()
+        _GENERATORS[key] = Generator(config, params, tok, max_cache_len=64)
+    return _GENERATORS[key]
+
+
 def _prompts(vocab, lengths, seed=0):
     rng = np.random.default_rng(seed)
     return [[int(t) for t in rng.integers(2, vocab, n)] for n in lengths]
@@ -67,7 +80,7 @@ def test_concurrent_greedy_requests_equal_generator_alone(model, engine):
     """More requests than slots, mixed prompt lengths and max_tokens (so slots retire
     and refill at different steps): each equals its own ``Generator.generate``."""
     config, params, tok = model
-    gen = Generator(config, params, tok)
+    gen = _reference(model)
     lengths = (1, 5, 30, 9, 17, 2, 12, 40)
     prompts = _prompts(config.vocab_size, lengths)
     samplings = [
@@ -93,7 +106,7 @@ def test_sampling_knobs_eos_and_stops_equal_generator(model, engine):
     """Per-request temperature / top-k / top-p / penalty / seed, eos, stop ids and stop
     strings, all in one batch: each request equals the ``Generator`` alone."""
     config, params, tok = model
-    gen = Generator(config, params, tok)
+    gen = _reference(model)
     prompts = _prompts(config.vocab_size, (4, 11, 7, 3, 9), seed=3)
     greedy = SamplingParams(max_new_tokens=12, ignore_eos=True)
     free = gen.generate(prompts[3:5], greedy)
@@ -193,7 +206,7 @@ def test_background_thread_serves_concurrent_callers_and_stops(model, engine):
         t.start()
     for t in threads:
         t.join()
-    gen = Generator(config, params, tok)
+    gen = _reference(model)
     assert results == [r.token_ids for r in gen.generate(prompts, sampling)]
     slow = Collector()
     eng.submit(Request(prompts[0], SamplingParams(max_new_tokens=25, ignore_eos=True), slow))
