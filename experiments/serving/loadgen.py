@@ -1,0 +1,232 @@
+"""Load generator for the serving benchmark: Poisson arrivals, mixed lengths, bounded.
+
+Two modes, the same workload (seeded, so every mode sees the same requests):
+
+  server   the official ``openai`` client under asyncio against a running
+           ``python -m neox_jax.serve`` (continuous batching, or ``num_slots=1`` for
+           one request at a time). Streams with ``logprobs=0`` so every token arrives
+           in its own event (time to first token and per-token times are exact).
+  static   in-process static batching: arrivals are queued, and whenever the model is
+           free the next batch (up to ``--batch`` waiting requests) runs
+           ``Generator.generate`` to the end. A request's first token is known only when
+           its batch ends, so its TTFT is its batch's end (what a client of such a
+           server would see).
+
+Prompts are random token ids (lengths uniform in ``--prompt-len``), outputs exactly
+``max_tokens`` (uniform in ``--output-len``) with ``ignore_eos``. Reports output
+tokens/s, requests/s, TTFT and time per output token (p50/p99) per request rate, as
+JSON lines. See README.md beside this file for the full procedure.
+
+  python experiments/serving/loadgen.py server --base-url=http://127.0.0.1:8000/v1 \\
+      --model=pythia-70m --vocab=50304 --rates=1,2,4,8 --requests=200
+  python experiments/serving/loadgen.py static --checkpoint=/tmp/pythia-70m --batch=16 \\
+      --rates=1,2,4,8 --requests=200
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Workload:
+    arrivals: list[float]  # seconds from the start
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+
+def make_workload(args, rate: float) -> Workload:
+    """``args.requests`` requests with exponential gaps of mean ``1 / rate``."""
+    rng = np.random.default_rng(args.seed)
+    n = args.requests
+    gaps = rng.exponential(1.0 / rate, n)
+    lo, hi = args.prompt_len
+    prompts = [rng.integers(2, args.vocab, int(k)).tolist() for k in rng.integers(lo, hi + 1, n)]
+    out_lo, out_hi = args.output_len
+    return Workload(
+        arrivals=np.cumsum(gaps).tolist(),
+        prompts=prompts,
+        max_tokens=rng.integers(out_lo, out_hi + 1, n).tolist(),
+    )
+
+
+@dataclasses.dataclass
+class Record:
+    arrival: float
+    first: float | None = None
+    done: float | None = None
+    tokens: int = 0
+    error: str | None = None
+
+
+def summarize(mode: str, rate: float, records: list[Record], makespan: float) -> dict:
+    ok = [r for r in records if r.error is None and r.done is not None]
+    ttft = [r.first - r.arrival for r in ok]
+    tpot = [(r.done - r.first) / (r.tokens - 1) for r in ok if r.tokens > 1]
+    tokens = sum(r.tokens for r in ok)
+
+    def pct(xs, q):
+        return float(np.percentile(xs, q)) if xs else None
+
+    return {
+        "mode": mode,
+        "rate": rate,
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "seconds": makespan,
+        "output_tokens_per_s": tokens / makespan,
+        "requests_per_s": len(ok) / makespan,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "tpot_p50_s": pct(tpot, 50),
+        "tpot_p99_s": pct(tpot, 99),
+    }
+
+
+# ---------------------------------------------------------------------- server
+async def run_server(args, rate: float) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=args.base_url, api_key="unused", timeout=args.timeout)
+    if not args.model:
+        args.model = (await client.models.list()).data[0].id
+    work = make_workload(args, rate)
+    records = [Record(arrival=a) for a in work.arrivals]
+    limit = asyncio.Semaphore(args.max_in_flight)
+    start = time.perf_counter()
+
+    async def one(i: int):
+        await asyncio.sleep(max(0.0, start + work.arrivals[i] - time.perf_counter()))
+        r = records[i]
+        r.arrival = time.perf_counter() - start
+        async with limit:
+            try:
+                stream = await client.completions.create(
+                    model=args.model, prompt=work.prompts[i], max_tokens=work.max_tokens[i],
+                    temperature=0, logprobs=0, stream=True, extra_body={"ignore_eos": True},
+                )  # fmt: skip
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].logprobs:
+                        n = len(chunk.choices[0].logprobs.tokens or [])
+                        if n and r.first is None:
+                            r.first = time.perf_counter() - start
+                        r.tokens += n
+                r.done = time.perf_counter() - start
+            except openai.APIError as e:
+                r.error = f"{type(e).__name__}: {e}"
+
+    await asyncio.gather(*(one(i) for i in range(len(records))))
+    await client.close()
+    return summarize(f"server:{args.label}", rate, records, time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------- static
+def run_static(args, rate: float, generator) -> dict:
+    from neox_jax.inference import SamplingParams
+
+    work = make_workload(args, rate)
+    records = [Record(arrival=a) for a in work.arrivals]
+    waiting: list[int] = []
+    cond = threading.Condition()
+    start = time.perf_counter()
+
+    def arrivals():
+        for i, a in enumerate(work.arrivals):
+            time.sleep(max(0.0, start + a - time.perf_counter()))
+            with cond:
+                waiting.append(i)
+                cond.notify()
+
+    feeder = threading.Thread(target=arrivals, daemon=True)
+    feeder.start()
+    served = 0
+    while served < len(records):
+        with cond:
+            while not waiting:
+                cond.wait()
+            batch, waiting[:] = waiting[: args.batch], waiting[args.batch :]
+        samplings = [
+            SamplingParams(max_new_tokens=work.max_tokens[i], ignore_eos=True) for i in batch
+        ]
+        generator.generate([work.prompts[i] for i in batch], samplings)
+        end = time.perf_counter() - start
+        for i in batch:
+            # No streaming: every token of the batch is known at its end.
+            records[i].first = records[i].done = end
+            records[i].tokens = work.max_tokens[i]
+        served += len(batch)
+    feeder.join()
+    summary = summarize(f"static:batch={args.batch}", rate, records, time.perf_counter() - start)
+    summary["tpot_p50_s"] = summary["tpot_p99_s"] = None  # not observable without streaming
+    return summary
+
+
+def warm_up(generator, args) -> None:
+    """Compile every (batch, prompt bucket) shape the workload can hit, untimed."""
+    from neox_jax.inference import SamplingParams, bucket_length
+
+    lengths = sorted({bucket_length(n) for n in range(args.prompt_len[0], args.prompt_len[1] + 1)})
+    batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= args.batch]
+    start = time.perf_counter()
+    for b in batches:
+        for n in lengths:
+            generator.generate([[1] * n] * b, SamplingParams(max_new_tokens=2, ignore_eos=True))
+    print(
+        f"static: compiled {len(batches) * len(lengths)} shapes in "
+        f"{time.perf_counter() - start:.0f}s",
+        file=sys.stderr,
+    )
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("mode", choices=("server", "static"))
+    p.add_argument("--rates", default="1,2,4,8", help="requests per second, comma-separated")
+    p.add_argument("--requests", type=int, default=200, help="requests per rate (bounded)")
+    p.add_argument("--prompt-len", type=lambda s: tuple(map(int, s.split(","))), default=(32, 512))
+    p.add_argument("--output-len", type=lambda s: tuple(map(int, s.split(","))), default=(16, 256))
+    p.add_argument("--vocab", type=int, default=50304, help="prompt ids are drawn below this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="append JSON lines here (default: stdout only)")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="")
+    p.add_argument("--label", default="continuous", help="names the server's setup in the output")
+    p.add_argument("--max-in-flight", type=int, default=256, help="client-side bound")
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--checkpoint", default="", help="static mode: the model to load")
+    p.add_argument("--batch", type=int, default=16, help="static mode: batch size")
+    args = p.parse_args(argv)
+    generator = None
+    if args.mode == "static":
+        from neox_jax.convert import load_model
+        from neox_jax.inference import Generator, bucket_length
+
+        config, params = load_model(args.checkpoint)
+        # One cache size for every batch, room for the longest prompt's bucket: the
+        # prompt buckets are then the only shapes (all compiled by warm_up).
+        cache = bucket_length(args.prompt_len[1]) + args.output_len[1]
+        generator = Generator(config, params, max_cache_len=cache, max_batch_size=args.batch)
+        warm_up(generator, args)
+    for rate in (float(r) for r in args.rates.split(",")):
+        if args.mode == "server":
+            row = asyncio.run(run_server(args, rate))
+        else:
+            row = run_static(args, rate, generator)
+        line = json.dumps(row)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
