@@ -8,6 +8,8 @@ Any field of the config can be overridden (``--config.optimizer.lr=3e-4``). Runn
 same command again resumes from the latest checkpoint in ``--workdir``.
 """
 
+import os
+
 from neox_jax import cli
 from neox_jax.errors import UserError
 
@@ -45,6 +47,8 @@ def main(config, workdir: str) -> dict:
     """Train as ``config`` describes in ``workdir`` (resuming), then print a sample."""
     from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file; pass a folder (new or a run's).")
     try:
         result = train_and_evaluate(config, workdir)
     except NonFiniteLossError as e:  # the user's hyperparameters, not a bug

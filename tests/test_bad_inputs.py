@@ -174,6 +174,8 @@ CASES = _generic_cases() + [
      "does not exist", None),
     ("sample", ["--config.checkpoint={model}", "--config.prompt_file={latin1_txt}"], 2,
      "not UTF-8", None),
+    ("sample", ["--config.checkpoint={model}", "--config.prompt_file={root}"], 2, "is a folder",
+     None),
     ("sample", ["--config.checkpoint={model}", "--config.prompt_file={prompts_bad_jsonl}"], 2,
      "prompts_bad.jsonl:2", None),
     ("sample", ["--config.checkpoint={model}", "--config.prompt=x",
@@ -210,6 +212,8 @@ CASES = _generic_cases() + [
                   "--config.harness.include_defaults=False"], 2, "broken.yaml", None),
     ("evaluate", ["--config.checkpoint={model}", "--config.perplexity.indexed_dataset={missing}"],
      2, "missing", None),
+    ("evaluate", ["--config.checkpoint={model}", "--config.perplexity.indexed_dataset={good_txt}"],
+     2, "good.txt", None),
     ("evaluate", ["--config.checkpoint={model}", "--config.perplexity.text_file={good_txt}",
                   "--config.output_file={missing}/r.json"], 2, "does not exist", None),
     # --- embed / rag
@@ -231,6 +235,8 @@ CASES = _generic_cases() + [
                f"--config.index_dir={READ_ONLY}"], 2, "cannot write", None),
     ("embed", ["--config.checkpoint={model}", "--config.corpus={bad_line_jsonl}",
                "--config.index_dir={new}"], 2, "bad_line.jsonl", "new"),
+    ("embed", ["--config.checkpoint={model}", "--config.corpus={latin1_txt}",
+               "--config.index_dir={new}"], 2, "latin1.txt", "new"),
     ("rag", ["--config.checkpoint={model}", "--config.question=hi"], 2,
      "missing --config.index_dir", None),
     ("rag", ["--config.checkpoint={model}", "--config.index_dir={missing}",
@@ -330,6 +336,8 @@ CASES = _generic_cases() + [
     # --- train: the command line itself (training configs: tests/test_train*.py)
     ("train", ["--config=configs/pretrain.py:tiny"], 2, "missing --workdir", None),
     ("train", ["--workdir={new}"], 2, "missing --config", "new"),
+    ("train", ["--config=configs/pretrain.py:tiny", "--workdir={a_file}"], 2, "is a file",
+     "a_file"),
     ("train", ["--config=configs/pretrain.py:nope", "--workdir={new}"], 2, "unknown config",
      "new"),
 ]  # fmt: skip
@@ -361,7 +369,7 @@ def errors_markdown() -> str:
         "`python -c \"import sys; sys.path[:0] = ['tests', '.']; import test_bad_inputs as t; "
         't.write_errors_markdown()"`). Each command-line row exits with the status shown,',
         "prints `<prog>: error: ...` containing the phrase, shows no traceback, and leaves",
-        'its destination as it was. The convention is in the README, "Command lines and errors".',
+        'its destination as it was. The convention is in the README, "Errors and command lines".',
         "",
         "Placeholders: " + "; ".join(f"`{{{k}}}` {v}" for k, v in LEGEND.items()) + ".",
         "",

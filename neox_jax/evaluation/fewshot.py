@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from neox_jax.errors import read_utf8
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 
 
@@ -42,7 +43,7 @@ def load_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"examples file {path} does not exist.")
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "examples file").splitlines(), 1):
         if not line.strip():
             continue
         try:

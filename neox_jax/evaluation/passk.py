@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.errors import read_utf8
 from neox_jax.evaluation.code_problems import PROBLEMS, Problem
 from neox_jax.evaluation.sandbox import ExecResult, run_program
 
@@ -67,7 +68,7 @@ def load_problems(path: str | os.PathLike) -> list[Problem]:
     """Problems from JSON lines with ``task_id``, ``prompt``, ``test``, ``entry_point``."""
     path = Path(path)
     problems = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_utf8(path, "problems file").splitlines(), 1):
         if not line.strip():
             continue
         try:

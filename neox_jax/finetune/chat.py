@@ -41,7 +41,7 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from neox_jax.errors import UserError
+from neox_jax.errors import UserError, read_utf8
 
 ROLES = ("system", "user", "assistant")
 
@@ -115,7 +115,7 @@ def read_chat_template(source: str | None) -> str:
     path = Path(source)
     if path.is_dir():
         if (path / "chat_template.jinja").is_file():
-            return (path / "chat_template.jinja").read_text(encoding="utf-8")
+            return read_utf8(path / "chat_template.jinja", "chat template")
         path = path / "tokenizer_config.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -123,9 +123,9 @@ def read_chat_template(source: str | None) -> str:
             "chat_template.jinja / tokenizer_config.json."
         )
     if path.suffix != ".json":
-        return path.read_text(encoding="utf-8")
+        return read_utf8(path, "chat template")
     try:
-        template = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+        template = json.loads(read_utf8(path, "chat template")).get("chat_template")
     except (json.JSONDecodeError, AttributeError) as e:
         raise ChatFormatError(f"{path} is not a JSON object: {e}") from None
     if isinstance(template, list):  # transformers' named templates

@@ -163,10 +163,16 @@ def _records(path: str):
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist.")
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
+    try:
+        with open(file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if line.strip():
+                    yield lineno, line
+    except UnicodeDecodeError as e:
+        raise SFTDataError(
+            f"SFT data file {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it "
+            "to UTF-8 first."
+        ) from None
 
 
 def load_examples(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from neox_jax.errors import read_utf8
 from neox_jax.inference import SamplingParams
 from neox_jax.retrieval.embed import Embedder
 from neox_jax.retrieval.index import Hit, VectorIndex
@@ -63,12 +64,12 @@ def read_corpus(
             docs.append(
                 {
                     "id": str(f.relative_to(path) if path.is_dir() else f.name),
-                    "text": f.read_text(encoding="utf-8"),
+                    "text": read_utf8(f, "corpus file"),
                     "source": str(f),
                 }
             )
             continue
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_utf8(f, "corpus file").splitlines(), 1):
             if not line.strip():
                 continue
             try:
