@@ -141,3 +141,20 @@ def test_convert_push_to_hub_with_the_api_mocked(hub_cache, tmp_path, monkeypatc
         convert(str(src), str(tmp_path / "out2"), "neox", push_to_hub="me/tiny")
     with pytest.raises(UserError, match="not a Hub repository id"):
         hub.push_to_hub(tmp_path / "out", "no-owner")
+
+
+def test_train_init_from_a_hub_id_offline(hub_cache, tmp_path):
+    from train_helpers import REPO, tiny_config, train_command, write_dataset
+
+    data = write_dataset(tmp_path / "counting")
+    config = tiny_config(data, **{"train.steps": 2, "train.init_from": "neox-test/tiny@step3000"})
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        train_command(config, tmp_path / "run"), cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    snapshot = hub_cache / "models--neox-test--tiny" / "snapshots" / REVISIONS["step3000"]
+    assert f"Initialised from {snapshot}" in out.stdout
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["init_from"] == str(snapshot)  # the run records where it started

@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from neox_jax import hub
 from neox_jax.convert.checkpoint import copy_tokenizer, load_model
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
@@ -195,6 +196,8 @@ def train_and_evaluate(
     )
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    if config.train.init_from:  # a Hub model id ("EleutherAI/pythia-160m") -> cached snapshot
+        config.train.init_from = str(hub.resolve(config.train.init_from))
     if state_factory is None and "finetune" in config:  # configs/finetune.py
         from neox_jax.finetune.trainer_hooks import finetune_hooks
 
