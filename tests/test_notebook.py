@@ -37,3 +37,22 @@ def test_sampling_notebook_executes(tmp_path, monkeypatch):
 def test_install_cell_is_skipped_when_importable(cell):
     source = nbformat.read(NOTEBOOK, as_version=4).cells[cell].source
     assert 'find_spec("neox_jax") is None' in source and "pip" in source
+
+
+def test_repository_url_is_declared_once_and_used_by_badge_and_install_cell():
+    import configparser
+    import re
+
+    root = NOTEBOOK.parents[1]
+    cfg = configparser.ConfigParser()
+    cfg.read(root / "setup.cfg")
+    url = cfg["metadata"]["url"]
+    owner_repo = url.removeprefix("https://github.com/")
+    cells = nbformat.read(NOTEBOOK, as_version=4).cells
+    install = cells[1].source
+    assert f'NEOX_JAX_REPO = "{url}"' in install
+    # The base install only: sampling needs no torch, and Colab's own must not be replaced.
+    assert 'f"neox_jax @ git+{NEOX_JAX_REPO}"' in install and "[hf]" not in install
+    badge = f"colab.research.google.com/github/{owner_repo}/blob/main/notebooks/sampling.ipynb"
+    assert badge in (root / "README.md").read_text() and badge in cells[0].source
+    assert re.search(r'MODEL = .*"EleutherAI/pythia-160m"', cells[2].source)
