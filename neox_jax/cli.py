@@ -177,6 +177,11 @@ def _parse_error(error: Exception, argv: Sequence[str], config, config_help: str
                     hint = f"; did you mean --config.{close[0]}?" if close else ""
                     return f"unknown config field --config.{key}{hint}"
         return f"unknown config field ({one_line(text)})"
+    if isinstance(error, flags.UnrecognizedFlagError):  # a plain --field: hint --config.field
+        fields = _config_fields(config)
+        close = difflib.get_close_matches(error.flagname, fields, n=1)
+        hint = f"; did you mean --config.{close[0]}=...?" if close else ""
+        return f"unknown flag --{error.flagname}{hint}"
     if "Error whilst parsing config file" in text:  # get_config raised: keep its last line
         last = [line for line in text.splitlines() if line.strip()][-1]
         return f"bad --config: {last.strip()}"

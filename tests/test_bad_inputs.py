@@ -146,7 +146,7 @@ def _generic_cases():
             (name, [*config, *base, "--config.no_such_field=1"], 2, "unknown config field", None),
             (name, [*base, "--config=configs/no_such_config.py"], 2, "cannot load config", None),
             (name, [*config, *base, "stray_argument"], 2, "unexpected arguments", None),
-            (name, [*config, *base, "--no_such_flag=1"], 2, "Unknown command line flag", None),
+            (name, [*config, *base, "--no_such_flag=1"], 2, "unknown flag --no_such_flag", None),
         ]
     return rows
 
@@ -155,6 +155,8 @@ def _generic_cases():
 CASES = _generic_cases() + [
     # --- sample
     ("sample", ["--config.prompt=x"], 2, "missing --config.checkpoint", None),
+    ("sample", ["--checkpoint={model}", "--config.prompt=x"], 2,
+     "did you mean --config.checkpoint", None),
     ("sample", ["--config.checkpoint={missing}", "--config.prompt=x"], 2, "missing", None),
     ("sample", ["--config.checkpoint={model}", "--config.prompt=x", "--config.interactive=True"],
      2, "exactly one of", None),
