@@ -312,8 +312,11 @@ class SentencePieceTokenizer(Tokenizer):
         return frozenset(i for i in range(n) if self._sp.is_control(i) or self._sp.is_unknown(i))
 
     def decode(self, ids: Sequence[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
-        # Control pieces (eos, pad, bos) and unk are the special tokens here.
-        ids, special = _id_list(ids), self._special_ids
+        # Control pieces (eos, pad, bos) and unk are the special tokens here. Ids past
+        # the pieces (a model vocabulary padded for speed) have no text: dropped, as HF's
+        # tokenizers drop ids they do not know, instead of sentencepiece's IndexError.
+        n = self._sp.get_piece_size()
+        ids, special = [i for i in _id_list(ids) if 0 <= i < n], self._special_ids
         if skip_special_tokens:
             return self._sp.decode([i for i in ids if i not in special])
         out, run = [], []  # sentencepiece drops control pieces; write them out like HF does

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax.inference.generate import EOS, LENGTH, STOP, prefill
-from neox_jax.inference.sampling import apply_repetition_penalty
+from neox_jax.inference.sampling import apply_repetition_penalty, mask_vocab
 from neox_jax.inference.step import forward, map_cache_rows
 
 Array = jax.Array
@@ -78,6 +78,7 @@ def beam_search(
     eos_ids: Array,
     length_penalty: Array,
     repetition_penalty: Array,
+    vocab_limit: Array | None = None,
     *,
     num_beams: int,
     num_candidates: int,
@@ -95,6 +96,8 @@ def beam_search(
       stop_ids, eos_ids: ``[B, n]`` ids (-1 padded) that end a hypothesis ("stop"/"eos").
       length_penalty: scalar exponent on the generated length.
       repetition_penalty: scalar; 1.0 = off (applied to log-probs, as transformers).
+      vocab_limit: scalar; ids at or above it are never chosen (the model's vocabulary
+        padded past its tokenizer's); None: no limit.
       num_beams: ``K`` (static).
       num_candidates: ``C`` kept per step, ``max(2, 1 + number of stop ids) * K``.
       cache_len: cache slots (static).
@@ -143,6 +146,8 @@ def beam_search(
             config, params, c["last"][:, None], c["positions"][:, None], ones, c["cache"],
             pipeline=pipeline,
         )  # fmt: skip
+        if vocab_limit is not None:  # excluded before the softmax, as in sampling
+            logits = mask_vocab(logits, vocab_limit)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
         logprobs = apply_repetition_penalty(logprobs, c["seen"], repetition_penalty)
         acc = logprobs.reshape(batch, k, vocab) + c["run_scores"][:, :, None]

@@ -292,12 +292,18 @@ def row_keys(seeds: Sequence[int], rows: Sequence[int] | None = None) -> Array:
 
 
 def make_controls(
-    params: Sequence[SamplingParams], eos_token_ids: Sequence[int] = ()
+    params: Sequence[SamplingParams],
+    eos_token_ids: Sequence[int] = (),
+    vocab_limit: int | None = None,
 ) -> tuple[Controls, SamplingMode]:
-    """The traced per-row ``Controls`` and the static ``SamplingMode`` of a batch."""
+    """The traced per-row ``Controls`` and the static ``SamplingMode`` of a batch.
+
+    ``vocab_limit``: the tokenizer's vocabulary size when the model's is padded past it
+    (ids at or above it are never drawn); None draws from the whole vocabulary.
+    """
     eos = [() if p.ignore_eos else tuple(eos_token_ids) for p in params]
     controls = Controls(
-        knobs={k: jnp.asarray(v) for k, v in row_arrays(params).items()},
+        knobs={k: jnp.asarray(v) for k, v in row_arrays(params, vocab_limit).items()},
         max_new=jnp.asarray([p.max_new_tokens for p in params], jnp.int32),
         eos_ids=jnp.asarray(id_table(eos)),
         stop_ids=jnp.asarray(id_table([p.stop_token_ids for p in params])),
@@ -356,6 +362,7 @@ def generate_tokens(
     eos_token_ids: Sequence[int] = (),
     max_cache_len: int | None = None,
     pipeline: int = 0,
+    vocab_limit: int | None = None,
 ) -> TokenOutput:
     """Sample continuations of a left-padded batch of token ids (no tokenizer needed).
 
@@ -375,6 +382,8 @@ def generate_tokens(
       max_cache_len: a fixed cache size, or None to bucket it.
       pipeline: 0, or pipeline microbatches (see ``prefill``; call under ``jax.set_mesh``
         with a ``stage`` axis, stacked params).
+      vocab_limit: never draw ids at or above it (a tokenizer smaller than the model's
+        padded vocabulary); None: no limit.
 
     Returns:
       ``TokenOutput`` with ``[B, N]`` tokens, ``[B]`` lengths and finish codes.
@@ -406,7 +415,7 @@ def generate_tokens(
         keys = jax.random.split(rng, ids.shape[0])
     else:
         keys = rng
-    controls, mode = make_controls(rows, eos_token_ids)
+    controls, mode = make_controls(rows, eos_token_ids, vocab_limit)
     state = prefill(
         config, params, ids, mask, keys,
         cache_len=cache_len, track_seen=mode.repetition_penalty, pipeline=pipeline,

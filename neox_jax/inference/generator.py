@@ -22,7 +22,7 @@ import numpy as np
 
 from neox_jax.inference import generate as gen
 from neox_jax.inference.beam_search import beam_search
-from neox_jax.inference.sampling import SamplingParams
+from neox_jax.inference.sampling import NO_VOCAB_LIMIT, SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.inference.text import TextTracker
 from neox_jax.model import ModelConfig, param_logical_axes
@@ -112,6 +112,8 @@ class Generator:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = () if eos is None else (eos,)
         self.config, self.params, self.tokenizer = config, params, tokenizer
+        # A model vocabulary padded past the tokenizer's (for speed): never draw those ids.
+        self.vocab_limit = None if tokenizer is None else tokenizer.vocab_size
         self.mesh = mesh
         stages = 1 if mesh is None else mesh.shape.get("stage", 1)
         if pipeline_microbatches is not None and (
@@ -242,7 +244,7 @@ class Generator:
         )
         ids, mask = gen.left_pad(prompts, plen)
         keys = gen.row_keys([p.seed for p in params], list(row_ids) + [0] * (len(batch) - n))
-        controls, mode = gen.make_controls(params, self.eos_token_ids)
+        controls, mode = gen.make_controls(params, self.eos_token_ids, self.vocab_limit)
         trackers = [self._tracker(p) for p in params[:n]]
         state = self._prefill(
             self.config, self._params, ids, mask, keys,
@@ -290,6 +292,7 @@ class Generator:
         out = self._beam_search(
             self.config, self._params, ids, mask, jnp.int32(p.max_new_tokens),
             stop_t, eos_t, jnp.float32(p.length_penalty), jnp.float32(p.repetition_penalty),
+            jnp.int32(NO_VOCAB_LIMIT if self.vocab_limit is None else self.vocab_limit),
             num_beams=p.num_beams, num_candidates=max(2, 1 + n_stop) * p.num_beams,
             cache_len=cache_len, early_stopping=p.early_stopping,
         )  # fmt: skip
@@ -357,7 +360,7 @@ class Generator:
             self.config, len(ids), p.max_new_tokens, self.max_cache_len
         )
         tok, mask = gen.left_pad([ids], plen)
-        controls, mode = gen.make_controls([p], self.eos_token_ids)
+        controls, mode = gen.make_controls([p], self.eos_token_ids, self.vocab_limit)
         state = self._prefill(
             self.config, self._params, tok, mask, gen.row_keys([p.seed]),
             cache_len=cache_len, track_seen=mode.repetition_penalty,

@@ -152,13 +152,26 @@ class SamplingMode:
         )
 
 
-def row_arrays(params: Sequence[SamplingParams]) -> dict[str, np.ndarray]:
-    """The dynamic knobs of each row, ``[B]`` arrays fed to the compiled loop."""
+# ``vocab_limit`` when every id of the model's vocabulary may be drawn.
+NO_VOCAB_LIMIT = np.iinfo(np.int32).max
+
+
+def row_arrays(
+    params: Sequence[SamplingParams], vocab_limit: int | None = None
+) -> dict[str, np.ndarray]:
+    """The dynamic knobs of each row, ``[B]`` arrays fed to the compiled loop.
+
+    ``vocab_limit``: ids at or above it are never drawn (a model's vocabulary padded
+    past its tokenizer's: those ids have no text). A traced knob like the others, so
+    it never causes a recompile.
+    """
+    limit = NO_VOCAB_LIMIT if vocab_limit is None else int(vocab_limit)
     return {
         "temperature": np.array([p.temperature for p in params], np.float32),
         "top_k": np.array([p.top_k for p in params], np.int32),
         "top_p": np.array([p.top_p for p in params], np.float32),
         "repetition_penalty": np.array([p.repetition_penalty for p in params], np.float32),
+        "vocab_limit": np.full((len(params),), limit, np.int32),
     }
 
 
@@ -184,6 +197,12 @@ def apply_repetition_penalty(logits: Array, seen: Array, penalty) -> Array:
     penalty = _col(penalty, logits)
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(seen, penalised, logits)
+
+
+def mask_vocab(logits: Array, limit) -> Array:
+    """-inf at ids ``>= limit`` (scalar or ``[B]``): padded ids the tokenizer lacks."""
+    ids = jnp.arange(logits.shape[-1])[None, :]  # [1, V]
+    return jnp.where(ids < _col(limit, logits), logits, NEG_INF)
 
 
 def apply_temperature(logits: Array, temperature) -> Array:
@@ -265,6 +284,8 @@ def process_logits(
       ``[B, V]`` processed logits (-inf where excluded).
     """
     logits = logits.astype(jnp.float32)
+    if "vocab_limit" in knobs:
+        logits = mask_vocab(logits, knobs["vocab_limit"])
     if mode.repetition_penalty:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
     if mode.greedy:

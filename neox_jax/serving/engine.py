@@ -167,6 +167,8 @@ class Engine:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = () if eos is None else (eos,)
         self.config, self.tokenizer = config, tokenizer
+        # A model vocabulary padded past the tokenizer's: those ids are never drawn.
+        self.vocab_limit = None if tokenizer is None else tokenizer.vocab_size
         if mesh is not None:
             if mesh.shape.get("stage", 1) > 1:
                 raise UserError("the serving engine does not run pipelines; use a tensor mesh.")
@@ -328,7 +330,9 @@ class Engine:
 
     # ------------------------------------------------------------------ loop
     def _insert(self, prefix, slot: int, p: SamplingParams, row: int) -> None:
-        knobs, max_new, eos, stop = dev.request_controls(p, self.eos_token_ids, self.stop_width)
+        knobs, max_new, eos, stop = dev.request_controls(
+            p, self.eos_token_ids, self.stop_width, self.vocab_limit
+        )
         key = jax.random.fold_in(jax.random.key(p.seed % 2**32), row)
         self.state = dev.insert(prefix, self.state, np.int32(slot), knobs, max_new, eos, stop, key)
 

@@ -328,7 +328,7 @@ def generate(
 
 
 def request_controls(
-    p: SamplingParams, eos_token_ids, stop_width: int
+    p: SamplingParams, eos_token_ids, stop_width: int, vocab_limit: int | None = None
 ) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
     """A request's ``insert`` arguments: knobs (numpy scalars), max_new, eos and stop rows.
 
@@ -338,6 +338,6 @@ def request_controls(
         raise ValueError(
             f"at most {stop_width} stop token ids per request, got {len(p.stop_token_ids)}."
         )
-    knobs = {k: v[0] for k, v in row_arrays([p]).items()}
+    knobs = {k: v[0] for k, v in row_arrays([p], vocab_limit).items()}
     table = id_table([eos, p.stop_token_ids], multiple=stop_width)
     return knobs, np.int32(p.max_new_tokens), table[0], table[1]
