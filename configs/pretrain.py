@@ -109,6 +109,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.async_checkpoint = True
     c.train.seed = 0  # parameter initialisation
     c.train.nonfinite = "stop"  # "stop" | "skip" on NaN/inf loss
+    c.train.allow_model_change = False  # resume though hidden_act etc. differ from the ckpt
     c.train.init_from = ""  # Hugging Face folder or neox_jax checkpoint (if not resuming)
     c.train.peak_flops = 0.0  # per device, for MFU; 0: known accelerators, measured on CPU
     c.train.profile_steps = ""  # "10,12": jax.profiler trace of steps 10..12 -> tensorboard/

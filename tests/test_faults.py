@@ -238,3 +238,45 @@ def test_full_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypa
     after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
     assert after == before
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary left behind
+
+
+# ------------------------------------------------------------------------ resuming
+def test_a_corrupt_newest_checkpoint_resumes_from_the_previous_one(dataset, tmp_path, capsys):
+    config = _config(dataset, **{"train.steps": 4, "train.save_every": 2, "train.log_every": 2})
+    train_and_evaluate(config, tmp_path)
+    assert _complete(tmp_path) == [2, 4]
+    for f in (tmp_path / "checkpoints" / "4" / "params").rglob("*"):
+        if f.is_file():  # damaged after the save: every byte of step 4's params
+            f.write_bytes(b"\0garbage" * 4)
+    capsys.readouterr()
+    config6 = _config(dataset, **{"train.steps": 6, "train.save_every": 2, "train.log_every": 2})
+    result = train_and_evaluate(config6, tmp_path)
+    out = capsys.readouterr().out
+    assert "step(s) 4" in out and "resuming from step 2" in out
+    assert "Resumed from step 2" in out
+    assert result["step"] == 6 and _complete(tmp_path) == [2, 4, 6]
+    (aside,) = (tmp_path / "unreadable_checkpoints").iterdir()  # kept, not deleted
+    assert aside.name.startswith("4-")
+    for step in (4, 6):
+        _assert_restorable(tmp_path, step)
+
+
+def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(dataset, tmp_path):
+    config = _config(dataset, **{"train.steps": 2, "train.save_every": 2})
+    train_and_evaluate(config, tmp_path)
+    for f in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"\0garbage")
+    with pytest.raises(UserError, match="No checkpoint in .* can be read"):
+        train_and_evaluate(_config(dataset, **{"train.steps": 4}), tmp_path)
+    assert (tmp_path / "checkpoints" / "2").is_dir()  # nothing moved or deleted
+
+
+def test_resuming_with_a_function_changing_field_needs_the_override(dataset, tmp_path):
+    train_and_evaluate(_config(dataset, **{"train.steps": 2, "train.save_every": 2}), tmp_path)
+    changed = {"train.steps": 4, "model.hidden_act": "relu", "model.rotary_pct": 0.5}
+    with pytest.raises(UserError, match="hidden_act: checkpoint 'gelu' vs config 'relu'") as info:
+        train_and_evaluate(_config(dataset, **changed), tmp_path)
+    assert "rotary_pct" in str(info.value) and "allow_model_change" in str(info.value)
+    allowed = _config(dataset, **changed, **{"train.allow_model_change": True})
+    assert train_and_evaluate(allowed, tmp_path)["step"] == 4

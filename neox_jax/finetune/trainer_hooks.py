@@ -170,7 +170,6 @@ def finetune_hooks(config, workdir: str | Path, apply_fn=None):
 
 def lora_hooks(config, workdir: str | Path):
     """``(apply_fn, eval_apply_fn, state_factory)`` for ``train_and_evaluate``."""
-    from neox_jax.training.checkpoints import check_compatible
     from neox_jax.training.state import abstract_train_state, init_train_state
 
     workdir = Path(workdir)
@@ -207,10 +206,10 @@ def lora_hooks(config, workdir: str | Path):
                 "base_params": n_base,
             }
             (workdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        latest = ckpt.latest_step()
-        if latest is not None:
-            check_compatible(ckpt.saved_model_config(latest), model_config)
-            state, _ = ckpt.restore(latest, abstract)
+        allow = config.train.get("allow_model_change", False)
+        resumed = ckpt.restore_latest(abstract, model_config, allow_model_change=allow)
+        if resumed is not None:
+            state, latest = resumed
             logging.info("Resumed LoRA adapters from step %d in %s", latest, ckpt.directory)
             return state.replace(frozen=frozen), model_config, latest, f"resume:{latest}", shardings
         state = init_train_state(

@@ -17,6 +17,7 @@ continues while the arrays are written.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,10 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS
-from neox_jax.model import ModelConfig
+from neox_jax.errors import UserError
+from neox_jax.model import ModelConfig, abstract_params
+from neox_jax.model.shapes import shape_mismatches
+from neox_jax.training.metrics import say
 from neox_jax.training.step import TrainState
 
 TRAIN_STATE = "train_state"
@@ -112,6 +116,58 @@ class Checkpointer:
         )
         return state, restored[META]
 
+    def restore_latest(
+        self, abstract_state: TrainState, model_config: ModelConfig, *, allow_model_change=False
+    ) -> tuple[TrainState, int] | None:
+        """``(state, step)`` of the newest checkpoint that reads back, or None if none.
+
+        A newest checkpoint that cannot be read (a disk error, files damaged after the
+        save) is not fatal: the previous complete step is taken, the user is told, and
+        the unreadable steps are moved to ``<workdir>/unreadable_checkpoints/`` (kept for
+        inspection; the run will save those step numbers again). A different model is
+        refused (``check_compatible``) rather than skipped.
+
+        Raises:
+          UserError: the model differs, or no checkpoint at all can be read.
+        """
+        steps, failures = self.complete_steps(), []
+        for step in reversed(steps):
+            try:
+                saved = self.saved_model_config(step)
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint
+                failures.append((step, e))
+                continue
+            check_compatible(saved, model_config, allow_model_change=allow_model_change)
+            try:
+                state, _ = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001
+                failures.append((step, e))
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures], step)
+            return state, step
+        if failures:
+            listed = "; ".join(f"step {s}: {_first_line(e)}" for s, e in failures)
+            raise UserError(
+                f"No checkpoint in {self.directory} can be read ({listed}). Move them away "
+                "to start from scratch, or use a new --workdir."
+            )
+        return None
+
+    def _set_aside(self, steps: list[int], resumed: int) -> None:
+        aside = self.directory.parent / "unreadable_checkpoints"
+        if jax.process_index() == 0:
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                (self.directory / str(step)).rename(aside / f"{step}-{time.time_ns()}")
+        multihost_utils.sync_global_devices("neox_jax set aside unreadable checkpoints")
+        self.manager.reload()
+        say(
+            f"Checkpoint step(s) {', '.join(map(str, steps))} in {self.directory} cannot be "
+            f"read; resuming from step {resumed}, the newest that can. The unreadable ones "
+            f"are in {aside}."
+        )
+
     def saved_model_config(self, step: int) -> ModelConfig:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(**{MODEL_CONFIG: ocp.args.JsonRestore()})
@@ -179,26 +235,36 @@ class Checkpointer:
             return False
 
 
-def check_compatible(saved: ModelConfig, current: ModelConfig) -> None:
-    """A checkpoint from a different architecture cannot be resumed: say what differs."""
-    shape_fields = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "tie_word_embeddings",
-        "attention_bias",
-    )
+def check_compatible(
+    saved: ModelConfig, current: ModelConfig, *, allow_model_change: bool = False
+) -> None:
+    """Refuse to resume a checkpoint of another model, naming the fields that differ.
+
+    A change of parameter shapes can never resume. A change that keeps the shapes but
+    changes the function (``hidden_act``, ``rotary_pct``, ``use_parallel_residual``, ...)
+    resumes only with ``train.allow_model_change=True``: then it is the user's intent.
+    """
     diffs = [
-        f"{f}: checkpoint {getattr(saved, f)} vs config {getattr(current, f)}"
-        for f in shape_fields
+        f"{f}: checkpoint {getattr(saved, f)!r} vs config {getattr(current, f)!r}"
+        for f in ModelConfig.architecture_fields()
         if getattr(saved, f) != getattr(current, f)
     ]
-    if diffs:
-        raise ValueError(
+    if not diffs:
+        return
+    if shape_mismatches(abstract_params(current), abstract_params(saved)):
+        raise UserError(
             "The checkpoint in the workdir was trained with a different model ("
             + "; ".join(diffs)
             + "). Use a new --workdir or restore the original model config."
         )
+    if not allow_model_change:
+        raise UserError(
+            "The checkpoint in the workdir was trained with a model that computes something "
+            "else (" + "; ".join(diffs) + "). Restore the original model config, use a new "
+            "--workdir, or set --config.train.allow_model_change=True to resume anyway."
+        )
+    logging.warning("Resuming with a changed model, as allowed: %s", "; ".join(diffs))
 
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

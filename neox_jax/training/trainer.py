@@ -28,7 +28,7 @@ from neox_jax.model import ModelConfig, abstract_params, init_params, param_logi
 from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
 from neox_jax.training import data as data_lib
-from neox_jax.training.checkpoints import Checkpointer, check_compatible
+from neox_jax.training.checkpoints import Checkpointer
 from neox_jax.training.metrics import (
     MetricWriter,
     device_peak_flops,
@@ -116,11 +116,14 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     abstract, shardings = abstract_train_state(
         tx, abstract_params(model_config), param_logical_axes(model_config), mesh
     )
+    resumed = None
     if latest is not None:
-        check_compatible(ckpt.saved_model_config(latest), model_config)
-        state, meta = ckpt.restore(latest, abstract)
-        say(f"Resumed from step {latest} in {ckpt.directory}")
-        return state, model_config, latest, f"resume:{latest}"
+        allow = config.train.get("allow_model_change", False)
+        resumed = ckpt.restore_latest(abstract, model_config, allow_model_change=allow)
+    if resumed is not None:
+        state, step = resumed
+        say(f"Resumed from step {step} in {ckpt.directory}")
+        return state, model_config, step, f"resume:{step}"
     if init_from:
         if _is_hf(init_from):  # host numpy arrays, placed on the mesh by state_from_params
             _, params = load_model(init_from, param_dtype=model_config.param_dtype)
