@@ -41,6 +41,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Padded prompt lengths, compiled at start-up, e.g. "(64, 256, 1024)"; () = powers of
     # two from 16 up to max_len.
     c.prefill_buckets = ()
+    # Prompts longer than this are prefilled in chunks of this many tokens, one chunk
+    # between two decode steps, so a long prompt never stalls the running requests for
+    # long; must divide max_len. 0 = off (every prompt in one prefill).
+    c.prefill_chunk = 0
     # Requests that may wait for a slot; beyond it the server answers 429.
     c.max_queue = 64
     # Prompts admitted between two decode steps (bounds how long decoding pauses).

@@ -73,7 +73,8 @@ def _prompts(vocab, lengths, seed=0):
 
 
 def _cache_sizes():
-    return [f._cache_size() for f in (dev.prefill, dev.insert, dev.generate, dev.release)]
+    programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk, dev.activate)
+    return [f._cache_size() for f in programs]
 
 
 def test_concurrent_greedy_requests_equal_generator_alone(model, engine):
@@ -215,6 +216,33 @@ def test_background_thread_serves_concurrent_callers_and_stops(model, engine):
     assert eng.free_slots == eng.num_slots
     with pytest.raises(EngineStopped):
         eng.submit(Request(prompts[0], sampling, Collector()))
+
+
+def test_chunked_prefill_equals_generator(model):
+    """Prompts longer than ``prefill_chunk`` are written chunk by chunk between decode
+    steps (short ones are decoding meanwhile); every request still equals the
+    ``Generator`` alone (same tolerance argument as above)."""
+    config, params, tok = model
+    eng = Engine(config, params, tok, num_slots=3, max_len=64, prefill_chunk=16)
+    assert eng.buckets == [16]  # nothing longer is bucketed
+    lines = []
+    eng.warmup(progress=lines.append)
+    assert any("prefill chunk of 16" in line for line in lines)
+    prompts = _prompts(config.vocab_size, (40, 3, 17, 33, 16, 48), seed=6)
+    samplings = [
+        SamplingParams(max_new_tokens=m, ignore_eos=True, repetition_penalty=r)
+        for m, r in ((12, 1.0), (20, 1.0), (9, 1.3), (15, 1.0), (6, 1.0), (16, 1.2))
+    ]
+    before = _cache_sizes()
+    results = eng.generate(prompts, samplings)
+    assert _cache_sizes() == before
+    gen = _reference(model)
+    for p, s, (ids, text, _) in zip(prompts, samplings, results, strict=True):
+        ref = gen.generate([p], s)[0]
+        assert ids == ref.token_ids and text == ref.text
+    assert eng.free_slots == eng.num_slots
+    with pytest.raises(UserError, match="divide max_len"):
+        Engine(config, params, tok, num_slots=1, max_len=64, prefill_chunk=24)
 
 
 MESH_SCRIPT = """

@@ -126,6 +126,9 @@ class Engine:
       max_prefills_per_step: prompts admitted between two decode steps, bounding how long
         running requests wait for new ones' prefill.
       metrics: an object with the hooks of ``serving.metrics.Metrics``, or None.
+      prefill_chunk: prompts longer than this are prefilled in chunks of this many
+        tokens, one chunk between two decode steps, so running requests are not stalled
+        for a whole long prompt (0 = off). Must divide ``max_len``.
       mesh: serve on this mesh (``parallel.create_mesh({"tensor": N})``): weights and KV
         cache are sharded by the rules table, heads / MLP / vocabulary over ``tensor``.
       split_layers: decode from per-layer copies of the layer weights
@@ -151,6 +154,7 @@ class Engine:
         metrics=None,
         split_layers: bool = True,
         mesh=None,
+        prefill_chunk: int = 0,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -160,9 +164,15 @@ class Engine:
             )
         if num_slots < 1 or max_queue < 0 or max_prefills_per_step < 1:
             raise UserError("num_slots and max_prefills_per_step must be >= 1, max_queue >= 0.")
+        if prefill_chunk and (prefill_chunk < 2 or max_len % prefill_chunk):
+            raise UserError(
+                f"prefill_chunk={prefill_chunk} must be >= 2 and divide max_len={max_len}."
+            )
+        self.prefill_chunk = prefill_chunk
         if prefill_buckets is None:
             prefill_buckets = [b for b in (2**i for i in range(4, 30)) if b < max_len]
-        buckets = sorted({int(b) for b in prefill_buckets if 2 <= b <= max_len} | {max_len})
+        top = prefill_chunk or max_len  # longer prompts are chunked, never bucketed
+        buckets = sorted({int(b) for b in prefill_buckets if 2 <= b <= top} | {top})
         if eos_token_ids is None:
             eos = getattr(tokenizer, "eos_id", None)
             eos_token_ids = () if eos is None else (eos,)
@@ -191,6 +201,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._accepting = True
+        self._prefilling: dict[int, int] = {}  # slot -> next prompt position to prefill
 
     def _context(self):
         """The mesh and rules table every device call runs under (nothing without a mesh)."""
@@ -309,17 +320,31 @@ class Engine:
 
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
-        total = len(self.buckets) + 4
+        total = len(self.buckets) + 4 + bool(self.prefill_chunk)
         for i, b in enumerate(self.buckets, 1):
             progress(f"compiling prefill bucket {b} ({i}/{total})")
             prefix = dev.prefill(self.config, self.params, np.zeros(b, np.int32), np.int32(1))
             self._insert(prefix, 0, SamplingParams(max_new_tokens=1), 0)
             self.state = dev.release(self.state, np.int32(0))
+        done = len(self.buckets)
+        if self.prefill_chunk:
+            done += 1
+            progress(f"compiling prefill chunk of {self.prefill_chunk} ({done}/{total})")
+            zeros = np.zeros(self.prefill_chunk, np.int32)
+            self.state = dev.prefill_chunk(
+                self.config, self.params, self.state, np.int32(0), zeros, np.int32(0), np.int32(1)
+            )
+            seen = np.zeros(self.config.vocab_size, np.bool_)
+            controls = self._controls(SamplingParams(max_new_tokens=1), 0)
+            self.state = dev.activate(
+                self.state, np.int32(0), np.int32(0), np.int32(0), seen, *controls
+            )
+            self.state = dev.release(self.state, np.int32(0))
         for j, (mode, k) in enumerate(
             [(m, k) for m in (dev.GREEDY, dev.SAMPLE) for k in (0, self.max_logprobs)], 1
         ):
             name = "greedy" if mode.greedy else "sampling"
-            progress(f"compiling {name} step, {k} logprobs ({len(self.buckets) + j}/{total})")
+            progress(f"compiling {name} step, {k} logprobs ({done + j}/{total})")
             self.state, out = dev.generate(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k
             )
@@ -329,12 +354,16 @@ class Engine:
         return seconds
 
     # ------------------------------------------------------------------ loop
-    def _insert(self, prefix, slot: int, p: SamplingParams, row: int) -> None:
+    def _controls(self, p: SamplingParams, row: int):
         knobs, max_new, eos, stop = dev.request_controls(
             p, self.eos_token_ids, self.stop_width, self.vocab_limit
         )
         key = jax.random.fold_in(jax.random.key(p.seed % 2**32), row)
-        self.state = dev.insert(prefix, self.state, np.int32(slot), knobs, max_new, eos, stop, key)
+        return knobs, max_new, eos, stop, key
+
+    def _insert(self, prefix, slot: int, p: SamplingParams, row: int) -> None:
+        controls = self._controls(p, row)
+        self.state = dev.insert(prefix, self.state, np.int32(slot), *controls)
 
     def _admit(self) -> None:
         admitted = 0
@@ -347,19 +376,46 @@ class Engine:
                 r.sink(Event([], "", [], done=True, finish_reason=CANCELLED))
                 continue
             slot = self.slots.index(None)
+            self.slots[slot] = r
+            if self.tokenizer is not None:
+                r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
             n = len(r.prompt_ids)
+            if self.prefill_chunk and n > self.prefill_chunk:
+                self._prefilling[slot] = 0  # chunks run one per step, between decode steps
+                continue
             tokens = np.zeros(self.bucket(n), np.int32)
             tokens[:n] = r.prompt_ids
             prefix = dev.prefill(self.config, self.params, tokens, np.int32(n))
             self._insert(prefix, slot, r.sampling, r.row)
-            if self.tokenizer is not None:
-                r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
-            self.slots[slot] = r
             admitted += 1
 
+    def _prefill_next_chunk(self) -> None:
+        """One chunk of the longest-waiting chunked prompt; activates it after its last."""
+        slot, start = next(iter(self._prefilling.items()))
+        r, c = self.slots[slot], self.prefill_chunk
+        n = len(r.prompt_ids)
+        tokens = np.zeros(c, np.int32)
+        piece = r.prompt_ids[start : start + c]
+        tokens[: len(piece)] = piece
+        self.state = dev.prefill_chunk(
+            self.config, self.params, self.state, np.int32(slot), tokens, np.int32(start),
+            np.int32(n),
+        )  # fmt: skip
+        if start + c < n - 1:  # tokens 0 .. n-2 go through prefill, n-1 through decode
+            self._prefilling[slot] = start + c
+            return
+        del self._prefilling[slot]
+        seen = np.zeros(self.config.vocab_size, np.bool_)
+        seen[r.prompt_ids] = True
+        self.state = dev.activate(
+            self.state, np.int32(slot), np.int32(r.prompt_ids[-1]), np.int32(n - 1), seen,
+            *self._controls(r.sampling, r.row),
+        )  # fmt: skip
+
     def step(self) -> bool:
-        """One scheduler iteration: retire cancelled requests, admit waiting ones, advance
-        every running slot by a token and deliver it. Returns whether anything ran."""
+        """One scheduler iteration: retire cancelled requests, admit waiting ones, run one
+        chunk of a long prompt, advance every running slot by a token and deliver it.
+        Returns whether anything ran."""
         with self._context():
             return self._step()
 
@@ -368,11 +424,16 @@ class Engine:
             if r is not None and r.cancelled:
                 self._retire(slot, CANCELLED)
         self._admit()
-        running = [(i, r) for i, r in enumerate(self.slots) if r is not None]
+        chunked = bool(self._prefilling)
+        if chunked:
+            self._prefill_next_chunk()
+        running = [
+            (i, r) for i, r in enumerate(self.slots) if r is not None and i not in self._prefilling
+        ]
         if self.metrics is not None:
-            self.metrics.observe_load(len(self.waiting), len(running))
+            self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         if not running:
-            return False
+            return chunked
         greedy = all(r.sampling.temperature == 0 for _, r in running)
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
         start = time.perf_counter()
@@ -427,6 +488,7 @@ class Engine:
 
     def _retire(self, slot: int, reason: str) -> None:
         r = self.slots[slot]
+        self._prefilling.pop(slot, None)
         self.state = dev.release(self.state, np.int32(slot))
         self.slots[slot] = None
         r.sink(Event([], "", [], done=True, finish_reason=reason))

@@ -225,6 +225,15 @@ def insert(
         "segment_ids": put(state.cache["segment_ids"], seg_row),
         "index": state.cache["index"].at[slot].set(prefix.position),
     }
+    state = state.replace(cache=cache)
+    return _activate(
+        state, slot, prefix.last, prefix.position, prefix.seen, knobs, max_new, eos_ids,
+        stop_ids, key,
+    )  # fmt: skip
+
+
+def _activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_ids, key):
+    """``slot`` starts RUNNING at step 0, feeding ``last`` at ``position`` next."""
     c = state.controls
     controls = Controls(
         knobs={name: c.knobs[name].at[slot].set(knobs[name]) for name in c.knobs},
@@ -232,16 +241,72 @@ def insert(
         eos_ids=c.eos_ids.at[slot].set(eos_ids),
         stop_ids=c.stop_ids.at[slot].set(stop_ids),
     )
+    cache = dict(state.cache, index=state.cache["index"].at[slot].set(position))
     return state.replace(
         cache=cache,
-        last=state.last.at[slot].set(prefix.last),
-        positions=state.positions.at[slot].set(prefix.position),
+        last=state.last.at[slot].set(last),
+        positions=state.positions.at[slot].set(position),
         steps=state.steps.at[slot].set(0),
         finish=state.finish.at[slot].set(RUNNING),
         keys=state.keys.at[slot].set(key),
-        seen=state.seen.at[slot].set(prefix.seen),
+        seen=state.seen.at[slot].set(seen),
         controls=controls,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("state",))
+def prefill_chunk(
+    config: ModelConfig, params, state: SlotState, slot: Array, tokens: Array, start: Array,
+    length: Array,
+) -> SlotState:  # fmt: skip
+    """Chunked prefill: write ``tokens`` (``[C]``, prompt positions ``start ..
+    start + C - 1``) straight into ``slot``'s cache row, attending to the chunks before.
+
+    A long prompt runs as several calls between decode steps, so running requests wait
+    one chunk, not the whole prompt. The slot stays FREE for ``generate`` until
+    ``activate``. ``length`` is the prompt's length; positions from ``length - 1`` on
+    (the last prompt token, fed by the first decode step, and the padding of the last
+    chunk) are written with segment 0, so nothing attends to them before decode
+    overwrites them. The first chunk (``start == 0``) clears the row's old segment ids.
+    The caller keeps ``start + C <= max_len``.
+    """
+    chunk = tokens.shape[0]
+    positions = start + jnp.arange(chunk, dtype=jnp.int32)
+    segment_ids = (positions < length - 1).astype(jnp.int32)[None]  # [1, C]
+
+    def row(buf):  # [N, S, ...] -> [1, S, ...]
+        return jax.lax.dynamic_slice_in_dim(buf, slot, 1, axis=0)
+
+    def put(buf, r):
+        return jax.lax.dynamic_update_slice(
+            buf, r.astype(buf.dtype), (slot,) + (0,) * (buf.ndim - 1)
+        )
+
+    seg_row = row(state.cache["segment_ids"])
+    seg_row = jnp.where(start == 0, jnp.zeros_like(seg_row), seg_row)
+    cache = {
+        "k": tuple(map(row, state.cache["k"])),
+        "v": tuple(map(row, state.cache["v"])),
+        "segment_ids": seg_row,
+        "index": start,
+    }
+    _, cache = step.forward(
+        config, params, tokens[None], positions[None], segment_ids, cache, compute_logits=False
+    )
+    new = {
+        "k": tuple(map(put, state.cache["k"], cache["k"])),
+        "v": tuple(map(put, state.cache["v"], cache["v"])),
+        "segment_ids": put(state.cache["segment_ids"], cache["segment_ids"]),
+        "index": state.cache["index"],
+    }
+    return state.replace(cache=new)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_ids, key):
+    """After ``prefill_chunk`` wrote a prompt of ``n`` tokens: ``last`` is its last token,
+    ``position = n - 1``, ``seen`` its ``[V]`` bool token set; the rest as ``insert``."""
+    return _activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_ids, key)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -253,25 +318,33 @@ def release(state: SlotState, slot: Array) -> SlotState:
 def _slot_forward(config: ModelConfig, params, state: SlotState):
     """``step.forward`` of one token per slot, each slot writing at its own index.
 
-    Returns ``(logits [N, V] fp32, new cache)``."""
+    Every slot runs (static shapes), but only RUNNING ones write into their prompt and
+    output columns. The others write at the last column with segment id 0: no request
+    ever uses that column (prompt + output fit in ``max_len``, and the last token fed
+    sits at ``max_len - 2`` at most), and a slot whose prompt is being prefilled in
+    chunks keeps its columns intact.
 
-    def one(last, position, k, v, segment_ids, index):
+    Returns ``(logits [N, V] fp32, new cache)``."""
+    max_len = state.cache["segment_ids"].shape[1]
+    running = state.finish == RUNNING
+
+    def one(last, position, k, v, segment_ids, index, live):
         cache = {
             "k": tuple(x[None] for x in k),
             "v": tuple(x[None] for x in v),
             "segment_ids": segment_ids[None],
-            "index": index,
+            "index": jnp.where(live, index, max_len - 1),
         }
-        one_token = jnp.ones((1, 1), jnp.int32)
+        segment = live.astype(jnp.int32).reshape(1, 1)
         logits, cache = step.forward(
-            config, params, last.reshape(1, 1), position.reshape(1, 1), one_token, cache
+            config, params, last.reshape(1, 1), position.reshape(1, 1), segment, cache
         )
         unbatch = lambda t: tuple(x[0] for x in t)  # noqa: E731
         return logits[0], unbatch(cache["k"]), unbatch(cache["v"]), cache["segment_ids"][0]
 
     c = state.cache
     logits, k, v, seg = jax.vmap(one)(
-        state.last, state.positions, c["k"], c["v"], c["segment_ids"], c["index"]
+        state.last, state.positions, c["k"], c["v"], c["segment_ids"], c["index"], running
     )
     return logits, {"k": k, "v": v, "segment_ids": seg, "index": c["index"]}
 
