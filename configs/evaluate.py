@@ -16,25 +16,19 @@ perplexity to 50 sequences (a smoke test). Results are printed as JSON (and writ
 ``--config.output_file=``).
 """
 
+import runpy
+from pathlib import Path
+
 import ml_collections
+
+# configs/ is not a package: the shared blocks come from the file beside this one.
+COMMON = runpy.run_path(str(Path(__file__).with_name("common.py")))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The evaluation config; ``arg``: "" (full) or "quick"."""
     c = ml_collections.ConfigDict()
-    # ------------------------------------------------------------------ model
-    # A neox_jax checkpoint, a training run directory or a Hugging Face folder. Required.
-    c.checkpoint = ""
-    # Tokenizer file or folder; "" = the one found beside the checkpoint.
-    c.tokenizer = ""
-    # Compute dtype override: "" keeps the checkpoint's; "float32" or "bfloat16".
-    c.dtype = ""
-    # Attention implementation override: "" keeps the checkpoint's; "xla" or "pallas".
-    c.attention_impl = ""
-    # RoPE scaling at load time: "" keeps the checkpoint's, "linear" or "ntk" with a
-    # factor >= 1 (the context becomes max_position_embeddings * factor), "none" removes.
-    c.rope_scaling_type = ""
-    c.rope_scaling_factor = 1.0
+    COMMON["add_model_source"](c)  # checkpoint, tokenizer, dtype, attention_impl, RoPE
     # Rows per device batch (rounded up to a multiple of the device count).
     c.batch_size = 8
     # Longest model input in tokens; 0 = the model's context (times the RoPE factor).

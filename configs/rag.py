@@ -16,26 +16,19 @@ model reads longer prompts with ``--config.rope_scaling_type=linear
 --config.rope_scaling_factor=2`` (or ``ntk``).
 """
 
+import runpy
+from pathlib import Path
+
 import ml_collections
+
+# configs/ is not a package: the shared blocks come from the file beside this one.
+COMMON = runpy.run_path(str(Path(__file__).with_name("common.py")))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The RAG config; ``arg`` picks the index kind: "" (flat, exact), "ivf" or "hnsw"."""
     c = ml_collections.ConfigDict()
-    # ------------------------------------------------------------------ model
-    # A neox_jax checkpoint, a training run directory or a Hugging Face folder. Required.
-    c.checkpoint = ""
-    # Tokenizer file or folder; "" = the one found beside the checkpoint.
-    c.tokenizer = ""
-    # Compute dtype override: "" keeps the checkpoint's; "float32" or "bfloat16".
-    c.dtype = ""
-    # Attention implementation override: "" keeps the checkpoint's; "xla" or "pallas".
-    c.attention_impl = ""
-    # RoPE scaling at load time: "" keeps the checkpoint's, "linear" (position
-    # interpolation) or "ntk" (NTK-aware), "none" removes one; the context becomes
-    # max_position_embeddings * factor.
-    c.rope_scaling_type = ""
-    c.rope_scaling_factor = 1.0
+    COMMON["add_model_source"](c)  # checkpoint, tokenizer, dtype, attention_impl, RoPE
 
     # ----------------------------------------------------------------- corpus
     # A .jsonl file (one document per line), a text file (one document) or a folder.

@@ -17,22 +17,19 @@ temperature 0.8 and top-p 0.95. Other modes:
 Lists use Python syntax: ``--config.stop_strings="('\\n\\n',)"``.
 """
 
+import runpy
+from pathlib import Path
+
 import ml_collections
+
+# configs/ is not a package: the shared blocks come from the file beside this one.
+COMMON = runpy.run_path(str(Path(__file__).with_name("common.py")))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The sampling config; ``arg`` picks a preset: "" (sample), "greedy" or "beam"."""
     c = ml_collections.ConfigDict()
-    # ------------------------------------------------------------------ model
-    # A neox_jax checkpoint, a training run directory (its latest complete step) or a
-    # Hugging Face GPT-NeoX folder. Required.
-    c.checkpoint = ""
-    # Tokenizer file or folder; "" = the one found beside the checkpoint.
-    c.tokenizer = ""
-    # Compute dtype override: "" keeps the checkpoint's; "float32" or "bfloat16".
-    c.dtype = ""
-    # Attention implementation override: "" keeps the checkpoint's; "xla" or "pallas".
-    c.attention_impl = ""
+    COMMON["add_model_source"](c)  # checkpoint, tokenizer, dtype, attention_impl, RoPE
     # Fixed KV-cache size (one compile for every request that fits); 0 = sized per request.
     c.max_cache_len = 0
 

@@ -58,7 +58,7 @@ def quantize_checkpoint(
     Returns:
       The path written.
     """
-    from neox_jax.convert import find_tokenizer, load_model
+    from neox_jax.loading import find_tokenizer, load_model
     from neox_jax.quant import calibration_tokens, quantize_params, save_quantized, weight_bytes
 
     tokenizer_dir = find_tokenizer(src)

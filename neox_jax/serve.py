@@ -41,9 +41,9 @@ def check_config(config) -> None:
 
 def build(config, progress=print):
     """``(engine, app)`` for a ``configs/serve.py`` config (loads and compiles)."""
-    from neox_jax.convert import find_tokenizer, load_model
     from neox_jax.data.tokenizer import load_tokenizer
     from neox_jax.inference.cli import inference_mesh
+    from neox_jax.loading import find_tokenizer, load_model
     from neox_jax.serving.api import create_app
     from neox_jax.serving.engine import Engine
     from neox_jax.serving.metrics import Metrics

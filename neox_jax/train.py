@@ -45,12 +45,13 @@ def print_sample(result, config) -> str | None:
 
 def main(config, workdir: str) -> dict:
     """Train as ``config`` describes in ``workdir`` (resuming), then print a sample."""
+    from neox_jax.finetune.trainer_hooks import trainer_hooks
     from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file; pass a folder (new or a run's).")
-    try:
-        result = train_and_evaluate(config, workdir)
+    try:  # fine-tuning (SFT data, LoRA) plugs into the loop through its hooks
+        result = train_and_evaluate(config, workdir, hooks=trainer_hooks)
     except NonFiniteLossError as e:  # the user's hyperparameters, not a bug
         raise UserError(str(e)) from e
     if result.get("preempted"):

@@ -421,7 +421,7 @@ def test_the_table_is_large_enough():
 # --- library functions ----------------------------------------------------------------------
 def _api_load_model(art):
     """`load_model` of a missing path"""
-    from neox_jax.convert import load_model
+    from neox_jax.loading import load_model
 
     load_model(art["missing"])
 

@@ -16,10 +16,11 @@ from neox_jax.convert import (
     ConversionError,
     load_checkpoint,
     load_hf,
-    load_model,
     save_checkpoint,
     save_hf,
 )
+from neox_jax.errors import UserError
+from neox_jax.loading import load_model
 from neox_jax.model import GPTNeoX, ModelConfig, init_params
 
 TINY = ModelConfig(
@@ -146,7 +147,7 @@ def test_missing_and_foreign_directories(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ConversionError, match="not a GPT-NeoX"):
         load_hf(tmp_path)
-    with pytest.raises(ConversionError, match="neither"):
+    with pytest.raises(UserError, match="neither"):
         load_model(tmp_path / ".." / tmp_path.name / "..")
 
 

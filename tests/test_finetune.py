@@ -13,12 +13,14 @@ from hf_reference import assert_logits_close, hf_logits, make_hf_model
 from test_finetune_utils import write_char_tokenizer, write_jsonl
 from train_helpers import REPO, logged
 
-from neox_jax.convert import load_hf, load_model
+from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.finetune.chat import encode_chat
 from neox_jax.finetune.export import export_run
 from neox_jax.finetune.lora import LoraConfig, lora_apply_fn, merge
+from neox_jax.finetune.trainer_hooks import trainer_hooks
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.loading import load_model
 from neox_jax.model import GPTNeoX
 from neox_jax.training.trainer import train_and_evaluate
 
@@ -91,7 +93,7 @@ def greedy_answers(model_config, params, tok_dir):
 
 def test_full_sft_learns_the_instruction_set(setup, tmp_path):
     base, data = setup
-    result = train_and_evaluate(sft_config("full", base, data), tmp_path)
+    result = train_and_evaluate(sft_config("full", base, data), tmp_path, hooks=trainer_hooks)
     losses = logged(tmp_path)
     assert losses[STEPS] < 0.1 * losses[10], losses
     answers = greedy_answers(result["model_config"], result["state"].params, base)
@@ -102,7 +104,7 @@ def test_lora_sft_learns_resumes_exactly_and_exports(setup, tmp_path):
     base, data = setup
     run = tmp_path / "run"
     config = sft_config("lora", base, data)
-    result = train_and_evaluate(config, run)
+    result = train_and_evaluate(config, run, hooks=trainer_hooks)
     record = json.loads((run / "lora.json").read_text())
     assert (
         record["init_from"] == str(base) and 0 < record["trainable_params"] < record["base_params"]
@@ -126,7 +128,7 @@ def test_lora_sft_learns_resumes_exactly_and_exports(setup, tmp_path):
     # Resume: drop the last checkpoint; the run continues from the middle on the same curve.
     first = logged(run)
     shutil.rmtree(run / "checkpoints" / str(STEPS))
-    train_and_evaluate(config, run)
+    train_and_evaluate(config, run, hooks=trainer_hooks)
     again = logged(run)
     resumed = range(STEPS // 2 + 10, STEPS + 1, 10)
     assert [again[s] for s in resumed] == [first[s] for s in resumed]
@@ -154,7 +156,7 @@ def test_lora_run_refuses_other_settings_on_resume(setup, tmp_path):
     base, data = setup
     (tmp_path / "lora.json").write_text(json.dumps({"init_from": str(base), "lora": {}, "seed": 0}))
     with pytest.raises(ValueError, match="records a different LoRA run .*lora"):
-        train_and_evaluate(sft_config("lora", base, data), tmp_path)
+        train_and_evaluate(sft_config("lora", base, data), tmp_path, hooks=trainer_hooks)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +174,9 @@ def test_lora_run_refuses_other_settings_on_resume(setup, tmp_path):
 def test_bad_finetune_configs_fail_clearly(setup, tmp_path, overrides, message):
     base, data = setup
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        train_and_evaluate(sft_config("lora", base, data, **overrides), tmp_path)
+        train_and_evaluate(
+            sft_config("lora", base, data, **overrides), tmp_path, hooks=trainer_hooks
+        )
 
 
 def test_qlora_trains_through_the_trainer_and_exports(setup, tmp_path):
@@ -180,7 +184,7 @@ def test_qlora_trains_through_the_trainer_and_exports(setup, tmp_path):
 
     base, data = setup
     config = sft_config("lora", base, data, **{"finetune.quantize_bits": 8, "train.steps": 20})
-    result = train_and_evaluate(config, tmp_path / "run")
+    result = train_and_evaluate(config, tmp_path / "run", hooks=trainer_hooks)
     frozen = result["state"].frozen
     assert is_quantized(frozen["layers"]["attention"]["query_key_value"]["kernel"])
     losses = logged(tmp_path / "run")

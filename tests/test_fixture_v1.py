@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from neox_jax.convert import load_model
+from neox_jax.loading import load_model
 from neox_jax.model import GPTNeoX, ModelConfig
 
 V1 = Path(__file__).parent / "fixtures" / "v1"

@@ -48,7 +48,7 @@ def hub_cache(tmp_path_factory):
 def _checksum_offline(cache: Path, model: str) -> float:
     script = (
         "import sys, jax, numpy as np\n"
-        "from neox_jax.convert import load_model\n"
+        "from neox_jax.loading import load_model\n"
         "_, params = load_model(sys.argv[1])\n"
         "print(sum(float(np.abs(x).sum()) for x in jax.tree.leaves(params)))\n"
     )
@@ -61,7 +61,7 @@ def _checksum_offline(cache: Path, model: str) -> float:
 
 
 def _checksum(path) -> float:
-    from neox_jax.convert import load_model
+    from neox_jax.loading import load_model
 
     return sum(float(np.abs(x).sum()) for x in jax.tree.leaves(load_model(path)[1]))
 

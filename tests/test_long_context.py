@@ -15,9 +15,9 @@ import pytest
 from eval_helpers import tiny_model
 from hf_reference import assert_logits_close, hf_logits, make_hf_model
 
-from neox_jax.convert import load_model, save_checkpoint
-from neox_jax.evaluation.loading import load_model_and_tokenizer
+from neox_jax.convert import save_checkpoint
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.loading import load_model, load_model_and_tokenizer
 from neox_jax.model import GPTNeoX, init_cache
 from neox_jax.model.layers import rotary_inv_freq
 

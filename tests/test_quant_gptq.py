@@ -163,7 +163,7 @@ def test_cli_quantizes_a_hugging_face_folder(tmp_path):
     config, qconfig, params = load_quantized(dst)
     assert qconfig == QuantConfig(bits=8)
     # The CLI writes exactly what quantize_params makes of load_model's params ...
-    from neox_jax.convert import load_model
+    from neox_jax.loading import load_model
 
     expected = quantize_params(*load_model(tmp_path / "hf"), QuantConfig(bits=8))
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):

@@ -143,9 +143,9 @@ def test_entry_point(hf_dir, tmp_path):
 
 
 def test_chat_mode_formats_turns_and_keeps_the_conversation(hf_dir, monkeypatch):
-    from neox_jax.convert import find_tokenizer
     from neox_jax.data.tokenizer import load_tokenizer
     from neox_jax.finetune.chat import format_chat
+    from neox_jax.loading import find_tokenizer
 
     tok = load_tokenizer(find_tokenizer(hf_dir))
     args = dict(checkpoint=str(hf_dir), max_new_tokens=5, ignore_eos=True)
@@ -203,9 +203,9 @@ def test_tensor_and_pipeline_parallel_cli_equals_one_device(hf_dir):
 
 def test_samples_from_a_quantized_checkpoint(hf_dir, tmp_path):
     # python -m neox_jax.quantize output is a checkpoint the CLI (via load_model) takes.
-    from neox_jax.convert import load_model
     from neox_jax.data.tokenizer import load_tokenizer
     from neox_jax.inference import Generator, SamplingParams
+    from neox_jax.loading import load_model
     from neox_jax.quant import QuantConfig, load_quantized, quantize_params, save_quantized
 
     config, params = load_hf(hf_dir)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import jax
 
-from neox_jax.convert import find_tokenizer, load_model
 from neox_jax.data.corpus import stdlib_files
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.evaluation import LogLikelihoodScorer, passk, perplexity_of_text_file
 from neox_jax.evaluation.perplexity import perplexity_of_indexed_dataset
 from neox_jax.inference import Generator
+from neox_jax.loading import find_tokenizer, load_model
 
 
 def held_out_text(max_bytes: int) -> tuple[str, list[str]]:

@@ -110,8 +110,8 @@ def finetune(method: str, base: Path, data: dict[str, Path], workdir: Path, args
 
 
 def load_finetuned(method: str, workdir: Path):
-    from neox_jax.convert import load_model
     from neox_jax.finetune.export import export_run
+    from neox_jax.loading import load_model
 
     run = workdir / f"sft_{method}"
     if method == "full":
@@ -174,8 +174,8 @@ def main():
     data = instructions.write(workdir / "data")
     items = instructions.questions()
 
-    from neox_jax.convert import find_tokenizer, load_model
     from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.loading import find_tokenizer, load_model
 
     seconds = {}
     start = time.time()

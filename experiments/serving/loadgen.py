@@ -207,8 +207,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     generator = None
     if args.mode == "static":
-        from neox_jax.convert import load_model
         from neox_jax.inference import Generator, bucket_length
+        from neox_jax.loading import load_model
 
         config, params = load_model(args.checkpoint)
         # One cache size for every batch, room for the longest prompt's bucket: the

@@ -40,11 +40,12 @@ def convert(
     import jax
     import numpy as np
 
-    from neox_jax.convert import find_tokenizer, load_model, save_checkpoint, save_hf
+    from neox_jax.convert import save_checkpoint, save_hf
     from neox_jax.convert.hf import DTYPES
     from neox_jax.errors import UserError
     from neox_jax.finetune.chat import run_chat_template
     from neox_jax.hub import resolve
+    from neox_jax.loading import find_tokenizer, load_model
 
     if push_to_hub and to != "hf":
         raise UserError("--push_to_hub uploads a Hugging Face export: add --to=hf")

@@ -1,31 +1,28 @@
-"""Our own checkpoints (orbax) and one loader for every kind of model directory.
+"""Our own checkpoint format (orbax), and nothing else: one of the format modules.
 
 A neox_jax model checkpoint is an orbax composite with two items, ``params`` (the
 parameter tree) and ``model_config`` (``ModelConfig`` as JSON). Every step directory
 written by the trainer has the same two items (plus the optimizer state and data
 position), so a step directory *is* a model checkpoint. Tokenizer files, when known,
-sit beside the items in ``tokenizer/``.
+sit beside the items in ``tokenizer/``. A training run directory holds its steps in
+``checkpoints/<step>/``.
 
-``load_model(path)`` accepts any of:
-  * a Hugging Face GPT-NeoX folder (``config.json`` with ``model_type: gpt_neox``);
-  * a model checkpoint or a trainer step directory (has ``params/`` and ``model_config/``);
-  * a training run directory (``checkpoints/<step>/...``): the latest complete step.
+Loading any kind of model folder (this one, Hugging Face, quantized, LoRA run) is
+``neox_jax.loading.load_model``; this module knows only its own layout.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
-from neox_jax import hub
 from neox_jax.atomic import atomic_directory
-from neox_jax.convert.hf import ConversionError, load_hf
-from neox_jax.errors import load_json
+from neox_jax.data.tokenizer import copy_tokenizer
+from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.model.shapes import check_params
 
@@ -69,19 +66,6 @@ def save_items(
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, tmp / TOKENIZER_DIR)
     return Path(path).absolute()
-
-
-def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy tokenizer files (a file, or the tokenizer files of a folder) into ``dst``."""
-    from neox_jax.convert.hf import TOKENIZER_FILES
-
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if src.is_dir():
-        files += [f for f in src.glob("*.model") if f not in files]
-    for f in files:
-        shutil.copy2(f, dst / f.name)
 
 
 def is_model_checkpoint(path: Path) -> bool:
@@ -128,7 +112,7 @@ def load_checkpoint(
     """
     path = Path(path).absolute()
     if not is_model_checkpoint(path):
-        raise ConversionError(
+        raise UserError(
             f"{path} is not a neox_jax checkpoint (expected {PARAMS}/ and {MODEL_CONFIG}/)."
         )
     config = read_model_config(path)
@@ -147,63 +131,5 @@ def load_checkpoint(
             path, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(target)})
         )
     except (ValueError, KeyError) as e:
-        raise ConversionError(f"Cannot restore parameters from {path}: {e}") from None
+        raise UserError(f"Cannot restore parameters from {path}: {e}") from None
     return config, restored[PARAMS]
-
-
-def load_model(path: str | os.PathLike, **kwargs) -> tuple[ModelConfig, dict[str, Any]]:
-    """``(config, params)`` from a Hugging Face folder, a checkpoint or a run directory.
-
-    A quantized checkpoint (``python -m neox_jax.quantize``) gives its quantized params,
-    which ``GPTNeoX`` and the ``Generator`` run as they are; a LoRA run gives its base with
-    the latest adapters merged in. ``kwargs``: ``ModelConfig`` overrides (and
-    ``shardings`` for our float checkpoints). ``path`` may be a Hugging Face Hub model id
-    (``EleutherAI/pythia-70m``, ``...@step3000``; see ``neox_jax.hub``).
-    """
-    path = Path(hub.resolve(path))
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist.")
-    if (path / "config.json").is_file():
-        cfg = load_json(path / "config.json", "model config")
-        if "model_type" in cfg:
-            kwargs.pop("shardings", None)
-            return load_hf(path, **kwargs)
-    from neox_jax.quant.checkpoint import is_quantized_checkpoint  # quant imports this module
-
-    if is_quantized_checkpoint(path):  # int8/int4 weights: the model dequantizes on the fly
-        from neox_jax.quant.checkpoint import load_quantized, read_configs
-
-        kwargs.pop("shardings", None)
-        config = read_configs(path)[0]
-        config, _, params = load_quantized(path, config=config.replace(**kwargs))
-        return config, params
-    if is_model_checkpoint(path):
-        return load_checkpoint(path, **kwargs)
-    if (path / "lora.json").is_file():  # a LoRA run holds adapters: merge them into the base
-        from neox_jax.finetune.export import load_lora_run, merged_params
-
-        config, base, adapters, lora, _ = load_lora_run(path)
-        kwargs.pop("shardings", None)
-        return config.replace(**kwargs) if kwargs else config, merged_params(base, adapters, lora)
-    step_dir = latest_step_dir(path)
-    if step_dir is not None:
-        return load_checkpoint(step_dir, **kwargs)
-    raise ConversionError(
-        f"{path} is neither a Hugging Face GPT-NeoX folder (config.json + weights), a "
-        f"neox_jax checkpoint ({PARAMS}/ + {MODEL_CONFIG}/), nor a run directory with "
-        "complete checkpoints/<step>/ folders."
-    )
-
-
-def find_tokenizer(path: str | os.PathLike) -> Path | None:
-    """Where the tokenizer of a model directory (or Hub model id) lives, if anywhere."""
-    path = Path(hub.resolve(path))
-    candidates = [path, path / TOKENIZER_DIR]
-    step_dir = latest_step_dir(path) if path.is_dir() else None
-    if step_dir is not None:
-        candidates += [step_dir / TOKENIZER_DIR]
-    candidates += [path.parent / TOKENIZER_DIR, path.parent.parent / TOKENIZER_DIR]
-    for c in candidates:
-        if c.is_dir() and ((c / "tokenizer.json").is_file() or any(c.glob("*.model"))):
-            return c
-    return None

@@ -78,12 +78,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 TORCH_SINGLE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-)
 
 
 class ConversionError(UserError):
@@ -190,6 +184,20 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise ConversionError(f"{path} has no config.json; is it a Hugging Face checkpoint?")
     return load_json(cfg_file, "model config")
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """A folder in Hugging Face's layout: a ``config.json`` that names a ``model_type``.
+
+    (A training run directory has a ``config.json`` too, our run config, without one.)
+    """
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(cfg_file.read_text())
+    except json.JSONDecodeError:
+        return True  # an HF folder with a broken config.json: read_hf_config says so
 
 
 # ------------------------------------------------------------------- loading

@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from neox_jax.errors import UserError
 HF_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
+# The files that make up a tokenizer folder (what a checkpoint or an export copies).
+TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, "special_tokens_map.json", SPM_FILE)
 _SPM_NAMES = (SPM_FILE, "spm.model")
 # Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
 # model declares none). GPT-NeoX/Pythia use <|endoftext|> to end and to start documents.
@@ -35,6 +38,17 @@ _CANDIDATES = {
     "pad": ("<|padding|>", "<pad>"),
 }
 _META = "\u2581"  # sentencepiece's stand-in for " "
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy tokenizer files (a file, or the tokenizer files of a folder) into ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if src.is_dir():
+        files += [f for f in src.glob("*.model") if f not in files]
+    for f in files:
+        shutil.copy2(f, dst / f.name)
 
 
 def _read_json(path: Path) -> dict:

@@ -38,10 +38,10 @@ import lm_eval.models  # noqa: F401  (registers lm-eval's own models before ours
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from neox_jax.evaluation.loading import load_model_and_tokenizer
 from neox_jax.evaluation.perplexity import score_sequences
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.loading import load_model_and_tokenizer
 from neox_jax.model import ModelConfig
 
 # lm-eval's get_model() imports lm_eval.models (its built-in "hf", "vllm", ...) only when

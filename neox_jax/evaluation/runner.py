@@ -18,8 +18,8 @@ from typing import Any, TextIO
 import yaml
 
 from neox_jax.evaluation import perplexity as ppl
-from neox_jax.evaluation.loading import load_from_config
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
+from neox_jax.loading import load_from_config
 from neox_jax.optional import require
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from neox_jax.model import ModelConfig, param_logical_axes
+from neox_jax.model import ModelConfig
 from neox_jax.parallel.mesh import create_mesh
-from neox_jax.parallel.rules import batch_sharding, data_parallel_size, logical_to_sharding
+from neox_jax.parallel.placement import shard_params
+from neox_jax.parallel.rules import batch_sharding, data_parallel_size
 
 
 class DataParallel:
@@ -24,7 +25,7 @@ class DataParallel:
 
     Args:
       config: the model config (for the parameters' logical axes).
-      params: the parameter tree (numpy or jax arrays).
+      params: the parameter tree (numpy or jax arrays; float or quantized weights).
       mesh: a mesh with the project's axes; default: every local device on ``data``.
     """
 
@@ -35,8 +36,7 @@ class DataParallel:
                 "with its own devices (or extend DataParallel.put to global arrays)."
             )
         self.mesh = mesh if mesh is not None else create_mesh({"data": -1})
-        shardings = logical_to_sharding(param_logical_axes(config), params, self.mesh)
-        self.params = jax.device_put(params, shardings)
+        self.params = shard_params(config, params, self.mesh)  # float or quantized
         self.num_shards = data_parallel_size(self.mesh)
         self._batch = batch_sharding(self.mesh, 1)  # first dimension split, the rest whole
 

@@ -386,20 +386,19 @@ def split_examples(n: int, eval_fraction: float, split_seed: int = 0) -> tuple[n
     return np.sort(chosen[n_eval:]), np.sort(chosen[:n_eval])
 
 
-def resolve_sft(data_cfg, init_from: str = "", workdir: str | Path = "") -> tuple[str, list]:
-    """``(tokenizer path, [])`` for ``source="sft"``: ``data.tokenizer``, else the tokenizer
-    beside ``init_from``, else the copy a previous start of the run left in the workdir."""
+def resolve_sft(data_cfg, found_tokenizers=()) -> str:
+    """The tokenizer path for ``source="sft"``: ``data.tokenizer``, else the first of
+    ``found_tokenizers`` (the caller looks beside ``train.init_from``, then in the copy a
+    previous start of the run left in the workdir) that is not None."""
     if "sft_path" not in data_cfg:
         raise SFTDataError("data.source='sft' needs the data fields of configs/finetune.py.")
     if not data_cfg.sft_path:
         raise SFTDataError("data.source='sft' needs data.sft_path (a jsonl file).")
     if data_cfg.tokenizer:
-        return data_cfg.tokenizer, []
-    from neox_jax.convert.checkpoint import find_tokenizer
-
-    for where in (init_from, Path(workdir) / "tokenizer" if workdir else ""):
-        if where and Path(where).exists() and (found := find_tokenizer(where)) is not None:
-            return str(found), []
+        return data_cfg.tokenizer
+    for found in found_tokenizers:
+        if found is not None:
+            return str(found)
     raise SFTDataError(
         "data.source='sft' needs a tokenizer: set data.tokenizer, or train.init_from to a "
         "model folder that holds one."

@@ -1,8 +1,10 @@
-"""LoRA through the one training loop: the ``apply_fn`` / ``state_factory`` hooks.
+"""Fine-tuning through the one training loop: the hooks its entry point hands the trainer.
 
-``neox_jax.training.trainer.train_and_evaluate`` calls ``finetune_hooks(config, workdir)``
-for a config with a ``finetune`` section, which returns ``lora_hooks`` when
-``config.finetune.method == "lora"``. The train state then holds:
+``python -m neox_jax.train`` calls ``train_and_evaluate(config, workdir,
+hooks=trainer_hooks)``; the trainer calls ``trainer_hooks(config, workdir)`` once the run
+has started, and gets the SFT data (``data.source="sft"``) and, for
+``config.finetune.method == "lora"``, LoRA's forward and train state (``lora_hooks``).
+``training`` never imports this package. With LoRA the train state holds:
 
 * ``params``: the adapters (trained, with AdamW moments, checkpointed as the ``params``
   item of every step directory);
@@ -26,11 +28,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import jax
 
-from neox_jax.errors import load_json
 from neox_jax.finetune.lora import (
     LoraConfig,
     LoraError,
@@ -40,45 +40,67 @@ from neox_jax.finetune.lora import (
     lora_apply_fn,
     trainable_fraction,
 )
-from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
+from neox_jax.finetune.sft_data import make_sft_sources, resolve_sft
+from neox_jax.loading import (
+    LORA_RECORD,
+    artifact_kind,
+    find_tokenizer,
+    load_lora_base,
+    lora_quant_config,
+    peek_config,
+    read_lora_record,
+)
+from neox_jax.model import ModelConfig, abstract_params, param_logical_axes
+from neox_jax.quant import abstract_quantized_params, quantized_logical_axes
+from neox_jax.training.data import check_source_fields
 from neox_jax.training.metrics import say
-
-RUN_RECORD = "lora.json"
-
-
-def read_record(workdir: str | Path) -> dict[str, Any] | None:
-    path = Path(workdir) / RUN_RECORD
-    return load_json(path, "LoRA run record") if path.is_file() else None
+from neox_jax.training.state import abstract_train_state, init_train_state
+from neox_jax.training.trainer import TrainerHooks
 
 
-def _quant_config(bits: int, group_size: int):
-    from neox_jax.quant import QuantConfig
+def trainer_hooks(config, workdir: str | Path) -> TrainerHooks:
+    """What the trainer needs for ``config`` beyond pretraining: the SFT data when
+    ``data.source="sft"``, LoRA's hooks for a ``finetune`` section with method "lora"."""
+    data_fn = sft_data if config.data.source == "sft" else None
+    if "finetune" not in config:
+        return TrainerHooks(data_fn=data_fn)
+    apply_fn, eval_apply_fn, state_factory = finetune_hooks(config, workdir)
+    return TrainerHooks(apply_fn, eval_apply_fn, state_factory, data_fn)
 
-    return QuantConfig(bits=bits, group_size=group_size or None)
+
+def sft_data(data_cfg, workdir: Path, init_from: str, global_batch: int):
+    """``(tokenizer path, train source, eval source or None)`` for ``data.source="sft"``.
+
+    The tokenizer: ``data.tokenizer``, else the one beside ``init_from`` (the model
+    fine-tuning starts from), else the copy a previous start left in the workdir.
+    """
+    check_source_fields(data_cfg)
+    found = (
+        find_tokenizer(init_from) if init_from else None,  # a local path or a Hub id
+        find_tokenizer(Path(workdir) / "tokenizer"),
+    )
+    tokenizer = resolve_sft(data_cfg, found)
+    return (tokenizer, *make_sft_sources(data_cfg, tokenizer, global_batch))
 
 
 def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
     """``(init_from, model config)`` of a LoRA run, checked against its ``lora.json``."""
-    from neox_jax.training.trainer import _peek_config
-
-    record = read_record(workdir)
+    record = read_lora_record(workdir)
     init_from = config.train.init_from
     if init_from:
         init_from = str(Path(init_from).absolute())
     elif record and record.get("init_from"):
         init_from = record["init_from"]
-        logging.info("LoRA base from %s: %s", RUN_RECORD, init_from)
+        logging.info("LoRA base from %s: %s", LORA_RECORD, init_from)
     model_config = ModelConfig.from_dict(config.model.to_dict())
     if init_from:
-        from neox_jax.quant import is_quantized_checkpoint
-
-        if is_quantized_checkpoint(init_from):
+        if artifact_kind(init_from) == "quantized":
             raise LoraError(
                 f"train.init_from={init_from} is a quantized checkpoint; QLoRA quantizes a "
                 "float base when it loads it: pass the float model and set "
                 "finetune.quantize_bits."
             )
-        model_config = model_config.with_architecture_of(_peek_config(init_from))
+        model_config = model_config.with_architecture_of(peek_config(init_from))
     if record is not None:
         lora = LoraConfig.from_config(config.lora).to_dict()
         mismatch = []
@@ -94,46 +116,11 @@ def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
             mismatch.append(f"random-base seed {record.get('seed')} vs {config.train.seed}")
         if mismatch:
             raise LoraError(
-                f"{Path(workdir) / RUN_RECORD} records a different LoRA run ("
+                f"{Path(workdir) / LORA_RECORD} records a different LoRA run ("
                 + "; ".join(mismatch)
                 + "). Resume with the recorded settings or use a new --workdir."
             )
     return init_from, model_config
-
-
-def load_base(init_from: str, model_config: ModelConfig, shardings, seed: int, quant=None):
-    """The frozen base on the mesh: loaded (float, then quantized if asked) or random."""
-    from neox_jax.convert.checkpoint import load_model
-
-    float_shardings = shardings if quant is None else _float_shardings(model_config, shardings)
-    if not init_from:
-        logging.warning("LoRA without train.init_from: the frozen base is a random model.")
-        params = jax.jit(
-            lambda: init_params(model_config, jax.random.PRNGKey(seed + 1)),
-            out_shardings=float_shardings,
-        )()
-    elif (Path(init_from) / "config.json").is_file():  # Hugging Face: host numpy arrays
-        _, host = load_model(init_from, param_dtype=model_config.param_dtype)
-        params = jax.device_put(host, float_shardings)
-    else:
-        _, params = load_model(init_from, shardings=float_shardings)
-    if quant is None:
-        return params
-    from neox_jax.quant import quantize_params
-
-    return jax.jit(lambda p: quantize_params(model_config, p, quant), out_shardings=shardings)(
-        params
-    )
-
-
-def _float_shardings(model_config: ModelConfig, quantized_shardings):
-    # The float kernels shard as the model's rules say; take the mesh from any leaf.
-    from neox_jax.parallel.rules import logical_to_sharding
-
-    mesh = jax.tree.leaves(quantized_shardings)[0].mesh
-    return logical_to_sharding(
-        param_logical_axes(model_config), abstract_params(model_config), mesh
-    )
 
 
 def base_abstract_and_specs(model_config: ModelConfig, quant=None):
@@ -141,8 +128,6 @@ def base_abstract_and_specs(model_config: ModelConfig, quant=None):
     specs = param_logical_axes(model_config)
     if quant is None:
         return abstract_params(model_config), specs
-    from neox_jax.quant import abstract_quantized_params, quantized_logical_axes
-
     abstract = abstract_quantized_params(model_config, quant)
     return abstract, quantized_logical_axes(specs, abstract)
 
@@ -150,9 +135,9 @@ def base_abstract_and_specs(model_config: ModelConfig, quant=None):
 METHODS = ("full", "lora")
 
 
-def finetune_hooks(config, workdir: str | Path, apply_fn=None):
-    """The trainer's hooks for ``config.finetune``: LoRA's, or ``(apply_fn, None, None)``
-    for full fine-tuning (the trainer's own path). Validates the section first."""
+def finetune_hooks(config, workdir: str | Path):
+    """``(apply_fn, eval_apply_fn, state_factory)`` for ``config.finetune``: LoRA's, or
+    Nones for full fine-tuning (the trainer's own path). Validates the section first."""
     method, bits = config.finetune.method, config.finetune.quantize_bits
     if method not in METHODS:
         raise LoraError(f"Unknown finetune.method {method!r}; choose from {METHODS}.")
@@ -164,19 +149,17 @@ def finetune_hooks(config, workdir: str | Path, apply_fn=None):
                 "finetune.quantize_bits quantizes a frozen base, which full fine-tuning does "
                 "not have; use finetune.method='lora' (QLoRA) or quantize_bits=0."
             )
-        return apply_fn, None, None
+        return None, None, None
     return lora_hooks(config, workdir)
 
 
 def lora_hooks(config, workdir: str | Path):
     """``(apply_fn, eval_apply_fn, state_factory)`` for ``train_and_evaluate``."""
-    from neox_jax.training.state import abstract_train_state, init_train_state
-
     workdir = Path(workdir)
     lora = LoraConfig.from_config(config.lora)
     init_from, model_config = resolve_base(config, workdir)
     bits = config.finetune.quantize_bits
-    quant = _quant_config(bits, config.finetune.quant_group_size) if bits else None
+    quant = lora_quant_config(bits, config.finetune.quant_group_size)
     n_lora, n_base, frac = trainable_fraction(model_config, lora)
     say(
         f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: {n_lora:,} "
@@ -193,8 +176,8 @@ def lora_hooks(config, workdir: str | Path):
             abstract_frozen=base_abstract,
             frozen_specs=base_specs,
         )
-        frozen = load_base(init_from, model_config, shardings.frozen, config.train.seed, quant)
-        if jax.process_index() == 0 and read_record(workdir) is None:
+        frozen = load_lora_base(init_from, model_config, shardings.frozen, config.train.seed, quant)
+        if jax.process_index() == 0 and read_lora_record(workdir) is None:
             record = {
                 "init_from": init_from,
                 "lora": lora.to_dict(),
@@ -205,7 +188,7 @@ def lora_hooks(config, workdir: str | Path):
                 "trainable_params": n_lora,
                 "base_params": n_base,
             }
-            (workdir / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+            (workdir / LORA_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         allow = config.train.get("allow_model_change", False)
         resumed = ckpt.restore_latest(abstract, model_config, allow_model_change=allow)
         if resumed is not None:

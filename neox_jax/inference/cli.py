@@ -17,6 +17,7 @@ from neox_jax import config_checks
 from neox_jax.errors import UserError, read_utf8
 from neox_jax.inference.generator import Generator
 from neox_jax.inference.sampling import SamplingParams
+from neox_jax.loading import load_from_config
 
 _EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
 
@@ -44,28 +45,19 @@ def sampling_params(config) -> SamplingParams:
 
 
 def load_generator(config) -> Generator:
-    """Load the checkpoint and tokenizer named by the config into a ``Generator``."""
-    from neox_jax.convert import find_tokenizer, load_model
-    from neox_jax.data.tokenizer import load_tokenizer
-
-    if not config.checkpoint:
-        raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+    """Load the model and tokenizer named by the config (its ``configs/common.py`` model
+    block) into a ``Generator``."""
     if config.batch_size < 1:
         raise UserError(f"--config.batch_size must be >= 1, got {config.batch_size}.")
-    overrides = {k: config[k] for k in ("dtype", "attention_impl") if config[k]}
-    model_config, params = load_model(config.checkpoint, **overrides)
-    tok_path = config.tokenizer or find_tokenizer(config.checkpoint)
-    if tok_path is None:
-        raise UserError(
-            f"no tokenizer found beside {config.checkpoint}; pass --config.tokenizer=PATH."
-        )
+    mesh = inference_mesh(config.tensor_parallel, config.pipeline_stages)
+    model_config, params, tokenizer = load_from_config(config, mesh=mesh)
     return Generator(
         model_config,
         params,
-        load_tokenizer(tok_path),
+        tokenizer,
         max_cache_len=config.max_cache_len or None,
         max_batch_size=config.batch_size,
-        mesh=inference_mesh(config.tensor_parallel, config.pipeline_stages),
+        mesh=mesh,
         pipeline_microbatches=config.pipeline_microbatches or None,
     )
 

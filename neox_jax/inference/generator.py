@@ -25,8 +25,10 @@ from neox_jax.inference.beam_search import beam_search
 from neox_jax.inference.sampling import NO_VOCAB_LIMIT, SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.inference.text import TextTracker
-from neox_jax.model import ModelConfig, param_logical_axes
-from neox_jax.parallel.rules import RULES, logical_to_sharding
+from neox_jax.loading import tokenizer_for
+from neox_jax.model import ModelConfig
+from neox_jax.parallel.placement import shard_params
+from neox_jax.parallel.rules import RULES
 
 
 @dataclasses.dataclass
@@ -56,8 +58,10 @@ class Generator:
     Args:
       config: the model config.
       params: its parameters.
-      tokenizer: a ``neox_jax.data.tokenizer.Tokenizer``, a path to one, or None
-        (then prompts must be token ids and results carry no text).
+      tokenizer: a ``neox_jax.data.tokenizer.Tokenizer``; a path to one or to a model
+        folder beside which one lies (as ``load_model`` takes it: a run directory, a
+        checkpoint, a Hugging Face folder); or None (then prompts must be token ids and
+        results carry no text).
       max_cache_len: a fixed KV-cache size (one compile serves every request that fits),
         or None to size the cache per request in multiples of 64.
       eos_token_ids: ids that end generation; default the tokenizer's eos, if any.
@@ -90,10 +94,8 @@ class Generator:
         mesh: jax.sharding.Mesh | None = None,
         pipeline_microbatches: int | None = None,
     ):
-        if isinstance(tokenizer, str | os.PathLike):
-            from neox_jax.data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
+        if isinstance(tokenizer, str | os.PathLike):  # a tokenizer, or a model folder
+            tokenizer = tokenizer_for(tokenizer)
         if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -385,20 +387,3 @@ class Generator:
 def _text_len(length: int, finish: int) -> int:
     """Generated tokens that belong to the text: all but a final eos / stop id."""
     return int(length) - (1 if finish in (gen.EOS, gen.STOP) else 0)
-
-
-def shard_params(config: ModelConfig, params, mesh: jax.sharding.Mesh):
-    """``params`` placed on ``mesh`` by the rules table (float or quantized weights)."""
-    from neox_jax.quant import is_quantized, quantized_logical_axes
-
-    logical = param_logical_axes(config)
-    if any(is_quantized(x) for x in jax.tree.leaves(params, is_leaf=is_quantized)):
-        logical = quantized_logical_axes(logical, params)
-    try:
-        shardings = logical_to_sharding(logical, params, mesh)
-    except ValueError as e:  # a tree mismatch
-        raise ValueError(
-            "the parameters do not have the model's structure (the keys of a "
-            f"{config.num_hidden_layers}-layer GPTNeoX with stacked layers): {e}"
-        ) from e
-    return jax.device_put(params, shardings)

@@ -11,6 +11,7 @@ from neox_jax.parallel.mesh import (
     initialize_distributed,
     resolve_axis_sizes,
 )
+from neox_jax.parallel.placement import param_logical_specs, param_shardings, shard_params
 from neox_jax.parallel.rules import (
     BATCH_AXES,
     RULES,
@@ -32,6 +33,9 @@ __all__ = [
     "fit_spec",
     "initialize_distributed",
     "logical_to_sharding",
+    "param_logical_specs",
+    "param_shardings",
     "replicated",
     "resolve_axis_sizes",
+    "shard_params",
 ]

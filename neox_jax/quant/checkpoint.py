@@ -96,7 +96,7 @@ def read_configs(path: str | os.PathLike) -> tuple[ModelConfig, QuantConfig]:
     path = Path(path).absolute()
     if not is_quantized_checkpoint(path):
         hint = (
-            "it is a float checkpoint: load it with neox_jax.convert.load_model, or quantize it "
+            "it is a float checkpoint: load it with neox_jax.loading.load_model, or quantize it "
             "with `python -m neox_jax.quantize`"
             if (path / PARAMS).is_dir()
             else f"expected {PARAMS}/, {MODEL_CONFIG}/ and {QUANT_CONFIG}/"

@@ -32,7 +32,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from neox_jax.model import axes
 from neox_jax.quant.config import QuantizationError
 
 Array = jax.Array
@@ -67,6 +69,27 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def logical_axes(self, spec: PartitionSpec) -> QuantizedWeight:
+        """Logical axis names of the arrays, from ``spec``, the float parameter's names.
+
+        ``qvalue`` takes them in stored order (``[.., out, in]`` for kernels), so its
+        shards hold the same rows and columns as the float kernel's would. The scales'
+        group axis takes the input axis name too, so the scales of a shard's rows live on
+        that shard (a row-parallel ``dense`` shards K: each shard then holds its own
+        groups); with a single group (per-channel scales) the size-1 axis is named
+        ``axes.GROUPS``, which a rules table maps to no mesh axis.
+        (``neox_jax.parallel.shard_params`` calls this for every quantized leaf.)
+        """
+        *lead, a, b = tuple(spec)
+        out_name, in_name = (b, a) if self.transposed else (a, b)
+        group_name = in_name if self.scale.shape[-1] > 1 else axes.GROUPS
+        scale = PartitionSpec(*lead, out_name, group_name)
+        return self.replace(
+            qvalue=PartitionSpec(*lead, out_name, in_name),
+            scale=scale,
+            zero=None if self.zero is None else scale,
+        )
 
     def dequantize(self, dtype=jnp.float32) -> Array:
         """The float parameter it replaces, ``[..., *shape]`` in ``dtype``."""

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from neox_jax.model import ModelConfig, abstract_params, axes
+from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.quant.config import QuantConfig, QuantizationError
 from neox_jax.quant.core import QuantizedWeight, is_quantized, quantize
 
@@ -168,14 +168,8 @@ def weight_bytes(params) -> int:
 
 
 def quantized_logical_axes(param_axes, qparams):
-    """Logical axis names for a quantized tree, consistent with the float kernels'.
-
-    ``qvalue`` takes the kernel's names in stored order (``[.., out, in]`` for kernels),
-    so its shards hold the same rows and columns as the float kernel's would. The
-    scales' group axis takes the input axis name too, so the scales of a shard's rows
-    live on that shard (a row-parallel ``dense`` shards K: each shard then holds its
-    own groups); with a single group (per-channel scales) the size-1 axis is named
-    ``axes.GROUPS``, which a rules table maps to no mesh axis.
+    """Logical axis names for a quantized tree, consistent with the float kernels'
+    (each quantized leaf's ``QuantizedWeight.logical_axes``).
 
     Args:
       param_axes: ``param_logical_axes(config)`` (a tree of ``PartitionSpec``).
@@ -184,22 +178,11 @@ def quantized_logical_axes(param_axes, qparams):
     Returns:
       A tree shaped like ``qparams`` whose leaves are ``PartitionSpec``s.
     """
-
-    def fn(spec, q):
-        if not is_quantized(q):
-            return spec
-        *lead, a, b = tuple(spec)
-        out_name, in_name = (b, a) if q.transposed else (a, b)
-        group_name = in_name if q.scale.shape[-1] > 1 else axes.GROUPS
-        scale = PartitionSpec(*lead, out_name, group_name)
-        return q.replace(
-            qvalue=PartitionSpec(*lead, out_name, in_name),
-            scale=scale,
-            zero=None if q.zero is None else scale,
-        )
-
     return jax.tree.map(
-        fn, param_axes, qparams, is_leaf=lambda x: isinstance(x, PartitionSpec) or is_quantized(x)
+        lambda spec, q: q.logical_axes(spec) if is_quantized(q) else spec,
+        param_axes,
+        qparams,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
 

@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from neox_jax.errors import UserError, read_utf8
-from neox_jax.evaluation.loading import load_from_config
+from neox_jax.loading import load_from_config
 from neox_jax.retrieval.embed import Embedder
 from neox_jax.retrieval.index import VectorIndex
 from neox_jax.retrieval.rag import RAG, embed_corpus, index_metadata, read_corpus

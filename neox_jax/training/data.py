@@ -35,7 +35,7 @@ _SOURCE_FIELDS = {
 }
 
 
-def _check_fields_of_other_sources(data_cfg) -> None:
+def check_source_fields(data_cfg) -> None:
     for field, sources in _SOURCE_FIELDS.items():
         if getattr(data_cfg, field, "") and data_cfg.source not in sources:
             raise UserError(
@@ -45,21 +45,21 @@ def _check_fields_of_other_sources(data_cfg) -> None:
             )
 
 
-def resolve_tokenizer_and_paths(
-    data_cfg, workdir: str | Path, init_from: str = ""
-) -> tuple[str | None, list[str]]:
+def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | None, list[str]]:
     """Prepare the default corpus if asked; return ``(tokenizer path, dataset prefixes)``.
 
-    ``init_from`` (the model fine-tuning starts from) supplies the tokenizer of
-    ``source="sft"`` when ``data.tokenizer`` is empty.
+    ``source="sft"`` is not read here: fine-tuning's entry point hands the trainer a
+    ``data_fn`` for it (``neox_jax.finetune.trainer_hooks``).
     """
     if data_cfg.source not in SOURCES:
         raise ValueError(f"Unknown data.source {data_cfg.source!r}; choose from {SOURCES}.")
-    _check_fields_of_other_sources(data_cfg)
-    if data_cfg.source == "sft":
-        from neox_jax.finetune.sft_data import resolve_sft
-
-        return resolve_sft(data_cfg, init_from, workdir)
+    check_source_fields(data_cfg)
+    if data_cfg.source == "sft":  # read by neox_jax.finetune, handed in as TrainerHooks.data_fn
+        raise UserError(
+            "data.source='sft' is fine-tuning data: run it with `python -m neox_jax.train`, "
+            "or call train_and_evaluate(config, workdir, "
+            "hooks=neox_jax.finetune.trainer_hooks.trainer_hooks)."
+        )
     if data_cfg.source == "stdlib":
         from neox_jax.data.corpus import prepare_stdlib_corpus
 
@@ -94,10 +94,6 @@ def resolve_tokenizer_and_paths(
 def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_batch: int):
     """``(train_source, eval_source or None)`` for the configured data."""
     seq_len = data_cfg.seq_len
-    if data_cfg.source == "sft":
-        from neox_jax.finetune.sft_data import make_sft_sources
-
-        return make_sft_sources(data_cfg, tokenizer_path, global_batch)
     if data_cfg.source == "hf":
         from neox_jax.data.hf_source import make_hf_source
         from neox_jax.data.tokenizer import load_tokenizer

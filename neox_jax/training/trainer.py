@@ -10,10 +10,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
 import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ import jax
 import numpy as np
 
 from neox_jax import hub
-from neox_jax.convert.checkpoint import copy_tokenizer, load_model
+from neox_jax.data.tokenizer import copy_tokenizer
 from neox_jax.errors import UserError
+from neox_jax.loading import load_model, peek_config
 from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
 from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
@@ -42,6 +45,26 @@ from neox_jax.training.step import build_train_step, default_apply_fn, eval_step
 
 # Steps dispatched but not finished; bounds how late SIGTERM / preemption takes effect.
 MAX_STEPS_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerHooks:
+    """What a fine-tuning entry point hands the loop (``neox_jax.finetune.trainer_hooks``).
+
+    Attributes:
+      apply_fn: the training forward, ``apply_fn(params, frozen, batch, rng)``; default
+        the plain model's.
+      eval_apply_fn: the forward for evaluation (no dropout); default ``apply_fn``.
+      state_factory: ``(tx, mesh, ckpt) -> (state, model_config, start, origin,
+        shardings)``, replacing the resume / init_from / scratch precedence.
+      data_fn: ``(data_cfg, workdir, init_from, global_batch) -> (tokenizer path,
+        train source, eval source or None)``, replacing ``training.data``'s sources.
+    """
+
+    apply_fn: Callable | None = None
+    eval_apply_fn: Callable | None = None
+    state_factory: Callable | None = None
+    data_fn: Callable | None = None
 
 
 class NonFiniteLossError(RuntimeError):
@@ -112,7 +135,7 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     init_from = config.train.init_from
     if latest is None and init_from:
         # The architecture comes from the checkpoint; dtype/attention_impl/remat from config.
-        model_config = model_config.with_architecture_of(_peek_config(init_from))
+        model_config = model_config.with_architecture_of(peek_config(init_from))
     abstract, shardings = abstract_train_state(
         tx, abstract_params(model_config), param_logical_axes(model_config), mesh
     )
@@ -124,11 +147,10 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
         state, step = resumed
         say(f"Resumed from step {step} in {ckpt.directory}")
         return state, model_config, step, f"resume:{step}"
-    if init_from:
-        if _is_hf(init_from):  # host numpy arrays, placed on the mesh by state_from_params
-            _, params = load_model(init_from, param_dtype=model_config.param_dtype)
-        else:  # restored straight onto the mesh
-            _, params = load_model(init_from, shardings=shardings.params)
+    if init_from:  # any kind of model folder, placed straight onto the mesh
+        _, params = load_model(
+            init_from, shardings=shardings.params, param_dtype=model_config.param_dtype
+        )
         state = state_from_params(params, tx, shardings, config.train.seed)
         say(f"Initialised from {init_from}")
         return state, model_config, 0, f"init_from:{init_from}"
@@ -136,28 +158,6 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
         lambda rng: init_params(model_config, rng), tx, shardings, config.train.seed
     )
     return state, model_config, 0, "scratch"
-
-
-def _is_hf(path: str) -> bool:
-    return (Path(path) / "config.json").is_file()
-
-
-def _peek_config(path: str) -> ModelConfig:
-    from neox_jax.convert.checkpoint import is_model_checkpoint, latest_step_dir, read_model_config
-    from neox_jax.convert.hf import config_from_hf, read_hf_config
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"train.init_from={path} does not exist.")
-    if _is_hf(path):
-        return config_from_hf(read_hf_config(p))
-    step_dir = p if is_model_checkpoint(p) else latest_step_dir(p)
-    if step_dir is None:
-        raise ValueError(
-            f"train.init_from={path} is neither a Hugging Face folder nor a "
-            "neox_jax checkpoint or run directory."
-        )
-    return read_model_config(step_dir)
 
 
 def _save_run_files(config, workdir: Path, tokenizer_path: str | None) -> None:
@@ -181,15 +181,20 @@ def _evaluate(eval_fn, state, source, mesh, batches: int) -> dict[str, float]:
 
 
 def train_and_evaluate(
-    config, workdir: str | Path, *, apply_fn=None, state_factory=None, eval_apply_fn=None
+    config,
+    workdir: str | Path,
+    *,
+    hooks: Callable[[Any, Path], TrainerHooks] | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says, checkpointing under ``workdir``; returns final metrics.
 
-    ``apply_fn``/``state_factory`` let fine-tuning (LoRA) swap what is trained while
-    keeping this loop; pretraining leaves them None. ``eval_apply_fn`` (default
-    ``apply_fn``) is the deterministic forward used for evaluation (no dropout).
-    A config with a ``finetune`` section (``configs/finetune.py``) gets its hooks from
-    ``neox_jax.finetune.trainer_hooks`` (LoRA) when none are passed.
+    Args:
+      config: a ``configs/pretrain.py`` or ``configs/finetune.py`` config.
+      workdir: the run directory.
+      hooks: ``hooks(config, workdir) -> TrainerHooks``, called once the run has started:
+        how fine-tuning (SFT data, LoRA) swaps what is read and trained while keeping
+        this loop. ``python -m neox_jax.train`` passes
+        ``neox_jax.finetune.trainer_hooks.trainer_hooks``; pretraining needs none.
     """
     dist = config.distributed
     initialize_distributed(
@@ -201,10 +206,18 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     if config.train.init_from:  # a Hub model id ("EleutherAI/pythia-160m") -> cached snapshot
         config.train.init_from = str(hub.resolve(config.train.init_from))
-    if state_factory is None and "finetune" in config:  # configs/finetune.py
-        from neox_jax.finetune.trainer_hooks import finetune_hooks
-
-        apply_fn, eval_apply_fn, state_factory = finetune_hooks(config, workdir, apply_fn)
+    if hooks is None and "finetune" in config:
+        raise UserError(
+            "a configs/finetune.py config needs fine-tuning's hooks: run it with "
+            "`python -m neox_jax.train`, or call train_and_evaluate(config, workdir, "
+            "hooks=neox_jax.finetune.trainer_hooks.trainer_hooks)."
+        )
+    extra = hooks(config, workdir) if hooks is not None else TrainerHooks()
+    apply_fn, eval_apply_fn, state_factory = (
+        extra.apply_fn,
+        extra.eval_apply_fn,
+        extra.state_factory,
+    )
     if config.train.pipeline_microbatches > 0 and apply_fn is not None:
         raise ValueError(
             "train.pipeline_microbatches pipelines the plain model, but this run has its own "
@@ -214,12 +227,15 @@ def train_and_evaluate(
     model_config = ModelConfig.from_dict(config.model.to_dict())
     mesh = build_mesh(config.mesh)
     check_batch(config, mesh)
-    tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(
-        config.data, workdir, config.train.init_from
-    )
-    train_src, eval_src = data_lib.make_sources(
-        config.data, paths, tokenizer_path, config.data.global_batch_size
-    )
+    if extra.data_fn is not None:
+        tokenizer_path, train_src, eval_src = extra.data_fn(
+            config.data, workdir, config.train.init_from, config.data.global_batch_size
+        )
+    else:
+        tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(config.data, workdir)
+        train_src, eval_src = data_lib.make_sources(
+            config.data, paths, tokenizer_path, config.data.global_batch_size
+        )
     total_steps = config.train.steps
     tx, schedule = optimizer_from_config(config)
     ckpt = Checkpointer(
