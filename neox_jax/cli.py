@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import difflib
 import errno
+import importlib.util
 import os
 import sys
 import traceback
@@ -283,8 +284,6 @@ def main(fn: Callable[..., Any], argv: Sequence[str], *, prog: str, **options) -
 
 def _config_for_message(argv: Sequence[str], default_config: str | None):
     """The config named on the command line, without overrides (None if it won't load)."""
-    import importlib.util
-
     spec_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     spec_arg = spec_arg or default_config_path(default_config)
     if not spec_arg:
