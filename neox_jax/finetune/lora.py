@@ -96,14 +96,7 @@ class LoraConfig:
     @classmethod
     def from_config(cls, c) -> LoraConfig:
         """From the ``lora`` section of ``configs/finetune.py``."""
-        return cls(
-            targets=c.targets,
-            rank=c.rank,
-            alpha=c.alpha,
-            dropout=c.dropout,
-            init=c.init,
-            rslora=c.rslora,
-        )
+        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "targets": list(self.targets)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import jax.numpy as jnp
 
@@ -35,8 +35,38 @@ def _runtime(default):
     return dataclasses.field(default=default, metadata={"runtime": True})
 
 
+class JsonConfig:
+    """``replace``, dict and JSON round trips for a frozen config dataclass; unknown
+    fields raise ``error_type`` naming the valid ones."""
+
+    error_type: ClassVar[type[Exception]] = ValueError
+
+    def replace(self, **changes) -> Self:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise cls.error_type(
+                f"Unknown {cls.__name__} fields {unknown}; valid fields: {sorted(names)}."
+            )
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls.from_dict(json.loads(text))
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(JsonConfig):
     """Architecture of one GPT-NeoX model (hashable, so it can be a static jit argument).
 
     Attributes (Hugging Face names):
@@ -176,30 +206,8 @@ class ModelConfig:
             raise ValueError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
         return cls(**{**PRESETS[name], **overrides})
 
-    def replace(self, **changes) -> ModelConfig:
-        return dataclasses.replace(self, **changes)
-
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["rope_scaling"] = self.rope_scaling_dict
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(
-                f"Unknown ModelConfig fields {unknown}; valid fields: {sorted(names)}."
-            )
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> ModelConfig:
-        return cls.from_dict(json.loads(text))
+        return {**super().to_dict(), "rope_scaling": self.rope_scaling_dict}
 
 
 def _check_choice(name: str, value, choices) -> None:

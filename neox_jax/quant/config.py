@@ -15,12 +15,12 @@ which needs calibration tokens.
 from __future__ import annotations
 
 import dataclasses
-import json
-from typing import Any
+from typing import ClassVar
 
 import jax.numpy as jnp
 
 from neox_jax.errors import UserError
+from neox_jax.model.config import JsonConfig
 
 BITS = (4, 8)
 METHODS = ("rtn", "gptq")
@@ -34,7 +34,7 @@ class QuantizationError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
-class QuantConfig:
+class QuantConfig(JsonConfig):
     """Weight quantization settings (hashable; a static jit argument).
 
     Attributes:
@@ -61,6 +61,8 @@ class QuantConfig:
         (the reference implementation's ``--act-order``); scales are then computed
         up front per group ("static groups") so groups stay contiguous.
     """
+
+    error_type: ClassVar[type[Exception]] = QuantizationError
 
     bits: int = 8
     group_size: int | None = None
@@ -137,29 +139,6 @@ class QuantConfig:
     @property
     def scale_jnp_dtype(self):
         return SCALE_DTYPES[self.scale_dtype]
-
-    def replace(self, **changes) -> QuantConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise QuantizationError(
-                f"Unknown QuantConfig fields {unknown}; valid fields: {sorted(names)}."
-            )
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> QuantConfig:
-        return cls.from_dict(json.loads(text))
 
 
 def _largest_divisor(n: int, limit: int, even: bool = False) -> int:

@@ -7,6 +7,7 @@ under ``jax.jit(..., out_shardings=...)`` so each device creates only its shard.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -75,14 +76,7 @@ def init_train_state(
     """Create the state on its devices: ``init_params_fn(rng) -> params`` runs sharded."""
 
     def init(rng):
-        params = init_params_fn(rng)
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=rng,
-            frozen=None,
-        )
+        return _fresh_state(init_params_fn(rng), tx, rng)
 
     out = shardings.replace(frozen=None)
     state = jax.jit(init, out_shardings=out)(jax.random.PRNGKey(seed))
@@ -94,16 +88,16 @@ def state_from_params(
 ) -> TrainState:
     """A fresh optimizer around given (e.g. converted) parameters, placed on the mesh."""
     params = jax.device_put(params, shardings.params)
-
-    def init(params, rng):
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=rng,
-            frozen=None,
-        )
-
     out = shardings.replace(frozen=None)
-    state = jax.jit(init, out_shardings=out)(params, jax.random.PRNGKey(seed))
+    state = jax.jit(functools.partial(_fresh_state, tx=tx), out_shardings=out)(
+        params, rng=jax.random.PRNGKey(seed)
+    )
     return state.replace(frozen=frozen)
+
+
+def _fresh_state(params, tx, rng) -> TrainState:
+    """Step 0: ``params`` with a new optimizer state (frozen parameters are added after
+    the jit, so they are never copied)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng
+    )
