@@ -15,3 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # `configs/` is not a package on the install path; make `import configs.pretrain` work.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Shared fixtures (module scope), defined once in tests/helpers/.
+from helpers.tokenizer import corpus_file, hf, hf_dir  # noqa: E402, F401

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import REPO
+from helpers.train import REPO
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

@@ -3,7 +3,7 @@
 program the trainer runs for it (accumulation, non-finite skipping, pipelining)."""
 
 import jax
-from train_helpers import tiny_config, write_dataset
+from helpers.train import tiny_config, write_dataset
 
 from neox_jax import aot
 from neox_jax.training import trainer

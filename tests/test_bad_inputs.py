@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from eval_helpers import tiny_model
+from helpers.evaluation import tiny_model
 
 from neox_jax import cli, config_checks, errors
 from neox_jax import embed as embed_cli

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_reference import assert_logits_close, hf_logits, make_hf_model
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
 from safetensors.numpy import load_file, save_file
 
 from neox_jax.convert import (

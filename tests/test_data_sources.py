@@ -22,7 +22,7 @@ def test_tiny_preset_with_indexed_fields_says_how_to_select_them(tmp_path, field
 
 
 def test_indexed_source_with_paths_is_accepted(tmp_path):
-    from train_helpers import write_dataset
+    from helpers.train import write_dataset
 
     prefix = str(tmp_path / "train")
     write_dataset(prefix)

@@ -11,7 +11,7 @@ layer, a padded token pooled) moves values by O(0.1).
 import numpy as np
 import pytest
 import torch
-from eval_helpers import tiny_model
+from helpers.evaluation import tiny_model
 
 from neox_jax.retrieval import Embedder, pool, resolve_layer
 from neox_jax.retrieval import embed as embed_module

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 import pytest
-from eval_helpers import corpus_lines, hf_token_logprobs, tiny_model
+from helpers.evaluation import corpus_lines, hf_token_logprobs, tiny_model
 
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
 from neox_jax.evaluation import (
@@ -67,7 +67,7 @@ TWO_DEVICES = """
 import sys
 import numpy as np
 sys.path.insert(0, "tests")
-from eval_helpers import tiny_model
+from helpers.evaluation import tiny_model
 from jax.sharding import Mesh
 import jax
 from neox_jax.evaluation import LogLikelihoodScorer

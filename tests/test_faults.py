@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from train_helpers import logged, run_train, tiny_config, write_dataset
+from helpers.train import logged, run_train, tiny_config, write_dataset
 
 from neox_jax.convert import load_checkpoint
 from neox_jax.errors import UserError

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import hf_token_logprobs, tiny_model
+from helpers.evaluation import hf_token_logprobs, tiny_model
 
 from neox_jax.evaluation import (
     FewShotPromptBuilder,

@@ -9,9 +9,9 @@ import numpy as np
 import peft
 import pytest
 import transformers
-from hf_reference import assert_logits_close, hf_logits, make_hf_model
-from test_finetune_utils import write_char_tokenizer, write_jsonl
-from train_helpers import REPO, logged
+from helpers.finetune import write_char_tokenizer, write_jsonl
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
+from helpers.train import REPO, logged
 
 from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer
@@ -77,9 +77,7 @@ def sft_config(method, base, data, **overrides):
         init_from=str(base),
     )
     c.lora.update(targets="query_key_value,dense,dense_h_to_4h,dense_4h_to_h", rank=8, dropout=0.0)
-    for key, value in overrides.items():
-        section, leaf = key.split(".")
-        c[section][leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

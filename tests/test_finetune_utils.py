@@ -1,50 +1,9 @@
-"""Helpers for the fine-tuning tests (a character tokenizer, a tiny HF model), and their checks.
-
-The character tokenizer maps every character to one token, so expected token sequences
-can be written by hand and compared token by token; its vocabulary (< 100) fits the
-tiny models of ``hf_reference.make_hf_model``.
-"""
-
-import json
-import string
-from pathlib import Path
+"""The fine-tuning tests' character tokenizer (``helpers.finetune``) does what they assume."""
 
 import numpy as np
-import tokenizers
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from helpers.finetune import EOS, char_ids, write_char_tokenizer
 
 from neox_jax.data.tokenizer import load_tokenizer
-
-EOS, PAD = "<|endoftext|>", "<|padding|>"
-CHARS = string.ascii_letters + string.digits + " \n.,:;?!+-=<>|_/'()"
-
-
-def write_char_tokenizer(directory) -> Path:
-    """A tokenizer.json (one token per character) + tokenizer_config.json in ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {EOS: 0, PAD: 1, "<unk>": 2}
-    for ch in CHARS:
-        vocab.setdefault(ch, len(vocab))
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([EOS, PAD])
-    tok.save(str(directory / "tokenizer.json"))
-    config = {"eos_token": EOS, "pad_token": PAD, "bos_token": None}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
-
-
-def char_ids(tokenizer, text: str) -> list[int]:
-    """The independent reference tokenization: one id per character, looked up directly."""
-    return [tokenizer.token_to_id(c) for c in text]
-
-
-def write_jsonl(path, records, extra_lines=()) -> str:
-    lines = [json.dumps(r) for r in records] + list(extra_lines)
-    Path(path).write_text("\n".join(lines) + "\n")
-    return str(path)
 
 
 def test_char_tokenizer_round_trips(tmp_path):

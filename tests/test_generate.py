@@ -2,7 +2,7 @@
 streaming, compilation reuse and input errors.
 
 The reference is ``transformers.GPTNeoXForCausalLM.generate`` on random tiny models
-(``hf_reference.make_hf_model``). Greedy decoding and beam search are deterministic, so
+(``helpers.hf_reference.make_hf_model``). Greedy decoding and beam search are deterministic, so
 they must agree token for token: both sides compute in fp32 and a flipped argmax would
 need two logits within round-off (~1e-6) of each other, which random O(1) logits make
 vanishingly rare (any real bug changes tokens within a few steps).
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_reference import assert_logits_close, make_hf_model, train_byte_level_bpe
+from helpers.generate import TEXTS, make_model_dir, train_byte_bpe
+from helpers.hf_reference import assert_logits_close, make_hf_model
 
 from neox_jax.convert import load_hf
 from neox_jax.inference import (
@@ -26,27 +27,6 @@ from neox_jax.inference import (
 )
 from neox_jax.inference.generate import plan_cache, prompt_positions
 from neox_jax.model import GPTNeoX
-
-TEXTS = [
-    "héllo wörld, ça va? 日本語のテキスト 🙂🚀 — naïve café",
-    "Съешь же ещё этих мягких булок 机器学习很有趣 ✨🔥👍",
-    "the model reads tokens and predicts what comes next",
-]
-
-
-def train_byte_bpe(directory, vocab_size=300):
-    """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0) with few merges, so most
-    non-ASCII characters span several tokens. Returns the loaded tokenizer."""
-    config = {"eos_token": "<|endoftext|>"}
-    return train_byte_level_bpe(directory, TEXTS * 20, vocab_size, config)
-
-
-def make_model_dir(path, **overrides):
-    """A Hugging Face folder with a random tiny model and a byte-level BPE beside it."""
-    path.mkdir(parents=True, exist_ok=True)
-    tok = train_byte_bpe(path)
-    ref = make_hf_model(path, vocab_size=tok.vocab_size, **overrides)
-    return ref, tok
 
 
 @pytest.fixture(scope="module")

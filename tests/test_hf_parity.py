@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_reference import assert_logits_close, hf_logits, make_hf_model
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
 
 from neox_jax.convert import load_hf
 from neox_jax.inference.generate import greedy_generate

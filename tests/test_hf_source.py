@@ -10,8 +10,8 @@ import random
 
 import numpy as np
 import pytest
-from test_finetune_utils import char_ids, write_char_tokenizer
-from train_helpers import logged, tiny_config
+from helpers.finetune import char_ids, write_char_tokenizer
+from helpers.train import logged, tiny_config
 
 from configs import pretrain
 from neox_jax.data.hf_source import make_hf_source

@@ -8,7 +8,7 @@ import json
 
 import jax
 import pytest
-from test_tokenizer import HELD_OUT, corpus_file, hf, hf_dir  # noqa: F401  (fixtures)
+from helpers.tokenizer import HELD_OUT
 from transformers import AutoTokenizer
 
 from neox_jax.convert import save_hf

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import REPO
+from helpers.train import REPO
 
 SCRIPT = REPO / "launch_tpu.sh"
 TRAIN = [

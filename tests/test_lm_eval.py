@@ -20,7 +20,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import lm_eval  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from eval_helpers import corpus_lines, hf_token_logprobs, load_config, tiny_model  # noqa: E402
+from helpers.evaluation import corpus_lines, hf_token_logprobs, load_config, tiny_model  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.api.registry import get_model, model_registry  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402

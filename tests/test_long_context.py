@@ -3,7 +3,7 @@ scaling, runs past the trained length, KV-cache decoding with scaling on, the un
 path unchanged, and the generator's context limit.
 
 The tiny model has ``max_position_embeddings=128``; scaled by 4 it reads 512 positions.
-Tolerances as in ``hf_reference.assert_logits_close``: 1e-5 of the largest logit for
+Tolerances as in ``helpers.hf_reference.assert_logits_close``: 1e-5 of the largest logit for
 two fp32 implementations; KV-cache decode versus full recomputation is the same
 arithmetic in a different order (cached keys, one query at a time), also ~1e-6.
 """
@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from eval_helpers import tiny_model
-from hf_reference import assert_logits_close, hf_logits, make_hf_model
+from helpers.evaluation import tiny_model
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
 
 from neox_jax.convert import save_checkpoint
 from neox_jax.inference import Generator, SamplingParams

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hf_reference import assert_logits_close
+from helpers.hf_reference import assert_logits_close
 
 from neox_jax.finetune.lora import (
     LoraConfig,

@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import transformers
-from hf_reference import assert_logits_close, hf_logits, make_hf_model
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
 
 from neox_jax.convert import load_hf, save_hf
 from neox_jax.finetune.lora import LoraConfig, LoraError, init_adapters, lora_apply_fn, merge

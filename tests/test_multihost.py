@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import REPO, logged, tiny_config, write_dataset
+from helpers.train import REPO, logged, tiny_config, write_dataset
 
 STEPS = 8
 SAVE_EVERY = 4

@@ -4,7 +4,7 @@ import json
 
 import jax
 import pytest
-from train_helpers import tiny_config, write_dataset
+from helpers.train import tiny_config, write_dataset
 
 from neox_jax.errors import UserError
 from neox_jax.training import metrics

@@ -4,7 +4,7 @@ import configparser
 import sys
 
 import pytest
-from train_helpers import REPO
+from helpers.train import REPO
 
 from neox_jax import optional
 from neox_jax.errors import UserError

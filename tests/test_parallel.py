@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import REPO, logged, tiny_config, write_dataset
+from helpers.train import REPO, logged, tiny_config, write_dataset
 
 DEVICES = 8
 STEPS = 8

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from train_helpers import REPO, run_json_script
+from helpers.train import REPO, run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os

@@ -7,7 +7,7 @@ import time
 from fractions import Fraction
 
 import pytest
-from eval_helpers import tiny_model
+from helpers.evaluation import tiny_model
 
 from neox_jax.evaluation import passk
 from neox_jax.evaluation.sandbox import run_program

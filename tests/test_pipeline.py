@@ -7,7 +7,7 @@ starts) that prints JSON; the assertions are here.
 import textwrap
 
 import pytest
-from train_helpers import run_json_script
+from helpers.train import run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os, sys
@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
     sys.path.insert(0, "tests")
-    from train_helpers import logged, tiny_config, write_dataset
+    from helpers.train import logged, tiny_config, write_dataset
     from neox_jax.model import GPTNeoX, ModelConfig, init_cache, init_params, param_logical_axes
     from neox_jax.parallel.mesh import create_mesh
     from neox_jax.training.step import pipeline_apply

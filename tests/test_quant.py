@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers.quant import CONFIG, INT4_MODEL_REL, o1_params
 
-from neox_jax.model import GPTNeoX, ModelConfig, init_params
+from neox_jax.model import GPTNeoX
 from neox_jax.quant import (
     QuantConfig,
     QuantizationError,
@@ -50,16 +51,8 @@ from neox_jax.quant.params import _quantize_jit
 _F32_REL = 1e-5
 _BF16_REL = 2e-2
 _INT8_MODEL_REL = 3e-2
-_INT4_MODEL_REL = 0.3
+_INT4_MODEL_REL = INT4_MODEL_REL
 
-CONFIG = ModelConfig(
-    vocab_size=128,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=128,
-    max_position_embeddings=64,
-)
 SCHEMES = [  # (bits, group_size, symmetric)
     (8, None, True),
     (8, 32, False),
@@ -74,21 +67,6 @@ def _assert_close(actual, expected, rel, what=""):
     assert actual.shape == expected.shape, what
     err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
     assert err <= rel * scale, f"{what}: max|diff| {err:.3g} > {rel} * {scale:.3g}"
-
-
-def o1_params(config=CONFIG, seed=0):
-    """Random params with O(1) activations: weights N(0, 1/fan_in), LayerNorms as init."""
-    params = init_params(config, jax.random.key(seed))
-    rng = np.random.default_rng(seed)
-
-    def fn(path, x):
-        name = jax.tree_util.keystr(path)
-        if "kernel" not in name and "embedding" not in name:
-            return x
-        fan_in = x.shape[-2] if "kernel" in name else 1
-        return jnp.asarray(rng.standard_normal(x.shape) / np.sqrt(fan_in), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fn, params)
 
 
 _apply = jax.jit(lambda p, ids: GPTNeoX(CONFIG).apply({"params": p}, ids))

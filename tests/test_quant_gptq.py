@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_quant import _INT4_MODEL_REL, CONFIG, o1_params
+from helpers.quant import CONFIG, INT4_MODEL_REL, o1_params
 
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
 from neox_jax.model import GPTNeoX
@@ -99,7 +99,7 @@ def test_sequential_gptq_model(calib):
     err = lambda p: float(jnp.mean(jnp.square(apply(p, ids) - ref)))
     # On its calibration tokens GPTQ's logits are closer to the float model's.
     assert err(qparams) < err(rtn), (err(qparams), err(rtn))
-    assert np.abs(apply(qparams, ids) - ref).max() <= _INT4_MODEL_REL * np.abs(ref).max()
+    assert np.abs(apply(qparams, ids) - ref).max() <= INT4_MODEL_REL * np.abs(ref).max()
 
 
 # ----------------------------------------------------------------- calibration
@@ -153,7 +153,7 @@ def test_calibration_errors(tmp_path):
 
 # ------------------------------------------------------------------------- CLI
 def test_cli_quantizes_a_hugging_face_folder(tmp_path):
-    from hf_reference import hf_logits, make_hf_model
+    from helpers.hf_reference import hf_logits, make_hf_model
 
     hf = make_hf_model(tmp_path / "hf", hidden_size=64, intermediate_size=128)
     dst = tmp_path / "int8"

@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     from neox_jax.parallel.mesh import create_mesh
     from neox_jax.parallel.rules import logical_to_sharding
     from neox_jax.quant import QuantConfig, quantize_params, quantized_logical_axes
-    from test_quant import CONFIG, o1_params
+    from helpers.quant import CONFIG, o1_params
 
     mesh = create_mesh({"fsdp": 2, "tensor": 2})
     params = o1_params()

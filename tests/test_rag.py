@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import WORDS, corpus_lines, load_config, tiny_model
+from helpers.evaluation import WORDS, corpus_lines, load_config, tiny_model
 
 from neox_jax.inference import Generator
 from neox_jax.retrieval import (

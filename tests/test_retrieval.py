@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from eval_helpers import corpus_lines, tiny_model
+from helpers.evaluation import corpus_lines, tiny_model
 
 from neox_jax.retrieval import Embedder, VectorIndex, build_index, read_corpus
 from neox_jax.retrieval.index import default_nlist

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_generate import make_model_dir
+from helpers.generate import make_model_dir
 
 from neox_jax.cli import is_user_error
 from neox_jax.convert import load_hf, save_checkpoint

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hf_reference import make_hf_model, train_byte_level_bpe
+from helpers.hf_reference import make_hf_model, train_byte_level_bpe
 
 from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer

@@ -4,7 +4,7 @@ The reference for every request is ``Generator.generate`` on that request alone.
 compute in fp32 with the same decode step, but the engine runs each slot as a batch
 of one under ``vmap`` with a longer cache, so logits may differ in the last bits.
 A greedy token could only flip where two logits are within that round-off (~1e-6) of
-each other; the random O(1)-logit model of ``hf_reference.make_hf_model`` makes that
+each other; the random O(1)-logit model of ``helpers.hf_reference.make_hf_model`` makes that
 vanishingly rare, so the tokens must agree exactly (a real bug, e.g. a slot reading
 another slot's cache or a wrong position, changes tokens within a step or two).
 Sampled requests use the same per-request PRNG keys, so they must agree too (a flip
@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from hf_reference import make_hf_model, train_byte_level_bpe
+from helpers.hf_reference import make_hf_model, train_byte_level_bpe
 
 from neox_jax.convert import load_hf
 from neox_jax.errors import UserError
@@ -249,7 +249,7 @@ MESH_SCRIPT = """
 import sys
 import jax
 import numpy as np
-from hf_reference import make_hf_model
+from helpers.hf_reference import make_hf_model
 from neox_jax.convert import load_hf
 from neox_jax.inference import SamplingParams
 from neox_jax.parallel import create_mesh

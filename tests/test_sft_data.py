@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 import transformers
-from hf_reference import assert_logits_close
-from test_finetune_utils import EOS, char_ids, write_char_tokenizer, write_jsonl
+from helpers.finetune import EOS, char_ids, write_char_tokenizer, write_jsonl
+from helpers.hf_reference import assert_logits_close
 
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.finetune.chat import ChatFormatError, ChatTemplate, encode_chat, format_chat

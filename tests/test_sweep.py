@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import REPO, config_flags, tiny_config, write_dataset
+from helpers.train import REPO, config_flags, tiny_config, write_dataset
 
 from neox_jax import sweep
 

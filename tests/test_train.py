@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_helpers import REPO, logged, run_train, tiny_config, train_command, write_dataset
+from helpers.train import REPO, logged, run_train, tiny_config, train_command, write_dataset
 
 from neox_jax.model import ModelConfig, init_params
 from neox_jax.training.step import TrainState, loss_and_grads, model_apply_fn, train_step

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hf_reference import make_hf_model, train_byte_level_bpe
 
+from helpers.hf_reference import make_hf_model, train_byte_level_bpe
 from neox_jax.convert import load_hf
 
 # fmt: off
@@ -72,7 +72,7 @@ def load_config(name: str, arg=None):
     """``configs/<name>.py``'s ``get_config(arg)`` (configs/ is not a package)."""
     import importlib.util
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = importlib.util.spec_from_file_location(f"{name}_config", root / f"configs/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

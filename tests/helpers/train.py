@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_dataset(prefix, vocab=64, docs=200, seed=0):
@@ -49,12 +49,7 @@ def tiny_config(data_prefix, **overrides):
         steps=12, log_every=1, eval_every=6, eval_batches=1, save_every=6, async_checkpoint=False
     )
     c.sample.prompt = ""
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 
