@@ -144,7 +144,7 @@ def test_convert_push_to_hub_with_the_api_mocked(hub_cache, tmp_path, monkeypatc
 
 
 def test_train_init_from_a_hub_id_offline(hub_cache, tmp_path):
-    from train_helpers import REPO, tiny_config, train_command, write_dataset
+    from helpers.train import REPO, tiny_config, train_command, write_dataset
 
     data = write_dataset(tmp_path / "counting")
     config = tiny_config(data, **{"train.steps": 2, "train.init_from": "neox-test/tiny@step3000"})
