@@ -192,6 +192,7 @@ def test_nonfinite_stop_keeps_last_good_checkpoint(dataset, tmp_path):
             {
                 "model.vocab_size": 8,
                 "data.source": "stdlib",
+                "data.paths": "",  # stdlib refuses paths it would ignore
                 "data.stdlib_max_mb": 0.05,
                 "data.tokenizer_vocab_size": 512,
             },
