@@ -45,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # between two decode steps, so a long prompt never stalls the running requests for
     # long; must divide max_len. 0 = off (every prompt in one prefill).
     c.prefill_chunk = 0
+    # Automatic prefix caching: keep the KV of up to this many prompt blocks (of
+    # prefill_chunk tokens) and reuse them for prompts that begin with the same tokens
+    # (a system prompt, a RAG context). 0 = off; needs prefill_chunk.
+    c.prefix_cache_blocks = 0
     # Requests that may wait for a slot; beyond it the server answers 429.
     c.max_queue = 64
     # Prompts admitted between two decode steps (bounds how long decoding pauses).

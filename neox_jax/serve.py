@@ -26,7 +26,7 @@ def check_config(config) -> None:
     for name in positive:
         if not isinstance(config[name], int) or config[name] < 1:
             raise UserError(f"--config.{name} must be an integer >= 1, got {config[name]!r}.")
-    for name in ("max_len", "max_queue", "max_logprobs", "prefill_chunk"):
+    for name in ("max_len", "max_queue", "max_logprobs", "prefill_chunk", "prefix_cache_blocks"):
         if not isinstance(config[name], int) or config[name] < 0:
             raise UserError(f"--config.{name} must be an integer >= 0, got {config[name]!r}.")
     if not 0 <= config.port < 65536:
@@ -70,6 +70,7 @@ def build(config, progress=print):
         metrics=metrics,
         split_layers=config.split_layers,
         prefill_chunk=config.prefill_chunk,
+        prefix_cache_blocks=config.prefix_cache_blocks,
         mesh=inference_mesh(config.tensor_parallel, 1),
     )
     del params  # the engine keeps its per-layer copy

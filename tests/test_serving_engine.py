@@ -73,7 +73,8 @@ def _prompts(vocab, lengths, seed=0):
 
 
 def _cache_sizes():
-    programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk, dev.activate)
+    programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
+    programs += (dev.activate, dev.put_block, dev.get_block)
     return [f._cache_size() for f in programs]
 
 
@@ -243,6 +244,35 @@ def test_chunked_prefill_equals_generator(model):
     assert eng.free_slots == eng.num_slots
     with pytest.raises(UserError, match="divide max_len"):
         Engine(config, params, tok, num_slots=1, max_len=64, prefill_chunk=24)
+
+
+def test_prefix_cache_reuses_shared_prompt_blocks(model):
+    """Prompts sharing a 32-token beginning: later ones copy its cached blocks and
+    prefill only the rest, and still equal the ``Generator`` alone; the LRU bound holds."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=2, max_len=64, prefill_chunk=16, prefix_cache_blocks=3
+    )
+    eng.warmup(progress=lambda _: None)
+    shared = _prompts(config.vocab_size, (32,), seed=8)[0]
+    tails = _prompts(config.vocab_size, (5, 12, 1, 9), seed=9)
+    prompts = [shared + t for t in tails]
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    before = _cache_sizes()
+    first = eng.generate(prompts[:1], sampling)  # fills the cache: 2 blocks of 16
+    assert eng.prefix_cache.hit_tokens == 0 and len(eng.prefix_cache) == 2
+    rest = eng.generate(prompts[1:], sampling)
+    assert eng.prefix_cache.hit_tokens == 3 * 32  # every later prompt reused both blocks
+    assert _cache_sizes() == before
+    gen = _reference(model)
+    for p, (ids, text, _) in zip(prompts, first + rest, strict=True):
+        ref = gen.generate([p], sampling)[0]
+        assert ids == ref.token_ids and text == ref.text
+    other = _prompts(config.vocab_size, (40,), seed=10)
+    eng.generate(other, sampling)  # two new blocks: the LRU keeps 3
+    assert len(eng.prefix_cache) == 3
+    eng.generate(prompts[:1], sampling)  # its second block was evicted: one block reused
+    assert eng.prefix_cache.hit_tokens == 3 * 32 + 16
 
 
 MESH_SCRIPT = """

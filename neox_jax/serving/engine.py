@@ -35,6 +35,7 @@ from neox_jax.inference.text import TextTracker
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.rules import RULES
 from neox_jax.serving import slots as dev
+from neox_jax.serving.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
@@ -81,6 +82,8 @@ class Request:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     tracker: TextTracker | None = None
     first_token_at: float | None = None
+    block_keys: list = dataclasses.field(default_factory=list)  # prefix-cache keys
+    cached_blocks: int = 0
 
     def cancel(self) -> None:
         """Thread-safe: the engine drops the request at its next step."""
@@ -129,6 +132,9 @@ class Engine:
       prefill_chunk: prompts longer than this are prefilled in chunks of this many
         tokens, one chunk between two decode steps, so running requests are not stalled
         for a whole long prompt (0 = off). Must divide ``max_len``.
+      prefix_cache_blocks: keep the KV of up to this many prompt blocks (of
+        ``prefill_chunk`` tokens) for reuse by later prompts with the same beginning
+        (``serving.prefix_cache``); 0 = off. Needs ``prefill_chunk``.
       mesh: serve on this mesh (``parallel.create_mesh({"tensor": N})``): weights and KV
         cache are sharded by the rules table, heads / MLP / vocabulary over ``tensor``.
       split_layers: decode from per-layer copies of the layer weights
@@ -155,6 +161,7 @@ class Engine:
         split_layers: bool = True,
         mesh=None,
         prefill_chunk: int = 0,
+        prefix_cache_blocks: int = 0,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -169,6 +176,11 @@ class Engine:
                 f"prefill_chunk={prefill_chunk} must be >= 2 and divide max_len={max_len}."
             )
         self.prefill_chunk = prefill_chunk
+        if prefix_cache_blocks and not prefill_chunk:
+            raise UserError("prefix caching works on prefill chunks: set prefill_chunk too.")
+        self.prefix_cache = (
+            PrefixCache(prefill_chunk, prefix_cache_blocks) if prefix_cache_blocks else None
+        )
         if prefill_buckets is None:
             prefill_buckets = [b for b in (2**i for i in range(4, 30)) if b < max_len]
         top = prefill_chunk or max_len  # longer prompts are chunked, never bucketed
@@ -339,6 +351,9 @@ class Engine:
             self.state = dev.activate(
                 self.state, np.int32(0), np.int32(0), np.int32(0), seen, *controls
             )
+            if self.prefix_cache is not None:
+                k, v = dev.get_block(self.state, np.int32(0), np.int32(0), size=self.prefill_chunk)
+                self.state = dev.put_block(self.state, np.int32(0), k, v, np.int32(0))
             self.state = dev.release(self.state, np.int32(0))
         for j, (mode, k) in enumerate(
             [(m, k) for m in (dev.GREEDY, dev.SAMPLE) for k in (0, self.max_logprobs)], 1
@@ -381,7 +396,11 @@ class Engine:
                 r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
             n = len(r.prompt_ids)
             if self.prefill_chunk and n > self.prefill_chunk:
-                self._prefilling[slot] = 0  # chunks run one per step, between decode steps
+                start = self._reuse_prefix(slot, r)
+                if start < n - 1:
+                    self._prefilling[slot] = start  # one chunk per step, between decodes
+                else:
+                    self._activate(slot, r)
                 continue
             tokens = np.zeros(self.bucket(n), np.int32)
             tokens[:n] = r.prompt_ids
@@ -405,6 +424,32 @@ class Engine:
             self._prefilling[slot] = start + c
             return
         del self._prefilling[slot]
+        self._activate(slot, r)
+
+    def _reuse_prefix(self, slot: int, r: Request) -> int:
+        """Copy ``r``'s cached leading prompt blocks into ``slot``; returns how many
+        prompt tokens they cover (where chunked prefill starts)."""
+        if self.prefix_cache is None:
+            return 0
+        c = self.prefill_chunk
+        r.block_keys = self.prefix_cache.keys(r.prompt_ids, (len(r.prompt_ids) - 1) // c)
+        hits = self.prefix_cache.lookup(r.block_keys)
+        for i, (k, v) in enumerate(hits):
+            self.state = dev.put_block(self.state, np.int32(slot), k, v, np.int32(i * c))
+        r.cached_blocks = len(hits)
+        if self.metrics is not None:
+            self.metrics.observe_prefix(len(hits) * c, len(r.block_keys) * c)
+        return len(hits) * c
+
+    def _activate(self, slot: int, r: Request) -> None:
+        """``r``'s prompt is in ``slot``'s cache: store its new blocks for reuse, start
+        decoding."""
+        c, n = self.prefill_chunk, len(r.prompt_ids)
+        if self.prefix_cache is not None:
+            for i in reversed(range(r.cached_blocks, len(r.block_keys))):
+                kv = dev.get_block(self.state, np.int32(slot), np.int32(i * c), size=c)
+                self.prefix_cache.store(r.block_keys[i], kv)
+            self.prefix_cache.touch(r.block_keys)
         seen = np.zeros(self.config.vocab_size, np.bool_)
         seen[r.prompt_ids] = True
         self.state = dev.activate(

@@ -54,6 +54,16 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.prefix_hits = prom.Counter(
+            "neox_jax_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV came from the prefix cache",
+            registry=r,
+        )
+        self.prefix_lookups = prom.Counter(
+            "neox_jax_prefix_cache_lookup_tokens",
+            "Prompt tokens (in full blocks) looked up in the prefix cache",
+            registry=r,
+        )
         self._window_s = window_s
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -70,6 +80,10 @@ class Metrics:
             self._recent.popleft()
         span = max(now - self._recent[0][0], 1e-3) if len(self._recent) > 1 else self._window_s
         self.rate.set(sum(n for _, n in self._recent) / span)
+
+    def observe_prefix(self, hit_tokens: int, lookup_tokens: int) -> None:
+        self.prefix_hits.inc(hit_tokens)
+        self.prefix_lookups.inc(lookup_tokens)
 
     def observe_first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

@@ -303,6 +303,41 @@ def prefill_chunk(
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
+def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) -> SlotState:
+    """Write a cached prompt block (per-layer ``[C, H, D]`` keys and values) into
+    ``slot``'s columns ``offset .. offset + C - 1``, marked as prompt (segment 1)."""
+    size = k[0].shape[0]
+
+    def put(buf, block):
+        return jax.lax.dynamic_update_slice(
+            buf, block[None].astype(buf.dtype), (slot, offset, 0, 0)
+        )
+
+    seg = jax.lax.dynamic_update_slice(
+        state.cache["segment_ids"], jnp.ones((1, size), jnp.int32), (slot, offset)
+    )
+    cache = dict(
+        state.cache,
+        k=tuple(map(put, state.cache["k"], k)),
+        v=tuple(map(put, state.cache["v"], v)),
+        segment_ids=seg,
+    )
+    return state.replace(cache=cache)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def get_block(state: SlotState, slot: Array, offset: Array, *, size: int) -> tuple[tuple, tuple]:
+    """``slot``'s keys and values at columns ``offset .. offset + size - 1``: per-layer
+    ``[size, H, D]`` copies (to store in the prefix cache)."""
+
+    def get(buf):
+        shape = (1, size) + buf.shape[2:]
+        return jax.lax.dynamic_slice(buf, (slot, offset, 0, 0), shape)[0]
+
+    return tuple(map(get, state.cache["k"])), tuple(map(get, state.cache["v"]))
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
 def activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_ids, key):
     """After ``prefill_chunk`` wrote a prompt of ``n`` tokens: ``last`` is its last token,
     ``position = n - 1``, ``seen`` its ``[V]`` bool token set; the rest as ``insert``."""
