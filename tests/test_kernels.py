@@ -15,7 +15,7 @@ max|ref|, because attention outputs and gradients are sums whose scale varies:
   gradients, so the bounds leave ~5x headroom while a wrong mask or a skipped block
   (errors of order 1) still fails.
 
-The same tests run compiled on a GPU (``interpret=None`` picks that); references run
+The same tests run compiled on a GPU (``kernel_target="auto"`` picks that); references run
 at "float32" matmul precision so TF32 does not blur the comparison there.
 """
 

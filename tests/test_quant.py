@@ -46,7 +46,7 @@ from neox_jax.quant import (
     xla_matmul,
 )
 from neox_jax.quant.core import code_range, codes
-from neox_jax.quant.params import _quantize_jit
+from neox_jax.quant.leaves import _quantize_jit
 
 _F32_REL = 1e-5
 _BF16_REL = 2e-2

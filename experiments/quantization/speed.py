@@ -169,7 +169,7 @@ def _per_token_s(run, config, params, prompt, repeats):
 
 def kernel_bisection(preset: str, repeats: int = 3):
     """Per-token decode time (inference loop) with only one kernel type in int8."""
-    from neox_jax.quant.params import BLOCK_KERNELS, get_path, set_path
+    from neox_jax.quant.leaves import BLOCK_KERNELS, get_path, set_path
 
     engines, split = _engines()
     if split is None:

@@ -31,6 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from neox_jax.kernels.reference import MASK_VALUE
+from neox_jax.kernels.target import dispatch
 
 # Cache slots per inner block. GPU: a [block, head_dim] K and V tile double-buffered
 # in shared memory. TPU: 128-lane multiples, big enough to amortise a grid step.
@@ -230,8 +231,9 @@ def _combine(o, m, row_sum, plan, heads, head_dim, dtype):
 
 
 def decode_attention(
-    q, k_cache, v_cache, kv_segment_ids, *, length=None, scale=None, block_k=None, interpret=None
-):
+    q, k_cache, v_cache, kv_segment_ids, *, length=None, scale=None, block_k=None,
+    kernel_target="auto",
+):  # fmt: skip
     """Attention of one new token per row over a KV cache (split-K flash decoding).
 
     Args:
@@ -244,7 +246,9 @@ def decode_attention(
       scale: logit scale, ``head_dim ** -0.5`` by default.
       block_k: cache slots per inner block (a power of two dividing cache_len); None
         picks per backend.
-      interpret: run the Pallas interpreter; None means on CPU only.
+      kernel_target: "auto" (Mosaic when lowered for TPU, Triton for GPU, the
+        interpreter for CPU; see ``neox_jax.kernels.target``), or "tpu", "gpu",
+        "interpret" to force one.
 
     Returns:
       ``[batch, heads, head_dim]`` in ``q.dtype``, equal to
@@ -252,10 +256,10 @@ def decode_attention(
       ``kv_segment_ids != 0`` (and slot < length). A row with no visible slot gets
       zeros (the reference would average the whole cache, unwritten slots included).
     """
-    backend = jax.default_backend()
-    interpret = backend == "cpu" if interpret is None else bool(interpret)
-    target = "tpu" if backend == "tpu" else "gpu"
-    return _decode(q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret)
+    decode = lambda layout, interpret, q, k, v, seg, length: _decode(  # noqa: E731
+        q, k, v, seg, length, scale, block_k, layout, interpret
+    )
+    return dispatch(kernel_target, decode, q, k_cache, v_cache, kv_segment_ids, length)
 
 
 def _decode(q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret):

@@ -33,6 +33,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from neox_jax.kernels.reference import MASK_VALUE
+from neox_jax.kernels.target import dispatch
 
 # (block_q, block_k) per target, forward and backward. GPU: Triton tiles that fit
 # H100/A100 shared memory with double buffering; the backward holds four [block, d]
@@ -372,14 +373,6 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _target(interpret):
-    """(target, interpret): TPU gets the Mosaic layout; GPU and CPU the Triton one."""
-    backend = jax.default_backend()
-    if interpret is None:
-        interpret = backend == "cpu"
-    return ("tpu" if backend == "tpu" else "gpu"), bool(interpret)
-
-
 def _pick_blocks(target, interpret, head_dim, length, block_q, block_k):
     """(fwd_q, fwd_k, bwd_q, bwd_k) block sizes, user sizes overriding the defaults."""
     table = _DEFAULT_BLOCKS["cpu" if interpret and target == "gpu" else target]
@@ -387,7 +380,10 @@ def _pick_blocks(target, interpret, head_dim, length, block_q, block_k):
     blocks = [block_q or fwd[0], block_k or fwd[1], block_q or bwd[0], block_k or bwd[1]]
     # Short sequences: no block longer than the (power-of-two rounded) sequence.
     cap = max(_MIN_BLOCK[target], pl.next_power_of_2(length))
-    return tuple(min(b, cap) for b in blocks)
+    # User blocks below the compiled target's minimum (e.g. 16, fine for Triton and the
+    # interpreter, under kernel_target="auto" traced for Mosaic too) are raised to it.
+    low = 0 if interpret else _MIN_BLOCK[target]
+    return tuple(max(low, min(b, cap)) for b in blocks)
 
 
 def flash_attention(
@@ -400,7 +396,7 @@ def flash_attention(
     scale=None,
     block_q=None,
     block_k=None,
-    interpret=None,
+    kernel_target="auto",
 ):
     """Flash attention for training and prefill; equals ``reference.segment_attention``.
 
@@ -411,8 +407,12 @@ def flash_attention(
       causal: mask keys at later slots than the query (and skip those blocks).
       scale: logit scale (a Python float), ``head_dim ** -0.5`` by default.
       block_q, block_k: query/key block sizes (powers of two); None picks per backend.
-        User sizes apply to the forward and both backward kernels.
-      interpret: run the Pallas interpreter; None means on CPU only.
+        User sizes apply to the forward and both backward kernels; below a compiled
+        target's minimum (Mosaic 128, Triton 16) they are an error for an explicit
+        ``kernel_target`` and raised to the minimum under "auto".
+      kernel_target: "auto" (Mosaic when lowered for TPU, Triton for GPU, the
+        interpreter for CPU; see ``neox_jax.kernels.target``), or "tpu", "gpu",
+        "interpret" to force one.
 
     Returns:
       ``[batch, length, heads, head_dim]`` in ``q.dtype``. Padding queries (segment id
@@ -430,18 +430,22 @@ def flash_attention(
         raise ValueError(
             f"segment_ids must be [batch, length] = {(batch, length)}, got {segment_ids.shape}"
         )
-    target, interpret = _target(interpret)
-    return _attention(q, k, v, segment_ids, causal, scale, (block_q, block_k), target, interpret)
+    user = [b for b in (block_q, block_k) if b]
+    if any(b & (b - 1) for b in user):
+        raise ValueError(f"block sizes must be powers of two, got {block_q}, {block_k}")
+    minimum = _MIN_BLOCK.get(kernel_target, 0)  # "auto" raises them per target instead
+    if user and min(user) < minimum:
+        raise ValueError(f"{kernel_target} kernels need blocks >= {minimum}, got {user}")
+    attention = lambda layout, interpret, q, k, v, seg: _attention(  # noqa: E731
+        q, k, v, seg, causal, scale, (block_q, block_k), layout, interpret
+    )
+    return dispatch(kernel_target, attention, q, k, v, segment_ids)
 
 
 def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpret):
     """flash_attention for an explicit target ("gpu" or "tpu" layout); tests use both."""
     batch, length, _, head_dim = q.shape
     blocks = _pick_blocks(target, interpret, head_dim, length, *user_blocks)
-    if any(b & (b - 1) for b in blocks):
-        raise ValueError(f"block sizes must be powers of two, got {blocks}")
-    if not interpret and min(blocks) < _MIN_BLOCK[target]:
-        raise ValueError(f"{target} kernels need blocks >= {_MIN_BLOCK[target]}, got {blocks}")
     padded_len = -(-length // max(blocks)) * max(blocks)
     # Triton needs power-of-two tile dims, so head_dim 80 and 96 (Pythia-2.8B,
     # GPT-NeoX-20B) run padded to 128 with zeros: zero columns of q and k add nothing to

@@ -20,13 +20,12 @@ from neox_jax.quant.core import (
     QuantizedWeight,
     dequantize_weight,
     is_quantized,
-    pack_int4,
     quantize,
     take_rows,
-    unpack_int4,
-    xla_matmul,
 )
+from neox_jax.quant.dequant_matmul import xla_matmul
 from neox_jax.quant.gptq import gptq_quantize
+from neox_jax.quant.packing import pack_int4, unpack_int4
 from neox_jax.quant.pallas_matmul import pallas_matmul
 from neox_jax.quant.params import (
     abstract_quantized_params,

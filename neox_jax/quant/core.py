@@ -18,6 +18,9 @@ Leaves (``S = C // group_size`` groups per row; scanned kernels keep a leading `
     scale   [..., R, S]      float (``QuantConfig.scale_dtype``)
     zero    [..., R, S]      uint8 zero points (asymmetric), else None
 
+4-bit packing lives in ``packing``, the matmuls in ``dequant_matmul`` (XLA) and
+``pallas_matmul``; ``QuantizedWeight.matmul`` dispatches between them.
+
 Dequantization: ``w = scale * q`` (symmetric, ``q`` signed) or ``w = scale * (u - zero)``.
 Symmetric grids use ``scale = max|w| / (2^(b-1) - 1/2)`` and codes in
 ``[-2^(b-1), 2^(b-1) - 1]`` (GPTQ's symmetric grid), asymmetric ones
@@ -36,6 +39,9 @@ from jax.sharding import PartitionSpec
 
 from neox_jax.model import axes
 from neox_jax.quant.config import QuantizationError
+from neox_jax.quant.dequant_matmul import xla_matmul
+from neox_jax.quant.packing import pack_int4, unpack_int4
+from neox_jax.quant.pallas_matmul import pallas_matmul
 
 Array = jax.Array
 
@@ -115,42 +121,12 @@ class QuantizedWeight:
                 "are sliced per layer by the model's nn.scan."
             )
         if self.impl == "pallas":
-            from neox_jax.quant.pallas_matmul import pallas_matmul
-
             return pallas_matmul(x, self, dtype)
         return xla_matmul(x, self, dtype)
 
 
 def is_quantized(x) -> bool:
     return isinstance(x, QuantizedWeight)
-
-
-# ------------------------------------------------------------------- 4-bit packing
-def pack_int4(codes: Array) -> Array:
-    """Pack 4-bit codes in pairs along the last axis: ``[..., C]`` -> uint8 ``[..., C // 2]``.
-
-    Element ``2j`` goes to the low nibble of byte ``j``, ``2j + 1`` to the high one.
-    Codes may be signed (two's complement nibble) or unsigned; only the low 4 bits
-    are kept. Pairs are adjacent so that a contiguous slice of bytes is a contiguous
-    slice of input rows (groups and tensor-parallel shards stay whole).
-    """
-    if codes.shape[-1] % 2:
-        raise QuantizationError(f"cannot pack an odd number ({codes.shape[-1]}) of 4-bit codes")
-    c = codes.astype(jnp.int32).reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2) & 15
-    return (c[..., 0] | (c[..., 1] << 4)).astype(jnp.uint8)
-
-
-def unpack_int4(packed: Array, signed: bool) -> Array:
-    """Inverse of ``pack_int4``: uint8 ``[..., C // 2]`` -> int32 codes ``[..., C]``."""
-    lo, hi = _nibble(packed, 0, signed), _nibble(packed, 1, signed)
-    return jnp.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
-
-
-def _nibble(packed: Array, which: int, signed: bool) -> Array:
-    """int32 codes of the low (0) or high (1) nibbles of ``packed``."""
-    v = packed.astype(jnp.int32)
-    v = v & 15 if which == 0 else v >> 4
-    return (v ^ 8) - 8 if signed else v  # sign-extend a 4-bit two's complement value
 
 
 def codes(qw: QuantizedWeight) -> Array:
@@ -267,53 +243,6 @@ def stored_float(qw: QuantizedWeight, dtype=jnp.float32) -> Array:
         q = q - qw.zero.astype(jnp.int32)[..., None]
     w = q.astype(jnp.float32) * qw.scale.astype(jnp.float32)[..., None]
     return w.reshape(*lead, rows, cols).astype(dtype)
-
-
-def _dequantize_columns(c: Array, qw: QuantizedWeight, dtype, half: bool) -> Array:
-    """Float ``[N, C']`` from int32 codes ``c [N, C']``; ``half``: every other input row."""
-    rows, cols = c.shape
-    per_group = qw.group_size // 2 if half else qw.group_size
-    c = c.reshape(rows, cols // per_group, per_group)
-    if qw.zero is not None:
-        c = c - qw.zero.astype(jnp.int32)[..., None]
-    w = c.astype(jnp.float32) * qw.scale.astype(jnp.float32)[..., None]
-    return w.reshape(rows, cols).astype(dtype)
-
-
-def xla_matmul(x: Array, qw: QuantizedWeight, dtype) -> Array:
-    """``x [..., K] @ kernel [K, N]`` by dequantize-then-dot, shaped so XLA fuses it.
-
-    What XLA:CPU needs to read only the codes (measured on [2048, 8192], batch 1):
-    * ``x @ w.T`` on the stored ``[N, K]``: the transpose folds into the dot's layout
-      and the conversion fuses into its vector-matrix product. (A ``dot_general``
-      contracting dimension 1 of both operands materialised the float weight.)
-    * An ``optimization_barrier`` tying the codes to the activations: otherwise a
-      decode loop's loop-invariant code motion hoists the dequantization out of the
-      loop and carries a float copy of every weight (a 16 ms instead of 2 ms step).
-    * 4 bits: no interleaving of the two nibbles (that breaks the fusion); the even
-      and odd input rows are two dots, on ``x[..., 0::2]`` and ``x[..., 1::2]``,
-      separated by a barrier so XLA does not merge them over a concatenated weight.
-    * One group per output channel: the scale is applied after the dot (it factors
-      out of the sum over K; exact up to round-off).
-    Known XLA:CPU limits (experiments/quantization/README.md): the fused matrix-vector
-    product also absorbs and recomputes cheap producers of ``x`` (LayerNorm, the erf
-    of an exact GELU) per output, and nothing is fused for ``K >= 4096`` or batch > 1.
-    """
-    x = x.astype(dtype)
-    mm = lambda a, w: jnp.matmul(a, w.T, preferred_element_type=jnp.float32)
-    if qw.bits == 8:
-        q, x = jax.lax.optimization_barrier((qw.qvalue, x))
-        if qw.scale.shape[-1] == 1:
-            c = q.astype(jnp.int32)
-            c = c if qw.zero is None else c - qw.zero.astype(jnp.int32)
-            return (mm(x, c.astype(dtype)) * qw.scale[:, 0].astype(jnp.float32)).astype(dtype)
-        return mm(x, _dequantize_columns(q.astype(jnp.int32), qw, dtype, False)).astype(dtype)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    q, even, odd = jax.lax.optimization_barrier((qw.qvalue, even, odd))
-    y = mm(even, _dequantize_columns(_nibble(q, 0, qw.symmetric), qw, dtype, True))
-    y, q, odd = jax.lax.optimization_barrier((y, q, odd))
-    y = y + mm(odd, _dequantize_columns(_nibble(q, 1, qw.symmetric), qw, dtype, True))
-    return y.astype(dtype)
 
 
 def take_rows(qw: QuantizedWeight, ids: Array, dtype=jnp.float32) -> Array:

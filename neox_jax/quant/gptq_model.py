@@ -29,7 +29,7 @@ from neox_jax.model.layers import Block, LayerNorm, Linear
 from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.core import is_quantized
 from neox_jax.quant.gptq import gptq_quantize, hessian
-from neox_jax.quant.params import (
+from neox_jax.quant.leaves import (
     BLOCK_KERNELS,
     EMBED_IN,
     EMBED_OUT,

@@ -14,9 +14,12 @@ split into even and odd columns once per call (``[M, K / 2]`` each, cheap next t
 weight) and each tile does two dots, one per nibble, instead of interleaving columns
 on chip.
 
-On CPU the kernel runs in the Pallas interpreter (tests); compiled it targets GPU
-(Triton): tile sides are powers of two and ``block_m >= 16`` for ``tl.dot``.
-Gradients (QLoRA) go through a ``custom_vjp`` whose backward is the XLA path's.
+The kernel targets GPU (Triton): tile sides are powers of two and ``block_m >= 16``
+for ``tl.dot``. Which variant runs follows the platform the call is lowered for
+(``neox_jax.kernels.target``): Triton for CUDA/ROCm, the Pallas interpreter for CPU,
+and for TPU the XLA path, as there is no Mosaic version yet (Mosaic cannot prove the
+per-group scale column and the 64-byte int4 tiles lane-aligned). Gradients (QLoRA)
+go through a ``custom_vjp`` whose backward is the XLA path's.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from neox_jax.kernels.target import check_kernel_target, dispatch
 from neox_jax.quant.config import QuantizationError
-from neox_jax.quant.core import QuantizedWeight, xla_matmul
+from neox_jax.quant.dequant_matmul import xla_matmul
 
 _BLOCK_N = (128, 64, 32, 16)
 _BLOCK_K = (256, 128, 64, 32)  # >= 32 so a 4-bit tile is >= 16 bytes wide (tl.dot's minimum)
@@ -117,28 +121,24 @@ def _forward(x, qvalue, scale, zero, plan: _Plan):
     return out[:m]
 
 
-def _as_weight(qvalue, scale, zero, plan: _Plan) -> QuantizedWeight:
-    return QuantizedWeight(qvalue, scale, zero, plan.bits, plan.group_size, plan.shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qmm(x, qw, plan):
+    return _forward(x, qw.qvalue, qw.scale, qw.zero, plan)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _qmm(x, qvalue, scale, zero, plan):
-    return _forward(x, qvalue, scale, zero, plan)
-
-
-def _qmm_fwd(x, qvalue, scale, zero, plan):
-    return _forward(x, qvalue, scale, zero, plan), (x, qvalue, scale, zero)
+def _qmm_fwd(x, qw, plan):
+    return _qmm(x, qw, plan), (x, qw)
 
 
 def _qmm_bwd(plan, res, g):
     # pallas_call has no autodiff rule; the XLA path computes the same function, so its
     # VJP is the exact gradient: dx = g @ W, dscale = sum over each group of dW * codes.
-    x, qvalue, scale, zero = res
-    f = lambda x, s: xla_matmul(x, _as_weight(qvalue, s, zero, plan), x.dtype)
-    _, vjp = jax.vjp(f, x, scale)
+    x, qw = res
+    f = lambda x, s: xla_matmul(x, qw.replace(scale=s), x.dtype)  # noqa: E731
+    _, vjp = jax.vjp(f, x, qw.scale)
     dx, dscale = vjp(g.astype(x.dtype))
-    float0 = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)
-    return dx, float0(qvalue), dscale, float0(zero)
+    float0 = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731
+    return dx, qw.replace(qvalue=float0(qw.qvalue), scale=dscale, zero=float0(qw.zero))
 
 
 _qmm.defvjp(_qmm_fwd, _qmm_bwd)
@@ -148,12 +148,10 @@ def _largest_dividing(candidates, n):
     return next((c for c in candidates if n % c == 0), 0)
 
 
-def make_plan(m: int, qw: QuantizedWeight, *, block_m=None, block_n=None, block_k=None,
-              interpret=None) -> _Plan:  # fmt: skip
-    """Tile sizes for ``[m, K] @ qw``; raises ``QuantizationError`` if none fit."""
+def make_plan(m: int, qw, *, block_m=None, block_n=None, block_k=None,
+              interpret=False) -> _Plan:  # fmt: skip
+    """Tile sizes for ``[m, K] @ qw`` (a ``QuantizedWeight``); ``QuantizationError`` if none fit."""
     k, n = qw.shape
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
     bm = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
     bn = block_n or _largest_dividing(_BLOCK_N, n)
     bk = block_k or _largest_dividing(_BLOCK_K, qw.group_size)
@@ -170,14 +168,17 @@ def make_plan(m: int, qw: QuantizedWeight, *, block_m=None, block_n=None, block_
     return _Plan(qw.bits, qw.symmetric, qw.group_size, (k, n), bm, bn, bk, bool(interpret))
 
 
-def pallas_matmul(x, qw: QuantizedWeight, dtype, **plan_kwargs):
+def pallas_matmul(x, qw, dtype, *, kernel_target="auto", **blocks):
     """``x [..., K] @ kernel`` with the Pallas kernel; same contract as ``xla_matmul``.
 
     Args:
       x: ``[..., K]`` activations.
       qw: a kernel-layout ``QuantizedWeight`` without leading axes.
       dtype: compute dtype (the weight tile is dequantized to it; fp32 accumulation).
-      **plan_kwargs: ``block_m``, ``block_n``, ``block_k``, ``interpret`` overrides.
+      kernel_target: "auto" (Triton when lowered for GPU, the interpreter for CPU, the
+        XLA path for TPU), "gpu" or "interpret" to force one ("tpu" is refused: no
+        Mosaic kernel).
+      **blocks: ``block_m``, ``block_n``, ``block_k`` overrides.
 
     Returns:
       ``[..., N]`` in ``dtype``.
@@ -185,7 +186,18 @@ def pallas_matmul(x, qw: QuantizedWeight, dtype, **plan_kwargs):
     k, n = qw.shape
     if x.shape[-1] != k:
         raise QuantizationError(f"x has {x.shape[-1]} features, the weight expects {k}")
+    check_kernel_target(kernel_target)
+    if kernel_target == "tpu":
+        raise QuantizationError(
+            "the Pallas quantized matmul has no TPU (Mosaic) kernel; use kernel_target='auto' "
+            "(the XLA path on TPU) or matmul_impl='xla'."
+        )
     x2 = x.reshape(-1, k).astype(dtype)
-    plan = make_plan(x2.shape[0], qw, **plan_kwargs)
-    y = _qmm(x2, qw.qvalue, qw.scale, qw.zero, plan)
+    make_plan(x2.shape[0], qw, **blocks)  # tile errors now, not at lowering
+
+    def triton(layout, interpret, x2, qw):
+        return _qmm(x2, qw, make_plan(x2.shape[0], qw, interpret=interpret, **blocks))
+
+    xla = lambda x2, qw: xla_matmul(x2, qw, dtype)  # noqa: E731
+    y = dispatch(kernel_target, triton, x2, qw, tpu=xla)
     return y.reshape(*x.shape[:-1], n)
