@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax.kernels import reference
+from neox_jax.kernels.decode_attention import decode_attention
+from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
 
@@ -200,20 +202,71 @@ def attend(
       cached: k/v are a KV cache written up to ``length`` slots.
     """
     if config.attention_impl == "pallas":
+        seq = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)  # q, k, v, out
         if not cached:
-            from neox_jax.kernels.flash_attention import flash_attention
-
-            return flash_attention(q, k, v, q_segment_ids, causal=True)
+            flash = lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True)  # noqa: E731
+            run = per_device(flash, (seq, seq, seq, seq[:2]), seq, q.shape)
+            return run(q, k, v, q_segment_ids)
         if q.shape[1] == 1:
-            from neox_jax.kernels.decode_attention import decode_attention
-
-            out = decode_attention(q[:, 0], k, v, kv_segment_ids, length=length)
-            return out[:, None]
+            cache = (axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.CACHE_HEADS, axes.CACHE_KV)
+            decode = lambda q, k, v, seg, n: decode_attention(q[:, 0], k, v, seg, length=n)  # noqa: E731
+            out_shape = (q.shape[0], *q.shape[2:])  # [B, H, D]
+            run = per_device(
+                decode, (seq, cache, cache, cache[:2], ()), seq[::2] + seq[3:], out_shape
+            )
+            return run(q, k, v, kv_segment_ids, k.shape[1] if length is None else length)[:, None]
         # A multi-token step into a non-empty cache (chunked prefill) takes the XLA path.
     mask = reference.make_attention_mask(
         q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
     )
     return reference.attention(q, k, v, mask)
+
+
+def per_device(fn, logical_in, logical_out, out_shape):
+    """``fn`` run on each device's shard under ``jax.shard_map`` when a mesh is set.
+
+    A Pallas kernel is one custom call that XLA cannot partition: in a sharded jit
+    Mosaic refuses to lower it, and a Triton call would gather every operand and
+    compute the whole batch on each device. Batch and
+    heads are independent in attention, so each device runs the kernel on its own
+    rows and heads: the dims that the logical-axis rules in force shard (a mesh axis
+    that does not divide a dim, or is already manual, is left out); the rest is
+    replicated. Without a mesh (or inside a ``shard_map`` over all of it), ``fn``.
+
+    Args:
+      fn: takes arrays laid out as ``logical_in`` (a tuple of logical axis names per
+        array, ``()`` for a scalar) and returns one of ``out_shape`` laid out as
+        ``logical_out``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    free = set() if mesh.empty else {a for a in mesh.axis_names if a not in mesh.manual_axes}
+    if not free:
+        return fn
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+    def spec(names, shape):
+        dims = []
+        for entry, dim in zip(nn.logical_to_mesh_axes(names), shape, strict=True):
+            group = (entry,) if isinstance(entry, str) else entry or ()
+            group = tuple(a for a in group if a in free)
+            dims.append(group if group and dim % math.prod(sizes[a] for a in group) == 0 else None)
+        return jax.sharding.PartitionSpec(*dims)
+
+    def run(*args):
+        in_specs = tuple(spec(n, jnp.shape(a)) for n, a in zip(logical_in, args, strict=True))
+        # Every free axis goes manual, size-1 ones too: Mosaic refuses to lower a kernel
+        # while any mesh axis is left to the automatic partitioner.
+        # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
+        shard = jax.shard_map(
+            fn,
+            in_specs=in_specs,
+            out_specs=spec(logical_out, out_shape),
+            axis_names=free,
+            check_vma=False,
+        )
+        return shard(*args)
+
+    return run
 
 
 class Attention(nn.Module):
