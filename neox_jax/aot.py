@@ -208,6 +208,7 @@ def compile_train_step(config, devices) -> dict[str, Any]:
         "seq_len": seq,
         "microbatches": config.train.microbatches,
         "remat": model_config.remat,
+        "attention_impl": model_config.attention_impl,
         "dtype": model_config.dtype,
         "state_gib": _bytes_per_device(abstract, shardings) / gib,
         "hbm_gib": None if hbm is None else hbm / gib,
