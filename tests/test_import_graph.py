@@ -77,20 +77,9 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
-# Circles other work of issue #12 removes (quant/, by the kernel-target change); delete
-# each line when its circle is gone.
-KNOWN = [
-    {"neox_jax.quant.core", "neox_jax.quant.pallas_matmul"},
-    {"neox_jax.quant.gptq_model", "neox_jax.quant.params"},
-]
-
-
 def test_the_package_has_no_import_circles():
     graph = import_graph()
     assert len(graph) > 50 and sum(map(len, graph.values())) > 100  # it saw the code
-    for known in KNOWN:  # cut one edge of each known circle
-        a, b = sorted(known)
-        graph[a].discard(b)
     circle = find_circle(graph)
     assert circle is None, "an import circle (imports inside functions count): " + " -> ".join(
         circle
