@@ -254,9 +254,14 @@ def embed_tokens(config: ModelConfig, params, input_ids: Array) -> Array:
     return _constrain_embeddings(x)
 
 
+def final_norm(config: ModelConfig, params, x: Array) -> Array:
+    """The final layer norm (``final_layer_norm``) of ``[B, T, E]`` states."""
+    return _final_norm(config).apply({"params": params["final_layer_norm"]}, x)
+
+
 def output_logits(config: ModelConfig, params, x: Array) -> Array:
     """Final layer norm and output head: ``[B, T, E]`` -> fp32 logits ``[B, T, V]``."""
-    x = _final_norm(config).apply({"params": params["final_layer_norm"]}, x)
+    x = final_norm(config, params, x)
     head = None
     if not config.tie_word_embeddings:
         head = functools.partial(_output_head(config).apply, {"params": params["embed_out"]})

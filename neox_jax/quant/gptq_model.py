@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.model import ModelConfig
-from neox_jax.model.layers import Block, LayerNorm, Linear
+from neox_jax.model import ModelConfig, final_norm
+from neox_jax.model.layers import Block, Linear
 from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.core import is_quantized
 from neox_jax.quant.gptq import gptq_quantize, hessian
@@ -148,9 +148,9 @@ def gptq_quantize_params(
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *(qws[j] for qws in per_layer))
         out = set_path(out, ("layers", *sub, "kernel"), stacked)
     if qconfig.embed_out and not config.tie_word_embeddings:
-        norm = LayerNorm(config.layer_norm_eps, config.compute_dtype, config.params_dtype)
-        apply_norm = jax.jit(lambda p, x: norm.apply({"params": p}, x))
-        sums = sum(_outer_sum(apply_norm(params["final_layer_norm"], x)) for x in xs)
+        apply_norm = jax.jit(functools.partial(final_norm, config))
+        norm_params = {"final_layer_norm": params["final_layer_norm"]}
+        sums = sum(_outer_sum(apply_norm(norm_params, x)) for x in xs)
         qw = gptq_quantize(
             params["embed_out"]["kernel"], hessian(sums, count), qconfig, name="embed_out"
         )
