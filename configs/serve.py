@@ -8,7 +8,13 @@ then talk to it with any OpenAI client at http://127.0.0.1:8000/v1 (see README.m
 "Serving"). Every field below can be overridden with --config.FIELD=VALUE.
 """
 
+import runpy
+from pathlib import Path
+
 import ml_collections
+
+# configs/ is not a package: the shared blocks come from the file beside this one.
+COMMON = runpy.run_path(str(Path(__file__).with_name("common.py")))
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -16,18 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg:
         raise ValueError(f"configs/serve.py has no presets, got {arg!r}.")
     c = ml_collections.ConfigDict()
-    # ------------------------------------------------------------------ model
-    # A neox_jax checkpoint, a training run directory (its latest complete step), a LoRA
-    # run (merged into its base) or a Hugging Face GPT-NeoX folder. Required.
-    c.checkpoint = ""
-    # Tokenizer file or folder; "" = the one found beside the checkpoint.
-    c.tokenizer = ""
+    COMMON["add_model_source"](c)  # checkpoint, tokenizer, dtype, attention_impl, RoPE
     # The model id clients send ("model" field); "" = the checkpoint folder's name.
     c.model_name = ""
-    # Compute dtype override: "" keeps the checkpoint's; "float32" or "bfloat16".
-    c.dtype = ""
-    # Attention implementation override: "" keeps the checkpoint's; "xla" or "pallas".
-    c.attention_impl = ""
     # Chat template for /v1/chat/completions: a Jinja file, inline text, or "" for the
     # default (neox_jax.finetune.chat.DEFAULT_CHAT_TEMPLATE, the one SFT trains with).
     c.chat_template = ""

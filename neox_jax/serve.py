@@ -41,20 +41,16 @@ def check_config(config) -> None:
 
 def build(config, progress=print):
     """``(engine, app)`` for a ``configs/serve.py`` config (loads and compiles)."""
-    from neox_jax.data.tokenizer import load_tokenizer
     from neox_jax.inference.cli import inference_mesh
-    from neox_jax.loading import find_tokenizer, load_model
+    from neox_jax.loading import load_from_config
     from neox_jax.serving.api import create_app
     from neox_jax.serving.engine import Engine
     from neox_jax.serving.metrics import Metrics
 
     check_config(config)
-    overrides = {k: config[k] for k in ("dtype", "attention_impl") if config[k]}
-    model_config, params = load_model(config.checkpoint, **overrides)
-    tok_path = config.tokenizer or find_tokenizer(config.checkpoint)
-    tokenizer = load_tokenizer(tok_path) if tok_path else None
-    if tokenizer is None:
-        progress("no tokenizer found: only token-id prompts are served (pass --config.tokenizer)")
+    mesh = inference_mesh(config.tensor_parallel, 1)
+    # Placed on the mesh as it is read (sharded by the rules table), any artifact kind.
+    model_config, params, tokenizer = load_from_config(config, mesh=mesh)
     metrics = Metrics(config.num_slots)
     engine = Engine(
         model_config,
@@ -71,7 +67,7 @@ def build(config, progress=print):
         split_layers=config.split_layers,
         prefill_chunk=config.prefill_chunk,
         prefix_cache_blocks=config.prefix_cache_blocks,
-        mesh=inference_mesh(config.tensor_parallel, 1),
+        mesh=mesh,
     )
     del params  # the engine keeps its per-layer copy
     if config.warmup:
