@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from neox_jax.errors import UserError
 from neox_jax.kernels import decode_attention as decode_module
 from neox_jax.kernels import reference
 from neox_jax.kernels.decode_attention import _decode, decode_attention
@@ -290,3 +291,21 @@ def test_attention_bench_smoke(tmp_path):
     assert {r["bench"] for r in rows} == {"train_fwd_bwd", "decode"}
     # cuDNN is absent on CPU: it must be reported, not crash the run.
     assert all(r["status"] == "ok" for r in rows if r["impl"] != "cudnn")
+
+
+def test_kernel_target_is_checked():
+    q, k, v, _ = _qkv(64, 32, jnp.float32)
+    with pytest.raises(UserError, match="kernel_target must be one of"):
+        flash_attention(q, k, v, kernel_target="mosaic")
+    # An explicit compiled target refuses blocks its compiler cannot take; "auto" (the
+    # Mosaic variant is traced too) raises them to the minimum instead (tests above).
+    with pytest.raises(ValueError, match="tpu kernels need blocks >= 128"):
+        flash_attention(q, k, v, block_q=16, block_k=16, kernel_target="tpu")
+
+
+def test_explicit_interpret_target_matches_auto_on_cpu():
+    # On this CPU "auto" lowers the interpreter too: the same kernels, the same numbers.
+    q, k, v, _ = _qkv(64, 48, jnp.float32)
+    forced = jax.jit(lambda q, k, v: flash_attention(q, k, v, kernel_target="interpret"))
+    auto = jax.jit(flash_attention)
+    np.testing.assert_array_equal(forced(q, k, v), auto(q, k, v))

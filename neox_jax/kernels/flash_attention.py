@@ -15,7 +15,8 @@ causality that loop is split in two: blocks fully below the diagonal run without
 causal mask, blocks on the diagonal run with it, and blocks above it are never
 visited (causal block skipping). The same kernels lower to Triton on GPU and to
 Mosaic on TPU; what differs is only the array layout, the grid order and the
-compiler parameters (see ``_Layout`` and ``_compiler_params``).
+compiler parameters (see ``_Layout`` and ``_compiler_params``). Which one a program
+gets follows the platform it is lowered for (``neox_jax.kernels.target``).
 
 A ``pallas_call`` is a per-device kernel that XLA cannot partition: inside a sharded
 jit, call these functions under ``jax.shard_map`` with batch and heads sharded (every
