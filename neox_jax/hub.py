@@ -73,12 +73,13 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
         ) from None
 
 
-def resolve(path_or_id: str | os.PathLike) -> str | os.PathLike:
+def resolve(path_or_id: str | os.PathLike, *, weights: bool = True) -> str | os.PathLike:
     """A local folder for ``path_or_id``: a Hub id is downloaded (or found in the cache);
     anything else is returned unchanged, for the caller's own checks.
 
     Args:
       path_or_id: a local path, or ``owner/name`` with an optional ``@revision``.
+      weights: also fetch the weights (False: config and tokenizer files only).
 
     Returns:
       The snapshot folder (a ``Path``) for a Hub id; otherwise ``path_or_id`` itself.
@@ -87,6 +88,8 @@ def resolve(path_or_id: str | os.PathLike) -> str | os.PathLike:
     if parsed is None:
         return path_or_id
     repo_id, revision = parsed
+    if not weights:
+        return _snapshot(repo_id, revision, META_FILES)
     folder = _snapshot(repo_id, revision, META_FILES + SAFETENSORS)
     if not any(folder.glob("*.safetensors")):  # e.g. an old revision with .bin weights only
         folder = _snapshot(repo_id, revision, META_FILES + TORCH_BIN)

@@ -15,6 +15,7 @@ import huggingface_hub
 import jax
 import numpy as np
 import pytest
+from test_finetune_utils import write_char_tokenizer
 
 from neox_jax import hub
 from neox_jax.convert import save_hf
@@ -22,7 +23,7 @@ from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, init_params
 
 TINY = ModelConfig(
-    vocab_size=64,
+    vocab_size=96,  # the character tokenizer has 84 tokens
     hidden_size=32,
     num_hidden_layers=2,
     num_attention_heads=2,
@@ -41,7 +42,8 @@ def hub_cache(tmp_path_factory):
     for seed, (revision, sha) in enumerate(REVISIONS.items()):
         (repo / "refs" / revision).write_text(sha)
         params = jax.device_get(init_params(TINY, jax.random.key(seed)))
-        save_hf(TINY, params, repo / "snapshots" / sha)
+        save_hf(TINY, params, repo / "snapshots" / sha, tokenizer_dir=write_char_tokenizer(
+            tmp_path_factory.mktemp("tok")))  # fmt: skip
     return cache
 
 
@@ -49,7 +51,9 @@ def _checksum_offline(cache: Path, model: str) -> float:
     script = (
         "import sys, jax, numpy as np\n"
         "from neox_jax.loading import load_model\n"
+        "from neox_jax.data.tokenizer import load_tokenizer\n"
         "_, params = load_model(sys.argv[1])\n"
+        "assert load_tokenizer(sys.argv[1]).encode('ab') == [3, 4]\n"  # the char tokenizer
         "print(sum(float(np.abs(x).sum()) for x in jax.tree.leaves(params)))\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(cache), JAX_PLATFORMS="cpu")
@@ -147,7 +151,9 @@ def test_train_init_from_a_hub_id_offline(hub_cache, tmp_path):
     from helpers.train import REPO, tiny_config, train_command, write_dataset
 
     data = write_dataset(tmp_path / "counting")
-    config = tiny_config(data, **{"train.steps": 2, "train.init_from": "neox-test/tiny@step3000"})
+    hub_id = "neox-test/tiny@step3000"
+    config = tiny_config(data, **{"train.steps": 2, "train.init_from": hub_id})
+    config.data.tokenizer = hub_id
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache), JAX_PLATFORMS="cpu")
     out = subprocess.run(
         train_command(config, tmp_path / "run"), cwd=REPO, env=env, capture_output=True,
@@ -158,3 +164,4 @@ def test_train_init_from_a_hub_id_offline(hub_cache, tmp_path):
     assert f"Initialised from {snapshot}" in out.stdout
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["init_from"] == str(snapshot)  # the run records where it started
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()  # copied from the Hub

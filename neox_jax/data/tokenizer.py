@@ -22,6 +22,7 @@ import numpy as np
 import sentencepiece as spm
 import tokenizers
 
+from neox_jax import hub
 from neox_jax.errors import UserError
 
 HF_FILE = "tokenizer.json"
@@ -373,7 +374,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Args:
       path: a `tokenizer.json`, a sentencepiece `.model`, or a directory with one of them
-        (`tokenizer.json` preferred, then `tokenizer.model`, `spm.model`, a single `*.model`).
+        (`tokenizer.json` preferred, then `tokenizer.model`, `spm.model`, a single `*.model`),
+        or a Hugging Face Hub model id (`EleutherAI/pythia-160m[@revision]`, see `neox_jax.hub`).
 
     Returns:
       An `HFTokenizer` or a `SentencePieceTokenizer`.
@@ -382,7 +384,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
       FileNotFoundError: nothing at `path`, or no tokenizer in the directory.
       ValueError: a corrupt file.
     """
-    path = Path(path).expanduser()
+    path = Path(hub.resolve(path, weights=False)).expanduser()  # a Hub id: its tokenizer files
     if path.is_dir():
         path = _find_in_dir(path)
     elif not path.exists():

@@ -204,8 +204,11 @@ def train_and_evaluate(
     )
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.train.init_from:  # a Hub model id ("EleutherAI/pythia-160m") -> cached snapshot
+    # Hub model ids ("EleutherAI/pythia-160m[@rev]") -> their snapshots in the HF cache.
+    if config.train.init_from:
         config.train.init_from = str(hub.resolve(config.train.init_from))
+    if config.data.get("tokenizer"):
+        config.data.tokenizer = str(hub.resolve(config.data.tokenizer, weights=False))
     if hooks is None and "finetune" in config:
         raise UserError(
             "a configs/finetune.py config needs fine-tuning's hooks: run it with "
