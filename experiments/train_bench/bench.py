@@ -1,7 +1,7 @@
 """Train-step throughput and MFU: neox_jax against transformers + PyTorch, same model.
 
 CPU (default): a pythia-70m-shaped model in fp32 trained by neox_jax's own train step
-(``make_train_step`` with the trainer's AdamW, clipping and schedule, jitted with
+(``build_train_step``, the trainer's jitted step with its AdamW, clipping and schedule, with
 donated state) and, in the same run, by Hugging Face ``GPTNeoXForCausalLM`` with
 ``torch.optim.AdamW``, same batch and sequence length; plus the machine's measured
 fp32 matmul peak (JAX and torch, several sizes), which MFU is relative to.
@@ -120,11 +120,8 @@ def jax_worker(args) -> dict:
         state = init_train_state(lambda r: init_params(mc, r), tx, shardings, 0)
         batch = {"tokens": jax.device_put(tokens, batch_sharding(mesh))}
         apply_fn = step_lib.model_apply_fn(mc)
-        step = jax.jit(
-            step_lib.make_train_step(tx, apply_fn, schedule),
-            in_shardings=(shardings, {"tokens": batch_sharding(mesh)}),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
+        step = step_lib.build_train_step(  # the trainer's own jitted step
+            config, mc, tx, schedule, shardings, {"tokens": batch_sharding(mesh)}, apply_fn
         )
         t = time.perf_counter()
         compiled = step.lower(state, batch).compile()
