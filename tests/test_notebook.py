@@ -13,9 +13,9 @@ import nbformat
 from helpers.generate import make_model_dir
 from nbclient import NotebookClient
 
-from neox_jax.convert import find_tokenizer, load_model
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.loading import find_tokenizer, load_model
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "sampling.ipynb"
 PROMPT, MAX_NEW = "naïve café", 12
