@@ -32,6 +32,7 @@ from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
 from neox_jax.training import data as data_lib
 from neox_jax.training.checkpoints import Checkpointer
+from neox_jax.training.config_checks import check_seq_len, check_train_config
 from neox_jax.training.metrics import (
     MetricWriter,
     device_peak_flops,
@@ -133,9 +134,11 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     """(state, model_config, start_step, source) by the documented precedence."""
     latest = ckpt.latest_step()
     init_from = config.train.init_from
-    if latest is None and init_from:
-        # The architecture comes from the checkpoint; dtype/attention_impl/remat from config.
+    if init_from:
+        # The architecture comes from init_from, fresh or resumed (check_compatible then
+        # compares it with the run's checkpoint); dtype/attention_impl/remat from config.
         model_config = model_config.with_architecture_of(peek_config(init_from))
+        check_seq_len(config.data.seq_len, model_config)
     abstract, shardings = abstract_train_state(
         tx, abstract_params(model_config), param_logical_axes(model_config), mesh
     )
@@ -203,6 +206,7 @@ def train_and_evaluate(
         dist.process_id if dist.coordinator_address else None,
     )
     workdir = Path(workdir).absolute()
+    check_train_config(config, workdir)  # before anything is created, loaded or compiled
     workdir.mkdir(parents=True, exist_ok=True)
     # Hub model ids ("EleutherAI/pythia-160m[@rev]") -> their snapshots in the HF cache.
     if config.train.init_from:
@@ -258,6 +262,7 @@ def train_and_evaluate(
             shardings = jax.tree.map(lambda x: x.sharding, state)
         else:
             state, model_config, start, origin, shardings = state_factory(tx, mesh, ckpt)
+            check_seq_len(config.data.seq_len, model_config)
         _check_vocab(tokenizer_path, model_config)
         writer = MetricWriter(
             workdir, total_steps, start, train_config=config.train, run_config=config.to_dict()
