@@ -3,7 +3,7 @@ loaded or compiled, naming the field and what is allowed."""
 
 import jax
 import pytest
-from train_helpers import tiny_config, write_dataset
+from helpers.train import tiny_config, write_dataset
 
 from neox_jax.convert import save_hf
 from neox_jax.errors import UserError
