@@ -45,6 +45,7 @@ def print_sample(result, config) -> str | None:
 
 def main(config, workdir: str) -> dict:
     """Train as ``config`` describes in ``workdir`` (resuming), then print a sample."""
+    # Imported here for start-up time: flag and config errors answer before JAX loads.
     from neox_jax.finetune.trainer_hooks import trainer_hooks
     from neox_jax.training.trainer import NonFiniteLossError, train_and_evaluate
 

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.data.hf_source import load_hf_dataset
 from neox_jax.data.pretrain_data import SampleSource, permute
+from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.finetune.chat import (
     ChatFormatError,
@@ -153,8 +155,6 @@ def _records(path: str):
     """``(line or record number, json line or record)`` of a jsonl file, or of a Hugging
     Face dataset named ``hf:NAME[:SPLIT]`` (a Hub id or local folder; split "train")."""
     if str(path).startswith(HF_PREFIX):
-        from neox_jax.data.hf_source import load_hf_dataset
-
         name, _, split = str(path)[len(HF_PREFIX) :].partition(":")
         ds = load_hf_dataset(name, split or "train", streaming=True)
         # Arrow gives every record every column: a field a record lacks comes back as None.
@@ -407,8 +407,6 @@ def resolve_sft(data_cfg, found_tokenizers=()) -> str:
 
 def make_sft_sources(data_cfg, tokenizer_path: str, global_batch: int):
     """``(train SFTSource, eval SFTSource or None)`` from ``config.data`` (``source="sft"``)."""
-    from neox_jax.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(tokenizer_path)
     kw = dict(
         max_len=data_cfg.seq_len + 1,

@@ -13,9 +13,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from neox_jax.data.corpus import prepare_stdlib_corpus
+from neox_jax.data.hf_source import make_hf_source
 from neox_jax.data.indexed_dataset import IndexedDataset
 from neox_jax.data.indexed_dataset import exists as dataset_exists
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
+from neox_jax.data.tfds_source import TfdsSource
+from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.parallel.rules import batch_sharding
 
@@ -61,8 +65,6 @@ def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | No
             "hooks=neox_jax.finetune.trainer_hooks.trainer_hooks)."
         )
     if data_cfg.source == "stdlib":
-        from neox_jax.data.corpus import prepare_stdlib_corpus
-
         corpus_dir = data_cfg.corpus_dir or os.path.join(workdir, "data")
         tok, prefix = prepare_stdlib_corpus(
             corpus_dir,
@@ -95,9 +97,6 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
     """``(train_source, eval_source or None)`` for the configured data."""
     seq_len = data_cfg.seq_len
     if data_cfg.source == "hf":
-        from neox_jax.data.hf_source import make_hf_source
-        from neox_jax.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer_path)
         process = (jax.process_index(), jax.process_count())
         train = make_hf_source(data_cfg, tok, global_batch, data_cfg.hf_split, process)
@@ -108,9 +107,6 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
             )
         return train, evals
     if data_cfg.source == "tfds":
-        from neox_jax.data.tfds_source import TfdsSource
-        from neox_jax.data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer_path)
         common = dict(
             data_dir=data_cfg.tfds_data_dir or None,
