@@ -15,7 +15,7 @@ from helpers.train import REPO, logged
 
 from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer
-from neox_jax.finetune.chat import encode_chat
+from neox_jax.finetune.chat import DEFAULT_CHAT_TEMPLATE, encode_chat
 from neox_jax.finetune.export import export_run
 from neox_jax.finetune.lora import LoraConfig, lora_apply_fn, merge
 from neox_jax.finetune.trainer_hooks import trainer_hooks
@@ -140,6 +140,10 @@ def test_lora_sft_learns_resumes_exactly_and_exports(setup, tmp_path):
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(out["hf"]).eval()
     assert_logits_close(hf_logits(hf, ids), ours)  # fp32 both sides: hf_reference's bound
     assert (out["hf"] / "tokenizer.json").is_file()
+    # The export's tokenizer is ours in transformers, with the chat template the run used.
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out["hf"])
+    assert hf_tok("cap Peru?")["input_ids"] == load_tokenizer(base).encode("cap Peru?")
+    assert hf_tok.chat_template == DEFAULT_CHAT_TEMPLATE
     base_hf = transformers.GPTNeoXForCausalLM.from_pretrained(base).eval()
     assert_logits_close(hf_logits(peft.PeftModel.from_pretrained(base_hf, out["peft"]), ids), ours)
     # load_model (what sampling, evaluation and conversion read) merges a LoRA run too.

@@ -15,7 +15,7 @@ import huggingface_hub
 import jax
 import numpy as np
 import pytest
-from test_finetune_utils import write_char_tokenizer
+from helpers.finetune import write_char_tokenizer
 
 from neox_jax import hub
 from neox_jax.convert import save_hf
