@@ -275,6 +275,22 @@ def test_prefix_cache_reuses_shared_prompt_blocks(model):
     assert eng.prefix_cache.hit_tokens == 3 * 32 + 16
 
 
+
+def test_quantized_weights_are_served_like_the_generator(model):
+    """int4 group-quantized weights (``neox_jax.quant``) run in the same decode step:
+    each request equals the ``Generator`` on the same quantized params."""
+    from neox_jax.quant import QuantConfig, quantize_params
+
+    config, params, tok = model
+    qparams = quantize_params(config, params, QuantConfig(bits=4, group_size=32))
+    eng = Engine(config, qparams, tok, num_slots=2, max_len=64, prefill_buckets=(16,))
+    prompts = _prompts(config.vocab_size, (4, 13, 7), seed=12)
+    sampling = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    results = eng.generate(prompts, sampling)
+    gen = Generator(config, qparams, tok, max_cache_len=64)
+    for p, (ids, _, _) in zip(prompts, results, strict=True):
+        assert ids == gen.generate([p], sampling)[0].token_ids
+
 MESH_SCRIPT = """
 import sys
 import jax

@@ -50,6 +50,9 @@ def make_workload(args, rate: float) -> Workload:
     gaps = rng.exponential(1.0 / rate, n)
     lo, hi = args.prompt_len
     prompts = [rng.integers(2, args.vocab, int(k)).tolist() for k in rng.integers(lo, hi + 1, n)]
+    if args.shared_prefix:  # a system prompt / RAG context every request starts with
+        shared = rng.integers(2, args.vocab, args.shared_prefix).tolist()
+        prompts = [shared + p for p in prompts]
     out_lo, out_hi = args.output_len
     return Workload(
         arrivals=np.cumsum(gaps).tolist(),
@@ -174,7 +177,8 @@ def warm_up(generator, args) -> None:
     """Compile every (batch, prompt bucket) shape the workload can hit, untimed."""
     from neox_jax.inference import SamplingParams, bucket_length
 
-    lengths = sorted({bucket_length(n) for n in range(args.prompt_len[0], args.prompt_len[1] + 1)})
+    lo, hi = (n + args.shared_prefix for n in args.prompt_len)
+    lengths = sorted({bucket_length(n) for n in range(lo, hi + 1)})
     batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= args.batch]
     start = time.perf_counter()
     for b in batches:
@@ -196,6 +200,9 @@ def main(argv=None) -> None:
     p.add_argument("--output-len", type=lambda s: tuple(map(int, s.split(","))), default=(16, 256))
     p.add_argument("--vocab", type=int, default=50304, help="prompt ids are drawn below this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shared-prefix", type=int, default=0, help="tokens every prompt starts with (0 = none)"
+    )
     p.add_argument("--out", default="", help="append JSON lines here (default: stdout only)")
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", default="")
@@ -213,7 +220,7 @@ def main(argv=None) -> None:
         config, params = load_model(args.checkpoint)
         # One cache size for every batch, room for the longest prompt's bucket: the
         # prompt buckets are then the only shapes (all compiled by warm_up).
-        cache = bucket_length(args.prompt_len[1]) + args.output_len[1]
+        cache = bucket_length(args.prompt_len[1] + args.shared_prefix) + args.output_len[1]
         generator = Generator(config, params, max_cache_len=cache, max_batch_size=args.batch)
         warm_up(generator, args)
     for rate in (float(r) for r in args.rates.split(",")):

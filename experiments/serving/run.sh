@@ -28,18 +28,25 @@ config = ModelConfig(**PRESETS[sys.argv[1]])
 save_hf(config, init_params(config, jax.random.key(0)), sys.argv[2])
 PY
 
-serve() {  # serve <slots> <label>: start the server, run the load, stop it with SIGTERM
+serve() {  # serve <slots> <label> [loadgen flags] [-- server flags]: run the load, SIGTERM
+    local slots=$1 label=$2
+    shift 2
+    local load=() server=()
+    while (($#)); do
+        if [[ $1 == -- ]]; then shift; server=("$@"); break; fi
+        load+=("$1"); shift
+    done
     python -m neox_jax.serve --config=configs/serve.py --config.checkpoint="$WORK/model" \
-        --config.model_name="$PRESET" --config.num_slots="$1" --config.max_len=768 \
+        --config.model_name="$PRESET" --config.num_slots="$slots" --config.max_len=1024 \
         --config.prefill_buckets="(32, 64, 128, 256, 512)" --config.max_queue=1000 \
-        --config.port="$PORT" &
+        --config.port="$PORT" "${server[@]}" &
     local pid=$!
     until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
         kill -0 "$pid" || exit 1
         sleep 1
     done
     python experiments/serving/loadgen.py server --base-url="http://127.0.0.1:$PORT/v1" \
-        --label="$2" --rates="$RATES" --requests="$REQUESTS" --out="$OUT"
+        --label="$label" --rates="$RATES" --requests="$REQUESTS" --out="$OUT" "${load[@]}"
     kill -TERM "$pid"
     wait "$pid"
 }
@@ -48,4 +55,9 @@ serve 16 continuous-16-slots
 serve 1 one-at-a-time
 python experiments/serving/loadgen.py static --checkpoint="$WORK/model" --batch=16 \
     --rates="$RATES" --requests="$REQUESTS" --out="$OUT"
+# Time to first token with and without prefix caching: every prompt starts with the same
+# 256 tokens (a system prompt); chunks of 256, so the shared part is one cached block.
+serve 16 shared-prefix-no-cache --shared-prefix=256 -- --config.prefill_chunk=256
+serve 16 shared-prefix-cached --shared-prefix=256 -- --config.prefill_chunk=256 \
+    --config.prefix_cache_blocks=16
 python experiments/serving/plot.py "$OUT"
