@@ -1,0 +1,59 @@
+"""Every README command names real config fields: each ``--config.a.b=v`` of a documented
+``python -m neox_jax.<tool> --config=configs/<file>.py[:arg]`` command (in code blocks and
+inline, sweeps' fixed flags and grid keys included) exists in that config, so a documented
+override is never a typo that the locked config would reject at run time."""
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
+    lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    inline = [m.replace("\n", " ") for m in re.findall(r"`([^`]*python -m neox_jax[^`]*)`", prose)]
+    return [c for c in lines + inline if "python -m neox_jax" in c and "--config=configs/" in c]
+
+
+def _config(spec: str):
+    file, _, arg = spec.partition(":")
+    module = importlib.util.spec_from_file_location(f"_readme_{Path(file).stem}", REPO / file)
+    loaded = importlib.util.module_from_spec(module)
+    module.loader.exec_module(loaded)
+    return loaded.get_config(arg) if arg else loaded.get_config()
+
+
+def _fields(command: str) -> tuple[str, list[str]]:
+    args = shlex.split(command.split("#")[0])
+    spec = next(a.split("=", 1)[1] for a in args if a.startswith("--config=configs/"))
+    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in args
+              if a.startswith("--config.")]  # fmt: skip
+    for grid in (a.split("=", 1)[1] for a in args if a.startswith("--grid=")):
+        fields += [axis.split("=", 1)[0].strip() for axis in grid.split(";") if axis.strip()]
+    return spec, fields
+
+
+COMMANDS = _commands()
+
+
+def test_the_readme_documents_commands():
+    assert len(COMMANDS) >= 15
+    assert any("neox_jax.sweep" in c for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=range(len(COMMANDS)))
+def test_every_documented_override_is_a_field_of_its_config(command):
+    spec, fields = _fields(command)
+    config = _config(spec)
+    for field in fields:
+        node = config
+        for part in field.split("."):
+            assert part in node, f"README: {field} is not a field of {spec} in: {command}"
+            node = node[part]
