@@ -1,7 +1,8 @@
-"""Every README command names real config fields: each ``--config.a.b=v`` of a documented
-``python -m neox_jax.<tool> --config=configs/<file>.py[:arg]`` command (in code blocks and
-inline, sweeps' fixed flags and grid keys included) exists in that config, so a documented
-override is never a typo that the locked config would reject at run time."""
+"""README commands that ``test_bad_inputs.test_readme_command_lines_parse`` does not parse
+(those written inline in the prose, and sweeps, whose runs get their flags later) name real
+config fields: each ``--config.a.b=v``, and each sweep grid key, exists in the config of the
+command's ``--config=configs/<file>.py[:arg]``, so a documented override is never a typo
+that the locked config would reject at run time."""
 
 import importlib.util
 import re
@@ -19,7 +20,8 @@ def _commands() -> list[str]:
     lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     inline = [m.replace("\n", " ") for m in re.findall(r"`([^`]*python -m neox_jax[^`]*)`", prose)]
-    return [c for c in lines + inline if "python -m neox_jax" in c and "--config=configs/" in c]
+    sweeps = [line for line in lines if "python -m neox_jax.sweep" in line]
+    return [c for c in inline + sweeps if "python -m neox_jax" in c and "--config=configs/" in c]
 
 
 def _config(spec: str):
@@ -44,7 +46,7 @@ COMMANDS = _commands()
 
 
 def test_the_readme_documents_commands():
-    assert len(COMMANDS) >= 15
+    assert len(COMMANDS) >= 2
     assert any("neox_jax.sweep" in c for c in COMMANDS)
 
 
