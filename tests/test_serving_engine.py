@@ -251,8 +251,8 @@ def test_prefix_cache_reuses_shared_prompt_blocks(model):
     prefill only the rest, and still equal the ``Generator`` alone; the LRU bound holds."""
     config, params, tok = model
     eng = Engine(
-        config, params, tok, num_slots=2, max_len=64, prefill_chunk=16, prefix_cache_blocks=3
-    )
+        config, params, tok, num_slots=3, max_len=64, prefill_chunk=16, prefix_cache_blocks=3
+    )  # the module engine's slot and cache shapes: its compiled decode steps are reused
     eng.warmup(progress=lambda _: None)
     shared = _prompts(config.vocab_size, (32,), seed=8)[0]
     tails = _prompts(config.vocab_size, (5, 12, 1, 9), seed=9)
@@ -275,7 +275,6 @@ def test_prefix_cache_reuses_shared_prompt_blocks(model):
     assert eng.prefix_cache.hit_tokens == 3 * 32 + 16
 
 
-
 def test_quantized_weights_are_served_like_the_generator(model):
     """int4 group-quantized weights (``neox_jax.quant``) run in the same decode step:
     each request equals the ``Generator`` on the same quantized params."""
@@ -290,6 +289,7 @@ def test_quantized_weights_are_served_like_the_generator(model):
     gen = Generator(config, qparams, tok, max_cache_len=64)
     for p, (ids, _, _) in zip(prompts, results, strict=True):
         assert ids == gen.generate([p], sampling)[0].token_ids
+
 
 MESH_SCRIPT = """
 import sys
