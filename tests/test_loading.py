@@ -161,3 +161,8 @@ def test_every_kind_loads_straight_onto_a_mesh(artifacts):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count(" ok ") == 4, out.stdout
+
+
+def test_old_import_path_names_the_new_one():
+    with pytest.raises(ImportError, match="moved to neox_jax.loading.load_model"):
+        from neox_jax.convert import load_model  # noqa: F401

@@ -13,6 +13,20 @@ from neox_jax.convert.hf import (
     save_hf,
 )
 
+# Moved to the one artifact loader; a clear error instead of a bare ImportError (no import
+# of neox_jax.loading here: it sits above this package).
+_MOVED = ("load_model", "find_tokenizer", "load_model_and_tokenizer", "peek_config")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise ImportError(
+            f"neox_jax.convert.{name} moved to neox_jax.loading.{name}: "
+            f"use `from neox_jax.loading import {name}`."
+        )
+    raise AttributeError(f"module 'neox_jax.convert' has no attribute {name!r}")
+
+
 __all__ = [
     "ConversionError",
     "config_from_hf",

@@ -50,8 +50,9 @@ from neox_jax.loading import (
     peek_config,
     read_lora_record,
 )
-from neox_jax.model import ModelConfig, abstract_params, param_logical_axes
-from neox_jax.quant import abstract_quantized_params, quantized_logical_axes
+from neox_jax.model import ModelConfig, abstract_params
+from neox_jax.parallel.placement import param_logical_specs
+from neox_jax.quant import abstract_quantized_params
 from neox_jax.training.data import check_source_fields
 from neox_jax.training.metrics import say
 from neox_jax.training.state import abstract_train_state, init_train_state
@@ -125,11 +126,11 @@ def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
 
 def base_abstract_and_specs(model_config: ModelConfig, quant=None):
     """Shapes and logical specs of the (possibly quantized) frozen base."""
-    specs = param_logical_axes(model_config)
     if quant is None:
-        return abstract_params(model_config), specs
-    abstract = abstract_quantized_params(model_config, quant)
-    return abstract, quantized_logical_axes(specs, abstract)
+        abstract = abstract_params(model_config)
+    else:
+        abstract = abstract_quantized_params(model_config, quant)
+    return abstract, param_logical_specs(model_config, abstract)
 
 
 METHODS = ("full", "lora")

@@ -144,7 +144,7 @@ def load_quantized(
         change array shapes (``attention_impl``, ``dtype``, ``matmul_impl``) may differ;
         anything else is reported with the recorded values.
       shardings: optional tree of ``jax.sharding.Sharding`` shaped like the quantized
-        params (e.g. from ``quantized_logical_axes``); default the first device.
+        params (e.g. from ``neox_jax.parallel.param_shardings``); default the first device.
       materialize_embed_in: dequantize a quantized ``embed_in`` so that
         ``GPTNeoX.apply`` can read it (the model's ``nn.Embed`` needs a float table).
 
