@@ -95,6 +95,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.weight_decay = 0.01  # not applied to biases or LayerNorm parameters
     c.optimizer.grad_clip = 1.0  # global-norm clipping
+    # "cosine": optax warmup from 0 + cosine (ours); "neox": GPT-NeoX's AnnealingLR
+    # (first step at lr/warmup, warmup = warmup_ratio * decay_steps unrounded), set by
+    # --neox_config (neox_jax/neox_compat/config.py)
+    c.optimizer.schedule = "cosine"
+    c.optimizer.decay_style = "cosine"  # neox: "cosine" | "linear" | "exponential" | "constant"
+    c.optimizer.decay_steps = -1  # neox: GPT-NeoX lr_decay_iters; -1 = train.steps
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 200 if tiny else (150_000 if arg == "neox-20b" else 143_000)

@@ -211,6 +211,7 @@ def parse(
     extra_flags: Mapping[str, tuple[str | None, str]] | None = None,
     required: Sequence[str] = (),
     legacy: Mapping[str, str] | None = None,
+    expand: Callable[[list[str]], list[str]] | None = None,
 ) -> Parsed:
     """Parse a command line (program name first) without running anything.
 
@@ -220,6 +221,11 @@ def parse(
     """
     quiet_tpu_probe()  # no libtpu warnings on machines without a TPU (neox_jax/tpu_probe.py)
     argv = [argv[0], *translate_legacy(argv[1:], legacy or {})]
+    if expand is not None:  # flags that stand for config overrides (--neox_config=...)
+        try:
+            argv = [argv[0], *expand(argv[1:])]
+        except UserError as e:
+            raise CommandLineError(str(e)) from e
     config_help = f"configs/{default_config}" if default_config else "configs/<name>.py"
     fv = flags.FlagValues()
     try:  # the config file is loaded (and overridden) while flags are defined and parsed
@@ -266,7 +272,9 @@ def main(fn: Callable[..., Any], argv: Sequence[str], *, prog: str, **options) -
       **options: ``parse``'s: ``default_config`` (a file under ``configs/`` used when
         ``--config`` is absent), ``extra_flags`` (other string flags, ``name -> (default,
         help)``), ``required`` (extra flags that must be given), ``legacy`` (old flag
-        name -> config field, for spellings the README once documented).
+        name -> config field, for spellings the README once documented), ``expand``
+        (rewrites the flags into ``--config`` ones before parsing; the user's own
+        ``--config.x=y`` stay after, so they apply on top).
     """
     debug = debug_requested(argv)
     try:
@@ -331,10 +339,11 @@ class Command:
     extra_flags: Mapping[str, tuple[str | None, str]] | None = None
     required: Sequence[str] = ()
     legacy: Mapping[str, str] | None = None
+    expand: Callable[[list[str]], list[str]] | None = None
 
     def _options(self) -> dict[str, Any]:
         return dict(default_config=self.default_config, extra_flags=self.extra_flags,
-                    required=self.required, legacy=self.legacy)  # fmt: skip
+                    required=self.required, legacy=self.legacy, expand=self.expand)  # fmt: skip
 
     def __call__(self, argv: Sequence[str]) -> int:
         return main(self.fn, argv, prog=self.prog, **self._options())

@@ -4,6 +4,11 @@
     python -m neox_jax.train --config=configs/pretrain.py:pythia-70m --workdir=... \\
         --config.data.source=indexed --config.data.paths=/data/pile --config.mesh.fsdp=-1
 
+From GPT-NeoX YAML configs (merged as GPT-NeoX merges them; see neox_jax/neox_compat):
+
+    python -m neox_jax.train --neox_config=pythia/160M.yml --neox_config=local_setup.yml \\
+        --neox_num_gpus=32 --workdir=... [--config.x=y ...]
+
 Any field of the config can be overridden (``--config.optimizer.lr=3e-4``). Running the
 same command again resumes from the latest checkpoint in ``--workdir``.
 """
@@ -12,6 +17,7 @@ import os
 
 from neox_jax import cli
 from neox_jax.errors import UserError
+from neox_jax.neox_compat.config import expand_argv
 
 
 def print_sample(result, config) -> str | None:
@@ -67,6 +73,7 @@ COMMAND = cli.Command(
     "neox_jax.train",
     extra_flags={"workdir": (None, "Run directory: checkpoints, logs, config.")},
     required=["workdir"],
+    expand=expand_argv,  # --neox_config=F.yml [--neox_num_gpus=N --neox_vocab_size=N]
 )
 
 if __name__ == "__main__":

@@ -1,0 +1,454 @@
+"""GPT-NeoX YAML/JSON configs as neox_jax pretraining overrides.
+
+    python -m neox_jax.neox_config --neox_config=pythia/160M.yml --neox_num_gpus=32
+    python -m neox_jax.train --neox_config=pythia/160M.yml --neox_config=local_setup.yml \\
+        --neox_num_gpus=32 --workdir=/tmp/run [--config.x=y ...]
+
+Several files merge as GPT-NeoX's ``NeoXArgs.from_ymls`` merges them: keys with ``-``
+are read with ``_``, and a key set in two files is an error. Every key is accounted for:
+mapped onto a ``configs/pretrain.py`` field, ignored with the reason printed (DeepSpeed,
+ZeRO, fusion and kernel knobs), or listed as unknown. A key that would change the model
+into one neox_jax cannot build, and keys that contradict each other, raise ``UserError``.
+
+Where GPT-NeoX derives a value, it is derived the same way here (megatron/neox_arguments):
+the padded vocabulary (tokenizer size rounded up to ``make_vocab_size_divisible_by *
+model_parallel_size``), the global batch (``train_micro_batch_size_per_gpu *
+gradient_accumulation_steps * data-parallel size``), the precision (``precision`` or the
+DeepSpeed ``fp16``/``bf16`` blocks) and GPT-NeoX's defaults for keys a file leaves out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neox_jax.errors import UserError
+
+# The 20B tokenizer's size (EleutherAI's 20B_tokenizer.json, Pythia's and NeoX-20B's),
+# assumed when the config's vocab_file cannot be read (the note says so).
+NEOX_20B_TOKENIZER_SIZE = 50277
+# The config GPT-NeoX overrides apply to when no --config is given: every model field
+# is overridden, the rest (mesh, remat, sampling) are a published size's defaults.
+BASE_CONFIG = f"{Path(__file__).resolve().parents[2] / 'configs' / 'pretrain.py'}:pythia-70m"
+
+_SYSTEM = "a DeepSpeed/launcher setting with no effect on what is computed"
+_KERNEL = "a CUDA kernel/fusion choice; XLA fuses on its own (model.attention_impl picks kernels)"
+_PARALLEL = (
+    "GPT-NeoX's GPU layout; choose ours with --config.mesh.* "
+    "(used here only for vocab padding and the batch)"
+)
+_LOGGING = "logging/monitoring; neox_jax logs every train.log_every steps to tensorboard"
+# Known keys with nothing to map, and why (printed every time they appear).
+IGNORED = {
+    **dict.fromkeys(("pipe_parallel_size", "model_parallel_size", "output_layer_parallelism",
+                     "sequence_parallel", "num_gpus", "num_nodes", "global_num_gpus"), _PARALLEL),
+    **dict.fromkeys(("zero_optimization", "zero_allow_untested_optimizer", "fp32_allreduce",
+                     "distributed_backend", "data_impl", "num_workers", "launcher", "hostfile",
+                     "deepspeed", "deepspeed_slurm", "deepspeed_mpi", "deepspeed_extra_args",
+                     "data_types", "synchronize_each_layer", "partition_activations",
+                     "checkpoint_validation_with_forward_pass", "amp", "comms_logger"), _SYSTEM),
+    **dict.fromkeys(("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
+                     "bias_dropout_fusion", "rope_fusion", "fp16_lm_cross_entropy",
+                     "use_flash_attention", "attention_config"), _KERNEL),
+    "bias_gelu_fusion": _KERNEL + "; note GPT-NeoX's fused bias-GeLU is the tanh approximation, "
+    "while the released Pythia/HF configs use exact gelu, which is what neox_jax uses",
+    **dict.fromkeys(("log_interval_rank0", "steps_per_print", "wall_clock_breakdown",
+                     "log_grad_norm", "log_param_norm", "log_gradient_noise_scale",
+                     "log_optimizer_states", "tensorboard_dir", "log_dir", "use_wandb",
+                     "wandb_project", "wandb_group", "wandb_team", "wandb_host",
+                     "memory_profiling", "profile"), _LOGGING),
+    "checkpoint_activations": "rematerialisation is model.remat (the base config's choice is kept)",
+    "checkpoint_num_layers": "rematerialisation is model.remat (per block)",
+    "merge_file": "GPT-2 BPE merges; neox_jax reads tokenizer.json or sentencepiece files",
+    "save": "the run directory is --workdir",
+    "load": "resume reads --workdir; start from other weights with --config.train.init_from",
+    "test_data_paths": "neox_jax has no test split (train and eval only)",
+    "test_data_weights": "neox_jax has no test split (train and eval only)",
+    "hidden_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
+    "attention_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
+    "extra_save_iters": "not supported yet: checkpoints are saved every train.save_every steps "
+    "(and at the end); save these steps by running to each with --config.train.steps",
+}  # fmt: skip
+# GPT-NeoX keys that change the model, with the value (GPT-NeoX's default or what
+# neox_jax builds) that is accepted; any other value is refused.
+MODEL_ONLY = {
+    "norm": "layernorm",
+    "mlp_type": "regular",
+    "gpt_j_tied": False,
+    "use_bias_in_norms": True,
+    "use_bias_in_mlp": True,
+    "scalenorm_epsilon": None,
+    "sliding_window_width": None,
+    "num_unique_layers": None,
+    "use_qk_layernorm": False,
+    "opt_pos_emb_offset": 0,
+    "use_mup": False,
+    "moe_num_experts": 1,
+}
+INIT_METHODS = {"init_method": "small_init", "output_layer_init_method": "wang_init"}
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
+PRECISIONS = {"fp16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32"}
+
+
+@dataclasses.dataclass
+class Translation:
+    """What a GPT-NeoX config becomes: ``overrides`` (dotted pretrain field -> value),
+    and the keys ``ignored`` (key -> why), ``unknown`` and the ``notes`` on derived values."""
+
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    ignored: dict[str, str] = dataclasses.field(default_factory=dict)
+    unknown: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def flags(self) -> list[str]:
+        """The overrides as ``--config.a.b=v`` command-line flags."""
+        return [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
+
+    def report(self) -> str:
+        """Every ignored/unknown key with the reason, and the notes, one per line."""
+        lines = [f"GPT-NeoX config: {len(self.overrides)} fields mapped."]
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  ignored {k}: {why}" for k, why in sorted(self.ignored.items())]
+        lines += [
+            f"  unknown key {k} (not a GPT-NeoX key neox_jax knows; ignored)" for k in self.unknown
+        ]
+        return "\n".join(lines)
+
+
+def _flag_value(v: Any) -> str:
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def read_configs(paths: list[str]) -> dict[str, Any]:
+    """GPT-NeoX config files (YAML or JSON) merged as ``NeoXArgs.from_ymls`` merges them."""
+    if not paths:
+        raise UserError("no GPT-NeoX config files given; pass --neox_config=FILE.yml")
+    merged: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = yaml.safe_load(f)
+        except FileNotFoundError as e:
+            raise UserError(f"GPT-NeoX config {path} does not exist.") from e
+        except yaml.YAMLError as e:
+            raise UserError(f"GPT-NeoX config {path} is not valid YAML/JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise UserError(f"GPT-NeoX config {path} must hold a mapping of keys to values.")
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name in merged:
+                raise UserError(
+                    f"GPT-NeoX key {name!r} is set in both {source[name]} and {path}; GPT-NeoX "
+                    "refuses duplicate keys across files, keep it in one."
+                )
+            merged[name], source[name] = value, path
+    return merged
+
+
+def _get(neox: dict, used: set, key: str, default=None):
+    used.add(key)
+    return neox.get(key, default)
+
+
+def _padded_vocab(neox, used, t: Translation, tokenizer_vocab_size: int | None) -> int:
+    """GPT-NeoX's ``_vocab_size_with_padding``: round up to divisible * model-parallel."""
+    size = tokenizer_vocab_size
+    vocab_file = _get(neox, used, "vocab_file")
+    kind = _get(neox, used, "tokenizer_type", "GPT2BPETokenizer")
+    if size is None and kind == "GPT2BPETokenizer":
+        size = 50257  # GPT-2's BPE vocabulary, GPT-NeoX's default tokenizer
+    if size is None and kind == "HFTokenizer" and vocab_file and os.path.isfile(vocab_file):
+        from tokenizers import Tokenizer
+
+        size = Tokenizer.from_file(vocab_file).get_vocab_size()
+    if size is None:
+        size = NEOX_20B_TOKENIZER_SIZE
+        t.notes.append(
+            f"tokenizer size unknown (vocab_file {vocab_file or 'not set'} not readable here): "
+            f"assuming {size}, the 20B tokenizer's (Pythia's); pass the real size with "
+            "--neox_vocab_size=N"
+        )
+    multiple = _get(neox, used, "make_vocab_size_divisible_by", 128) * max(
+        1, _get(neox, used, "model_parallel_size", 1) or 1
+    )
+    return int(math.ceil(size / multiple) * multiple)
+
+
+def _model(neox, used, t: Translation, tokenizer_vocab_size) -> dict[str, Any]:
+    g = lambda key, default=None: _get(neox, used, key, default)  # noqa: E731
+    pos_emb = g("pos_emb", "learned")
+    if pos_emb != "rotary":
+        raise UserError(
+            f"GPT-NeoX pos_emb={pos_emb!r} (GPT-NeoX's default when absent is 'learned') is not "
+            "supported: neox_jax models use rotary embeddings; set pos_emb: rotary."
+        )
+    for key, accepted in MODEL_ONLY.items():
+        if g(key, accepted) != accepted:
+            raise UserError(
+                f"GPT-NeoX {key}={neox[key]!r} changes the model into one neox_jax cannot "
+                f"build (supported: {accepted!r})."
+            )
+    heads = g("num_attention_heads")
+    if g("num_kv_heads") not in (None, heads):
+        raise UserError("GPT-NeoX num_kv_heads (grouped-query attention) is not supported.")
+    activation = g("activation", "gelu")
+    if activation not in ACTIVATIONS:
+        raise UserError(
+            f"GPT-NeoX activation={activation!r} is not supported; use {list(ACTIVATIONS)}."
+        )
+    hidden, seq = g("hidden_size"), g("seq_length")
+    required = {"num_layers": g("num_layers"), "hidden_size": hidden,
+                "num_attention_heads": heads, "seq_length": seq}  # fmt: skip
+    missing = [k for k, v in required.items() if v is None]
+    if missing:
+        raise UserError(f"GPT-NeoX config lacks {', '.join(missing)}; GPT-NeoX requires them too.")
+    max_pos = g("max_position_embeddings") or seq
+    if max_pos < seq:
+        raise UserError(
+            f"GPT-NeoX seq_length={seq} exceeds max_position_embeddings={max_pos}; they conflict."
+        )
+    for key, ours in INIT_METHODS.items():
+        if g(key, "normal") != ours:
+            t.ignored[key] = (
+                f"{neox.get(key, 'normal (default)')!r} not available: neox_jax always "
+                f"initialises with {ours}"
+            )
+    return {
+        "vocab_size": _padded_vocab(neox, used, t, tokenizer_vocab_size),
+        "hidden_size": hidden,
+        "num_hidden_layers": g("num_layers"),
+        "num_attention_heads": heads,
+        "intermediate_size": g("intermediate_size") or 4 * hidden,
+        "hidden_act": ACTIVATIONS[activation],
+        "rotary_pct": float(g("rotary_pct", 1.0)),
+        "rotary_emb_base": float(g("rotary_emb_base", 10000)),
+        "max_position_embeddings": max_pos,
+        "layer_norm_eps": float(g("layernorm_epsilon", 1e-5)),
+        "use_parallel_residual": bool(g("gpt_j_residual", False)),
+        "tie_word_embeddings": not g("no_weight_tying", False),
+        "attention_bias": bool(g("use_bias_in_attn_linear", True)),
+    }
+
+
+def _precision(neox, used) -> str:
+    """GPT-NeoX's ``calculate_derived`` precision: ``precision``, else the fp16/bf16 blocks."""
+    precision = _get(neox, used, "precision")
+    fp16, bf16 = _get(neox, used, "fp16") or {}, _get(neox, used, "bf16") or {}
+    # Pythia 1B's fp16 block says {"enabled": true, "type": "bfloat16"}: bf16 in DeepSpeed.
+    from_fp16 = (
+        ("bfloat16" if fp16.get("type") == "bfloat16" else "fp16") if fp16.get("enabled") else None
+    )
+    from_bf16 = "bfloat16" if bf16.get("enabled") else None
+    found = {p for p in (precision, from_fp16, from_bf16) if p}
+    if len(found) > 1:
+        raise UserError(
+            f"GPT-NeoX precision fields conflict: precision={precision!r}, fp16={fp16}, "
+            f"bf16={bf16}; keep one."
+        )
+    precision = found.pop() if found else "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"GPT-NeoX precision={precision!r}; supported: {list(PRECISIONS)}.")
+    return precision
+
+
+def _optimizer(neox, used, t: Translation) -> dict[str, Any]:
+    opt = _get(neox, used, "optimizer") or {"type": "Adam", "params": {}}
+    kind, params = str(opt.get("type", "Adam")), dict(opt.get("params") or {})
+    if kind.lower() not in ("adam", "adamw"):
+        raise UserError(
+            f"GPT-NeoX optimizer type {kind!r} is not supported; neox_jax trains with AdamW."
+        )
+    lr, top_lr = params.pop("lr", None), _get(neox, used, "lr")
+    if lr is not None and top_lr is not None and float(lr) != float(top_lr):
+        raise UserError(f"GPT-NeoX lr={top_lr} conflicts with optimizer.params.lr={lr}; keep one.")
+    lr = float(lr if lr is not None else top_lr if top_lr is not None else 6e-4)
+    betas = params.pop("betas", [0.9, 0.999])
+    out = {
+        "optimizer.lr": lr,
+        "optimizer.b1": float(betas[0]),
+        "optimizer.b2": float(betas[1]),
+        "optimizer.eps": float(params.pop("eps", 1e-8)),
+        "optimizer.min_lr_ratio": float(_get(neox, used, "min_lr", 0.0)) / lr if lr else 0.0,
+        "optimizer.weight_decay": float(_get(neox, used, "weight_decay", 0.01)),
+        "optimizer.grad_clip": float(_get(neox, used, "gradient_clipping", 1.0)),
+        "optimizer.schedule": "neox",
+        "optimizer.decay_style": _get(neox, used, "lr_decay_style", "linear"),
+        "optimizer.warmup_steps": -1,
+        "optimizer.warmup_ratio": float(_get(neox, used, "warmup", 0.01)),
+    }
+    for key in params:
+        t.ignored[f"optimizer.params.{key}"] = "not an AdamW setting neox_jax has"
+    train_iters = _get(neox, used, "train_iters")
+    decay_iters, fraction = (
+        _get(neox, used, "lr_decay_iters"),
+        _get(neox, used, "lr_decay_fraction"),
+    )
+    if decay_iters is None and fraction is not None and train_iters:
+        decay_iters = math.floor(train_iters * fraction)
+    out["optimizer.decay_steps"] = int(decay_iters) if decay_iters is not None else -1
+    return out
+
+
+def _batch(neox, used, t: Translation, num_gpus: int | None) -> dict[str, Any]:
+    """GPT-NeoX's ``calculate_batch_parameters`` for the global batch and accumulation."""
+    micro = _get(neox, used, "train_micro_batch_size_per_gpu")
+    grad_acc = _get(neox, used, "gradient_accumulation_steps")
+    train_batch = _get(neox, used, "train_batch_size")
+    gpus = num_gpus or _get(neox, used, "global_num_gpus")
+    dp = None
+    if gpus:
+        pp = max(1, _get(neox, used, "pipe_parallel_size", 0) or 0)
+        mp = max(1, _get(neox, used, "model_parallel_size", 1) or 1)
+        if gpus % (pp * mp):
+            raise UserError(f"{gpus} GPUs do not divide into pipe {pp} x model-parallel {mp}.")
+        dp = gpus // (pp * mp)
+    if train_batch is None and micro is not None and dp is not None:
+        train_batch = micro * (grad_acc or 1) * dp
+    elif None not in (train_batch, dp, micro) and train_batch != micro * (grad_acc or 1) * dp:
+        raise UserError(
+            f"GPT-NeoX train_batch_size={train_batch} conflicts with train_micro_batch_size_"
+            f"per_gpu={micro} x gradient_accumulation_steps={grad_acc or 1} x data-parallel "
+            f"{dp}; keep the three consistent or drop train_batch_size."
+        )
+    out = {}
+    if train_batch is None:
+        t.notes.append(
+            "global batch unknown: GPT-NeoX derives it from the GPU count; pass "
+            "--neox_num_gpus=N (train_micro_batch_size_per_gpu x gradient_accumulation_steps x "
+            "data-parallel) or set train_batch_size; data.global_batch_size keeps the base config's"
+        )
+    else:
+        out["data.global_batch_size"] = int(train_batch)
+        out["data.eval_batch_size"] = int(train_batch)  # GPT-NeoX evaluates with train batches
+    out["train.microbatches"] = int(grad_acc or 1)  # GPT-NeoX's default accumulation: 1
+    return out
+
+
+def _data(neox, used, t: Translation) -> dict[str, Any]:
+    g = lambda key, default=None: _get(neox, used, key, default)  # noqa: E731
+    out: dict[str, Any] = {}
+    data_path, train_paths = g("data_path"), g("train_data_paths")
+    if data_path and train_paths:
+        raise UserError(
+            "GPT-NeoX data_path and train_data_paths are both set; they conflict, keep one."
+        )
+    if data_path:
+        split = [float(x) for x in str(g("split", "969, 30, 1")).split(",")]
+        out["data.paths"] = str(data_path)
+        out["data.eval_fraction"] = split[1] / sum(split) if len(split) > 1 else 0.0
+        t.notes.append(f"split {split}: the test part is dropped (no test split in neox_jax)")
+    elif train_paths:
+        out["data.paths"] = ",".join(map(str, train_paths))
+        weights = g("train_data_weights")
+        if weights:
+            if len(weights) != len(train_paths):
+                raise UserError(
+                    "GPT-NeoX train_data_weights must have one weight per train_data_paths entry."
+                )
+            out["data.weights"] = ",".join(map(str, weights))
+        if g("valid_data_paths"):
+            out["data.eval_paths"] = ",".join(map(str, g("valid_data_paths")))
+            if g("valid_data_weights"):
+                t.ignored["valid_data_weights"] = "eval paths are read in full, unweighted"
+    if "data.paths" in out:
+        out["data.source"] = "indexed"
+    vocab_file, kind = g("vocab_file"), g("tokenizer_type", "GPT2BPETokenizer")
+    if vocab_file and kind in ("HFTokenizer", "SPMTokenizer"):
+        out["data.tokenizer"] = str(vocab_file)
+    elif vocab_file:
+        t.notes.append(f"{kind} files ({vocab_file}) are not read by neox_jax; set data.tokenizer")
+    return out
+
+
+def _train(neox, used, t: Translation) -> dict[str, Any]:
+    g = lambda key, default=None: _get(neox, used, key, default)  # noqa: E731
+    out: dict[str, Any] = {}
+    if g("train_iters") is not None:
+        out["train.steps"] = int(neox["train_iters"])
+    factor, interval = g("checkpoint_factor"), g("save_interval")
+    if factor is not None and interval is not None and factor != interval:
+        raise UserError(
+            f"GPT-NeoX checkpoint_factor={factor} and save_interval={interval} conflict."
+        )
+    if g("checkpoint_scale", "linear") != "linear":
+        t.ignored["checkpoint_scale"] = "only linear checkpoint spacing (every train.save_every)"
+    every = factor or interval
+    if every:
+        out["train.save_every"] = int(every)
+    keep = g("keep_last_n_checkpoints")
+    if keep:
+        out["train.keep"] = int(keep)
+    elif every:  # GPT-NeoX deletes no checkpoint unless told to
+        out["train.keep_period"] = int(every)
+        t.notes.append(
+            "GPT-NeoX keeps every checkpoint: train.keep_period = save_every keeps them too"
+        )
+    for key, field in (("eval_interval", "eval_every"), ("eval_iters", "eval_batches"),
+                       ("log_interval", "log_every")):  # fmt: skip
+        if g(key) is not None:
+            out[f"train.{field}"] = int(neox[key])
+    seed = g("seed", 1234)
+    out["train.seed"], out["data.seed"] = int(seed), int(seed)
+    return out
+
+
+def translate(
+    neox: dict[str, Any], *, num_gpus: int | None = None, tokenizer_vocab_size: int | None = None
+) -> Translation:
+    """Map merged GPT-NeoX args onto ``configs/pretrain.py`` fields (see the module doc)."""
+    t, used = Translation(), set()
+    model = _model(neox, used, t, tokenizer_vocab_size)
+    t.overrides.update({f"model.{k}": v for k, v in model.items()})
+    precision = _precision(neox, used)
+    t.overrides["model.dtype"] = PRECISIONS[precision]
+    if precision == "fp16":
+        t.notes.append(
+            "fp16 becomes bfloat16 compute: its fp32-range exponent needs no loss scaling"
+        )
+    t.overrides["data.seq_len"] = int(neox["seq_length"])
+    for part in (_optimizer(neox, used, t), _batch(neox, used, t, num_gpus), _data(neox, used, t),
+                 _train(neox, used, t)):  # fmt: skip
+        t.overrides.update(part)
+    for key in sorted(set(neox) - used):
+        if key in IGNORED:
+            t.ignored[key] = IGNORED[key]
+        else:
+            t.unknown.append(key)
+    return t
+
+
+def expand_argv(argv: list[str]) -> list[str]:
+    """Replace ``--neox_config=F`` (repeatable), ``--neox_num_gpus=N`` and
+    ``--neox_vocab_size=N`` with the equivalent ``--config.*`` overrides, placed before the
+    user's own flags so those apply on top; adds ``--config=<base>`` when absent. The
+    report of ignored/unknown keys goes to stderr."""
+    files, options, rest = [], {}, []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name == "--neox_config" and eq:
+            files.append(value)
+        elif name in ("--neox_num_gpus", "--neox_vocab_size") and eq:
+            try:
+                options[name] = int(value)
+            except ValueError as e:
+                raise UserError(f"{name} takes an integer, got {value!r}.") from e
+        else:
+            rest.append(arg)
+    if not files:
+        if options:
+            raise UserError(f"{', '.join(options)} needs --neox_config=FILE.yml")
+        return list(argv)
+    t = translate(read_configs(files), num_gpus=options.get("--neox_num_gpus"),
+                  tokenizer_vocab_size=options.get("--neox_vocab_size"))  # fmt: skip
+    print(t.report(), file=sys.stderr, flush=True)
+    base = [a for a in rest if a.startswith("--config=")] or [f"--config={BASE_CONFIG}"]
+    rest = [a for a in rest if not a.startswith("--config=")]
+    # config_flags wants --config first; the user's --config.x=y come last, so they win.
+    return [*base, *t.flags(), *rest]

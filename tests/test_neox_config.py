@@ -1,0 +1,183 @@
+"""GPT-NeoX YAML configs -> pretrain config (neox_jax/neox_compat/config.py).
+
+The fixtures under tests/data/neox_configs/ are GPT-NeoX's own configs/pythia/*.yml and
+configs/local_setup.yml (EleutherAI/gpt-neox), unchanged.
+"""
+
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+
+from neox_jax.errors import UserError
+from neox_jax.model.config import ModelConfig
+from neox_jax.neox_compat.config import read_configs, translate
+from neox_jax.training.optimizer import optimizer_from_config
+
+DATA = Path(__file__).parent / "data" / "neox_configs"
+SIZES = {  # GPT-NeoX file -> our preset
+    "14M": "pythia-14m", "31M": "pythia-31m", "70M": "pythia-70m", "160M": "pythia-160m",
+    "410M": "pythia-410m", "1B": "pythia-1b", "1-4B": "pythia-1.4b", "2-8B": "pythia-2.8b",
+    "6-9B": "pythia-6.9b", "12B": "pythia-12b",
+}  # fmt: skip
+PYTHIA_BATCH = 1024  # every Pythia model: 1024 sequences of 2048 tokens (Pythia paper, Table 1)
+
+
+def pretrain_config(overrides):
+    import runpy
+
+    config = runpy.run_path(str(Path(__file__).parents[1] / "configs" / "pretrain.py"))[
+        "get_config"
+    ]("pythia-70m")
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+def neox_annealing_lr(step, lr, min_lr, warmup_frac, decay_iters, style):
+    """GPT-NeoX's AnnealingLR.get_lr as its megatron/learning_rates.py describes it."""
+    warmup_iter = warmup_frac * decay_iters
+    if warmup_iter > 0 and step <= warmup_iter:
+        return lr * max(1, step) / warmup_iter
+    n, end = step - warmup_iter, decay_iters - warmup_iter
+    if style == "cosine":
+        value = min_lr + (lr - min_lr) / 2.0 * (math.cos(math.pi * n / end) + 1)
+    elif style == "linear":
+        value = lr * (end - n) / end
+    else:
+        value = lr
+    return max(value, min_lr)
+
+
+def _num_gpus(neox):
+    """The GPU count that gives Pythia's batch of 1024 with this file's per-GPU numbers."""
+    per_replica = neox["train_micro_batch_size_per_gpu"] * neox.get(
+        "gradient_accumulation_steps", 1
+    )
+    mp, pp = neox["model_parallel_size"], max(1, neox["pipe_parallel_size"])
+    return PYTHIA_BATCH // per_replica * mp * pp
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+def test_pythia_config_gives_our_preset_and_neox_schedule(size):
+    neox = read_configs([str(DATA / "pythia" / f"{size}.yml")])
+    t = translate(neox, num_gpus=_num_gpus(neox))
+    model = {k.split(".", 1)[1]: v for k, v in t.overrides.items() if k.startswith("model.")}
+    ours = ModelConfig(**{k: v for k, v in model.items() if k != "dtype"})
+    preset = ModelConfig.from_preset(SIZES[size])
+    for field in ModelConfig.architecture_fields():
+        assert getattr(ours, field) == getattr(preset, field), field
+    assert t.overrides["data.global_batch_size"] == PYTHIA_BATCH
+    assert t.overrides["train.microbatches"] == neox.get("gradient_accumulation_steps", 1)
+    assert t.overrides["data.seq_len"] == 2048
+    assert t.overrides["train.save_every"] == 1000
+    assert "extra_save_iters" in t.ignored and "zero_optimization" in t.ignored
+
+    _, schedule = optimizer_from_config(pretrain_config(t.overrides))
+    opt = neox["optimizer"]["params"]
+    steps = neox["train_iters"]
+    warmup_end = int(neox["warmup"] * neox["lr_decay_iters"])
+    for step in (0, 1, warmup_end, warmup_end + 1, steps // 2, steps - 1, steps):
+        want = neox_annealing_lr(
+            step, opt["lr"], neox["min_lr"], neox["warmup"], neox["lr_decay_iters"], "cosine"
+        )
+        # float32 schedule arithmetic vs the float64 reference: a few ulps of the lr.
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5), step
+
+
+def test_precision_from_fp16_block_and_bf16_type():
+    fp16 = translate(read_configs([str(DATA / "pythia" / "160M.yml")]))
+    bf16 = translate(read_configs([str(DATA / "pythia" / "1B.yml")]))  # fp16 {"type": "bfloat16"}
+    assert fp16.overrides["model.dtype"] == bf16.overrides["model.dtype"] == "bfloat16"
+    assert any("fp16" in n for n in fp16.notes)
+
+
+def test_files_merge_and_train_flag_overrides_apply_on_top(capsys):
+    from neox_jax.train import COMMAND
+
+    parsed = COMMAND.parse([
+        "neox_jax.train", f"--neox_config={DATA / 'pythia' / '160M.yml'}",
+        f"--neox_config={DATA / 'local_setup.yml'}", "--neox_num_gpus=32",
+        "--workdir=/tmp/unused", "--config.optimizer.lr=1e-4",
+    ])  # fmt: skip
+    config = parsed.config
+    assert config.model.hidden_size == 768 and config.model.num_hidden_layers == 12
+    assert config.data.paths == "data/enwik8/enwik8_text_document"  # from local_setup.yml
+    assert config.data.source == "indexed"
+    assert config.optimizer.lr == 1e-4  # the user's override wins
+    assert config.optimizer.schedule == "neox"
+    assert config.data.global_batch_size == 1024
+    err = capsys.readouterr().err
+    assert "ignored zero_optimization" in err and "extra_save_iters" in err
+
+
+def test_duplicate_key_across_files_is_refused(tmp_path):
+    other = tmp_path / "more.yml"
+    other.write_text("num-layers: 4\n")  # the same key, dashed
+    with pytest.raises(UserError, match="num_layers.*both"):
+        read_configs([str(DATA / "pythia" / "160M.yml"), str(other)])
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"data_path": "a", "train_data_paths": ["b"]}, "data_path and train_data_paths"),
+        ({"lr": 0.1}, "lr=0.1 conflicts"),
+        ({"bf16": {"enabled": True}}, "precision fields conflict"),
+        ({"train_batch_size": 100}, "train_batch_size=100 conflicts"),
+        ({"pos_emb": "learned"}, "pos_emb"),
+        ({"norm": "rmsnorm"}, "norm='rmsnorm' changes the model"),
+        ({"optimizer": {"type": "SM3", "params": {}}}, "SM3"),
+        ({"seq_length": 4096}, "exceeds max_position_embeddings"),
+    ],
+)
+def test_conflicting_or_model_changing_fields_are_refused(extra, match):
+    neox = {**read_configs([str(DATA / "pythia" / "160M.yml")]), **extra}
+    with pytest.raises(UserError, match=match):
+        translate(neox, num_gpus=32)
+
+
+def test_unknown_key_is_listed_not_fatal():
+    neox = {**read_configs([str(DATA / "pythia" / "160M.yml")]), "my_custom_knob": 3}
+    t = translate(neox, num_gpus=32)
+    assert t.unknown == ["my_custom_knob"]
+    assert "unknown key my_custom_knob" in t.report()
+
+
+def test_weighted_data_paths_and_linear_decay():
+    neox = {
+        **read_configs([str(DATA / "pythia" / "70M.yml")]),
+        "train_data_paths": ["a", "b"], "train_data_weights": [1.0, 2.0],
+        "valid_data_paths": ["v"], "lr_decay_style": "linear", "lr_decay_iters": 1000,
+        "train_iters": 1200, "train_batch_size": 8,
+    }  # fmt: skip
+    t = translate(neox)
+    assert t.overrides["data.paths"] == "a,b" and t.overrides["data.weights"] == "1.0,2.0"
+    assert t.overrides["data.eval_paths"] == "v"
+    _, schedule = optimizer_from_config(pretrain_config(t.overrides))
+    for step in (0, 10, 500, 1000, 1100):
+        want = neox_annealing_lr(step, 1e-3, 1e-4, 0.01, 1000, "linear")
+        assert float(schedule(step)) == pytest.approx(want, rel=1e-5), step
+
+
+def test_converter_prints_an_equivalent_command(capsys):
+    from neox_jax.neox_config import COMMAND
+    from neox_jax.train import COMMAND as TRAIN
+
+    neox = [f"--neox_config={DATA / 'pythia' / '410M.yml'}", "--neox_num_gpus=32"]
+    assert COMMAND(["neox_jax.neox_config", *neox]) == 0
+    out = capsys.readouterr().out
+    assert "--config.model.num_hidden_layers=24" in out
+    command = shlex.split(out.replace("\\\n", " "))
+    assert command[:3] == ["python", "-m", "neox_jax.train"]
+    # The printed command gives the same training config as --neox_config itself.
+    printed = TRAIN.parse(["neox_jax.train", *command[3:]]).config
+    direct = TRAIN.parse(["neox_jax.train", "--workdir=RUN", *neox]).config
+    assert printed.to_dict() == direct.to_dict()
+    assert COMMAND(["neox_jax.neox_config", f"--neox_config={DATA / 'missing.yml'}"]) == 2
+    assert "missing.yml does not exist" in capsys.readouterr().err
