@@ -242,6 +242,15 @@ def test_chunked_prefill_equals_generator(model):
         ref = gen.generate([p], s)[0]
         assert ids == ref.token_ids and text == ref.text
     assert eng.free_slots == eng.num_slots
+    # A request cancelled half-way through its chunks frees its slot at the next step.
+    c = Collector()
+    r = eng.submit(Request(prompts[0], SamplingParams(max_new_tokens=5), c))
+    eng.step()
+    assert eng.free_slots == eng.num_slots - 1 and eng._prefilling  # one chunk written
+    r.cancel()
+    eng.step()
+    assert c.result(timeout=0)[2] == "cancelled"
+    assert eng.free_slots == eng.num_slots and not eng._prefilling
     with pytest.raises(UserError, match="divide max_len"):
         Engine(config, params, tok, num_slots=1, max_len=64, prefill_chunk=24)
 
