@@ -81,15 +81,12 @@ def test_decoding_gets_mosaic_on_tpu_and_triton_on_cuda(programs, head_dim):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_matmul_gets_triton_on_cuda_and_xla_on_tpu(programs, bits):
+def test_quantized_matmul_gets_mosaic_on_tpu_and_triton_on_cuda(programs, bits):
     p = programs[f"quantized/int{bits}"]
     # The four Linear kernels of the block (embed_out stays float by default).
+    assert p["tpu"] == {f"tpu:quantized_matmul_int{bits}": 4}
+    assert p["tpu_compiled_custom_calls"] == 4
     assert p["cuda"] == {f"cuda:quantized_matmul_int{bits}": 4}
-    # No Mosaic version exists, so TPU runs the XLA path: the program compiles and has
-    # exactly the loops of the same model with matmul_impl="xla" (the layer scan). The
-    # interpreter would add a loop over each kernel's grid.
-    assert p["tpu"] == {} and p["tpu_compiled_custom_calls"] == 0
-    assert p["tpu_while_loops"] == programs[f"quantized/int{bits}/xla"]["tpu_while_loops"]
 
 
 def test_explicit_target_overrides_the_placement(programs):

@@ -47,6 +47,7 @@ from neox_jax.quant import (
 )
 from neox_jax.quant.core import code_range, codes
 from neox_jax.quant.leaves import _quantize_jit
+from neox_jax.quant.pallas_matmul import _qmm, make_plan
 
 _F32_REL = 1e-5
 _BF16_REL = 2e-2
@@ -163,6 +164,19 @@ def test_pallas_tiles_over_several_programs_and_k_steps():
     qw = quantize(w, 4, 64, symmetric=False)
     y = pallas_matmul(x, qw, jnp.float32, block_m=16, block_n=32, block_k=32)
     _assert_close(y, x @ qw.dequantize(), _F32_REL)
+
+
+@pytest.mark.parametrize("bits,group,symmetric", SCHEMES)
+def test_pallas_tpu_variant_interpreted(bits, group, symmetric):
+    """The Mosaic variant (K loop unrolled, 128-lane output blocks), run by the interpreter:
+    2 column blocks x 2 row blocks (rows padded), every K step of every group."""
+    w = jax.random.normal(jax.random.key(0), (128, 256))
+    x = jax.random.normal(jax.random.key(1), (20, 128))
+    qw = quantize(w, bits, group or 128, symmetric)
+    plan = make_plan(20, qw, block_m=16, interpret=True, target="tpu")
+    assert plan.block_n == 128
+    reference = jnp.dot(x, qw.dequantize(), precision=jax.lax.Precision.HIGHEST)
+    _assert_close(jax.jit(_qmm, static_argnums=2)(x, qw, plan), reference, _F32_REL)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 64), (4, 32)])

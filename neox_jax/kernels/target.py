@@ -33,7 +33,7 @@ def check_kernel_target(kernel_target: str) -> None:
         )
 
 
-def dispatch(kernel_target: str, fn: Callable, *args, tpu: Callable | None = None):
+def dispatch(kernel_target: str, fn: Callable, *args):
     """``fn(layout, interpret, *args)`` for the kernel target.
 
     Args:
@@ -41,16 +41,13 @@ def dispatch(kernel_target: str, fn: Callable, *args, tpu: Callable | None = Non
       fn: the kernel wrapper; ``layout`` is "tpu" (Mosaic) or "gpu" (Triton, also the
         interpreter's layout), ``interpret`` a bool. Static parameters must be bound
         into ``fn``; ``args`` are arrays (pytrees, None allowed).
-      tpu: optional replacement for the TPU variant, ``tpu(*args)``, for kernels that
-        have no Mosaic version.
 
     Returns:
       What the selected variant returns (every variant must return the same shapes).
     """
     check_kernel_target(kernel_target)
-    mosaic = tpu or (lambda *a: fn("tpu", False, *a))
     if kernel_target == "tpu":
-        return mosaic(*args)
+        return fn("tpu", False, *args)
     if kernel_target == "gpu":
         return fn("gpu", False, *args)
     if kernel_target == "interpret":
@@ -58,7 +55,7 @@ def dispatch(kernel_target: str, fn: Callable, *args, tpu: Callable | None = Non
     triton = lambda *a: fn("gpu", False, *a)  # noqa: E731 - one object: cuda and rocm share it
     return lax.platform_dependent(
         *args,
-        tpu=mosaic,
+        tpu=lambda *a: fn("tpu", False, *a),
         cuda=triton,
         rocm=triton,
         default=lambda *a: fn("gpu", True, *a),  # CPU (and any other platform): interpret

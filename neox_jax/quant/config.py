@@ -46,8 +46,8 @@ class QuantConfig(JsonConfig):
         zero point per group (better for skewed groups, one more byte per group).
       method: "rtn" (round to nearest) or "gptq" (needs calibration data).
       matmul_impl: "xla" (dequantize then dot; XLA fuses the two) or "pallas" (a
-        Triton kernel that dequantizes weight tiles on chip, on GPU; interpreted on
-        CPU; TPU has no Mosaic version and runs the XLA path).
+        kernel that dequantizes weight tiles on chip: Triton on GPU, Mosaic on TPU,
+        interpreted on CPU).
       embed_out: also quantize the output projection (untied models). GPTQ (§5)
         keeps it in full precision, so the default is False.
       embed_in: also quantize the input embedding, one scale per vocabulary row (per

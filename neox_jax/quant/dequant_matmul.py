@@ -2,7 +2,7 @@
 
 Works on any ``QuantizedWeight`` (read through its attributes only, so the storage
 format in ``core`` can dispatch here and to ``pallas_matmul`` without a circle). It is
-also the Pallas kernel's backward and its TPU path (that kernel has no Mosaic version).
+also the Pallas kernel's backward.
 """
 
 from __future__ import annotations

@@ -14,12 +14,13 @@ split into even and odd columns once per call (``[M, K / 2]`` each, cheap next t
 weight) and each tile does two dots, one per nibble, instead of interleaving columns
 on chip.
 
-The kernel targets GPU (Triton): tile sides are powers of two and ``block_m >= 16``
-for ``tl.dot``. Which variant runs follows the platform the call is lowered for
-(``neox_jax.kernels.target``): Triton for CUDA/ROCm, the Pallas interpreter for CPU,
-and for TPU the XLA path, as there is no Mosaic version yet (Mosaic cannot prove the
-per-group scale column and the 64-byte int4 tiles lane-aligned). Gradients (QLoRA)
-go through a ``custom_vjp`` whose backward is the XLA path's.
+Which compiler runs it follows the platform the call is lowered for
+(``neox_jax.kernels.target``): Triton for CUDA/ROCm (tile sides are powers of two and
+``block_m >= 16`` for ``tl.dot``), Mosaic for TPU, the Pallas interpreter for CPU.
+Mosaic must prove every lane offset aligned, which the loop's dynamic column and
+scale offsets are not: on TPU the K loop is unrolled, so every slice is static, and
+an output block is 128 lanes (or all of N) wide. Gradients (QLoRA) go through a
+``custom_vjp`` whose backward is the XLA path's.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from neox_jax.kernels.target import check_kernel_target, dispatch
+from neox_jax.kernels.target import dispatch
 from neox_jax.quant.config import QuantizationError
 from neox_jax.quant.dequant_matmul import xla_matmul
 
@@ -54,6 +56,7 @@ class _Plan:
     block_n: int
     block_k: int
     interpret: bool
+    target: str = "gpu"  # "gpu" (Triton, or interpreted) or "tpu" (Mosaic)
 
 
 def _dot_t(a, b):
@@ -79,8 +82,11 @@ def _kernel(*refs, plan: _Plan):
         )
 
     def body(t, acc):
-        group = lax.div(t, tiles_per_group)
-        cols = pl.ds(pl.multiple_of(t * width, width), width)
+        if isinstance(t, int):
+            group, cols = t // tiles_per_group, pl.ds(t * width, width)
+        else:
+            group = lax.div(t, tiles_per_group)
+            cols = pl.ds(pl.multiple_of(t * width, width), width)
         v = q_ref[:, cols].astype(jnp.int32)  # [block_n, width]
         if plan.bits == 8:
             return acc + _dot_t(x_refs[0][:, cols], dequant(v, group))
@@ -91,7 +97,12 @@ def _kernel(*refs, plan: _Plan):
         return acc + _dot_t(x_refs[1][:, cols], dequant(hi, group))
 
     acc = jnp.zeros((plan.block_m, plan.block_n), jnp.float32)
-    acc = lax.fori_loop(0, plan.shape[0] // bk, body, acc)
+    if plan.target == "tpu":
+        # Mosaic needs provably aligned lane offsets: unroll, so every slice is static.
+        for t in range(plan.shape[0] // bk):
+            acc = body(t, acc)
+    else:
+        acc = lax.fori_loop(0, plan.shape[0] // bk, body, acc)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -106,7 +117,11 @@ def _forward(x, qvalue, scale, zero, plan: _Plan):
     row_spec = lambda a: pl.BlockSpec((bn, a.shape[1]), lambda i, j: (j, 0))
     operands = [*xs, qvalue, scale] + ([] if zero is None else [zero])
     compiler_params = None
-    if not plan.interpret:
+    if plan.interpret:
+        pass
+    elif plan.target == "tpu":
+        compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+    else:
         compiler_params = pltriton.CompilerParams(num_warps=4, num_stages=2)
     out = pl.pallas_call(
         functools.partial(_kernel, plan=plan),
@@ -149,11 +164,17 @@ def _largest_dividing(candidates, n):
 
 
 def make_plan(m: int, qw, *, block_m=None, block_n=None, block_k=None,
-              interpret=False) -> _Plan:  # fmt: skip
-    """Tile sizes for ``[m, K] @ qw`` (a ``QuantizedWeight``); ``QuantizationError`` if none fit."""
+              interpret=False, target="gpu") -> _Plan:  # fmt: skip
+    """Tile sizes for ``[m, K] @ qw`` (a ``QuantizedWeight``); ``QuantizationError`` if none fit.
+
+    ``target``: "gpu" (Triton's layout, also the interpreter's) or "tpu" (Mosaic: an
+    output block's lane dim is a multiple of 128 or all of N).
+    """
     k, n = qw.shape
     bm = block_m or (16 if m <= 16 else 32 if m <= 32 else 64)
     bn = block_n or _largest_dividing(_BLOCK_N, n)
+    if target == "tpu" and not block_n:
+        bn = 128 if n % 128 == 0 else n
     bk = block_k or _largest_dividing(_BLOCK_K, qw.group_size)
     if not bn or n % bn:
         raise QuantizationError(
@@ -165,7 +186,8 @@ def make_plan(m: int, qw, *, block_m=None, block_n=None, block_k=None,
             f"Pallas quantized matmul: no K block of {_BLOCK_K} divides the group size "
             f"{qw.group_size}; use matmul_impl='xla' or a group size that is a multiple of 32."
         )
-    return _Plan(qw.bits, qw.symmetric, qw.group_size, (k, n), bm, bn, bk, bool(interpret))
+    shape = (k, n)
+    return _Plan(qw.bits, qw.symmetric, qw.group_size, shape, bm, bn, bk, bool(interpret), target)
 
 
 def pallas_matmul(x, qw, dtype, *, kernel_target="auto", **blocks):
@@ -175,9 +197,8 @@ def pallas_matmul(x, qw, dtype, *, kernel_target="auto", **blocks):
       x: ``[..., K]`` activations.
       qw: a kernel-layout ``QuantizedWeight`` without leading axes.
       dtype: compute dtype (the weight tile is dequantized to it; fp32 accumulation).
-      kernel_target: "auto" (Triton when lowered for GPU, the interpreter for CPU, the
-        XLA path for TPU), "gpu" or "interpret" to force one ("tpu" is refused: no
-        Mosaic kernel).
+      kernel_target: "auto" (Triton when lowered for GPU, Mosaic for TPU, the
+        interpreter for CPU), or "gpu", "tpu", "interpret" to force one.
       **blocks: ``block_m``, ``block_n``, ``block_k`` overrides.
 
     Returns:
@@ -186,18 +207,12 @@ def pallas_matmul(x, qw, dtype, *, kernel_target="auto", **blocks):
     k, n = qw.shape
     if x.shape[-1] != k:
         raise QuantizationError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    check_kernel_target(kernel_target)
-    if kernel_target == "tpu":
-        raise QuantizationError(
-            "the Pallas quantized matmul has no TPU (Mosaic) kernel; use kernel_target='auto' "
-            "(the XLA path on TPU) or matmul_impl='xla'."
-        )
     x2 = x.reshape(-1, k).astype(dtype)
     make_plan(x2.shape[0], qw, **blocks)  # tile errors now, not at lowering
 
-    def triton(layout, interpret, x2, qw):
-        return _qmm(x2, qw, make_plan(x2.shape[0], qw, interpret=interpret, **blocks))
+    def kernel(layout, interpret, x2, qw):
+        plan = make_plan(x2.shape[0], qw, interpret=interpret, target=layout, **blocks)
+        return _qmm(x2, qw, plan)
 
-    xla = lambda x2, qw: xla_matmul(x2, qw, dtype)  # noqa: E731
-    y = dispatch(kernel_target, triton, x2, qw, tpu=xla)
+    y = dispatch(kernel_target, kernel, x2, qw)
     return y.reshape(*x.shape[:-1], n)
