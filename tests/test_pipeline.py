@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent("""
     from neox_jax.parallel.mesh import create_mesh
     from neox_jax.training.step import pipeline_apply
     from neox_jax.parallel.rules import RULES, logical_to_sharding
+    from neox_jax import aot
     from neox_jax.training.trainer import train_and_evaluate
 
     out = {}
@@ -62,6 +63,10 @@ SCRIPT = textwrap.dedent("""
         config = tiny_config(data, **{"train.steps": 4, "train.eval_every": 100, **over})
         train_and_evaluate(config, sys.argv[1] + "/" + name)
         out[name] = logged(sys.argv[1] + "/" + name)
+        # What neox_jax.aot compiles for the same config: the stage hand-off is there
+        # exactly when the trainer pipelines.
+        hlo = aot.lower_train_step(config, jax.devices())[0].as_text()
+        out[name + "_aot_permutes"] = "collective_permute" in hlo
     print("JSON" + json.dumps(out))
 """)
 
@@ -88,3 +93,7 @@ def test_pipelined_training_matches_data_parallel(result):
     assert sorted(plain) == sorted(pipe) == ["1", "2", "3", "4"]  # JSON keys
     for step in plain:  # fp32, different summation order: relative 1e-5
         assert abs(plain[step] - pipe[step]) <= 1e-5 * abs(plain[step]), (step, plain, pipe)
+
+
+def test_aot_compiles_the_pipelined_step(result):
+    assert result["pipeline_aot_permutes"] and not result["plain_aot_permutes"]
