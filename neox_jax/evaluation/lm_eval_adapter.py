@@ -41,7 +41,7 @@ from lm_eval.api.registry import register_model
 from neox_jax.evaluation.perplexity import score_sequences
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 from neox_jax.inference import Generator, SamplingParams
-from neox_jax.loading import load_model_and_tokenizer
+from neox_jax.loading import load_model_and_tokenizer, tokenizer_for
 from neox_jax.model import ModelConfig
 
 # lm-eval's get_model() imports lm_eval.models (its built-in "hf", "vllm", ...) only when
@@ -100,10 +100,8 @@ class NeoxLM(TemplateLM):
                 rope_scaling_factor=rope_scaling_factor,
             )
             tokenizer = given or tokenizer  # a Tokenizer object passed in wins
-        elif isinstance(tokenizer, str | os.PathLike):
-            from neox_jax.data.tokenizer import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer)
+        elif isinstance(tokenizer, str | os.PathLike):  # a tokenizer, or a model folder
+            tokenizer = tokenizer_for(tokenizer)
         if tokenizer is None:
             raise ValueError("NeoxLM needs a tokenizer (a path or a Tokenizer object).")
         if isinstance(batch_size, str):
