@@ -280,3 +280,75 @@ def test_resuming_with_a_function_changing_field_needs_the_override(dataset, tmp
     assert "rotary_pct" in str(info.value) and "allow_model_change" in str(info.value)
     allowed = _config(dataset, **changed, **{"train.allow_model_change": True})
     assert train_and_evaluate(allowed, tmp_path)["step"] == 4
+
+
+# ------------------------------------------------------------- signals during saves
+def _start(dataset, workdir, **overrides):
+    """A subprocess run saving (asynchronously) after every step; output to files."""
+    config = _config(
+        dataset,
+        **{
+            "train.steps": 100000,
+            "train.save_every": 1,
+            "train.keep": 2,
+            "train.eval_every": 100000,
+            "train.async_checkpoint": True,
+            **overrides,
+        },
+    )
+    workdir.mkdir()
+    out, err = open(workdir / "stdout.txt", "w"), open(workdir / "stderr.txt", "w")  # noqa: SIM115
+    return config, run_train(config, workdir, wait=False, stdout=out, stderr=err)
+
+
+def _wait_for_step(proc, workdir, step):
+    deadline = time.time() + 300
+    while max(logged(workdir), default=0) < step:
+        assert proc.poll() is None, (workdir / "stderr.txt").read_text()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
+def _output(workdir) -> str:
+    return (workdir / "stdout.txt").read_text() + (workdir / "stderr.txt").read_text()
+
+
+def test_sigterm_during_saves_exits_with_the_named_checkpoint_complete(dataset, tmp_path):
+    run = tmp_path / "run"
+    _, proc = _start(dataset, run)
+    _wait_for_step(proc, run, 4)
+    proc.send_signal(signal.SIGTERM)  # a save of the step before is in flight
+    assert proc.wait(timeout=120) == 0, _output(run)[-2000:]
+    step = int(re.search(r"Preempted at step (\d+): checkpoint saved", _output(run)).group(1))
+    assert _on_disk(run) == [str(s) for s in _complete(run)] and max(_complete(run)) == step
+    for s in _complete(run):
+        _assert_restorable(run, s)
+
+
+def test_ctrl_c_waits_for_the_save_in_flight_and_exits_130(dataset, tmp_path):
+    run = tmp_path / "run"
+    _, proc = _start(dataset, run)
+    _wait_for_step(proc, run, 4)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, _output(run)[-2000:]
+    named = _named_step(_output(run))
+    assert named is not None and named == max(_complete(run)), _output(run)[-2000:]
+    assert "Traceback" not in _output(run)
+    assert _on_disk(run) == [str(s) for s in _complete(run)]  # nothing half written
+    _assert_restorable(run, named)
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_complete_one(dataset, tmp_path):
+    run = tmp_path / "run"
+    config, proc = _start(dataset, run)
+    _wait_for_step(proc, run, 4)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: a save may be cut anywhere
+    proc.wait()
+    complete = _complete(run)
+    assert complete, _on_disk(run)
+    _assert_restorable(run, complete[-1])
+    config.train.steps = complete[-1] + 2
+    again = run_train(config, run)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"Resumed from step {complete[-1]}" in again.stdout
+    assert not [n for n in _on_disk(run) if not n.isdigit()]  # the cut save was cleaned up

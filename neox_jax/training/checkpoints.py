@@ -49,6 +49,7 @@ class Checkpointer:
         async_save: bool = True,
     ):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        self._last_saved: int | None = None
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, save_every),
             max_to_keep=keep if keep > 0 else None,
@@ -78,6 +79,8 @@ class Checkpointer:
     ) -> bool:
         """Save ``state`` at its step if the interval says so (or ``force``)."""
         step = int(jax.device_get(state.step))
+        if step == self._last_saved or step in self.manager.all_steps():
+            return False  # a forced save (preemption, the end) of a step already saved
         args = ocp.args.Composite(
             **{
                 PARAMS: ocp.args.StandardSave(state.params),
@@ -89,6 +92,8 @@ class Checkpointer:
             }
         )
         saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self._last_saved = step
         if saved:
             logging.info("Saving checkpoint at step %d to %s", step, self.directory)
         return saved

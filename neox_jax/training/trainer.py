@@ -99,7 +99,11 @@ def check_batch(config, mesh) -> None:
 
 
 class _SigtermFlag:
-    """Turns SIGTERM (preemption) into a flag the loop checks between steps.
+    """Turns SIGTERM (preemption) and a first Ctrl-C into flags the loop checks between
+    steps, so that neither lands inside a checkpoint write.
+
+    SIGTERM saves and returns; Ctrl-C saves, then raises ``KeyboardInterrupt`` (exit
+    130). A second Ctrl-C interrupts at once, without saving.
 
     Single process only. Under ``jax.distributed`` JAX's preemption service already
     catches SIGTERM and brings every process to the same step
@@ -110,24 +114,31 @@ class _SigtermFlag:
 
     def __init__(self):
         self.raised = False
-        self._old = None
+        self.interrupted = False
+        self._old: dict[int, Any] = {}
 
     def __enter__(self):
         if jax.process_count() > 1 and jax.distributed.is_initialized():
             return self
         try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
         except ValueError:  # not the main thread: no handler, no preemption saves
-            self._old = None
+            pass
         return self
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting.")
         self.raised = True
 
+    def _interrupt(self, signum, frame):
+        say("Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: now).")
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
@@ -298,9 +309,11 @@ def train_and_evaluate(
         with concurrent.futures.ThreadPoolExecutor(1) as pool, _saves_survive(ckpt, writer):
             nxt = pool.submit(data_lib.global_batch, train_src, start, mesh)
             for step in range(start, total_steps):
-                if sigterm.raised or ckpt.reached_preemption(step):
+                if sigterm.interrupted or sigterm.raised or ckpt.reached_preemption(step):
                     _check_finite(pending, step, ckpt, config.train.nonfinite)
                     ckpt.save(state, model_config, meta, force=True)
+                    if sigterm.interrupted:  # the guard waits for the save, exit 130
+                        raise KeyboardInterrupt
                     ckpt.close()
                     writer.close()
                     final.update(step=step, preempted=True)
