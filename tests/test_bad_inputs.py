@@ -152,6 +152,9 @@ def _generic_cases():
 
 
 # (command, argv, exit status, key phrase of the message, destination that must not change)
+# A valid training command line; the rows add one bad --config value each.
+TINY_RUN = ["--config=configs/pretrain.py:tiny", "--workdir={new}"]
+
 CASES = _generic_cases() + [
     # --- sample
     ("sample", ["--config.prompt=x"], 2, "missing --config.checkpoint", None),
@@ -342,6 +345,27 @@ CASES = _generic_cases() + [
      "a_file"),
     ("train", ["--config=configs/pretrain.py:nope", "--workdir={new}"], 2, "unknown config",
      "new"),
+    # --- train: config values, refused before anything is written or compiled
+    ("train", [*TINY_RUN, "--config.train.steps=0"], 2,
+     "train.steps=0 must be a whole number >= 1", "new"),
+    ("train", [*TINY_RUN, "--config.optimizer.lr=-0.001"], 2,
+     "optimizer.lr=-0.001 must be a number in (0, inf)", "new"),
+    ("train", [*TINY_RUN, "--config.optimizer.b2=1.0"], 2,
+     "optimizer.b2=1.0 must be a number in [0, 1)", "new"),
+    ("train", [*TINY_RUN, "--config.train.nonfinite=ignore"], 2,
+     "choose one of 'stop', 'skip'", "new"),
+    ("train", [*TINY_RUN, "--config.train.eval_batches=0"], 2,
+     "set train.eval_every above train.steps", "new"),
+    ("train", [*TINY_RUN, "--config.train.save_every=0"], 2,
+     "train.save_every=0 must be a whole number >= 1", "new"),
+    ("train", [*TINY_RUN, "--config.train.log_every=0"], 2,
+     "train.log_every=0 must be a whole number >= 1", "new"),
+    ("train", [*TINY_RUN, "--config.train.eval_every=0"], 2,
+     "train.eval_every=0 must be a whole number >= 1", "new"),
+    ("train", [*TINY_RUN, "--config.data.seq_len=4096"], 2,
+     "exceeds the model's context of 2048", "new"),
+    ("train", [*TINY_RUN, "--config.optimizer.warmup_steps=-2"], 2,
+     "warmup_steps=-2 must be a whole number >= -1", "new"),
 ]  # fmt: skip
 
 
