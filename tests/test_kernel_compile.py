@@ -104,3 +104,4 @@ def test_sharded_programs_run_the_kernels_per_chip(programs):
     assert p["train"]["kernel_batches"] == [2, 2, 2]
     assert p["decode"]["tpu"] == {"tpu:decode_attention": 1}
     assert p["decode"]["kernel_batches"] == [2]
+    assert p["quantized"]["tpu"] == {"tpu:quantized_matmul_int4": 4}

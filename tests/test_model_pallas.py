@@ -81,6 +81,15 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
     got = step(params, cfg.replace(attention_impl="pallas"))
 np.testing.assert_allclose(got[0], ref[0], rtol=1e-5)
 jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), got[1], ref[1])
+# The Pallas quantized matmul on the mesh (each device its rows) equals the XLA one.
+from neox_jax.quant import QuantConfig, quantize_params
+qparams = quantize_params(cfg, jax.device_get(params), QuantConfig(bits=4, group_size=32))
+forward = jax.jit(lambda p: GPTNeoX(cfg).apply({"params": p}, ids, segment_ids=seg))
+xla = forward(qparams)
+with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    from neox_jax.quant import with_matmul_impl
+    pallas = forward(with_matmul_impl(qparams, "pallas"))
+np.testing.assert_allclose(pallas, xla, rtol=1e-5, atol=1e-5)
 print("SHARDED_OK")
 """
 

@@ -19,6 +19,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from neox_jax.kernels import reference
 from neox_jax.kernels.decode_attention import decode_attention
@@ -235,8 +236,8 @@ def per_device(fn, logical_in, logical_out, out_shape):
 
     Args:
       fn: takes arrays laid out as ``logical_in`` (a tuple of logical axis names per
-        array, ``()`` for a scalar) and returns one of ``out_shape`` laid out as
-        ``logical_out``.
+        array, ``()`` for a scalar, None for an argument every device gets whole, of
+        any pytree) and returns one of ``out_shape`` laid out as ``logical_out``.
     """
     mesh = jax.sharding.get_abstract_mesh()
     free = set() if mesh.empty else {a for a in mesh.axis_names if a not in mesh.manual_axes}
@@ -250,10 +251,13 @@ def per_device(fn, logical_in, logical_out, out_shape):
             group = (entry,) if isinstance(entry, str) else entry or ()
             group = tuple(a for a in group if a in free)
             dims.append(group if group and dim % math.prod(sizes[a] for a in group) == 0 else None)
-        return jax.sharding.PartitionSpec(*dims)
+        return P(*dims)
 
     def run(*args):
-        in_specs = tuple(spec(n, jnp.shape(a)) for n, a in zip(logical_in, args, strict=True))
+        in_specs = tuple(
+            P() if n is None else spec(n, jnp.shape(a))
+            for n, a in zip(logical_in, args, strict=True)
+        )
         # Every free axis goes manual, size-1 ones too: Mosaic refuses to lower a kernel
         # while any mesh axis is left to the automatic partitioner.
         # check_vma=False: pallas_call's outputs carry no varying-axes annotation.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
 from neox_jax.kernels.target import dispatch
+from neox_jax.model import axes
+from neox_jax.model.layers import per_device
 from neox_jax.quant.config import QuantizationError
 from neox_jax.quant.dequant_matmul import xla_matmul
 
@@ -207,12 +210,19 @@ def pallas_matmul(x, qw, dtype, *, kernel_target="auto", **blocks):
     k, n = qw.shape
     if x.shape[-1] != k:
         raise QuantizationError(f"x has {x.shape[-1]} features, the weight expects {k}")
-    x2 = x.reshape(-1, k).astype(dtype)
-    make_plan(x2.shape[0], qw, **blocks)  # tile errors now, not at lowering
+    make_plan(math.prod(x.shape[:-1]), qw, **blocks)  # tile errors now, not at lowering
 
     def kernel(layout, interpret, x2, qw):
         plan = make_plan(x2.shape[0], qw, interpret=interpret, target=layout, **blocks)
         return _qmm(x2, qw, plan)
 
-    y = dispatch(kernel_target, kernel, x2, qw)
-    return y.reshape(*x.shape[:-1], n)
+    def local(x, qw):  # one device's rows, the whole weight
+        y = dispatch(kernel_target, kernel, x.reshape(-1, k).astype(dtype), qw)
+        return y.reshape(*x.shape[:-1], n)
+
+    # Under a mesh each device multiplies its own rows of the batch by the whole
+    # weight (gathered for the call, as fsdp gathers float weights): a kernel is one
+    # custom call the partitioner cannot split. Tensor-parallel shards of the weight
+    # are gathered too; splitting the kernel by them is not done.
+    rows = (axes.BATCH, *[None] * (x.ndim - 1)) if x.ndim > 1 else (None,)
+    return per_device(local, (rows, None), rows, (*x.shape[:-1], n))(x, qw)

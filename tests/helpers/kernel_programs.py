@@ -50,7 +50,7 @@ def kernel_batches(text: str) -> list[int]:
         if "custom_call @tpu_custom_call(" in line:
             operands = re.search(r"\} : \((.*?)\) ->", line).group(1)
             dims = [t.split("x") for t in re.findall(r"tensor<([^>]*)>", operands)]
-            batches.append(int(next(d for d in dims if len(d) >= 4)[0]))
+            batches += [int(d[0]) for d in dims if len(d) >= 4][:1]
     return batches
 
 
@@ -87,13 +87,13 @@ def decode_step(cfg, batch=BATCH):
     return step, (abstract_params(cfg), cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32))
 
 
-def quantized_forward(cfg, bits):
+def quantized_forward(cfg, bits, batch=BATCH):
     qcfg = QuantConfig(bits=bits, group_size=64, matmul_impl="pallas")
 
     def forward(qparams, ids):
         return GPTNeoX(cfg.replace(attention_impl="xla")).apply({"params": qparams}, ids)
 
-    ids = jax.ShapeDtypeStruct((BATCH, 16), jnp.int32)
+    ids = jax.ShapeDtypeStruct((batch, 16), jnp.int32)
     return forward, (abstract_quantized_params(cfg, qcfg), ids)
 
 
@@ -133,6 +133,7 @@ def sharded(devices) -> dict:
         for name, (fn, args) in {
             "train": train_grad(config(64), batch=8),
             "decode": decode_step(config(64), batch=8),
+            "quantized": quantized_forward(config(64), 4, batch=8),
         }.items():
             *state, ids = args  # params (and cache) replicated, token ids split
             state = jax.tree.map(
