@@ -13,6 +13,7 @@ kind            how it is recognised                        what ``load_model`` 
 ``checkpoint``  ``params/ model_config/`` (also a step dir)  float params
 ``lora_run``    a run directory with ``lora.json``           base with the adapters merged
 ``run``         ``checkpoints/<step>/`` (latest complete)    that step's float params
+``neox``        GPT-NeoX ``layer_00-model_00-model_states``  float params, TP ranks merged
 ==============  ==========================================  ==============================
 
 Every kind can be placed on a mesh as it is read: ``load_model(path, mesh=mesh)`` shards
@@ -45,6 +46,11 @@ from neox_jax.errors import UserError, load_json
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
 from neox_jax.finetune.lora import merge as merge_adapters
 from neox_jax.model import ModelConfig, abstract_params, init_params
+from neox_jax.neox_compat.checkpoint import (
+    is_neox_checkpoint,
+    load_neox_checkpoint,
+    read_neox_model_config,
+)
 from neox_jax.parallel.mesh import AXES
 from neox_jax.parallel.placement import param_shardings
 from neox_jax.parallel.rules import logical_to_sharding
@@ -52,7 +58,7 @@ from neox_jax.quant.checkpoint import is_quantized_checkpoint, load_quantized, r
 from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.params import abstract_quantized_params, quantize_params
 
-KINDS = ("hf", "quantized", "checkpoint", "lora_run", "run")
+KINDS = ("hf", "quantized", "checkpoint", "lora_run", "run", "neox")
 LORA_RECORD = "lora.json"  # written by neox_jax.finetune.trainer_hooks in a LoRA run
 
 
@@ -86,10 +92,13 @@ def artifact_kind(path: str | os.PathLike) -> str:
         return "lora_run"
     if latest_step_dir(path) is not None:
         return "run"
+    if is_neox_checkpoint(path):
+        return "neox"
     raise UserError(
         f"{path} is neither a Hugging Face GPT-NeoX folder (config.json + weights), a "
         f"neox_jax checkpoint ({PARAMS}/ + model_config/), nor a run directory with "
-        "complete checkpoints/<step>/ folders."
+        "complete checkpoints/<step>/ folders, nor a GPT-NeoX checkpoint (global_stepN/ "
+        "with layer_XX-model_YY-model_states.pt files)."
     )
 
 
@@ -103,6 +112,8 @@ def peek_config(path: str | os.PathLike) -> ModelConfig:
         return read_configs(path)[0]
     if kind == "lora_run":
         return ModelConfig.from_dict(read_lora_record(path)["model_config"])
+    if kind == "neox":
+        return read_neox_model_config(path)
     return read_model_config(path if kind == "checkpoint" else latest_step_dir(path))
 
 
@@ -118,7 +129,8 @@ def load_model(
 
     Args:
       path: a Hugging Face folder, a checkpoint (float or quantized), a trainer step
-        directory, a run directory or a LoRA run directory.
+        directory, a run directory, a LoRA run directory or a GPT-NeoX checkpoint
+        (``global_stepN`` or its save folder; TP ranks merged, config from its configs/).
       shardings: a tree of ``jax.sharding.Sharding`` shaped like the params (for a
         quantized checkpoint: like its quantized params) to place each array on.
       mesh: place the params on this mesh by the rules table instead (ignored when
@@ -136,6 +148,8 @@ def load_model(
     kind = artifact_kind(path)
     if kind == "hf":
         config, params = load_hf(path, **overrides)
+    elif kind == "neox":  # architecture from its configs/*.yml
+        config, params = load_neox_checkpoint(path, **overrides)
     elif kind == "quantized":
         return _load_quantized(path, shardings, mesh, overrides)
     elif kind == "lora_run":
@@ -148,7 +162,7 @@ def load_model(
             config = read_model_config(step_dir).replace(**overrides)
             shardings = param_shardings(config, abstract_params(config), mesh)
         return load_checkpoint(step_dir, shardings=shardings, **overrides)
-    # Host arrays (hf, lora_run): placed only when asked.
+    # Host arrays (hf, neox, lora_run): placed only when asked.
     if shardings is None and mesh is not None:
         shardings = param_shardings(config, params, mesh)
     return config, params if shardings is None else jax.device_put(params, shardings)

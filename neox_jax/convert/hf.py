@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -293,13 +293,26 @@ def load_hf(
     """
     path = Path(path)
     config = config_from_hf(read_hf_config(path), param_dtype=param_dtype, **config_overrides)
-    target = DTYPES[param_dtype]
+    return config, params_from_hf_tensors(config, _iter_hf_tensors(path), str(path))
+
+
+def params_from_hf_tensors(
+    config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str
+) -> dict[str, Any]:
+    """Our params (numpy, ``config.param_dtype``) from ``(HF name, array)`` pairs.
+
+    Every tensor's shape is checked against ``config``; a name that is not a GPT-NeoX
+    parameter, or a parameter never given, raises ``ConversionError`` naming ``source``.
+    Other formats (GPT-NeoX's own layer files) reuse this once their tensors carry HF names.
+    """
+    path = source
+    target = DTYPES[config.param_dtype]
     shapes = flatten_dict(abstract_params(config), sep="/")
     params = {k: np.empty(s.shape, target) for k, s in shapes.items()}
     table = _hf_name_table(config)
     seen: set[str] = set()
     unexpected: list[str] = []
-    for name, tensor in _iter_hf_tensors(path):
+    for name, tensor in tensors:
         name = ALIASES.get(name, name)
         if IGNORED.match(name):
             continue
@@ -314,7 +327,7 @@ def load_hf(
         if value.shape != tuple(expected):
             hf_shape = tuple(expected[::-1]) if transpose else tuple(expected)
             raise ConversionError(
-                f"Tensor {name} has shape {tuple(tensor.shape)} but config.json implies "
+                f"Tensor {name} has shape {tuple(tensor.shape)} but the model config implies "
                 f"{hf_shape}; the weights do not match the config."
             )
         if layer is None:
@@ -333,7 +346,7 @@ def load_hf(
             f"{path} lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}; "
             "the checkpoint is incomplete."
         )
-    return config, unflatten_dict(params, sep="/")
+    return unflatten_dict(params, sep="/")
 
 
 # -------------------------------------------------------------------- saving

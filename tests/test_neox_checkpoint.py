@@ -1,0 +1,130 @@
+"""GPT-NeoX native (DeepSpeed pipeline) checkpoints -> our params
+(neox_jax/neox_compat/checkpoint.py, through neox_jax.loading.load_model).
+
+The checkpoints are written here in GPT-NeoX's layout (one ``layer_XX-model_YY`` file
+per layer and tensor-parallel rank, split as GPT-NeoX's ParallelLinear layers split
+them) from a random tiny Hugging Face model, the independent reference.
+"""
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers.hf_reference import assert_logits_close, hf_logits, make_hf_model
+
+from neox_jax.errors import UserError
+from neox_jax.loading import artifact_kind, load_model, peek_config
+from neox_jax.model import GPTNeoX
+
+LAYERS = 2
+ROTARY_PCT = 0.25  # given to make_hf_model (transformers 5 keeps it in rope_parameters)
+
+
+def write_neox_checkpoint(model, folder, tp, *, new_mlp_names=False):
+    """``model``'s weights as GPT-NeoX saves them with tensor-parallel degree ``tp``."""
+    cfg = model.config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True)
+
+    def save(layer, per_rank):
+        for rank in range(tp):
+            state = {k: v[rank].contiguous() for k, v in per_rank.items()}
+            torch.save(state, folder / f"layer_{layer:02d}-model_{rank:02d}-model_states.pt")
+
+    rows = lambda t: torch.chunk(t, tp, dim=0)  # noqa: E731 - column-parallel outputs
+    cols = lambda t: torch.chunk(t, tp, dim=1)  # noqa: E731 - row-parallel inputs
+    same = lambda t: [t] * tp  # noqa: E731 - replicated
+    # Parallel residual: each rank adds its bias copy before the one all-reduce, so each
+    # holds bias / tp; sequential: the bias is added once after it, every rank holds it.
+    row_bias = (lambda t: [t / tp] * tp) if cfg.use_parallel_residual else same
+    save(0, {"word_embeddings.weight": rows(sd["gpt_neox.embed_in.weight"])})
+    up, down = ("linear1", "linear2") if new_mlp_names else ("dense_h_to_4h", "dense_4h_to_h")
+    for i in range(cfg.num_hidden_layers):
+        p = f"gpt_neox.layers.{i}."
+        save(i + 2, {
+            "input_layernorm.weight": same(sd[p + "input_layernorm.weight"]),
+            "input_layernorm.bias": same(sd[p + "input_layernorm.bias"]),
+            "post_attention_layernorm.weight": same(sd[p + "post_attention_layernorm.weight"]),
+            "post_attention_layernorm.bias": same(sd[p + "post_attention_layernorm.bias"]),
+            "attention.query_key_value.weight": rows(sd[p + "attention.query_key_value.weight"]),
+            "attention.query_key_value.bias": rows(sd[p + "attention.query_key_value.bias"]),
+            "attention.dense.weight": cols(sd[p + "attention.dense.weight"]),
+            "attention.dense.bias": row_bias(sd[p + "attention.dense.bias"]),
+            "attention.rotary_emb.inv_freq": same(torch.ones(4)),  # a buffer, not a param
+            f"mlp.{up}.weight": rows(sd[p + "mlp.dense_h_to_4h.weight"]),
+            f"mlp.{up}.bias": rows(sd[p + "mlp.dense_h_to_4h.bias"]),
+            f"mlp.{down}.weight": cols(sd[p + "mlp.dense_4h_to_h.weight"]),
+            f"mlp.{down}.bias": row_bias(sd[p + "mlp.dense_4h_to_h.bias"]),
+        })  # fmt: skip
+    n = cfg.num_hidden_layers
+    save(n + 3, {"norm.weight": same(sd["gpt_neox.final_layer_norm.weight"]),
+                 "norm.bias": same(sd["gpt_neox.final_layer_norm.bias"])})  # fmt: skip
+    if not cfg.tie_word_embeddings:
+        save(
+            n + 4,
+            {"final_linear.weight": rows(sd.get("embed_out.weight", sd.get("lm_head.weight")))},
+        )
+    (folder / "configs").mkdir()
+    neox_yml = {
+        "num-layers": n, "hidden-size": cfg.hidden_size,
+        "num-attention-heads": cfg.num_attention_heads, "seq-length": 64,
+        "max-position-embeddings": cfg.max_position_embeddings, "pos-emb": "rotary",
+        "rotary-pct": ROTARY_PCT, "no-weight-tying": not cfg.tie_word_embeddings,
+        "gpt-j-residual": cfg.use_parallel_residual, "model-parallel-size": tp,
+        "intermediate_size": cfg.intermediate_size, "zero_optimization": {"stage": 1},
+    }  # fmt: skip
+    (folder / "configs" / "model.yml").write_text(yaml.safe_dump(neox_yml))
+
+
+@pytest.mark.parametrize(
+    "tp, overrides",
+    [
+        (1, {}),
+        (2, {}),
+        (2, {"use_parallel_residual": False, "tie_word_embeddings": True}),
+    ],
+)
+def test_neox_checkpoint_logits_equal_hf(tmp_path, tp, overrides):
+    ref = make_hf_model(
+        num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT, **overrides
+    )
+    step = tmp_path / "save" / "global_step10"
+    write_neox_checkpoint(ref, step, tp, new_mlp_names=tp == 2)
+    (tmp_path / "save" / "latest").write_text("global_step10")
+
+    for path in (step, tmp_path / "save"):  # the step folder, or the save folder + latest
+        assert artifact_kind(path) == "neox"
+        config, params = load_model(path)
+        assert peek_config(path) == config
+        assert config.vocab_size == ref.config.vocab_size
+        assert config.use_parallel_residual == ref.config.use_parallel_residual
+        ids = np.random.default_rng(0).integers(0, ref.config.vocab_size, (2, 11))
+        ours = GPTNeoX(config).apply({"params": params}, ids)
+        # fp32 on both sides; see assert_logits_close for why 1e-5 of the logit scale.
+        assert_logits_close(ours, hf_logits(ref, ids))
+
+
+def test_missing_layer_file_is_named(tmp_path):
+    ref = make_hf_model(num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT)
+    write_neox_checkpoint(ref, tmp_path / "ckpt", 2)
+    (tmp_path / "ckpt" / "layer_03-model_01-model_states.pt").unlink()
+    with pytest.raises(UserError, match="layer_03-model_01-model_states.pt.*layer 1"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_folder_without_configs_asks_for_one(tmp_path):
+    from neox_jax.model import ModelConfig
+    from neox_jax.neox_compat.checkpoint import load_neox_checkpoint
+
+    ref = make_hf_model(num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT)
+    write_neox_checkpoint(ref, tmp_path / "ckpt", 1)
+    for f in (tmp_path / "ckpt" / "configs").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match="no configs/"):
+        load_model(tmp_path / "ckpt")
+    explicit = ModelConfig(vocab_size=96, hidden_size=64, num_hidden_layers=LAYERS,
+                           num_attention_heads=4, intermediate_size=256,
+                           max_position_embeddings=128)  # fmt: skip
+    config, params = load_neox_checkpoint(tmp_path / "ckpt", config=explicit)
+    ids = np.arange(10)[None] % 96
+    assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(ref, ids))
