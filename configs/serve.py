@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # prefill_chunk tokens) and reuse them for prompts that begin with the same tokens
     # (a system prompt, a RAG context). 0 = off; needs prefill_chunk.
     c.prefix_cache_blocks = 0
+    # Decode steps per device call: fewer host round trips per token (small models on
+    # GPU/TPU), but requests are admitted and retired only every this many tokens.
+    c.steps_per_call = 1
     # Requests that may wait for a slot; beyond it the server answers 429.
     c.max_queue = 64
     # Prompts admitted between two decode steps (bounds how long decoding pauses).

@@ -22,7 +22,10 @@ def check_config(config) -> None:
     """Raises ``UserError`` naming a bad field, before anything is loaded."""
     if not config.checkpoint:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
-    positive = ("num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel")
+    positive = (
+        "num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel",
+        "steps_per_call",
+    )  # fmt: skip
     for name in positive:
         if not isinstance(config[name], int) or config[name] < 1:
             raise UserError(f"--config.{name} must be an integer >= 1, got {config[name]!r}.")
@@ -67,6 +70,7 @@ def build(config, progress=print):
         split_layers=config.split_layers,
         prefill_chunk=config.prefill_chunk,
         prefix_cache_blocks=config.prefix_cache_blocks,
+        steps_per_call=config.steps_per_call,
         mesh=mesh,
     )
     del params  # the engine keeps its per-layer copy

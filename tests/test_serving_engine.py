@@ -300,6 +300,26 @@ def test_quantized_weights_are_served_like_the_generator(model):
         assert ids == gen.generate([p], sampling)[0].token_ids
 
 
+def test_several_steps_per_call_give_the_same_tokens(model):
+    """``steps_per_call=4``: slots that finish or hit a stop string mid-call stop there."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=3, max_len=64, prefill_buckets=(8, 16, 32),
+        steps_per_call=4,
+    )  # fmt: skip
+    prompts = _prompts(config.vocab_size, (3, 11, 25, 6), seed=13)
+    free = _reference(model).generate([prompts[1]], SamplingParams(max_new_tokens=9))[0]
+    samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (5, 9, 10, 2)]
+    samplings[1] = SamplingParams(max_new_tokens=9, stop_strings=(free.text[3:5],))
+    ours = eng.generate(prompts, samplings)
+    gen = _reference(model)
+    for p, s, (ids, text, _) in zip(prompts, samplings, ours, strict=True):
+        ref = gen.generate([p], s)[0]
+        assert ids == ref.token_ids and text == ref.text
+    assert [len(ids) for ids, _, _ in ours][::3] == [5, 2]
+    assert eng.free_slots == eng.num_slots
+
+
 MESH_SCRIPT = """
 import sys
 import jax

@@ -135,6 +135,9 @@ class Engine:
       prefix_cache_blocks: keep the KV of up to this many prompt blocks (of
         ``prefill_chunk`` tokens) for reuse by later prompts with the same beginning
         (``serving.prefix_cache``); 0 = off. Needs ``prefill_chunk``.
+      steps_per_call: decode steps per device call: fewer host round trips per token
+        (worth it where dispatch dominates, small models on GPU/TPU), at the cost of
+        admitting and retiring requests only every this many tokens.
       mesh: serve on this mesh (``parallel.create_mesh({"tensor": N})``): weights and KV
         cache are sharded by the rules table, heads / MLP / vocabulary over ``tensor``.
       split_layers: decode from per-layer copies of the layer weights
@@ -162,6 +165,7 @@ class Engine:
         mesh=None,
         prefill_chunk: int = 0,
         prefix_cache_blocks: int = 0,
+        steps_per_call: int = 1,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -176,6 +180,9 @@ class Engine:
                 f"prefill_chunk={prefill_chunk} must be >= 2 and divide max_len={max_len}."
             )
         self.prefill_chunk = prefill_chunk
+        if not isinstance(steps_per_call, int) or steps_per_call < 1:
+            raise UserError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}.")
+        self.steps_per_call = steps_per_call
         if prefix_cache_blocks and not prefill_chunk:
             raise UserError("prefix caching works on prefill chunks: set prefill_chunk too.")
         self.prefix_cache = (
@@ -361,8 +368,9 @@ class Engine:
             name = "greedy" if mode.greedy else "sampling"
             progress(f"compiling {name} step, {k} logprobs ({done + j}/{total})")
             self.state, out = dev.generate(
-                self.config, self.params, self.state, mode=mode, num_logprobs=k
-            )
+                self.config, self.params, self.state, mode=mode, num_logprobs=k,
+                steps=self.steps_per_call,
+            )  # fmt: skip
             jax.block_until_ready(out)
         seconds = time.perf_counter() - start
         progress(f"compiled {total} programs in {seconds:.1f}s")
@@ -488,19 +496,28 @@ class Engine:
             self.state,
             mode=dev.GREEDY if greedy else dev.SAMPLE,
             num_logprobs=k,
+            steps=self.steps_per_call,
         )
         out = jax.device_get(out)
-        now = time.monotonic()
-        if self.metrics is not None:
-            self.metrics.observe_step(len(running), time.perf_counter() - start)
+        now, seconds = time.monotonic(), time.perf_counter() - start
+        before = sum(len(r.output_ids) for _, r in running)
         for slot, r in running:
             self._deliver(slot, r, out, now)
         if self.metrics is not None:
+            delivered = sum(len(r.output_ids) for _, r in running) - before
+            self.metrics.observe_step(delivered, seconds)
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
 
     def _deliver(self, slot: int, r: Request, out: dev.StepOutput, now: float) -> None:
-        tok, finish = int(out.tokens[slot]), int(out.finish[slot])
+        """Hand ``r`` the tokens of this call's steps, up to the one that ended it."""
+        for j in range(out.tokens.shape[0]):
+            if self._deliver_one(slot, r, out, j, now):
+                return
+
+    def _deliver_one(self, slot: int, r: Request, out: dev.StepOutput, j: int, now) -> bool:
+        """Step ``j``'s token for ``r``; returns whether ``r`` ended (slot retired)."""
+        tok, finish = int(out.tokens[j, slot]), int(out.finish[j, slot])
         if r.first_token_at is None:
             r.first_token_at = now
             if self.metrics is not None:
@@ -509,8 +526,8 @@ class Engine:
         lp = []
         if r.num_logprobs:
             k = r.num_logprobs
-            top = zip(out.top_ids[slot, :k], out.top_logprobs[slot, :k], strict=True)
-            lp = [(float(out.logprob[slot]), [(int(i), float(v)) for i, v in top])]
+            top = zip(out.top_ids[j, slot, :k], out.top_logprobs[j, slot, :k], strict=True)
+            lp = [(float(out.logprob[j, slot]), [(int(i), float(v)) for i, v in top])]
         text = ""
         if r.tracker is not None:
             if finish not in (EOS, STOP):  # an eos / stop id is not part of the text
@@ -522,14 +539,15 @@ class Engine:
             text = r.tracker.release()
         if finish == RUNNING:
             r.sink(Event([tok], text, lp))
-            return
+            return False
         if r.tracker is not None and r.tracker.stopped:
-            self.state = dev.release(self.state, np.int32(slot))  # still RUNNING on device
+            self.state = dev.release(self.state, np.int32(slot))  # may still run on device
         self.slots[slot] = None
         if self.metrics is not None:
             self.metrics.observe_finished(r, now)
         reason = "length" if finish == LENGTH else "stop"
         r.sink(Event([tok], text, lp, done=True, finish_reason=reason))
+        return True
 
     def _retire(self, slot: int, reason: str) -> None:
         r = self.slots[slot]

@@ -50,7 +50,7 @@ class Metrics:
         )
         self.step_time = prom.Histogram(
             "neox_jax_decode_step_seconds",
-            "Wall time of one decode step over all slots",
+            "Wall time of one generate call (steps_per_call decode steps over all slots)",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -97,9 +97,10 @@ class SlotState:
 
 @flax.struct.dataclass
 class StepOutput:
-    """What one ``generate`` call produced, per slot: ``tokens [N]`` (0 where a slot did
+    """What one decode step produced, per slot: ``tokens [N]`` (0 where a slot did
     not run), ``finish [N]`` after the step, ``logprob [N]`` of the chosen token under
-    the model's distribution, and the ``top_logprobs / top_ids [N, K]`` alternatives."""
+    the model's distribution, and the ``top_logprobs / top_ids [N, K]`` alternatives.
+    ``generate`` stacks them over its steps (a leading ``[steps]`` axis)."""
 
     tokens: Array
     finish: Array
@@ -385,12 +386,21 @@ def _slot_forward(config: ModelConfig, params, state: SlotState):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "mode", "num_logprobs"), donate_argnames=("state",)
+    jax.jit,
+    static_argnames=("config", "mode", "num_logprobs", "steps"),
+    donate_argnames=("state",),
 )
 def generate(
-    config: ModelConfig, params, state: SlotState, *, mode: SamplingMode, num_logprobs: int = 0
+    config: ModelConfig,
+    params,
+    state: SlotState,
+    *,
+    mode: SamplingMode,
+    num_logprobs: int = 0,
+    steps: int = 1,
 ) -> tuple[SlotState, StepOutput]:
-    """Advance every RUNNING slot by one token; other slots are left as they are.
+    """Advance every RUNNING slot by ``steps`` tokens (fewer where a slot finishes);
+    other slots are left as they are.
 
     Args:
       config: the model config (static).
@@ -399,7 +409,21 @@ def generate(
       mode: ``GREEDY`` when every running slot has temperature 0, else ``SAMPLE``.
       num_logprobs: alternatives per token to return in ``StepOutput.top_*`` (static;
         0 returns ``[N, 1]`` placeholders).
+      steps: decode steps per call (static). More steps mean fewer host round trips
+        per token; the host admits and retires requests only between calls.
+
+    Returns:
+      The new state and a ``StepOutput`` whose arrays have a leading ``[steps]`` axis.
     """
+
+    def body(s, _):
+        return _one_step(config, params, s, mode, num_logprobs)
+
+    return jax.lax.scan(body, state, None, length=steps)
+
+
+def _one_step(config, params, state: SlotState, mode: SamplingMode, num_logprobs: int):
+    """One token for every RUNNING slot: ``(new state, StepOutput of [N] arrays)``."""
     slots = state.last.shape[0]
     rows = jnp.arange(slots)
     logits, cache = _slot_forward(config, params, state)
