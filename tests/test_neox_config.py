@@ -181,3 +181,22 @@ def test_converter_prints_an_equivalent_command(capsys):
     assert printed.to_dict() == direct.to_dict()
     assert COMMAND(["neox_jax.neox_config", f"--neox_config={DATA / 'missing.yml'}"]) == 2
     assert "missing.yml does not exist" in capsys.readouterr().err
+
+
+def test_neox_schedule_runs_inside_a_jitted_update():
+    """The trainer jits the optimizer update, so the schedule sees a traced step count."""
+    import jax
+    import jax.numpy as jnp
+
+    t = translate(read_configs([str(DATA / "pythia" / "70M.yml")]), num_gpus=32)
+    tx, schedule = optimizer_from_config(pretrain_config(t.overrides))
+    params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, state = jax.jit(tx.update)(grads, state, params)
+    # Adam's first update is -lr * sign(g) (bias-corrected m/sqrt(v) = 1 for constant g),
+    # plus decoupled weight decay on the kernel; the bias has no decay.
+    lr0 = float(schedule(0))
+    assert lr0 == pytest.approx(1e-3 / 1430, rel=1e-5)  # GPT-NeoX: lr * max(1, 0) / warmup
+    assert float(updates["bias"][0]) == pytest.approx(-lr0, rel=1e-4)
+    assert float(jax.jit(schedule)(jnp.int32(71_500))) == pytest.approx(float(schedule(71_500)))
