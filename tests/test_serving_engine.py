@@ -155,6 +155,13 @@ def test_logprobs_are_the_models_distribution(model, engine):
         assert chosen == pytest.approx(row[ids[len(prompt) + i]], abs=1e-4)
         assert [t for t, _ in top] == list(np.argsort(-row)[:3])
         assert top[0][0] == ids[len(prompt) + i]  # greedy takes the most likely
+    # echo: the prompt's own tokens scored by the same distribution
+    scored = engine.prompt_logprobs(prompt, 2)
+    assert len(scored) == len(prompt) - 1
+    for i, (chosen, top) in enumerate(scored):
+        row = np.asarray(logp[i])
+        assert chosen == pytest.approx(row[prompt[i + 1]], abs=1e-4)
+        assert [t for t, _ in top] == list(np.argsort(-row)[:2])
 
 
 def test_queue_bound_cancel_and_bad_requests(model, engine):
