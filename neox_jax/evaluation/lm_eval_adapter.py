@@ -124,7 +124,7 @@ class NeoxLM(TemplateLM):
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
         """lm-eval's CLI path; ``--model_args`` win over its generic ``--batch_size``."""
-        from lm_eval.utils import simple_parse_args_string
+        from lm_eval.utils import simple_parse_args_string  # lm_eval's own parser, as its CLI uses
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 

@@ -30,6 +30,7 @@ import numpy as np
 from neox_jax.errors import read_utf8
 from neox_jax.evaluation.code_problems import PROBLEMS, Problem
 from neox_jax.evaluation.sandbox import ExecResult, run_program
+from neox_jax.inference import SamplingParams
 
 # Where a function body ends in top-level Python: the next top-level statement. Each
 # starts at column 0 right after a newline, so indented code never matches.
@@ -191,8 +192,6 @@ def generate_completions(
     Returns:
       ``{task_id: [completion, ...]}``.
     """
-    from neox_jax.inference import SamplingParams
-
     prompts, params = [], []
     for p in problems:
         for i in range(n):

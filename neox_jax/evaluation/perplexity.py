@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from neox_jax.data.indexed_dataset import IndexedDataset, exists
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 
 
@@ -218,8 +219,6 @@ def perplexity_of_indexed_dataset(
       stride, prefix_token_id: as in ``perplexity_of_ids``.
       max_sequences: score only the first N sequences (0 = all).
     """
-    from neox_jax.data.indexed_dataset import IndexedDataset, exists
-
     if not exists(prefix):
         raise FileNotFoundError(f"no indexed dataset at {prefix} (.bin/.idx).")
     dataset = IndexedDataset(prefix)

@@ -61,7 +61,7 @@ def _split(text: str) -> list[str]:
 def run_harness(lm, harness_config) -> dict[str, Any]:
     """Run lm-eval tasks on an ``lm_eval`` model; returns ``{"results", "versions", ...}``."""
     lm_eval = require("lm_eval", "config.harness.tasks")
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # optional: the [eval] extra
 
     tasks = _split(harness_config.tasks)
     include = _split(harness_config.include_path)
@@ -141,7 +141,9 @@ def run(config, out: TextIO | None = None) -> dict[str, Any]:
         )
         results["perplexity"]["indexed_dataset"] = {"path": p.indexed_dataset, **res.to_dict()}
     if h.tasks:
-        from neox_jax.evaluation.lm_eval_adapter import NeoxLM
+        from neox_jax.evaluation.lm_eval_adapter import (
+            NeoxLM,  # optional: imports lm_eval ([eval] extra)
+        )
 
         lm = NeoxLM(
             config=model_config,

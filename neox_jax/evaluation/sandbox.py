@@ -150,7 +150,7 @@ def network_isolation_available() -> bool:
 
 
 def _limits(timeout: float, memory_mb: int) -> str:
-    import resource
+    import resource  # POSIX only
 
     limits = [
         (resource.RLIMIT_CPU, int(timeout) + 1),  # a busy loop dies even if the parent stalls

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from neox_jax.errors import UserError
-from neox_jax.model import ModelConfig, abstract_params, axes, param_logical_axes
+from neox_jax.model import GPTNeoX, ModelConfig, abstract_params, axes, param_logical_axes
 
 Array = jax.Array
 
@@ -233,8 +233,6 @@ def lora_apply_fn(config: ModelConfig, lora: LoraConfig, *, deterministic: bool 
     ``deterministic=True`` (evaluation) switches adapter dropout off. The dropout key is
     the "dropout" stream, which the layer scan splits per layer.
     """
-    from neox_jax.model import GPTNeoX
-
     model = GPTNeoX(config)
     use_dropout = lora.dropout > 0 and not deterministic
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from neox_jax.atomic import atomic_directory
 from neox_jax.errors import load_json
@@ -73,8 +74,6 @@ def save_peft_adapter(
     Returns:
       The absolute path written.
     """
-    from safetensors.numpy import save_file
-
     path = Path(path).absolute()
     expected = abstract_adapters(config, lora)
     bad = shape_mismatches(adapters, expected)
@@ -151,8 +150,6 @@ def load_peft_adapter(
     Returns:
       ``(lora config, adapters)`` with adapters an ``init_adapters``-shaped numpy tree.
     """
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")

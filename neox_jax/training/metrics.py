@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
@@ -66,8 +68,6 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
 
 def measure_matmul_peak(size: int = 1024, dtype=np.float32, repeats: int = 5) -> float:
     """Best FLOP/s of a square matmul on the default device (the CPU's practical peak)."""
-    import jax.numpy as jnp
-
     a = jnp.ones((size, size), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
@@ -185,8 +185,6 @@ class MetricWriter:
         # Every process traces its own devices (a trace per host, as the profiler expects).
         self.profiler = StepProfiler(profile if workdir is not None else None, tb_dir)
         if self.enabled and workdir is not None:
-            from tensorboardX import SummaryWriter
-
             self.tb = SummaryWriter(str(tb_dir))
             self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
             if project := train_config.get("wandb_project", ""):

@@ -24,10 +24,16 @@ import jax
 import numpy as np
 
 from neox_jax import hub
-from neox_jax.data.tokenizer import copy_tokenizer
+from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.loading import load_model, peek_config
-from neox_jax.model import ModelConfig, abstract_params, init_params, param_logical_axes
+from neox_jax.model import (
+    ModelConfig,
+    abstract_params,
+    count_params,
+    init_params,
+    param_logical_axes,
+)
 from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
 from neox_jax.training import data as data_lib
@@ -404,8 +410,6 @@ def _is_storage_error(e: BaseException | None) -> bool:
 
 
 def count_params_str(model_config: ModelConfig) -> str:
-    from neox_jax.model import count_params
-
     return f"{count_params(model_config):,}"
 
 
@@ -445,8 +449,6 @@ def _peak_flops(config) -> float:
 def _check_vocab(tokenizer_path: str | None, model_config: ModelConfig) -> None:
     if not tokenizer_path:
         return
-    from neox_jax.data.tokenizer import load_tokenizer
-
     vocab = load_tokenizer(tokenizer_path).vocab_size
     if vocab > model_config.vocab_size:
         raise ValueError(
