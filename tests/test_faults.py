@@ -352,3 +352,28 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_one(dataset, tmp_p
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"Resumed from step {complete[-1]}" in again.stdout
     assert not [n for n in _on_disk(run) if not n.isdigit()]  # the cut save was cleaned up
+
+
+def test_an_error_in_the_loop_lets_the_save_in_flight_finish(
+    dataset, tmp_path, monkeypatch, capsys
+):
+    """The data pipeline fails at step 5 while step 4's asynchronous save is in flight."""
+    from neox_jax.training import data as data_lib
+
+    real = data_lib.global_batch
+
+    def failing(source, step, mesh):
+        if step == 5:
+            raise RuntimeError("the dataset's disk went away")
+        return real(source, step, mesh)
+
+    monkeypatch.setattr(data_lib, "global_batch", failing)
+    config = _config(
+        dataset, **{"train.steps": 8, "train.save_every": 2, "train.async_checkpoint": True}
+    )
+    with pytest.raises(RuntimeError, match="disk went away"):
+        train_and_evaluate(config, tmp_path)
+    named = _named_step(capsys.readouterr().out)
+    assert named == 4 == max(_complete(tmp_path)), _on_disk(tmp_path)
+    assert _on_disk(tmp_path) == ["2", "4"]
+    _assert_restorable(tmp_path, 4)
