@@ -110,10 +110,11 @@ class GPTNeoX(nn.Module):
             param_dtype=cfg.params_dtype,
             name="embed_in",
         )
-        # nn.Embed casts the table before the lookup, ``embed_tokens`` after: the same
+        # Cast before the lookup (as nn.Embed does), ``embed_tokens`` after: the same
         # values, but the table's gradient accumulates in the compute dtype here, as
         # training always has.
-        x = _constrain_embeddings(embed(input_ids.astype(jnp.int32)))
+        table = _lookup_table(embed.embedding.astype(cfg.compute_dtype))
+        x = _constrain_embeddings(jnp.take(table, input_ids.astype(jnp.int32), axis=0))
 
         layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, (new_layer_caches, layer_inputs) = self._stack(return_hidden_states)(
@@ -208,6 +209,18 @@ def block_fn(config: ModelConfig):
     return apply
 
 
+def _lookup_table(table: Array) -> Array:
+    """The ``[V, E]`` input table whole along ``embed`` for the lookup.
+
+    Under FSDP the table is stored split along ``embed``; a lookup into it would give
+    embeddings split along ``embed``, which XLA then reshards to the batch layout by
+    gathering the activations (its "involuntary full rematerialization" warning).
+    Gathering the table first, as FSDP does for every other weight, keeps the lookup's
+    output batch-sharded from the start.
+    """
+    return nn.with_logical_constraint(table, (axes.VOCAB, None))
+
+
 def _constrain_embeddings(x: Array) -> Array:
     return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
@@ -249,7 +262,7 @@ def _project(config: ModelConfig, x: Array, head, table: Array) -> Array:
 
 def embed_tokens(config: ModelConfig, params, input_ids: Array) -> Array:
     """``[B, T]`` ids -> ``[B, T, E]`` embeddings in the compute dtype (``embed_in``)."""
-    table = params["embed_in"]["embedding"]
+    table = _lookup_table(params["embed_in"]["embedding"])
     x = jnp.take(table, input_ids.astype(jnp.int32), axis=0).astype(config.compute_dtype)
     return _constrain_embeddings(x)
 
