@@ -138,7 +138,10 @@ class _SigtermFlag:
         self.raised = True
 
     def _interrupt(self, signum, frame):
-        say("Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: now).")
+        # logging, not print: a print here could re-enter one the loop is in the middle of.
+        logging.warning(
+            "Ctrl-C: saving a checkpoint after this step, then exiting (Ctrl-C again: exit now)."
+        )
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
