@@ -1,4 +1,6 @@
-"""Hugging Face ``GPTNeoXForCausalLM`` checkpoints <-> neox_jax parameters.
+"""Hugging Face checkpoints <-> neox_jax parameters: ``GPTNeoXForCausalLM`` here, and
+the Llama-style families (Llama, Mistral, Qwen2, Qwen3) through the tables of
+``neox_jax.convert.hf_families``, chosen by ``model_type``.
 
 The name map below is the whole conversion. Hugging Face stores ``nn.Linear.weight``
 as ``[out, in]``; we store ``kernel`` as ``[in, out]``, so linear weights are
@@ -25,8 +27,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from neox_jax.atomic import atomic_directory
+from neox_jax.convert import hf_families
+from neox_jax.convert.hf_families import ConversionError
 from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
-from neox_jax.errors import UserError, load_json
+from neox_jax.errors import load_json
 from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.model.shapes import check_params
 
@@ -67,7 +71,7 @@ GLOBAL_MAP = {
 # state_dict saved by hand therefore carries lm_head.weight.
 ALIASES = {"lm_head.weight": "embed_out.weight"}
 # Buffers that old checkpoints carry and that hold no parameters.
-IGNORED = re.compile(r".*\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+IGNORED = re.compile(r".*\.(attention|self_attn)\.(bias|masked_bias|rotary_emb\.inv_freq)$")
 
 DTYPES = {
     "float32": np.float32,
@@ -78,10 +82,6 @@ SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 TORCH_SINGLE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-
-
-class ConversionError(UserError):
-    """A checkpoint that cannot be converted; the message says what and how to fix it."""
 
 
 # -------------------------------------------------------------------- config
@@ -98,11 +98,9 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     ``rope_parameters: {partial_rotary_factor, rope_theta, rope_type}``.
     """
     model_type = hf.get("model_type")
+    hf_families.check_model_type(model_type)
     if model_type != "gpt_neox":
-        raise ConversionError(
-            f"config.json has model_type={model_type!r}, not 'gpt_neox': this is not a "
-            "GPT-NeoX checkpoint (GPT-NeoX-20B and Pythia use 'gpt_neox')."
-        )
+        return hf_families.config_from_hf(hf, **overrides)
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
     base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
@@ -140,6 +138,8 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[str, Any]:
     """A ``config.json`` dict that transformers 4.x and 5.x both read."""
+    if config.model_type != "gpt_neox":
+        return {**hf_families.config_to_hf(config, dtype), **extra}
     out = {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -260,6 +260,8 @@ def _shard_files(path: Path, index_name: str, single_name: str) -> list[Path]:
 
 def _hf_name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None]]:
     """Every HF tensor name this config needs -> (our path, transpose, layer or None)."""
+    if config.model_type != "gpt_neox":
+        return hf_families.name_table(config)
     table = {}
     for name, (ours, t) in GLOBAL_MAP.items():
         if name == "embed_out.weight" and config.tie_word_embeddings:
@@ -280,7 +282,7 @@ def _hf_name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None
 def load_hf(
     path: str | os.PathLike, *, param_dtype: str = "float32", **config_overrides
 ) -> tuple[ModelConfig, dict[str, Any]]:
-    """Read a Hugging Face GPT-NeoX directory.
+    """Read a Hugging Face GPT-NeoX, Llama, Mistral, Qwen2 or Qwen3 directory.
 
     Args:
       path: folder with ``config.json`` and ``model.safetensors`` (single or sharded with
@@ -313,10 +315,11 @@ def params_from_hf_tensors(
     seen: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in tensors:
-        name = ALIASES.get(name, name)
+        if config.model_type == "gpt_neox":
+            name = ALIASES.get(name, name)
         if IGNORED.match(name):
             continue
-        if name == "embed_out.weight" and config.tie_word_embeddings:
+        if name in ("embed_out.weight", "lm_head.weight") and config.tie_word_embeddings:
             continue  # tied checkpoints may still carry a copy of the embedding
         if name not in table:
             unexpected.append(name)
@@ -337,8 +340,9 @@ def params_from_hf_tensors(
         seen.add(name)
     if unexpected:
         raise ConversionError(
-            f"{len(unexpected)} tensors are not part of a GPT-NeoX model, e.g. "
-            f"{unexpected[:5]}; is {path} a GPTNeoXForCausalLM checkpoint?"
+            f"{len(unexpected)} tensors are not part of a {config.model_type} model of "
+            f"this config.json, e.g. {unexpected[:5]}; is {path} a "
+            f"{hf_families.ARCHITECTURES[config.model_type]} checkpoint?"
         )
     missing = sorted(set(table) - seen)
     if missing:
@@ -383,7 +387,8 @@ def save_hf(
     chat_template: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a folder that ``GPTNeoXForCausalLM.from_pretrained`` loads.
+    """Write a folder that transformers' ``<family>ForCausalLM.from_pretrained`` loads
+    (``config.model_type`` picks the family).
 
     Shards ``model.safetensors`` above ``max_shard_size`` (with the index file). The
     folder is written under a temporary name and renamed at the end, so a failure

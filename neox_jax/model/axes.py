@@ -10,6 +10,7 @@ parallel layout is a config change and never a model edit.
 VOCAB = "vocab"  # vocabulary rows of the input/output embedding
 EMBED = "embed"  # the model (residual stream) dimension
 HEADS = "heads"  # heads * head_dim, fused (q|k|v per head for the QKV projection)
+KV_HEADS = "kv_heads"  # kv_heads * head_dim of the separate k/v projections (GQA)
 MLP = "mlp"  # the 4h dimension of the MLP
 LAYERS = "layers"  # the stacked layer axis added by nn.scan
 NORM = "norm"  # LayerNorm scale/bias (never worth sharding)
@@ -19,6 +20,7 @@ BATCH = "activation_batch"
 LENGTH = "activation_length"
 ACT_EMBED = "activation_embed"
 ACT_HEADS = "activation_heads"  # the head axis of [batch, length, heads, head_dim]
+ACT_KV_HEADS = "activation_kv_heads"  # the head axis of k/v when fewer than query heads
 ACT_KV = "activation_head_dim"
 ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"

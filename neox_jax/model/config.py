@@ -1,7 +1,11 @@
-"""``ModelConfig``: the frozen description of a GPT-NeoX model, and the size table.
+"""``ModelConfig``: the frozen description of a decoder model, and the size table.
 
-Field names follow Hugging Face's ``GPTNeoXConfig`` so that interop is a dict copy;
-``dtype``, ``param_dtype``, ``attention_impl``, ``remat`` and ``rope_scaling`` are ours.
+One config describes GPT-NeoX/Pythia and, by its family options, the Llama-style
+decoders (Llama, Mistral, Qwen2/2.5, Qwen3). Field names follow Hugging Face's
+``GPTNeoXConfig`` (and ``LlamaConfig`` for the family options) so that interop is a
+dict copy; ``dtype``, ``param_dtype``, ``attention_impl``, ``remat`` and
+``rope_scaling`` are ours. Every family option defaults to GPT-NeoX's behaviour, so a
+stored config without those keys loads as the same model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import json
 from typing import Any, ClassVar, Self
 
 import jax.numpy as jnp
+
+from neox_jax.errors import UserError
 
 ACTIVATIONS = (
     "gelu",  # exact, erf-based (torch.nn.functional.gelu); Pythia hub configs
@@ -27,6 +33,10 @@ ACTIVATIONS = (
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALING_TYPES = ("linear", "ntk")
+NORM_TYPES = ("layernorm", "rmsnorm")
+# The Hugging Face architecture a model is written as (neox_jax.convert picks the
+# tensor names and config.json keys by it).
+MODEL_TYPES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -82,7 +92,28 @@ class ModelConfig(JsonConfig):
       layer_norm_eps: LayerNorm epsilon.
       use_parallel_residual: ``x + attn(ln1(x)) + mlp(ln2(x))`` if True, else sequential.
       tie_word_embeddings: share the input embedding with the output projection.
-      attention_bias: biases on ``query_key_value`` and ``dense``.
+      attention_bias: biases on the q/k/v projection(s), and on ``dense`` unless
+        ``attention_out_bias`` says otherwise.
+    Family options (defaults are GPT-NeoX's):
+      model_type: the Hugging Face family, one of ``MODEL_TYPES``.
+      num_key_value_heads: key/value heads (grouped-query attention; 1 = multi-query);
+        None means ``num_attention_heads``. Query head ``h`` reads KV head
+        ``h // (num_attention_heads // num_key_value_heads)``, as transformers' repeat_kv.
+      head_dim_override: the head size when it is not ``hidden_size // num_attention_heads``
+        (transformers' ``head_dim``, e.g. Qwen3); None derives it. Read ``head_dim``.
+      norm_type: "layernorm" (with bias) or "rmsnorm" (scale only, fp32 as transformers);
+        ``layer_norm_eps`` is the epsilon of either (``rms_norm_eps`` on the hub).
+      gated_mlp: ``down(act(gate(x)) * up(x))`` (SwiGLU with silu) instead of
+        ``dense_4h_to_h(act(dense_h_to_4h(x)))``.
+      mlp_bias: biases on the MLP projections.
+      fused_qkv: one ``query_key_value`` projection (GPT-NeoX's per-head [q|k|v]) rather
+        than separate ``q_proj``/``k_proj``/``v_proj``.
+      attention_out_bias: bias on the attention output ``dense``; None follows
+        ``attention_bias`` (Qwen2 has q/k/v biases only).
+      qk_norm: RMSNorm over each head of q and k before rotary (Qwen3).
+      sliding_window: a query at slot ``i`` sees only keys at slots ``> i - window``
+        (Mistral, as transformers masks it); None = full causal attention. The KV cache
+        still holds every slot (no rolling cache yet).
     Ours:
       dtype: compute dtype ("float32" or "bfloat16"); LayerNorm and softmax stay fp32.
       param_dtype: storage dtype of parameters.
@@ -105,6 +136,16 @@ class ModelConfig(JsonConfig):
     use_parallel_residual: bool = True
     tie_word_embeddings: bool = False
     attention_bias: bool = True
+    model_type: str = "gpt_neox"
+    num_key_value_heads: int | None = None
+    head_dim_override: int | None = None
+    norm_type: str = "layernorm"
+    gated_mlp: bool = False
+    mlp_bias: bool = True
+    fused_qkv: bool = True
+    attention_out_bias: bool | None = None
+    qk_norm: bool = False
+    sliding_window: int | None = None
     # How the model runs rather than what it is: a checkpoint's architecture never
     # overrides these (see ``architecture_fields``).
     dtype: str = _runtime("float32")
@@ -121,7 +162,21 @@ class ModelConfig(JsonConfig):
     # ------------------------------------------------------------------ derived
     @property
     def head_dim(self) -> int:
+        if self.head_dim_override is not None:
+            return self.head_dim_override
         return self.hidden_size // self.num_attention_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: ``num_key_value_heads``, or every query head when unset."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def out_bias(self) -> bool:
+        """Whether the attention output projection has a bias."""
+        if self.attention_out_bias is None:
+            return self.attention_bias
+        return self.attention_out_bias
 
     @property
     def rotary_ndims(self) -> int:
@@ -170,7 +225,8 @@ class ModelConfig(JsonConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
-        if self.hidden_size % self.num_attention_heads:
+        self._validate_family()
+        if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); choose sizes whose ratio is the head size."
@@ -197,6 +253,42 @@ class ModelConfig(JsonConfig):
             factor = scaling.get("factor")
             if not isinstance(factor, int | float) or factor < 1.0:
                 raise ValueError(f"rope_scaling['factor'] must be a number >= 1, got {factor!r}.")
+
+    def _validate_family(self) -> None:
+        _check_choice("model_type", self.model_type, MODEL_TYPES)
+        _check_choice("norm_type", self.norm_type, NORM_TYPES)
+        for name in ("num_key_value_heads", "head_dim_override", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value <= 0
+            ):
+                raise ValueError(
+                    f"ModelConfig.{name} must be a positive integer or None, got {value!r}."
+                )
+        if self.num_attention_heads % self.kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) is not divisible by "
+                f"num_key_value_heads ({self.kv_heads}); each KV head serves a whole group "
+                "of query heads, so choose a divisor."
+            )
+        if self.fused_qkv and self.kv_heads != self.num_attention_heads:
+            raise ValueError(
+                f"fused_qkv=True (GPT-NeoX's query_key_value) needs as many KV heads as query "
+                f"heads, got num_key_value_heads={self.kv_heads} for "
+                f"{self.num_attention_heads} heads; set fused_qkv=False for grouped-query "
+                "attention."
+            )
+        if self.attention_impl == "pallas" and self.kv_heads != self.num_attention_heads:
+            raise UserError(
+                f"attention_impl='pallas' does not yet support grouped-query attention "
+                f"(num_key_value_heads={self.kv_heads} < num_attention_heads="
+                f"{self.num_attention_heads}); use attention_impl='xla'."
+            )
+        if self.attention_impl == "pallas" and self.sliding_window is not None:
+            raise UserError(
+                f"attention_impl='pallas' does not yet support sliding_window="
+                f"{self.sliding_window}; use attention_impl='xla'."
+            )
 
     # ------------------------------------------------------------ construction
     @classmethod

@@ -1,7 +1,10 @@
-"""The GPT-NeoX building blocks: LayerNorm, Linear, rotary, attention, MLP, block.
+"""The decoder building blocks: LayerNorm/RMSNorm, Linear, rotary, attention, MLP, block.
+
+GPT-NeoX by default; the ``ModelConfig`` family options switch in grouped KV heads,
+separate q/k/v projections, QK-norm, RMSNorm and the gated MLP (Llama, Mistral, Qwen).
 
 Shapes: ``B`` batch, ``T`` length, ``S`` cache length, ``E`` hidden, ``H`` heads,
-``D`` head size, ``F`` intermediate size, ``V`` vocabulary.
+``KV`` key/value heads, ``G = H / KV``, ``D`` head size, ``F`` intermediate size, ``V`` vocabulary.
 
 Every linear layer is a ``Linear`` with a ``kernel`` of shape ``[in, out]`` (the
 transpose of a torch ``nn.Linear.weight``) and a ``bias`` of shape ``[out]``. The fused
@@ -97,6 +100,38 @@ class LayerNorm(nn.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers' ``LlamaRMSNorm``: normalised in fp32, cast back to the
+    input dtype, then scaled (so bf16 rounds where transformers rounds)."""
+
+    eps: float
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (axes.NORM,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * y.astype(x.dtype)).astype(self.dtype)
+
+
+def norm_layer(config: ModelConfig, name: str | None = None) -> nn.Module:
+    """The config's normalisation (``norm_type``) over the model width."""
+    cls = RMSNorm if config.norm_type == "rmsnorm" else LayerNorm
+    return cls(
+        eps=config.layer_norm_eps,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        name=name,
+    )
 
 
 class Linear(nn.Module):
@@ -197,7 +232,8 @@ def attend(
     """Dispatch on ``config.attention_impl``; every path equals ``reference.attention``.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, H, D]`` (S == T unless ``cached``).
+      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` (S == T unless ``cached``; KV < H
+        only on the XLA path, see ``grouped_attention``).
       q_segment_ids: ``[B, T]``; kv_segment_ids: ``[B, S]`` (0 = padding / empty slot).
       q_offset: cache slot of the first query (``cached`` only).
       cached: k/v are a KV cache written up to ``length`` slots.
@@ -220,6 +256,10 @@ def attend(
     mask = reference.make_attention_mask(
         q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
     )
+    if config.sliding_window is not None:
+        mask &= _window_mask(q.shape[1], k.shape[1], q_offset, config.sliding_window)
+    if k.shape[2] != q.shape[2]:
+        return grouped_attention(q, k, v, mask)
     return reference.attention(q, k, v, mask)
 
 
@@ -273,8 +313,40 @@ def per_device(fn, logical_in, logical_out, out_shape):
     return run
 
 
+def _window_mask(q_len: int, kv_len: int, q_offset, window: int) -> Array:
+    """``[1, 1, T, S]``: key slot ``s`` is within ``window`` of query slot ``t``
+    (``s > t - window``, transformers' sliding-window rule); causality is separate."""
+    q_slot = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)[:, None]
+    kv_slot = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    return (kv_slot > q_slot - window)[None, None]
+
+
+def grouped_attention(q, k, v, mask):
+    """``reference.attention`` for fewer KV heads than query heads, K/V not repeated.
+
+    Query head ``h`` reads KV head ``h // G`` (transformers' ``repeat_kv`` order), so
+    the query heads reshape to ``[KV, G]`` and each group shares one K and V.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` with ``H = KV * G``.
+      mask: boolean broadcastable to ``[B, 1, T, S]``.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    # [B, KV, G, T, S]
+    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * head_dim**-0.5
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, reference.MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention with partial rotary embeddings and an optional KV cache."""
+    """Self-attention with (partial) rotary embeddings, optional grouped KV heads,
+    QK-norm and a KV cache."""
 
     config: ModelConfig
 
@@ -282,29 +354,25 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, layer_cache=None, cache_info=None):
         """Args:
           x: ``[B, T, E]``; positions, segment_ids: ``[B, T]``.
-          layer_cache: None, or ``{"k", "v"}`` of ``[B, S, H, D]`` for this layer.
+          layer_cache: None, or ``{"k", "v"}`` of ``[B, S, KV, D]`` for this layer.
           cache_info: ``{"segment_ids": [B, S] (already updated), "index": scalar}``.
         Returns ``(out [B, T, E], new layer_cache or None)``.
         """
         cfg = self.config
         batch, length, _ = x.shape
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
-        dense = functools.partial(
-            Linear,
-            use_bias=cfg.attention_bias,
-            dtype=cfg.compute_dtype,
-            param_dtype=cfg.params_dtype,
-        )
-        qkv = dense(
-            features=3 * cfg.hidden_size,
-            kernel_axes=(axes.EMBED, axes.HEADS),
-            kernel_init=small_init(cfg.hidden_size),
-            name="query_key_value",
-        )(x)
-        qkv = qkv.reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
-        q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]  # [B, T, H, D]
+        q, k, v = self._project_qkv(x)
         names = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
-        q, k, v = (nn.with_logical_constraint(t, names) for t in (q, k, v))
+        # K/V heads shard like query heads only when there are as many of them.
+        kv_names = names if cfg.kv_heads == heads else (*names[:2], axes.ACT_KV_HEADS, names[3])
+        q = nn.with_logical_constraint(q, names)
+        k, v = (nn.with_logical_constraint(t, kv_names) for t in (k, v))
+        if cfg.qk_norm:  # per head, before rotary (Qwen3)
+            norm = functools.partial(
+                RMSNorm, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+            )  # fmt: skip
+            q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
         inv_freq = rotary_inv_freq(cfg)
         q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
 
@@ -333,36 +401,86 @@ class Attention(nn.Module):
             )
         out = nn.with_logical_constraint(out, names).reshape(batch, length, heads * head_dim)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
-        out = dense(
+        out = Linear(
             features=cfg.hidden_size,
             kernel_axes=(axes.HEADS, axes.EMBED),
             kernel_init=init,
+            use_bias=cfg.out_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
             name="dense",
         )(out)
         return out, new_cache
 
+    def _project_qkv(self, x):
+        """``[B, T, E]`` -> q ``[B, T, H, D]``, k and v ``[B, T, KV, D]``."""
+        cfg = self.config
+        batch, length, _ = x.shape
+        heads, kv_heads, head_dim = cfg.num_attention_heads, cfg.kv_heads, cfg.head_dim
+        dense = functools.partial(
+            Linear,
+            use_bias=cfg.attention_bias,
+            kernel_init=small_init(cfg.hidden_size),
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        if cfg.fused_qkv:
+            qkv = dense(
+                features=3 * heads * head_dim,
+                kernel_axes=(axes.EMBED, axes.HEADS),
+                name="query_key_value",
+            )(x)
+            qkv = qkv.reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
+            return qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+        q = dense(features=heads * head_dim, kernel_axes=(axes.EMBED, axes.HEADS), name="q_proj")
+        k, v = (
+            dense(features=kv_heads * head_dim, kernel_axes=(axes.EMBED, axes.KV_HEADS), name=n)
+            for n in ("k_proj", "v_proj")
+        )
+        return (
+            q(x).reshape(batch, length, heads, head_dim),
+            k(x).reshape(batch, length, kv_heads, head_dim),
+            v(x).reshape(batch, length, kv_heads, head_dim),
+        )
+
 
 class MLP(nn.Module):
+    """GPT-NeoX's ``dense_4h_to_h(act(dense_h_to_4h(x)))``, or with ``gated_mlp`` the
+    Llama form ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU when act is silu)."""
+
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         cfg = self.config
-        dense = functools.partial(Linear, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
-        h = dense(
+        dense = functools.partial(
+            Linear,
+            use_bias=cfg.mlp_bias,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+        )
+        names = ("gate_proj", "up_proj", "down_proj")
+        if not cfg.gated_mlp:
+            names = (None, "dense_h_to_4h", "dense_4h_to_h")
+        up = functools.partial(
+            dense,
             features=cfg.intermediate_size,
             kernel_axes=(axes.EMBED, axes.MLP),
             kernel_init=small_init(cfg.hidden_size),
-            name="dense_h_to_4h",
-        )(x)
-        h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
-        h = activation(cfg.hidden_act)(h)
+        )
+        act_names = (axes.BATCH, axes.LENGTH, axes.ACT_MLP)
+        h = nn.with_logical_constraint(up(name=names[1])(x), act_names)
+        if cfg.gated_mlp:
+            gate = nn.with_logical_constraint(up(name=names[0])(x), act_names)
+            h = activation(cfg.hidden_act)(gate) * h
+        else:
+            h = activation(cfg.hidden_act)(h)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
         return dense(
             features=cfg.hidden_size,
             kernel_axes=(axes.MLP, axes.EMBED),
             kernel_init=init,
-            name="dense_4h_to_h",
+            name=names[2],
         )(h)
 
 
@@ -381,9 +499,7 @@ class Block(nn.Module):
         act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
         x = nn.with_logical_constraint(x, act_names)
         layer_input = x if self.keep_hidden else None
-        norm = functools.partial(
-            LayerNorm, eps=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype
-        )
+        norm = functools.partial(norm_layer, cfg)
         attn, new_cache = Attention(cfg, name="attention")(
             norm(name="input_layernorm")(x), positions, segment_ids, layer_cache, cache_info
         )

@@ -17,6 +17,12 @@ mapping to Hugging Face names)::
     layers/mlp/dense_4h_to_h/{kernel,bias}              [L, F, E], [L, E]
     final_layer_norm/{scale,bias}                       [E]
     embed_out/kernel                                    [E, V]   (absent when tied)
+
+With the family options (``ModelConfig``): ``norm_type="rmsnorm"`` norms hold only
+``scale``; ``fused_qkv=False`` replaces ``query_key_value`` by ``q_proj`` [L, E, H*D],
+``k_proj``/``v_proj`` [L, E, KV*D] (biases per ``attention_bias``); ``qk_norm`` adds
+``attention/{q_norm,k_norm}/scale`` [L, D]; ``gated_mlp`` replaces the MLP by
+``gate_proj``/``up_proj`` [L, E, F] and ``down_proj`` [L, F, E] (biases per ``mlp_bias``).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import jax.numpy as jnp
 
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
-from neox_jax.model.layers import Block, LayerNorm, Linear, small_init
+from neox_jax.model.layers import Block, Linear, norm_layer, small_init
 
 Array = jax.Array
 
@@ -225,13 +231,8 @@ def _constrain_embeddings(x: Array) -> Array:
     return nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
-def _final_norm(config: ModelConfig, name: str | None = None) -> LayerNorm:
-    return LayerNorm(
-        eps=config.layer_norm_eps,
-        dtype=config.compute_dtype,
-        param_dtype=config.params_dtype,
-        name=name,
-    )
+def _final_norm(config: ModelConfig, name: str | None = None):
+    return norm_layer(config, name=name)
 
 
 def _output_head(config: ModelConfig, name: str | None = None) -> Linear:
@@ -309,7 +310,9 @@ def count_params(config: ModelConfig) -> int:
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
     """An empty KV cache.
 
-    Layout: ``k``, ``v``: ``[L, B, S, H, D]``; ``segment_ids``: ``[B, S]`` (0 = empty or
+    Layout: ``k``, ``v``: ``[L, B, S, KV, D]`` (only the key/value heads: grouped-query
+    attention stores ``num_attention_heads / num_key_value_heads`` times fewer bytes);
+    ``segment_ids``: ``[B, S]`` (0 = empty or
     padding slot); ``index``: int32 scalar, the next slot to write.
     """
     dtype = dtype or config.compute_dtype
@@ -317,7 +320,7 @@ def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> 
         config.num_hidden_layers,
         batch,
         max_length,
-        config.num_attention_heads,
+        config.kv_heads,
         config.head_dim,
     )
     return {

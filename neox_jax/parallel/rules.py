@@ -33,6 +33,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.VOCAB, "tensor"),
     (axes.EMBED, "fsdp"),
     (axes.HEADS, "tensor"),
+    # Separate k/v projections (KV heads * head_dim); fit_spec keeps them whole when
+    # the tensor axis does not divide that width.
+    (axes.KV_HEADS, "tensor"),
     (axes.MLP, "tensor"),
     (axes.LAYERS, "stage"),
     (axes.NORM, None),
@@ -43,6 +46,9 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.LENGTH, None),
     (axes.ACT_EMBED, None),
     (axes.ACT_HEADS, "tensor"),
+    # Fewer KV heads than query heads (GQA/MQA) may not divide the tensor axis; each
+    # device keeps every KV head its query heads need.
+    (axes.ACT_KV_HEADS, None),
     (axes.ACT_KV, None),
     (axes.ACT_MLP, "tensor"),
     (axes.ACT_VOCAB, "tensor"),

@@ -1,0 +1,231 @@
+"""The Llama-style families (Llama, Mistral, Qwen2/2.5, Qwen3) <-> ``ModelConfig`` and
+our parameter names. ``neox_jax.convert.hf`` reads and writes the files and picks this
+module's tables by the ``model_type`` of ``config.json``.
+
+These families differ from GPT-NeoX only by ``ModelConfig`` options (see
+``neox_jax.model.config``): RMSNorm, a gated silu MLP, sequential residual, full rotary,
+separate q/k/v projections with grouped KV heads, and per family:
+
+* llama: ``attention_bias`` on q/k/v/o, ``mlp_bias`` on the MLP (both off by default).
+* mistral: no biases.
+* qwen2: biases on q/k/v only.
+* qwen3: ``attention_bias`` on q/k/v/o (off by default), RMSNorm of each q/k head,
+  ``head_dim`` 128 unless config.json says otherwise.
+
+Linear weights are ``[out, in]`` on the hub and ``[in, out]`` here (transposed); the
+rest is copied.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from neox_jax.errors import UserError
+from neox_jax.model import ModelConfig
+
+
+class ConversionError(UserError):
+    """A checkpoint that cannot be converted; the message says what and how to fix it."""
+
+
+ARCHITECTURES = {
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+FAMILIES = tuple(t for t in ARCHITECTURES if t != "gpt_neox")
+# transformers' default head_dim when config.json has none (Qwen3Config's is 128).
+_DEFAULT_HEAD_DIM = {"qwen3": 128}
+_REQUIRED = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+)  # fmt: skip
+
+
+def check_model_type(model_type: Any) -> None:
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
+        raise ConversionError(
+            f"config.json has model_type={model_type!r}, which neox_jax cannot convert; "
+            f"supported model types: {supported}."
+        )
+
+
+# -------------------------------------------------------------------- config
+def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
+    """``(rope_theta, partial_rotary_factor, rope_scaling)`` from either spelling:
+    transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` + ``rope_scaling``."""
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    factor = rope.get("factor", legacy.get("factor"))
+    if kind == "default":
+        return float(theta), float(partial), None
+    if kind == "linear":
+        return float(theta), float(partial), {"type": "linear", "factor": float(factor)}
+    raise ConversionError(
+        f"config.json's rope_scaling/rope_parameters has rope_type={kind!r}, which neox_jax "
+        "does not implement yet (supported: 'default', 'linear'); loading it would give "
+        "wrong logits past the scaled positions."
+    )
+
+
+def _check_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """The sliding window that applies, as transformers decides it, or None."""
+    window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        layer_types = hf.get("layer_types") or []
+        if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
+            return None  # transformers ignores sliding_window then
+        if any(t != "sliding_attention" for t in layer_types):
+            raise ConversionError(
+                f"config.json mixes sliding and full attention layers (layer_types="
+                f"{sorted(set(layer_types))}, max_window_layers="
+                f"{hf.get('max_window_layers')}); neox_jax supports one window for all layers."
+            )
+    return window
+
+
+def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
+    """``ModelConfig`` of a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict."""
+    model_type = hf.get("model_type")
+    check_model_type(model_type)
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ConversionError(
+            f"config.json lacks {', '.join(missing)}: every {model_type} config.json names "
+            f"{', '.join(_REQUIRED)}; restore the file from the original checkpoint."
+        )
+    theta, partial, scaling = _rope(hf)
+    heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim") or _DEFAULT_HEAD_DIM.get(model_type) or hidden // heads
+    kv_heads = hf.get("num_key_value_heads") or heads
+    attention_bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+    fields = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hidden,
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=None if kv_heads == heads else kv_heads,
+        head_dim_override=None if head_dim * heads == hidden else head_dim,
+        intermediate_size=hf["intermediate_size"],
+        hidden_act=hf.get("hidden_act", "silu"),
+        rotary_pct=partial,
+        rotary_emb_base=theta,
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        layer_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        use_parallel_residual=False,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=attention_bias,
+        attention_out_bias=False if model_type == "qwen2" else attention_bias,
+        norm_type="rmsnorm",
+        gated_mlp=True,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        fused_qkv=False,
+        qk_norm=model_type == "qwen3",
+        sliding_window=_check_window(hf, model_type),
+        rope_scaling=scaling,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
+    """A ``config.json`` dict of ``config.model_type`` that transformers 4.x and 5.x read."""
+    t = config.model_type
+    out: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[t]],
+        "model_type": t,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": config.hidden_act,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.layer_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "rope_theta": config.rotary_emb_base,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "sliding_window": config.sliding_window,
+    }
+    if config.rotary_pct != 1.0:
+        out["partial_rotary_factor"] = config.rotary_pct
+    scaling = config.rope_scaling_dict or {}
+    if scaling.get("type") == "linear":
+        out["rope_scaling"] = {"rope_type": "linear", "factor": scaling["factor"]}
+    elif scaling:
+        raise ConversionError(f"rope_scaling {scaling} has no {t} equivalent in transformers.")
+    if t in ("qwen2", "qwen3"):
+        out["use_sliding_window"] = config.sliding_window is not None
+        out["max_window_layers"] = config.num_hidden_layers if config.sliding_window else 0
+    if t in ("llama", "qwen3"):
+        out["attention_bias"] = config.attention_bias
+    if t == "llama":
+        out["mlp_bias"] = config.mlp_bias
+    _check_exportable(config)
+    return out
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    """Refuse a config whose options the family's transformers class cannot express."""
+    t = config.model_type
+    bias = {"llama": None, "mistral": False, "qwen2": True, "qwen3": None}[t]
+    expected = dict(
+        norm_type="rmsnorm",
+        gated_mlp=True,
+        fused_qkv=False,
+        use_parallel_residual=False,
+        qk_norm=t == "qwen3",
+        mlp_bias=config.mlp_bias if t == "llama" else False,
+        attention_bias=config.attention_bias if bias is None else bias,
+        out_bias=False if t == "qwen2" else config.attention_bias,
+    )
+    wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
+    if wrong:
+        needed = {k: expected[k] for k in wrong}
+        raise ConversionError(
+            f"ModelConfig options {wrong} cannot be written as a {ARCHITECTURES[t]}; the "
+            f"family needs {needed}."
+        )
+
+
+# --------------------------------------------------------------------- names
+def name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None]]:
+    """Every hub tensor name of ``config`` -> (our path, transpose, layer or None)."""
+    table: dict[str, tuple[str, bool, int | None]] = {
+        "model.embed_tokens.weight": ("embed_in/embedding", False, None),
+        "model.norm.weight": ("final_layer_norm/scale", False, None),
+    }
+    if not config.tie_word_embeddings:
+        table["lm_head.weight"] = ("embed_out/kernel", True, None)
+    per_layer = {
+        "input_layernorm.weight": ("input_layernorm/scale", False),
+        "post_attention_layernorm.weight": ("post_attention_layernorm/scale", False),
+        "self_attn.o_proj.weight": ("attention/dense/kernel", True),
+    }
+    for p in ("q", "k", "v"):
+        per_layer[f"self_attn.{p}_proj.weight"] = (f"attention/{p}_proj/kernel", True)
+        if config.attention_bias:
+            per_layer[f"self_attn.{p}_proj.bias"] = (f"attention/{p}_proj/bias", False)
+    if config.out_bias:
+        per_layer["self_attn.o_proj.bias"] = ("attention/dense/bias", False)
+    if config.qk_norm:
+        for p in ("q", "k"):
+            per_layer[f"self_attn.{p}_norm.weight"] = (f"attention/{p}_norm/scale", False)
+    for p in ("gate", "up", "down"):
+        per_layer[f"mlp.{p}_proj.weight"] = (f"mlp/{p}_proj/kernel", True)
+        if config.mlp_bias:
+            per_layer[f"mlp.{p}_proj.bias"] = (f"mlp/{p}_proj/bias", False)
+    for i in range(config.num_hidden_layers):
+        for name, (ours, transpose) in per_layer.items():
+            table[f"model.layers.{i}.{name}"] = ("layers/" + ours, transpose, i)
+    return table
