@@ -84,6 +84,20 @@ CASES = {
         "llama",
         dict(rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}),
     ),
+    "llama-llama3-rope": (
+        "llama",
+        dict(
+            max_position_embeddings=512,
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+                "rope_theta": 500000.0,
+            },
+        ),  # fmt: skip
+    ),
     "mistral-mqa-window": ("mistral", dict(num_key_value_heads=1, sliding_window=5)),
     "mistral-no-window": ("mistral", dict(sliding_window=None)),
     "qwen2-qkv-bias-theta1e6": (
@@ -103,7 +117,11 @@ def test_logits_match_transformers(tmp_path, case):
     assert config.model_type == model_type
     assert config.kv_heads == ref.config.num_key_value_heads
     ids = _ids(config.vocab_size)
-    assert_logits_close(_ours(config, params, ids), hf_logits(ref, ids))
+    ours = _ours(config, params, ids)
+    assert_logits_close(ours, hf_logits(ref, ids))
+    if config.rope_scaling is not None:  # the scaling matters at these positions
+        plain = _ours(config.replace(rope_scaling=None), params, ids)
+        assert np.max(np.abs(plain - ours)) > 1e-3 * np.max(np.abs(ours))
 
 
 def test_padding_and_family_options_are_used(tmp_path):
@@ -148,7 +166,8 @@ def test_kv_cache_holds_only_kv_heads_and_greedy_matches_generate(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "case", ["qwen2-qkv-bias-theta1e6", "qwen3-qknorm-head24", "llama-mha-bias"]
+    "case",
+    ["qwen2-qkv-bias-theta1e6", "qwen3-qknorm-head24", "llama-mha-bias", "llama-llama3-rope"],
 )
 def test_round_trip_through_save_hf(tmp_path, case):
     """load_hf -> save_hf (sharded) -> transformers loads the same model."""
@@ -189,7 +208,8 @@ def test_neox_config_without_family_keys_loads_as_before():
             {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
             "rope_type='yarn'",
         ),
-        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type='llama3'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rope_type='dynamic'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope_scaling lacks"),
         ({"num_key_value_heads": 3}, "not divisible by num_key_value_heads"),
     ],
 )

@@ -340,8 +340,9 @@ def params_from_hf_tensors(
         seen.add(name)
     if unexpected:
         raise ConversionError(
-            f"{len(unexpected)} tensors are not part of a {config.model_type} model of "
-            f"this config.json, e.g. {unexpected[:5]}; is {path} a "
+            f"{len(unexpected)} tensors are not part of a "
+            f"{hf_families.NAMES[config.model_type]} model of this config.json, e.g. "
+            f"{unexpected[:5]}; is {path} a "
             f"{hf_families.ARCHITECTURES[config.model_type]} checkpoint?"
         )
     missing = sorted(set(table) - seen)

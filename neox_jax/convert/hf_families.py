@@ -35,6 +35,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+NAMES = {"gpt_neox": "GPT-NeoX", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
+         "qwen3": "Qwen3"}  # fmt: skip
 FAMILIES = tuple(t for t in ARCHITECTURES if t != "gpt_neox")
 # transformers' default head_dim when config.json has none (Qwen3Config's is 128).
 _DEFAULT_HEAD_DIM = {"qwen3": 128}
@@ -66,10 +68,18 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
         return float(theta), float(partial), None
     if kind == "linear":
         return float(theta), float(partial), {"type": "linear", "factor": float(factor)}
+    if kind == "llama3":
+        params = {**legacy, **rope}
+        keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        missing = [k for k in keys if k not in params]
+        if missing:
+            raise ConversionError(f"config.json's llama3 rope_scaling lacks {', '.join(missing)}.")
+        scaling = {"type": "llama3", "factor": float(factor), **{k: params[k] for k in keys}}
+        return float(theta), float(partial), scaling
     raise ConversionError(
         f"config.json's rope_scaling/rope_parameters has rope_type={kind!r}, which neox_jax "
-        "does not implement yet (supported: 'default', 'linear'); loading it would give "
-        "wrong logits past the scaled positions."
+        "does not implement yet (supported: 'default', 'linear', 'llama3'); loading it "
+        "would give wrong logits."
     )
 
 
@@ -160,8 +170,9 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     if config.rotary_pct != 1.0:
         out["partial_rotary_factor"] = config.rotary_pct
     scaling = config.rope_scaling_dict or {}
-    if scaling.get("type") == "linear":
-        out["rope_scaling"] = {"rope_type": "linear", "factor": scaling["factor"]}
+    if scaling.get("type") in ("linear", "llama3"):
+        kind = scaling.pop("type")
+        out["rope_scaling"] = {"rope_type": kind, **scaling}
     elif scaling:
         raise ConversionError(f"rope_scaling {scaling} has no {t} equivalent in transformers.")
     if t in ("qwen2", "qwen3"):

@@ -32,7 +32,11 @@ ACTIVATIONS = (
 )
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ROPE_SCALING_TYPES = ("linear", "ntk")
+ROPE_SCALING_TYPES = ("linear", "ntk", "llama3")
+# The keys each scaling type needs besides "type" and "factor".
+ROPE_SCALING_KEYS = {
+    "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 NORM_TYPES = ("layernorm", "rmsnorm")
 # The Hugging Face architecture a model is written as (neox_jax.convert picks the
 # tensor names and config.json keys by it).
@@ -120,7 +124,9 @@ class ModelConfig(JsonConfig):
       attention_impl: "xla" (the reference) or "pallas" (flash kernels).
       remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
       rope_scaling: None, or {"type": "linear"|"ntk", "factor": f} to run past
-        ``max_position_embeddings`` (see ``neox_jax.model.layers.rotary_inv_freq``).
+        ``max_position_embeddings``, or {"type": "llama3", "factor", "low_freq_factor",
+        "high_freq_factor", "original_max_position_embeddings"} as a Llama 3.1
+        checkpoint states it (see ``neox_jax.model.layers.rotary_inv_freq``).
     """
 
     vocab_size: int = 50432
@@ -253,6 +259,12 @@ class ModelConfig(JsonConfig):
             factor = scaling.get("factor")
             if not isinstance(factor, int | float) or factor < 1.0:
                 raise ValueError(f"rope_scaling['factor'] must be a number >= 1, got {factor!r}.")
+            missing = [k for k in ROPE_SCALING_KEYS.get(kind, ()) if k not in scaling]
+            if missing:
+                raise UserError(
+                    f"rope_scaling of type {kind!r} needs {', '.join(missing)} (as in the "
+                    "model's config.json rope_scaling / rope_parameters)."
+                )
 
     def _validate_family(self) -> None:
         _check_choice("model_type", self.model_type, MODEL_TYPES)

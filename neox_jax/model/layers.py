@@ -183,7 +183,8 @@ def rotary_inv_freq(config: ModelConfig) -> Array:
 
     Linear scaling (position interpolation, Chen et al. 2023) divides positions by
     ``factor``; NTK-aware scaling (bloc97, 2023) raises the base to
-    ``base * factor^(rd / (rd - 2))`` so low frequencies stretch and high ones stay.
+    ``base * factor^(rd / (rd - 2))`` so low frequencies stretch and high ones stay;
+    llama3 scaling (Llama 3.1) divides only the low frequencies (``_llama3_inv_freq``).
     """
     rd = config.rotary_ndims
     base = config.rotary_emb_base
@@ -193,7 +194,23 @@ def rotary_inv_freq(config: ModelConfig) -> Array:
     inv_freq = 1.0 / (base ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
     if scaling.get("type") == "linear":
         inv_freq = inv_freq / scaling["factor"]
+    if scaling.get("type") == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, scaling)
     return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: Array, scaling: dict) -> Array:
+    """Llama 3.1's RoPE scaling (as transformers' ``_compute_llama3_parameters``):
+    wavelengths longer than ``original / low_freq_factor`` are divided by ``factor``,
+    shorter than ``original / high_freq_factor`` kept, and those between interpolated."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+    return jnp.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
