@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers.hf_reference import assert_logits_close, hf_logits
 
 from neox_jax.convert import ConversionError, config_from_hf, load_hf, save_hf
 from neox_jax.errors import UserError
@@ -25,7 +26,6 @@ from neox_jax.inference import SamplingParams
 from neox_jax.inference.generate import left_pad
 from neox_jax.inference.generator import Generator
 from neox_jax.model import GPTNeoX, ModelConfig, init_cache
-from tests.hf_reference import assert_logits_close, hf_logits
 
 CONFIG_CLASSES = {
     "llama": transformers.LlamaConfig,

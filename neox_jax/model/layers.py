@@ -29,6 +29,7 @@ from neox_jax.kernels.decode_attention import decode_attention
 from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
+from neox_jax.model.grouped import grouped_attention, window_mask
 
 Array = jax.Array
 
@@ -274,7 +275,7 @@ def attend(
         q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
     )
     if config.sliding_window is not None:
-        mask &= _window_mask(q.shape[1], k.shape[1], q_offset, config.sliding_window)
+        mask &= window_mask(q.shape[1], k.shape[1], q_offset, config.sliding_window)
     if k.shape[2] != q.shape[2]:
         return grouped_attention(q, k, v, mask)
     return reference.attention(q, k, v, mask)
@@ -328,37 +329,6 @@ def per_device(fn, logical_in, logical_out, out_shape):
         return shard(*args)
 
     return run
-
-
-def _window_mask(q_len: int, kv_len: int, q_offset, window: int) -> Array:
-    """``[1, 1, T, S]``: key slot ``s`` is within ``window`` of query slot ``t``
-    (``s > t - window``, transformers' sliding-window rule); causality is separate."""
-    q_slot = jnp.asarray(q_offset, jnp.int32) + jnp.arange(q_len, dtype=jnp.int32)[:, None]
-    kv_slot = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
-    return (kv_slot > q_slot - window)[None, None]
-
-
-def grouped_attention(q, k, v, mask):
-    """``reference.attention`` for fewer KV heads than query heads, K/V not repeated.
-
-    Query head ``h`` reads KV head ``h // G`` (transformers' ``repeat_kv`` order), so
-    the query heads reshape to ``[KV, G]`` and each group shares one K and V.
-
-    Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` with ``H = KV * G``.
-      mask: boolean broadcastable to ``[B, 1, T, S]``.
-    """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    # [B, KV, G, T, S]
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim**-0.5
-    if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, reference.MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
 class Attention(nn.Module):
