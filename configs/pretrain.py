@@ -41,6 +41,14 @@ TINY_MODEL = dict(
 )
 
 
+OPTIONAL_MODEL_FIELDS = {
+    "num_key_value_heads": int,
+    "head_dim_override": int,
+    "sliding_window": int,
+    "attention_out_bias": bool,
+}
+
+
 def model_config(arg: str) -> ml_collections.ConfigDict:
     """Every ``ModelConfig`` field (documented there), so ``--config.model.<field>=...``
     overrides any of them; published sizes compute in bfloat16 with remat."""
@@ -48,7 +56,13 @@ def model_config(arg: str) -> ml_collections.ConfigDict:
         model = ModelConfig(**TINY_MODEL)
     else:
         model = ModelConfig.from_preset(arg, dtype="bfloat16", remat="dots_no_batch")
-    return ml_collections.ConfigDict(model.to_dict())
+    block = ml_collections.ConfigDict(model.to_dict())
+    # Family options whose default is None get a typed placeholder, so a flag such as
+    # --config.model.num_key_value_heads=2 can set them.
+    for name, kind in OPTIONAL_MODEL_FIELDS.items():
+        if block[name] is None:
+            block[name] = ml_collections.config_dict.placeholder(kind)
+    return block
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
