@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from speed import decode_speed, greedy, kernel_bisection, log, matvec_chain
+from speed import WEIGHT_FORMATS, decode_speed, greedy, kernel_bisection, log, matvec_chain
 
 from neox_jax.convert import save_checkpoint
 from neox_jax.data.spm_training import train_sentencepiece
@@ -229,21 +229,10 @@ def quality(workdir, params, tokenizer_dir, train_ids, test_ids):
 def neox20b_bytes():
     """Weight bytes of ``neox-20b`` per format, with the unquantized leaves (embeddings,
     LayerNorms, biases) in fp32 and in bf16; from ``jax.eval_shape``, nothing allocated."""
-    formats = {
-        "float": None,
-        "int8": QuantConfig(bits=8),
-        "int8 +embed_out": QuantConfig(bits=8, embed_out=True),
-        "int4-g128": QuantConfig(bits=4, group_size=128),
-        "int4-g128-asym": QuantConfig(bits=4, group_size=128, symmetric=False),
-        "int4-g128 +embed_out": QuantConfig(bits=4, group_size=128, embed_out=True),
-        "int4-g128 +embed_out, bf16 scales": QuantConfig(
-            bits=4, group_size=128, embed_out=True, scale_dtype="bfloat16"
-        ),
-    }
     out = {}
     for rest in ("float32", "bfloat16"):
         config = ModelConfig.from_preset("neox-20b", param_dtype=rest)
-        for name, qc in formats.items():
+        for name, qc in WEIGHT_FORMATS.items():
             tree = abstract_params(config) if qc is None else abstract_quantized_params(config, qc)
             out.setdefault(name, {})[f"rest {rest}"] = weight_bytes(tree)
     return out

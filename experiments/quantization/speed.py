@@ -14,6 +14,20 @@ import numpy as np
 from neox_jax.model import GPTNeoX, ModelConfig, init_cache, init_params
 from neox_jax.quant import QuantConfig, quantize, quantize_params, weight_bytes, with_matmul_impl
 
+# The weight formats the size table (``run.py``) and the decode-speed runs compare,
+# by the name the results use; None = the float model.
+WEIGHT_FORMATS = {
+    "float": None,
+    "int8": QuantConfig(bits=8),
+    "int8 +embed_out": QuantConfig(bits=8, embed_out=True),
+    "int4-g128": QuantConfig(bits=4, group_size=128),
+    "int4-g128-asym": QuantConfig(bits=4, group_size=128, symmetric=False),
+    "int4-g128 +embed_out": QuantConfig(bits=4, group_size=128, embed_out=True),
+    "int4-g128 +embed_out, bf16 scales": QuantConfig(
+        bits=4, group_size=128, embed_out=True, scale_dtype="bfloat16"
+    ),
+}
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -122,13 +136,8 @@ def decode_speed(preset: str, gpu: bool, repeats: int = 3):
         preset, max_position_embeddings=128, dtype=dtype, param_dtype=dtype
     )
     params = init_params(config, jax.random.key(0))
-    formats = {
-        "float": None,
-        "int8": QuantConfig(bits=8),
-        "int8 +embed_out": QuantConfig(bits=8, embed_out=True),
-        "int4-g128": QuantConfig(bits=4, group_size=128),
-        "int4-g128 +embed_out": QuantConfig(bits=4, group_size=128, embed_out=True),
-    }
+    names = ("float", "int8", "int8 +embed_out", "int4-g128", "int4-g128 +embed_out")
+    formats = {name: WEIGHT_FORMATS[name] for name in names}
     impls = ("xla", "pallas") if gpu else ("xla",)
     engines, split = _engines()
     prompt = jnp.ones((1, 16), jnp.int32)
