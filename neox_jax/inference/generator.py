@@ -10,12 +10,10 @@ it once, to the end, without returning to Python.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +26,7 @@ from neox_jax.inference.text import TextTracker
 from neox_jax.loading import tokenizer_for
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.placement import shard_params
-from neox_jax.parallel.rules import RULES
+from neox_jax.parallel.rules import mesh_context
 
 
 @dataclasses.dataclass
@@ -141,11 +139,7 @@ class Generator:
     # ------------------------------------------------- the jitted programs
     def _context(self):
         """The mesh and rules table every jitted call runs under (nothing without a mesh)."""
-        stack = contextlib.ExitStack()
-        if self.mesh is not None:
-            stack.enter_context(jax.set_mesh(self.mesh))
-            stack.enter_context(nn.logical_axis_rules(RULES))
-        return stack
+        return mesh_context(self.mesh)
 
     def _prefill(self, *args, **kwargs):
         with self._context():

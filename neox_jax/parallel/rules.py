@@ -17,6 +17,7 @@ A dimension that an axis does not divide is left unsharded along that axis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -115,6 +116,18 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def mesh_context(mesh: jax.sharding.Mesh | None) -> contextlib.ExitStack:
+    """The mesh and this rules table, for calls that run on ``mesh``; nothing without one.
+
+    The inference generator and the serving engine enter it around every device call.
+    """
+    stack = contextlib.ExitStack()
+    if mesh is not None:
+        stack.enter_context(jax.set_mesh(mesh))
+        stack.enter_context(nn.logical_axis_rules(RULES))
+    return stack
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:

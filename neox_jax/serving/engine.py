@@ -13,7 +13,6 @@ as the ``Generator``); eos, stop ids and max tokens end a slot on the device.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -23,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -33,7 +31,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.inference.text import TextTracker
 from neox_jax.model import ModelConfig
-from neox_jax.parallel.rules import RULES
+from neox_jax.parallel.rules import mesh_context
 from neox_jax.serving import slots as dev
 from neox_jax.serving.prefix_cache import PrefixCache
 
@@ -224,11 +222,7 @@ class Engine:
 
     def _context(self):
         """The mesh and rules table every device call runs under (nothing without a mesh)."""
-        stack = contextlib.ExitStack()
-        if self.mesh is not None:
-            stack.enter_context(jax.set_mesh(self.mesh))
-            stack.enter_context(nn.logical_axis_rules(RULES))
-        return stack
+        return mesh_context(self.mesh)
 
     # ------------------------------------------------------------- admission
     def check(self, prompt_ids: Sequence[int], p: SamplingParams) -> None:
