@@ -22,6 +22,10 @@ class Metrics:
     def __init__(self, num_slots: int, window_s: float = 10.0):
         self.registry = prom.CollectorRegistry()
         r = self.registry
+
+        def latency(name: str, doc: str) -> prom.Histogram:
+            return prom.Histogram(name, doc, buckets=_LATENCY_BUCKETS, registry=r)
+
         self.queue = prom.Gauge("neox_jax_queue_length", "Requests waiting for a slot", registry=r)
         self.active = prom.Gauge("neox_jax_active_slots", "Slots decoding a request", registry=r)
         prom.Gauge("neox_jax_slots", "Decode slots", registry=r).set(num_slots)
@@ -36,23 +40,16 @@ class Metrics:
             f"Generated tokens per second over the last {window_s:g} s",
             registry=r,
         )
-        self.ttft = prom.Histogram(
-            "neox_jax_time_to_first_token_seconds",
-            "From arrival to the first generated token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.ttft = latency(
+            "neox_jax_time_to_first_token_seconds", "From arrival to the first generated token"
         )
-        self.tpot = prom.Histogram(
+        self.tpot = latency(
             "neox_jax_time_per_output_token_seconds",
             "Mean time between a request's output tokens after the first",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.step_time = prom.Histogram(
+        self.step_time = latency(
             "neox_jax_decode_step_seconds",
             "Wall time of one generate call (steps_per_call decode steps over all slots)",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
         self.prefix_hits = prom.Counter(
             "neox_jax_prefix_cache_hit_tokens",
