@@ -18,7 +18,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -185,6 +185,50 @@ def create_app(
             raise APIError(503, "the request was cancelled: the server is shutting down.")
         return reason
 
+    def envelope(rid: str, kind: str, choices: list[dict], **extra) -> dict:
+        """The frame of every completion response and stream chunk (``kind`` = "object")."""
+        return {
+            "id": rid,
+            "object": kind,
+            "created": int(time.time()),
+            "model": model_name,
+            "choices": choices,
+            **extra,
+        }
+
+    def event_stream(
+        chunks: AsyncIterator[dict], final: Callable[[], dict] | None
+    ) -> StreamingResponse:
+        """Server-sent events: the ``chunks``, an error event if the call fails, then
+        ``final()`` (the usage chunk; None = no such chunk) and ``[DONE]``."""
+
+        async def stream():
+            try:
+                async with contextlib.aclosing(chunks):  # its engine requests end with it
+                    async for c in chunks:
+                        yield sse(c)
+            except APIError as e:
+                yield sse(e.body())
+            if final is not None:
+                yield sse(final())
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    async def collect(call: _Call, http: Request) -> tuple[list, list, list, list]:
+        """A non-streamed call's outcome per sequence: text pieces, token ids, logprobs and
+        finish reason."""
+        n = len(call.sequences)
+        texts, ids_out, lps = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        reasons = [None] * n
+        async for index, ev in call.events(http):
+            texts[index].append(ev.text)
+            ids_out[index] += ev.token_ids
+            lps[index] += ev.logprobs
+            if ev.done:
+                reasons[index] = finish(ev.finish_reason)
+        return texts, ids_out, lps, reasons
+
     # --------------------------------------------------------------- endpoints
     @app.get("/health")
     async def health():
@@ -267,49 +311,30 @@ def create_app(
 
         def chunk(index, text, lp, reason=None) -> dict:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
-            return {
-                "id": rid,
-                "object": "text_completion",
-                "created": int(time.time()),
-                "model": model_name,
-                "choices": [choice],
-            }
+            return envelope(rid, "text_completion", [choice])
 
         if body.stream:
+            count = 0
+
+            async def chunks():
+                nonlocal count
+                if body.echo:
+                    for index in range(len(call.sequences)):
+                        text, lp = echo_part(index)
+                        yield chunk(index, text, lp)
+                async for index, ev in call.events(http):
+                    count += len(ev.token_ids)
+                    lp = logprobs_obj(ev.token_ids, ev.logprobs) if want_lp else None
+                    if ev.text or ev.done or want_lp:
+                        yield chunk(index, ev.text, lp, finish(ev.finish_reason))
+
+            def final() -> dict:
+                return envelope(rid, "text_completion", [], usage=usage(prompts, n, count))
+
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(chunks(), final if include_usage else None)
 
-            async def stream():
-                count = 0
-                try:
-                    if body.echo:
-                        for index in range(len(call.sequences)):
-                            text, lp = echo_part(index)
-                            yield sse(chunk(index, text, lp))
-                    async for index, ev in call.events(http):
-                        count += len(ev.token_ids)
-                        lp = logprobs_obj(ev.token_ids, ev.logprobs) if want_lp else None
-                        if ev.text or ev.done or want_lp:
-                            yield sse(chunk(index, ev.text, lp, finish(ev.finish_reason)))
-                except APIError as e:
-                    yield sse(e.body())
-                if include_usage:
-                    final = chunk(0, "", None)
-                    final["choices"], final["usage"] = [], usage(prompts, n, count)
-                    yield sse(final)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        texts = [[] for _ in call.sequences]
-        ids_out = [[] for _ in call.sequences]
-        lps = [[] for _ in call.sequences]
-        reasons = [None] * len(call.sequences)
-        async for index, ev in call.events(http):
-            texts[index].append(ev.text)
-            ids_out[index] += ev.token_ids
-            lps[index] += ev.logprobs
-            if ev.done:
-                reasons[index] = finish(ev.finish_reason)
+        texts, ids_out, lps, reasons = await collect(call, http)
         choices = []
         for index in range(len(call.sequences)):
             text, lp = "".join(texts[index]), None
@@ -321,14 +346,9 @@ def create_app(
             choices.append(
                 {"index": index, "text": text, "logprobs": lp, "finish_reason": reasons[index]}
             )
-        return {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": choices,
-            "usage": usage(prompts, n, sum(map(len, ids_out))),
-        }
+        return envelope(
+            rid, "text_completion", choices, usage=usage(prompts, n, sum(map(len, ids_out)))
+        )
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: Request):
@@ -373,51 +393,32 @@ def create_app(
 
         def chunk(index, delta, lp=None, reason=None) -> dict:
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": model_name,
-                "choices": [choice],
-            }
+            return envelope(rid, "chat.completion.chunk", [choice])
 
         if body.stream:
+            count = 0
+
+            async def chunks():
+                nonlocal count
+                for index in range(body.n):
+                    yield chunk(index, {"role": "assistant", "content": ""})
+                async for index, ev in call.events(http):
+                    count += len(ev.token_ids)
+                    lp = None
+                    if body.logprobs:
+                        lp = {"content": content_lp(ev.token_ids, ev.logprobs)}
+                    if ev.text or (body.logprobs and ev.token_ids):
+                        yield chunk(index, {"content": ev.text}, lp)
+                    if ev.done:
+                        yield chunk(index, {}, None, finish(ev.finish_reason))
+
+            def final() -> dict:
+                return envelope(rid, "chat.completion.chunk", [], usage=usage([ids], body.n, count))
+
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return event_stream(chunks(), final if include_usage else None)
 
-            async def stream():
-                count = 0
-                try:
-                    for index in range(body.n):
-                        yield sse(chunk(index, {"role": "assistant", "content": ""}))
-                    async for index, ev in call.events(http):
-                        count += len(ev.token_ids)
-                        lp = None
-                        if body.logprobs:
-                            lp = {"content": content_lp(ev.token_ids, ev.logprobs)}
-                        if ev.text or (body.logprobs and ev.token_ids):
-                            yield sse(chunk(index, {"content": ev.text}, lp))
-                        if ev.done:
-                            yield sse(chunk(index, {}, None, finish(ev.finish_reason)))
-                except APIError as e:
-                    yield sse(e.body())
-                if include_usage:
-                    final = chunk(0, {})
-                    final["choices"], final["usage"] = [], usage([ids], body.n, count)
-                    yield sse(final)
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream")
-
-        texts = [[] for _ in range(body.n)]
-        ids_out = [[] for _ in range(body.n)]
-        lps = [[] for _ in range(body.n)]
-        reasons = [None] * body.n
-        async for index, ev in call.events(http):
-            texts[index].append(ev.text)
-            ids_out[index] += ev.token_ids
-            lps[index] += ev.logprobs
-            if ev.done:
-                reasons[index] = finish(ev.finish_reason)
+        texts, ids_out, lps, reasons = await collect(call, http)
         choices = [
             {
                 "index": i,
@@ -427,13 +428,8 @@ def create_app(
             }
             for i in range(body.n)
         ]
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model_name,
-            "choices": choices,
-            "usage": usage([ids], body.n, sum(map(len, ids_out))),
-        }
+        return envelope(
+            rid, "chat.completion", choices, usage=usage([ids], body.n, sum(map(len, ids_out)))
+        )
 
     return app
