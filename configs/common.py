@@ -10,7 +10,7 @@ import ml_collections
 
 
 def add_model_source(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The model to load and its load-time overrides (sample, evaluate, embed, rag).
+    """The model to load and its load-time overrides (sample, serve, evaluate, rag + embed).
 
     Read by one function, ``neox_jax.loading.load_from_config``.
     """

@@ -359,7 +359,7 @@ def rope_scaling_override(kind: str, factor: float | None) -> dict[str, Any] | N
 def load_from_config(config, *, mesh: jax.sharding.Mesh | None = None):
     """``load_model_and_tokenizer`` from the model-source block of ``configs/common.py``
     (``checkpoint``, ``tokenizer``, ``dtype``, ``attention_impl``, ``rope_scaling_type``,
-    ``rope_scaling_factor``), as used by the sample, evaluate, embed and rag configs."""
+    ``rope_scaling_factor``), as sample, serve, evaluate, embed and rag use it."""
     if not config.checkpoint:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
     return load_model_and_tokenizer(
