@@ -221,6 +221,7 @@ def test_full_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypa
     import safetensors.numpy
     import tensorstore
 
+    from neox_jax.finetune import peft_format
     from neox_jax.model import ModelConfig, init_params
 
     config = ModelConfig(**WRITER_CONFIG)
@@ -234,8 +235,9 @@ def test_full_disk_during_an_export_keeps_the_previous_export(tmp_path, monkeypa
 
     if kind == "checkpoint":  # orbax writes arrays through tensorstore
         monkeypatch.setattr(tensorstore, "open", full_disk)
-    else:
+    else:  # safetensors' writer, wherever it was imported by name
         monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+        monkeypatch.setattr(peft_format, "save_file", full_disk)
     with pytest.raises(OSError, match="No space left"):
         _write_with(kind, config, params, dst, overwrite=True)
     after = {p.relative_to(dst): p.read_bytes() for p in dst.rglob("*") if p.is_file()}
