@@ -63,13 +63,14 @@ LORA_RECORD = "lora.json"  # written by neox_jax.finetune.trainer_hooks in a LoR
 
 
 # ------------------------------------------------------------------ which kind
-def local_path(path: str | os.PathLike) -> Path:
+def local_path(path: str | os.PathLike, *, weights: bool = True) -> Path:
     """The local folder a model path names. Every function here starts with it.
 
     This is where a Hub model id ("org/name[@revision]", e.g. ``EleutherAI/pythia-70m``)
     becomes a local cache folder (``neox_jax.hub``); a local path is returned as it is.
+    ``weights=False`` fetches only the config and tokenizer files of a Hub id.
     """
-    return Path(hub.resolve(path))
+    return Path(hub.resolve(path, weights=weights))
 
 
 def artifact_kind(path: str | os.PathLike) -> str:
@@ -104,7 +105,7 @@ def artifact_kind(path: str | os.PathLike) -> str:
 
 def peek_config(path: str | os.PathLike) -> ModelConfig:
     """The ``ModelConfig`` of any kind of model folder, without reading its weights."""
-    path = local_path(path)
+    path = local_path(path, weights=False)
     kind = artifact_kind(path)
     if kind == "hf":
         return config_from_hf(read_hf_config(path))
@@ -279,7 +280,7 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
     folder holding one), any kind of model folder, or a step directory of a run (whose
     tokenizer sits in the run directory).
     """
-    path = local_path(path)
+    path = local_path(path, weights=False)
     if path.is_file():
         return path
     candidates = [path, path / TOKENIZER_DIR]

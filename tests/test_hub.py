@@ -109,6 +109,24 @@ def test_only_weights_config_and_tokenizer_files_are_fetched(tmp_path, monkeypat
     assert "tokenizer.json" in first and "tokenizer_config.json" in first
 
 
+def test_config_and_tokenizer_lookups_fetch_no_weights(hub_cache, monkeypatch):
+    """peek_config and find_tokenizer on a Hub id ask the Hub for metadata files only."""
+    from neox_jax.loading import find_tokenizer, peek_config
+
+    snapshot = hub_cache / "models--neox-test--tiny" / "snapshots" / REVISIONS["main"]
+    asked = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        asked.append(list(allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert peek_config("neox-test/tiny").num_hidden_layers == TINY.num_hidden_layers
+    assert find_tokenizer("neox-test/tiny") == snapshot
+    assert len(asked) == 2
+    assert not any(p.endswith((".safetensors", ".bin")) for patterns in asked for p in patterns)
+
+
 def test_missing_model_offline_says_what_is_wrong(hub_cache):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
     script = "from neox_jax import hub; hub.resolve('neox-test/absent')"

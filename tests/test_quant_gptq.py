@@ -14,6 +14,7 @@ import pytest
 from helpers.quant import CONFIG, INT4_MODEL_REL, o1_params
 
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
+from neox_jax.errors import UserError
 from neox_jax.model import GPTNeoX
 from neox_jax.quant import (
     QuantConfig,
@@ -203,3 +204,13 @@ def test_gptq_checkpoint_from_an_indexed_dataset(tmp_path, calib):
     config, loaded_qconfig, loaded = load_quantized(tmp_path / "q")
     assert loaded_qconfig == qconfig and config == CONFIG
     assert is_quantized(loaded["layers"]["attention"]["query_key_value"]["kernel"])
+
+
+def test_calibration_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_bytes("héllo wörld ".encode("latin-1") * 20)  # was silently read with U+FFFD
+    with pytest.raises(UserError, match=r"calib\.txt is not UTF-8"):
+        calibration_tokens(text, _CharTokenizer(), num_samples=2, seq_len=8)
+    text.write_bytes("héllo wörld ".encode() * 20)  # valid UTF-8 still reads
+    windows = calibration_tokens(text, _CharTokenizer(), num_samples=2, seq_len=8)
+    assert "".join(chr(c) for c in windows[0]) in "héllo wörld " * 20

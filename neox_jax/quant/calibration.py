@@ -6,6 +6,7 @@ to the model's training distribution works, and a few hundred thousand tokens su
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.data import indexed_dataset
+from neox_jax.errors import UserError
 from neox_jax.training.metrics import say
 
 _MAX_TEXT_BYTES = 64 << 20  # tokenizing more than this buys nothing for calibration
@@ -71,8 +73,15 @@ def _from_text(path: Path, tokenizer, num_samples: int, seq_len: int, seed: int)
             f"calibration text {path} needs a tokenizer: pass --tokenizer, or keep the "
             "tokenizer in the checkpoint's tokenizer/ folder."
         )
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read(_MAX_TEXT_BYTES)
+    with open(path, "rb") as f:
+        head = f.read(_MAX_TEXT_BYTES)
+    try:  # incremental: a character cut by the size cap is dropped, bad bytes are refused
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"calibration text {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+            "convert it to UTF-8 first."
+        ) from e
     ids = np.asarray(tokenizer.encode(text), np.int64)
     return _windows(lambda s, n: ids[s : s + n], len(ids), num_samples, seq_len, seed)
 
