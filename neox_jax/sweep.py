@@ -1,20 +1,27 @@
 """Run a grid (or a random search) of config overrides through the trainer; one table.
 
-    python -m neox_jax.sweep --config=configs/pretrain.py:tiny --workdir=/tmp/sweep \\
-        --grid="optimizer.lr=1e-3,3e-3;model.num_hidden_layers=2,4" --parallel=2 \\
+    python -m neox_jax.sweep --config.train_config=configs/pretrain.py:tiny \\
+        --workdir=/tmp/sweep --config.parallel=2 \\
+        --config.grid="optimizer.lr=1e-3,3e-3;model.num_hidden_layers=2,4" \\
         -- --config.train.steps=40
-    python -m neox_jax.sweep --config=configs/pretrain.py:tiny --workdir=/tmp/search \\
-        --grid="optimizer.lr=loguniform(1e-4,1e-2);model.num_hidden_layers=2,4" --random=8
+    python -m neox_jax.sweep --config.train_config=configs/pretrain.py:tiny \\
+        --workdir=/tmp/search --config.random=8 \\
+        --config.grid="optimizer.lr=loguniform(1e-4,1e-2);model.num_hidden_layers=2,4"
 
-``--grid`` is ``key=v1,v2,...`` axes separated by ``;``; the sweep runs their cross
-product. With ``--random=K`` it runs K points drawn (by ``--seed``) from the axes
+The config is ``configs/sweep.py`` (the default ``--config``); every field can be
+overridden. The old spelling (``--config=configs/pretrain.py:tiny --grid=...
+--parallel=2 --random=8 --seed=1``) still works and prints the new one.
+
+``grid`` is ``key=v1,v2,...`` axes separated by ``;``; the sweep runs their cross
+product. With ``random=K`` it runs K points drawn (by ``seed``) from the axes
 instead: a list is a uniform choice, ``uniform(a,b)``, ``loguniform(a,b)`` and
 ``randint(a,b)`` (both ends included) are ranges. Arguments after ``--`` go to every
-run unchanged (a grid key wins over the same key there). Each run is ``python -m
-neox_jax.train`` in its own process and its own directory ``<workdir>/<key=value,...>``,
-so it checkpoints and resumes like any run: running the sweep again finishes interrupted
-runs and leaves finished ones alone. ``--parallel=N`` runs N at a time (give each its
-own devices, e.g. with ``CUDA_VISIBLE_DEVICES``, on accelerators).
+run unchanged, as do those in ``train_args`` (a grid key wins over the same key there).
+Each run is ``python -m neox_jax.train`` in its own process and its own directory
+``<workdir>/<key=value,...>``, so it checkpoints and resumes like any run: running the
+sweep again finishes interrupted runs and leaves finished ones alone. ``parallel=N`` runs
+N at a time (give each its own devices, e.g. with ``CUDA_VISIBLE_DEVICES``, on
+accelerators).
 
 Runs share one prepared corpus and tokenizer (``data.corpus_dir=<workdir>/data`` unless
 set): the first run prepares it alone, the others reuse it. The final train and eval
@@ -24,7 +31,6 @@ metrics of every run (from its ``metrics.jsonl``) go to ``<workdir>/sweep.json``
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import itertools
 import json
@@ -32,10 +38,14 @@ import math
 import os
 import random
 import re
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from neox_jax import cli
+from neox_jax.errors import UserError
 
 _RANGE = re.compile(r"^(uniform|loguniform|randint)\((.+)\)$")
 # Metrics of the last logged train / eval record, in table order.
@@ -63,7 +73,7 @@ def parse_grid(text: str) -> list[tuple[str, list[str]]]:
             raise ValueError(f"Grid key {key!r} appears twice.")
         axes.append((key, vals))
     if not axes:
-        raise ValueError("--grid is empty; e.g. --grid='optimizer.lr=1e-3,3e-3'.")
+        raise ValueError("the grid is empty; e.g. --config.grid='optimizer.lr=1e-3,3e-3'.")
     return axes
 
 
@@ -108,7 +118,7 @@ def run_name(point: dict[str, str]) -> str:
 def train_command(config: str, workdir: Path, point: dict[str, str], extra: list[str]) -> list:
     """The trainer command of one run: fixed flags, minus any the grid sets, then the grid."""
     if any(_RANGE.match(v) for v in point.values()):
-        raise ValueError("Ranges such as loguniform(a,b) need --random=K (random search).")
+        raise ValueError("Ranges such as loguniform(a,b) need --config.random=K (random search).")
     grid_flags = {f"--config.{k}" for k in point}
     kept = [a for a in extra if a.split("=", 1)[0] not in grid_flags]
     return [
@@ -219,30 +229,83 @@ def sweep(
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
-    own = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(
-        prog="python -m neox_jax.sweep", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--config", required=True, help="e.g. configs/pretrain.py:tiny")
-    parser.add_argument("--workdir", required=True, type=Path, help="one folder per run here")
-    parser.add_argument("--grid", required=True, help="'key=v1,v2;key2=loguniform(a,b)'")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    parser.add_argument("--random", type=int, default=0, help="K: random search of K points")
-    parser.add_argument("--seed", type=int, default=0, help="random search seed")
-    args = parser.parse_args(own)
+def check(config, workdir: str) -> list[dict[str, str]]:
+    """The points of a valid sweep config; raises ``UserError`` naming the bad field."""
     try:
-        rows = sweep(
-            args.config, args.workdir, args.grid, extra,
-            parallel=args.parallel, random_count=args.random, seed=args.seed,
+        axes = parse_grid(config.grid)
+        points = (
+            random_points(axes, config.random, config.seed) if config.random > 0
+            else grid_points(axes)
         )  # fmt: skip
+        for point in points:
+            train_command("", Path(), point, [])  # ranges belong to a random search
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0 if all(r["returncode"] == 0 for r in rows) else 1
+        raise UserError(f"config.grid={config.grid!r}: {e}") from None
+    spec = config.train_config
+    if not spec:
+        raise UserError("config.train_config is empty; e.g. "
+                        "--config.train_config=configs/pretrain.py:tiny")  # fmt: skip
+    if not Path(spec.split(":")[0]).is_file():
+        raise UserError(f"config.train_config={spec!r}: no such config file")
+    if config.parallel < 1:
+        raise UserError(f"config.parallel={config.parallel} must be >= 1")
+    if config.random < 0:
+        raise UserError(f"config.random={config.random} must be >= 0 (0: the full grid)")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file; pass a folder (new or a sweep's).")
+    try:
+        shlex.split(config.train_args)
+    except ValueError as e:
+        raise UserError(f"config.train_args: {e}") from None
+    return points
 
+
+def run(config, workdir: str) -> list[dict]:
+    """Run the sweep ``configs/sweep.py`` describes in ``workdir`` (checked first)."""
+    check(config, workdir)
+    rows = sweep(
+        config.train_config, Path(workdir), config.grid, shlex.split(config.train_args),
+        parallel=config.parallel, random_count=config.random, seed=config.seed,
+    )  # fmt: skip
+    failed = [r["run"] for r in rows if r["returncode"] != 0]
+    if failed:
+        raise UserError(f"{len(failed)} of {len(rows)} runs failed: {', '.join(failed)} "
+                        f"(see <run>.log in {workdir})")  # fmt: skip
+    return rows
+
+
+_OLD_FLAGS = ("grid", "parallel", "random", "seed")
+
+
+def expand(argv: list[str]) -> list[str]:
+    """``-- ARGS`` -> ``--config.train_args=ARGS``; the old spelling (``--config=<training
+    config> --grid=... --parallel=N``, told apart by a plain ``--grid``) -> the new one."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    own, rest = argv[:cut], argv[cut + 1 :]
+    old = any(a == "--grid" or a.startswith("--grid=") for a in own)
+    out: list[str] = []
+    i = 0
+    while i < len(own):
+        arg, i = own[i], i + 1
+        name, eq, value = arg[2:].partition("=")
+        if old and arg.startswith("--") and (name == "config" or name in _OLD_FLAGS):
+            if not eq and i < len(own):  # --grid VALUE
+                value, i = own[i], i + 1
+            out.append(f"--config.{'train_config' if name == 'config' else name}={value}")
+        else:
+            out.append(arg)
+    if old:
+        print("neox_jax.sweep: note: the new spelling is --config=configs/sweep.py "
+              "--config.train_config=<training config> --config.grid=... --workdir=...",
+              file=sys.stderr)  # fmt: skip
+    return [*out, f"--config.train_args={shlex.join(rest)}"] if rest else out
+
+
+COMMAND = cli.Command(
+    run, "neox_jax.sweep", default_config="sweep.py", expand=expand,
+    extra_flags={"workdir": (None, "Sweep directory: one folder per run, sweep.json/.md.")},
+    required=["workdir"],
+)  # fmt: skip
 
 if __name__ == "__main__":
-    sys.exit(main())
+    COMMAND.run()

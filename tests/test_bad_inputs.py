@@ -35,6 +35,7 @@ from neox_jax import quantize as quantize_cli
 from neox_jax import rag as rag_cli
 from neox_jax import sample as sample_cli
 from neox_jax import serve as serve_cli
+from neox_jax import sweep as sweep_cli
 from neox_jax import train as train_cli
 from neox_jax.convert import __main__ as convert_cli
 from neox_jax.data import preprocess as preprocess_cli
@@ -54,6 +55,7 @@ COMMANDS = {
     "spm": spm_cli.COMMAND,
     "train": train_cli.COMMAND,
     "serve": serve_cli.COMMAND,
+    "sweep": sweep_cli.COMMAND,
 }
 # Where nobody may write, even root (sysfs refuses new folders).
 READ_ONLY = "/sys/neox_jax_bad_inputs_dst"
@@ -140,7 +142,7 @@ def _generic_cases():
     """The same four command-line mistakes for every entry point."""
     rows = []
     for name in COMMANDS:
-        base = ["--workdir={new}"] if name == "train" else []
+        base = ["--workdir={new}"] if name in ("train", "sweep") else []
         config = ["--config=configs/pretrain.py:tiny"] if name == "train" else []
         rows += [
             (name, [*config, *base, "--config.no_such_field=1"], 2, "unknown config field", None),
@@ -154,6 +156,9 @@ def _generic_cases():
 # (command, argv, exit status, key phrase of the message, destination that must not change)
 # A valid training command line; the rows add one bad --config value each.
 TINY_RUN = ["--config=configs/pretrain.py:tiny", "--workdir={new}"]
+# A valid sweep command line (one grid axis of two values).
+SWEEP_RUN = ["--config.train_config=configs/pretrain.py:tiny", "--workdir={new}",
+             "--config.grid=optimizer.lr=1e-3,3e-3"]  # fmt: skip
 
 CASES = _generic_cases() + [
     # --- sample
@@ -366,6 +371,13 @@ CASES = _generic_cases() + [
      "exceeds the model's context of 2048", "new"),
     ("train", [*TINY_RUN, "--config.optimizer.warmup_steps=-2"], 2,
      "warmup_steps=-2 must be a whole number >= -1", "new"),
+    # --- sweep: its own config, checked before any run starts or anything is written
+    ("sweep", [*SWEEP_RUN, "--config.grid="], 2, "the grid is empty", "new"),
+    ("sweep", [*SWEEP_RUN, "--config.grid=optimizer.lr=loguniform(1e-4,1e-2)"], 2,
+     "need --config.random=K", "new"),
+    ("sweep", ["--workdir={new}", "--config.grid=optimizer.lr=1e-3"], 2,
+     "config.train_config is empty", "new"),
+    ("sweep", [*SWEEP_RUN, "--config.parallel=0"], 2, "config.parallel=0 must be >= 1", "new"),
 ]  # fmt: skip
 
 
@@ -671,7 +683,6 @@ def test_help_lists_the_config_fields(capsys):
 NOT_A_COMMAND = {
     "neox_jax/evaluation/lm_eval_cli.py": "lm-eval's own command line, our model registered",
     "neox_jax/retrieval/rag.py": "only says that the command moved to neox_jax.rag",
-    "neox_jax/sweep.py": "a launcher of neox_jax.train runs; its --config is passed through",
 }
 
 

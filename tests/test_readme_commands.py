@@ -1,8 +1,9 @@
 """README commands that ``test_bad_inputs.test_readme_command_lines_parse`` does not parse
 (those written inline in the prose, and sweeps, whose runs get their flags later) name real
 config fields: each ``--config.a.b=v``, and each sweep grid key, exists in the config of the
-command's ``--config=configs/<file>.py[:arg]``, so a documented override is never a typo
-that the locked config would reject at run time."""
+command's ``--config=configs/<file>.py[:arg]`` (a sweep's: its runs' flags and grid keys in
+its ``--config.train_config=``, its own fields in configs/sweep.py), so a documented
+override is never a typo that the locked config would reject at run time."""
 
 import importlib.util
 import re
@@ -21,7 +22,8 @@ def _commands() -> list[str]:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     inline = [m.replace("\n", " ") for m in re.findall(r"`([^`]*python -m neox_jax[^`]*)`", prose)]
     sweeps = [line for line in lines if "python -m neox_jax.sweep" in line]
-    return [c for c in inline + sweeps if "python -m neox_jax" in c and "--config=configs/" in c]
+    specs = ("--config=configs/", "--config.train_config=configs/")
+    return [c for c in inline + sweeps if "python -m neox_jax" in c and any(s in c for s in specs)]
 
 
 def _config(spec: str):
@@ -32,14 +34,24 @@ def _config(spec: str):
     return loaded.get_config(arg) if arg else loaded.get_config()
 
 
-def _fields(command: str) -> tuple[str, list[str]]:
+def _fields(command: str) -> list[tuple[str, list[str]]]:
+    """(config spec, the fields the command sets in it) for each config it names."""
     args = shlex.split(command.split("#")[0])
+    if "neox_jax.sweep" in args:
+        own = args[: args.index("--")] if "--" in args else args
+        runs = args[len(own) + 1 :]
+        spec = next(a.split("=", 1)[1] for a in own if a.startswith("--config.train_config="))
+        fields = _overrides(runs)
+        for grid in (a.split("=", 1)[1] for a in own if a.startswith("--config.grid=")):
+            fields += [axis.split("=", 1)[0].strip() for axis in grid.split(";") if axis.strip()]
+        return [("configs/sweep.py", _overrides(own)), (spec, fields)]
     spec = next(a.split("=", 1)[1] for a in args if a.startswith("--config=configs/"))
-    fields = [a.split("=", 1)[0].removeprefix("--config.") for a in args
-              if a.startswith("--config.")]  # fmt: skip
-    for grid in (a.split("=", 1)[1] for a in args if a.startswith("--grid=")):
-        fields += [axis.split("=", 1)[0].strip() for axis in grid.split(";") if axis.strip()]
-    return spec, fields
+    return [(spec, _overrides(args))]
+
+
+def _overrides(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0].removeprefix("--config.") for a in args
+            if a.startswith("--config.")]  # fmt: skip
 
 
 COMMANDS = _commands()
@@ -52,10 +64,10 @@ def test_the_readme_documents_commands():
 
 @pytest.mark.parametrize("command", COMMANDS, ids=range(len(COMMANDS)))
 def test_every_documented_override_is_a_field_of_its_config(command):
-    spec, fields = _fields(command)
-    config = _config(spec)
-    for field in fields:
-        node = config
-        for part in field.split("."):
-            assert part in node, f"README: {field} is not a field of {spec} in: {command}"
-            node = node[part]
+    for spec, fields in _fields(command):
+        config = _config(spec)
+        for field in fields:
+            node = config
+            for part in field.split("."):
+                assert part in node, f"README: {field} is not a field of {spec} in: {command}"
+                node = node[part]

@@ -45,10 +45,10 @@ def test_two_by_one_sweep(tmp_path):
     cmd = [
         sys.executable,
         *SWEEP,
-        f"--config={REPO / 'configs' / 'pretrain.py'}:tiny",
+        f"--config.train_config={REPO / 'configs' / 'pretrain.py'}:tiny",
         f"--workdir={work}",
-        "--grid=optimizer.lr=1e-2,1e-4;model.num_hidden_layers=2",
-        "--parallel=2",
+        "--config.grid=optimizer.lr=1e-2,1e-4;model.num_hidden_layers=2",
+        "--config.parallel=2",
         "--",
         *fixed,
     ]
@@ -82,6 +82,26 @@ def test_bad_grid_exits_with_a_message(tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2 and "Bad grid axis 'optimizer.lr'" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("neox_jax.sweep: error: config.grid")
+
+
+def test_the_old_spelling_means_the_new_one(capsys):
+    """The README's spelling before configs/sweep.py: the same config, and a note."""
+    old = sweep.COMMAND.parse(
+        ["s", "--config=configs/pretrain.py:tiny", "--workdir=/w", "--grid", "a.b=1,2",
+         "--parallel=2", "--random=3", "--seed=4", "--", "--config.train.steps=5", "--x=a b"]
+    )  # fmt: skip
+    note = capsys.readouterr().err
+    assert "--config.train_config=" in note and len(note.strip().splitlines()) == 1
+    new = sweep.COMMAND.parse(
+        ["s", "--config.train_config=configs/pretrain.py:tiny", "--workdir=/w",
+         "--config.grid=a.b=1,2", "--config.parallel=2", "--config.random=3",
+         "--config.seed=4", "--config.train_args=--config.train.steps=5 '--x=a b'"]
+    )  # fmt: skip
+    assert capsys.readouterr().err == ""
+    assert old.config.to_dict() == new.config.to_dict() and old.extras == new.extras == {
+        "workdir": "/w"
+    }
 
 
 def test_random_search_draws_reproducible_points_within_the_ranges():
@@ -96,7 +116,7 @@ def test_random_search_draws_reproducible_points_within_the_ranges():
     assert {p["model.num_hidden_layers"] for p in points} == {"2", "4"}
     ints = sweep.random_points(sweep.parse_grid("train.seed=randint(1,3)"), 30, seed=0)
     assert {p["train.seed"] for p in ints} == {"1", "2", "3"}
-    with pytest.raises(ValueError, match="need --random"):
+    with pytest.raises(ValueError, match="need --config.random"):
         sweep.train_command("c.py", REPO, points and {"optimizer.lr": "uniform(0,1)"}, [])
 
 
