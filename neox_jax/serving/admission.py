@@ -1,0 +1,174 @@
+"""Admission: checking and queueing requests, prefilling their prompts into free slots.
+
+``Admission`` is the part of ``Engine`` that moves a request from the waiting queue into
+a slot: a short prompt in one bucketed ``slots.prefill`` + ``insert``; a long one in
+chunks of ``prefill_chunk`` tokens, one chunk between two decode steps, starting after
+the blocks the prefix cache already holds. It uses the engine's fields (``config``,
+``params``, ``state``, ``slots``, ``waiting``, ``_lock``, ``_prefilling``, ...), set in
+``Engine.__init__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from neox_jax.errors import UserError
+from neox_jax.inference.sampling import SamplingParams
+from neox_jax.inference.text import TextTracker
+from neox_jax.serving import slots as dev
+from neox_jax.serving.requests import CANCELLED, EngineStopped, Event, QueueFull, Request
+
+
+class Admission:
+    """Engine methods that admit requests (mixed into ``Engine``)."""
+
+    def check(self, prompt_ids: Sequence[int], p: SamplingParams) -> None:
+        """Raises ``UserError`` if the request can never run here (too long, bad ids)."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise UserError("the prompt is empty: give at least one token.")
+        vocab = self.config.vocab_size
+        bad = [i for i in prompt_ids if not 0 <= i < vocab]
+        if bad:
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab}).")
+        if n + p.max_new_tokens > self.max_len:
+            raise UserError(
+                f"the prompt has {n} tokens and max_tokens is {p.max_new_tokens}: together "
+                f"{n + p.max_new_tokens} exceed this server's limit of {self.max_len} tokens "
+                "per request; shorten the prompt or lower max_tokens."
+            )
+        if p.num_beams != 1:
+            raise UserError("beam search is not served; use num_beams=1.")
+        if p.stop_strings and self.tokenizer is None:
+            raise UserError("stop strings need a tokenizer; use stop token ids.")
+        if len(p.stop_token_ids) > self.stop_width:
+            raise UserError(
+                f"at most {self.stop_width} stop token ids per request, got "
+                f"{len(p.stop_token_ids)}."
+            )
+
+    def submit(self, request: Request) -> Request:
+        """Queue ``request``; raises ``UserError`` (bad request), ``QueueFull`` or
+        ``EngineStopped``. Thread-safe."""
+        self.check(request.prompt_ids, request.sampling)
+        if request.num_logprobs > self.max_logprobs:
+            raise UserError(f"logprobs must be at most {self.max_logprobs}.")
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down.")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are already waiting (the limit); retry later."
+                )
+            self.waiting.append(request)
+            self._lock.notify_all()
+        return request
+
+    def submit_many(self, requests: Sequence[Request]) -> None:
+        """Queue all or none of ``requests`` (the ``n`` choices of one API call)."""
+        for r in requests:
+            self.check(r.prompt_ids, r.sampling)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStopped("the server is shutting down.")
+            if len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFull(
+                    f"{len(self.waiting)} requests are waiting and the limit is "
+                    f"{self.max_queue}; retry later."
+                )
+            self.waiting.extend(requests)
+            self._lock.notify_all()
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def _controls(self, p: SamplingParams, row: int):
+        knobs, max_new, eos, stop = dev.request_controls(
+            p, self.eos_token_ids, self.stop_width, self.vocab_limit
+        )
+        key = jax.random.fold_in(jax.random.key(p.seed % 2**32), row)
+        return knobs, max_new, eos, stop, key
+
+    def _insert(self, prefix, slot: int, p: SamplingParams, row: int) -> None:
+        controls = self._controls(p, row)
+        self.state = dev.insert(prefix, self.state, np.int32(slot), *controls)
+
+    def _admit(self) -> None:
+        admitted = 0
+        while admitted < self.max_prefills_per_step and None in self.slots:
+            with self._lock:
+                if not self.waiting:
+                    return
+                r = self.waiting.popleft()
+            if r.cancelled:
+                r.sink(Event([], "", [], done=True, finish_reason=CANCELLED))
+                continue
+            slot = self.slots.index(None)
+            self.slots[slot] = r
+            if self.tokenizer is not None:
+                r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
+            n = len(r.prompt_ids)
+            if self.prefill_chunk and n > self.prefill_chunk:
+                start = self._reuse_prefix(slot, r)
+                if start < n - 1:
+                    self._prefilling[slot] = start  # one chunk per step, between decodes
+                else:
+                    self._activate(slot, r)
+                continue
+            tokens = np.zeros(self.bucket(n), np.int32)
+            tokens[:n] = r.prompt_ids
+            prefix = dev.prefill(self.config, self.params, tokens, np.int32(n))
+            self._insert(prefix, slot, r.sampling, r.row)
+            admitted += 1
+
+    def _prefill_next_chunk(self) -> None:
+        """One chunk of the longest-waiting chunked prompt; activates it after its last."""
+        slot, start = next(iter(self._prefilling.items()))
+        r, c = self.slots[slot], self.prefill_chunk
+        n = len(r.prompt_ids)
+        tokens = np.zeros(c, np.int32)
+        piece = r.prompt_ids[start : start + c]
+        tokens[: len(piece)] = piece
+        self.state = dev.prefill_chunk(
+            self.config, self.params, self.state, np.int32(slot), tokens, np.int32(start),
+            np.int32(n),
+        )  # fmt: skip
+        if start + c < n - 1:  # tokens 0 .. n-2 go through prefill, n-1 through decode
+            self._prefilling[slot] = start + c
+            return
+        del self._prefilling[slot]
+        self._activate(slot, r)
+
+    def _reuse_prefix(self, slot: int, r: Request) -> int:
+        """Copy ``r``'s cached leading prompt blocks into ``slot``; returns how many
+        prompt tokens they cover (where chunked prefill starts)."""
+        if self.prefix_cache is None:
+            return 0
+        c = self.prefill_chunk
+        r.block_keys = self.prefix_cache.keys(r.prompt_ids, (len(r.prompt_ids) - 1) // c)
+        hits = self.prefix_cache.lookup(r.block_keys)
+        for i, (k, v) in enumerate(hits):
+            self.state = dev.put_block(self.state, np.int32(slot), k, v, np.int32(i * c))
+        r.cached_blocks = len(hits)
+        if self.metrics is not None:
+            self.metrics.observe_prefix(len(hits) * c, len(r.block_keys) * c)
+        return len(hits) * c
+
+    def _activate(self, slot: int, r: Request) -> None:
+        """``r``'s prompt is in ``slot``'s cache: store its new blocks for reuse, start
+        decoding."""
+        c, n = self.prefill_chunk, len(r.prompt_ids)
+        if self.prefix_cache is not None:
+            for i in reversed(range(r.cached_blocks, len(r.block_keys))):
+                kv = dev.get_block(self.state, np.int32(slot), np.int32(i * c), size=c)
+                self.prefix_cache.store(r.block_keys[i], kv)
+            self.prefix_cache.touch(r.block_keys)
+        seen = np.zeros(self.config.vocab_size, np.bool_)
+        seen[r.prompt_ids] = True
+        self.state = dev.activate(
+            self.state, np.int32(slot), np.int32(r.prompt_ids[-1]), np.int32(n - 1), seen,
+            *self._controls(r.sampling, r.row),
+        )  # fmt: skip

@@ -1,0 +1,80 @@
+"""Delivery: handing each request its tokens after a decode call, and retiring slots.
+
+``Delivery`` is the part of ``Engine`` that runs on the host after every
+``slots.generate``: per running slot, the new tokens, their text (stop strings found by
+``TextTracker``) and logprobs go to the request's sink; a finished, stopped or cancelled
+request leaves its slot free for the next admission. It uses the engine's fields
+(``state``, ``slots``, ``waiting``, ``metrics``, ``_lock``, ``_prefilling``), set in
+``Engine.__init__``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from neox_jax.inference.generate import EOS, LENGTH, RUNNING, STOP
+from neox_jax.serving import slots as dev
+from neox_jax.serving.requests import CANCELLED, Event, Request
+
+
+class Delivery:
+    """Engine methods that deliver tokens and free slots (mixed into ``Engine``)."""
+
+    def _deliver(self, slot: int, r: Request, out: dev.StepOutput, now: float) -> None:
+        """Hand ``r`` the tokens of this call's steps, up to the one that ended it."""
+        for j in range(out.tokens.shape[0]):
+            if self._deliver_one(slot, r, out, j, now):
+                return
+
+    def _deliver_one(self, slot: int, r: Request, out: dev.StepOutput, j: int, now) -> bool:
+        """Step ``j``'s token for ``r``; returns whether ``r`` ended (slot retired)."""
+        tok, finish = int(out.tokens[j, slot]), int(out.finish[j, slot])
+        if r.first_token_at is None:
+            r.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.observe_first_token(now - r.arrival)
+        r.output_ids.append(tok)
+        lp = []
+        if r.num_logprobs:
+            k = r.num_logprobs
+            top = zip(out.top_ids[j, slot, :k], out.top_logprobs[j, slot, :k], strict=True)
+            lp = [(float(out.logprob[j, slot]), [(int(i), float(v)) for i, v in top])]
+        text = ""
+        if r.tracker is not None:
+            if finish not in (EOS, STOP):  # an eos / stop id is not part of the text
+                r.tracker.feed([tok])
+            if r.tracker.stopped:
+                finish = STOP
+            elif finish != RUNNING:
+                r.tracker.finish()
+            text = r.tracker.release()
+        if finish == RUNNING:
+            r.sink(Event([tok], text, lp))
+            return False
+        if r.tracker is not None and r.tracker.stopped:
+            self.state = dev.release(self.state, np.int32(slot))  # may still run on device
+        self.slots[slot] = None
+        if self.metrics is not None:
+            self.metrics.observe_finished(r, now)
+        reason = "length" if finish == LENGTH else "stop"
+        r.sink(Event([tok], text, lp, done=True, finish_reason=reason))
+        return True
+
+    def _retire(self, slot: int, reason: str) -> None:
+        r = self.slots[slot]
+        self._prefilling.pop(slot, None)
+        self.state = dev.release(self.state, np.int32(slot))
+        self.slots[slot] = None
+        r.sink(Event([], "", [], done=True, finish_reason=reason))
+
+    def _fail_all(self) -> None:
+        with self._context():
+            for slot, r in enumerate(self.slots):
+                if r is not None:
+                    self._retire(slot, CANCELLED)
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for r in waiting:
+            r.sink(Event([], "", [], done=True, finish_reason=CANCELLED))
