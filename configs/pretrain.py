@@ -98,6 +98,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 16 if tiny else 64
     c.data.seed = 1234  # the batch of step s is a pure function of (seed, s)
     c.data.reset_at_eod = False  # True: no attention across documents, positions restart
+    # indexed: "shuffled" (ours: per-epoch permutations, any number of steps) or "neox":
+    # GPT-NeoX's exact doc/sample/shuffle order for train.steps x global_batch_size
+    # samples, reading and writing its *_idx.npy files (neox_jax/data/neox_source.py)
+    c.data.order = "shuffled"
+    c.data.neox_split = "969,30,1"  # neox order, one path, no eval_paths: GPT-NeoX's split
+    c.data.neox_index_dir = ""  # neox order: index files' folder ("": beside each dataset)
+    c.data.neox_index = "auto"  # "auto": reuse matching files, refuse others; "new": build
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 3e-3 if tiny else PEAK_LR[arg]  # peak learning rate

@@ -340,12 +340,15 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
             "GPT-NeoX data_path and train_data_paths are both set; they conflict, keep one."
         )
     if data_path:
-        split = [float(x) for x in str(g("split", "969, 30, 1")).split(",")]
+        split_text = str(g("split", "969, 30, 1"))
+        split = [float(x) for x in split_text.replace("/", ",").split(",")]
         out["data.paths"] = str(data_path)
         out["data.eval_fraction"] = split[1] / sum(split) if len(split) > 1 else 0.0
+        out["data.neox_split"] = split_text.replace(" ", "")
         t.notes.append(f"split {split}: the test part is dropped (no test split in neox_jax)")
     elif train_paths:
         out["data.paths"] = ",".join(map(str, train_paths))
+        out["data.neox_split"] = ""  # the paths form: every path whole, always blended
         weights = g("train_data_weights")
         if weights:
             if len(weights) != len(train_paths):
@@ -356,9 +359,22 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
         if g("valid_data_paths"):
             out["data.eval_paths"] = ",".join(map(str, g("valid_data_paths")))
             if g("valid_data_weights"):
-                t.ignored["valid_data_weights"] = "eval paths are read in full, unweighted"
+                t.ignored["valid_data_weights"] = "eval paths are blended with equal weights"
     if "data.paths" in out:
         out["data.source"] = "indexed"
+        out["data.order"] = "neox"  # GPT-NeoX's own sample order and index files
+    # GPT-NeoX options that change which tokens each step sees, beyond what data.order=neox
+    # reproduces: refused rather than trained in a different order without a word.
+    for key, accepted in (("pack_impl", "packed"), ("weight_by_num_documents", False),
+                          ("dataset_impl", "gpt2"), ("train_epochs", None)):  # fmt: skip
+        if g(key, accepted) != accepted:
+            raise UserError(
+                f"GPT-NeoX {key}={neox[key]!r} is not supported (neox_jax reproduces "
+                f"{key}={accepted!r}); for weight_by_num_documents pass the weights as "
+                "train_data_weights, for train_epochs set train_iters."
+            )
+    if g("allow_chopped", True) is not True:
+        t.ignored["allow_chopped"] = "only read by pack_impl other than 'packed'"
     vocab_file, kind = g("vocab_file"), g("tokenizer_type", "GPT2BPETokenizer")
     if vocab_file and kind in ("HFTokenizer", "SPMTokenizer"):
         out["data.tokenizer"] = str(vocab_file)

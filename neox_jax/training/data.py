@@ -17,6 +17,7 @@ from neox_jax.data.corpus import prepare_stdlib_corpus
 from neox_jax.data.hf_source import make_hf_source
 from neox_jax.data.indexed_dataset import IndexedDataset
 from neox_jax.data.indexed_dataset import exists as dataset_exists
+from neox_jax.data.neox_source import make_neox_sources
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
 from neox_jax.data.tfds_source import TfdsSource
 from neox_jax.data.tokenizer import load_tokenizer
@@ -40,6 +41,14 @@ _SOURCE_FIELDS = {
 
 
 def check_source_fields(data_cfg) -> None:
+    order = getattr(data_cfg, "order", "shuffled")
+    if order not in ("shuffled", "neox"):
+        raise UserError(f"--config.data.order={order!r}; choose 'shuffled' or 'neox'.")
+    if order == "neox" and data_cfg.source not in ("indexed", "stdlib"):
+        raise UserError(
+            f"data.order='neox' orders indexed datasets as GPT-NeoX does; data.source="
+            f"{data_cfg.source!r} has its own order (use --config.data.source=indexed)."
+        )
     for field, sources in _SOURCE_FIELDS.items():
         if getattr(data_cfg, field, "") and data_cfg.source not in sources:
             raise UserError(
@@ -93,8 +102,14 @@ def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | No
     return tokenizer, paths
 
 
-def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_batch: int):
-    """``(train_source, eval_source or None)`` for the configured data."""
+def make_sources(
+    data_cfg, paths: list[str], tokenizer_path: str | None, global_batch: int, train_cfg=None
+):
+    """``(train_source, eval_source or None)`` for the configured data.
+
+    ``train_cfg`` (steps, eval_every, eval_batches) sizes ``data.order="neox"``, whose
+    order GPT-NeoX builds for a fixed number of samples.
+    """
     seq_len = data_cfg.seq_len
     if data_cfg.source == "hf":
         tok = load_tokenizer(tokenizer_path)
@@ -130,6 +145,11 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
         return train, evals
 
     eval_paths = _split_list(data_cfg.eval_paths)
+    order = getattr(data_cfg, "order", "shuffled")
+    if order == "neox":
+        return _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg)
+    if order != "shuffled":
+        raise UserError(f"data.order={order!r}; choose 'shuffled' or 'neox'.")
     held_out = data_cfg.eval_fraction if not eval_paths else 0.0
     common = dict(seed=data_cfg.seed, reset_at_eod=data_cfg.reset_at_eod)
 
@@ -163,6 +183,36 @@ def make_sources(data_cfg, paths: list[str], tokenizer_path: str | None, global_
     elif held_out > 0:
         evals = build(paths, data_cfg.eval_batch_size, "eval", held_out)
     return train, evals
+
+
+def _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg):
+    """GPT-NeoX's order, sized as GPT-NeoX sizes it from train_iters and eval settings."""
+    if train_cfg is None:
+        raise ValueError("data.order='neox' needs the train config (steps) to size the order")
+    weights = None
+    if data_cfg.weights:
+        try:
+            weights = [float(w) for w in _split_list(data_cfg.weights)]
+        except ValueError:
+            raise UserError(
+                f"data.weights={data_cfg.weights!r} must be comma-separated numbers."
+            ) from None
+    evals = (train_cfg.steps // max(1, train_cfg.eval_every) + 1) * train_cfg.eval_batches
+    return make_neox_sources(
+        paths,
+        eval_paths,
+        split=data_cfg.neox_split,
+        weights=weights,
+        seq_len=data_cfg.seq_len,
+        seed=data_cfg.seed,
+        global_batch_size=global_batch,
+        train_samples=train_cfg.steps * global_batch,
+        eval_batch_size=data_cfg.eval_batch_size,
+        eval_samples=evals * data_cfg.eval_batch_size,
+        index_dir=data_cfg.neox_index_dir,
+        index_mode=data_cfg.neox_index,
+        reset_at_eod=data_cfg.reset_at_eod,
+    )
 
 
 def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:

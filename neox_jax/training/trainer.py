@@ -261,7 +261,7 @@ def train_and_evaluate(
     else:
         tokenizer_path, paths = data_lib.resolve_tokenizer_and_paths(config.data, workdir)
         train_src, eval_src = data_lib.make_sources(
-            config.data, paths, tokenizer_path, config.data.global_batch_size
+            config.data, paths, tokenizer_path, config.data.global_batch_size, config.train
         )
     total_steps = config.train.steps
     tx, schedule = optimizer_from_config(config)
