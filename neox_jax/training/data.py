@@ -18,13 +18,14 @@ from neox_jax.data.hf_source import make_hf_source
 from neox_jax.data.indexed_dataset import IndexedDataset
 from neox_jax.data.indexed_dataset import exists as dataset_exists
 from neox_jax.data.neox_source import make_neox_sources
+from neox_jax.data.preshuffled import PreshuffledData
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
 from neox_jax.data.tfds_source import TfdsSource
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.parallel.rules import batch_sharding
 
-SOURCES = ("stdlib", "indexed", "tfds", "hf", "sft")
+SOURCES = ("stdlib", "indexed", "tfds", "hf", "sft", "preshuffled")
 
 
 def _split_list(text: str) -> list[str]:
@@ -33,8 +34,8 @@ def _split_list(text: str) -> list[str]:
 
 # Fields that only some sources read: setting one for another source would be ignored.
 _SOURCE_FIELDS = {
-    "paths": ("indexed",),
-    "eval_paths": ("indexed",),
+    "paths": ("indexed", "preshuffled"),
+    "eval_paths": ("indexed", "preshuffled"),
     "tokenizer": ("indexed", "tfds", "hf", "sft"),
     "hf_name": ("hf",),
 }
@@ -89,6 +90,13 @@ def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | No
             )
         return tokenizer, []
     paths = _split_list(data_cfg.paths)
+    if data_cfg.source == "preshuffled":
+        if len(paths) != 1:
+            raise UserError(
+                "data.source='preshuffled' reads one pre-shuffled dataset: set data.paths to "
+                f"its prefix (<prefix>.idx with <prefix>.bin or its shards), got {paths}."
+            )
+        return tokenizer, paths
     if not paths:
         raise ValueError(
             "data.source='indexed' needs data.paths (comma-separated prefixes of "
@@ -145,6 +153,8 @@ def make_sources(
         return train, evals
 
     eval_paths = _split_list(data_cfg.eval_paths)
+    if data_cfg.source == "preshuffled":
+        return _preshuffled_sources(data_cfg, paths, eval_paths, global_batch)
     order = getattr(data_cfg, "order", "shuffled")
     if order == "neox":
         return _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg)
@@ -182,6 +192,19 @@ def make_sources(
         evals = build(eval_paths, data_cfg.eval_batch_size, "all", 0.0)
     elif held_out > 0:
         evals = build(paths, data_cfg.eval_batch_size, "eval", held_out)
+    return train, evals
+
+
+def _preshuffled_sources(data_cfg, paths, eval_paths, global_batch):
+    """Pythia's pre-shuffled sequences: step s trains on items [s*B, (s+1)*B)."""
+    train = PreshuffledData(paths[0], global_batch)
+    evals = PreshuffledData(eval_paths[0], data_cfg.eval_batch_size) if eval_paths else None
+    for source in filter(None, (train, evals)):
+        if source.seq_len != data_cfg.seq_len:
+            raise UserError(
+                f"{source.prefix} holds sequences of {source.seq_len + 1} tokens: set "
+                f"--config.data.seq_len={source.seq_len} (it is {data_cfg.seq_len})."
+            )
     return train, evals
 
 
