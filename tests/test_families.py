@@ -98,6 +98,41 @@ CASES = {
             },
         ),  # fmt: skip
     ),
+    "llama-dynamic-rope": (  # 12 tokens past max_position_embeddings=8: the base grows
+        "llama",
+        dict(
+            max_position_embeddings=8,
+            rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+        ),
+    ),  # fmt: skip
+    "qwen2-yarn-rope": (  # Qwen2.5's long-context setting, scaled down
+        "qwen2",
+        dict(
+            rope_parameters={
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": 100.0,
+                "original_max_position_embeddings": 32,
+            }
+        ),
+    ),  # fmt: skip
+    "qwen3-yarn-attention-factor": (
+        "qwen3",
+        dict(
+            head_dim=16,
+            max_position_embeddings=64,
+            rope_scaling={
+                "type": "yarn",
+                "factor": 2.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 50.0,
+                "beta_fast": 8,
+                "beta_slow": 2,
+                "attention_factor": 0.8,
+                "truncate": False,
+            },
+        ),
+    ),  # fmt: skip
     "mistral-mqa-window": ("mistral", dict(num_key_value_heads=1, sliding_window=5)),
     "mistral-no-window": ("mistral", dict(sliding_window=None)),
     "qwen2-qkv-bias-theta1e6": (
@@ -165,9 +200,45 @@ def test_kv_cache_holds_only_kv_heads_and_greedy_matches_generate(tmp_path):
         assert res.token_ids == list(row)
 
 
+def _greedy_both(ref, config, params, prompts, new=10):
+    """(transformers' greedy continuations, ours) of left-padded ``prompts``."""
+    width = max(map(len, prompts))
+    ids, mask = left_pad(prompts, width)
+    with torch.no_grad():
+        theirs = ref.generate(
+            torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            eos_token_id=None,
+        ).numpy()[:, width:]
+    sampling = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    ours = Generator(config, params).generate(prompts, sampling)
+    return [list(row) for row in theirs], [r.token_ids for r in ours]
+
+
+def test_dynamic_rope_greedy_matches_generate(tmp_path):
+    """Dynamic NTK recomputes the base at every step past max_position_embeddings=8
+    while the cached keys keep the rotation they were written with, as transformers."""
+    ref = make_family_model("llama", tmp_path, **CASES["llama-dynamic-rope"][1])
+    config, params = load_hf(tmp_path)
+    prompt = [int(t) for t in _ids(config.vocab_size, 1, 6, seed=5)[0]]
+    theirs, ours = _greedy_both(ref, config, params, [prompt], new=12)
+    assert ours == theirs
+
+
 @pytest.mark.parametrize(
     "case",
-    ["qwen2-qkv-bias-theta1e6", "qwen3-qknorm-head24", "llama-mha-bias", "llama-llama3-rope"],
+    [
+        "qwen2-qkv-bias-theta1e6",
+        "qwen3-qknorm-head24",
+        "llama-mha-bias",
+        "llama-llama3-rope",
+        "qwen3-yarn-attention-factor",
+        "llama-dynamic-rope",
+    ],  # fmt: skip
 )
 def test_round_trip_through_save_hf(tmp_path, case):
     """load_hf -> save_hf (sharded) -> transformers loads the same model."""
@@ -205,10 +276,9 @@ def test_neox_config_without_family_keys_loads_as_before():
     [
         ({"model_type": "gemma"}, "supported model types: 'gpt_neox'.*'qwen3'"),
         (
-            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "rope_type='yarn'",
+            {"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+            "rope_type='longrope'.*supported: 'default', 'linear', 'dynamic'",
         ),
-        ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rope_type='dynamic'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "llama3 rope_scaling lacks"),
         ({"num_key_value_heads": 3}, "not divisible by num_key_value_heads"),
     ],

@@ -55,32 +55,57 @@ def check_model_type(model_type: Any) -> None:
 
 
 # -------------------------------------------------------------------- config
+# Optional keys of a rope_type that ModelConfig.rope_scaling carries over.
+_ROPE_KEYS = {
+    "linear": (),
+    "dynamic": (),
+    "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+             "mscale", "mscale_all_dim", "truncate"),
+}  # fmt: skip
+
+
 def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
     """``(rope_theta, partial_rotary_factor, rope_scaling)`` from either spelling:
-    transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` + ``rope_scaling``."""
+    transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` + ``rope_scaling``.
+
+    Missing values are filled as transformers' ``standardize_rope_params`` and rope
+    functions fill them: ``original_max_position_embeddings`` from the top-level key or
+    ``max_position_embeddings``; a yarn ``factor`` from their ratio."""
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
-    factor = rope.get("factor", legacy.get("factor"))
     if kind == "default":
         return float(theta), float(partial), None
-    if kind == "linear":
-        return float(theta), float(partial), {"type": "linear", "factor": float(factor)}
-    if kind == "llama3":
-        params = {**legacy, **rope}
-        keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        missing = [k for k in keys if k not in params]
-        if missing:
-            raise ConversionError(f"config.json's llama3 rope_scaling lacks {', '.join(missing)}.")
-        scaling = {"type": "llama3", "factor": float(factor), **{k: params[k] for k in keys}}
-        return float(theta), float(partial), scaling
-    raise ConversionError(
-        f"config.json's rope_scaling/rope_parameters has rope_type={kind!r}, which neox_jax "
-        "does not implement yet (supported: 'default', 'linear', 'llama3'); loading it "
-        "would give wrong logits."
-    )
+    if kind not in _ROPE_KEYS:
+        raise ConversionError(
+            f"config.json's rope_scaling/rope_parameters has rope_type={kind!r}, which neox_jax "
+            f"does not implement (supported: 'default', {', '.join(map(repr, _ROPE_KEYS))}); "
+            "loading it would give wrong logits."
+        )
+    params = {**legacy, **rope}
+    if kind in ("llama3", "yarn"):
+        original = hf.get("original_max_position_embeddings")
+        params["original_max_position_embeddings"] = original or params.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings", 2048)
+        )
+    factor = params.get("factor")
+    if factor is None and kind == "yarn":
+        factor = (
+            hf.get("max_position_embeddings", 2048) / params["original_max_position_embeddings"]
+        )
+    missing = [
+        k for k in ("low_freq_factor", "high_freq_factor") if kind == "llama3" and k not in params
+    ]
+    if factor is None or missing:
+        raise ConversionError(
+            f"config.json's {kind} rope_scaling lacks {', '.join(missing or ['factor'])}."
+        )
+    scaling = {"type": kind, "factor": float(factor)}
+    scaling.update({k: params[k] for k in _ROPE_KEYS[kind] if params.get(k) is not None})
+    return float(theta), float(partial), scaling
 
 
 def _check_window(hf: dict[str, Any], model_type: str) -> int | None:
@@ -170,7 +195,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     if config.rotary_pct != 1.0:
         out["partial_rotary_factor"] = config.rotary_pct
     scaling = config.rope_scaling_dict or {}
-    if scaling.get("type") in ("linear", "llama3"):
+    if scaling.get("type") in _ROPE_KEYS:
         kind = scaling.pop("type")
         out["rope_scaling"] = {"rope_type": kind, **scaling}
     elif scaling:

@@ -63,8 +63,7 @@ def bucket_batch(n: int) -> int:
 
 def context_length(config: ModelConfig) -> int:
     """Positions the model can address: the trained context, times the RoPE scaling factor."""
-    factor = (config.rope_scaling_dict or {}).get("factor", 1.0)
-    return int(config.max_position_embeddings * factor)
+    return config.context_length
 
 
 def left_pad(

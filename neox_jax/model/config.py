@@ -32,10 +32,11 @@ ACTIVATIONS = (
 )
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ROPE_SCALING_TYPES = ("linear", "ntk", "llama3")
-# The keys each scaling type needs besides "type" and "factor".
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
+# The keys each scaling type needs besides "type" and "factor" (see model/rotary.py).
 ROPE_SCALING_KEYS = {
     "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings",),
 }
 NORM_TYPES = ("layernorm", "rmsnorm")
 # The Hugging Face architecture a model is written as (neox_jax.convert picks the
@@ -123,10 +124,12 @@ class ModelConfig(JsonConfig):
       param_dtype: storage dtype of parameters.
       attention_impl: "xla" (the reference) or "pallas" (flash kernels).
       remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
-      rope_scaling: None, or {"type": "linear"|"ntk", "factor": f} to run past
-        ``max_position_embeddings``, or {"type": "llama3", "factor", "low_freq_factor",
-        "high_freq_factor", "original_max_position_embeddings"} as a Llama 3.1
-        checkpoint states it (see ``neox_jax.model.layers.rotary_inv_freq``).
+      rope_scaling: None, or {"type": "linear"|"ntk"|"dynamic", "factor": f} to run past
+        ``max_position_embeddings``, or {"type": "yarn", "factor",
+        "original_max_position_embeddings", optional "beta_fast", "beta_slow",
+        "attention_factor", "mscale", "mscale_all_dim", "truncate"} or {"type": "llama3",
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+        as a checkpoint's config.json states it (see ``neox_jax.model.rotary``).
     """
 
     vocab_size: int = 50432
@@ -196,6 +199,17 @@ class ModelConfig(JsonConfig):
     @property
     def params_dtype(self):
         return DTYPES[self.param_dtype]
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model can address: the trained context, extended by RoPE scaling
+        (yarn and llama3 scale their ``original_max_position_embeddings``)."""
+        scaling = self.rope_scaling_dict or {}
+        factor = scaling.get("factor", 1.0)
+        if scaling.get("type") in ("yarn", "llama3"):
+            extended = int(scaling["original_max_position_embeddings"] * factor)
+            return max(self.max_position_embeddings, extended)
+        return int(self.max_position_embeddings * factor)
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:

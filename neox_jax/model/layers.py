@@ -30,6 +30,7 @@ from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.grouped import grouped_attention, window_mask
+from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
 
 Array = jax.Array
 
@@ -178,62 +179,6 @@ class Linear(nn.Module):
         return y
 
 
-# ---------------------------------------------------------------------- rotary
-def rotary_inv_freq(config: ModelConfig) -> Array:
-    """``1 / base^(2i / rd)`` for the ``rd`` rotary dims, with optional RoPE scaling.
-
-    Linear scaling (position interpolation, Chen et al. 2023) divides positions by
-    ``factor``; NTK-aware scaling (bloc97, 2023) raises the base to
-    ``base * factor^(rd / (rd - 2))`` so low frequencies stretch and high ones stay;
-    llama3 scaling (Llama 3.1) divides only the low frequencies (``_llama3_inv_freq``).
-    """
-    rd = config.rotary_ndims
-    base = config.rotary_emb_base
-    scaling = config.rope_scaling_dict or {}
-    if scaling.get("type") == "ntk" and rd > 2:
-        base = base * scaling["factor"] ** (rd / (rd - 2))
-    inv_freq = 1.0 / (base ** (jnp.arange(0, rd, 2, dtype=jnp.float32) / rd))
-    if scaling.get("type") == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    if scaling.get("type") == "llama3":
-        inv_freq = _llama3_inv_freq(inv_freq, scaling)
-    return inv_freq
-
-
-def _llama3_inv_freq(inv_freq: Array, scaling: dict) -> Array:
-    """Llama 3.1's RoPE scaling (as transformers' ``_compute_llama3_parameters``):
-    wavelengths longer than ``original / low_freq_factor`` are divided by ``factor``,
-    shorter than ``original / high_freq_factor`` kept, and those between interpolated."""
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    original = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < original / high) & ~(wavelen > original / low)
-    return jnp.where(medium, smoothed, scaled)
-
-
-def apply_rotary(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """Rotate the first ``2 * len(inv_freq)`` dims of each head (rotate-half convention).
-
-    Args:
-      x: ``[B, T, H, D]``.
-      positions: ``[B, T]`` integer positions.
-      inv_freq: ``[rd / 2]`` fp32.
-    """
-    rd = 2 * inv_freq.shape[0]
-    if rd == 0:
-        return x
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, rd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    x1, x2 = x_rot[..., : rd // 2], x_rot[..., rd // 2 :]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return jnp.concatenate([x_rot * cos + rotated * sin, x_pass], axis=-1)
-
-
 # ------------------------------------------------------------------- attention
 def attend(
     config: ModelConfig,
@@ -360,8 +305,8 @@ class Attention(nn.Module):
                 param_dtype=cfg.params_dtype,
             )  # fmt: skip
             q, k = norm(name="q_norm")(q), norm(name="k_norm")(k)
-        inv_freq = rotary_inv_freq(cfg)
-        q, k = apply_rotary(q, positions, inv_freq), apply_rotary(k, positions, inv_freq)
+        inv_freq, scale = rotary_inv_freq(cfg, positions), rotary_attention_scaling(cfg)
+        q, k = (apply_rotary(t, positions, inv_freq, scale) for t in (q, k))
 
         if layer_cache is None:
             out = attend(cfg, q, k, v, segment_ids, segment_ids)

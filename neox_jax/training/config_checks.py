@@ -71,7 +71,7 @@ def check_train_config(config, workdir) -> None:
 def check_seq_len(seq_len: int, model_config: ModelConfig) -> None:
     """Rows of ``seq_len`` tokens must fit the positions the model has."""
     factor = (model_config.rope_scaling_dict or {}).get("factor", 1.0)
-    context = int(model_config.max_position_embeddings * factor)
+    context = model_config.context_length
     if seq_len > context:
         raise UserError(
             f"--config.data.seq_len={seq_len} exceeds the model's context of {context} "
