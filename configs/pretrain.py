@@ -107,7 +107,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.neox_index = "auto"  # "auto": reuse matching files, refuse others; "new": build
 
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.lr = 3e-3 if tiny else PEAK_LR[arg]  # peak learning rate
+    # peak learning rate; the Llama/Qwen/Mistral presets are for continuing from their
+    # checkpoints, whose own schedules are mostly unpublished: a fine-tuning scale
+    c.optimizer.lr = 3e-3 if tiny else PEAK_LR.get(arg, 3e-5)
     c.optimizer.min_lr_ratio = 0.1  # cosine decays to 10% of the peak (Pythia, 20B)
     c.optimizer.warmup_steps = 30 if tiny else -1  # -1: use warmup_ratio
     c.optimizer.warmup_ratio = 0.01  # 1% of the steps (Pythia, 20B)

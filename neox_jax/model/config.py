@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Self
 import jax.numpy as jnp
 
 from neox_jax.errors import UserError
+from neox_jax.model.family_presets import FAMILY_PRESETS
 
 ACTIVATIONS = (
     "gelu",  # exact, erf-based (torch.nn.functional.gelu); Pythia hub configs
@@ -371,4 +372,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EleutherAI/gpt-neox-20b: 44 layers, 6144 wide, 64 heads of 96, rotary on 24 dims,
     # hidden_act gelu_fast (a tanh approximation), vocab padded to 50432: 20,554,567,680.
     "neox-20b": {**_pythia(44, 6144, 64, vocab=50432), "hidden_act": "gelu_fast"},
+    # Llama, Qwen2.5, Qwen3 and Mistral shapes, each citing its source there.
+    **FAMILY_PRESETS,
 }
