@@ -135,6 +135,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.save_every = 100 if tiny else 1000
     c.train.keep = 3  # keep the last K checkpoints ...
     c.train.keep_period = 0  # ... plus every M-th step (0: none)
+    # Also save (and always keep) these steps, e.g. "0,1,2,4,8" (GPT-NeoX's extra_save_iters;
+    # 0 saves the initial weights)
+    c.train.extra_save_steps = ""
     c.train.async_checkpoint = True
     c.train.seed = 0  # parameter initialisation
     c.train.nonfinite = "stop"  # "stop" | "skip" on NaN/inf loss

@@ -72,8 +72,6 @@ IGNORED = {
     "test_data_weights": "neox_jax has no test split (train and eval only)",
     "hidden_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
     "attention_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
-    "extra_save_iters": "not supported yet: checkpoints are saved every train.save_every steps "
-    "(and at the end); save these steps by running to each with --config.train.steps",
 }  # fmt: skip
 # GPT-NeoX keys that change the model, with the value (GPT-NeoX's default or what
 # neox_jax builds) that is accepted; any other value is refused.
@@ -395,6 +393,9 @@ def _train(neox, used, t: Translation) -> dict[str, Any]:
         )
     if g("checkpoint_scale", "linear") != "linear":
         t.ignored["checkpoint_scale"] = "only linear checkpoint spacing (every train.save_every)"
+    extra = g("extra_save_iters")
+    if extra:
+        out["train.extra_save_steps"] = ",".join(str(int(i)) for i in sorted(set(extra)))
     every = factor or interval
     if every:
         out["train.save_every"] = int(every)

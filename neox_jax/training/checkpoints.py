@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint import checkpoint_managers as cm
 
 from neox_jax.convert.checkpoint import MODEL_CONFIG, PARAMS
 from neox_jax.errors import UserError
@@ -36,8 +37,34 @@ TRAIN_STATE = "train_state"
 META = "meta"
 
 
+def parse_steps(text: str) -> frozenset[int]:
+    """``train.extra_save_steps`` ("1,2,4,512") as a set of steps >= 0."""
+    try:
+        steps = frozenset(int(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise UserError(
+            f"--config.train.extra_save_steps={text!r} must be comma-separated step numbers "
+            "(e.g. 1,2,4,8)."
+        ) from None
+    if any(s < 0 for s in steps):
+        raise UserError(f"--config.train.extra_save_steps={text!r}: steps must be >= 0.")
+    return steps
+
+
+def _retention(keep: int, keep_period: int, extra_steps: frozenset[int]) -> dict[str, Any]:
+    """Orbax options keeping the last ``keep``, every ``keep_period``-th and, always, the
+    ``extra_steps`` (asked for by name, as GPT-NeoX's extra_save_iters, so never deleted)."""
+    if not extra_steps or keep <= 0:  # keep <= 0 keeps everything anyway
+        return dict(max_to_keep=keep if keep > 0 else None, keep_period=keep_period or None)
+    policies = [cm.LatestN(keep), cm.CustomSteps(sorted(extra_steps))]
+    if keep_period:
+        policies.append(cm.EveryNSteps(keep_period))
+    return dict(preservation_policy=cm.AnyPreservationPolicy(policies))
+
+
 class Checkpointer:
-    """Save every ``save_every`` steps, keep the last ``keep`` plus every ``keep_period``-th."""
+    """Save every ``save_every`` steps and at ``extra_steps``; keep the last ``keep``, every
+    ``keep_period``-th and the extra steps."""
 
     def __init__(
         self,
@@ -47,13 +74,15 @@ class Checkpointer:
         keep: int = 3,
         keep_period: int = 0,
         async_save: bool = True,
+        extra_steps: frozenset[int] = frozenset(),
     ):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self._last_saved: int | None = None
+        self.extra_steps = frozenset(extra_steps)
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, save_every),
-            max_to_keep=keep if keep > 0 else None,
-            keep_period=keep_period or None,
+            save_on_steps=self.extra_steps or None,
+            **_retention(keep, keep_period, self.extra_steps),
             enable_async_checkpointing=async_save,
             create=True,
             # A save cut short (SIGKILL, full disk) leaves "<step>.orbax-checkpoint-tmp";

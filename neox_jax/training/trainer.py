@@ -37,7 +37,7 @@ from neox_jax.model import (
 from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
 from neox_jax.training import data as data_lib
-from neox_jax.training.checkpoints import Checkpointer
+from neox_jax.training.checkpoints import Checkpointer, parse_steps
 from neox_jax.training.config_checks import check_seq_len, check_train_config
 from neox_jax.training.metrics import (
     MetricWriter,
@@ -271,6 +271,7 @@ def train_and_evaluate(
         keep=config.train.keep,
         keep_period=config.train.keep_period,
         async_save=config.train.async_checkpoint,
+        extra_steps=parse_steps(config.train.get("extra_save_steps", "")),
     )
     _save_run_files(config, workdir, tokenizer_path)
 
@@ -316,6 +317,8 @@ def train_and_evaluate(
         in_flight: collections.deque = collections.deque()
         t_log, step_log = time.time(), start
         with concurrent.futures.ThreadPoolExecutor(1) as pool, _saves_survive(ckpt, writer):
+            if start == 0 and 0 in ckpt.extra_steps:  # GPT-NeoX saves step 0 when asked
+                ckpt.save(state, model_config, meta, force=True)
             nxt = pool.submit(data_lib.global_batch, train_src, start, mesh)
             for step in range(start, total_steps):
                 if sigterm.interrupted or sigterm.raised or ckpt.reached_preemption(step):
@@ -343,7 +346,11 @@ def train_and_evaluate(
                     in_flight.popleft().block_until_ready()
                 done = step + 1
                 log_now = done % config.train.log_every == 0 or done == total_steps
-                save_now = done % config.train.save_every == 0 or done == total_steps
+                save_now = (
+                    done % config.train.save_every == 0
+                    or done == total_steps
+                    or done in ckpt.extra_steps
+                )
                 if log_now or save_now:
                     scalars = _check_finite(pending, done, ckpt, config.train.nonfinite)
                     pending = []
