@@ -14,6 +14,7 @@ kind            how it is recognised                        what ``load_model`` 
 ``lora_run``    a run directory with ``lora.json``           base with the adapters merged
 ``run``         ``checkpoints/<step>/`` (latest complete)    that step's float params
 ``neox``        GPT-NeoX ``layer_00-model_00-model_states``  float params, TP ranks merged
+                (or ``mp_rank_00_model_states``)
 ==============  ==========================================  ==============================
 
 Every kind can be placed on a mesh as it is read: ``load_model(path, mesh=mesh)`` shards

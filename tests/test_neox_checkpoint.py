@@ -128,3 +128,46 @@ def test_folder_without_configs_asks_for_one(tmp_path):
     config, params = load_neox_checkpoint(tmp_path / "ckpt", config=explicit)
     ids = np.arange(10)[None] % 96
     assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(ref, ids))
+
+
+def to_sequential(folder, tp):
+    """The same weights as a run without pipeline parallelism saves them: every layer in
+    each rank's mp_rank_YY_model_states.pt under module["sequential.<layer>.<key>"], next
+    to GPT-NeoX's client state (iteration, args, the Python/NumPy/torch RNG states)."""
+    import random
+
+    for rank in range(tp):
+        module = {}
+        for file in sorted(folder.glob(f"layer_*-model_{rank:02d}-model_states.pt")):
+            layer = int(file.name[6:8])
+            module.update({f"sequential.{layer}.{k}": v for k, v in torch.load(file).items()})
+            file.unlink()
+        state = {"module": module, "iteration": 10, "args": {"num_layers": LAYERS},
+                 "random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),  # noqa: NPY002
+                 "torch_rng_state": torch.get_rng_state(), "ds_version": "0.9"}  # fmt: skip
+        torch.save(state, folder / f"mp_rank_{rank:02d}_model_states.pt")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_sequential_checkpoint_in_mp_rank_files_equals_hf(tmp_path, tp):
+    ref = make_hf_model(num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT)
+    write_neox_checkpoint(ref, tmp_path / "ckpt", tp)
+    to_sequential(tmp_path / "ckpt", tp)
+    assert artifact_kind(tmp_path / "ckpt") == "neox"
+    config, params = load_model(tmp_path / "ckpt")
+    ids = np.random.default_rng(1).integers(0, ref.config.vocab_size, (2, 9))
+    # fp32 on both sides; see assert_logits_close for why 1e-5 of the logit scale.
+    assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(ref, ids))
+
+
+def test_pipeline_run_mp_rank_files_without_weights_are_not_read_for_them(tmp_path):
+    ref = make_hf_model(num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT)
+    write_neox_checkpoint(ref, tmp_path / "ckpt", 1)
+    torch.save({"module": None, "iteration": 10}, tmp_path / "ckpt" / "mp_rank_00_model_states.pt")
+    config, params = load_model(tmp_path / "ckpt")  # the layer files are used
+    ids = np.arange(8)[None]
+    assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(ref, ids))
+    for f in (tmp_path / "ckpt").glob("layer_*"):
+        f.unlink()
+    with pytest.raises(UserError, match="mp_rank_00_model_states.pt holds no weights"):
+        load_model(tmp_path / "ckpt")

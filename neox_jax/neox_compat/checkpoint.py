@@ -13,6 +13,14 @@ its ``tools/ckpts/convert_neox_to_hf.py`` reads the same):
 ``layer_{N+4}``       ``final_linear.weight`` (untied models only; vocab rows split)
 ====================  =========================================================
 
+A run without pipeline parallelism (``pipe_parallel_size: 0``, GPT-NeoX's sequential
+model) writes no layer files: each rank's ``mp_rank_YY_model_states.pt`` holds the whole
+model under ``module`` with keys ``sequential.<layer>.<key>``, the same numbering (the
+converter reads both). That file also carries GPT-NeoX's RNG states, NumPy's among them,
+so it is read with ``weights_only=True`` plus NumPy's array reconstruction allowlisted
+(data only, no code runs). With pipeline parallelism those files hold ``module: None``
+and the layer files are read.
+
 Ranks merge as that converter merges them: column-parallel weights and biases
 (``query_key_value``, ``dense_h_to_4h``/``linear1``, the embeddings) concatenate along
 their output rows (dim 0, torch's ``[out, in]``), row-parallel weights (``attention.dense``,
@@ -36,11 +44,13 @@ import numpy as np
 from neox_jax.convert.hf import params_from_hf_tensors
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
-from neox_jax.neox_compat.config import read_configs, translate
+from neox_jax.neox_compat.config import DATA_ORDER_KEYS, read_configs, translate
 from neox_jax.optional import require
 
 LAYER_FILE = "layer_{layer:02d}-model_{rank:02d}-model_states.pt"
+RANK_FILE = "mp_rank_{rank:02d}_model_states.pt"
 _RANK = re.compile(r"layer_00-model_(\d+)-model_states\.pt$")
+_MP_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
 # GPT-NeoX layer key -> HF name suffix; "legacy" and "new" MLP names both occur.
 COLUMN = {
     "attention.query_key_value.weight": "attention.query_key_value.weight",
@@ -67,15 +77,21 @@ NORM = {
 }
 
 
+def _has_weights_file(folder: Path) -> bool:
+    return (folder / LAYER_FILE.format(layer=0, rank=0)).is_file() or (
+        folder / RANK_FILE.format(rank=0)
+    ).is_file()
+
+
 def step_dir(path: str | Path) -> Path | None:
     """The ``global_stepN`` folder ``path`` names (itself, or the one ``latest`` names)."""
     path = Path(path)
-    if (path / LAYER_FILE.format(layer=0, rank=0)).is_file():
+    if _has_weights_file(path):
         return path
     latest = path / "latest"
     if latest.is_file():
         tag = latest.read_text().strip()
-        if (path / tag / LAYER_FILE.format(layer=0, rank=0)).is_file():
+        if _has_weights_file(path / tag):
             return path / tag
     return None
 
@@ -85,28 +101,89 @@ def is_neox_checkpoint(path: str | Path) -> bool:
     return step_dir(path) is not None
 
 
+def is_sequential(folder: Path) -> bool:
+    """True for a run without pipeline parallelism (weights in ``mp_rank_YY`` files)."""
+    return not (folder / LAYER_FILE.format(layer=0, rank=0)).is_file()
+
+
 def tensor_parallel_degree(folder: Path) -> int:
-    """How many ranks saved the embedding file; ranks must be ``00 .. tp-1``."""
-    ranks = sorted(int(m.group(1)) for f in folder.iterdir() if (m := _RANK.match(f.name)))
+    """How many ranks saved the embedding (or whole-model) file; ranks ``00 .. tp-1``."""
+    pattern = _MP_RANK if is_sequential(folder) else _RANK
+    ranks = sorted(int(m.group(1)) for f in folder.iterdir() if (m := pattern.match(f.name)))
     if ranks != list(range(len(ranks))):
         raise UserError(
-            f"{folder}: embedding files for ranks {ranks}; expected 00 .. {len(ranks) - 1}."
+            f"{folder}: {'model' if pattern is _MP_RANK else 'embedding'} files for ranks "
+            f"{ranks}; expected 00 .. {len(ranks) - 1}."
         )
     return len(ranks)
 
 
-def _load_layer(folder: Path, layer: int, tp: int, what: str) -> list[dict[str, Any]]:
+def _torch_load(file: Path):
     torch = require("torch", "reading GPT-NeoX checkpoints")
-    states = []
-    for rank in range(tp):
-        file = folder / LAYER_FILE.format(layer=layer, rank=rank)
-        if not file.is_file():
-            raise UserError(
-                f"GPT-NeoX checkpoint {folder} lacks {file.name} ({what}, tensor-parallel rank "
-                f"{rank} of {tp}); the checkpoint is incomplete."
-            )
-        states.append(torch.load(str(file), map_location="cpu", weights_only=True, mmap=True))
-    return states
+    # np.random.get_state() in GPT-NeoX's client state pickles as NumPy arrays: allow only
+    # their reconstruction, under numpy 2's and numpy 1's module names.
+    rebuild = np._core.multiarray._reconstruct
+    allowed = [rebuild, (rebuild, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+               type(np.dtype(np.uint32))]  # fmt: skip
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+
+
+class _Files:
+    """Reads the tensors of one pipeline layer from every rank, from the layer files or
+    (sequential runs) from the ``mp_rank_YY`` files, each of those loaded once."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.tp = folder, tensor_parallel_degree(folder)
+        self.sequential = is_sequential(folder)
+        self._modules: list[dict[str, Any]] | None = None
+
+    def layer(self, layer: int, what: str) -> list[dict[str, Any]]:
+        """Each rank's tensors of layer ``layer`` (keys without the layer prefix)."""
+        if self.sequential:
+            prefix = f"sequential.{layer}."
+            states = [
+                {k[len(prefix) :]: v for k, v in module.items() if k.startswith(prefix)}
+                for module in self.modules()
+            ]
+            if not states[0]:
+                raise UserError(
+                    f"GPT-NeoX checkpoint {self.folder}: {RANK_FILE.format(rank=0)} has no "
+                    f"'{prefix}*' tensors ({what}); the checkpoint is incomplete."
+                )
+            return states
+        states = []
+        for rank in range(self.tp):
+            file = self.folder / LAYER_FILE.format(layer=layer, rank=rank)
+            if not file.is_file():
+                raise UserError(
+                    f"GPT-NeoX checkpoint {self.folder} lacks {file.name} ({what}, "
+                    f"tensor-parallel rank {rank} of {self.tp}); the checkpoint is incomplete."
+                )
+            states.append(_torch_load(file))
+        return states
+
+    def modules(self) -> list[dict[str, Any]]:
+        """The ``module`` state dict of every ``mp_rank_YY`` file (memory-mapped)."""
+        if self._modules is None:
+            self._modules = []
+            for rank in range(self.tp):
+                file = self.folder / RANK_FILE.format(rank=rank)
+                module = _torch_load(file).get("module")
+                if module is None:
+                    raise UserError(
+                        f"GPT-NeoX checkpoint {self.folder}: {file.name} holds no weights "
+                        "(a pipeline run's) and there are no layer_XX-model_YY files; the "
+                        "checkpoint is incomplete."
+                    )
+                self._modules.append(module)
+        return self._modules
+
+    def name(self, layer: int) -> str:
+        """The file a layer's tensors come from, for messages."""
+        return (
+            RANK_FILE.format(rank=0) if self.sequential else LAYER_FILE.format(layer=layer, rank=0)
+        )
 
 
 def _numpy(tensor) -> np.ndarray:
@@ -134,28 +211,27 @@ def _merged(states, key: str, how: str, file: str) -> np.ndarray:
 
 
 def neox_hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """``(HF name, merged array)`` for every parameter, one layer file at a time."""
-    tp = tensor_parallel_degree(folder)
-    n = config.num_hidden_layers
-    name = lambda layer: LAYER_FILE.format(layer=layer, rank=0)  # noqa: E731
-    embed = _load_layer(folder, 0, tp, "the input embedding")
+    """``(HF name, merged array)`` for every parameter, one layer at a time."""
+    files = _Files(folder)
+    n, name = config.num_hidden_layers, files.name
+    embed = files.layer(0, "the input embedding")
     yield "gpt_neox.embed_in.weight", _merged(embed, "word_embeddings.weight", "rows", name(0))
     if config.tie_word_embeddings:
         yield "embed_out.weight", _merged(embed, "word_embeddings.weight", "rows", name(0))
     del embed
     row_bias = "sum" if config.use_parallel_residual else "first"
     for i in range(n):
-        states = _load_layer(folder, i + 2, tp, f"transformer layer {i}")
+        states = files.layer(i + 2, f"transformer layer {i}")
         prefix = f"gpt_neox.layers.{i}."
         for table, how in ((COLUMN, "rows"), (ROW, "cols"), (ROW_BIAS, row_bias), (NORM, "mean")):
             for key, hf in table.items():
                 if key in states[0]:
                     yield prefix + hf, _merged(states, key, how, name(i + 2))
-    final = _load_layer(folder, n + 3, tp, "the final LayerNorm")
+    final = files.layer(n + 3, "the final LayerNorm")
     for p in ("weight", "bias"):
         yield f"gpt_neox.final_layer_norm.{p}", _merged(final, f"norm.{p}", "mean", name(n + 3))
     if not config.tie_word_embeddings:
-        head = _load_layer(folder, n + 4, tp, "the output projection")
+        head = files.layer(n + 4, "the output projection")
         yield "embed_out.weight", _merged(head, "final_linear.weight", "rows", name(n + 4))
 
 
@@ -172,9 +248,11 @@ def read_neox_model_config(path: str | Path, **overrides) -> ModelConfig:
             "from; copy the run's config files there, or call neox_jax.neox_compat."
             "checkpoint.load_neox_checkpoint(path, config=ModelConfig(...))."
         )
-    tp = tensor_parallel_degree(folder)
-    embed = _load_layer(folder, 0, 1, "the input embedding")[0]["word_embeddings.weight"]
-    neox = read_configs(files)
+    checkpoint = _Files(folder)
+    tp = checkpoint.tp
+    embed = checkpoint.layer(0, "the input embedding")[0]["word_embeddings.weight"]
+    # Only the model is read here: data-order settings (an SFT run's packing) do not matter.
+    neox = {k: v for k, v in read_configs(files).items() if k not in DATA_ORDER_KEYS}
     translation = translate(neox, tokenizer_vocab_size=embed.shape[0] * tp)
     model = {
         k[len("model.") :]: v for k, v in translation.overrides.items() if k.startswith("model.")
@@ -189,7 +267,8 @@ def _folder(path: str | Path) -> Path:
     if folder is None:
         raise UserError(
             f"{path} is not a GPT-NeoX checkpoint: no {LAYER_FILE.format(layer=0, rank=0)} "
-            "in it, nor a 'latest' file naming a global_stepN folder that has one."
+            f"or {RANK_FILE.format(rank=0)} in it, nor a 'latest' file naming a global_stepN "
+            "folder that has one."
         )
     return folder
 

@@ -89,6 +89,10 @@ MODEL_ONLY = {
     "use_mup": False,
     "moe_num_experts": 1,
 }
+# GPT-NeoX keys that change which tokens each step sees, with the value data.order=neox
+# reproduces; any other value is refused.
+DATA_ORDER_KEYS = {"pack_impl": "packed", "weight_by_num_documents": False,
+                   "dataset_impl": "gpt2", "train_epochs": None}  # fmt: skip
 INIT_METHODS = {"init_method": "small_init", "output_layer_init_method": "wang_init"}
 ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
 PRECISIONS = {"fp16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32"}
@@ -363,8 +367,7 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
         out["data.order"] = "neox"  # GPT-NeoX's own sample order and index files
     # GPT-NeoX options that change which tokens each step sees, beyond what data.order=neox
     # reproduces: refused rather than trained in a different order without a word.
-    for key, accepted in (("pack_impl", "packed"), ("weight_by_num_documents", False),
-                          ("dataset_impl", "gpt2"), ("train_epochs", None)):  # fmt: skip
+    for key, accepted in DATA_ORDER_KEYS.items():
         if g(key, accepted) != accepted:
             raise UserError(
                 f"GPT-NeoX {key}={neox[key]!r} is not supported (neox_jax reproduces "
