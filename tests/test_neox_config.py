@@ -137,6 +137,10 @@ def test_duplicate_key_across_files_is_refused(tmp_path):
         ({"norm": "rmsnorm"}, "norm='rmsnorm' changes the model"),
         ({"optimizer": {"type": "SM3", "params": {}}}, "SM3"),
         ({"seq_length": 4096}, "exceeds max_position_embeddings"),
+        ({"attention_config": [[["global"], 6], [["local"], 6]]}, r"uses \['local'\]"),
+        ({"soft_prompt_tuning": {"enabled": True}}, "soft_prompt_tuning"),
+        ({"pack_impl": "unpacked"}, "pack_impl='unpacked' is not supported"),
+        ({"save_interval": 500}, "checkpoint_factor=1000 and save_interval=500 conflict"),
     ],
 )
 def test_conflicting_or_model_changing_fields_are_refused(extra, match):

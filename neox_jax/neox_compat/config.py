@@ -55,7 +55,7 @@ IGNORED = {
                      "checkpoint_validation_with_forward_pass", "amp", "comms_logger"), _SYSTEM),
     **dict.fromkeys(("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
                      "bias_dropout_fusion", "rope_fusion", "fp16_lm_cross_entropy",
-                     "use_flash_attention", "attention_config"), _KERNEL),
+                     "use_flash_attention"), _KERNEL),
     "bias_gelu_fusion": _KERNEL + "; note GPT-NeoX's fused bias-GeLU is the tanh approximation, "
     "while the released Pythia/HF configs use exact gelu, which is what neox_jax uses",
     **dict.fromkeys(("log_interval_rank0", "steps_per_print", "wall_clock_breakdown",
@@ -216,6 +216,11 @@ def _model(neox, used, t: Translation, tokenizer_vocab_size) -> dict[str, Any]:
         raise UserError(
             f"GPT-NeoX seq_length={seq} exceeds max_position_embeddings={max_pos}; they conflict."
         )
+    _check_attention_config(g("attention_config"), g("num_layers"))
+    if neox.get("attention_config") is not None:
+        t.ignored["attention_config"] = "full causal attention, as neox_jax computes; " + _KERNEL
+    if g("soft_prompt_tuning"):
+        raise UserError("GPT-NeoX soft_prompt_tuning adds parameters neox_jax does not have.")
     for key, ours in INIT_METHODS.items():
         if g(key, "normal") != ours:
             t.ignored[key] = (
@@ -237,6 +242,25 @@ def _model(neox, used, t: Translation, tokenizer_vocab_size) -> dict[str, Any]:
         "tie_word_embeddings": not g("no_weight_tying", False),
         "attention_bias": bool(g("use_bias_in_attn_linear", True)),
     }
+
+
+def _check_attention_config(config, num_layers) -> None:
+    """GPT-NeoX's ``[[[types], repeat], ...]``: only full causal attention ("global", or its
+    "flash" kernel) is the model neox_jax builds; local/sparse/linear types are refused."""
+    if config is None:
+        return
+    try:
+        kinds = {str(k) for types, _ in config for k in types}
+    except (TypeError, ValueError):
+        raise UserError(
+            f"GPT-NeoX attention_config={config!r} is not a list of [[types], repeat] pairs."
+        ) from None
+    other = sorted(kinds - {"global", "flash"})
+    if other:
+        raise UserError(
+            f"GPT-NeoX attention_config uses {other} attention over its {num_layers} layers; "
+            "neox_jax builds full causal attention only ('global' or 'flash')."
+        )
 
 
 def _precision(neox, used) -> str:
