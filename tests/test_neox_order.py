@@ -76,17 +76,22 @@ def ref_index(documents, sizes, num_samples, seq_length, seed):
     return doc_idx, sample_idx, shuffle_idx
 
 
-def ref_getitem(ds, index, idx):
+def ref_parts(ds, index, idx):
+    """GPT2Dataset.__getitem__'s pieces of sample ``idx``, one per document."""
     doc_idx, sample_idx, shuffle_idx = index
     idx = shuffle_idx[idx]
     f, last = sample_idx[idx][0], sample_idx[idx + 1][0]
     off_f, off_l = sample_idx[idx][1], sample_idx[idx + 1][1]
     if f == last:
-        return ds.get(doc_idx[f], offset=off_f, length=off_l - off_f + 1)
+        return [ds.get(doc_idx[f], offset=off_f, length=off_l - off_f + 1)]
     parts = [ds.get(doc_idx[f], offset=off_f)]
     parts += [ds.get(doc_idx[i]) for i in range(f + 1, last)]
     parts.append(ds.get(doc_idx[last], length=off_l + 1))
-    return np.concatenate(parts)
+    return parts
+
+
+def ref_getitem(ds, index, idx):
+    return np.concatenate(ref_parts(ds, index, idx))
 
 
 def ref_blend(weights, size):
@@ -257,15 +262,22 @@ def test_reuses_gpt_neox_files_and_refuses_other_settings(tmp_path):
         NeoxDataset(ds, "train_0", docs, 12, 3, 99)
 
 
-def test_order_is_refused_past_its_samples(tmp_path):
+def test_past_its_samples_the_order_replays_as_gpt_neox_s_cycled_loader(tmp_path):
+    """GPT-NeoX's loader yields micro-batches of B / accumulation samples, drops an
+    incomplete last one and cycles: sample g past them is sample g mod (whole
+    micro-batches x their size)."""
     ds = make_dataset(tmp_path / "d", [50, 50])
     train, _ = make_neox_sources(
         [ds.prefix], [], split="1", weights=None, seq_len=8, seed=1,
-        global_batch_size=2, train_samples=4, eval_batch_size=2, eval_samples=0,
+        global_batch_size=4, train_samples=4, eval_batch_size=2, eval_samples=0,
+        microbatches=2,
     )  # fmt: skip
-    train.global_batch(1)
-    with pytest.raises(UserError, match="raise train.steps"):
-        train.global_batch(len(train.datasets[0]) // 2 + 1)
+    size = len(train.datasets[0])  # GPT2Dataset's len: 12 samples built, 11 used
+    one_pass = size // 2 * 2
+    assert size == 11 and one_pass == 10
+    ref = ref_index(np.arange(2, dtype=np.int32), ds.sizes, 4, 8, 1)
+    want = [ref_getitem(ds, ref, g % one_pass) for g in range(12, 16)]
+    np.testing.assert_array_equal(_tokens(train, 3), np.stack(want))
 
 
 def test_config_order_neox_sizes_the_order_as_gpt_neox(tmp_path):
@@ -303,3 +315,39 @@ def test_neox_yaml_selects_neox_order_and_refuses_other_packing():
     assert t.overrides["data.neox_split"] == "" and t.overrides["data.weights"] == "1,3"
     with pytest.raises(UserError, match="pack_impl='unpacked'"):
         translate({**base, "data_path": "/data/pile", "pack_impl": "unpacked"})
+
+
+def test_evaluations_walk_on_through_the_valid_order(tmp_path):
+    """GPT-NeoX's evaluation r reads valid batches [(r-1) k, r k) (k = eval_iters),
+    the last (off-interval) evaluation the next k; our own order rereads batch 0 on."""
+    from types import SimpleNamespace
+
+    from neox_jax.training.data import first_eval_batch
+
+    ds = make_dataset(tmp_path / "v", [30, 20, 10])
+    _, evals = make_neox_sources(
+        [ds.prefix], [], split="1,1", weights=None, seq_len=4, seed=0,
+        global_batch_size=2, train_samples=4, eval_batch_size=2, eval_samples=18,
+    )  # fmt: skip
+    train_cfg = SimpleNamespace(eval_every=10, eval_batches=3)
+    firsts = [first_eval_batch(evals, step, train_cfg) for step in (10, 20, 25)]
+    assert firsts == [0, 3, 6]
+    evals.global_batch(firsts[-1] + 2)  # the last batch read lies inside the built order
+    assert first_eval_batch(object(), 20, train_cfg) == 0
+
+
+def test_reset_at_eod_marks_each_document_of_a_sample(tmp_path):
+    ds = make_dataset(tmp_path / "r", DATASETS["mixed_with_empty"])
+    train, _ = make_neox_sources(
+        [ds.prefix], [], split="1", weights=None, seq_len=6, seed=5, global_batch_size=3,
+        train_samples=9, eval_batch_size=3, eval_samples=0, reset_at_eod=True,
+    )  # fmt: skip
+    ref = ref_index(np.arange(len(ds), dtype=np.int32), ds.sizes, 9, 6, 5)
+    batch = train.global_batch(2)
+    for row, g in enumerate(range(6, 9)):
+        parts = [p for p in ref_parts(ds, ref, g) if len(p)]
+        seg = np.concatenate([np.full(len(p), i + 1) for i, p in enumerate(parts)])
+        pos = np.concatenate([np.arange(len(p)) for p in parts])
+        np.testing.assert_array_equal(batch["tokens"][row], np.concatenate(parts))
+        np.testing.assert_array_equal(batch["segment_ids"][row], seg)
+        np.testing.assert_array_equal(batch["positions"][row], pos)

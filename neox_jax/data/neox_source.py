@@ -264,9 +264,13 @@ class NeoxSource(SampleSource):
       reset_at_eod: also return ``segment_ids`` and ``positions``.
     """
 
-    def __init__(self, datasets, weights, global_batch_size, *, reset_at_eod=False):
+    def __init__(self, datasets, weights, global_batch_size, *, reset_at_eod=False,
+                 microbatches: int = 1):  # fmt: skip
         super().__init__(datasets[0].seq_len, global_batch_size)
         self.datasets, self.reset_at_eod = list(datasets), reset_at_eod
+        # GPT-NeoX's loader yields micro-batches of B / gradient_accumulation_steps samples
+        # and drops an incomplete last one; itertools.cycle then replays the pass.
+        self.micro_batch = max(1, global_batch_size // max(1, microbatches))
         if weights is None:
             if len(datasets) != 1:
                 raise ValueError("several datasets need blend weights")
@@ -294,14 +298,17 @@ class NeoxSource(SampleSource):
     def assignment(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(dataset, sample within it)`` of each global sample index."""
         indices = np.asarray(indices, dtype=np.int64)
-        if indices.size and (indices.min() < 0 or indices.max() >= self.size):
-            bad = int(indices.max()) if indices.size else 0
+        if indices.size and indices.min() < 0:
+            raise ValueError("sample indices must be >= 0")
+        one_pass = self.size // self.micro_batch * self.micro_batch
+        if one_pass == 0:
             raise UserError(
-                f"GPT-NeoX's order holds {self.size} samples (sized for train.steps x "
-                f"data.global_batch_size), but sample {bad} (step "
-                f"{bad // self.global_batch_size}) was asked for; GPT-NeoX would have "
-                "started over, so raise train.steps to build a longer order."
+                f"GPT-NeoX's order holds {self.size} samples, fewer than one micro-batch of "
+                f"{self.micro_batch}; the dataset is too small for this batch size."
             )
+        # Past the built samples (an order that fits train.steps only just): replay, as
+        # GPT-NeoX's cycled loader does in an uninterrupted run.
+        indices = indices % one_pass
         if self.weights is None:
             return np.zeros(len(indices), np.int32), indices
         self._extend(int(indices.max()) + 1 if indices.size else 0)
@@ -331,15 +338,18 @@ def make_neox_sources(
     index_dir: str = "",
     index_mode: str = "auto",
     reset_at_eod: bool = False,
+    microbatches: int = 1,
 ) -> tuple[NeoxSource, NeoxSource | None]:
     """``(train, eval or None)`` as GPT-NeoX builds them.
 
     One prefix, no ``eval_prefixes`` and a ``split`` string: the ``data_path`` form.
     Otherwise the paths form (``split`` unused; eval blends ``eval_prefixes`` equally).
     ``train_samples`` is GPT-NeoX's ``train_iters * train_batch_size`` and
-    ``eval_samples`` its ``(train_iters // eval_interval + 1) * eval_iters * batch``.
+    ``eval_samples`` its ``(train_iters // eval_interval + 1) * eval_iters * batch``;
+    ``microbatches`` is its ``gradient_accumulation_steps`` (the loader's micro-batches).
     """
     common = dict(seq_len=seq_len, seed=seed, index_dir=index_dir, index_mode=index_mode)
+    src = dict(reset_at_eod=reset_at_eod, microbatches=microbatches)
     if len(prefixes) == 1 and not eval_prefixes and split:
         ds = IndexedDataset(prefixes[0])
         bounds = neox_order.split_ranges(split, len(ds))
@@ -351,8 +361,8 @@ def make_neox_sources(
             valid = NeoxDataset(
                 ds, "valid", np.arange(bounds[1], bounds[2]), eval_samples, **common
             )
-            evals = NeoxSource([valid], None, eval_batch_size, reset_at_eod=reset_at_eod)
-        return NeoxSource([train], None, global_batch_size, reset_at_eod=reset_at_eod), evals
+            evals = NeoxSource([valid], None, eval_batch_size, **src)
+        return NeoxSource([train], None, global_batch_size, **src), evals
 
     def blend(paths, kind, samples, batch, blend_weights):
         w, counts = neox_order.normalized_weights(blend_weights, samples)
@@ -360,7 +370,7 @@ def make_neox_sources(
         for i, (path, count) in enumerate(zip(paths, counts, strict=True)):
             ds = IndexedDataset(path)
             sets.append(NeoxDataset(ds, f"{kind}_{i}", np.arange(len(ds)), count, **common))
-        return NeoxSource(sets, w, batch, reset_at_eod=reset_at_eod)
+        return NeoxSource(sets, w, batch, **src)
 
     weights = weights or [1.0] * len(prefixes)
     if len(weights) != len(prefixes):

@@ -17,7 +17,7 @@ from neox_jax.data.corpus import prepare_stdlib_corpus
 from neox_jax.data.hf_source import make_hf_source
 from neox_jax.data.indexed_dataset import IndexedDataset
 from neox_jax.data.indexed_dataset import exists as dataset_exists
-from neox_jax.data.neox_source import make_neox_sources
+from neox_jax.data.neox_source import NeoxSource, make_neox_sources
 from neox_jax.data.preshuffled import PreshuffledData
 from neox_jax.data.pretrain_data import BlendedSource, PretrainSource
 from neox_jax.data.tfds_source import TfdsSource
@@ -235,7 +235,19 @@ def _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg):
         index_dir=data_cfg.neox_index_dir,
         index_mode=data_cfg.neox_index,
         reset_at_eod=data_cfg.reset_at_eod,
+        microbatches=train_cfg.microbatches,
     )
+
+
+def first_eval_batch(eval_source, step: int, train_cfg) -> int:
+    """The first eval batch of the evaluation after ``step``: 0 (every evaluation reads the
+    same batches), except in GPT-NeoX's order, where evaluation ``r`` (at step
+    ``r * eval_every``, or the last step) reads the next ``eval_batches`` batches of the
+    valid order, as GPT-NeoX's evaluation walks on through its valid loader."""
+    if not isinstance(eval_source, NeoxSource):
+        return 0
+    rounds = -(-step // max(1, train_cfg.eval_every))  # this evaluation's 1-based number
+    return (rounds - 1) * train_cfg.eval_batches
 
 
 def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:

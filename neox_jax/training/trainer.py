@@ -191,10 +191,10 @@ def _save_run_files(config, workdir: Path, tokenizer_path: str | None) -> None:
         copy_tokenizer(tokenizer_path, workdir / "tokenizer")
 
 
-def _evaluate(eval_fn, state, source, mesh, batches: int) -> dict[str, float]:
+def _evaluate(eval_fn, state, source, mesh, batches: int, first: int = 0) -> dict[str, float]:
     totals = [
         eval_fn(state.params, state.frozen, data_lib.global_batch(source, i, mesh))
-        for i in range(batches)
+        for i in range(first, first + batches)
     ]
     totals = jax.device_get(totals)
     loss = sum(float(t["loss_sum"]) for t in totals) / max(
@@ -365,7 +365,10 @@ def train_and_evaluate(
                     if eval_src is not None and (
                         done % config.train.eval_every == 0 or done == total_steps
                     ):
-                        ev = _evaluate(eval_fn, state, eval_src, mesh, config.train.eval_batches)
+                        first = data_lib.first_eval_batch(eval_src, done, config.train)
+                        ev = _evaluate(
+                            eval_fn, state, eval_src, mesh, config.train.eval_batches, first
+                        )
                         writer.write(done, ev, "eval")
                         scalars.update(ev)
                         final.update(ev)
