@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from helpers.evaluation import tiny_model
 
+from neox_jax import batch_viewer as batch_viewer_cli
 from neox_jax import cli, config_checks, errors
 from neox_jax import embed as embed_cli
 from neox_jax import evaluate as evaluate_cli
@@ -56,6 +57,7 @@ COMMANDS = {
     "train": train_cli.COMMAND,
     "serve": serve_cli.COMMAND,
     "sweep": sweep_cli.COMMAND,
+    "batch_viewer": batch_viewer_cli.COMMAND,
 }
 # Where nobody may write, even root (sysfs refuses new folders).
 READ_ONLY = "/sys/neox_jax_bad_inputs_dst"
@@ -378,6 +380,9 @@ CASES = _generic_cases() + [
     ("sweep", ["--workdir={new}", "--config.grid=optimizer.lr=1e-3"], 2,
      "config.train_config is empty", "new"),
     ("sweep", [*SWEEP_RUN, "--config.parallel=0"], 2, "config.parallel=0 must be >= 1", "new"),
+    # --- batch_viewer
+    ("batch_viewer", [], 2, "--config.data is required", None),
+    ("batch_viewer", ["--config.data={missing}"], 2, "missing.idx does not exist", None),
 ]  # fmt: skip
 
 
