@@ -6,7 +6,8 @@
       --config.start=0 --config.end=99 --config.save=/tmp/steps_0_99.npy
 
 Like Pythia's ``utils/batch_viewer.py``, ``end`` is inclusive and ``save`` writes
-int32[(end - start + 1) * batch_size, 2049] (rows in training order).
+[(end - start + 1) * batch_size, 2049] in the data's token dtype (uint16 for Pythia),
+rows in training order.
 """
 
 import ml_collections

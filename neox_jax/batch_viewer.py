@@ -42,7 +42,8 @@ def save(data: PreshuffledData, steps: range, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".batch_viewer_", suffix=".npy", dir=folder)
     os.close(fd)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
+        # The data's own token dtype (uint16 for Pythia), as Pythia's viewer saves it.
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=data.dtype,
                                         shape=(len(steps) * b, width))  # fmt: skip
         for n, step in enumerate(steps):  # one step at a time: memory stays one batch
             out[n * b : (n + 1) * b] = data.batch(step)

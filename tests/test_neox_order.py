@@ -351,3 +351,17 @@ def test_reset_at_eod_marks_each_document_of_a_sample(tmp_path):
         np.testing.assert_array_equal(batch["tokens"][row], np.concatenate(parts))
         np.testing.assert_array_equal(batch["segment_ids"][row], seg)
         np.testing.assert_array_equal(batch["positions"][row], pos)
+
+
+def test_wide_index_dtypes_hold_the_same_values(tmp_path, monkeypatch):
+    """GPT-NeoX switches sample_idx to int64 and shuffle_idx to int64 for huge corpora;
+    with the thresholds lowered the arrays keep the reference's values in those dtypes."""
+    ds = make_dataset(tmp_path / "w", DATASETS["long"])
+    docs = np.arange(len(ds), dtype=np.int32)
+    monkeypatch.setattr(neox_order, "_INT32_MAX", 10)
+    monkeypatch.setattr(neox_order, "_UINT32_MAX", 10)
+    doc_idx, sample_idx, shuffle_idx = neox_order.build_index(docs, ds.sizes, 20, 8, 11)
+    assert sample_idx.dtype == np.int64 and shuffle_idx.dtype == np.int64
+    ref = ref_index(docs, ds.sizes, 20, 8, 11)
+    for a, b in zip((doc_idx, sample_idx, shuffle_idx), ref, strict=True):
+        np.testing.assert_array_equal(a, b)

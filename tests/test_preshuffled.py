@@ -65,7 +65,10 @@ def test_batch_viewer_saves_what_pythia_s_viewer_saves(tmp_path, capsys):
     assert batch_viewer.COMMAND(["batch_viewer", *flags]) == 0
     # Pythia's batch_viewer: dataset[start*1024 : (end+1)*1024] of the indexed dataset.
     ds = IndexedDataset(prefix)
-    np.testing.assert_array_equal(np.load(out), np.stack(ds[2 * 4 : 5 * 4]))
+    pythia = np.stack(ds[2 * 4 : 5 * 4])
+    saved = np.load(out)
+    assert saved.dtype == pythia.dtype == np.uint16
+    np.testing.assert_array_equal(saved, pythia)
     assert batch_viewer.COMMAND(["batch_viewer", *flags[:3], "--config.rows=2"]) == 0
     printed = capsys.readouterr().out
     assert "step 2: sequences [8, 12)" in printed
