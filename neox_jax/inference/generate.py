@@ -180,7 +180,8 @@ def prefill(
         prompt[:, :-1],
         positions[:, :-1],
         mask[:, :-1],
-        step.layer_cache(config, batch, cache_len, stacked=bool(pipeline)),
+        # Pipelined decoding keeps every slot; else a sliding-window model rolls its cache.
+        step.layer_cache(config, batch, cache_len, stacked=bool(pipeline), rolling=not pipeline),
         compute_logits=False,
         pipeline=pipeline,
     )

@@ -23,6 +23,7 @@ import math
 import flax.linen as nn
 import jax
 
+from neox_jax.errors import UserError
 from neox_jax.model import (
     ModelConfig,
     block_fn,
@@ -31,6 +32,7 @@ from neox_jax.model import (
     init_cache,
     output_logits,
     prepare_inputs,
+    rolling_cache,
     updated_cache,
 )
 from neox_jax.parallel.pipeline import pipeline_layers
@@ -58,7 +60,13 @@ def _layer(layers, i: int):
 
 
 def layer_cache(
-    config: ModelConfig, batch: int, max_length: int, dtype=None, *, stacked: bool = False
+    config: ModelConfig,
+    batch: int,
+    max_length: int,
+    dtype=None,
+    *,
+    stacked: bool = False,
+    rolling: bool = False,
 ) -> dict:
     """An empty cache: ``init_cache``'s layout with ``k``/``v`` as per-layer tuples, or
     (``stacked``, for the pipeline) the ``[L, B, S, H, D]`` arrays themselves.
@@ -66,7 +74,7 @@ def layer_cache(
     Under ``nn.logical_axis_rules`` and a mesh the buffers carry the cache's logical
     sharding (heads over ``tensor``, layers over ``stage``, batch over ``data``/``fsdp``).
     """
-    cache = init_cache(config, batch, max_length, dtype)
+    cache = init_cache(config, batch, max_length, dtype, rolling=rolling)
     names = tuple(cache_logical_axes()["k"])
     if stacked:
         k, v = (nn.with_logical_constraint(cache[n], names) for n in ("k", "v"))
@@ -115,7 +123,13 @@ def forward(
       ``(logits [B, V] fp32 of the last position or None, new cache)``, the cache index
       advanced by ``T``.
     """
-    positions, segment_ids, info = prepare_inputs(tokens, positions, segment_ids, cache)
+    rolling = rolling_cache(config, cache)
+    if rolling and pipeline:
+        raise UserError(
+            "a rolling sliding-window KV cache cannot run as a pipeline yet; "
+            "build the cache with rolling=False."
+        )
+    positions, segment_ids, info = prepare_inputs(tokens, positions, segment_ids, cache, rolling)
     x = embed_tokens(config, params, tokens)  # [B, T, E]
     block = block_fn(config)
     if pipeline:

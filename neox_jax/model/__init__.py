@@ -15,6 +15,7 @@ from neox_jax.model.transformer import (
     output_logits,
     param_logical_axes,
     prepare_inputs,
+    rolling_cache,
     updated_cache,
 )
 
@@ -34,5 +35,6 @@ __all__ = [
     "output_logits",
     "param_logical_axes",
     "prepare_inputs",
+    "rolling_cache",
     "updated_cache",
 ]

@@ -40,3 +40,49 @@ def grouped_attention(q, k, v, mask):
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
+# ------------------------------------------------------- rolling window cache
+def is_rolling(window: int | None, cache_slots: int, index) -> bool:
+    """Whether a KV cache is a rolling window: ``window`` slots reused modulo the window
+    (``init_cache(..., rolling=True)``), written at one scalar index. A cache of exactly
+    ``window`` slots means the same under either reading while it is not full."""
+    return window is not None and cache_slots == window and jnp.ndim(index) == 0
+
+
+def ring_write(buffer: Array, new: Array, index) -> Array:
+    """``buffer [B, W, ...]`` with ``new [B, T, ...]`` written at absolute slots
+    ``index .. index + T - 1`` modulo ``W`` (only the last ``W`` of them when T > W)."""
+    size, length = buffer.shape[1], new.shape[1]
+    kept = min(length, size)
+    slots = jnp.mod(index + length - kept + jnp.arange(kept, dtype=jnp.int32), size)
+    return buffer.at[:, slots].set(new[:, length - kept :].astype(buffer.dtype))
+
+
+def rolling_attention(q, k, v, k_cache, v_cache, q_segment_ids, cache_segment_ids, index, window):
+    """Attention of ``T`` new tokens at absolute slots ``index ..`` over a rolling cache
+    (written before ``index``) and themselves, as full sliding-window attention would.
+
+    Ring slot ``j`` holds the latest absolute slot ``a < index`` with ``a = j (mod W)``
+    (none yet when ``a < 0``). The new keys are attended from the arguments, not the
+    ring, so a chunk longer than the window still sees every key its queries need.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]``; k_cache, v_cache: ``[B, W, KV, D]``.
+      q_segment_ids: ``[B, T]``; cache_segment_ids: ``[B, W]`` before this write.
+      index: scalar, absolute slot of the first query.
+    Returns ``[B, T, H, D]``.
+    """
+    length, size = q.shape[1], k_cache.shape[1]
+    slot = jnp.arange(size, dtype=jnp.int32)
+    ring_pos = index - 1 - jnp.mod(index - 1 - slot, size)  # [W] absolute slot held
+    q_pos = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+    kv_pos = jnp.concatenate([ring_pos, q_pos])  # [W + T]
+    kv_seg = jnp.concatenate([jnp.where(ring_pos >= 0, cache_segment_ids, 0), q_segment_ids], 1)
+    mask = (q_segment_ids[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
+    mask &= (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] > q_pos[:, None] - window)
+    k_all = jnp.concatenate([k_cache.astype(q.dtype), k], axis=1)
+    v_all = jnp.concatenate([v_cache.astype(q.dtype), v], axis=1)
+    if k.shape[2] != q.shape[2]:
+        return grouped_attention(q, k_all, v_all, mask[:, None])
+    return reference.attention(q, k_all, v_all, mask[:, None])

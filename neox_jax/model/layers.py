@@ -29,7 +29,13 @@ from neox_jax.kernels.decode_attention import decode_attention
 from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
-from neox_jax.model.grouped import grouped_attention, window_mask
+from neox_jax.model.grouped import (
+    grouped_attention,
+    is_rolling,
+    ring_write,
+    rolling_attention,
+    window_mask,
+)
 from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
 
 Array = jax.Array
@@ -311,6 +317,13 @@ class Attention(nn.Module):
         if layer_cache is None:
             out = attend(cfg, q, k, v, segment_ids, segment_ids)
             new_cache = None
+        elif is_rolling(cfg.sliding_window, layer_cache["k"].shape[1], cache_info["index"]):
+            index = cache_info["index"]
+            out = rolling_attention(
+                q, k, v, layer_cache["k"], layer_cache["v"], segment_ids,
+                cache_info["old_segment_ids"], index, cfg.sliding_window,
+            )  # fmt: skip
+            new_cache = {n: ring_write(layer_cache[n], t, index) for n, t in (("k", k), ("v", v))}
         else:
             index = cache_info["index"]
             k_all = jax.lax.dynamic_update_slice(

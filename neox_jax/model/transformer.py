@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
+from neox_jax.model.grouped import is_rolling, ring_write
 from neox_jax.model.layers import Block, Linear, norm_layer, small_init
 
 Array = jax.Array
@@ -104,7 +105,7 @@ class GPTNeoX(nn.Module):
         if segment_ids is None:
             segment_ids = attention_mask
         positions, segment_ids, cache_info = prepare_inputs(
-            input_ids, positions, segment_ids, cache
+            input_ids, positions, segment_ids, cache, rolling_cache(cfg, cache)
         )
         embed = nn.Embed(
             cfg.vocab_size,
@@ -165,13 +166,15 @@ def prepare_inputs(
     positions: Array | None,
     segment_ids: Array | None,
     cache: dict[str, Array] | None,
+    rolling: bool = False,
 ) -> tuple[Array, Array, dict[str, Array] | None]:
     """Default positions and segment ids, and the cache bookkeeping of ``GPTNeoX``.
 
     Returns:
       ``(positions [B, T], segment_ids [B, T] int32, cache_info)``: positions default to
       ``arange(T)`` offset by the cache index, segment ids to ones; ``cache_info`` is
-      None without a cache, else ``{"index", "segment_ids" [B, S] with these written}``.
+      None without a cache, else ``{"index", "segment_ids" [B, S] with these written}``
+      (and, for a ``rolling`` window cache, ``"old_segment_ids"`` before the write).
     """
     batch, length = input_ids.shape
     if segment_ids is None:
@@ -181,7 +184,13 @@ def prepare_inputs(
     if positions is None:
         positions = jnp.broadcast_to(offset + jnp.arange(length, dtype=jnp.int32), (batch, length))
     cache_info = None
-    if cache is not None:
+    if cache is not None and rolling:
+        cache_info = {
+            "index": cache["index"],
+            "segment_ids": ring_write(cache["segment_ids"], segment_ids, cache["index"]),
+            "old_segment_ids": cache["segment_ids"],
+        }
+    elif cache is not None:
         cache_info = {
             "index": cache["index"],
             "segment_ids": jax.lax.dynamic_update_slice(
@@ -189,6 +198,13 @@ def prepare_inputs(
             ),
         }
     return positions, segment_ids, cache_info
+
+
+def rolling_cache(config: ModelConfig, cache: dict[str, Array] | None) -> bool:
+    """Whether ``cache`` is a rolling sliding-window cache (see ``init_cache``)."""
+    if cache is None:
+        return False
+    return is_rolling(config.sliding_window, cache["segment_ids"].shape[1], cache["index"])
 
 
 def updated_cache(layer_caches: dict[str, Array], cache_info: dict[str, Array], length: int):
@@ -307,15 +323,24 @@ def count_params(config: ModelConfig) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(abstract_params(config)))
 
 
-def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> dict[str, Array]:
+def init_cache(
+    config: ModelConfig, batch: int, max_length: int, dtype=None, *, rolling: bool = False
+) -> dict[str, Array]:
     """An empty KV cache.
 
     Layout: ``k``, ``v``: ``[L, B, S, KV, D]`` (only the key/value heads: grouped-query
     attention stores ``num_attention_heads / num_key_value_heads`` times fewer bytes);
     ``segment_ids``: ``[B, S]`` (0 = empty or
     padding slot); ``index``: int32 scalar, the next slot to write.
+
+    ``rolling`` (models with a ``sliding_window`` shorter than ``max_length``): only
+    ``S = sliding_window`` slots, reused modulo the window (a token at slot ``i`` sees
+    only the last ``window`` keys, so older ones are never read again); the cache
+    then takes any number of tokens, in ``window / max_length`` of the memory.
     """
     dtype = dtype or config.compute_dtype
+    if rolling and config.sliding_window is not None:
+        max_length = min(max_length, config.sliding_window)
     shape = (
         config.num_hidden_layers,
         batch,
