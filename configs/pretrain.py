@@ -77,6 +77,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.paths = ""  # indexed: comma-separated dataset prefixes (<prefix>.bin/.idx)
     c.data.weights = ""  # indexed: comma-separated blend weights, one per path
     c.data.eval_paths = ""  # indexed: held-out dataset prefixes (else eval_fraction)
+    c.data.eval_weights = ""  # their blend weights ("": data.weights; neox order: equal)
     c.data.eval_fraction = 0.01  # documents held out for eval when no eval_paths
     c.data.tokenizer = ""  # tokenizer.json / .model (tfds tokenizes on the fly; sampling)
     c.data.tfds_name = ""  # tfds: catalog name, e.g. "wikipedia/20230601.en"

@@ -311,8 +311,10 @@ def test_neox_yaml_selects_neox_order_and_refuses_other_packing():
             "pos_emb": "rotary", "train_iters": 10, "train_batch_size": 4}  # fmt: skip
     t = translate({**base, "data_path": "/data/pile", "split": "949, 50, 1"})
     assert t.overrides["data.order"] == "neox" and t.overrides["data.neox_split"] == "949,50,1"
-    t = translate({**base, "train_data_paths": ["/a", "/b"], "train_data_weights": [1, 3]})
+    t = translate({**base, "train_data_paths": ["/a", "/b"], "train_data_weights": [1, 3],
+                   "valid_data_paths": ["/v", "/w"], "valid_data_weights": [2, 1]})  # fmt: skip
     assert t.overrides["data.neox_split"] == "" and t.overrides["data.weights"] == "1,3"
+    assert t.overrides["data.eval_weights"] == "2,1"
     with pytest.raises(UserError, match="pack_impl='unpacked'"):
         translate({**base, "data_path": "/data/pile", "pack_impl": "unpacked"})
 
@@ -365,3 +367,25 @@ def test_wide_index_dtypes_hold_the_same_values(tmp_path, monkeypatch):
     ref = ref_index(docs, ds.sizes, 20, 8, 11)
     for a, b in zip((doc_idx, sample_idx, shuffle_idx), ref, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_valid_blend_uses_valid_weights(tmp_path):
+    """GPT-NeoX blends valid_data_paths by valid_data_weights (data.eval_weights)."""
+    a = make_dataset(tmp_path / "va", [9, 14, 3, 20], seed=3)
+    b = make_dataset(tmp_path / "vb", [25, 6, 11], seed=4)
+    train = make_dataset(tmp_path / "t", [30, 30])
+    _, evals = make_neox_sources(
+        [train.prefix], [a.prefix, b.prefix], split="", weights=None, eval_weights=[2.0, 1.0],
+        seq_len=5, seed=8, global_batch_size=2, train_samples=4, eval_batch_size=3,
+        eval_samples=9,
+    )  # fmt: skip
+    counts = [int(math.ceil(9 * w * 1.005)) for w in (2 / 3, 1 / 3)]
+    refs = [
+        ref_index(np.arange(len(d), dtype=np.int32), d.sizes, n, 5, 8)
+        for d, n in zip((a, b), counts, strict=True)
+    ]
+    which, within = ref_blend([2.0, 1.0], sum(len(r[2]) - 1 for r in refs))
+    want = [ref_getitem((a, b)[which[g]], refs[which[g]], within[g]) for g in (6, 7, 8)]
+    np.testing.assert_array_equal(_tokens(evals, 2), np.stack(want))
+    assert os.path.isfile(index_files(index_base(a.prefix, "valid_0"),
+                                      neox_order_key(counts[0], 5, 8))["doc"])  # fmt: skip

@@ -330,6 +330,7 @@ def make_neox_sources(
     split: str,
     weights: list[float] | None,
     seq_len: int,
+    eval_weights: list[float] | None = None,
     seed: int,
     global_batch_size: int,
     train_samples: int,
@@ -343,7 +344,8 @@ def make_neox_sources(
     """``(train, eval or None)`` as GPT-NeoX builds them.
 
     One prefix, no ``eval_prefixes`` and a ``split`` string: the ``data_path`` form.
-    Otherwise the paths form (``split`` unused; eval blends ``eval_prefixes`` equally).
+    Otherwise the paths form (``split`` unused; eval blends ``eval_prefixes`` by
+    ``eval_weights``, equally when None, as GPT-NeoX's ``valid_data_weights``).
     ``train_samples`` is GPT-NeoX's ``train_iters * train_batch_size`` and
     ``eval_samples`` its ``(train_iters // eval_interval + 1) * eval_iters * batch``;
     ``microbatches`` is its ``gradient_accumulation_steps`` (the loader's micro-batches).
@@ -377,8 +379,9 @@ def make_neox_sources(
         raise UserError(f"{len(weights)} blend weights for {len(prefixes)} datasets.")
     train = blend(prefixes, "train", train_samples, global_batch_size, weights)
     evals = None
+    eval_weights = eval_weights or [1.0] * len(eval_prefixes)
+    if len(eval_weights) != len(eval_prefixes):
+        raise UserError(f"{len(eval_weights)} eval weights for {len(eval_prefixes)} datasets.")
     if eval_prefixes and eval_samples > 0:
-        evals = blend(
-            eval_prefixes, "valid", eval_samples, eval_batch_size, [1.0] * len(eval_prefixes)
-        )
+        evals = blend(eval_prefixes, "valid", eval_samples, eval_batch_size, eval_weights)
     return train, evals

@@ -385,7 +385,7 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
         if g("valid_data_paths"):
             out["data.eval_paths"] = ",".join(map(str, g("valid_data_paths")))
             if g("valid_data_weights"):
-                t.ignored["valid_data_weights"] = "eval paths are blended with equal weights"
+                out["data.eval_weights"] = ",".join(map(str, g("valid_data_weights")))
     if "data.paths" in out:
         out["data.source"] = "indexed"
         out["data.order"] = "neox"  # GPT-NeoX's own sample order and index files

@@ -163,7 +163,7 @@ def make_sources(
     held_out = data_cfg.eval_fraction if not eval_paths else 0.0
     common = dict(seed=data_cfg.seed, reset_at_eod=data_cfg.reset_at_eod)
 
-    def build(prefixes, batch, split, fraction):
+    def build(prefixes, batch, split, fraction, weights_field="weights"):
         sources = [
             PretrainSource(
                 IndexedDataset(p), seq_len, batch, split=split, eval_fraction=fraction, **common
@@ -172,24 +172,20 @@ def make_sources(
         ]
         if len(sources) == 1:
             return sources[0]
-        try:
-            weights = [float(w) for w in _split_list(data_cfg.weights)] or [1.0] * len(sources)
-        except ValueError:
-            raise UserError(
-                f"data.weights={data_cfg.weights!r} must be comma-separated numbers, one per "
-                "dataset in data.paths (e.g. --config.data.weights=0.7,0.3)."
-            ) from None
+        weights = _weights(data_cfg, weights_field) or _weights(data_cfg, "weights")
+        weights = weights or [1.0] * len(sources)
         if len(weights) != len(sources):
+            field = weights_field if _weights(data_cfg, weights_field) else "weights"
             raise ValueError(
-                f"data.weights has {len(weights)} entries for {len(sources)} "
-                "datasets in data.paths."
+                f"data.{field} has {len(weights)} entries for {len(sources)} datasets in "
+                f"data.{'eval_paths' if weights_field == 'eval_weights' else 'paths'}."
             )
         return BlendedSource(sources, weights, batch)
 
     train = build(paths, global_batch, "train" if held_out > 0 else "all", held_out)
     evals = None
     if eval_paths:
-        evals = build(eval_paths, data_cfg.eval_batch_size, "all", 0.0)
+        evals = build(eval_paths, data_cfg.eval_batch_size, "all", 0.0, "eval_weights")
     elif held_out > 0:
         evals = build(paths, data_cfg.eval_batch_size, "eval", held_out)
     return train, evals
@@ -208,24 +204,30 @@ def _preshuffled_sources(data_cfg, paths, eval_paths, global_batch):
     return train, evals
 
 
+def _weights(data_cfg, field: str) -> list[float]:
+    """``data.<field>`` as numbers ([] when empty or absent)."""
+    text = getattr(data_cfg, field, "")
+    try:
+        return [float(w) for w in _split_list(text)]
+    except ValueError:
+        paths = "eval_paths" if field == "eval_weights" else "paths"
+        raise UserError(
+            f"data.{field}={text!r} must be comma-separated numbers, one per dataset in "
+            f"data.{paths} (e.g. --config.data.{field}=0.7,0.3)."
+        ) from None
+
+
 def _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg):
     """GPT-NeoX's order, sized as GPT-NeoX sizes it from train_iters and eval settings."""
     if train_cfg is None:
         raise ValueError("data.order='neox' needs the train config (steps) to size the order")
-    weights = None
-    if data_cfg.weights:
-        try:
-            weights = [float(w) for w in _split_list(data_cfg.weights)]
-        except ValueError:
-            raise UserError(
-                f"data.weights={data_cfg.weights!r} must be comma-separated numbers."
-            ) from None
     evals = (train_cfg.steps // max(1, train_cfg.eval_every) + 1) * train_cfg.eval_batches
     return make_neox_sources(
         paths,
         eval_paths,
         split=data_cfg.neox_split,
-        weights=weights,
+        weights=_weights(data_cfg, "weights") or None,
+        eval_weights=_weights(data_cfg, "eval_weights") or None,
         seq_len=data_cfg.seq_len,
         seed=data_cfg.seed,
         global_batch_size=global_batch,
