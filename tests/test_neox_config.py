@@ -111,6 +111,7 @@ def test_files_merge_and_train_flag_overrides_apply_on_top(capsys):
     assert config.model.hidden_size == 768 and config.model.num_hidden_layers == 12
     assert config.data.paths == "data/enwik8/enwik8_text_document"  # from local_setup.yml
     assert config.data.source == "indexed"
+    assert config.data.order == "neox"  # GPT-NeoX's own sample order, as the run had
     assert config.optimizer.lr == 1e-4  # the user's override wins
     assert config.optimizer.schedule == "neox"
     assert config.data.global_batch_size == 1024

@@ -243,7 +243,7 @@ def test_reuses_gpt_neox_files_and_refuses_other_settings(tmp_path):
     docs = np.arange(len(ds), dtype=np.int32)
     base = index_base(ds.prefix, "train_0")
     # Files as an older GPT-NeoX names them (no _packedpi_ac), written by the reference.
-    files = index_files(base, neox_order_key(12, 4, 99), legacy=True)
+    files = index_files(base, neox_order_key(12, 4, 99), suffix="")
     for kind, array in zip(("doc", "sample", "shuffle"), ref_index(docs, ds.sizes, 12, 4, 99),
                            strict=True):  # fmt: skip
         np.save(files[kind], array)
@@ -257,7 +257,7 @@ def test_reuses_gpt_neox_files_and_refuses_other_settings(tmp_path):
     NeoxDataset(ds, "train_0", docs, 12, 6, 99, index_mode="new")  # built beside them
     # A file renamed to claim another seq length is refused by its contents.
     for kind, path in files.items():
-        os.replace(path, index_files(base, neox_order_key(12, 3, 99), legacy=True)[kind])
+        os.replace(path, index_files(base, neox_order_key(12, 3, 99), suffix="_packedpi")[kind])
     with pytest.raises(UserError, match="built for seq_length 4, not 3"):
         NeoxDataset(ds, "train_0", docs, 12, 3, 99)
 

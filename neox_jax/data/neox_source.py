@@ -40,7 +40,10 @@ INDEX_MODES = ("auto", "new")
 # doc_idx files up to this many entries are checked against the seed by rebuilding
 # them (a shuffle of this size takes about a second); larger ones by shape only.
 _SEED_CHECK_MAX = 1 << 25
-_NAME = re.compile(r"_(\d+)ns_(\d+)sl_(\d+)s(_packedpi_ac)?_doc_idx\.npy$")
+# GPT-NeoX's names: "_packedpi_ac" (allow_chopped) or "_packedpi" since it has pack_impl,
+# nothing before; "packed" files are the same arrays either way.
+PACKED_SUFFIXES = ("_packedpi_ac", "_packedpi", "")
+_NAME = re.compile(r"_(\d+)ns_(\d+)sl_(\d+)s(_packedpi_ac|_packedpi)?_doc_idx\.npy$")
 
 
 @dataclass(frozen=True)
@@ -74,15 +77,17 @@ def index_base(prefix: str, name: str, index_dir: str = "") -> str:
     return f"{where}_{name}_indexmap"
 
 
-def index_files(base: str, key: IndexKey, legacy: bool = False) -> dict[str, str]:
-    """The three file names GPT-NeoX uses for ``key`` (``legacy``: without ``_packedpi_ac``)."""
-    stem = f"{base}_{key.num_samples}ns_{key.seq_len}sl_{key.seed}s"
-    stem += "" if legacy else "_packedpi_ac"
+def index_files(base: str, key: IndexKey, suffix: str = "_packedpi_ac") -> dict[str, str]:
+    """The three file names GPT-NeoX uses for ``key`` (``suffix``: one of
+    ``PACKED_SUFFIXES``; the current GPT-NeoX default when not given)."""
+    if suffix not in PACKED_SUFFIXES:
+        raise ValueError(f"suffix must be one of {PACKED_SUFFIXES}")
+    stem = f"{base}_{key.num_samples}ns_{key.seq_len}sl_{key.seed}s{suffix}"
     return {kind: f"{stem}_{kind}_idx.npy" for kind in KINDS}
 
 
-def existing_keys(base: str) -> dict[IndexKey, bool]:
-    """Index files on disk for ``base``: key -> legacy name, for complete triples only."""
+def existing_keys(base: str) -> dict[IndexKey, str]:
+    """Index files on disk for ``base``: key -> name suffix, for complete triples only."""
     folder, stem = os.path.split(base)
     found = {}
     try:
@@ -95,9 +100,9 @@ def existing_keys(base: str) -> dict[IndexKey, bool]:
         m = _NAME.fullmatch(file[len(stem) :])
         if m:
             key = IndexKey(int(m[1]), int(m[2]), int(m[3]))
-            files = index_files(base, key, legacy=m[4] is None)
+            files = index_files(base, key, m[4] or "")
             if all(os.path.isfile(f) for f in files.values()):
-                found[key] = m[4] is None
+                found.setdefault(key, m[4] or "")
     return found
 
 
@@ -152,7 +157,7 @@ class NeoxDataset:
     def _load_or_build(self, mode: str):
         on_disk = existing_keys(self.base)
         if self.key in on_disk:
-            files = index_files(self.base, self.key, legacy=on_disk[self.key])
+            files = index_files(self.base, self.key, on_disk[self.key])
             arrays = tuple(np.load(files[k], mmap_mode="r", allow_pickle=False) for k in KINDS)
             self._check(arrays, files["doc"])
             return arrays
