@@ -28,7 +28,12 @@ PEAK_LR = {
     "pythia-6.9b": 1.2e-4,
     "pythia-12b": 1.2e-4,
     "neox-20b": 0.97e-4,
+    "neox-175b": 0.6e-4,  # GPT-3 175B (Brown et al. 2020, Table 2.1)
 }
+
+# Rows of 2048 tokens per step: configs/20B.yml (1538); GPT-3 175B's 3.2M tokens
+# (Brown et al. 2020, Table 2.1); 1024 for every Pythia (the Pythia paper, Table 1).
+GLOBAL_BATCH = {"neox-20b": 1538, "neox-175b": 1536}
 
 # A small model that trains to a falling loss in a few minutes on 2 CPU cores; the
 # fields not named here keep ModelConfig's defaults (Pythia's choices).
@@ -95,7 +100,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.tokenizer_vocab_size = 4096  # stdlib: sentencepiece vocabulary size
     c.data.stdlib_max_mb = 12.0  # stdlib: how much source to use
     c.data.seq_len = 256 if tiny else 2048  # tokens per row (rows hold seq_len + 1)
-    c.data.global_batch_size = 16 if tiny else (1538 if arg == "neox-20b" else 1024)
+    c.data.global_batch_size = 16 if tiny else GLOBAL_BATCH.get(arg, 1024)
     c.data.eval_batch_size = 16 if tiny else 64
     c.data.seed = 1234  # the batch of step s is a pure function of (seed, s)
     c.data.reset_at_eod = False  # True: no attention across documents, positions restart
@@ -150,7 +155,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.wandb_run = ""  # W&B run name ("": the workdir's name)
 
     c.mesh = ml_collections.ConfigDict()
-    for axis, size in (("data", -1), ("stage", 1), ("fsdp", 1), ("tensor", 1)):
+    # expert: the experts of mixture-of-experts layers, and the batch, are split over it.
+    for axis, size in (("data", -1), ("stage", 1), ("fsdp", 1), ("expert", 1), ("tensor", 1)):
         c.mesh[axis] = size  # devices along the axis inside a slice; -1 = the rest
         c.mesh[f"dcn_{axis}"] = 1  # across slices (multi-slice TPU / several nodes)
 

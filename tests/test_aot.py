@@ -65,7 +65,7 @@ def test_compiles_for_v5e_and_reports(fsdp_report):
     stdout, r = fsdp_report
     assert r["topology"] == "v5e:2x2" and r["devices"] == CHIPS
     assert r["device_kind"].startswith("TPU v5")
-    assert r["mesh"] == {"data": 1, "stage": 1, "fsdp": CHIPS, "tensor": 1}
+    assert r["mesh"] == {"data": 1, "stage": 1, "fsdp": CHIPS, "expert": 1, "tensor": 1}
     for key in ("per_device_gib", "fits", "model_flops_per_step", "xla_flops_per_device"):
         assert key in stdout
 

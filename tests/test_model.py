@@ -69,12 +69,26 @@ def test_preset_table_is_complete_and_architectural():
         "pythia-6.9b",
         "pythia-12b",
         "neox-20b",
+        "neox-175b",
     }
     assert set(PRESETS) - expected == FAMILY_PRESETS.keys()  # tests/test_family_presets.py
     neox = ModelConfig.from_preset("neox-20b")
     assert (neox.head_dim, neox.rotary_ndims, neox.hidden_act) == (96, 24, "gelu_fast")
     assert ModelConfig.from_preset("pythia-2.8b").head_dim == 80
     assert ModelConfig.from_preset("pythia-1b").head_dim == 256
+
+
+def test_neox_175b_counts_as_gpt3_shape():
+    # GPT-3 175B's shape (Brown et al. 2020, Table 2.1: 96 x 12288, 96 heads, "175.0B")
+    # with GPT-NeoX's blocks. Per layer: fused QKV (3E^2 + 3E), dense (E^2 + E), MLP
+    # (2EF + F + E) and two LayerNorms (4E); plus untied embeddings 2VE and the final norm.
+    cfg = ModelConfig.from_preset("neox-175b")
+    L, E, F, V = 96, 12288, 4 * 12288, 50432  # noqa: N806
+    per_layer = 4 * E * E + 4 * E + 2 * E * F + F + E + 4 * E
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim) == (L, E, 128)
+    assert count_params(cfg) == L * per_layer + 2 * V * E + 2 * E == 175_200_952_320
+    # GPT-3's count differs by its 50257-token tied embedding and learned positions.
+    assert abs(count_params(cfg) / 175.0e9 - 1) < 0.002
 
 
 def test_count_params_allocates_nothing():

@@ -212,7 +212,7 @@ def test_runs_on_eight_devices(runs):
     report, single, single_init, _ = runs
     assert report["device_count"] == DEVICES
     assert sorted(single) == list(range(1, STEPS + 1))
-    assert single_init["mesh"] == {"data": 1, "stage": 1, "fsdp": 1, "tensor": 1}
+    assert single_init["mesh"] == {"data": 1, "stage": 1, "fsdp": 1, "expert": 1, "tensor": 1}
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))

@@ -14,6 +14,8 @@ KV_HEADS = "kv_heads"  # kv_heads * head_dim of the separate k/v projections (GQ
 MLP = "mlp"  # the 4h dimension of the MLP
 LAYERS = "layers"  # the stacked layer axis added by nn.scan
 NORM = "norm"  # LayerNorm scale/bias (never worth sharding)
+EXPERT = "expert"  # the stacked experts of an MoE layer [experts, in, out]
+ROUTER = "router"  # the router's output (one logit per expert; small, kept whole)
 
 # Activations.
 BATCH = "activation_batch"
@@ -24,6 +26,7 @@ ACT_KV_HEADS = "activation_kv_heads"  # the head axis of k/v when fewer than que
 ACT_KV = "activation_head_dim"
 ACT_MLP = "activation_mlp"
 ACT_VOCAB = "activation_vocab"
+ACT_EXPERT = "activation_expert"  # the expert axis of [experts, capacity, embed] buffers
 
 # KV cache [layers, batch, length, heads, head_dim].
 CACHE_LAYERS = "cache_layers"

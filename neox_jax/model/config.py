@@ -372,6 +372,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EleutherAI/gpt-neox-20b: 44 layers, 6144 wide, 64 heads of 96, rotary on 24 dims,
     # hidden_act gelu_fast (a tanh approximation), vocab padded to 50432: 20,554,567,680.
     "neox-20b": {**_pythia(44, 6144, 64, vocab=50432), "hidden_act": "gelu_fast"},
+    # A GPT-NeoX-architecture model of GPT-3 175B's shape, for pod-scale plans
+    # (experiments/aot): 96 layers, d_model 12288, 96 heads of 128, d_ff = 4 * d_model,
+    # 2048 context (Brown et al. 2020, arXiv:2005.14165, Table 2.1), with the 20B's
+    # rotary, parallel residual, untied embeddings and padded 50432 vocabulary.
+    # No such checkpoint exists: 175,200,952,320 parameters (tests/test_model.py).
+    "neox-175b": {**_pythia(96, 12288, 96, vocab=50432), "hidden_act": "gelu_fast"},
     # Llama, Qwen2.5, Qwen3 and Mistral shapes, each citing its source there.
     **FAMILY_PRESETS,
 }

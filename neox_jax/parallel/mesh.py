@@ -1,4 +1,5 @@
-"""Device meshes over the axes ``data``, ``fsdp``, ``tensor`` (and ``stage``), and multi-host init.
+"""Device meshes over the axes ``data``, ``fsdp``, ``expert``, ``tensor`` (and ``stage``),
+and multi-host init.
 
 A mesh is described by per-axis sizes; one of them may be -1 ("the rest of the
 devices"). On multi-slice TPU (or several GPU nodes) the ``dcn_*`` sizes give the
@@ -16,7 +17,10 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
-AXES = ("data", "stage", "fsdp", "tensor")
+# Later axes vary fastest over the devices, so on a TPU slice they get the nearest
+# neighbours: ``tensor`` (two all-reduces per layer) innermost, then ``expert`` (two
+# all-to-alls per sparse layer), then ``fsdp``.
+AXES = ("data", "stage", "fsdp", "expert", "tensor")
 
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -56,7 +60,7 @@ def create_mesh(
     dcn: Mapping[str, int] | None = None,
     devices: Sequence[jax.Device] | None = None,
 ) -> jax.sharding.Mesh:
-    """A ``Mesh`` with axes ``("data", "stage", "fsdp", "tensor")``.
+    """A ``Mesh`` with axes ``("data", "stage", "fsdp", "expert", "tensor")``.
 
     Args:
       ici: axis sizes inside a slice (or the whole machine), -1 allowed once.

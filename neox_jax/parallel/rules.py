@@ -10,6 +10,11 @@ Layout it implements (Megatron tensor parallelism + ZeRO-3/FSDP + data paralleli
   across it too, as in ZeRO-3.
 * ``data``: pure data parallelism; parameters are replicated across it.
 * ``stage``: the stacked ``layers`` axis, for pipeline parallelism.
+* ``expert``: the stacked ``expert`` axis of mixture-of-experts weights (their hidden
+  dimension stays on ``tensor``), and the batch, as in GShard/Switch: each device routes
+  its own tokens, and two all-to-alls per sparse layer carry them to the devices holding
+  their experts and back (``neox_jax.model.expert_parallel``). Every other parameter is
+  replicated across it, as across ``data``.
 
 A dimension that an axis does not divide is left unsharded along that axis
 (``logical_to_sharding`` warns), so tiny test models run on any mesh.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -27,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from neox_jax.model import axes
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: tuple[tuple[str, Any], ...] = (
     # Parameters.
@@ -39,6 +45,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.KV_HEADS, "tensor"),
     (axes.MLP, "tensor"),
     (axes.LAYERS, "stage"),
+    (axes.EXPERT, "expert"),
+    (axes.ROUTER, None),
     (axes.NORM, None),
     (axes.RANK, None),
     (axes.GROUPS, None),
@@ -53,6 +61,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     (axes.ACT_KV, None),
     (axes.ACT_MLP, "tensor"),
     (axes.ACT_VOCAB, "tensor"),
+    # A capacity-mode [experts, capacity, embed] buffer: its experts where theirs are.
+    (axes.ACT_EXPERT, "expert"),
     # KV cache.
     (axes.CACHE_LAYERS, "stage"),
     (axes.CACHE_BATCH, BATCH_AXES),
@@ -110,7 +120,7 @@ def logical_to_sharding(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rule
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches are split over ``data`` x ``fsdp`` along their first dimension."""
+    """Batches are split over ``data`` x ``fsdp`` x ``expert`` along their first dimension."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
@@ -131,4 +141,5 @@ def mesh_context(mesh: jax.sharding.Mesh | None) -> contextlib.ExitStack:
 
 
 def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways the batch is split (the product of ``BATCH_AXES``)."""
+    return math.prod(mesh.shape.get(a, 1) for a in BATCH_AXES)

@@ -84,7 +84,8 @@ class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
 
 def build_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     """The mesh of ``config.mesh`` over ``devices`` (default: every device)."""
-    ici = {a: mesh_cfg[a] for a in AXES}
+    # .get: configs written before an axis existed (e.g. ``expert``) leave it at 1.
+    ici = {a: mesh_cfg.get(a, 1) for a in AXES}
     dcn = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}
     return create_mesh(ici, dcn, devices)
 
@@ -100,7 +101,8 @@ def check_batch(config, mesh) -> None:
     if (batch // k) % dp:
         raise ValueError(
             f"Each microbatch has {batch // k} rows, not divisible by the data-parallel size "
-            f"{dp} (mesh data x fsdp). Make global_batch_size / microbatches a multiple of {dp}."
+            f"{dp} (mesh data x fsdp x expert). Make global_batch_size / microbatches a "
+            f"multiple of {dp}."
         )
 
 
