@@ -51,6 +51,7 @@ OPTIONAL_MODEL_FIELDS = {
     "head_dim_override": int,
     "sliding_window": int,
     "attention_out_bias": bool,
+    "moe_intermediate_size": int,
 }
 
 

@@ -310,7 +310,9 @@ def params_from_hf_tensors(
     path = source
     target = DTYPES[config.param_dtype]
     shapes = flatten_dict(abstract_params(config), sep="/")
-    params = {k: np.empty(s.shape, target) for k, s in shapes.items()}
+    # Zeros where a mixed dense/sparse stack has slots no tensor fills (model/moe.py).
+    alloc = np.zeros if config.mixed_mlp else np.empty
+    params = {k: alloc(s.shape, target) for k, s in shapes.items()}
     table = _hf_name_table(config)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -324,19 +326,17 @@ def params_from_hf_tensors(
         if name not in table:
             unexpected.append(name)
             continue
-        ours, transpose, layer = table[name]
+        ours, transpose, index = table[name]
+        index = _index(index)  # () whole, (layer,) or (layer, expert)
         value = tensor.T if transpose else tensor
-        expected = shapes[ours].shape[1:] if layer is not None else shapes[ours].shape
+        expected = shapes[ours].shape[len(index) :]
         if value.shape != tuple(expected):
             hf_shape = tuple(expected[::-1]) if transpose else tuple(expected)
             raise ConversionError(
                 f"Tensor {name} has shape {tuple(tensor.shape)} but the model config implies "
                 f"{hf_shape}; the weights do not match the config."
             )
-        if layer is None:
-            params[ours][...] = value
-        else:
-            params[ours][layer] = value
+        params[ours][index] = value
         seen.add(name)
     if unexpected:
         raise ConversionError(
@@ -352,6 +352,13 @@ def params_from_hf_tensors(
             "the checkpoint is incomplete."
         )
     return unflatten_dict(params, sep="/")
+
+
+def _index(index: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """A name table's index (None, a layer, or (layer, expert)) as a tuple."""
+    if index is None:
+        return ()
+    return index if isinstance(index, tuple) else (index,)
 
 
 # -------------------------------------------------------------------- saving
@@ -371,8 +378,8 @@ def _hf_tensors(
     config: ModelConfig, params: dict[str, Any], dtype
 ) -> Iterator[tuple[str, np.ndarray]]:
     flat = flatten_dict(params, sep="/")
-    for name, (ours, transpose, layer) in _hf_name_table(config).items():
-        value = np.asarray(flat[ours] if layer is None else flat[ours][layer])
+    for name, (ours, transpose, index) in _hf_name_table(config).items():
+        value = np.asarray(flat[ours][_index(index)])
         value = value.T if transpose else value
         yield name, np.ascontiguousarray(value.astype(dtype))
 

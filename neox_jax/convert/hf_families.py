@@ -1,4 +1,5 @@
-"""The Llama-style families (Llama, Mistral, Qwen2/2.5, Qwen3) <-> ``ModelConfig`` and
+"""The Llama-style families (Llama, Mistral, Qwen2/2.5, Qwen3, and the mixtures of experts
+Mixtral, Qwen2-MoE, Qwen3-MoE) <-> ``ModelConfig`` and
 our parameter names. ``neox_jax.convert.hf`` reads and writes the files and picks this
 module's tables by the ``model_type`` of ``config.json``.
 
@@ -11,6 +12,8 @@ separate q/k/v projections with grouped KV heads, and per family:
 * qwen2: biases on q/k/v only.
 * qwen3: ``attention_bias`` on q/k/v/o (off by default), RMSNorm of each q/k head,
   ``head_dim`` 128 unless config.json says otherwise.
+* mixtral, qwen2_moe, qwen3_moe: Mistral's, Qwen2's (``qkv_bias``) and Qwen3's
+  attention with sparse MLPs (``neox_jax.convert.hf_moe``).
 
 Linear weights are ``[out, in]`` on the hub and ``[in, out]`` here (transposed); the
 rest is copied.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from neox_jax.convert import hf_moe
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
 
@@ -34,10 +38,16 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 NAMES = {"gpt_neox": "GPT-NeoX", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
-         "qwen3": "Qwen3"}  # fmt: skip
+         "qwen3": "Qwen3", "qwen3_moe": "Qwen3-MoE", "qwen2_moe": "Qwen2-MoE",
+         "mixtral": "Mixtral"}  # fmt: skip
 FAMILIES = tuple(t for t in ARCHITECTURES if t != "gpt_neox")
+# The dense family whose attention (biases, QK-norm, window) each MoE family shares.
+ATTENTION_OF = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral"}
 # transformers' default head_dim when config.json has none (Qwen3Config's is 128).
 _DEFAULT_HEAD_DIM = {"qwen3": 128}
 _REQUIRED = (
@@ -111,7 +121,7 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
 def _check_window(hf: dict[str, Any], model_type: str) -> int | None:
     """The sliding window that applies, as transformers decides it, or None."""
     window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
         layer_types = hf.get("layer_types") or []
         if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
             return None  # transformers ignores sliding_window then
@@ -136,9 +146,10 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
         )
     theta, partial, scaling = _rope(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-    head_dim = hf.get("head_dim") or _DEFAULT_HEAD_DIM.get(model_type) or hidden // heads
+    family = ATTENTION_OF.get(model_type, model_type)
+    head_dim = hf.get("head_dim") or _DEFAULT_HEAD_DIM.get(family) or hidden // heads
     kv_heads = hf.get("num_key_value_heads") or heads
-    attention_bias = bool(hf.get("attention_bias", model_type == "qwen2"))
+    attention_bias = bool(hf.get("attention_bias", hf.get("qkv_bias", family == "qwen2")))
     fields = dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -156,14 +167,15 @@ def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
         use_parallel_residual=False,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attention_bias=attention_bias,
-        attention_out_bias=False if model_type == "qwen2" else attention_bias,
+        attention_out_bias=False if family == "qwen2" else attention_bias,
         norm_type="rmsnorm",
         gated_mlp=True,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         fused_qkv=False,
-        qk_norm=model_type == "qwen3",
+        qk_norm=family == "qwen3",
         sliding_window=_check_window(hf, model_type),
         rope_scaling=scaling,
+        **hf_moe.config_fields(hf),
     )
     fields.update(overrides)
     return ModelConfig(**fields)
@@ -200,30 +212,37 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         out["rope_scaling"] = {"rope_type": kind, **scaling}
     elif scaling:
         raise ConversionError(f"rope_scaling {scaling} has no {t} equivalent in transformers.")
-    if t in ("qwen2", "qwen3"):
+    family = ATTENTION_OF.get(t, t)
+    if family in ("qwen2", "qwen3"):
         out["use_sliding_window"] = config.sliding_window is not None
         out["max_window_layers"] = config.num_hidden_layers if config.sliding_window else 0
-    if t in ("llama", "qwen3"):
+    if t in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = config.attention_bias
+    if t == "qwen2_moe":
+        out["qkv_bias"] = config.attention_bias
     if t == "llama":
         out["mlp_bias"] = config.mlp_bias
     _check_exportable(config)
+    out.update(hf_moe.config_to_hf(config))
     return out
 
 
 def _check_exportable(config: ModelConfig) -> None:
     """Refuse a config whose options the family's transformers class cannot express."""
     t = config.model_type
-    bias = {"llama": None, "mistral": False, "qwen2": True, "qwen3": None}[t]
+    family = ATTENTION_OF.get(t, t)
+    bias = {"llama": None, "mistral": False, "qwen2": True, "qwen3": None}[family]
+    if t == "qwen2_moe":
+        bias = None  # qkv_bias says
     expected = dict(
         norm_type="rmsnorm",
         gated_mlp=True,
         fused_qkv=False,
         use_parallel_residual=False,
-        qk_norm=t == "qwen3",
+        qk_norm=family == "qwen3",
         mlp_bias=config.mlp_bias if t == "llama" else False,
         attention_bias=config.attention_bias if bias is None else bias,
-        out_bias=False if t == "qwen2" else config.attention_bias,
+        out_bias=False if family == "qwen2" else config.attention_bias,
     )
     wrong = {k: getattr(config, k) for k, v in expected.items() if getattr(config, k) != v}
     if wrong:
@@ -257,11 +276,13 @@ def name_table(config: ModelConfig) -> dict[str, tuple[str, bool, int | None]]:
     if config.qk_norm:
         for p in ("q", "k"):
             per_layer[f"self_attn.{p}_norm.weight"] = (f"attention/{p}_norm/scale", False)
-    for p in ("gate", "up", "down"):
+    for p in ("gate", "up", "down") if not config.is_moe else ():
         per_layer[f"mlp.{p}_proj.weight"] = (f"mlp/{p}_proj/kernel", True)
         if config.mlp_bias:
             per_layer[f"mlp.{p}_proj.bias"] = (f"mlp/{p}_proj/bias", False)
     for i in range(config.num_hidden_layers):
         for name, (ours, transpose) in per_layer.items():
             table[f"model.layers.{i}.{name}"] = ("layers/" + ours, transpose, i)
+        if config.is_moe:
+            table.update(hf_moe.mlp_names(config, i))
     return table

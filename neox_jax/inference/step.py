@@ -153,6 +153,7 @@ def forward(
                 positions,
                 segment_ids,
                 info,
+                layer=i,
             )
             new_k.append(updated["k"])
             new_v.append(updated["v"])

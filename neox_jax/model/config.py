@@ -42,7 +42,12 @@ ROPE_SCALING_KEYS = {
 NORM_TYPES = ("layernorm", "rmsnorm")
 # The Hugging Face architecture a model is written as (neox_jax.convert picks the
 # tensor names and config.json keys by it).
-MODEL_TYPES = ("gpt_neox", "llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = (
+    "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral",
+)  # fmt: skip
+# How the routed experts are computed (neox_jax.model.moe): dropless grouped matmuls over
+# tokens sorted by expert, a fixed capacity per expert, or every expert on every token.
+MOE_IMPLS = ("ragged", "capacity", "dense")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -120,11 +125,30 @@ class ModelConfig(JsonConfig):
       sliding_window: a query at slot ``i`` sees only keys at slots ``> i - window``
         (Mistral, as transformers masks it); None = full causal attention. The KV cache
         still holds every slot (no rolling cache yet).
+    Mixture of experts (transformers' Qwen3-MoE / Mixtral / Qwen2-MoE names; see
+    ``neox_jax.model.moe``):
+      num_experts: routed experts per sparse layer; 0 = a dense model.
+      num_experts_per_tok: experts each token is routed to (top-k).
+      moe_intermediate_size: width of each expert's gated MLP; None = ``intermediate_size``
+        (Mixtral's convention).
+      norm_topk_prob: renormalise the top-k router probabilities to sum to 1.
+      shared_expert_intermediate_size: width of Qwen2-MoE's shared expert (an MLP every
+        token goes through, scaled by ``sigmoid(shared_expert_gate(x))``); 0 = none.
+      decoder_sparse_step: layer ``i`` is sparse when ``(i + 1) % step == 0`` ...
+      mlp_only_layers: ... and ``i`` is not listed here (those keep the dense MLP of
+        ``intermediate_size``).
     Ours:
       dtype: compute dtype ("float32" or "bfloat16"); LayerNorm and softmax stay fp32.
       param_dtype: storage dtype of parameters.
       attention_impl: "xla" (the reference) or "pallas" (flash kernels).
       remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
+      moe_impl: one of ``MOE_IMPLS``; all give the same outputs while no expert
+        overflows its capacity.
+      capacity_factor: with ``moe_impl="capacity"``, each expert takes at most
+        ``ceil(capacity_factor * tokens * top_k / num_experts)`` tokens; the rest skip it.
+      router_aux_loss_coef: weight of the load-balancing loss in training (Switch
+        Transformer eq. 4-6, as transformers' ``load_balancing_loss_func``).
+      router_z_loss_coef: weight of the router z-loss (ST-MoE, arXiv:2202.08906 eq. 5).
       rope_scaling: None, or {"type": "linear"|"ntk"|"dynamic", "factor": f} to run past
         ``max_position_embeddings``, or {"type": "yarn", "factor",
         "original_max_position_embeddings", optional "beta_fast", "beta_slow",
@@ -156,6 +180,13 @@ class ModelConfig(JsonConfig):
     attention_out_bias: bool | None = None
     qk_norm: bool = False
     sliding_window: int | None = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = False
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
     # How the model runs rather than what it is: a checkpoint's architecture never
     # overrides these (see ``architecture_fields``).
     dtype: str = _runtime("float32")
@@ -163,10 +194,16 @@ class ModelConfig(JsonConfig):
     attention_impl: str = _runtime("xla")
     remat: str = _runtime("none")
     rope_scaling: tuple[tuple[str, Any], ...] | None = _runtime(None)
+    moe_impl: str = _runtime("ragged")
+    capacity_factor: float = _runtime(1.25)
+    router_aux_loss_coef: float = _runtime(0.0)
+    router_z_loss_coef: float = _runtime(0.0)
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):  # keep the dataclass hashable
             object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        if isinstance(self.mlp_only_layers, list):  # JSON gives a list
+            object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
         self.validate()
 
     # ------------------------------------------------------------------ derived
@@ -192,6 +229,31 @@ class ModelConfig(JsonConfig):
     def rotary_ndims(self) -> int:
         # Same truncation as transformers: int(head_dim * rotary_pct).
         return int(self.head_dim * self.rotary_pct)
+
+    @property
+    def sparse_layers(self) -> tuple[int, ...]:
+        """The layers whose MLP is a mixture of experts (transformers' rule)."""
+        if not self.num_experts:
+            return ()
+        return tuple(
+            i
+            for i in range(self.num_hidden_layers)
+            if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.sparse_layers)
+
+    @property
+    def mixed_mlp(self) -> bool:
+        """Some layers sparse, some dense: each stacked layer then holds both MLPs (see
+        ``neox_jax.model.moe``)."""
+        return 0 < len(self.sparse_layers) < self.num_hidden_layers
+
+    @property
+    def expert_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def compute_dtype(self):
@@ -247,6 +309,7 @@ class ModelConfig(JsonConfig):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
         self._validate_family()
+        self._validate_moe()
         if self.head_dim_override is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
@@ -317,6 +380,48 @@ class ModelConfig(JsonConfig):
                 f"{self.sliding_window}; use attention_impl='xla'."
             )
 
+    def _validate_moe(self) -> None:
+        if self.moe_impl not in MOE_IMPLS:
+            raise UserError(
+                f"Unknown moe_impl {self.moe_impl!r}; supported: {', '.join(MOE_IMPLS)}."
+            )
+        ints = dict(
+            num_experts=(self.num_experts, 0),
+            shared_expert_intermediate_size=(self.shared_expert_intermediate_size, 0),
+            num_experts_per_tok=(self.num_experts_per_tok, 1),
+            decoder_sparse_step=(self.decoder_sparse_step, 1),
+            moe_intermediate_size=(self.moe_intermediate_size or 1, 1),
+        )
+        for name, (value, low) in ints.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UserError(f"ModelConfig.{name} must be an integer >= {low}, got {value!r}.")
+        if self.num_experts and self.num_experts_per_tok > self.num_experts:
+            raise UserError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts "
+                f"({self.num_experts}): a token cannot pick more experts than exist; lower "
+                "num_experts_per_tok or add experts."
+            )
+        bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise UserError(
+                f"mlp_only_layers {bad} are not layers of a {self.num_hidden_layers}-layer "
+                f"model; list indices in [0, {self.num_hidden_layers})."
+            )
+        if not self.capacity_factor > 0:
+            raise UserError(
+                f"capacity_factor must be > 0, got {self.capacity_factor}; 1.0 gives each "
+                "expert an even share of the tokens, more leaves room for imbalance."
+            )
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.is_moe and (not self.gated_mlp or self.mlp_bias):
+            raise UserError(
+                "Experts are gated MLPs without biases (as in Qwen-MoE and Mixtral); set "
+                f"gated_mlp=True and mlp_bias=False (got gated_mlp={self.gated_mlp}, "
+                f"mlp_bias={self.mlp_bias})."
+            )
+
     # ------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, name: str, **overrides) -> ModelConfig:
@@ -326,7 +431,11 @@ class ModelConfig(JsonConfig):
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {**super().to_dict(), "rope_scaling": self.rope_scaling_dict}
+        return {
+            **super().to_dict(),
+            "rope_scaling": self.rope_scaling_dict,
+            "mlp_only_layers": list(self.mlp_only_layers),
+        }
 
 
 def _check_choice(name: str, value, choices) -> None:

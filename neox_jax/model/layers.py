@@ -394,6 +394,7 @@ class MLP(nn.Module):
     Llama form ``down_proj(act(gate_proj(x)) * up_proj(x))`` (SwiGLU when act is silu)."""
 
     config: ModelConfig
+    intermediate_size: int | None = None  # None: the config's (a shared expert's is its own)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -409,7 +410,7 @@ class MLP(nn.Module):
             names = (None, "dense_h_to_4h", "dense_4h_to_h")
         up = functools.partial(
             dense,
-            features=cfg.intermediate_size,
+            features=self.intermediate_size or cfg.intermediate_size,
             kernel_axes=(axes.EMBED, axes.MLP),
             kernel_init=small_init(cfg.hidden_size),
         )
@@ -433,13 +434,15 @@ class Block(nn.Module):
     """One transformer layer, parallel or sequential residual (as ``GPTNeoXLayer``).
 
     Written for ``nn.scan``: ``(carry=x, per-layer cache) -> (x, (new cache, layer input))``.
+    ``neox_jax.model.moe.MoEBlock`` replaces ``_mlp`` in sparse layers; ``sparse`` is
+    only read there.
     """
 
     config: ModelConfig
     keep_hidden: bool = False
 
     @nn.compact
-    def __call__(self, x, layer_cache, positions, segment_ids, cache_info):
+    def __call__(self, x, layer_cache, positions, segment_ids, cache_info, sparse=None):
         cfg = self.config
         act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
         x = nn.with_logical_constraint(x, act_names)
@@ -450,9 +453,14 @@ class Block(nn.Module):
         )
         if cfg.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x)), summed in transformers' order.
-            mlp = MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x))
-            x = mlp + attn + x
+            h = norm(name="post_attention_layernorm")(x)
+            x = self._mlp(h, segment_ids, sparse) + attn + x
         else:
             x = attn + x
-            x = MLP(cfg, name="mlp")(norm(name="post_attention_layernorm")(x)) + x
+            h = norm(name="post_attention_layernorm")(x)
+            x = self._mlp(h, segment_ids, sparse) + x
         return nn.with_logical_constraint(x, act_names), (new_cache, layer_input)
+
+    def _mlp(self, h, segment_ids, sparse=None):
+        del segment_ids, sparse  # only the sparse MLP needs them
+        return MLP(self.config, name="mlp")(h)

@@ -23,6 +23,8 @@ With the family options (``ModelConfig``): ``norm_type="rmsnorm"`` norms hold on
 ``k_proj``/``v_proj`` [L, E, KV*D] (biases per ``attention_bias``); ``qk_norm`` adds
 ``attention/{q_norm,k_norm}/scale`` [L, D]; ``gated_mlp`` replaces the MLP by
 ``gate_proj``/``up_proj`` [L, E, F] and ``down_proj`` [L, F, E] (biases per ``mlp_bias``).
+Mixture-of-experts configs (``num_experts``) put the sparse MLP under ``layers/moe``
+(see ``neox_jax.model.moe``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.grouped import is_rolling, ring_write
 from neox_jax.model.layers import Block, Linear, norm_layer, small_init
+from neox_jax.model.moe import MoEBlock, layer_flags
 
 Array = jax.Array
 
@@ -124,8 +127,10 @@ class GPTNeoX(nn.Module):
         x = _constrain_embeddings(jnp.take(table, input_ids.astype(jnp.int32), axis=0))
 
         layer_caches = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        # Mixed dense/sparse stacks tell each layer which it is (a scanned input).
+        flags = (layer_flags(cfg),) if cfg.mixed_mlp else ()
         x, (new_layer_caches, layer_inputs) = self._stack(return_hidden_states)(
-            x, layer_caches, positions, segment_ids, cache_info
+            x, layer_caches, positions, segment_ids, cache_info, *flags
         )
         x = _final_norm(cfg, name="final_layer_norm")(x)
         logits = None
@@ -145,14 +150,16 @@ class GPTNeoX(nn.Module):
 
     def _stack(self, keep_hidden: bool):
         cfg = self.config
-        block = Block
+        block = block_class(cfg)
         if cfg.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+            block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        flags = (0,) if cfg.mixed_mlp else ()
         return nn.scan(
             block,
-            variable_axes={"params": 0},
+            # "intermediates": the router statistics MoE layers sow (neox_jax.model.moe).
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, *flags),
             length=cfg.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )(cfg, keep_hidden, name="layers")
@@ -216,15 +223,22 @@ def updated_cache(layer_caches: dict[str, Array], cache_info: dict[str, Array], 
     }
 
 
+def block_class(config: ModelConfig) -> type[Block]:
+    """``MoEBlock`` for mixture-of-experts configs, else ``Block``."""
+    return MoEBlock if config.is_moe else Block
+
+
 def block_fn(config: ModelConfig):
     """One layer as a function of its parameters, for paths that run the layers
-    themselves: ``(layer_params, x, layer_cache, positions, segment_ids, cache_info)
-    -> (x, new layer_cache or None)``."""
-    block = Block(config)
+    themselves: ``(layer_params, x, layer_cache, positions, segment_ids, cache_info,
+    layer=None) -> (x, new layer_cache or None)``; ``layer`` (the layer's index) is
+    needed only when the config mixes dense and sparse layers."""
+    block = block_class(config)(config)
 
-    def apply(layer_params, x, layer_cache, positions, segment_ids, cache_info):
+    def apply(layer_params, x, layer_cache, positions, segment_ids, cache_info, layer=None):
+        sparse = None if layer is None else layer in config.sparse_layers
         x, (new_cache, _) = block.apply(
-            {"params": layer_params}, x, layer_cache, positions, segment_ids, cache_info
+            {"params": layer_params}, x, layer_cache, positions, segment_ids, cache_info, sparse
         )
         return x, new_cache
 

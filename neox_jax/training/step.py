@@ -6,9 +6,13 @@ padding; packed documents never attend each other) and ``positions``. Inputs are
 ``tokens[:, :-1]`` and targets ``tokens[:, 1:]``.
 
 The loss is the mean next-token cross entropy over the masked target tokens of the
-whole batch. Gradient accumulation splits the batch into microbatches inside one
-``lax.scan`` and sums per-token losses and gradients before dividing by the total
-token count, so k microbatches give the full-batch gradient (up to summation order).
+whole batch, plus, for a mixture of experts, the router losses weighted by the
+config's ``router_aux_loss_coef`` / ``router_z_loss_coef`` (``neox_jax.model.moe_terms``;
+their values and the expert load are reported as ``moe/...`` metrics).
+
+Gradient accumulation splits the batch into microbatches inside one ``lax.scan`` and
+sums per-token losses and gradients before dividing by the total token count, so k
+microbatches give the full-batch gradient (up to summation order).
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ from neox_jax.model import (
     prepare_inputs,
     updated_cache,
 )
+from neox_jax.model.moe_terms import router_terms
 from neox_jax.parallel.pipeline import pipeline_layers
 
-# apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V]
-ApplyFn = Callable[..., jax.Array]
+# apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V], or
+# (logits, router terms) for a mixture of experts (``neox_jax.model.moe_terms``).
+ApplyFn = Callable[..., Any]
 
 
 @flax.struct.dataclass
@@ -57,7 +63,12 @@ def model_apply_fn(config: ModelConfig) -> ApplyFn:
 
     def apply(params, frozen, inputs, positions, segment_ids, rng):
         del frozen, rng  # GPT-NeoX/Pythia train without dropout
-        return model.apply({"params": params}, inputs, positions, segment_ids)
+        if not config.is_moe:
+            return model.apply({"params": params}, inputs, positions, segment_ids)
+        logits, state = model.apply(
+            {"params": params}, inputs, positions, segment_ids, mutable=["intermediates"]
+        )
+        return logits, router_terms(config, state["intermediates"])
 
     return apply
 
@@ -143,11 +154,18 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return log_z - picked
 
 
-def _sum_loss(params, frozen, batch, rng, apply_fn: ApplyFn):
+def _sum_loss(params, frozen, batch, rng, apply_fn: ApplyFn, router_loss: bool = True):
+    """``(summed loss, (token count, router metrics))``; router metrics are {} for dense
+    models. A mixture of experts adds its router loss once per token (so the mean loss
+    is the cross entropy plus the router loss) unless ``router_loss`` is False."""
     inputs, targets, weights, positions, segment_ids = split_batch(batch)
-    logits = apply_fn(params, frozen, inputs, positions, segment_ids, rng)
+    out = apply_fn(params, frozen, inputs, positions, segment_ids, rng)
+    logits, terms = out if isinstance(out, tuple) else (out, {})
     losses = token_losses(logits, targets)
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    total, count = jnp.sum(losses * weights), jnp.sum(weights)
+    if terms and router_loss:
+        total = total + terms["loss"] * count
+    return total, (count, {f"moe/{k}": v for k, v in terms.items() if k != "loss"})
 
 
 def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -162,26 +180,32 @@ def _microbatches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
     return jax.tree.map(split, batch)
 
 
-def loss_and_grads(params, frozen, batch, rng, apply_fn: ApplyFn, microbatches: int = 1):
-    """``(mean loss, token count, mean gradients)`` over the batch."""
+def loss_and_grads(
+    params, frozen, batch, rng, apply_fn: ApplyFn, microbatches: int = 1, *, with_metrics=False
+):
+    """``(mean loss, token count, mean gradients)`` over the batch, and with
+    ``with_metrics`` the router metrics of a mixture of experts (mean over microbatches)."""
     grad_fn = jax.value_and_grad(_sum_loss, has_aux=True)
     if microbatches == 1:
-        (total, count), grads = grad_fn(params, frozen, batch, rng, apply_fn)
+        (total, (count, metrics)), grads = grad_fn(params, frozen, batch, rng, apply_fn)
     else:
 
         def body(carry, xs):
             mb, i = xs
             total, count, acc = carry
-            (t, c), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), apply_fn)
+            (t, (c, m)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i), apply_fn)
             acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
-            return (total + t, count + c, acc), None
+            return (total + t, count + c, acc), m
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
         xs = (_microbatches(batch, microbatches), jnp.arange(microbatches))
-        (total, count, grads), _ = jax.lax.scan(body, init, xs)
+        (total, count, grads), metrics = jax.lax.scan(body, init, xs)
+        metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    if with_metrics:
+        return total / denom, count, grads, metrics
     return total / denom, count, grads
 
 
@@ -201,8 +225,8 @@ def train_step(
     state unchanged except for the step counter (and reports ``skipped = 1``).
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    loss, count, grads = loss_and_grads(
-        state.params, state.frozen, batch, rng, apply_fn, microbatches
+    loss, count, grads, router_metrics = loss_and_grads(
+        state.params, state.frozen, batch, rng, apply_fn, microbatches, with_metrics=True
     )
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -223,12 +247,16 @@ def train_step(
     }
     if schedule is not None:
         metrics["lr"] = schedule(state.step)
+    metrics.update(router_metrics)  # moe/aux_loss, moe/max_load, ... (none when dense)
     return new_state, metrics
 
 
 def eval_step(params, frozen, batch, *, apply_fn: ApplyFn) -> dict[str, jax.Array]:
-    """Summed loss and token count (sum over batches, divide once for the mean)."""
-    total, count = _sum_loss(params, frozen, batch, jax.random.key(0), apply_fn)
+    """Summed loss and token count (sum over batches, divide once for the mean); the
+    cross entropy alone, without a mixture of experts' router loss."""
+    total, (count, _) = _sum_loss(
+        params, frozen, batch, jax.random.key(0), apply_fn, router_loss=False
+    )
     return {"loss_sum": total, "tokens": count}
 
 

@@ -445,7 +445,8 @@ def _check_finite(
             "float32, or set train.nonfinite='skip' to skip such steps."
         )
     good = [m for m in host if int(m["finite"])] or host
-    out = {k: float(np.mean([float(m[k]) for m in good])) for k in ("loss", "grad_norm")}
+    keys = ["loss", "grad_norm"] + [k for k in host[-1] if k.startswith("moe/")]
+    out = {k: float(np.mean([float(m[k]) for m in good])) for k in keys}
     if "lr" in host[-1]:
         out["lr"] = float(host[-1]["lr"])
     out["skipped_steps"] = float(sum(int(m["skipped"]) for m in host))
