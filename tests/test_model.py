@@ -17,6 +17,7 @@ from neox_jax.model import (
     param_logical_axes,
 )
 from neox_jax.model.family_presets import FAMILY_PRESETS
+from neox_jax.model.moe_presets import MOE_PRESETS
 
 # Published parameter counts (Hugging Face model cards / Pythia README; the 20B
 # figure is the sum of the hub checkpoint's tensor sizes).
@@ -71,7 +72,8 @@ def test_preset_table_is_complete_and_architectural():
         "neox-20b",
         "neox-175b",
     }
-    assert set(PRESETS) - expected == FAMILY_PRESETS.keys()  # tests/test_family_presets.py
+    # tests/test_family_presets.py and tests/test_moe_presets.py check the others.
+    assert set(PRESETS) - expected == FAMILY_PRESETS.keys() | MOE_PRESETS.keys()
     neox = ModelConfig.from_preset("neox-20b")
     assert (neox.head_dim, neox.rotary_ndims, neox.hidden_act) == (96, 24, "gelu_fast")
     assert ModelConfig.from_preset("pythia-2.8b").head_dim == 80

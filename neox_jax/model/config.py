@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from neox_jax.errors import UserError
 from neox_jax.model.family_presets import FAMILY_PRESETS
+from neox_jax.model.moe_presets import MOE_PRESETS
 
 ACTIVATIONS = (
     "gelu",  # exact, erf-based (torch.nn.functional.gelu); Pythia hub configs
@@ -431,11 +432,9 @@ class ModelConfig(JsonConfig):
         return cls(**{**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            **super().to_dict(),
-            "rope_scaling": self.rope_scaling_dict,
-            "mlp_only_layers": list(self.mlp_only_layers),
-        }
+        # mlp_only_layers stays a tuple: ml_collections overrides tuples from the command
+        # line (--config.model.mlp_only_layers='(1, 3)'), not lists; JSON writes a list.
+        return {**super().to_dict(), "rope_scaling": self.rope_scaling_dict}
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -489,4 +488,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "neox-175b": {**_pythia(96, 12288, 96, vocab=50432), "hidden_act": "gelu_fast"},
     # Llama, Qwen2.5, Qwen3 and Mistral shapes, each citing its source there.
     **FAMILY_PRESETS,
+    # Qwen3-MoE and Mixtral, each citing its source there.
+    **MOE_PRESETS,
 }

@@ -332,9 +332,30 @@ def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
     return nn.get_partition_spec(boxed)["params"]
 
 
-def count_params(config: ModelConfig) -> int:
-    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated)."""
-    return sum(int(x.size) for x in jax.tree.leaves(abstract_params(config)))
+def count_params(config: ModelConfig, *, active: bool = False) -> int:
+    """Number of parameters, from ``jax.eval_shape`` (nothing is allocated).
+
+    A config mixing dense and sparse layers stacks both MLPs in every layer (see
+    ``neox_jax.model.moe``); the unused ones are not counted. ``active``: only the
+    parameters one token uses, ``num_experts_per_tok`` of each sparse layer's experts
+    (a mixture of experts' "activated" count); the same as the total for dense models.
+    """
+    shapes = abstract_params(config)
+    total = sum(int(x.size) for x in jax.tree.leaves(shapes))
+    if not config.is_moe:
+        return total
+    layers, sparse = config.num_hidden_layers, len(config.sparse_layers)
+
+    def per_layer(tree) -> int:
+        return sum(int(x.size) for x in jax.tree.leaves(tree)) // layers
+
+    if config.mixed_mlp:
+        total -= per_layer(shapes["layers"]["mlp"]) * sparse
+        total -= per_layer(shapes["layers"]["moe"]) * (layers - sparse)
+    if active:
+        idle = config.num_experts - config.num_experts_per_tok
+        total -= per_layer(shapes["layers"]["moe"]["experts"]) * sparse * idle // config.num_experts
+    return total
 
 
 def init_cache(
