@@ -20,7 +20,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 
 from neox_jax.model import GPTNeoX, ModelConfig, count_params, init_params
 from neox_jax.training.step import token_losses
@@ -90,9 +89,16 @@ def main():
         rows.append(row)
         print(json.dumps(row))
     result = {
-        "model": {k: getattr(base, k) for k in (
-            "hidden_size", "num_hidden_layers", "num_experts", "num_experts_per_tok",
-            "moe_intermediate_size")},  # fmt: skip
+        "model": {
+            k: getattr(base, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+            )
+        },  # fmt: skip
         "params": count_params(base),
         "active_params": count_params(base, active=True),
         "tokens_per_batch": args.batch * args.seq,
