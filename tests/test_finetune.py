@@ -164,7 +164,8 @@ def test_lora_run_refuses_other_settings_on_resume(setup, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"lora.targets": "q_proj"}, "matches no linear layer"),
+        ({"lora.targets": "c_attn"}, "matches no linear layer"),
+        ({"lora.targets": "q_proj"}, "not layers of this gpt_neox model"),  # Llama's name
         ({"lora.rank": 65}, "exceeds the smaller side"),
         ({"data.sft_path": "/nonexistent.jsonl"}, "does not exist"),
         ({"data.sft_truncation": "middle"}, "Unknown data.sft_truncation"),

@@ -185,7 +185,7 @@ def test_neox_20b_rank_8_attention_trains_under_one_percent():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"targets": ("q_proj",)}, "matches no linear layer.*valid targets: query_key_value"),
+        ({"targets": ("c_attn",)}, "matches no linear layer.*valid targets: query_key_value"),
         ({"targets": ""}, "targets is empty"),
         ({"rank": 0}, "positive integer"),
         ({"dropout": 1.0}, r"dropout must lie in \[0, 1\)"),
@@ -198,6 +198,8 @@ def test_bad_lora_settings_fail_clearly(kwargs, message):
 
 
 def test_rank_above_the_dimension_fails_clearly():
+    with pytest.raises(LoraError, match="not layers of this gpt_neox model.*query_key_value"):
+        init_adapters(CONFIG, LoraConfig(targets="q_proj"), jax.random.key(0))  # Llama's name
     with pytest.raises(LoraError, match=r"lora.rank=40 exceeds .*attention.dense \(\[32, 32\]\)"):
         init_adapters(CONFIG, LoraConfig(targets="dense", rank=40), jax.random.key(0))
     assert LoraConfig(targets="attention.dense,mlp.dense_h_to_4h").targets == (

@@ -20,7 +20,9 @@ adapters shard like the weights they adapt.
 
 Target names follow PEFT's module names for ``GPTNeoXForCausalLM``, where ``dense`` is
 ``attention.dense`` (PEFT matches a name as a suffix after a dot, and the MLP layers are
-``dense_h_to_4h`` / ``dense_4h_to_h``).
+``dense_h_to_4h`` / ``dense_4h_to_h``), and for the Llama/Mistral/Qwen classes
+(``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
+``down_proj``; see ``model_targets``).
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ from neox_jax.model import GPTNeoX, ModelConfig, abstract_params, axes, param_lo
 
 Array = jax.Array
 
-# Target name -> path of the Linear under params["layers"].
+# Target name (PEFT's module name) -> path of the Linear under params["layers"]. GPT-NeoX
+# names first; then the Llama/Mistral/Qwen names, whose o_proj is our attention.dense.
 TARGETS = {
     "query_key_value": ("attention", "query_key_value"),
     "dense": ("attention", "dense"),
     "dense_h_to_4h": ("mlp", "dense_h_to_4h"),
     "dense_4h_to_h": ("mlp", "dense_4h_to_h"),
+    "q_proj": ("attention", "q_proj"),
+    "k_proj": ("attention", "k_proj"),
+    "v_proj": ("attention", "v_proj"),
+    "o_proj": ("attention", "dense"),
+    "gate_proj": ("mlp", "gate_proj"),
+    "up_proj": ("mlp", "up_proj"),
+    "down_proj": ("mlp", "down_proj"),
 }
 INITS = ("kaiming", "gaussian")
 
@@ -107,19 +117,41 @@ def _split(text: str) -> list[str]:
 
 
 def canonical_target(name: str) -> str:
-    """``"attention.dense"`` -> ``"dense"``; unknown names raise naming the valid ones."""
+    """``"attention.dense"`` -> ``"dense"``, ``"self_attn.q_proj"`` -> ``"q_proj"``;
+    unknown names raise naming the valid ones."""
     for key, path in TARGETS.items():
-        if name in (key, ".".join(path)):
+        if name in (key, ".".join(path), f"self_attn.{key}", f"mlp.{key}"):
             return key
     raise LoraError(
-        f"LoRA target {name!r} matches no linear layer of GPT-NeoX; valid targets: "
-        f"{', '.join(TARGETS)} (dense is attention.dense)."
+        f"LoRA target {name!r} matches no linear layer; valid targets: "
+        f"{', '.join(list(TARGETS)[:4])} (GPT-NeoX; dense is attention.dense); "
+        f"{', '.join(list(TARGETS)[4:])} (Llama/Mistral/Qwen)."
     )
 
 
+def model_targets(config: ModelConfig) -> tuple[str, ...]:
+    """The target names of ``config``'s linear layers, as PEFT spells them for its
+    Hugging Face class (GPT-NeoX's, or the Llama-style families')."""
+    neox = config.model_type == "gpt_neox"
+    attn = ("query_key_value",) if config.fused_qkv else ("q_proj", "k_proj", "v_proj")
+    mlp = ("gate_proj", "up_proj", "down_proj") if config.gated_mlp else TARGETS_NEOX_MLP
+    return (*attn, "dense" if neox else "o_proj", *mlp)
+
+
+TARGETS_NEOX_MLP = ("dense_h_to_4h", "dense_4h_to_h")
+
+
 def target_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int, int]]:
-    """``{target: (in, out)}`` of each adapted kernel, checking that the rank fits."""
+    """``{target: (in, out)}`` of each adapted kernel, checking that the model has it
+    and that the rank fits."""
     kernels = abstract_params(config)["layers"]
+    valid = model_targets(config)
+    wrong = [t for t in lora.targets if t not in valid]
+    if wrong:
+        raise LoraError(
+            f"LoRA targets {wrong} are not layers of this {config.model_type} model; its "
+            f"targets are {', '.join(valid)}."
+        )
     out = {}
     for t in lora.targets:
         group, name = TARGETS[t]

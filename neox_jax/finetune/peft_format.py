@@ -6,7 +6,9 @@
     base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_A.weight  [r, in]
     base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_B.weight  [out, r]
 
-(the same for ``attention.dense``, ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``). They are
+(the same for ``attention.dense``, ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``); for the
+Llama/Mistral/Qwen classes ``base_model.model.model.layers.{i}.self_attn.q_proj...`` (and
+``k_proj``, ``v_proj``, ``o_proj``, ``mlp.gate_proj``, ``mlp.up_proj``, ``mlp.down_proj``). They are
 torch ``nn.Linear`` weights, ``[out, in]``, so ours (``A [L, in, r]``, ``B [L, r, out]``) are
 transposed per layer; nothing else changes. The update is ``lora_alpha / r`` (or
 ``/ sqrt(r)`` with ``use_rslora``) times ``B @ A`` in both libraries.
@@ -35,6 +37,7 @@ from neox_jax.finetune.lora import (
     LoraConfig,
     LoraError,
     abstract_adapters,
+    model_targets,
     target_shapes,
 )
 from neox_jax.model import ModelConfig
@@ -42,15 +45,27 @@ from neox_jax.model.shapes import describe, shape_mismatches
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_KEY = re.compile(
-    r"^base_model\.model\.gpt_neox\.layers\.(\d+)\.(attention|mlp)\."
-    r"(query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.lora_([AB])\.weight$"
-)
+_KEY = re.compile(r"^(base_model\.model\.\w+\.layers)\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
 
 
-def _hf_module(target: str, layer: int) -> str:
-    group, name = TARGETS[target]
-    return f"base_model.model.gpt_neox.layers.{layer}.{group}.{name}"
+def _hf_suffix(config: ModelConfig, target: str) -> str:
+    """The module of ``target`` inside a Hugging Face decoder layer of ``config``'s class."""
+    if config.model_type == "gpt_neox":
+        return ".".join(TARGETS[target])
+    return f"{'mlp' if TARGETS[target][0] == 'mlp' else 'self_attn'}.{target}"
+
+
+def _hf_layers(config: ModelConfig) -> str:
+    """PEFT's prefix of the decoder layers: ``gpt_neox.layers`` or ``model.layers``."""
+    return f"base_model.model.{'gpt_neox' if config.model_type == 'gpt_neox' else 'model'}.layers"
+
+
+def _family(config: ModelConfig) -> str:
+    return "GPT-NeoX" if config.model_type == "gpt_neox" else config.model_type.capitalize()
+
+
+def _hf_module(config: ModelConfig, target: str, layer: int) -> str:
+    return f"{_hf_layers(config)}.{layer}.{_hf_suffix(config, target)}"
 
 
 def save_peft_adapter(
@@ -90,8 +105,8 @@ def save_peft_adapter(
         a = np.asarray(adapters["layers"][group][name]["lora_a"], np.float32)  # [L, in, r]
         b = np.asarray(adapters["layers"][group][name]["lora_b"], np.float32)  # [L, r, out]
         for i in range(config.num_hidden_layers):
-            tensors[f"{_hf_module(t, i)}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            tensors[f"{_hf_module(t, i)}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+            tensors[f"{_hf_module(config, t, i)}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"{_hf_module(config, t, i)}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -99,7 +114,7 @@ def save_peft_adapter(
         "r": lora.rank,
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
-        "target_modules": [".".join(TARGETS[t]) for t in lora.targets],
+        "target_modules": [_hf_suffix(config, t) for t in lora.targets],
         "use_rslora": lora.rslora,
         "use_dora": False,
         "bias": "none",
@@ -162,17 +177,22 @@ def load_peft_adapter(
             "the model it was trained on."
         )
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+    by_suffix = {_hf_suffix(config, t): t for t in model_targets(config)}
     for key, value in load_file(str(path / ADAPTER_WEIGHTS)).items():
         m = _KEY.match(key)
-        if m is None:
+        if m is None or m[1] != _hf_layers(config):
             raise LoraError(
                 f"{path / ADAPTER_WEIGHTS} holds {key!r}, which is not a LoRA weight of a "
-                "GPT-NeoX block linear layer; this adapter is for another architecture."
+                f"{_family(config)} block linear layer (under {_hf_layers(config)}); this "
+                "adapter is for another architecture."
             )
-        layer, group, name, ab = int(m[1]), m[2], m[3], m[4]
-        target = next((t for t, p in TARGETS.items() if p == (group, name)), None)
+        layer, suffix, ab = int(m[2]), m[3], m[4]
+        target = by_suffix.get(suffix)
         if target is None:
-            raise LoraError(f"{key!r}: GPT-NeoX has no {group}.{name}.")
+            raise LoraError(
+                f"{key!r}: this {_family(config)} model has no {suffix}; its layers are "
+                f"{', '.join(by_suffix)}."
+            )
         if layer >= config.num_hidden_layers:
             raise LoraError(
                 f"{key!r} adapts layer {layer}, but the model has {config.num_hidden_layers} "
@@ -183,7 +203,7 @@ def load_peft_adapter(
         raise LoraError(f"{path / ADAPTER_WEIGHTS} holds no LoRA weights.")
     rank = int(cfg["r"])
     lora = LoraConfig(
-        targets=tuple(t for t in TARGETS if t in found),
+        targets=tuple(t for t in model_targets(config) if t in found),
         rank=rank,
         alpha=float(cfg.get("lora_alpha", rank)),
         dropout=float(cfg.get("lora_dropout", 0.0)),
@@ -197,12 +217,13 @@ def load_peft_adapter(
         a = np.zeros((n, d_in, rank), np.float32)
         b = np.zeros((n, rank, d_out), np.float32)
         for i, pair in layers.items():
+            module = _hf_module(config, t, i)
             for ab, want, dst in (("A", (rank, d_in), a), ("B", (d_out, rank), b)):
                 if ab not in pair:
-                    raise LoraError(f"{_hf_module(t, i)} has no lora_{ab}.weight in {path}.")
+                    raise LoraError(f"{module} has no lora_{ab}.weight in {path}.")
                 if pair[ab].shape != want:
                     raise LoraError(
-                        f"{_hf_module(t, i)}.lora_{ab}.weight has shape {pair[ab].shape}, but "
+                        f"{module}.lora_{ab}.weight has shape {pair[ab].shape}, but "
                         f"this model (hidden {config.hidden_size}, intermediate "
                         f"{config.intermediate_size}) with r={rank} needs {want}: the adapter "
                         "was made for a different base model."

@@ -30,9 +30,9 @@ from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.core import is_quantized
 from neox_jax.quant.gptq import gptq_quantize, hessian
 from neox_jax.quant.leaves import (
-    BLOCK_KERNELS,
     EMBED_IN,
     EMBED_OUT,
+    block_kernels,
     get_path,
     quantize_leaf,
     set_path,
@@ -125,7 +125,7 @@ def gptq_quantize_params(
             part = _block_hessian_sums(config, block, x)
             sums = part if sums is None else jax.tree.map(jnp.add, sums, part)
         quantized = block
-        for sub in BLOCK_KERNELS:
+        for sub in block_kernels(config):
             name = "/".join(sub)
             qw = gptq_quantize(
                 block[sub[0]][sub[1]]["kernel"],
@@ -138,13 +138,13 @@ def gptq_quantize_params(
             _block_forward(config, jax.tree.map(_xla, quantized, is_leaf=is_quantized), x)
             for x in xs
         ]
-        per_layer.append([get_path(quantized, (*sub, "kernel")) for sub in BLOCK_KERNELS])
+        per_layer.append([get_path(quantized, (*sub, "kernel")) for sub in block_kernels(config)])
         log(
             f"GPTQ layer {layer + 1}/{config.num_hidden_layers}: {time.perf_counter() - start:.1f}s"
         )
 
     out = params
-    for j, sub in enumerate(BLOCK_KERNELS):
+    for j, sub in enumerate(block_kernels(config)):
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *(qws[j] for qws in per_layer))
         out = set_path(out, ("layers", *sub, "kernel"), stacked)
     if qconfig.embed_out and not config.tie_word_embeddings:

@@ -12,13 +12,27 @@ from neox_jax.model import ModelConfig
 from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.core import QuantizedWeight, quantize
 
-# The Linear kernels of one block, as paths under params["layers"].
+# The Linear kernels of one GPT-NeoX block, as paths under params["layers"].
 BLOCK_KERNELS = (
     ("attention", "query_key_value"),
     ("attention", "dense"),
     ("mlp", "dense_h_to_4h"),
     ("mlp", "dense_4h_to_h"),
 )
+
+
+def block_kernels(config: ModelConfig) -> tuple[tuple[str, str], ...]:
+    """The Linear kernels of one block of ``config``, in the block's order: GPT-NeoX's,
+    or separate q/k/v projections and the gated MLP as the family options choose."""
+    attn = (("attention", "query_key_value"),)
+    if not config.fused_qkv:
+        attn = tuple(("attention", n) for n in ("q_proj", "k_proj", "v_proj"))
+    mlp = BLOCK_KERNELS[2:]
+    if config.gated_mlp:
+        mlp = tuple(("mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
+    return (*attn, ("attention", "dense"), *mlp)
+
+
 EMBED_IN = ("embed_in", "embedding")
 EMBED_OUT = ("embed_out", "kernel")
 
@@ -31,7 +45,7 @@ _quantize_jit = jax.jit(
 
 def target_paths(config: ModelConfig, qconfig: QuantConfig) -> list[tuple[str, ...]]:
     """Paths of the parameters that ``qconfig`` quantizes, in the model's order."""
-    paths = [("layers", *p, "kernel") for p in BLOCK_KERNELS]
+    paths = [("layers", *p, "kernel") for p in block_kernels(config)]
     if qconfig.embed_out and not config.tie_word_embeddings:
         paths.append(EMBED_OUT)
     if qconfig.embed_in:
