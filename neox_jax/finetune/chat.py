@@ -4,9 +4,18 @@ A template is Jinja, rendered as transformers' ``apply_chat_template`` does: in 
 ``ImmutableSandboxedEnvironment`` (templates from the Hub are untrusted code) with
 ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension, a ``tojson`` filter that
 does not HTML-escape, and ``raise_exception`` / ``strftime_now``; the variables are
-``messages``, ``add_generation_prompt`` and the tokenizer's ``bos_token``, ``eos_token``,
+``messages``, ``add_generation_prompt``, ``tools`` (None unless given, as transformers
+passes it), ``documents`` (None) and the tokenizer's ``bos_token``, ``eos_token``,
 ``pad_token``. A ``{% generation %}`` block (transformers' assistant-mask marker) renders
 its body unchanged.
+
+Tool calling follows transformers' conventions: ``tools`` is a list of JSON schemas
+(``{"type": "function", "function": {"name", "description", "parameters"}}``), an
+assistant message may hold ``tool_calls`` (``[{"id", "type": "function", "function":
+{"name", "arguments": dict}}]``; its content may then be empty or None) and results come
+back as ``{"role": "tool", "content": str, "tool_call_id": ...}`` messages. Tool results
+are not assistant turns, so SFT never trains on them. A template that never mentions
+``tools`` would drop them silently, so tools given to such a template are refused.
 
 GPT-NeoX and Pythia ship no chat template, so the default (``DEFAULT_CHAT_TEMPLATE``) is a
 plain one whose role headers are ordinary text::
@@ -43,7 +52,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from neox_jax.errors import UserError, read_utf8
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -191,32 +200,53 @@ class ChatTemplate:
             tokens[f"{kind}_token"] = (tokenizer.id_to_token(idx) or "") if idx is not None else ""
         return cls(read_chat_template(template), tokens)
 
-    def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
-        """The conversation as text (no tokenization)."""
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template reads the ``tools`` variable at all."""
+        return re.search(r"\btools\b", self.source) is not None
+
+    def render(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool = False,
+        tools: Sequence[dict] | None = None,
+    ) -> str:
+        """The conversation as text (no tokenization); ``tools``: JSON schemas or None."""
+        if tools and not self.renders_tools:
+            raise ChatFormatError(
+                "tools were given but the chat template never renders 'tools' (the default "
+                "template has no tool format); use the model's own template, e.g. Qwen2.5's "
+                "or Mistral's tokenizer_config.json."
+            )
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],
                 add_generation_prompt=add_generation_prompt,
+                tools=None if tools is None else [dict(t) for t in tools],
+                documents=None,
                 **self.special_tokens,
             )
         except jinja2.exceptions.TemplateError as e:
             raise ChatFormatError(f"chat template failed to render: {e}") from None
 
-    def segments(self, messages: Sequence[dict]) -> list[tuple[str, bool]]:
+    def segments(
+        self, messages: Sequence[dict], tools: Sequence[dict] | None = None
+    ) -> list[tuple[str, bool]]:
         """The rendered conversation cut into ``(text, is_assistant)`` pieces.
 
-        The pieces concatenate to ``render(messages)``; see the module docstring for how
-        the assistant pieces are found.
+        The pieces concatenate to ``render(messages, tools=tools)``; see the module
+        docstring for how the assistant pieces are found.
         """
         validate_messages(messages)
-        full = self.render(messages)
+        validate_tools(tools)
+        full = self.render(messages, tools=tools)
         pieces: list[tuple[str, bool]] = []
         done = 0
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            prompt = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+            prompt = self.render(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.render(messages[: i + 1], tools=tools)
             start = len(prompt)
             if not (full.startswith(upto) and upto.startswith(prompt) and start >= done):
                 raise ChatFormatError(
@@ -234,18 +264,54 @@ class ChatTemplate:
 
 
 def validate_messages(messages) -> None:
-    """A non-empty list of ``{"role": one of ROLES, "content": str}``, else ``ChatFormatError``."""
+    """A non-empty list of ``{"role": one of ROLES, "content": str}``, else ``ChatFormatError``.
+
+    An assistant message with ``tool_calls`` may have no content (None or missing).
+    """
     if not isinstance(messages, list) or not messages:
         raise ChatFormatError("'messages' must be a non-empty list of {role, content} objects.")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             raise ChatFormatError(f"message {i} must be an object with 'role' and 'content'.")
         if m["role"] not in ROLES:
             raise ChatFormatError(
                 f"message {i} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}."
             )
-        if not isinstance(m["content"], str):
+        if calls is not None:
+            _check_tool_calls(i, m)
+        elif not isinstance(m["content"], str):
             raise ChatFormatError(f"message {i} content must be a string.")
+
+
+def _check_tool_calls(i: int, m: dict) -> None:
+    where = f"message {i}"
+    if m["role"] != "assistant":
+        raise ChatFormatError(f"{where}: only assistant messages may hold tool_calls.")
+    if not isinstance(m.get("content", ""), str | None):
+        raise ChatFormatError(f"{where} content must be a string or null.")
+    if not isinstance(m["tool_calls"], list) or not m["tool_calls"]:
+        raise ChatFormatError(f"{where}: tool_calls must be a non-empty list.")
+    for j, call in enumerate(m["tool_calls"]):
+        fn = call.get("function", call) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatFormatError(
+                f"{where} tool_calls[{j}] must be {{'function': {{'name': str, 'arguments': "
+                "object}}}}."
+            )
+        if not isinstance(fn.get("arguments", {}), dict | str):
+            raise ChatFormatError(f"{where} tool_calls[{j}] arguments must be an object.")
+
+
+def validate_tools(tools) -> None:
+    """None, or a list of tool JSON schemas (objects), else ``ChatFormatError``."""
+    if tools is None:
+        return
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ChatFormatError(
+            "'tools' must be a list of JSON schemas like {'type': 'function', 'function': "
+            "{'name': ..., 'description': ..., 'parameters': {...}}}."
+        )
 
 
 # ----------------------------------------------------------------- tokenization
@@ -293,6 +359,7 @@ def format_chat(
     tokenizer,
     template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: Sequence[dict] | None = None,
 ) -> str:
     """The prompt text for generating the next assistant turn.
 
@@ -301,13 +368,15 @@ def format_chat(
       tokenizer: a ``neox_jax.data.tokenizer.Tokenizer`` (for its special-token strings).
       template: see ``read_chat_template``; None/"" is ``DEFAULT_CHAT_TEMPLATE``.
       add_generation_prompt: end with the assistant header.
+      tools: tool JSON schemas for the template (None: no tools).
 
     Returns:
       The rendered text. ``encode_chat`` gives the ids the model was trained on.
     """
     validate_messages(list(messages))
+    validate_tools(tools)
     chat = ChatTemplate.for_tokenizer(tokenizer, template)
-    return chat.render(list(messages), add_generation_prompt=add_generation_prompt)
+    return chat.render(list(messages), add_generation_prompt=add_generation_prompt, tools=tools)
 
 
 def encode_chat(
@@ -315,6 +384,7 @@ def encode_chat(
     tokenizer,
     template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: Sequence[dict] | None = None,
 ) -> list[int]:
     """Prompt token ids for ``messages``, cut at turn boundaries exactly as in training.
 
@@ -324,8 +394,8 @@ def encode_chat(
     messages = list(messages)
     validate_messages(messages)
     chat = ChatTemplate.for_tokenizer(tokenizer, template)
-    pieces = chat.segments(messages)
-    full = chat.render(messages, add_generation_prompt=add_generation_prompt)
+    pieces = chat.segments(messages, tools)
+    full = chat.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
     rendered = "".join(p for p, _ in pieces)
     if not full.startswith(rendered):
         raise ChatFormatError("the generation prompt does not extend the rendered conversation.")

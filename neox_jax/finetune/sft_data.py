@@ -7,7 +7,10 @@ Each line of the jsonl file is one example, either
   are; ``"chat"`` treats them as one user turn and one assistant turn of the chat template;
 * ``{"messages": [{"role", "content"}, ...]}``: rendered with the chat template
   (``neox_jax.finetune.chat``), loss on every assistant turn (including what the template
-  writes after it, e.g. the eos), none on system/user turns.
+  writes after it, e.g. the eos), none on system/user turns. Tool calling: the record may
+  hold ``"tools"`` (JSON schemas, rendered by the template), assistant messages may hold
+  ``tool_calls`` (trained on, as the assistant wrote them) and ``"tool"`` messages carry
+  the results (not trained on: they are the tool's words, not the model's).
 
 Examples are packed into rows of ``seq_len + 1`` tokens (the trainer's batch rows), as
 many as fit, each with its own ``segment_ids`` (1, 2, ... in the row; 0 = padding), so
@@ -45,6 +48,7 @@ from neox_jax.finetune.chat import (
     ChatTemplate,
     encode_segments,
     validate_messages,
+    validate_tools,
 )
 from neox_jax.training.metrics import say
 
@@ -101,6 +105,7 @@ def _check_record(rec) -> None:
         raise ChatFormatError(f"expected a JSON object, got {type(rec).__name__}")
     if "messages" in rec:
         validate_messages(rec["messages"])
+        validate_tools(rec.get("tools"))
     elif "prompt" in rec and "completion" in rec:
         if not isinstance(rec["prompt"], str) or not isinstance(rec["completion"], str):
             raise ChatFormatError("'prompt' and 'completion' must be strings")
@@ -113,7 +118,7 @@ def tokenize_record(
 ) -> tuple[list[int], list[int]]:
     """``(ids, mask)`` of one example; mask is 1 on the tokens the loss is taken on."""
     if "messages" in rec:
-        return encode_segments(tokenizer, chat.segments(rec["messages"]))
+        return encode_segments(tokenizer, chat.segments(rec["messages"], rec.get("tools")))
     if prompt_format == "chat":
         turns = [
             {"role": "user", "content": rec["prompt"]},
