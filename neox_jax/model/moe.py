@@ -55,7 +55,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from neox_jax.model import axes
+from neox_jax.model import axes, expert_parallel
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.layers import MLP, Block, Linear, activation, small_init, wang_init
 
@@ -222,6 +222,38 @@ def dense_experts(x, routing: Routing, w: ExpertWeights, act, config: ModelConfi
     return jnp.einsum("xne,xn->ne", out.astype(jnp.float32), combine).astype(x.dtype)
 
 
+def expert_parallel_experts(x, routing: Routing, w: ExpertWeights, act, config) -> Array:
+    """The experts split over the mesh (``neox_jax.model.expert_parallel``): each device
+    sends its tokens to the devices holding their experts and back by all-to-all.
+    Dropless, or with ``moe_impl="capacity"`` at most ``capacity_factor`` times the even
+    share of rows from one device to another (dropped per device pair, not per expert)."""
+    names = ExpertWeights(
+        gate=_kernel_names(w.gate, (axes.EMBED, axes.MLP)),
+        up=_kernel_names(w.up, (axes.EMBED, axes.MLP)),
+        down=_kernel_names(w.down, (axes.MLP, axes.EMBED)),
+    )
+    return expert_parallel.dispatch(
+        lambda w, rows, group_sizes: _ffn_grouped(w, rows, group_sizes, act),
+        w,
+        names,
+        x,
+        routing.experts,
+        routing.weights,
+        routing.valid,
+        num_experts=w.num_experts,
+        capacity_factor=config.capacity_factor if config.moe_impl == "capacity" else None,
+    )
+
+
+def _kernel_names(k: ExpertKernel, io: tuple[str, str]) -> ExpertKernel:
+    """The logical axes of one projection's arrays (kernel ``[X, in, out]``; a LoRA
+    adapter's ``a [X, in, r]`` and ``b [X, r, out]`` split as the kernel is)."""
+    lora = None
+    if k.lora is not None:
+        lora = k.lora.replace(a=(axes.EXPERT, io[0], None), b=(axes.EXPERT, None, io[1]))
+    return ExpertKernel((axes.EXPERT, *io), lora)
+
+
 ExpertFn = Callable[[Array, Routing, ExpertWeights, Callable, ModelConfig], Array]
 EXPERT_IMPLS: dict[str, ExpertFn] = {
     "ragged": ragged_experts,
@@ -290,7 +322,12 @@ class SparseMoE(nn.Module):
             pairs = jnp.sum(routing.valid) * cfg.num_experts_per_tok
             stats["dropped"] = (pairs - jnp.sum(kept)).astype(jnp.float32)
         self.sow("intermediates", "router_stats", stats)
-        y = EXPERT_IMPLS[cfg.moe_impl](
+        impl = EXPERT_IMPLS[cfg.moe_impl]
+        # A mesh whose rules split the experts: exchange tokens between their devices
+        # (the dense reference stays as written: XLA partitions it like any einsum).
+        if expert_parallel.expert_shards(cfg.num_experts) > 1 and cfg.moe_impl != "dense":
+            impl = expert_parallel_experts
+        y = impl(
             flat.astype(cfg.compute_dtype),
             routing,
             Experts(cfg, name="experts")(hidden),

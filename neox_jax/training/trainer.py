@@ -104,6 +104,13 @@ def check_batch(config, mesh) -> None:
             f"{dp} (mesh data x fsdp x expert). Make global_batch_size / microbatches a "
             f"multiple of {dp}."
         )
+    experts, shards = config.model.get("num_experts", 0), mesh.shape.get("expert", 1)
+    if shards > 1 and experts % shards:
+        raise UserError(
+            f"mesh.expert={shards} does not divide model.num_experts={experts}: each device "
+            f"holds an equal share of the experts; choose mesh.expert among the divisors of "
+            f"{experts}."
+        )
 
 
 class _SigtermFlag:
