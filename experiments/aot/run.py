@@ -55,6 +55,19 @@ LAYOUTS = {
     ),
     "12b-v5e-256-fsdp256-dots": ("pythia-12b", "v5e:16x16", {"mesh.fsdp": -1, "batch": 256}),
     "12b-v5p-128-fsdp128-dots": ("pythia-12b", "v5p:4x4x8", {"mesh.fsdp": -1, "batch": 128}),
+    # A GPT-NeoX-architecture 175B (GPT-3's shape) on v5p-512 at GPT-3's batch of 1536
+    # rows (3 per chip): gradient accumulation, remat and tensor parallelism compared.
+    "175b-v5p-512-fsdp512-dots-mb3": (
+        "neox-175b", "v5p:8x8x8", {"mesh.fsdp": -1, "batch": 1536, "train.microbatches": 3}
+    ),
+    "175b-v5p-512-fsdp512-dots": ("neox-175b", "v5p:8x8x8", {"mesh.fsdp": -1, "batch": 1536}),
+    "175b-v5p-512-fsdp512-full": (
+        "neox-175b", "v5p:8x8x8", {"mesh.fsdp": -1, "batch": 1536, "model.remat": "full"}
+    ),
+    "175b-v5p-512-fsdp128-tp4-dots-mb3": (
+        "neox-175b", "v5p:8x8x8",
+        {"mesh.fsdp": -1, "mesh.tensor": 4, "batch": 1536, "train.microbatches": 3},
+    ),
     # attention_impl="pallas" against "xla" on a model small enough to compile in a few
     # minutes here: one 2048-token row per chip of a v5e-4, the flash kernels
     # (Mosaic) in place of the [heads, T, T] scores.
