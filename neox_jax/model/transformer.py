@@ -102,7 +102,8 @@ class GPTNeoX(nn.Module):
 
         Returns:
           logits ``[B, T, V]`` (fp32) when neither ``cache`` nor ``return_hidden_states``
-          is given, else a ``ModelOutput``.
+          is given (with ``compute_logits=False``: the final-normed states ``[B, T, E]``,
+          which the training loss projects itself), else a ``ModelOutput``.
         """
         cfg = self.config
         if segment_ids is None:
@@ -139,7 +140,7 @@ class GPTNeoX(nn.Module):
             logits = _project(cfg, x, head, embed.embedding)
 
         if cache is None and not return_hidden_states:
-            return logits
+            return logits if compute_logits else x
         new_cache = None
         if cache is not None:
             new_cache = updated_cache(new_layer_caches, cache_info, input_ids.shape[1])

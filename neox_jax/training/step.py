@@ -39,9 +39,11 @@ from neox_jax.model import (
 )
 from neox_jax.model.moe_terms import router_terms
 from neox_jax.parallel.pipeline import pipeline_layers
+from neox_jax.training.loss import OutputHead, head_loss, output_head
 
-# apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V], or
-# (logits, router terms) for a mixture of experts (``neox_jax.model.moe_terms``).
+# apply_fn(params, frozen, inputs, positions, segment_ids, rng) -> logits [B, T, V] fp32,
+# or an ``OutputHead`` (final states + output kernel) that the loss projects itself; for a
+# mixture of experts, a tuple of that and its router terms (``neox_jax.model.moe_terms``).
 ApplyFn = Callable[..., Any]
 
 
@@ -58,17 +60,26 @@ class TrainState:
 
 
 def model_apply_fn(config: ModelConfig) -> ApplyFn:
-    """The apply function of plain (pre)training: all parameters trainable."""
+    """The apply function of plain (pre)training: all parameters trainable.
+
+    It returns an ``OutputHead`` (final states and output kernel), not logits: the
+    loss then projects and differentiates the output layer in one fused pass
+    (``neox_jax.training.loss``), the largest part of a small model's step.
+    """
     model = GPTNeoX(config)
 
     def apply(params, frozen, inputs, positions, segment_ids, rng):
         del frozen, rng  # GPT-NeoX/Pythia train without dropout
         if not config.is_moe:
-            return model.apply({"params": params}, inputs, positions, segment_ids)
-        logits, state = model.apply(
-            {"params": params}, inputs, positions, segment_ids, mutable=["intermediates"]
-        )
-        return logits, router_terms(config, state["intermediates"])
+            states = model.apply(
+                {"params": params}, inputs, positions, segment_ids, compute_logits=False
+            )
+            return output_head(config, params, states)
+        states, state = model.apply(
+            {"params": params}, inputs, positions, segment_ids, compute_logits=False,
+            mutable=["intermediates"],
+        )  # fmt: skip
+        return output_head(config, params, states), router_terms(config, state["intermediates"])
 
     return apply
 
@@ -160,9 +171,12 @@ def _sum_loss(params, frozen, batch, rng, apply_fn: ApplyFn, router_loss: bool =
     is the cross entropy plus the router loss) unless ``router_loss`` is False."""
     inputs, targets, weights, positions, segment_ids = split_batch(batch)
     out = apply_fn(params, frozen, inputs, positions, segment_ids, rng)
-    logits, terms = out if isinstance(out, tuple) else (out, {})
-    losses = token_losses(logits, targets)
-    total, count = jnp.sum(losses * weights), jnp.sum(weights)
+    out, terms = out if isinstance(out, tuple) else (out, {})
+    count = jnp.sum(weights)
+    if isinstance(out, OutputHead):
+        total = head_loss(out, targets, weights)
+    else:
+        total = jnp.sum(token_losses(out, targets) * weights)
     if terms and router_loss:
         total = total + terms["loss"] * count
     return total, (count, {f"moe/{k}": v for k, v in terms.items() if k != "loss"})
