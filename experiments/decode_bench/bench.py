@@ -37,14 +37,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/op_profile.py
+import op_profile  # noqa: E402
 
-from neox_jax.inference import Generator, SamplingParams
-from neox_jax.inference import generate as gen
-from neox_jax.inference.step import split_params
-from neox_jax.model import ModelConfig, init_params
+if "--profile" in sys.argv:  # XLA:CPU's per-op trace events; read when JAX starts
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {op_profile.XPROF_FLAG}"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from neox_jax.inference import Generator, SamplingParams  # noqa: E402
+from neox_jax.inference import generate as gen  # noqa: E402
+from neox_jax.inference.step import split_params  # noqa: E402
+from neox_jax.model import ModelConfig, init_params  # noqa: E402
 
 
 def best_time(fn, repeats: int = 1) -> float:
@@ -132,6 +138,21 @@ class Ours:
     def e2e_s(self) -> float:
         return best_time(lambda: self.generator.generate(self.rows, self.sampling), 1)
 
+    def op_profile(self, steps: int = 2) -> dict:
+        """The per-op table of the decode loop (``op_profile.xla_op_table``), per token.
+        The prefills run before the trace, so only the loop's ops are in it."""
+        decode = gen.decode.lower(
+            self.config, self.params, self._prefill(), self.controls, self.new_tokens,
+            mode=self.mode,
+        ).compile()  # fmt: skip
+        states = [self._prefill() for _ in range(steps)]
+
+        def run():  # the compiled call takes the non-static arguments only
+            out = decode(self.params, states.pop(), self.controls, self.new_tokens)
+            jax.block_until_ready(out)
+
+        return op_profile.xla_op_table(decode, run, steps, per=self.new_tokens)
+
 
 def cache_sweep(config, params, batch: int, lengths=(256, 1024), steps=32, repeats=5) -> dict:
     """Decode-step time against cache slots: the slope is what each cached slot costs."""
@@ -199,6 +220,11 @@ class HF:
     def prefill_s(self, threads: int) -> float:
         return self._ask("prefill", threads)
 
+    def op_profile(self, threads: int) -> dict:
+        self.proc.stdin.write(f"profile {threads}\n")
+        self.proc.stdin.flush()
+        return self._read()["profile"]
+
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
@@ -228,6 +254,10 @@ def hf_worker(hf_dir: Path, new_tokens: int, threads) -> None:
         for line in sys.stdin:
             what, n = line.split()
             torch.set_num_threads(int(n))
+            if what == "profile":  # per-op table of generate, per new token
+                table = op_profile.torch_op_table(run["e2e"], steps=1, per=new_tokens)
+                print(json.dumps({"profile": table}), flush=True)
+                continue
             print(json.dumps({"s": best_time(run[what])}), flush=True)
 
 
@@ -265,8 +295,17 @@ def run_cpu(args) -> dict:
                 ours = Ours(config, params, prompts, args.new_tokens)
                 hf = HF(Path(tmp) / "hf", prompts, args.new_tokens, threads)
                 best = interleaved(ours, hf, args.rounds, threads)
+                profiles = None
+                if args.profile:
+                    profiles = {"ours": ours.op_profile(), "hf": hf.op_profile(max(threads))}
                 hf.close()
                 row = _row(name, batch, config, params, (ours, hf, prompts), best, threads, args)
+                if profiles:
+                    row["op_profile"] = profiles
+                    print(f"\n{name} batch {batch}, ours per token:\n")
+                    print(op_profile.xla_markdown(profiles["ours"]))
+                    print(f"{name} batch {batch}, transformers per token:\n")
+                    print(op_profile.torch_markdown(profiles["hf"]), flush=True)
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
     return report
@@ -357,7 +396,9 @@ def main():
     parser.add_argument("--threads", default=str(os.cpu_count()), help="torch threads")
     parser.add_argument("--attention_impl", default="xla", help="GPU mode: xla or pallas")
     parser.add_argument(
-        "--profile", action="store_true", help="also time stacked weights and a cache sweep"
+        "--profile",
+        action="store_true",
+        help="per-op tables of both decoders, stacked weights, a cache sweep",
     )
     parser.add_argument(
         "--split_layers", type=int, default=1, help="GPU mode: 1 = per-layer weight copy"

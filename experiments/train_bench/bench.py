@@ -7,7 +7,7 @@ donated state) and, in the same run, by Hugging Face ``GPTNeoXForCausalLM`` with
 fp32 matmul peak (JAX and torch, several sizes), which MFU is relative to.
 
     python experiments/train_bench/bench.py --out=experiments/train_bench/results.json
-    python experiments/train_bench/bench.py --profile         # + per-op trace summary
+    python experiments/train_bench/bench.py --profile    # + per-op tables, XLA and torch
     python experiments/train_bench/bench.py --gpu --out=gpu.json   # pythia-1b, bf16
 
 Each engine (and each JAX variant: XLA flags, remat, dtype) runs in its own process,
@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "experiments"))  # op_profile
 
 # JAX variants tried on CPU: name -> (extra XLA_FLAGS, config.model overrides).
 VARIANTS = {
@@ -40,9 +41,8 @@ VARIANTS = {
     "fast_math": ("--xla_cpu_enable_fast_math=true", {}),
     "vector_width_512": ("--xla_cpu_prefer_vector_width=512", {}),
     "bf16_compute": ("", {"dtype": "bfloat16"}),
-    # Not a config option: the bench swaps the step's cross entropy for
-    # ``_fused_token_losses`` (see there), to measure what that would gain.
-    "fused_ce": ("", {"_fused_ce": True}),
+    # XLA:CPU hands most dots to YNNPACK; this gives them all to Eigen instead.
+    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
 }
 
 
@@ -106,8 +106,6 @@ def jax_worker(args) -> dict:
     from neox_jax.training.state import abstract_train_state, init_train_state
 
     overrides = json.loads(args.model_overrides)
-    if overrides.pop("_fused_ce", False):
-        step_lib.token_losses = _fused_token_losses  # the step looks it up at trace time
     config = _config(args, overrides)
     mc = ModelConfig.from_dict(config.model.to_dict())
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
@@ -144,34 +142,6 @@ def jax_worker(args) -> dict:
     return out
 
 
-def _fused_token_losses(logits, targets):
-    """``step.token_losses`` with a hand-written gradient: ``softmax - one_hot`` in one
-    elementwise pass over ``[B, T, V]``, where autodiff of ``take_along_axis`` builds a
-    zero ``[B, T, V]`` array and scatters into it (a broadcast and a scatter per step).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    @jax.custom_vjp
-    def ce(logits, targets):
-        return fwd(logits, targets)[0]
-
-    def fwd(logits, targets):
-        logits = logits.astype(jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return lse - picked, (logits, lse, targets)
-
-    def bwd(res, g):
-        logits, lse, targets = res
-        vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-        one_hot = (vocab == targets[..., None]).astype(jnp.float32)
-        return g[..., None] * (jnp.exp(logits - lse[..., None]) - one_hot), None
-
-    ce.defvjp(fwd, bwd)
-    return ce(logits, targets)
-
-
 def _jax_breakdown(args, mc, state, batch, apply_fn, tx) -> dict:
     """Forward, forward+backward, the optimizer and the output layer, each jitted alone."""
     import jax
@@ -179,6 +149,7 @@ def _jax_breakdown(args, mc, state, batch, apply_fn, tx) -> dict:
     import optax
 
     from neox_jax.training import step as step_lib
+    from neox_jax.training.loss import OutputHead, head_loss
 
     key = jax.random.key(0)
     fwd = jax.jit(lambda p, b: step_lib._sum_loss(p, None, b, key, apply_fn)[0])
@@ -186,14 +157,14 @@ def _jax_breakdown(args, mc, state, batch, apply_fn, tx) -> dict:
     grads = fwd_bwd(state.params, batch)[2]
     opt = jax.jit(lambda g, s, p: optax.apply_updates(p, tx.update(g, s, p)[0]), donate_argnums=())
     # The output layer alone: [B*T, E] @ [E, V] logits in fp32, cross entropy, and its
-    # gradient (the model's last Linear + step.token_losses).
+    # gradient, as the step runs it (training.loss.head_loss).
     x = jnp.ones((args.batch, args.seq, mc.hidden_size), mc.compute_dtype)
     w = state.params["embed_out"]["kernel"]
     targets = batch["tokens"][:, 1:]
+    weights = jnp.ones(targets.shape, jnp.float32)
 
     def head(x, w):
-        logits = jnp.einsum("bte,ev->btv", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return step_lib.token_losses(logits, targets).sum()
+        return head_loss(OutputHead(x, w), targets, weights)
 
     head_grad = jax.jit(jax.grad(head, argnums=(0, 1)))
     reps = max(2, args.steps // 2)
@@ -210,54 +181,18 @@ def _jax_breakdown(args, mc, state, batch, apply_fn, tx) -> dict:
 
 
 def _jax_profile(compiled, state, batch, steps: int = 2) -> dict:
-    """Per-op time of the compiled step from a ``jax.profiler`` trace.
-
-    Returns the top ops and the time per category: matmuls (XLA's ``dot`` thunks and
-    the XNNPACK/YNNPACK ``ynn_fusion`` kernels it hands dots to), other fusions
-    (elementwise, reductions), copies/transposes, everything else.
-    """
-    import collections
-    import gzip
-    import re
-
+    """The per-op table of the compiled step (``experiments/op_profile.py``): each HLO
+    op's time from a ``jax.profiler`` trace, its FLOPs and bytes from the optimized HLO."""
     import jax
+    import op_profile
 
-    logdir = tempfile.mkdtemp(prefix="neox_bench_trace_")
-    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = compiled(state, batch)
+    holder = {"state": state}
+
+    def run():  # the step donates its state: thread it through
+        holder["state"], metrics = compiled(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
-    wall = (time.perf_counter() - start) / steps
-    jax.profiler.stop_trace()
-    (trace,) = Path(logdir).glob("plugins/profile/*/*.trace.json.gz")
-    with gzip.open(trace) as f:
-        events = json.load(f)["traceEvents"]
-    runtime = ("PjitFunction", "PjRt", "Execute", "Thunk", "Threadpool", "SlinkyThreadPool",
-               "$", "Await", "Handle", "end: ", "Allocate", "Parse", "Wait", "Python")  # fmt: skip
-    total, count = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(runtime):
-            total[e["name"]] += e.get("dur", 0) / 1e6 / steps
-            count[e["name"]] += 1 / steps
 
-    def category(name):
-        if name.startswith(("ynn_fusion", "dot", "onednn", "xnn")) or "convolution" in name:
-            return "matmul"
-        if re.match(r"(copy|transpose|bitcast)", name) and "fusion" not in name[:4]:
-            return "copy/transpose"
-        return "fusion (elementwise/reduce)" if "fusion" in name else "other"
-
-    categories = collections.Counter()
-    for name, t in total.items():
-        categories[category(name)] += t
-    return {
-        "step_wall_s": wall,
-        "categories_s": dict(categories.most_common()),
-        "top_ops": [
-            {"op": n, "s_per_step": t, "calls_per_step": count[n]} for n, t in total.most_common(20)
-        ],
-    }
+    return op_profile.xla_op_table(compiled, run, steps)
 
 
 def torch_worker(args) -> dict:
@@ -346,6 +281,10 @@ def torch_worker(args) -> dict:
             "forward_backward": _best_time(fwd_bwd, reps),
             "optimizer": _best_time(optimizer, reps),  # the gradients of fwd_bwd's last call
         }
+    if args.profile:
+        import op_profile
+
+        out["profile"] = op_profile.torch_op_table(step)
     out.update(_rates(times, args, flops_per_token(mc, args.seq)))
     return out
 
@@ -448,6 +387,7 @@ def summarize(report: dict) -> dict:
             "mfu": r["achieved_flops"] / peak,
             "vs_torch": None if not torch_rate else r["tokens_per_s"] / torch_rate,
             "breakdown_s": r.get("breakdown_s"),
+            "profile": r.get("profile"),
         }
         for name, r in best.items()
     }
@@ -464,7 +404,14 @@ def markdown(report: dict) -> str:
         vs = "-" if s["vs_torch"] is None else f"{s['vs_torch']:.2f}x"
         rate, step = f"{s['tokens_per_s']:.0f}", f"{s['step_s_median']:.3f}"
         lines.append(f"| {name} | {rate} | {step} | {s['mfu']:.1%} | {vs} |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    for name, s in report["summary"].items():  # --profile: the per-op tables
+        if s.get("profile"):
+            import op_profile
+
+            table = op_profile.torch_markdown if name == "torch" else op_profile.xla_markdown
+            text += f"\nPer-op profile, {name}:\n\n" + table(s["profile"])
+    return text
 
 
 def run_gpu(args) -> dict:
@@ -497,7 +444,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating repeats (cpu)")
     p.add_argument("--variants", default="", help=f"comma-separated of {list(VARIANTS)}")
     p.add_argument("--breakdown", action="store_true", help="time forward/backward/optimizer")
-    p.add_argument("--profile", action="store_true", help="per-op trace summary (jax)")
+    p.add_argument(
+        "--profile", action="store_true", help="per-op tables (experiments/op_profile.py)"
+    )
     p.add_argument("--skip_torch", action="store_true")
     p.add_argument("--peak_sizes", default="512,1024,2048,4096")
     p.add_argument("--peak_flops", type=float, default=0.0, help="gpu: override datasheet peak")
