@@ -204,9 +204,12 @@ def compile_train_step(config, devices) -> dict[str, Any]:
         "device_kind": kind,
         "mesh": {a: int(s) for a, s in mesh.shape.items()},
         "params": count_params(model_config),
+        # What one token uses (a mixture of experts' "activated" count; = params if dense).
+        "active_params": count_params(model_config, active=True),
         "global_batch_size": batch,
         "seq_len": seq,
         "microbatches": config.train.microbatches,
+        **({"moe_impl": model_config.moe_impl} if model_config.is_moe else {}),
         "remat": model_config.remat,
         "attention_impl": model_config.attention_impl,
         "dtype": model_config.dtype,

@@ -6,8 +6,10 @@ FLOPs per trained token (forward + backward = 3x forward), following the PaLM pa
     6 * N  +  12 * L * E * T
 
 where ``N`` counts the parameters that take part in matrix multiplies (every layer
-weight and the output projection, but not the input embedding, which is a gather),
-``L`` is the layer count, ``E`` the hidden size and ``T`` the sequence length. The
+weight and the output projection, but not the input embedding, which is a gather; for
+a mixture of experts only the experts a token is routed to), ``L`` is the layer count,
+``E`` the width of the attention heads (the hidden size for GPT-NeoX) and ``T`` the
+sequence length. The
 second term is the ``QK^T`` and ``AV`` products over the full (unmasked) ``T x T``
 score matrix, as PaLM counts it.
 """
@@ -44,15 +46,29 @@ PEAK_FLOPS = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Parameters used in matrix multiplies per token (excludes the embedding gather)."""
-    e, f, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    per_layer = e * 3 * e + e * e + 2 * e * f
-    return layers * per_layer + e * config.vocab_size  # + output projection (tied or not)
+    """Parameters one token multiplies by (excludes the embedding gather, norms, biases).
+
+    Attention's q/k/v/o projections (grouped KV heads counted as they are); each dense
+    layer's MLP (three matrices when gated); each sparse layer's router, its
+    ``num_experts_per_tok`` experts (a mixture of experts' "active" parameters) and any
+    shared expert; and the output projection.
+    """
+    e, layers = config.hidden_size, config.num_hidden_layers
+    q, kv = config.num_attention_heads * config.head_dim, config.kv_heads * config.head_dim
+    attention = e * (q + 2 * kv) + q * e
+    mlp = (3 if config.gated_mlp else 2) * e * config.intermediate_size
+    sparse = len(config.sparse_layers)
+    moe = e * config.num_experts + config.num_experts_per_tok * 3 * e * config.expert_size
+    if config.shared_expert_intermediate_size:  # gate/up/down and its sigmoid gate
+        moe += 3 * e * config.shared_expert_intermediate_size + e
+    per_model = layers * attention + (layers - sparse) * mlp + sparse * moe
+    return per_model + e * config.vocab_size  # + output projection (tied or not)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), attention included."""
-    attention = 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    heads_width = config.num_attention_heads * config.head_dim  # hidden_size for NeoX
+    attention = 12 * config.num_hidden_layers * heads_width * seq_len
     return 6.0 * matmul_params(config) + attention
 
 
