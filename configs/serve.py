@@ -28,6 +28,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Chat template for /v1/chat/completions: a Jinja file, inline text, or "" for the
     # default (neox_jax.finetune.chat.DEFAULT_CHAT_TEMPLATE, the one SFT trains with).
     c.chat_template = ""
+    # How chat replies are parsed for tool calls when a request gives tools: "auto" (the
+    # format the chat template writes calls in), "qwen" (<tool_call> JSON) or "mistral"
+    # ([TOOL_CALLS]); see neox_jax.serving.tools.
+    c.tool_call_format = "auto"
 
     # ----------------------------------------------------------------- engine
     # Decode slots: requests generated at once (continuous batching).

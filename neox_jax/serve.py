@@ -86,6 +86,7 @@ def build(config, progress=print):
         engine,
         model_name=name,
         chat_template=template,
+        tool_call_format=config.tool_call_format,
         max_n=config.max_n,
         metrics=metrics,
         shutdown_timeout=config.shutdown_timeout,

@@ -169,6 +169,24 @@ def test_chat_stream_and_stop(server, client, generator):
         assert cut.finish_reason == "stop"
 
 
+def test_chat_with_tools_on_the_real_engine(server, client, generator):
+    """The served default template has no tool format: tools are refused with a 400 that
+    says how to serve them, tool_choice "none" serves the plain chat, and a tool_choice
+    the server cannot honour is refused (parsing is tested in test_serving_tools.py)."""
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    kw = dict(model=server.name, messages=[{"role": "user", "content": "hello"}], max_tokens=6,
+              temperature=0)  # fmt: skip
+    with pytest.raises(openai.BadRequestError, match="no tool-call format"):
+        client.chat.completions.create(**kw, tools=[tool])
+    plain = client.chat.completions.create(**kw).choices[0]
+    none = client.chat.completions.create(**kw, tools=[tool], tool_choice="none").choices[0]
+    assert none.message.content == plain.message.content and not none.message.tool_calls
+    assert none.finish_reason == plain.finish_reason
+    named = {"type": "function", "function": {"name": "f"}}
+    with pytest.raises(openai.BadRequestError, match="tool_choice"):
+        client.chat.completions.create(**kw, tools=[tool], tool_choice=named)
+
+
 def test_logprobs_and_echo(server, client):
     r = client.completions.create(
         model=server.name, prompt="hello model", max_tokens=4, temperature=0, logprobs=2,

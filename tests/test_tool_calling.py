@@ -8,14 +8,21 @@ and for the parsers the text the family's own template writes for known calls.
 
 import copy
 import json
-import string
 
 import pytest
-import tokenizers
 import transformers
 from helpers.finetune import write_jsonl
-from helpers.tool_templates import CALLS, CONVERSATION, MISTRAL, QWEN, TOOLS
-from tokenizers import Regex, decoders, models, pre_tokenizers
+from helpers.tool_templates import (
+    BOS,
+    CALLS,
+    CONVERSATION,
+    EOS,
+    MISTRAL,
+    PAD,
+    QWEN,
+    TOOLS,
+    write_printable_tokenizer,
+)
 
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.finetune.chat import ChatFormatError, ChatTemplate, format_chat
@@ -30,25 +37,12 @@ from neox_jax.inference.tool_calls import (
     tool_names,
 )
 
-EOS, BOS, PAD = "<|endoftext|>", "<s>", "<pad>"
 TEMPLATES = {"qwen": QWEN, "mistral": MISTRAL}
 
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    """One token per printable character (JSON needs braces and quotes) plus specials."""
-    directory = tmp_path_factory.mktemp("tok")
-    vocab = {EOS: 0, BOS: 1, PAD: 2, "<unk>": 3}
-    for ch in string.printable:
-        vocab.setdefault(ch, len(vocab))
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens([EOS, BOS, PAD])
-    tok.save(str(directory / "tokenizer.json"))
-    config = {"eos_token": EOS, "bos_token": BOS, "pad_token": PAD}
-    (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    return directory
+    return write_printable_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

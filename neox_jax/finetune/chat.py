@@ -226,7 +226,7 @@ class ChatTemplate:
                 documents=None,
                 **self.special_tokens,
             )
-        except jinja2.exceptions.TemplateError as e:
+        except (jinja2.exceptions.TemplateError, TypeError) as e:  # TypeError: e.g. None + str
             raise ChatFormatError(f"chat template failed to render: {e}") from None
 
     def segments(

@@ -83,12 +83,18 @@ def create_app(
     *,
     model_name: str,
     chat_template: str | None = None,
+    tool_call_format: str = "auto",
     max_n: int = 8,
     metrics=None,
     shutdown_timeout: float = 30.0,
 ) -> FastAPI:
     """The app serving ``engine`` as model ``model_name``; starts the engine's thread on
-    start-up and stops it (``shutdown_timeout`` to finish) on shutdown."""
+    start-up and stops it (``shutdown_timeout`` to finish) on shutdown.
+    ``tool_call_format``: how chat replies are parsed for tool calls ("auto": from the
+    chat template; see ``neox_jax.serving.tools``)."""
+    from neox_jax.serving import tools as tool_calling
+
+    tool_calling.tc.resolve_format(tool_call_format, chat_template)  # fail now on a bad name
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -365,9 +371,10 @@ def create_app(
                 f"top_logprobs must be between 0 and {engine.max_logprobs}, with logprobs=true.",
                 "top_logprobs",
             )
-        messages = [m.model_dump() for m in body.messages]
+        tools = tool_calling.setup(body, chat_template, tool_call_format)
+        messages = tool_calling.messages(body)
         try:
-            ids = encode_chat(messages, tok, chat_template)
+            ids = encode_chat(messages, tok, chat_template, tools=tools.tools)
         except ChatFormatError as e:
             raise bad(str(e), "messages") from None
         limit = body.max_completion_tokens or body.max_tokens
@@ -400,6 +407,7 @@ def create_app(
 
             async def chunks():
                 nonlocal count
+                splitters = [tools.splitter() for _ in range(body.n)]  # None: no tools
                 for index in range(body.n):
                     yield chunk(index, {"role": "assistant", "content": ""})
                 async for index, ev in call.events(http):
@@ -407,10 +415,23 @@ def create_app(
                     lp = None
                     if body.logprobs:
                         lp = {"content": content_lp(ev.token_ids, ev.logprobs)}
-                    if ev.text or (body.logprobs and ev.token_ids):
-                        yield chunk(index, {"content": ev.text}, lp)
+                    split = splitters[index]
+                    text = ev.text if split is None else split.feed(ev.text)
+                    if text or (body.logprobs and ev.token_ids):
+                        yield chunk(index, {"content": text}, lp)
                     if ev.done:
-                        yield chunk(index, {}, None, finish(ev.finish_reason))
+                        reason = finish(ev.finish_reason)
+                        if split is not None:
+                            try:
+                                tail, calls = split.finish()
+                            except tool_calling.tc.ToolCallError as e:
+                                raise tool_calling.invalid(e) from None
+                            if tail:
+                                yield chunk(index, {"content": tail})
+                            if calls:
+                                yield chunk(index, tool_calling.call_deltas(calls))
+                                reason = "tool_calls"
+                        yield chunk(index, {}, None, reason)
 
             def final() -> dict:
                 return envelope(rid, "chat.completion.chunk", [], usage=usage([ids], body.n, count))
@@ -419,12 +440,13 @@ def create_app(
             return event_stream(chunks(), final if include_usage else None)
 
         texts, ids_out, lps, reasons = await collect(call, http)
+        replies = [tools.reply("".join(texts[i]), reasons[i]) for i in range(body.n)]
         choices = [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "message": replies[i][0],
                 "logprobs": {"content": content_lp(ids_out[i], lps[i])} if body.logprobs else None,
-                "finish_reason": reasons[i],
+                "finish_reason": replies[i][1],
             }
             for i in range(body.n)
         ]

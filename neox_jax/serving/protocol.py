@@ -32,6 +32,7 @@ class APIError(Exception):
         return {
             400: "invalid_request_error",
             404: "invalid_request_error",
+            422: "invalid_model_output",  # e.g. a tool call that cannot be parsed
             429: "rate_limit_error",
             503: "service_unavailable",
         }.get(self.status, "server_error")
@@ -136,10 +137,39 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    arguments: str  # JSON text of an object, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None  # None only beside tool_calls (checked by the template step)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class ChatRequest(_Sampling):
@@ -149,6 +179,10 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+    # Tool calling (neox_jax.serving.tools): "auto" (default with tools) or "none"
+    tools: list[Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:

@@ -11,6 +11,33 @@ For that marker to start after the generation prompt, Qwen's assistant branch wr
 before each call; the text is the same as Qwen's for every turn with content or calls.
 """
 
+import json
+import string
+from pathlib import Path
+
+import tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers
+
+EOS, BOS, PAD = "<|endoftext|>", "<s>", "<pad>"
+
+
+def write_printable_tokenizer(directory) -> Path:
+    """One token per printable ASCII character (JSON needs braces and quotes) plus the
+    bos/eos/pad specials, in ``directory`` (tokenizer.json + tokenizer_config.json)."""
+    directory = Path(directory)
+    vocab = {EOS: 0, BOS: 1, PAD: 2, "<unk>": 3}
+    for ch in string.printable:
+        vocab.setdefault(ch, len(vocab))
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([EOS, BOS, PAD])
+    tok.save(str(directory / "tokenizer.json"))
+    config = {"eos_token": EOS, "bos_token": BOS, "pad_token": PAD}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
 QWEN = (
     "{%- if tools %}"
     "{{- '<|im_start|>system\\n' }}"
