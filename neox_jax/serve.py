@@ -11,11 +11,19 @@ exits 130 (``neox_jax.cli``).
 
 from __future__ import annotations
 
+import os
 import signal
-from pathlib import Path
 
-from neox_jax import cli
+from neox_jax import cli, hub
 from neox_jax.errors import UserError
+
+
+def served_name(checkpoint: str) -> str:
+    """The model name clients send by default: a Hub id as given, else the folder's name
+    as the user wrote it (a symlink keeps its own name, not its target's hash)."""
+    if hub.parse_hub_id(checkpoint) is not None:
+        return str(checkpoint)
+    return os.path.basename(os.path.abspath(os.path.expanduser(checkpoint)))
 
 
 def check_config(config) -> None:
@@ -76,7 +84,7 @@ def build(config, progress=print):
     del params  # the engine keeps its per-layer copy
     if config.warmup:
         engine.warmup(progress)
-    name = config.model_name or Path(config.checkpoint).resolve().name
+    name = config.model_name or served_name(config.checkpoint)
     template = config.chat_template or None
     if template is not None and tokenizer is not None:
         from neox_jax.finetune.chat import read_chat_template

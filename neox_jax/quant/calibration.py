@@ -7,7 +7,6 @@ to the model's training distribution works, and a few hundred thousand tokens su
 from __future__ import annotations
 
 import codecs
-import logging
 import os
 from pathlib import Path
 
@@ -32,9 +31,8 @@ def _report(total: int, num_samples: int, seq_len: int) -> float:
         message = (
             f"GPTQ calibration repeats data: {num_samples} x {seq_len} tokens drawn from "
             f"{total:,}, so windows overlap ~{coverage:.1f}x; pass more text, or fewer or "
-            "shorter windows (--num_calibration_samples / --calibration_seq_len)."
+            "shorter windows (--config.num_calibration_samples / --config.calibration_seq_len)."
         )
-        logging.warning(message)
         say(f"warning: {message}")
     return coverage
 
@@ -43,7 +41,7 @@ def _windows(read, total: int, num_samples: int, seq_len: int, seed: int) -> np.
     if total < seq_len:
         raise ValueError(
             f"the calibration source holds {total} tokens, fewer than one window of "
-            f"{seq_len}; pass more text or a smaller --calibration_seq_len."
+            f"{seq_len}; pass more text or a smaller --config.calibration_seq_len."
         )
     _report(total, num_samples, seq_len)
     rng = np.random.default_rng(seed)
