@@ -33,9 +33,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers.generate import make_model_dir
 from helpers.hub import add_repo
+
+from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds per command; each takes seconds to a minute here
@@ -73,6 +76,11 @@ APPENDED = [
     ("configs/pretrain.py:", f"{SHORT} {TINY_SHAPE}"),
     ("configs/finetune.py:", f"{SHORT} --config.data.seq_len=64 --config.data.global_batch_size=4"),
     ("neox_jax.evaluate", "--config.harness.tasks="),  # its lm-eval task downloads data
+    (
+        "--neox_config=local_setup.yml",
+        f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json",
+    ),
+    ("neox_jax.batch_viewer", "--config.batch_size=2"),  # steps of 2 sequences, not 1024
 ]
 
 
@@ -125,6 +133,7 @@ class Workspace:
             "checkpoint=PATH": "checkpoint=models/pythia-160m",
             "/export/": "export/",
             "=/tmp/": "=tmp/",
+            "=/data/pythia/": "=pythia_data/",
             ":8000": f":{self.port}",
             "port=8000": f"port={self.port}",
         }  # fmt: skip
@@ -154,9 +163,22 @@ class Workspace:
         for name in ("held_out.txt", "val.txt"):
             (self.root / name).write_text("\n\n".join(lines * 4) + "\n")
         shutil.copy(model / "tokenizer.json", self.root / "tokenizer.json")
+        for item in (REPO / "tests" / "data" / "neox_configs").iterdir():  # GPT-NeoX's own
+            (self.root / item.name).symlink_to(item)
+        shutil.copy(model / "tokenizer.json", self.root / "20B_tokenizer.json")
+        rng = np.random.default_rng(0)
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        self._write_dataset("data/enwik8/enwik8_text_document", rng.integers(3, vocab, (400, 50)))
+        self._write_dataset("pythia_data/document", rng.integers(3, vocab, (2002, 9)))  # 2 x 1001
         stdlib = Path(os.__file__).parent
         sources = [p.read_text(errors="ignore") for p in sorted(stdlib.glob("*.py"))[:120]]
         (self.root / "corpus.txt").write_text("\n".join(sources))
+
+    def _write_dataset(self, prefix: str, rows: np.ndarray) -> None:
+        (self.root / prefix).parent.mkdir(parents=True, exist_ok=True)
+        with IndexedDatasetBuilder(str(self.root / prefix)) as builder:
+            for row in rows.astype(np.uint16):
+                builder.add_document(row)
 
     def prepare(self, kind: str, text: str) -> str:
         text = INSTALL_PREFIX.sub("", text)
