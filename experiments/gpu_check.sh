@@ -3,8 +3,8 @@
 #   1. the Pallas kernels compiled for the GPU (tests/test_kernels.py, test_model_pallas.py;
 #      on a GPU `_interpret` picks the Triton lowering instead of the interpreter),
 #   2. attention benchmark: flash fwd+bwd vs the XLA path vs cuDNN, decode kernel,
-#   3. train-step MFU (pythia-1b, bf16),
-#   4. greedy decode tokens/s vs the bandwidth roofline (pythia-1.4b, bf16).
+#   3. train-step MFU (pythia-1b, bf16) with its per-op table,
+#   4. greedy decode tokens/s vs the bandwidth roofline (pythia-1.4b, bf16), per-op table.
 # Results land as JSON (and logs) under $OUT (default experiments/gpu_results/).
 #
 # On the project's lent GPU machine (jax with CUDA is preinstalled there, no registry):
@@ -45,6 +45,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep its log, never s
 step kernels_compiled 180 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_kernels.py tests/test_model_pallas.py --junitxml="$OUT/kernels_junit.xml"
 step attention_bench 150 python3 experiments/attention_bench/bench.py --out="$OUT/attention.json"
-step train_mfu 120 python3 experiments/train_bench/bench.py --gpu --out="$OUT/train_mfu.json"
-step decode 120 python3 experiments/decode_bench/bench.py --gpu --out="$OUT/decode.json"
+# --profile: each also writes its per-op table (experiments/op_profile.py) into the log
+# and the JSON (the jax.profiler trace stays in /tmp).
+step train_mfu 120 python3 experiments/train_bench/bench.py --gpu --profile \
+  --out="$OUT/train_mfu.json"
+step decode 120 python3 experiments/decode_bench/bench.py --gpu --profile --out="$OUT/decode.json"
 exit $status

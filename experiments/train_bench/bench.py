@@ -32,6 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))  # op_profile
+import op_profile  # noqa: E402
 
 # JAX variants tried on CPU: name -> (extra XLA_FLAGS, config.model overrides).
 VARIANTS = {
@@ -184,7 +185,6 @@ def _jax_profile(compiled, state, batch, steps: int = 2) -> dict:
     """The per-op table of the compiled step (``experiments/op_profile.py``): each HLO
     op's time from a ``jax.profiler`` trace, its FLOPs and bytes from the optimized HLO."""
     import jax
-    import op_profile
 
     holder = {"state": state}
 
@@ -282,8 +282,6 @@ def torch_worker(args) -> dict:
             "optimizer": _best_time(optimizer, reps),  # the gradients of fwd_bwd's last call
         }
     if args.profile:
-        import op_profile
-
         out["profile"] = op_profile.torch_op_table(step)
     out.update(_rates(times, args, flops_per_token(mc, args.seq)))
     return out
@@ -314,7 +312,7 @@ def spawn(kind: str, args, xla_flags: str = "", model_overrides: dict | None = N
     env = dict(os.environ)
     flags = " ".join(filter(None, [env.get("XLA_FLAGS", ""), xla_flags]))
     if kind == "jax" and args.profile:
-        flags += " --xla_cpu_enable_xprof_traceme=true"  # per-op events in the trace
+        flags += f" {op_profile.XPROF_FLAG}"  # per-op events in the trace
     env["XLA_FLAGS"] = flags.strip()
     if not args.gpu:
         env["JAX_PLATFORMS"] = "cpu"  # never probe for accelerators (libtpu is installed)
@@ -407,8 +405,6 @@ def markdown(report: dict) -> str:
     text = "\n".join(lines) + "\n"
     for name, s in report["summary"].items():  # --profile: the per-op tables
         if s.get("profile"):
-            import op_profile
-
             table = op_profile.torch_markdown if name == "torch" else op_profile.xla_markdown
             text += f"\nPer-op profile, {name}:\n\n" + table(s["profile"])
     return text
@@ -466,6 +462,8 @@ def main() -> None:
         fn = {"peak": peak_worker, "jax": jax_worker, "torch": torch_worker}[args.worker]
         Path(args.worker_out).write_text(json.dumps(fn(args)))
         return
+    if gpu and args.profile:  # in this process: XLA:CPU's per-op events for --allow_cpu
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {op_profile.XPROF_FLAG}"
     report = run_gpu(args) if gpu else run_cpu(args)
     text = json.dumps(report, indent=2, default=str)
     if args.out:
@@ -477,6 +475,8 @@ def main() -> None:
             f"{args.model} {args.dtype} batch {args.batch} x {args.seq} on {r['device']}: "
             f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_s_median']:.3f} s, MFU {mfu}"
         )
+        if r.get("profile"):
+            print(op_profile.xla_markdown(r["profile"]), end="")
     else:
         print(markdown(report), end="")
 
