@@ -61,6 +61,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.chat = False
     # The chat template: a Jinja file, an inline template, or "" for the default one.
     c.chat_template = ""
+    # Tool calling in chat mode: a JSON file of tool schemas (OpenAI's / transformers'
+    # {"type": "function", "function": {...}}), rendered by the chat template; replies are
+    # parsed for calls, printed as {"tool_calls": [...]}. "" = no tools.
+    c.tools_file = ""
+    # How replies are parsed for calls: "auto" (from the template), "qwen" or "mistral".
+    c.tool_call_format = "auto"
 
     # --------------------------------------------------------------- sampling
     # Tokens to generate at most per prompt (prompt + this must fit the context).

@@ -173,6 +173,62 @@ def test_chat_mode_formats_turns_and_keeps_the_conversation(hf_dir, monkeypatch)
         _run(_get_config("greedy", prompt="hi", chat=True, chat_template="{% if %}", **args))
 
 
+def test_chat_mode_with_a_tools_file(hf_dir, tmp_path, monkeypatch):
+    """The tools are rendered into the prompt and calls in the reply are parsed, printed,
+    answered by the tool's result read from stdin, and the model is prompted again. A
+    random model never writes a call (and the tools prompt exceeds its 128 positions), so
+    the model's stream is replaced by scripted replies that record their prompts; the
+    rest is the CLI's own code, checked against ``format_chat`` of the expected turns."""
+    from helpers.tool_templates import QWEN, TOOLS
+
+    from neox_jax.data.tokenizer import load_tokenizer
+    from neox_jax.finetune.chat import format_chat
+    from neox_jax.loading import find_tokenizer
+
+    tok = load_tokenizer(find_tokenizer(hf_dir))
+    tools_file = tmp_path / "tools.json"
+    tools_file.write_text(json.dumps({"tools": TOOLS}))
+    args = dict(checkpoint=str(hf_dir), max_new_tokens=5, chat=True, chat_template=QWEN,
+                tools_file=str(tools_file))  # fmt: skip
+    user = [{"role": "user", "content": "hi"}]
+    manual = format_chat(user, tok, QWEN, tools=TOOLS)
+    assert "get_weather" in manual
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    replies, seen = [call, call, "It is 3 C."], []
+
+    def scripted(self, prompt, sampling=None):
+        seen.append(prompt)
+        yield replies.pop(0)
+
+    monkeypatch.setattr(cli.Generator, "stream", scripted)
+    single = _run(_get_config("greedy", prompt="hi", **args)).splitlines()
+    assert single[0] == call.splitlines()[0] and seen == [manual]
+    printed = json.loads(single[-1])["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in printed] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    out = _run(_get_config("greedy", interactive=True, **args), stdin='hi\n{"temp": 3}\n\n')
+    printed = json.loads(out.splitlines()[3])["tool_calls"]
+    assert "tool get_weather> " in out and "It is 3 C." in out
+    fn = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+    history = [
+        *user,
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": printed[0]["id"], "type": "function", "function": fn}]},
+        {"role": "tool", "tool_call_id": printed[0]["id"], "name": "get_weather",
+         "content": '{"temp": 3}'},
+    ]  # fmt: skip
+    assert seen == [manual, manual, format_chat(history, tok, QWEN, tools=TOOLS)]
+
+    with user_error("needs --config.chat=True"):
+        _run(_get_config("greedy", prompt="hi", **{**args, "chat": False}))
+    with user_error("no tool-call format"):
+        _run(_get_config("greedy", prompt="hi", **{**args, "chat_template": ""}))
+    tools_file.write_text("[1, 2]")
+    with user_error("must hold a list of tool schemas"):
+        _run(_get_config("greedy", prompt="hi", **args))
+
+
 def test_tensor_and_pipeline_parallel_cli_equals_one_device(hf_dir):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     args = [f"--config.checkpoint={hf_dir}", "--config.prompt=ab", "--config.max_new_tokens=6"]

@@ -15,7 +15,8 @@ A call is returned as OpenAI does: ``{"id", "type": "function", "function": {"na
 "arguments": <JSON text of an object>}}``. Text outside the calls is the message content
 (None when only whitespace). A call that cannot be read (bad JSON, no name, arguments
 that are not an object, an unclosed block, a function not among the offered tools)
-raises ``ToolCallError``: the CLI prints it and exits 2, the server answers HTTP 422
+raises ``ToolCallError``: the sampling CLI reports it (``neox_jax.inference.cli``), the
+server answers HTTP 422
 (``code: "invalid_tool_call"``) with the reason and the generated text, since silently
 returning a broken call as prose would hide it from the agent that asked for tools.
 """
