@@ -207,6 +207,12 @@ CASES = _generic_cases() + [
      "Unknown preset", None),
     ("sample", ["--config.checkpoint={bad_tok}", "--config.prompt=x"], 2, "tokenizer.json",
      None),
+    ("sample", ["--config.checkpoint={model}", "--config.prompt=x", "--config.chat=True",
+                "--config.tools_file={missing}"], 2, "tools_file", None),
+    ("sample", ["--config.checkpoint={model}", "--config.prompt=x",
+                "--config.tools_file={good_txt}"], 2, "needs --config.chat=True", None),
+    ("sample", ["--config.checkpoint={model}", "--config.prompt=x", "--config.chat=True",
+                "--config.tools_file={good_txt}"], 2, "is not JSON", None),
     # --- evaluate
     ("evaluate", ["--config.checkpoint={model}"], 2, "nothing to evaluate", None),
     ("evaluate", ["--config.perplexity.text_file={good_txt}"], 2, "missing --config.checkpoint",
