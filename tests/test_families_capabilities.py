@@ -10,6 +10,11 @@ dequantized weights to 1e-5).
 
 from __future__ import annotations
 
+import importlib.util
+import io
+import shutil
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,17 +22,27 @@ import peft
 import pytest
 import torch
 import transformers
+from helpers.finetune import write_char_tokenizer
 from helpers.hf_reference import assert_logits_close, hf_logits
 from helpers.quant import o1_params
 from test_families import _greedy_both, _ids, make_family_model
 
 from neox_jax.convert import load_hf
+from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.evaluation import LogLikelihoodScorer
 from neox_jax.finetune.lora import LoraConfig, LoraError, init_adapters, lora_apply_fn
 from neox_jax.finetune.peft_format import load_peft_adapter, save_peft_adapter
 from neox_jax.inference import Generator, SamplingParams
+from neox_jax.inference import cli as sample_cli
 from neox_jax.model import GPTNeoX
 from neox_jax.quant import QuantConfig, dequantize_params, quantize_params
 from neox_jax.retrieval import Embedder
+
+_spec = importlib.util.spec_from_file_location(
+    "sample_config", Path(__file__).resolve().parents[1] / "configs" / "sample.py"
+)
+sample_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample_config)
 
 # One tiny model per family, each with its distinguishing options.
 FAMILIES = {
@@ -180,3 +195,46 @@ def test_embeddings_match_transformers_hidden_states(family):
     expected = np.stack(rows)
     assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
     assert jnp.asarray(ours).shape == (3, config.hidden_size)
+
+
+def test_loglikelihood_scoring_matches_transformers(family):
+    """lm-eval style scoring; sums of <= 12 token log-probs, atol 2e-4 as test_evaluation."""
+    _, ref, config, params = family
+    rng = np.random.default_rng(0)
+    requests = [
+        (rng.integers(0, config.vocab_size, a).tolist(), rng.integers(0, 96, b).tolist())
+        for a, b in [(1, 2), (7, 3), (12, 5)]
+    ]
+    for (ctx, cont), (logprob, _) in zip(
+        requests, LogLikelihoodScorer(config, params, batch_size=2).score(requests), strict=True
+    ):
+        with torch.no_grad():
+            logits = ref(torch.tensor([ctx + cont])).logits[0].double()
+        logp = torch.log_softmax(logits, -1).numpy()
+        expected = sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))
+        assert logprob == pytest.approx(expected, abs=2e-4)
+
+
+def test_sampling_cli_on_a_family_checkpoint(family, tmp_path):
+    """``python -m neox_jax.sample``'s run on the hub folder (plus a tokenizer): the text
+    is the tokenizer's decoding of transformers' greedy continuation (restricted, as
+    the CLI restricts it, to the tokenizer's ids when the model's vocabulary is padded)."""
+    path, ref, config, _ = family
+    folder = tmp_path / "model"
+    shutil.copytree(path, folder)
+    write_char_tokenizer(folder)
+    tok = load_tokenizer(folder)
+    prompt = "Hello there, "
+    ids = tok.encode(prompt)
+    with torch.no_grad():
+        out = ref.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False, max_new_tokens=10, min_new_tokens=10, pad_token_id=0,
+            eos_token_id=None,  # the CLI samples only ids the tokenizer has (84 of 96):
+            suppress_tokens=list(range(tok.vocab_size, config.vocab_size)),
+        )[0, len(ids):].tolist()  # fmt: skip
+    config_dict = sample_config.get_config("greedy")
+    config_dict.update(checkpoint=str(folder), prompt=prompt, max_new_tokens=10, ignore_eos=True)
+    stdout = io.StringIO()
+    sample_cli.run(config_dict, io.StringIO(""), stdout)
+    assert stdout.getvalue() == tok.decode(out, skip_special_tokens=True) + "\n"
