@@ -6,8 +6,10 @@ with a Qwen- or Mistral-style template, parsing the reply, and the client's read
 ``tool_calls`` are all the real code. The model is not: a tiny random model never writes
 a tool call, so ``ScriptedEngine`` stands in for the engine and "generates" a given
 reply (token by token, through the tokenizer) while recording the prompt ids it got.
-The real engine with tools given is exercised in test_serving_api.py (tool_choice
-"none" and the refusal of tools by a template without a tool format).
+``test_real_engine_generates_from_the_prompt_with_tools`` is fully end to end with a
+tiny random model (it writes prose, not calls, so its reply comes back as content). The
+served default template is exercised in test_serving_api.py (tool_choice "none" and the
+refusal of tools by a template without a tool format).
 """
 
 import copy
@@ -167,3 +169,36 @@ def test_tool_choice_none_and_malformed_calls(served, tok):
         served.client.chat.completions.create(
             model="m", messages=CONVERSATION[1:2], tools=TOOLS, tool_choice="required"
         )
+
+
+def test_real_engine_generates_from_the_prompt_with_tools(tmp_path):
+    """A real ``Engine`` on a tiny random model with a 1024-position context (the Qwen
+    tools prompt is 969 tokens): greedy content equals ``Generator.generate`` on the
+    prompt with the tools rendered (exact tokens, as in test_serving_api.py), and the
+    usage counts that prompt. Eight characters cannot spell a call marker."""
+    from helpers.hf_reference import make_hf_model
+
+    from neox_jax.convert import load_hf
+    from neox_jax.inference import Generator, SamplingParams
+    from neox_jax.serving.engine import Engine
+
+    tok = load_tokenizer(write_printable_tokenizer(tmp_path))
+    make_hf_model(tmp_path, vocab_size=tok.vocab_size, max_position_embeddings=1024)
+    config, params = load_hf(tmp_path)
+    question = CONVERSATION[1:2]
+    ids = encode_chat(question, tok, QWEN, tools=TOOLS)
+    want = Generator(config, params, tok, max_cache_len=1024).generate(
+        [ids], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    )[0]
+    engine = Engine(config, params, tok, num_slots=1, max_len=1024, prefill_buckets=(1024,))
+    served = _Served(engine, QWEN)
+    try:
+        out = served.client.chat.completions.create(
+            model="m", messages=question, tools=TOOLS, max_tokens=8, temperature=0,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+    finally:
+        served.close()
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].message.content == want.text and not out.choices[0].message.tool_calls
+    assert out.choices[0].finish_reason == "length"
