@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Tensor parallelism: attention heads, MLP, vocabulary and the KV cache split over
     # this many devices (the rules table's "tensor" axis).
     c.tensor_parallel = 1
+    # Pipeline parallelism: the layers split over this many devices (the "stage" axis);
+    # every prefill and decode step runs them as a pipeline. Needs the layer count to
+    # divide evenly. Devices used: tensor_parallel x pipeline_stages.
+    c.pipeline_stages = 1
 
     # ----------------------------------------------------------------- server
     # Address to listen on; 127.0.0.1 serves this machine only, 0.0.0.0 every interface.

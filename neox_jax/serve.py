@@ -32,7 +32,7 @@ def check_config(config) -> None:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
     positive = (
         "num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel",
-        "steps_per_call",
+        "pipeline_stages", "steps_per_call",
     )  # fmt: skip
     for name in positive:
         if not isinstance(config[name], int) or config[name] < 1:
@@ -59,7 +59,7 @@ def build(config, progress=print):
     from neox_jax.serving.metrics import Metrics
 
     check_config(config)
-    mesh = inference_mesh(config.tensor_parallel, 1)
+    mesh = inference_mesh(config.tensor_parallel, config.pipeline_stages)
     # Placed on the mesh as it is read (sharded by the rules table), any artifact kind.
     model_config, params, tokenizer = load_from_config(config, mesh=mesh)
     metrics = Metrics(config.num_slots)

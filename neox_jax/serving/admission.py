@@ -120,7 +120,9 @@ class Admission:
                 continue
             tokens = np.zeros(self.bucket(n), np.int32)
             tokens[:n] = r.prompt_ids
-            prefix = dev.prefill(self.config, self.params, tokens, np.int32(n))
+            prefix = dev.prefill(
+                self.config, self.params, tokens, np.int32(n), pipeline=self.pipeline
+            )
             self._insert(prefix, slot, r.sampling, r.row)
             admitted += 1
 

@@ -72,8 +72,10 @@ class Engine(Admission, Delivery):
       steps_per_call: decode steps per device call: fewer host round trips per token
         (worth it where dispatch dominates, small models on GPU/TPU), at the cost of
         admitting and retiring requests only every this many tokens.
-      mesh: serve on this mesh (``parallel.create_mesh({"tensor": N})``): weights and KV
-        cache are sharded by the rules table, heads / MLP / vocabulary over ``tensor``.
+      mesh: serve on this mesh (``parallel.create_mesh({"tensor": N, "stage": S})``):
+        weights and KV cache are sharded by the rules table, heads / MLP / vocabulary
+        over ``tensor``, layers over ``stage`` (then every prefill and decode step runs
+        the layers as a pipeline, ``parallel.pipeline``; ``split_layers`` is ignored).
       split_layers: decode from per-layer copies of the layer weights
         (``inference.step.split_params``; faster on CPU). Splitting holds the layer
         weights twice until the caller drops ``params``: turn it off when the weights
@@ -132,22 +134,29 @@ class Engine(Admission, Delivery):
         self.config, self.tokenizer = config, tokenizer
         # A model vocabulary padded past the tokenizer's: those ids are never drawn.
         self.vocab_limit = None if tokenizer is None else tokenizer.vocab_size
+        # On a mesh with a ``stage`` axis the layers (and the stacked KV cache) are split
+        # over the stages and every call runs them as a pipeline (parallel/pipeline.py).
+        self.pipeline = mesh is not None and mesh.shape.get("stage", 1) > 1
+        if self.pipeline and config.num_hidden_layers % mesh.shape["stage"]:
+            raise UserError(
+                f"{config.num_hidden_layers} layers cannot be split evenly over "
+                f"{mesh.shape['stage']} pipeline stages; pick a stage count that divides it."
+            )
         if mesh is not None:
-            if mesh.shape.get("stage", 1) > 1:
-                raise UserError("the serving engine does not run pipelines; use a tensor mesh.")
             from neox_jax.inference.generator import shard_params
 
             params = shard_params(config, params, mesh)
         self.mesh = mesh
-        self.params = split_params(params) if split_layers else params
+        # The pipeline needs the stacked layers (split over ``stage``).
+        self.params = split_params(params) if split_layers and not self.pipeline else params
         self.num_slots, self.max_len, self.buckets = num_slots, max_len, buckets
         self.max_queue, self.stop_width, self.max_logprobs = max_queue, stop_width, max_logprobs
         self.max_prefills_per_step = max_prefills_per_step
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.metrics = metrics
         with self._context():  # under jit, the cache takes the rules table's sharding
-            init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3))
-            self.state = init(config, num_slots, max_len, stop_width)
+            init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
+            self.state = init(config, num_slots, max_len, stop_width, self.pipeline)
         self.slots: list[Request | None] = [None] * num_slots
         self.waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -185,12 +194,16 @@ class Engine(Admission, Delivery):
     def prompt_logprobs(self, prompt_ids: Sequence[int], k: int) -> list:
         """Per prompt token after the first: ``(logprob, [(id, logprob)] * k)``, the
         model's distribution given the tokens before it (``echo`` with ``logprobs``).
-        Thread-safe; runs beside the decode loop, in the prompt's prefill bucket."""
+        Thread-safe; runs beside the decode loop, in the prompt's prefill bucket (a prompt
+        longer than every bucket, chunked when prefilled, is scored at ``max_len``: one
+        more program, compiled at its first use)."""
         n = len(prompt_ids)
-        tokens = np.zeros(self.bucket(n), np.int32)
+        tokens = np.zeros(next((b for b in self.buckets if b >= n), self.max_len), np.int32)
         tokens[:n] = prompt_ids
         with self._context():
-            scored = dev.score(self.config, self.params, tokens, k=max(1, k))
+            scored = dev.score(
+                self.config, self.params, tokens, k=max(1, k), pipeline=self.pipeline
+            )
         chosen, top_lp, top_ids = jax.device_get(scored)
         out = []
         for i in range(n - 1):
@@ -212,7 +225,10 @@ class Engine(Admission, Delivery):
         total = len(self.buckets) + 4 + bool(self.prefill_chunk)
         for i, b in enumerate(self.buckets, 1):
             progress(f"compiling prefill bucket {b} ({i}/{total})")
-            prefix = dev.prefill(self.config, self.params, np.zeros(b, np.int32), np.int32(1))
+            prefix = dev.prefill(
+                self.config, self.params, np.zeros(b, np.int32), np.int32(1),
+                pipeline=self.pipeline,
+            )  # fmt: skip
             self._insert(prefix, 0, SamplingParams(max_new_tokens=1), 0)
             self.state = dev.release(self.state, np.int32(0))
         done = len(self.buckets)

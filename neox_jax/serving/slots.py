@@ -109,12 +109,15 @@ class StepOutput:
     top_ids: Array
 
 
-def init_state(config: ModelConfig, slots: int, max_len: int, stop_width: int) -> SlotState:
+def init_state(
+    config: ModelConfig, slots: int, max_len: int, stop_width: int, pipeline: bool = False
+) -> SlotState:
     """Empty slots: ``slots`` rows of ``max_len`` cache columns, all FREE.
 
     ``stop_width``: entries of the per-slot eos and stop-id tables (a request may name
-    up to this many stop ids)."""
-    cache = step.layer_cache(config, slots, max_len)
+    up to this many stop ids). ``pipeline``: the stacked ``[L, N, S, H, D]`` cache the
+    pipeline splits over ``stage`` (else per-layer ``[N, S, H, D]`` buffers)."""
+    cache = step.layer_cache(config, slots, max_len, stacked=pipeline)
     cache["index"] = jnp.zeros((slots,), jnp.int32)
     zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731 (donated: distinct buffers)
     neutral = SamplingParams(max_new_tokens=1)
@@ -136,8 +139,18 @@ def init_state(config: ModelConfig, slots: int, max_len: int, stop_width: int) -
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def prefill(config: ModelConfig, params, tokens: Array, length: Array) -> Prefix:
+def _per_layer(fn, *bufs):
+    """``fn`` on each layer's buffer: per-layer tuples, or a stacked ``[L, ...]`` array
+    (the pipeline's layout; ``fn`` is vmapped over its layer axis)."""
+    if isinstance(bufs[0], tuple | list):
+        return tuple(map(fn, *bufs))
+    return jax.vmap(fn)(*bufs)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "pipeline"))
+def prefill(
+    config: ModelConfig, params, tokens: Array, length: Array, *, pipeline: bool = False
+) -> Prefix:
     """Run one prompt, right-padded to its bucket.
 
     Args:
@@ -145,6 +158,8 @@ def prefill(config: ModelConfig, params, tokens: Array, length: Array) -> Prefix
       params: model parameters (``step.split_params`` for fast CPU decoding).
       tokens: ``[P]`` int32, the prompt in ``tokens[:length]``, padding after it.
       length: scalar int32, the prompt's length ``n`` (1 <= n <= P).
+      pipeline: run the layers as a pipeline over the mesh's ``stage`` axis (stacked
+        params); the prefix's k/v are then stacked ``[L, 1, P, H, D]``.
     """
     plen = tokens.shape[0]
     cols = jnp.arange(plen, dtype=jnp.int32)
@@ -155,8 +170,9 @@ def prefill(config: ModelConfig, params, tokens: Array, length: Array) -> Prefix
         tokens[None],
         cols[None],
         segment_ids,
-        step.layer_cache(config, 1, plen),
+        step.layer_cache(config, 1, plen, stacked=pipeline),
         compute_logits=False,
+        pipeline=int(pipeline),
     )
     seen = seen_tokens(tokens[None], (cols < length)[None], config.vocab_size)[0]
     return Prefix(
@@ -169,13 +185,14 @@ def prefill(config: ModelConfig, params, tokens: Array, length: Array) -> Prefix
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k"))
-def score(config: ModelConfig, params, tokens: Array, *, k: int):
+@functools.partial(jax.jit, static_argnames=("config", "k", "pipeline"))
+def score(config: ModelConfig, params, tokens: Array, *, k: int, pipeline: bool = False):
     """Log-probabilities of a right-padded prompt's own tokens (``echo`` with ``logprobs``).
 
     Args:
       tokens: ``[P]`` int32 (padding after the prompt is harmless: causal attention).
       k: alternatives per position (static, >= 1).
+      pipeline: as ``prefill``.
 
     Returns:
       ``(logprob [P - 1], top_logprobs [P - 1, k], top_ids [P - 1, k])``: entry ``i`` is
@@ -189,8 +206,9 @@ def score(config: ModelConfig, params, tokens: Array, *, k: int):
         tokens[None],
         cols,
         jnp.ones((1, plen), jnp.int32),
-        step.layer_cache(config, 1, plen),
+        step.layer_cache(config, 1, plen, stacked=pipeline),
         all_logits=True,
+        pipeline=int(pipeline),
     )
     logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)  # [P - 1, V]
     chosen = jnp.take_along_axis(logprobs, tokens[1:, None], axis=-1)[:, 0]
@@ -221,8 +239,8 @@ def insert(
     # Columns past the prefix may hold an earlier request's keys: mark them empty.
     seg_row = jnp.zeros((1, max_len), jnp.int32).at[:, :plen].set(prefix.segment_ids)
     cache = {
-        "k": tuple(map(put, state.cache["k"], prefix.k)),
-        "v": tuple(map(put, state.cache["v"], prefix.v)),
+        "k": _per_layer(put, state.cache["k"], prefix.k),
+        "v": _per_layer(put, state.cache["v"], prefix.v),
         "segment_ids": put(state.cache["segment_ids"], seg_row),
         "index": state.cache["index"].at[slot].set(prefix.position),
     }
@@ -286,17 +304,18 @@ def prefill_chunk(
     seg_row = row(state.cache["segment_ids"])
     seg_row = jnp.where(start == 0, jnp.zeros_like(seg_row), seg_row)
     cache = {
-        "k": tuple(map(row, state.cache["k"])),
-        "v": tuple(map(row, state.cache["v"])),
+        "k": _per_layer(row, state.cache["k"]),
+        "v": _per_layer(row, state.cache["v"]),
         "segment_ids": seg_row,
         "index": start,
     }
     _, cache = step.forward(
-        config, params, tokens[None], positions[None], segment_ids, cache, compute_logits=False
-    )
+        config, params, tokens[None], positions[None], segment_ids, cache,
+        compute_logits=False, pipeline=int(_stacked(state)),
+    )  # fmt: skip
     new = {
-        "k": tuple(map(put, state.cache["k"], cache["k"])),
-        "v": tuple(map(put, state.cache["v"], cache["v"])),
+        "k": _per_layer(put, state.cache["k"], cache["k"]),
+        "v": _per_layer(put, state.cache["v"], cache["v"]),
         "segment_ids": put(state.cache["segment_ids"], cache["segment_ids"]),
         "index": state.cache["index"],
     }
@@ -305,9 +324,10 @@ def prefill_chunk(
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) -> SlotState:
-    """Write a cached prompt block (per-layer ``[C, H, D]`` keys and values) into
-    ``slot``'s columns ``offset .. offset + C - 1``, marked as prompt (segment 1)."""
-    size = k[0].shape[0]
+    """Write a cached prompt block (per-layer ``[C, H, D]`` keys and values, or stacked
+    ``[L, C, H, D]``) into ``slot``'s columns ``offset .. offset + C - 1``, marked as
+    prompt (segment 1)."""
+    size = k[0].shape[0] if isinstance(k, tuple | list) else k.shape[1]
 
     def put(buf, block):
         return jax.lax.dynamic_update_slice(
@@ -319,8 +339,8 @@ def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) 
     )
     cache = dict(
         state.cache,
-        k=tuple(map(put, state.cache["k"], k)),
-        v=tuple(map(put, state.cache["v"], v)),
+        k=_per_layer(put, state.cache["k"], k),
+        v=_per_layer(put, state.cache["v"], v),
         segment_ids=seg,
     )
     return state.replace(cache=cache)
@@ -329,13 +349,14 @@ def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) 
 @functools.partial(jax.jit, static_argnames=("size",))
 def get_block(state: SlotState, slot: Array, offset: Array, *, size: int) -> tuple[tuple, tuple]:
     """``slot``'s keys and values at columns ``offset .. offset + size - 1``: per-layer
-    ``[size, H, D]`` copies (to store in the prefix cache)."""
+    ``[size, H, D]`` copies, or stacked ``[L, size, H, D]`` (to store in the prefix
+    cache)."""
 
     def get(buf):
         shape = (1, size) + buf.shape[2:]
         return jax.lax.dynamic_slice(buf, (slot, offset, 0, 0), shape)[0]
 
-    return tuple(map(get, state.cache["k"])), tuple(map(get, state.cache["v"]))
+    return _per_layer(get, state.cache["k"]), _per_layer(get, state.cache["v"])
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -351,6 +372,11 @@ def release(state: SlotState, slot: Array) -> SlotState:
     return state.replace(finish=state.finish.at[slot].set(FREE))
 
 
+def _stacked(state: SlotState) -> bool:
+    """Whether the cache is the pipeline's stacked ``[L, N, S, H, D]`` layout."""
+    return not isinstance(state.cache["k"], tuple | list)
+
+
 def _slot_forward(config: ModelConfig, params, state: SlotState):
     """``step.forward`` of one token per slot, each slot writing at its own index.
 
@@ -360,26 +386,33 @@ def _slot_forward(config: ModelConfig, params, state: SlotState):
     sits at ``max_len - 2`` at most), and a slot whose prompt is being prefilled in
     chunks keeps its columns intact.
 
+    With the pipeline's stacked cache each slot goes through the stages as a pipeline of
+    one microbatch, all slots at once (vmapped).
+
     Returns ``(logits [N, V] fp32, new cache)``."""
     max_len = state.cache["segment_ids"].shape[1]
     running = state.finish == RUNNING
+    stacked = _stacked(state)
+    batch = (lambda a: a[:, None]) if stacked else (lambda t: tuple(x[None] for x in t))
+    unbatch = (lambda a: a[:, 0]) if stacked else (lambda t: tuple(x[0] for x in t))
 
     def one(last, position, k, v, segment_ids, index, live):
         cache = {
-            "k": tuple(x[None] for x in k),
-            "v": tuple(x[None] for x in v),
+            "k": batch(k),  # [L, 1, S, H, D] or per layer [1, S, H, D]
+            "v": batch(v),
             "segment_ids": segment_ids[None],
             "index": jnp.where(live, index, max_len - 1),
         }
         segment = live.astype(jnp.int32).reshape(1, 1)
         logits, cache = step.forward(
-            config, params, last.reshape(1, 1), position.reshape(1, 1), segment, cache
-        )
-        unbatch = lambda t: tuple(x[0] for x in t)  # noqa: E731
+            config, params, last.reshape(1, 1), position.reshape(1, 1), segment, cache,
+            pipeline=int(stacked),
+        )  # fmt: skip
         return logits[0], unbatch(cache["k"]), unbatch(cache["v"]), cache["segment_ids"][0]
 
     c = state.cache
-    logits, k, v, seg = jax.vmap(one)(
+    kv = 1 if stacked else 0  # the slot axis of the k/v buffers
+    logits, k, v, seg = jax.vmap(one, in_axes=(0, 0, kv, kv, 0, 0, 0), out_axes=(0, kv, kv, 0))(
         state.last, state.positions, c["k"], c["v"], c["segment_ids"], c["index"], running
     )
     return logits, {"k": k, "v": v, "segment_ids": seg, "index": c["index"]}
