@@ -4,8 +4,9 @@ One tiny model is written once per module as each kind of artifact the loader re
 Hugging Face folder, our checkpoint, a run directory, a LoRA run, int8 and int4 quantized
 checkpoints. Each entry point reads it by path, the way a user's command does (sampling's
 ``load_generator``, ``Generator(config, params, model_path)``, ``evaluate``'s perplexity,
-the lm-eval adapter ``NeoxLM``, ``embed``), and its output is compared with the same
-feature run on reference float parameters built in memory, without the loader:
+the lm-eval adapter ``NeoxLM``, ``embed``, the server's engine), and its output is
+compared with the same feature run on reference float parameters built in memory,
+without the loader:
 
 * HF folder, checkpoint, run directory: the very parameters that were written;
 * LoRA run: the base with ``W + scale * A @ B`` folded in (``finetune.lora.merge``);
@@ -162,6 +163,29 @@ def test_sampling(artifacts, kind):
     # Generator(config, params, model_path) finds the tokenizer as load_model finds weights.
     by_path = Generator(generator.config, generator.params, str(path))
     assert by_path.tokenizer.encode(TEXT) == tok.encode(TEXT)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_serving_engine(artifacts, kind):
+    """``python -m neox_jax.serve``'s loader and engine (``serve.build``, as the server
+    runs them) on each kind: greedy tokens equal the ``Generator`` on the reference."""
+    from neox_jax.serve import build
+
+    arts, _, tok = artifacts
+    path, ref_config, ref_params = arts[kind]
+    greedy = SamplingParams(max_new_tokens=6, temperature=0.0, seed=0)
+    want = reference(
+        "sample",
+        ref_params,
+        lambda: Generator(ref_config, ref_params, tok).generate(["the cat"], greedy)[0].token_ids,
+    )
+    config = _config(
+        "serve", checkpoint=str(path), num_slots=2, max_len=32, prefill_buckets=(16,),
+        warmup=False,
+    )  # fmt: skip
+    engine, _ = build(config, progress=lambda _: None)
+    [(ids, _, _)] = engine.generate([tok.encode("the cat")], greedy)
+    assert ids == want
 
 
 @pytest.mark.parametrize("kind", KINDS)
