@@ -50,4 +50,9 @@ step attention_bench 150 python3 experiments/attention_bench/bench.py --out="$OU
 step train_mfu 120 python3 experiments/train_bench/bench.py --gpu --profile \
   --out="$OUT/train_mfu.json"
 step decode 120 python3 experiments/decode_bench/bench.py --gpu --profile --out="$OUT/decode.json"
+# Opt-in (SERVING=1, about 5 more minutes): the server on pythia-1.4b, 8 requests.
+if [ -n "${SERVING:-}" ]; then
+  step serving 330 env SMOKE=1 OUT_FILE="$OUT/serving.jsonl" \
+    bash experiments/serving/run_gpu.sh pythia-1.4b
+fi
 exit $status

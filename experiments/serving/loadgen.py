@@ -11,6 +11,9 @@ Two modes, the same workload (seeded, so every mode sees the same requests):
            ``Generator.generate`` to the end. A request's first token is known only when
            its batch ends, so its TTFT is its batch's end (what a client of such a
            server would see).
+  hf       in-process ``transformers`` ``generate`` on one request at a time (PyTorch,
+           float32), the reference users compare against; a streamer times the first
+           token.
 
 Prompts are random token ids (lengths uniform in ``--prompt-len``), outputs exactly
 ``max_tokens`` (uniform in ``--output-len``) with ``ignore_eos``. Reports output
@@ -29,9 +32,11 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +75,18 @@ class Record:
     error: str | None = None
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process ``pid`` (None: this process), all threads.
+
+    On a machine shared with other jobs, wall-clock throughput depends on how much of
+    the CPU the others left; tokens per CPU-second of the serving process much less."""
+    if pid is None:
+        return time.process_time()
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summarize(mode: str, rate: float, records: list[Record], makespan: float) -> dict:
     ok = [r for r in records if r.error is None and r.done is not None]
     ttft = [r.first - r.arrival for r in ok]
@@ -105,7 +122,7 @@ async def run_server(args, rate: float) -> dict:
     work = make_workload(args, rate)
     records = [Record(arrival=a) for a in work.arrivals]
     limit = asyncio.Semaphore(args.max_in_flight)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(args.server_pid)
 
     async def one(i: int):
         await asyncio.sleep(max(0.0, start + work.arrivals[i] - time.perf_counter()))
@@ -129,18 +146,27 @@ async def run_server(args, rate: float) -> dict:
 
     await asyncio.gather(*(one(i) for i in range(len(records))))
     await client.close()
-    return summarize(f"server:{args.label}", rate, records, time.perf_counter() - start)
+    row = summarize(f"server:{args.label}", rate, records, time.perf_counter() - start)
+    return with_cpu(row, cpu_seconds(args.server_pid) - cpu)
 
 
-# ---------------------------------------------------------------------- static
-def run_static(args, rate: float, generator) -> dict:
-    from neox_jax.inference import SamplingParams
+def with_cpu(row: dict, seconds: float) -> dict:
+    """``row`` with the serving process's CPU seconds and output tokens per CPU-second."""
+    row["cpu_seconds"] = seconds
+    row["output_tokens_per_cpu_s"] = row["output_tokens_per_s"] * row["seconds"] / seconds
+    return row
 
+
+# ------------------------------------------------------------- in process
+def run_queued(args, rate: float, mode: str, batch: int, serve) -> dict:
+    """In-process baseline: arrivals are queued; whenever the model is free, up to
+    ``batch`` waiting requests go to ``serve(indices, work, records, start)``, which runs
+    them to the end and fills their records."""
     work = make_workload(args, rate)
     records = [Record(arrival=a) for a in work.arrivals]
     waiting: list[int] = []
     cond = threading.Condition()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(None)
 
     def arrivals():
         for i, a in enumerate(work.arrivals):
@@ -156,21 +182,66 @@ def run_static(args, rate: float, generator) -> dict:
         with cond:
             while not waiting:
                 cond.wait()
-            batch, waiting[:] = waiting[: args.batch], waiting[args.batch :]
+            group, waiting[:] = waiting[:batch], waiting[batch:]
+        serve(group, work, records, start)
+        served += len(group)
+    feeder.join()
+    row = summarize(mode, rate, records, time.perf_counter() - start)
+    return with_cpu(row, cpu_seconds(None) - cpu)
+
+
+def static_server(generator):
+    """Static batching: ``Generator.generate`` on the whole batch, to its end."""
+    from neox_jax.inference import SamplingParams
+
+    def serve(group, work, records, start):
         samplings = [
-            SamplingParams(max_new_tokens=work.max_tokens[i], ignore_eos=True) for i in batch
+            SamplingParams(max_new_tokens=work.max_tokens[i], ignore_eos=True) for i in group
         ]
-        generator.generate([work.prompts[i] for i in batch], samplings)
+        generator.generate([work.prompts[i] for i in group], samplings)
         end = time.perf_counter() - start
-        for i in batch:
+        for i in group:
             # No streaming: every token of the batch is known at its end.
             records[i].first = records[i].done = end
             records[i].tokens = work.max_tokens[i]
-        served += len(batch)
-    feeder.join()
-    summary = summarize(f"static:batch={args.batch}", rate, records, time.perf_counter() - start)
-    summary["tpot_p50_s"] = summary["tpot_p99_s"] = None  # not observable without streaming
-    return summary
+
+    return serve
+
+
+class _FirstToken:
+    """A ``transformers`` streamer that notes when the first new token exists: ``put``
+    is called once with the prompt, then once per generated token."""
+
+    def __init__(self, record: Record, start: float):
+        self.record, self.start, self.calls = record, start, 0
+
+    def put(self, value) -> None:
+        self.calls += 1
+        if self.calls == 2:
+            self.record.first = time.perf_counter() - self.start
+
+    def end(self) -> None:
+        pass
+
+
+def hf_server(model):
+    """``transformers``' ``generate`` on one request at a time, greedy, exact length."""
+    import torch
+
+    def serve(group, work, records, start):
+        for i in group:
+            ids = torch.tensor([work.prompts[i]])
+            n = work.max_tokens[i]
+            with torch.inference_mode():
+                out = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                    max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                    streamer=_FirstToken(records[i], start),
+                )  # fmt: skip
+            records[i].done = time.perf_counter() - start
+            records[i].tokens = out.shape[1] - ids.shape[1]
+
+    return serve
 
 
 def warm_up(generator, args) -> None:
@@ -193,7 +264,7 @@ def warm_up(generator, args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=("server", "static"))
+    p.add_argument("mode", choices=("server", "static", "hf"))
     p.add_argument("--rates", default="1,2,4,8", help="requests per second, comma-separated")
     p.add_argument("--requests", type=int, default=200, help="requests per rate (bounded)")
     p.add_argument("--prompt-len", type=lambda s: tuple(map(int, s.split(","))), default=(32, 512))
@@ -207,27 +278,49 @@ def main(argv=None) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     p.add_argument("--model", default="")
     p.add_argument("--label", default="continuous", help="names the server's setup in the output")
+    p.add_argument(
+        "--server-pid", type=int, default=None, help="server mode: count this process's CPU time"
+    )
     p.add_argument("--max-in-flight", type=int, default=256, help="client-side bound")
     p.add_argument("--timeout", type=float, default=600.0)
-    p.add_argument("--checkpoint", default="", help="static mode: the model to load")
+    p.add_argument("--checkpoint", default="", help="static / hf modes: the model to load")
     p.add_argument("--batch", type=int, default=16, help="static mode: batch size")
+    p.add_argument("--dtype", default="", help="static mode: compute dtype (as the server's)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="static mode: devices")
     args = p.parse_args(argv)
-    generator = None
     if args.mode == "static":
         from neox_jax.inference import Generator, bucket_length
-        from neox_jax.loading import load_model
+        from neox_jax.inference.cli import inference_mesh
+        from neox_jax.loading import load_model_and_tokenizer
 
-        config, params = load_model(args.checkpoint)
+        mesh = inference_mesh(args.tensor_parallel, 1)
+        config, params, _ = load_model_and_tokenizer(
+            args.checkpoint, dtype=args.dtype or None, mesh=mesh
+        )
         # One cache size for every batch, room for the longest prompt's bucket: the
         # prompt buckets are then the only shapes (all compiled by warm_up).
         cache = bucket_length(args.prompt_len[1] + args.shared_prefix) + args.output_len[1]
-        generator = Generator(config, params, max_cache_len=cache, max_batch_size=args.batch)
+        generator = Generator(
+            config, params, max_cache_len=cache, max_batch_size=args.batch, mesh=mesh
+        )
         warm_up(generator, args)
+        mode, batch, serve = f"static:batch={args.batch}", args.batch, static_server(generator)
+    elif args.mode == "hf":
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint)
+        model.eval()
+        serve = hf_server(model)
+        serve([0], make_workload(args, 1.0), [Record(0.0)], 0.0)  # warm up, untimed
+        mode, batch = "transformers:one-at-a-time", 1
     for rate in (float(r) for r in args.rates.split(",")):
         if args.mode == "server":
             row = asyncio.run(run_server(args, rate))
         else:
-            row = run_static(args, rate, generator)
+            row = run_queued(args, rate, mode, batch, serve)
+            if args.mode == "static":
+                row["tpot_p50_s"] = row["tpot_p99_s"] = None  # not observable unstreamed
+        row["load_average"] = os.getloadavg()  # the machine's load (1, 5, 15 min) at the end
         line = json.dumps(row)
         print(line, flush=True)
         if args.out:
