@@ -68,6 +68,31 @@ LAYOUTS = {
         "neox-175b", "v5p:8x8x8",
         {"mesh.fsdp": -1, "mesh.tensor": 4, "batch": 1536, "train.microbatches": 3},
     ),
+    # Qwen3-235B-A22B (94 layers, 128 experts of width 1536, top 8) on v5p-256 at one
+    # 4096-token row per chip (Qwen3's first pretraining stage used 4096-token
+    # sequences, Qwen3 technical report section 3.2): expert x fsdp (x tensor) layouts,
+    # dropless and capacity-bounded dispatch, and no expert axis at all.
+    "235b-v5p-256-expert16-fsdp16-dots": (
+        "qwen3-235b-a22b", "v5p:8x8x4",
+        {"mesh.fsdp": -1, "mesh.expert": 16, "batch": 256, "data.seq_len": 4096},
+    ),
+    "235b-v5p-256-expert16-fsdp16-capacity": (
+        "qwen3-235b-a22b", "v5p:8x8x4",
+        {"mesh.fsdp": -1, "mesh.expert": 16, "batch": 256, "data.seq_len": 4096,
+         "model.moe_impl": "capacity"},
+    ),
+    "235b-v5p-256-expert8-fsdp32-dots": (
+        "qwen3-235b-a22b", "v5p:8x8x4",
+        {"mesh.fsdp": -1, "mesh.expert": 8, "batch": 256, "data.seq_len": 4096},
+    ),
+    "235b-v5p-256-expert8-fsdp8-tp4-dots": (
+        "qwen3-235b-a22b", "v5p:8x8x4",
+        {"mesh.fsdp": -1, "mesh.expert": 8, "mesh.tensor": 4, "batch": 256,
+         "data.seq_len": 4096},
+    ),
+    "235b-v5p-256-fsdp256-dots": (
+        "qwen3-235b-a22b", "v5p:8x8x4", {"mesh.fsdp": -1, "batch": 256, "data.seq_len": 4096}
+    ),
     # attention_impl="pallas" against "xla" on a model small enough to compile in a few
     # minutes here: one 2048-token row per chip of a v5e-4, the flash kernels
     # (Mosaic) in place of the [heads, T, T] scores.
@@ -163,10 +188,14 @@ def table(results: dict) -> str:
         else:
             total_text = "-" if total is None else f"{total:.2f}"
         xla = r.get("xla_flops_per_device")
+        k = r.get("microbatches", 1)
+        mb = f" ({k} microbatches)" if k > 1 else ""
+        if r.get("moe_impl"):
+            mb += f", {r['moe_impl']} experts"
         temp = "-" if r.get("temp_gib") is None else f"{r['temp_gib']:.2f}"
         rows.append(
             f"| {name} | {r.get('preset')} | {r.get('topology', '')} ({r.get('devices', '')}) "
-            f"| {mesh} | {r.get('global_batch_size', '')} x {r.get('seq_len', '')} "
+            f"| {mesh} | {r.get('global_batch_size', '')} x {r.get('seq_len', '')}{mb} "
             f"| {r.get('remat', '')} | {r.get('attention_impl', 'xla')} "
             f"| {r.get('state_gib', float('nan')):.2f} | {temp} | {total_text} "
             f"| {r.get('hbm_gib', float('nan')):.2f} | {r.get('fits')} "
