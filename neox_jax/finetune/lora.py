@@ -22,7 +22,11 @@ Target names follow PEFT's module names for ``GPTNeoXForCausalLM``, where ``dens
 ``attention.dense`` (PEFT matches a name as a suffix after a dot, and the MLP layers are
 ``dense_h_to_4h`` / ``dense_4h_to_h``), and for the Llama/Mistral/Qwen classes
 (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``,
-``down_proj``; see ``model_targets``).
+``down_proj``; see ``model_targets``). A mixture of experts adapts its experts with
+``experts.gate_proj``, ``experts.up_proj`` and ``experts.down_proj``: one adapter per
+expert, ``lora_a [L, X, in, r]`` and ``lora_b [L, X, r, out]`` under
+``layers/moe/experts/<name>`` (``neox_jax.model.moe.ExpertKernel`` applies them inside
+the grouped matmuls; adapter dropout is not implemented there).
 """
 
 from __future__ import annotations
@@ -55,7 +59,12 @@ TARGETS = {
     "gate_proj": ("mlp", "gate_proj"),
     "up_proj": ("mlp", "up_proj"),
     "down_proj": ("mlp", "down_proj"),
+    # Every expert of a mixture of experts (transformers' mlp.experts.{j}.gate_proj ...).
+    "experts.gate_proj": ("moe", "experts", "gate_proj"),
+    "experts.up_proj": ("moe", "experts", "up_proj"),
+    "experts.down_proj": ("moe", "experts", "down_proj"),
 }
+EXPERT_TARGETS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
 INITS = ("kaiming", "gaussian")
 
 
@@ -125,7 +134,8 @@ def canonical_target(name: str) -> str:
     raise LoraError(
         f"LoRA target {name!r} matches no linear layer; valid targets: "
         f"{', '.join(list(TARGETS)[:4])} (GPT-NeoX; dense is attention.dense); "
-        f"{', '.join(list(TARGETS)[4:])} (Llama/Mistral/Qwen)."
+        f"{', '.join(list(TARGETS)[4:11])} (Llama/Mistral/Qwen); "
+        f"{', '.join(EXPERT_TARGETS)} (mixture-of-experts models)."
     )
 
 
@@ -135,7 +145,28 @@ def model_targets(config: ModelConfig) -> tuple[str, ...]:
     neox = config.model_type == "gpt_neox"
     attn = ("query_key_value",) if config.fused_qkv else ("q_proj", "k_proj", "v_proj")
     mlp = ("gate_proj", "up_proj", "down_proj") if config.gated_mlp else TARGETS_NEOX_MLP
+    if config.is_moe:  # the experts (a mixed stack's few dense MLPs are not offered)
+        mlp = EXPERT_TARGETS
     return (*attn, "dense" if neox else "o_proj", *mlp)
+
+
+def _node(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _with_node(tree: dict, path, fn) -> dict:
+    """A copy of ``tree`` (dicts copied along ``path`` only) with ``fn(node)`` at ``path``."""
+    if not path:
+        return fn(tree)
+    return {**tree, path[0]: _with_node(tree[path[0]], path[1:], fn)}
+
+
+def _set_node(tree: dict, path, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
 
 
 TARGETS_NEOX_MLP = ("dense_h_to_4h", "dense_4h_to_h")
@@ -152,13 +183,17 @@ def target_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int,
             f"LoRA targets {wrong} are not layers of this {config.model_type} model; its "
             f"targets are {', '.join(valid)}."
         )
+    if lora.dropout > 0 and set(lora.targets) & set(EXPERT_TARGETS):
+        raise LoraError(
+            f"lora.dropout={lora.dropout} is not implemented for the expert targets "
+            f"{', '.join(EXPERT_TARGETS)}; set lora.dropout=0 or adapt other layers."
+        )
     out = {}
     for t in lora.targets:
-        group, name = TARGETS[t]
-        d_in, d_out = kernels[group][name]["kernel"].shape[1:]
+        d_in, d_out = _node(kernels, TARGETS[t])["kernel"].shape[-2:]
         if lora.rank > min(d_in, d_out):
             raise LoraError(
-                f"lora.rank={lora.rank} exceeds the smaller side of {group}.{name} "
+                f"lora.rank={lora.rank} exceeds the smaller side of {'.'.join(TARGETS[t])} "
                 f"([{d_in}, {d_out}]); a rank above min(in, out) adds parameters but no "
                 f"expressiveness. Use lora.rank <= {min(d_in, d_out)}."
             )
@@ -169,20 +204,26 @@ def target_shapes(config: ModelConfig, lora: LoraConfig) -> dict[str, tuple[int,
 # ------------------------------------------------------------------ parameters
 def init_adapters(config: ModelConfig, lora: LoraConfig, rng: Array) -> dict[str, Any]:
     """Fresh adapters: A as PEFT initialises it, B = 0 (so the model starts as the base)."""
-    layers = config.num_hidden_layers
     tree: dict[str, Any] = {}
     for i, (t, (d_in, d_out)) in enumerate(target_shapes(config, lora).items()):
         key = jax.random.fold_in(rng, i)
+        lead = _lead(config, t)  # [L] or, per expert, [L, X]
         if lora.init == "kaiming":
             # torch kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in]: bound 1/sqrt(in).
             bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(key, (layers, d_in, lora.rank), jnp.float32, -bound, bound)
+            a = jax.random.uniform(key, (*lead, d_in, lora.rank), jnp.float32, -bound, bound)
         else:
-            a = jax.random.normal(key, (layers, d_in, lora.rank), jnp.float32) / lora.rank
-        b = jnp.zeros((layers, lora.rank, d_out), jnp.float32)
-        group, name = TARGETS[t]
-        tree.setdefault(group, {})[name] = {"lora_a": a, "lora_b": b}
+            a = jax.random.normal(key, (*lead, d_in, lora.rank), jnp.float32) / lora.rank
+        b = jnp.zeros((*lead, lora.rank, d_out), jnp.float32)
+        _set_node(tree, TARGETS[t], {"lora_a": a, "lora_b": b})
     return {"layers": tree}
+
+
+def _lead(config: ModelConfig, target: str) -> tuple[int, ...]:
+    """The stacked axes in front of a target's ``[in, out]`` kernel: layers (and experts)."""
+    if target in EXPERT_TARGETS:
+        return (config.num_hidden_layers, config.num_experts)
+    return (config.num_hidden_layers,)
 
 
 def abstract_adapters(config: ModelConfig, lora: LoraConfig) -> dict[str, Any]:
@@ -195,12 +236,12 @@ def adapter_logical_axes(config: ModelConfig, lora: LoraConfig) -> dict[str, Any
     kernel_axes = param_logical_axes(config)["layers"]
     tree: dict[str, Any] = {}
     for t in lora.targets:
-        group, name = TARGETS[t]
-        layer_ax, in_ax, out_ax = tuple(kernel_axes[group][name]["kernel"])
-        tree.setdefault(group, {})[name] = {
-            "lora_a": PartitionSpec(layer_ax, in_ax, axes.RANK),
-            "lora_b": PartitionSpec(layer_ax, axes.RANK, out_ax),
+        *lead, in_ax, out_ax = tuple(_node(kernel_axes, TARGETS[t])["kernel"])
+        specs = {
+            "lora_a": PartitionSpec(*lead, in_ax, axes.RANK),
+            "lora_b": PartitionSpec(*lead, axes.RANK, out_ax),
         }
+        _set_node(tree, TARGETS[t], specs)
     return {"layers": tree}
 
 
@@ -245,18 +286,12 @@ def attach(base: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> 
     Returns:
       A parameter tree for ``GPTNeoX.apply``.
     """
-    out = dict(base)
-    layers = dict(base["layers"])
+    layers = base["layers"]
     for t in lora.targets:
-        group, name = TARGETS[t]
-        ad = adapters["layers"][group][name]
-        layers[group] = dict(layers[group])
-        layers[group][name] = {
-            **layers[group][name],
-            "lora": LoraAdapter(ad["lora_a"], ad["lora_b"], lora.scale, lora.dropout),
-        }
-    out["layers"] = layers
-    return out
+        ad = _node(adapters["layers"], TARGETS[t])
+        adapter = LoraAdapter(ad["lora_a"], ad["lora_b"], lora.scale, lora.dropout)
+        layers = _with_node(layers, TARGETS[t], lambda node, a=adapter: {**node, "lora": a})
+    return {**base, "layers": layers}
 
 
 def lora_apply_fn(config: ModelConfig, lora: LoraConfig, *, deterministic: bool = False):
@@ -293,16 +328,20 @@ def merge(base: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> d
       ``save_hf`` or the ``Generator``.
     """
     out = attach(base, adapters, lora)  # copies the dicts along the way
-    for t in lora.targets:
-        group, name = TARGETS[t]
-        node = dict(out["layers"][group][name])
+
+    def fold(node):
+        node = dict(node)
         adapter = node.pop("lora")
         kernel = node["kernel"]
         if hasattr(kernel, "dequantize"):
             kernel = kernel.dequantize(jnp.float32)
-        delta = jnp.einsum("lir,lro->lio", adapter.a, adapter.b, precision="highest")
+        delta = jnp.einsum("...ir,...ro->...io", adapter.a, adapter.b, precision="highest")
         node["kernel"] = (kernel.astype(jnp.float32) + lora.scale * delta).astype(
             jnp.dtype(kernel.dtype)
         )
-        out["layers"][group][name] = node
-    return out
+        return node
+
+    layers = out["layers"]
+    for t in lora.targets:
+        layers = _with_node(layers, TARGETS[t], fold)
+    return {**out, "layers": layers}

@@ -33,6 +33,7 @@ from safetensors.numpy import load_file, save_file
 from neox_jax.atomic import atomic_directory
 from neox_jax.errors import load_json
 from neox_jax.finetune.lora import (
+    EXPERT_TARGETS,
     TARGETS,
     LoraConfig,
     LoraError,
@@ -90,6 +91,13 @@ def save_peft_adapter(
       The absolute path written.
     """
     path = Path(path).absolute()
+    experts = [t for t in lora.targets if t in EXPERT_TARGETS]
+    if experts:
+        raise LoraError(
+            f"LoRA targets {experts} adapt every expert separately; PEFT has no module for "
+            "them (transformers holds the experts as fused parameters). Nothing was written; "
+            "merge the adapters (neox_jax.finetune.lora.merge) and save_hf the model instead."
+        )
     expected = abstract_adapters(config, lora)
     bad = shape_mismatches(adapters, expected)
     if bad:  # numpy would index past a short layer stack; a wrong rank is written as is

@@ -21,15 +21,20 @@ BLOCK_KERNELS = (
 )
 
 
-def block_kernels(config: ModelConfig) -> tuple[tuple[str, str], ...]:
+def block_kernels(config: ModelConfig) -> tuple[tuple[str, ...], ...]:
     """The Linear kernels of one block of ``config``, in the block's order: GPT-NeoX's,
-    or separate q/k/v projections and the gated MLP as the family options choose."""
+    or separate q/k/v projections and the gated MLP as the family options choose; a
+    mixture of experts' stacked expert kernels ``[X, in, out]`` (each expert quantized
+    on its own groups) and, in a mixed stack, the dense MLP too."""
     attn = (("attention", "query_key_value"),)
     if not config.fused_qkv:
         attn = tuple(("attention", n) for n in ("q_proj", "k_proj", "v_proj"))
     mlp = BLOCK_KERNELS[2:]
     if config.gated_mlp:
         mlp = tuple(("mlp", n) for n in ("gate_proj", "up_proj", "down_proj"))
+    if config.is_moe:
+        experts = tuple(("moe", "experts", n) for n in ("gate_proj", "up_proj", "down_proj"))
+        mlp = (*mlp, *experts) if config.mixed_mlp else experts
     return (*attn, ("attention", "dense"), *mlp)
 
 

@@ -64,6 +64,11 @@ def quantize_params(
     """
     check_float_params(config, params, qconfig)
     if qconfig.method == "gptq":
+        if config.is_moe:
+            raise QuantizationError(
+                "method='gptq' does not support mixture-of-experts models yet (each expert "
+                "needs the statistics of the tokens routed to it); use method='rtn'."
+            )
         if calibration is None:
             raise QuantizationError(
                 "method='gptq' needs calibration tokens (--calibration=<text file or "
