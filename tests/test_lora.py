@@ -218,7 +218,7 @@ import numpy as np
 config = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                      intermediate_size=64)
 lora = LoraConfig(targets="query_key_value,dense,dense_h_to_4h,dense_4h_to_h", rank=4)
-mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 1, 2, 2), AXES)
+mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(1, 1, 2, 1, 2), AXES)  # expert = 1
 _, sh = abstract_train_state(optax.adam(1e-3), abstract_adapters(config, lora),
     adapter_logical_axes(config, lora), mesh, abstract_frozen=abstract_params(config),
     frozen_specs=param_logical_axes(config))

@@ -99,3 +99,20 @@ def test_trainer_logs_expert_load(tmp_path):
     train_rows = [r for r in rows if r["split"] == "train"]
     assert all("moe/aux_loss" in r and "moe/dropped" in r for r in train_rows)
     assert all(r["moe/max_load"] >= 1.0 >= r["moe/min_load"] for r in train_rows)
+
+
+def test_pipeline_refuses_router_losses_it_would_drop():
+    import pytest
+
+    from neox_jax.errors import UserError
+    from neox_jax.model import ModelConfig
+    from neox_jax.training.step import pipeline_apply_fn
+
+    config = ModelConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=48, gated_mlp=True, mlp_bias=False, num_experts=4,
+        router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    with pytest.raises(UserError, match="router losses would be silently missing"):
+        pipeline_apply_fn(config, 2)
+    pipeline_apply_fn(config.replace(router_aux_loss_coef=0.0), 2)  # no losses: allowed

@@ -55,6 +55,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from neox_jax.errors import UserError
 from neox_jax.model import axes, expert_parallel
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.layers import MLP, Block, Linear, activation, small_init, wang_init
@@ -390,10 +391,11 @@ class MoEBlock(Block):
         if not cfg.mixed_mlp:
             return moe()
         dense = functools.partial(MLP(cfg, name="mlp"), h)
-        if sparse is None:
-            raise ValueError(
-                f"Layers {cfg.sparse_layers} of {cfg.num_hidden_layers} are sparse: the "
-                "block needs to know whether its layer is one (pass its index)."
+        if sparse is None:  # block_fn without a layer index: the pipeline
+            raise UserError(
+                f"Only layers {list(cfg.sparse_layers)} of {cfg.num_hidden_layers} are "
+                "sparse; the pipeline runs one block function for every layer and cannot "
+                "mix dense and sparse ones yet. Run without the pipeline."
             )
         if isinstance(sparse, bool):
             return moe() if sparse else dense()

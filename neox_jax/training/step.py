@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from neox_jax.errors import UserError
 from neox_jax.model import (
     GPTNeoX,
     ModelConfig,
@@ -121,6 +122,12 @@ def pipeline_apply(
 
 def pipeline_apply_fn(config: ModelConfig, microbatches: int) -> ApplyFn:
     """The apply function of pipelined (pre)training (a config switch)."""
+    if config.is_moe and (config.router_aux_loss_coef or config.router_z_loss_coef):
+        raise UserError(
+            "The pipeline does not collect a mixture of experts' router statistics, so its "
+            "router losses would be silently missing: set model.router_aux_loss_coef=0 and "
+            "model.router_z_loss_coef=0, or train.pipeline_microbatches=0."
+        )
 
     def apply(params, frozen, inputs, positions, segment_ids, rng):
         del frozen, rng
