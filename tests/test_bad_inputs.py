@@ -379,6 +379,11 @@ CASES = _generic_cases() + [
      "exceeds the model's context of 2048", "new"),
     ("train", [*TINY_RUN, "--config.optimizer.warmup_steps=-2"], 2,
      "warmup_steps=-2 must be a whole number >= -1", "new"),
+    ("train", [*TINY_RUN, "--config.model.num_experts=4", "--config.model.num_experts_per_tok=5",
+               "--config.model.gated_mlp=True", "--config.model.mlp_bias=False"], 2,
+     "num_experts_per_tok (5) exceeds num_experts (4)", "new"),
+    ("train", [*TINY_RUN, "--config.model.capacity_factor=0.0"], 2,
+     "capacity_factor must be > 0", "new"),
     # --- sweep: its own config, checked before any run starts or anything is written
     ("sweep", [*SWEEP_RUN, "--config.grid="], 2, "the grid is empty", "new"),
     ("sweep", [*SWEEP_RUN, "--config.grid=optimizer.lr=loguniform(1e-4,1e-2)"], 2,
