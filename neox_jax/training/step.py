@@ -175,7 +175,10 @@ def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def _sum_loss(params, frozen, batch, rng, apply_fn: ApplyFn, router_loss: bool = True):
     """``(summed loss, (token count, router metrics))``; router metrics are {} for dense
     models. A mixture of experts adds its router loss once per token (so the mean loss
-    is the cross entropy plus the router loss) unless ``router_loss`` is False."""
+    is the cross entropy plus the router loss) unless ``router_loss`` is False. The
+    load-balancing loss is a product of batch means, so with gradient accumulation it is
+    computed per microbatch (as transformers computes it per forward pass) and weighted
+    by tokens: close to, not equal to, the full batch's."""
     inputs, targets, weights, positions, segment_ids = split_batch(batch)
     out = apply_fn(params, frozen, inputs, positions, segment_ids, rng)
     out, terms = out if isinstance(out, tuple) else (out, {})
