@@ -21,7 +21,6 @@ import transformers
 from helpers.hf_reference import assert_logits_close, hf_logits
 
 from neox_jax.convert import ConversionError, config_from_hf, load_hf, save_hf
-from neox_jax.errors import UserError
 from neox_jax.inference import SamplingParams
 from neox_jax.inference.generate import left_pad
 from neox_jax.inference.generator import Generator
@@ -290,18 +289,6 @@ def test_bad_configs_are_refused(hf, match):
     )  # fmt: skip
     with pytest.raises(ValueError, match=match):
         config_from_hf({**base, **hf})
-
-
-def test_pallas_refuses_grouped_kv_heads_and_windows():
-    config = config_from_hf(
-        dict(model_type="mistral", vocab_size=96, hidden_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, intermediate_size=112,
-             sliding_window=None)
-    )  # fmt: skip
-    with pytest.raises(UserError, match="grouped-query"):
-        config.replace(attention_impl="pallas")
-    with pytest.raises(UserError, match="sliding_window"):
-        config.replace(num_key_value_heads=None, sliding_window=8, attention_impl="pallas")
 
 
 def test_load_refuses_tensors_that_do_not_match(tmp_path):

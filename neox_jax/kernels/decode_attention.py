@@ -56,6 +56,8 @@ class _Plan:
     parts: tuple  # (start, size) column chunks, each a power of two on GPU
     block_k: int  # slots per inner loop step
     n_splits: int  # programs per (batch row, group), each a share of the cache blocks
+    q_per_kv: int = 1  # query heads per K/V head (grouped-query attention)
+    window: int | None = None  # sliding window: slots > length - 1 - window are seen
 
 
 def _column_parts(width, target):
@@ -131,6 +133,8 @@ def _decode_kernel(len_ref, q_ref, k_ref, v_ref, seg_ref, o_ref, m_ref, l_ref, *
         s = sum(_mm(qp, kp, ((1,), (1,))) for qp, kp in pairs) * plan.scale  # [rows, bk]
         slot_row = block * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
         mask = (seg_ref[:, slots] != 0) & (slot_row < length)  # [1, bk]
+        if plan.window is not None:  # the new token sits at slot length - 1
+            mask &= slot_row > length - 1 - plan.window
         s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
@@ -210,12 +214,16 @@ def _call(plan, q_rows, k, v, seg, length):
 
 
 def _embed_queries(q, plan):
-    """[batch, heads, d] -> [batch, groups, rows, group * d], head r in row r, cols r*d:(r+1)*d."""
+    """[batch, heads, d] -> [batch, groups, rows, group * d]: the ``q_per_kv`` query heads
+    of K/V head ``r`` of a group in rows ``r * q_per_kv ...``, in columns r*d:(r+1)*d
+    (so grouped heads read their shared K/V once, never repeated)."""
     batch, heads, head_dim = q.shape
-    g = plan.group
-    q = q.reshape(batch, heads // g, g, 1, head_dim) * jnp.eye(g, dtype=q.dtype)[:, :, None]
-    q = q.reshape(batch, heads // g, g, g * head_dim)
-    return jnp.pad(q, ((0, 0), (0, 0), (0, plan.rows - g), (0, 0)))
+    g, n = plan.group, plan.q_per_kv
+    groups = heads // (g * n)
+    eye = jnp.eye(g, dtype=q.dtype)[:, None, :, None]  # [r, 1, c, 1]
+    q = q.reshape(batch, groups, g, n, 1, head_dim) * eye  # [b, groups, r, s, c, d]
+    q = q.reshape(batch, groups, g * n, g * head_dim)
+    return jnp.pad(q, ((0, 0), (0, 0), (0, plan.rows - g * n), (0, 0)))
 
 
 def _combine(o, m, row_sum, plan, heads, head_dim, dtype):
@@ -225,20 +233,23 @@ def _combine(o, m, row_sum, plan, heads, head_dim, dtype):
     denom = jnp.sum(alpha * row_sum, axis=2)
     # A row with no visible slot (an empty batch row) has denom 0: return zeros there.
     out = jnp.sum(alpha * o, axis=2) / jnp.where(denom == 0.0, 1.0, denom)
-    g = plan.group
-    out = out[:, :, :g].reshape(o.shape[0], heads // g, g, g, head_dim)
-    return jnp.einsum("bgrrd->bgrd", out).reshape(o.shape[0], heads, head_dim).astype(dtype)
+    g, n = plan.group, plan.q_per_kv
+    out = out[:, :, : g * n].reshape(o.shape[0], heads // (g * n), g, n, g, head_dim)
+    out = jnp.einsum("bgrsrd->bgrsd", out)  # each query head's own K/V head's columns
+    return out.reshape(o.shape[0], heads, head_dim).astype(dtype)
 
 
 def decode_attention(
     q, k_cache, v_cache, kv_segment_ids, *, length=None, scale=None, block_k=None,
-    kernel_target="auto",
+    kernel_target="auto", window=None,
 ):  # fmt: skip
     """Attention of one new token per row over a KV cache (split-K flash decoding).
 
     Args:
       q: ``[batch, heads, head_dim]``; the token's own key/value are already cached.
-      k_cache, v_cache: ``[batch, cache_len, heads, head_dim]``.
+      k_cache, v_cache: ``[batch, cache_len, kv_heads, head_dim]``; ``kv_heads`` divides
+        ``heads`` and query head ``h`` reads K/V head ``h // (heads / kv_heads)``
+        (grouped-query attention: a program scores all of a K/V head's queries at once).
       kv_segment_ids: ``[batch, cache_len]`` int; 0 masks a slot (left padding, or not
         yet written), any other value is visible.
       length: optional int32 scalar; slots at or beyond it are never read (their
@@ -249,6 +260,8 @@ def decode_attention(
       kernel_target: "auto" (Mosaic when lowered for TPU, Triton for GPU, the
         interpreter for CPU; see ``neox_jax.kernels.target``), or "tpu", "gpu",
         "interpret" to force one.
+      window: sliding window: the new token (slot ``length - 1``) sees only slots
+        ``> length - 1 - window``. None: every slot below ``length``.
 
     Returns:
       ``[batch, heads, head_dim]`` in ``q.dtype``, equal to
@@ -257,15 +270,18 @@ def decode_attention(
       zeros (the reference would average the whole cache, unwritten slots included).
     """
     decode = lambda layout, interpret, q, k, v, seg, length: _decode(  # noqa: E731
-        q, k, v, seg, length, scale, block_k, layout, interpret
+        q, k, v, seg, length, scale, block_k, layout, interpret, window
     )
     return dispatch(kernel_target, decode, q, k_cache, v_cache, kv_segment_ids, length)
 
 
-def _decode(q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret):
+def _decode(
+    q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret, window=None
+):
     """decode_attention for an explicit target layout ("gpu" or "tpu"); tests use both."""
-    batch, cache_len, heads, head_dim = k_cache.shape
-    if q.shape != (batch, heads, head_dim) or v_cache.shape != k_cache.shape:
+    batch, cache_len, kv_heads, head_dim = k_cache.shape
+    heads = q.shape[1]
+    if q.shape != (batch, heads, head_dim) or heads % kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"shapes: q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}")
     if kv_segment_ids.shape != (batch, cache_len):
         raise ValueError(f"kv_segment_ids must be {(batch, cache_len)}, got {kv_segment_ids.shape}")
@@ -281,21 +297,24 @@ def _decode(q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target,
         )
         kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, pad)))
     padded_len = k_cache.shape[1]
-    group = _head_group(heads, head_dim, target)
-    n_splits = _num_splits(padded_len // bk, batch * heads // group, target)
+    group = _head_group(kv_heads, head_dim, target)  # K/V heads per program
+    q_per_kv = heads // kv_heads
+    n_splits = _num_splits(padded_len // bk, batch * kv_heads // group, target)
     plan = _Plan(
         target=target,
         interpret=interpret,
         scale=float(head_dim**-0.5 if scale is None else scale),
         group=group,
-        rows=max(_MIN_ROWS[target], -(-group // 8) * 8),
+        rows=max(_MIN_ROWS[target], -(-(group * q_per_kv) // 8) * 8),
         width=group * head_dim,
         parts=_column_parts(group * head_dim, target),
         block_k=bk,
         n_splits=n_splits,
+        q_per_kv=q_per_kv,
+        window=None if window is None else int(window),
     )
     limit = cache_len if length is None else jnp.minimum(jnp.asarray(length, jnp.int32), cache_len)
-    flat = lambda x: x.reshape(batch, padded_len, heads * head_dim)  # free: heads are minor
+    flat = lambda x: x.reshape(batch, padded_len, kv_heads * head_dim)  # free: heads minor
     o, m, row_sum = _call(
         plan,
         _embed_queries(q, plan),

@@ -69,6 +69,7 @@ class _Layout:
 
     target: str  # "gpu" or "tpu"
     reverse: bool = False
+    groups: int = 1  # query heads per K/V head (grouped-query attention)
 
     def to_kernel(self, x):  # [b, l, h, d] <-> kernel layout (a swap: its own inverse)
         return x if self.target == "gpu" else jnp.swapaxes(x, 1, 2)
@@ -87,12 +88,16 @@ class _Layout:
     def spec(self, kind, rows, blocks, dp=None, tiled=True):
         """BlockSpec for one operand; ``tiled`` follows the grid's block, else a whole slab.
 
-        kinds: "seq" q/k/v/o/grads, "stat" [b, h, l, 1] lse/delta, "qseg" [b, l, 1],
-        "kvseg" [b, 1, l] (segment ids as a column and as a row, so the kernels compare
-        them by broadcasting without a transpose).
+        kinds: "seq" q/o/grads, "kv" k/v (query head ``h`` reads K/V head
+        ``h // groups``: grouped heads share one K/V, never repeated in memory), "stat"
+        [b, h, l, 1] lse/delta, "qseg" [b, l, 1], "kvseg" [b, 1, l] (segment ids as a
+        column and as a row, so the kernels compare them by broadcasting without a
+        transpose).
         """
+        seq = (None, rows, None, dp) if self.target == "gpu" else (None, None, rows, dp)
         shapes = {
-            "seq": (None, rows, None, dp) if self.target == "gpu" else (None, None, rows, dp),
+            "seq": seq,
+            "kv": seq,
             "stat": (None, None, rows, 1),
             "qseg": (None, rows, 1),
             "kvseg": (None, 1, rows),
@@ -101,8 +106,10 @@ class _Layout:
         def index_map(*ids):
             b, h, i = self.split(ids, blocks)
             i = i if tiled else 0
+            kv_h = h // self.groups
             return {
                 "seq": (b, i, h, 0) if self.target == "gpu" else (b, h, i, 0),
+                "kv": (b, i, kv_h, 0) if self.target == "gpu" else (b, kv_h, i, 0),
                 "stat": (b, h, i, 0),
                 "qseg": (b, i, 0),
                 "kvseg": (b, 0, i),
@@ -124,6 +131,7 @@ class _Config:
     bwd_block_k: int
     interpret: bool
     has_segments: bool
+    window: int | None = None  # sliding window: keys at slots > query slot - window
 
 
 def _compiler_params(cfg, head_dim):
@@ -159,11 +167,12 @@ def _rows(start, size):
     return pl.ds(pl.multiple_of(start, size), size)
 
 
-def _block_mask(q_seg, kv_seg, q_start, k_start, shape, causal):
+def _block_mask(q_seg, kv_seg, q_start, k_start, shape, causal, window=None):
     """[block_q, block_k] bool (True = attend) or None when nothing is masked.
 
     Same rule as ``reference.make_attention_mask``: equal non-zero segment ids and,
-    when causal, key slot <= query slot. Padded slots carry segment id 0.
+    when causal, key slot <= query slot (and, with a sliding ``window``, key slot >
+    query slot - window, as ``model.grouped.window_mask``). Padded slots carry segment id 0.
     """
     mask = None
     if q_seg is not None:
@@ -171,7 +180,10 @@ def _block_mask(q_seg, kv_seg, q_start, k_start, shape, causal):
     if causal:
         q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
         k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-        mask = q_pos >= k_pos if mask is None else mask & (q_pos >= k_pos)
+        visible = q_pos >= k_pos
+        if window is not None:
+            visible &= k_pos > q_pos - window
+        mask = visible if mask is None else mask & visible
     return mask
 
 
@@ -191,10 +203,23 @@ def _causal_ranges(i, rows_block, cols_block, n_cols, rows_are_queries):
     return start, jnp.minimum(full, n_cols), n_cols
 
 
+def _window_range(i, rows_block, cols_block, n_cols, rows_are_queries, window):
+    """[lo, hi): the other side's blocks that hold a visible pair under a sliding window
+    (query q sees keys q - window < k <= q); the rest are skipped."""
+    if rows_are_queries:  # keys in (i * bq - window, (i + 1) * bq - 1]
+        lo = lax.div(jnp.maximum(i * rows_block - window + 1, 0), cols_block)
+        return lo, jnp.minimum(lax.div((i + 1) * rows_block - 1, cols_block) + 1, n_cols)
+    lo = lax.div(i * rows_block, cols_block)  # queries in [j * bk, (j + 1) * bk + window - 2]
+    return lo, jnp.minimum(lax.div((i + 1) * rows_block + window - 2, cols_block) + 1, n_cols)
+
+
 def _run_loops(body, carry, cfg, i, rows_block, cols_block, n_cols, rows_are_queries):
     """fori_loop(s) of ``body(j, carry, causal)`` over the visible blocks."""
     if not cfg.causal:
         return lax.fori_loop(0, n_cols, functools.partial(body, causal=False), carry)
+    if cfg.window is not None:  # every visited block masked (window edge and diagonal)
+        lo, hi = _window_range(i, rows_block, cols_block, n_cols, rows_are_queries, cfg.window)
+        return lax.fori_loop(lo, hi, functools.partial(body, causal=True), carry)
     lo, mid, hi = _causal_ranges(i, rows_block, cols_block, n_cols, rows_are_queries)
     first, second = (False, True) if rows_are_queries else (True, False)
     carry = lax.fori_loop(lo, mid, functools.partial(body, causal=first), carry)
@@ -216,7 +241,7 @@ def _fwd_kernel(*refs, cfg, n_q, n_k):
         v = v_ref[_rows(j * bk, bk), :]
         s = _dot_nt(q, k) * cfg.scale  # [bq, bk]
         kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]  # [1, bk]
-        mask = _block_mask(q_seg, kv_seg, i * bq, j * bk, s.shape, causal)
+        mask = _block_mask(q_seg, kv_seg, i * bq, j * bk, s.shape, causal, cfg.window)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -248,7 +273,7 @@ def _probs(q, k, lse, q_seg, kv_seg, q_start, k_start, cfg, causal):
     """Recomputed probabilities [bq, bk] fp32 from the forward's logsumexp."""
     s = _dot_nt(q, k) * cfg.scale
     p = jnp.exp(s - lse)
-    mask = _block_mask(q_seg, kv_seg, q_start, k_start, s.shape, causal)
+    mask = _block_mask(q_seg, kv_seg, q_start, k_start, s.shape, causal, cfg.window)
     # where, not multiply: masked entries may be exp(+large) = inf.
     return p if mask is None else jnp.where(mask, p, 0.0)
 
@@ -306,6 +331,20 @@ def _dims(q, layout):
     return (b, y, x, dp) if layout.target == "gpu" else (b, x, y, dp)
 
 
+def _grad_shape(q, k, cfg):
+    dtype = k.dtype if cfg.layout.groups == 1 else jnp.float32
+    return jax.ShapeDtypeStruct(q.shape, dtype)
+
+
+def _sum_groups(g, k, layout):
+    """[.., h, ..] per-query-head K/V gradient -> [.., h / groups, ..] in k's dtype."""
+    if layout.groups == 1:
+        return g
+    axis = 2 if layout.target == "gpu" else 1
+    shape = (*g.shape[:axis], k.shape[axis], layout.groups, *g.shape[axis + 1 :])
+    return g.reshape(shape).sum(axis + 1).astype(k.dtype)
+
+
 def _launch(kind, cfg, dims, operands):
     """Run the "fwd", "dq" or "dkv" kernel on kernel-layout operands.
 
@@ -321,7 +360,7 @@ def _launch(kind, cfg, dims, operands):
     spec = functools.partial(layout.spec, blocks=n_q if by_q else n_k)
     q_side = lambda what, d=None: spec(what, bq if by_q else lp, dp=d, tiled=by_q)
     kv_side = lambda what, d=None: spec(what, lp if by_q else bk, dp=d, tiled=not by_q)
-    in_specs = [q_side("seq", dp), kv_side("seq", dp), kv_side("seq", dp)]
+    in_specs = [q_side("seq", dp), kv_side("kv", dp), kv_side("kv", dp)]
     if kind != "fwd":
         in_specs += [q_side("seq", dp), q_side("stat"), q_side("stat")]
     if cfg.has_segments:
@@ -333,7 +372,9 @@ def _launch(kind, cfg, dims, operands):
             [q, jax.ShapeDtypeStruct((b, h, lp, 1), jnp.float32)],
         ),
         "dq": (q_side("seq", dp), q),
-        "dkv": ([kv_side("seq", dp)] * 2, [k, v]),
+        # Per query head ([b, h, ...] like q; fp32 when grouped): the caller sums each
+        # group's heads into its K/V head's gradient.
+        "dkv": ([kv_side("seq", dp)] * 2, [_grad_shape(q, k, cfg)] * 2),
     }[kind]
     kernel = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkv": _dkv_kernel}[kind]
     return pl.pallas_call(
@@ -368,7 +409,7 @@ def _flash_bwd(cfg, res, do):
     dims = _dims(q, cfg.layout)
     dq = _launch("dq", cfg, dims, operands)
     dk, dv = _launch("dkv", cfg, dims, operands)
-    return dq, dk, dv, None, None
+    return dq, _sum_groups(dk, k, cfg.layout), _sum_groups(dv, v, cfg.layout), None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -398,11 +439,15 @@ def flash_attention(
     block_q=None,
     block_k=None,
     kernel_target="auto",
+    window=None,
 ):
     """Flash attention for training and prefill; equals ``reference.segment_attention``.
 
     Args:
-      q, k, v: ``[batch, length, heads, head_dim]``, fp32 or bf16 (softmax in fp32).
+      q: ``[batch, length, heads, head_dim]``, fp32 or bf16 (softmax in fp32).
+      k, v: ``[batch, length, kv_heads, head_dim]``; ``kv_heads`` divides ``heads`` and
+        query head ``h`` reads K/V head ``h // (heads / kv_heads)`` (grouped-query
+        attention, transformers' order), without repeating K/V in memory.
       segment_ids: optional ``[batch, length]`` int, 0 = padding; a query attends a key
         only when both carry the same non-zero id. None: one document, no padding.
       causal: mask keys at later slots than the query (and skip those blocks).
@@ -414,16 +459,23 @@ def flash_attention(
       kernel_target: "auto" (Mosaic when lowered for TPU, Triton for GPU, the
         interpreter for CPU; see ``neox_jax.kernels.target``), or "tpu", "gpu",
         "interpret" to force one.
+      window: sliding window (causal only): a query at slot ``i`` sees keys at slots
+        ``> i - window`` (Mistral); blocks wholly outside it are skipped. None: full.
 
     Returns:
       ``[batch, length, heads, head_dim]`` in ``q.dtype``. Padding queries (segment id
       0) get the reference's value, the mean of ``v`` (a uniform softmax over keys that
       are all masked), so outputs and gradients match the reference everywhere.
     """
-    if not q.shape == k.shape == v.shape or q.ndim != 4:
+    if q.ndim != 4 or k.shape != v.shape or k.shape[:2] + k.shape[3:] != q.shape[:2] + q.shape[3:]:
         raise ValueError(
-            f"q, k, v must share [batch, length, heads, head_dim]: {q.shape}, {k.shape}, {v.shape}"
+            f"q must be [batch, length, heads, head_dim] and k, v [batch, length, kv_heads, "
+            f"head_dim]: {q.shape}, {k.shape}, {v.shape}"
         )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv_heads {k.shape[2]} must divide heads {q.shape[2]}")
+    if window is not None and (not causal or int(window) < 1):
+        raise ValueError(f"window must be a positive int with causal=True, got {window!r}")
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     batch, length, _, head_dim = q.shape
@@ -438,12 +490,12 @@ def flash_attention(
     if user and min(user) < minimum:
         raise ValueError(f"{kernel_target} kernels need blocks >= {minimum}, got {user}")
     attention = lambda layout, interpret, q, k, v, seg: _attention(  # noqa: E731
-        q, k, v, seg, causal, scale, (block_q, block_k), layout, interpret
+        q, k, v, seg, causal, scale, (block_q, block_k), layout, interpret, window
     )
     return dispatch(kernel_target, attention, q, k, v, segment_ids)
 
 
-def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpret):
+def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpret, window=None):
     """flash_attention for an explicit target ("gpu" or "tpu" layout); tests use both."""
     batch, length, _, head_dim = q.shape
     blocks = _pick_blocks(target, interpret, head_dim, length, *user_blocks)
@@ -455,7 +507,7 @@ def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpr
     padded_dim = max(16, pl.next_power_of_2(head_dim))
     seg = _padded_segments(segment_ids, batch, length, padded_len)
     cfg = _Config(
-        layout=_Layout(target),
+        layout=_Layout(target, groups=q.shape[2] // k.shape[2]),
         causal=causal,
         scale=float(head_dim**-0.5 if scale is None else scale),
         block_q=blocks[0],
@@ -464,6 +516,7 @@ def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpr
         bwd_block_k=blocks[3],
         interpret=interpret,
         has_segments=seg is not None,
+        window=None if window is None else int(window),
     )
     pad = ((0, 0), (0, padded_len - length), (0, 0), (0, padded_dim - head_dim))
     qp, kp, vp = (cfg.layout.to_kernel(jnp.pad(x, pad)) for x in (q, k, v))
@@ -475,6 +528,7 @@ def _attention(q, k, v, segment_ids, causal, scale, user_blocks, target, interpr
         # uniform average of all keys (its finite MASK_VALUE softmax). Match it here,
         # in plain jnp so autodiff adds the matching dv term.
         mean_v = jnp.mean(v.astype(jnp.float32), axis=1, keepdims=True).astype(out.dtype)
+        mean_v = jnp.repeat(mean_v, cfg.layout.groups, axis=2)  # [b, 1, h, d]: tiny
         out = jnp.where((segment_ids == 0)[:, :, None, None], mean_v, out)
     return out
 

@@ -125,7 +125,7 @@ class ModelConfig(JsonConfig):
       qk_norm: RMSNorm over each head of q and k before rotary (Qwen3).
       sliding_window: a query at slot ``i`` sees only keys at slots ``> i - window``
         (Mistral, as transformers masks it); None = full causal attention. The KV cache
-        still holds every slot (no rolling cache yet).
+        holds every slot unless built with ``init_cache(..., rolling=True)``.
     Mixture of experts (transformers' Qwen3-MoE / Mixtral / Qwen2-MoE names; see
     ``neox_jax.model.moe``):
       num_experts: routed experts per sparse layer; 0 = a dense model.
@@ -368,17 +368,6 @@ class ModelConfig(JsonConfig):
                 f"heads, got num_key_value_heads={self.kv_heads} for "
                 f"{self.num_attention_heads} heads; set fused_qkv=False for grouped-query "
                 "attention."
-            )
-        if self.attention_impl == "pallas" and self.kv_heads != self.num_attention_heads:
-            raise UserError(
-                f"attention_impl='pallas' does not yet support grouped-query attention "
-                f"(num_key_value_heads={self.kv_heads} < num_attention_heads="
-                f"{self.num_attention_heads}); use attention_impl='xla'."
-            )
-        if self.attention_impl == "pallas" and self.sliding_window is not None:
-            raise UserError(
-                f"attention_impl='pallas' does not yet support sliding_window="
-                f"{self.sliding_window}; use attention_impl='xla'."
             )
 
     def _validate_moe(self) -> None:

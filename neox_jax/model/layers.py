@@ -201,21 +201,26 @@ def attend(
     """Dispatch on ``config.attention_impl``; every path equals ``reference.attention``.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` (S == T unless ``cached``; KV < H
-        only on the XLA path, see ``grouped_attention``).
+      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` (S == T unless ``cached``; KV < H:
+        grouped-query attention, K/V never repeated, see ``grouped_attention``).
       q_segment_ids: ``[B, T]``; kv_segment_ids: ``[B, S]`` (0 = padding / empty slot).
       q_offset: cache slot of the first query (``cached`` only).
       cached: k/v are a KV cache written up to ``length`` slots.
     """
-    if config.attention_impl == "pallas":
+    window = config.sliding_window
+    if config.attention_impl == "pallas" and _kv_shards_follow_queries(q.shape[2], k.shape[2]):
+        # k/v are named like q: the kernels map query head h to K/V head h // G locally,
+        # which holds on each shard when both head axes split the same way (checked).
         seq = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)  # q, k, v, out
         if not cached:
-            flash = lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True)  # noqa: E731
+            flash = lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, window=window)  # noqa: E731
             run = per_device(flash, (seq, seq, seq, seq[:2]), seq, q.shape)
             return run(q, k, v, q_segment_ids)
         if q.shape[1] == 1:
             cache = (axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.CACHE_HEADS, axes.CACHE_KV)
-            decode = lambda q, k, v, seg, n: decode_attention(q[:, 0], k, v, seg, length=n)  # noqa: E731
+            decode = lambda q, k, v, seg, n: decode_attention(  # noqa: E731
+                q[:, 0], k, v, seg, length=n, window=window
+            )
             out_shape = (q.shape[0], *q.shape[2:])  # [B, H, D]
             run = per_device(
                 decode, (seq, cache, cache, cache[:2], ()), seq[::2] + seq[3:], out_shape
@@ -230,6 +235,21 @@ def attend(
     if k.shape[2] != q.shape[2]:
         return grouped_attention(q, k, v, mask)
     return reference.attention(q, k, v, mask)
+
+
+def _kv_shards_follow_queries(heads: int, kv_heads: int) -> bool:
+    """Whether the mesh in force splits K/V heads wherever it splits query heads, so a
+    kernel's local head ``h`` still reads local K/V head ``h // G``. Not so when the
+    tensor axis divides the query heads but not the fewer K/V heads (they stay whole
+    on every device): that layout runs the XLA path, which GSPMD partitions."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if kv_heads == heads or mesh.empty:
+        return True
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    entry = nn.logical_to_mesh_axes((axes.ACT_HEADS,))[0]
+    group = (entry,) if isinstance(entry, str) else entry or ()
+    split = math.prod(sizes[a] for a in group if a in sizes and a not in mesh.manual_axes)
+    return heads % split != 0 or kv_heads % split == 0
 
 
 def per_device(fn, logical_in, logical_out, out_shape):
