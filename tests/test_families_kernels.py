@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from neox_jax.kernels import reference
-from neox_jax.kernels.decode_attention import _decode
+from neox_jax.kernels.decode_attention import _decode, decode_attention
 from neox_jax.kernels.flash_attention import _attention, flash_attention
 from neox_jax.model import GPTNeoX, ModelConfig, init_cache, init_params
 from neox_jax.model.grouped import grouped_attention, window_mask
@@ -140,3 +140,14 @@ def test_flash_equals_xla_at_8k_with_segment_ids():
         mask &= window_mask(1024, length, start, 1000)
         chunks.append(grouped_attention(q[:, start : start + 1024], k, v, mask))
     _close(ours, jnp.concatenate(chunks, axis=1), 1e-5)
+
+
+def test_decode_kernel_reads_a_32k_cache():
+    """One token against 32,768 cached slots (GQA 4:1, three quarters written)."""
+    q, k, v = _qkv(1, 32768, 4, 1, seed=4)
+    seg = jnp.ones((1, 32768), jnp.int32)
+    length = 24577
+    ours = decode_attention(q[:, 0], k, v, seg, length=length, kernel_target="interpret")
+    live = jnp.where(jnp.arange(32768)[None] < length, seg, 0)
+    mask = reference.make_attention_mask(seg[:, :1], live, q_offset=length - 1)
+    _close(ours, grouped_attention(q[:, :1], k, v, mask)[:, 0], 1e-5)
