@@ -93,6 +93,21 @@ LAYOUTS = {
     "235b-v5p-256-fsdp256-dots": (
         "qwen3-235b-a22b", "v5p:8x8x4", {"mesh.fsdp": -1, "batch": 256, "data.seq_len": 4096}
     ),
+    # The Llama-style families (issue #16): Mistral Small 3.2's 24B text decoder on a
+    # v5p-128 and Qwen2.5-3B on a v5e-16 at one 2048-token row per chip; Qwen3-1.7B's
+    # train step at 32,768 tokens per row (one per chip, v5p-8) with the flash kernels
+    # (grouped K/V heads) in place of [heads, T, T] scores.
+    "families-mistral-small-3.2-v5p-128-fsdp128-dots": (
+        "mistral-small-3.2", "v5p:4x4x8", {"mesh.fsdp": -1, "batch": 128}
+    ),
+    "families-qwen2.5-3b-v5e-16-fsdp16-dots": (
+        "qwen2.5-3b", "v5e:4x4", {"mesh.fsdp": -1, "batch": 16}
+    ),
+    "families-qwen3-1.7b-32k-v5p-8-fsdp8-full-pallas": (
+        "qwen3-1.7b", "v5p:2x2x2",
+        {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 32768, "model.remat": "full",
+         "model.attention_impl": "pallas"},
+    ),
     # attention_impl="pallas" against "xla" on a model small enough to compile in a few
     # minutes here: one 2048-token row per chip of a v5e-4, the flash kernels
     # (Mosaic) in place of the [heads, T, T] scores.
