@@ -14,13 +14,15 @@
 #   PROMPT_LEN (default 32,128), OUTPUT_LEN (16,64): token counts, uniform in the range;
 #   SERIAL_REQUESTS (REQUESTS): requests for the one-at-a-time modes and each
 #     prefix-cache run (fewer keep a slow machine's run short);
-#   SLOTS (16), PORT (8765);
+#   SLOTS (16), PORT (8765); MAX_LEN (256): the server's tokens per request (cache
+#     columns per slot; the prefix-cache runs use 512);
 #   MODEL_DIR: serve this model folder (random weights are written there if it holds no
 #     config.json; default a temporary folder);
 #   OUT_FILE: the JSON lines file (default experiments/serving/results_<PRESET>.jsonl);
 #   SERVER_FLAGS: extra --config.* flags for the server, e.g.
 #     "--config.tensor_parallel=8 --config.dtype=bfloat16" on a GPU/TPU host, and
-#   STATIC_FLAGS: the same for the static baseline ("--tensor-parallel=8 --dtype=bfloat16").
+#   STATIC_FLAGS: the same for the static baseline ("--tensor-parallel=8 --dtype=bfloat16");
+#   LABEL_SUFFIX: appended to the server modes' names (e.g. "-4-steps-per-call").
 #
 # Random weights of the preset's shape (speed does not depend on the values) and a
 # word-level tokenizer of the preset's vocabulary size. Results are appended to OUT_FILE;
@@ -35,6 +37,7 @@ PROMPT_LEN=${PROMPT_LEN:-32,128}
 OUTPUT_LEN=${OUTPUT_LEN:-16,64}
 SERIAL_REQUESTS=${SERIAL_REQUESTS:-$REQUESTS}
 SLOTS=${SLOTS:-16}
+MAX_LEN=${MAX_LEN:-256}
 PORT=${PORT:-8765}
 read -r -a EXTRA <<<"${SERVER_FLAGS:-}"
 OUT=${OUT_FILE:-experiments/serving/results_${PRESET}.jsonl}
@@ -79,7 +82,7 @@ PY
 fi
 
 serve() {  # serve <slots> <label> <rates> [loadgen flags] [-- server flags]: load, SIGTERM
-    local slots=$1 label=$2 rates=$3
+    local slots=$1 label=$2-len${SERVE_MAX_LEN:-$MAX_LEN}${LABEL_SUFFIX:-} rates=$3
     shift 3
     local load=() server=()
     while (($#)); do
@@ -87,8 +90,9 @@ serve() {  # serve <slots> <label> <rates> [loadgen flags] [-- server flags]: lo
         load+=("$1"); shift
     done
     python -m neox_jax.serve --config=configs/serve.py --config.checkpoint="$MODEL" \
-        --config.model_name="$PRESET" --config.num_slots="$slots" --config.max_len=1024 \
-        --config.prefill_buckets="(32, 64, 128, 256, 512)" --config.max_queue=1000 \
+        --config.model_name="$PRESET" --config.num_slots="$slots" \
+        --config.max_len="${SERVE_MAX_LEN:-$MAX_LEN}" \
+        --config.prefill_buckets="(32, 64, 128, 256)" --config.max_queue=1000 \
         --config.port="$PORT" "${EXTRA[@]}" "${server[@]}" &
     local pid=$!
     until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
@@ -115,8 +119,8 @@ if has prefix; then
     # Time to first token with and without prefix caching: every prompt starts with the
     # same 256 tokens (a system prompt); chunks of 256, so the shared part is one block.
     for cache in 0 16; do
-        serve "$SLOTS" "shared-prefix-cache-blocks-$cache" "${RATES%%,*}" --shared-prefix=256 \
-            --requests="$SERIAL_REQUESTS" -- --config.prefill_chunk=256 \
+        SERVE_MAX_LEN=512 serve "$SLOTS" "shared-prefix-cache-blocks-$cache" "${RATES%%,*}" \
+            --shared-prefix=256 --requests="$SERIAL_REQUESTS" -- --config.prefill_chunk=256 \
             --config.prefix_cache_blocks=$cache
     done
 fi
