@@ -109,3 +109,27 @@ def test_unknown_topology_is_a_clear_error(tmp_path):
     proc, _ = _aot(tmp_path, topology="v9z:1x1")
     assert proc.returncode == 2
     assert "Cannot describe TPU topology 'v9z:1x1'" in proc.stderr
+
+
+def test_expert_parallel_step_compiles_for_tpu(tmp_path):
+    """A one-layer mixture of experts on expert=2 x fsdp=2: the all-to-all dispatch
+    (``neox_jax.model.expert_parallel``) compiles for TPU, and model FLOPs count the
+    routed experts only (top 2 of 4)."""
+    moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+               gated_mlp=True, mlp_bias=False, hidden_act="silu")  # fmt: skip
+    proc, r = _aot(
+        tmp_path,
+        "--config.mesh.data=1",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.expert=2",
+        *[f"--config.model.{k}={v}" for k, v in moe.items()],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert r["mesh"]["expert"] == 2 and r["mesh"]["fsdp"] == 2 and r["fits"] is True
+    e, v, f = MODEL["hidden_size"], MODEL["vocab_size"], moe["moe_intermediate_size"]
+    assert r["active_params"] == r["params"] - 2 * 3 * e * f  # two idle experts
+    n = 4 * e * e + e * 4 + 2 * 3 * e * f + e * v  # attention, router, 2 experts, head
+    assert r["model_flops_per_step"] == (6 * n + 12 * e * SEQ) * BATCH * SEQ
+    # The compiled step does at least the model's work (more: the dropless dispatch
+    # runs the grouped matmuls over its worst-case buffer).
+    assert r["xla_flops_per_device"] * CHIPS >= r["model_flops_per_step"]
