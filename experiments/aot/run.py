@@ -108,6 +108,10 @@ LAYOUTS = {
         {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 32768, "model.remat": "full",
          "model.attention_impl": "pallas"},
     ),
+    "families-qwen3-1.7b-32k-v5p-8-fsdp8-full-xla": (
+        "qwen3-1.7b", "v5p:2x2x2",
+        {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 32768, "model.remat": "full"},
+    ),
     # attention_impl="pallas" against "xla" on a model small enough to compile in a few
     # minutes here: one 2048-token row per chip of a v5e-4, the flash kernels
     # (Mosaic) in place of the [heads, T, T] scores.
