@@ -5,9 +5,9 @@ fake CPU devices (``--xla_force_host_platform_device_count=8``, never set in pyt
 the real trainer (``train_and_evaluate`` with ``config.mesh.*`` overrides) trains it on
 expert=2, expert=4 and expert=2 x tensor=2, each layout's logits on a fixed batch are
 computed from the initial parameters, and expert=2's step-2 checkpoint is resumed on
-expert=4 x tensor=2; greedy decoding on expert meshes is compared with one device's.
-The 1-device reference trains in the pytest process meanwhile.
-On these meshes the sparse layers run the all-to-all dispatch
+expert=4 x tensor=2; greedy decoding and LoRA on the experts are compared with one
+device's on two expert meshes. The 1-device reference trains in the pytest process
+meanwhile. On these meshes the sparse layers run the all-to-all dispatch
 (``neox_jax.model.expert_parallel``), which the compiled program is checked to contain.
 
 Run this file as ``python tests/test_expert_mesh.py --worker ...`` for the subprocess side.
@@ -136,10 +136,44 @@ def _greedy(config) -> dict[str, list[list[int]]]:
     return out
 
 
+def _lora_logits(config) -> dict[str, float]:
+    """Largest logit difference from one device with LoRA adapters on every expert
+    projection (per-expert ``a [X, in, r]``, ``b [X, r, out]``, split as the kernels)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from neox_jax.finetune.lora import EXPERT_TARGETS, LoraConfig, attach, init_adapters
+    from neox_jax.model import GPTNeoX, ModelConfig, init_params
+    from neox_jax.parallel import create_mesh
+    from neox_jax.parallel.rules import RULES
+
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    lora = LoraConfig(targets=EXPERT_TARGETS, rank=4)
+    adapters = init_adapters(model_config, lora, jax.random.key(1))
+    # B starts at zero; random values make the adapters change the output.
+    adapters = jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), adapters
+    )
+    params = attach(init_params(model_config, jax.random.key(0)), adapters, lora)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (8, 16)))
+
+    def forward(p, x):
+        return GPTNeoX(model_config).apply({"params": p}, x)
+
+    single = np.asarray(forward(params, tokens))
+    out = {}
+    for name, sizes in GENERATE_MESHES.items():
+        with jax.set_mesh(create_mesh(sizes)), nn.logical_axis_rules(RULES):
+            out[name] = float(np.max(np.abs(np.asarray(jax.jit(forward)(params, tokens)) - single)))
+    return out
+
+
 def worker(data_prefix: str, root: Path) -> None:
     from neox_jax.training.trainer import train_and_evaluate
 
-    report = {"generate": _greedy(_config(data_prefix))}
+    config = _config(data_prefix)
+    report = {"generate": _greedy(config), "lora": _lora_logits(config)}
     for name, mesh in MESHES.items():
         save_every = RESUME_STEP if name == RESUME_FROM else STEPS
         config = _config(data_prefix, save_every, **mesh)
@@ -225,6 +259,12 @@ def test_greedy_decoding_on_expert_meshes(runs, mesh):
     generated = runs[0]["generate"]
     assert generated[mesh] == generated["single"]
     assert all(len(t) == 8 for t in generated["single"])
+
+
+@pytest.mark.parametrize("mesh", list(GENERATE_MESHES))
+def test_expert_lora_on_expert_meshes(runs, mesh):
+    # fp32 logits of O(1): the layouts reorder additions only (see RTOL).
+    assert runs[0]["lora"][mesh] < LOGITS_ATOL
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
