@@ -106,7 +106,7 @@ class _Layout:
         def index_map(*ids):
             b, h, i = self.split(ids, blocks)
             i = i if tiled else 0
-            kv_h = h // self.groups
+            kv_h = h if self.groups == 1 else h // self.groups  # MHA: the index map as before
             return {
                 "seq": (b, i, h, 0) if self.target == "gpu" else (b, h, i, 0),
                 "kv": (b, i, kv_h, 0) if self.target == "gpu" else (b, kv_h, i, 0),
