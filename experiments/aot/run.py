@@ -108,6 +108,10 @@ LAYOUTS = {
         {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 32768, "model.remat": "full",
          "model.attention_impl": "pallas"},
     ),
+    "families-qwen3-1.7b-4k-v5p-8-fsdp8-dots-pallas": (
+        "qwen3-1.7b", "v5p:2x2x2",
+        {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 4096, "model.attention_impl": "pallas"},
+    ),
     "families-qwen3-1.7b-32k-v5p-8-fsdp8-full-xla": (
         "qwen3-1.7b", "v5p:2x2x2",
         {"mesh.fsdp": -1, "batch": 8, "data.seq_len": 32768, "model.remat": "full"},
