@@ -124,6 +124,25 @@ def test_shard_params_places_float_and_quantized_params_on_one_device_mesh():
         shard_params(CONFIG, {"embed_in": params["embed_in"]}, mesh)
 
 
+def test_a_hand_built_mesh_without_every_axis_is_accepted():
+    # A mesh written before the expert axis existed (data, stage, fsdp, tensor) names no
+    # `expert`: the rules leave the missing axis out instead of failing in NamedSharding.
+    from jax.sharding import Mesh
+
+    from neox_jax.model import GPTNeoX
+    from neox_jax.parallel.rules import batch_sharding, mesh_context
+
+    names = ("data", "stage", "fsdp", "tensor")
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), names)
+    params = init_params(CONFIG, jax.random.PRNGKey(1))
+    placed = shard_params(CONFIG, params, mesh)
+    ids = jax.device_put(np.arange(8, dtype=np.int32).reshape(2, 4), batch_sharding(mesh))
+    with mesh_context(mesh):
+        logits = jax.jit(lambda p, x: GPTNeoX(CONFIG).apply({"params": p}, x))(placed, ids)
+    expected = GPTNeoX(CONFIG).apply({"params": params}, np.asarray(ids))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 MESH_SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec
 
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig, param_logical_axes
-from neox_jax.parallel.rules import RULES, logical_to_sharding
+from neox_jax.parallel.rules import logical_to_sharding
 
 
 def _has_own_axes(leaf) -> bool:
@@ -46,12 +46,12 @@ def param_logical_specs(config: ModelConfig, params: Any) -> Any:
         ) from e
 
 
-def param_shardings(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules=RULES):
+def param_shardings(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules=None):
     """A ``NamedSharding`` for every array of ``params`` (arrays or shape structs)."""
     return logical_to_sharding(param_logical_specs(config, params), params, mesh, rules)
 
 
-def shard_params(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules=RULES):
+def shard_params(config: ModelConfig, params: Any, mesh: jax.sharding.Mesh, rules=None):
     """``params`` (host or device arrays, float or quantized) placed on ``mesh``.
 
     On a ``data``-only mesh they are replicated; ``fsdp`` and ``tensor`` axes split them

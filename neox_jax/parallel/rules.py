@@ -72,6 +72,19 @@ RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+def rules_for(mesh: jax.sharding.Mesh) -> tuple[tuple[str, Any], ...]:
+    """``RULES`` without the mesh axes ``mesh`` lacks: a mesh built by hand with fewer
+    axes than ``create_mesh``'s (say, without ``expert``) shards as if they had size 1."""
+    present = set(mesh.axis_names)
+
+    def keep(target):
+        if target is None or isinstance(target, str):
+            return target if target in present else None
+        return tuple(a for a in target if a in present) or None
+
+    return tuple((name, keep(target)) for name, target in RULES)
+
+
 def _mesh_axes(spec: PartitionSpec, rules) -> PartitionSpec:
     return nn.logical_to_mesh_axes(tuple(spec), rules)
 
@@ -104,13 +117,15 @@ def fit_spec(
     return PartitionSpec(*out)
 
 
-def logical_to_sharding(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rules=RULES) -> Any:
+def logical_to_sharding(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rules=None) -> Any:
     """``NamedSharding`` for every leaf, from its logical spec and shape.
 
     Args:
       logical: tree of ``PartitionSpec`` of logical names (e.g. ``param_logical_axes``).
       shapes: matching tree of arrays or ``ShapeDtypeStruct``.
+      rules: the logical-to-mesh table; default ``rules_for(mesh)``.
     """
+    rules = rules_for(mesh) if rules is None else rules
 
     def one(spec, shape):
         mesh_spec = fit_spec(_mesh_axes(spec, rules), tuple(shape.shape), mesh, str(spec))
@@ -121,7 +136,8 @@ def logical_to_sharding(logical: Any, shapes: Any, mesh: jax.sharding.Mesh, rule
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
     """Batches are split over ``data`` x ``fsdp`` x ``expert`` along their first dimension."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
+    return NamedSharding(mesh, PartitionSpec(batch, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -136,7 +152,7 @@ def mesh_context(mesh: jax.sharding.Mesh | None) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
     if mesh is not None:
         stack.enter_context(jax.set_mesh(mesh))
-        stack.enter_context(nn.logical_axis_rules(RULES))
+        stack.enter_context(nn.logical_axis_rules(rules_for(mesh)))
     return stack
 
 

@@ -123,7 +123,8 @@ def flash_grad(head_dim, kernel_target):
 def sharded(devices) -> dict:
     """Training and decoding on a 4-chip mesh, the batch of 8 split over fsdp: the
     kernels must run per chip (Mosaic refuses a kernel the partitioner would split)."""
-    mesh = Mesh(np.asarray(devices).reshape(1, 1, 4, 1), ("data", "stage", "fsdp", "tensor"))
+    names = ("data", "stage", "fsdp", "expert", "tensor")  # create_mesh's axes
+    mesh = Mesh(np.asarray(devices).reshape(1, 1, 4, 1, 1), names)
     replicated, split = (
         NamedSharding(mesh, PartitionSpec()),
         NamedSharding(mesh, PartitionSpec(("data", "fsdp"))),
