@@ -15,7 +15,7 @@ causality that loop is split in two: blocks fully below the diagonal run without
 causal mask, blocks on the diagonal run with it, and blocks above it are never
 visited (causal block skipping). The same kernels lower to Triton on GPU and to
 Mosaic on TPU; what differs is only the array layout, the grid order and the
-compiler parameters (see ``_Layout`` and ``_compiler_params``). Which one a program
+compiler parameters (see ``flash_layout.Layout`` and ``_compiler_params``). Which one a program
 gets follows the platform it is lowered for (``neox_jax.kernels.target``).
 
 A ``pallas_call`` is a per-device kernel that XLA cannot partition: inside a sharded
@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from neox_jax.kernels.flash_layout import Layout as _Layout
 from neox_jax.kernels.reference import MASK_VALUE
 from neox_jax.kernels.target import dispatch
 
@@ -50,72 +51,6 @@ _DEFAULT_BLOCKS = {
 }
 # Triton's tl.dot needs every dim >= 16; Mosaic blocks on the lane axis need 128.
 _MIN_BLOCK = {"gpu": 16, "tpu": 128, "cpu": 16}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Array layout and grid order of the kernels for one compilation target.
-
-    ``gpu`` keeps the model's ``[batch, length, heads, head_dim]``: Triton indexes any
-    strides, and the grid is ``(blocks, batch, heads)`` so CUDA's fastest-launched axis
-    walks the blocks of one (batch, head) and neighbouring CTAs share its K/V in L2.
-    ``tpu`` transposes to ``[batch, heads, length, head_dim]`` because the two minor
-    dims of a Mosaic block must be (8, 128)-aligned or whole, which a squeezed heads
-    axis is not; the grid is ``(batch, heads, blocks)`` so the resident whole-sequence
-    slab of a (batch, head) is fetched once and reused across its blocks.
-
-    Under causality the blocks are walked last-first, so the longest rows start first.
-    """
-
-    target: str  # "gpu" or "tpu"
-    reverse: bool = False
-    groups: int = 1  # query heads per K/V head (grouped-query attention)
-
-    def to_kernel(self, x):  # [b, l, h, d] <-> kernel layout (a swap: its own inverse)
-        return x if self.target == "gpu" else jnp.swapaxes(x, 1, 2)
-
-    def grid(self, batch, heads, blocks):
-        return (blocks, batch, heads) if self.target == "gpu" else (batch, heads, blocks)
-
-    def split(self, ids, blocks):
-        """Grid indices (or program ids) -> (batch, head, block)."""
-        b, h, i = (ids[1], ids[2], ids[0]) if self.target == "gpu" else tuple(ids)
-        return b, h, (blocks - 1 - i if self.reverse else i)
-
-    def block_id(self, blocks):
-        return self.split([pl.program_id(a) for a in range(3)], blocks)[2]
-
-    def spec(self, kind, rows, blocks, dp=None, tiled=True):
-        """BlockSpec for one operand; ``tiled`` follows the grid's block, else a whole slab.
-
-        kinds: "seq" q/o/grads, "kv" k/v (query head ``h`` reads K/V head
-        ``h // groups``: grouped heads share one K/V, never repeated in memory), "stat"
-        [b, h, l, 1] lse/delta, "qseg" [b, l, 1], "kvseg" [b, 1, l] (segment ids as a
-        column and as a row, so the kernels compare them by broadcasting without a
-        transpose).
-        """
-        seq = (None, rows, None, dp) if self.target == "gpu" else (None, None, rows, dp)
-        shapes = {
-            "seq": seq,
-            "kv": seq,
-            "stat": (None, None, rows, 1),
-            "qseg": (None, rows, 1),
-            "kvseg": (None, 1, rows),
-        }
-
-        def index_map(*ids):
-            b, h, i = self.split(ids, blocks)
-            i = i if tiled else 0
-            kv_h = h if self.groups == 1 else h // self.groups  # MHA: the index map as before
-            return {
-                "seq": (b, i, h, 0) if self.target == "gpu" else (b, h, i, 0),
-                "kv": (b, i, kv_h, 0) if self.target == "gpu" else (b, kv_h, i, 0),
-                "stat": (b, h, i, 0),
-                "qseg": (b, i, 0),
-                "kvseg": (b, 0, i),
-            }[kind]
-
-        return pl.BlockSpec(shapes[kind], index_map)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from neox_jax.errors import UserError
-from neox_jax.inference.sampling import SamplingParams
+from neox_jax.inference.generate import id_table
+from neox_jax.inference.sampling import SamplingParams, row_arrays
 from neox_jax.inference.text import TextTracker
 from neox_jax.serving import slots as dev
 from neox_jax.serving.requests import CANCELLED, EngineStopped, Event, QueueFull, Request
@@ -86,7 +87,7 @@ class Admission:
         return next(b for b in self.buckets if b >= n)
 
     def _controls(self, p: SamplingParams, row: int):
-        knobs, max_new, eos, stop = dev.request_controls(
+        knobs, max_new, eos, stop = request_controls(
             p, self.eos_token_ids, self.stop_width, self.vocab_limit
         )
         key = jax.random.fold_in(jax.random.key(p.seed % 2**32), row)
@@ -174,3 +175,19 @@ class Admission:
             self.state, np.int32(slot), np.int32(r.prompt_ids[-1]), np.int32(n - 1), seen,
             *self._controls(r.sampling, r.row),
         )  # fmt: skip
+
+
+def request_controls(
+    p: SamplingParams, eos_token_ids, stop_width: int, vocab_limit: int | None = None
+) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """A request's ``insert`` arguments: knobs (numpy scalars), max_new, eos and stop rows.
+
+    Raises ``ValueError`` when it names more stop ids than the slots have room for."""
+    eos = () if p.ignore_eos else tuple(eos_token_ids)
+    if len(p.stop_token_ids) > stop_width or len(eos) > stop_width:
+        raise ValueError(
+            f"at most {stop_width} stop token ids per request, got {len(p.stop_token_ids)}."
+        )
+    knobs = {k: v[0] for k, v in row_arrays([p], vocab_limit).items()}
+    table = id_table([eos, p.stop_token_ids], multiple=stop_width)
+    return knobs, np.int32(p.max_new_tokens), table[0], table[1]

@@ -35,14 +35,12 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from neox_jax.inference import step
 from neox_jax.inference.generate import (
     RUNNING,
     Controls,
     _finish_reason,
-    id_table,
     seen_tokens,
 )
 from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
@@ -490,19 +488,3 @@ def _one_step(config, params, state: SlotState, mode: SamplingMode, num_logprobs
         top_ids=top_ids.astype(jnp.int32),
     )
     return new, out
-
-
-def request_controls(
-    p: SamplingParams, eos_token_ids, stop_width: int, vocab_limit: int | None = None
-) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """A request's ``insert`` arguments: knobs (numpy scalars), max_new, eos and stop rows.
-
-    Raises ``ValueError`` when it names more stop ids than the slots have room for."""
-    eos = () if p.ignore_eos else tuple(eos_token_ids)
-    if len(p.stop_token_ids) > stop_width or len(eos) > stop_width:
-        raise ValueError(
-            f"at most {stop_width} stop token ids per request, got {len(p.stop_token_ids)}."
-        )
-    knobs = {k: v[0] for k, v in row_arrays([p], vocab_limit).items()}
-    table = id_table([eos, p.stop_token_ids], multiple=stop_width)
-    return knobs, np.int32(p.max_new_tokens), table[0], table[1]
