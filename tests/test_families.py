@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers.hf_reference import assert_logits_close, hf_logits
+from helpers.hf_reference import assert_logits_close, hf_logits, random_causal_lm
 
 from neox_jax.convert import ConversionError, config_from_hf, load_hf, save_hf
 from neox_jax.inference import SamplingParams
@@ -49,20 +49,7 @@ def make_family_model(model_type, path=None, *, seed=0, **overrides):
         tie_word_embeddings=False,
     )
     kwargs.update(overrides)
-    config = CONFIG_CLASSES[model_type](**kwargs)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith("bias"):
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    if path is not None:
-        model.save_pretrained(path)
-    return model
+    return random_causal_lm(CONFIG_CLASSES[model_type](**kwargs), path, seed=seed)
 
 
 def _ids(vocab, batch=2, length=12, seed=0):

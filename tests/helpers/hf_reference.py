@@ -43,6 +43,24 @@ def make_hf_model(path=None, *, seed=0, **overrides):
     return model
 
 
+def random_causal_lm(config, path=None, *, seed=0):
+    """A random transformers causal LM for ``config`` (any family) whose activations are
+    O(1): norm weights near 1 and biases non-trivial, as ``make_hf_model`` does."""
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    if path is not None:
+        model.save_pretrained(path)
+    return model
+
+
 def hf_logits(model, input_ids, attention_mask=None):
     with torch.no_grad():
         ids = torch.tensor(np.asarray(input_ids), dtype=torch.long)
