@@ -1,58 +1,104 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one run (< 10 minutes on one H100/H200):
-#   1. the Pallas kernels compiled for the GPU (tests/test_kernels.py, test_model_pallas.py;
-#      on a GPU `_interpret` picks the Triton lowering instead of the interpreter),
-#   2. attention benchmark: flash fwd+bwd vs the XLA path vs cuDNN, decode kernel,
-#   3. train-step MFU (pythia-1b, bf16) with its per-op table,
-#   4. greedy decode tokens/s vs the bandwidth roofline (pythia-1.4b, bf16), per-op table.
-# Results land as JSON (and logs) under $OUT (default experiments/gpu_results/).
+#   0. the device, its measured copy bandwidth and bf16 matmul rate (the ceilings),
+#   1. train-step MFU (pythia-1b, bf16, 8x2048) with its per-op table, XLA attention,
+#   2. greedy decode tokens/s vs the bandwidth roofline (pythia-1.4b, bf16), per-op table,
+#   3. attention benchmark: flash fwd+bwd vs the XLA path vs cuDNN, decode kernel,
+#   4. the Pallas kernels compiled for the GPU (their tests; on a GPU the kernels take the
+#      Triton lowering instead of the interpreter), fp32 dots at full precision,
+#   5. train-step MFU again with the Pallas flash kernels (attention_impl=pallas).
+# Each step has its own time limit and a failed step never stops the rest.
+# Results (JSON and logs) land in $RES (default experiments/gpu_results/); where $OUT is
+# set (the project's lent GPU machine) they are also bundled, after every step, into
+# $OUT/gpu_results.tgz, with the summary beside it, since only a few files come back.
 #
-# On the project's lent GPU machine (jax with CUDA is preinstalled there, no registry):
-# carry ml-collections and tensorflow-datasets as Python 3.12 wheels in .whl/ (see
-# /work/.library/device/README.md), e.g.
+# On the lent GPU machine (jax with CUDA is preinstalled there, no registry): carry
+# ml-collections as a Python 3.12 wheel in .whl/ (see /work/.library/device/README.md):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections
 # and run `bash experiments/gpu_check.sh` with carry [".whl"]. Elsewhere: pip install -e .
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-experiments/gpu_results}"
-mkdir -p "$OUT"
+RES="${RES:-experiments/gpu_results}"
+mkdir -p "$RES"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-python3 - <<'EOF' | tee "$OUT/device.json"
-import json, jax
-print(json.dumps({"jax": jax.__version__, "backend": jax.default_backend(),
-                  "devices": [d.device_kind for d in jax.devices()]}))
-EOF
 
-status=0
-step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep its log, never stop the rest
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name" | tee -a "$OUT/summary.txt"
-  if timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; then
-    echo "ok" | tee -a "$OUT/summary.txt"
-  else
-    echo "FAILED ($?)" | tee -a "$OUT/summary.txt"
-    tail -20 "$OUT/$name.log"
-    status=1
+bundle() {  # what comes back from the lent machine: one archive and the summary
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu_results.tgz" -C "$RES" . && cp "$RES/summary.txt" "$OUT/" 2>/dev/null
   fi
 }
 
-step kernels_compiled 180 env JAX_PLATFORMS=cuda python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_kernels.py tests/test_model_pallas.py --junitxml="$OUT/kernels_junit.xml"
-step attention_bench 150 python3 experiments/attention_bench/bench.py --out="$OUT/attention.json"
-# --profile: each also writes its per-op table (experiments/op_profile.py) into the log
-# and the JSON (the jax.profiler trace stays in /tmp).
-step train_mfu 120 python3 experiments/train_bench/bench.py --gpu --profile \
-  --out="$OUT/train_mfu.json"
-step decode 120 python3 experiments/decode_bench/bench.py --gpu --profile --out="$OUT/decode.json"
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep its log, never stop the rest
+  local name=$1 limit=$2 start=$SECONDS rc
+  shift 2
+  echo "=== $name (limit ${limit}s)" | tee -a "$RES/summary.txt"
+  timeout "$limit" "$@" >"$RES/$name.log" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    echo "ok in $((SECONDS - start))s" | tee -a "$RES/summary.txt"
+  else
+    echo "FAILED (exit $rc) after $((SECONDS - start))s" | tee -a "$RES/summary.txt"
+    tail -15 "$RES/$name.log"
+    status=1
+  fi
+  bundle
+}
+
+step device 60 python3 - "$RES/device.json" <<'EOF'
+import json, subprocess, sys, time
+import jax, jax.numpy as jnp
+
+def best(f, *a, n=10):
+    jax.block_until_ready(f(*a))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter(); jax.block_until_ready(f(*a)); ts.append(time.perf_counter() - t)
+    return min(ts)
+
+x = jnp.ones(2**30, jnp.bfloat16)  # 2 GiB, read and written once
+copy = 2 * x.nbytes / best(jax.jit(lambda a: a * 2), x) / 1e9
+del x
+k1, k2 = jax.random.split(jax.random.key(0))
+n = 8192  # random data: zeros run faster than real data on these chips
+a, b = (jax.random.normal(k, (n, n), jnp.bfloat16) for k in (k1, k2))
+mm = 2 * n**3 / best(jax.jit(lambda p, q: p @ q), a, b) / 1e12
+try:
+    smi = subprocess.run(["nvidia-smi", "--format=csv,noheader",
+                          "--query-gpu=name,driver_version,memory.total,clocks.sm"],
+                         capture_output=True, text=True).stdout.strip()
+except OSError as e:
+    smi = str(e)
+report = {"jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": [d.device_kind for d in jax.devices()], "nvidia_smi": smi,
+          "copy_gbps": copy, "bf16_matmul_tflops_8192": mm}
+print(json.dumps(report))
+open(sys.argv[1], "w").write(json.dumps(report, indent=1))
+EOF
+cat "$RES/device.log"
+
+# --profile: each bench also writes its per-op table (experiments/op_profile.py) into the
+# log and the JSON (the jax.profiler trace stays in /tmp).
+step train_mfu 150 python3 experiments/train_bench/bench.py --gpu --profile \
+  --out="$RES/train_mfu.json"
+step decode 100 python3 experiments/decode_bench/bench.py --gpu --profile \
+  --out="$RES/decode.json"
+step attention_bench 60 python3 experiments/attention_bench/bench.py --out="$RES/attention.json"
+step kernels_compiled 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+  python3 -m pytest -v -p no:cacheprovider --timeout=60 -k "not on_a_mesh" \
+  tests/test_kernels.py tests/test_families_kernels.py tests/test_paged_attention.py \
+  tests/test_model_pallas.py --junitxml="$RES/kernels_junit.xml"
+step train_mfu_pallas 70 python3 experiments/train_bench/bench.py --gpu \
+  --attention_impl=pallas --steps=3 --out="$RES/train_mfu_pallas.json"
 # Opt-in (SERVING=1, about 5 more minutes): the server on pythia-1.4b, 8 requests.
 if [ -n "${SERVING:-}" ]; then
-  step serving 330 env SMOKE=1 OUT_FILE="$OUT/serving.jsonl" \
+  step serving 330 env SMOKE=1 OUT_FILE="$RES/serving.jsonl" \
     bash experiments/serving/run_gpu.sh pythia-1.4b
 fi
+cat "$RES/summary.txt"
 exit $status

@@ -173,9 +173,10 @@ def trace_op_times(run, names, steps: int) -> tuple[dict, float]:
         run()
     wall = (time.perf_counter() - start) / steps
     jax.profiler.stop_trace()
-    (trace,) = Path(logdir).glob("plugins/profile/*/*.trace.json.gz")
-    with gzip.open(trace) as f:
-        events = json.load(f)["traceEvents"]
+    events = []  # one file per host (and per run); a GPU run may write several
+    for trace in Path(logdir).glob("plugins/profile/*/*.trace.json.gz"):
+        with gzip.open(trace) as f:
+            events += json.load(f)["traceEvents"]
     # XLA:CPU names its per-thunk events after the instruction; on a GPU the kernels'
     # events carry it as ``args.hlo_op`` (their names are kernel names), and those are
     # the device time, so they win when present. Not yet checked on a GPU.

@@ -138,7 +138,10 @@ def jax_worker(args) -> dict:
         if args.breakdown:
             out["breakdown_s"] = _jax_breakdown(args, mc, state, batch, apply_fn, tx)
         if args.profile:
-            out["profile"] = _jax_profile(compiled, state, batch)
+            try:  # a failed profile must not cost the timings above
+                out["profile"] = _jax_profile(compiled, state, batch)
+            except Exception as e:  # noqa: BLE001 - recorded in the report
+                out["profile_error"] = f"{type(e).__name__}: {e}"[:500]
     out.update(_rates(times, args, flops_per_token(mc, args.seq)))
     return out
 
