@@ -165,10 +165,92 @@ def test_tool_choice_none_and_malformed_calls(served, tok):
     )
     with pytest.raises(openai.APIError, match="could not be parsed"):
         list(stream)
-    with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        served.client.chat.completions.create(
-            model="m", messages=CONVERSATION[1:2], tools=TOOLS, tool_choice="required"
+
+
+# The start of a call each family's template teaches (helpers/tool_templates.py), as
+# OpenAI's forced tool_choice must make the model write it: "required" forces the marker,
+# a named function the call up to its arguments.
+_FORCED = {
+    ("qwen", None): "<tool_call>\n",
+    ("qwen", "get_time"): '<tool_call>\n{"name": "get_time", "arguments": ',
+    ("mistral", None): "[TOOL_CALLS] [",
+    ("mistral", "get_time"): '[TOOL_CALLS] [{"name": "get_time", "arguments": ',
+}
+_NAMED = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_tool_choice_required_and_named_force_a_call(served, tok):
+    """The forced prefix follows the prompt; the model's continuation completes the
+    call, which comes back parsed (plain and streamed); a reply that does not complete
+    a call (of the named function) is a 422, never prose."""
+    question = CONVERSATION[1:2]
+    rendered = encode_chat(question, tok, served.template, tools=TOOLS)
+    whole = _call_text(served.family)  # a call of get_weather
+    prefix = _FORCED[served.family, None]
+    served.engine.replies = [whole[len(prefix) :]]
+    out = served.client.chat.completions.create(
+        model="m", messages=question, tools=TOOLS, tool_choice="required"
+    )
+    assert served.engine.prompts[-1] == rendered + tok.encode(prefix)
+    (call,) = out.choices[0].message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "get_weather", {"city": "Paris"}
+    )  # fmt: skip
+    assert out.choices[0].finish_reason == "tool_calls"
+
+    rest = '{"tz": "UTC"}}' + ("\n</tool_call>" if served.family == "qwen" else "]")
+    for stream in (False, True):
+        served.engine.replies = [rest]
+        out = served.client.chat.completions.create(
+            model="m", messages=question, tools=TOOLS, tool_choice=_NAMED, stream=stream
         )
+        assert served.engine.prompts[-1] == rendered + tok.encode(
+            _FORCED[served.family, "get_time"]
+        )
+        if stream:
+            chunks = list(out)
+            calls = [
+                d.function for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()
+            ]
+            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+        else:
+            calls = [c.function for c in out.choices[0].message.tool_calls]
+        assert [(f.name, json.loads(f.arguments)) for f in calls] == [("get_time", {"tz": "UTC"})]
+
+    # The model does not finish the call (the generation stopped in it): 422, also when
+    # streamed; a named choice whose reply goes on to call another function: 422.
+    served.engine.replies = ["I cannot"]
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        served.client.chat.completions.create(
+            model="m", messages=question, tools=TOOLS, tool_choice="required"
+        )
+    assert e.value.body["code"] == "invalid_tool_call"
+    served.engine.replies = ["I cannot"]
+    stream = served.client.chat.completions.create(
+        model="m", messages=question, tools=TOOLS, tool_choice=_NAMED, stream=True
+    )
+    with pytest.raises(openai.APIError, match="could not be parsed"):
+        list(stream)
+    if served.family == "qwen":
+        served.engine.replies = [rest + "\n" + _call_text("qwen")]
+        with pytest.raises(openai.UnprocessableEntityError, match="names 'get_time' but"):
+            served.client.chat.completions.create(
+                model="m", messages=question, tools=TOOLS, tool_choice=_NAMED
+            )
+
+    # Requests that cannot be served: 400 before anything is generated.
+    bad_choices = [
+        ({"type": "function", "function": {"name": "get_news"}}, "not among the tools"),
+        ({"type": "function"}, "a named choice must read"),
+        ("sometimes", "is not one of"),
+    ]
+    for choice, match in bad_choices:
+        with pytest.raises(openai.BadRequestError, match=match):
+            served.client.chat.completions.create(
+                model="m", messages=question, tools=TOOLS, tool_choice=choice
+            )
+    with pytest.raises(openai.BadRequestError, match="needs tools"):
+        served.client.chat.completions.create(model="m", messages=question, tool_choice="required")
 
 
 def test_real_engine_generates_from_the_prompt_with_tools(tmp_path):

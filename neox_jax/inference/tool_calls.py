@@ -81,6 +81,36 @@ def new_call_id(fmt: str) -> str:
     return f"call_{secrets.token_hex(12)}"
 
 
+def forced_prefix(fmt: str, name: str | None = None, template: str | None = None) -> str:
+    """The text that starts a tool call in format ``fmt``: forced into a generation, the
+    model can only go on writing a call (OpenAI's ``tool_choice`` "required"), or, with
+    ``name``, that function's arguments (a named ``tool_choice``). Mistral templates that
+    write ``[TOOL_CALLS]name[ARGS]{...}`` (Mistral Small 3.x) get that form, older ones
+    the JSON list form."""
+    marker = MARKERS[fmt]
+    if fmt == "qwen":
+        return (
+            f"{marker}\n"
+            if name is None
+            else f'{marker}\n{{"name": {json.dumps(name)}, "arguments": '
+        )
+    if template and "[ARGS]" in template:
+        return marker if name is None else f"{marker}{name}[ARGS]"
+    return (
+        f"{marker} [" if name is None else f'{marker} [{{"name": {json.dumps(name)}, "arguments": '
+    )
+
+
+def check_forced(calls: list[dict], name: str | None, text: str = "") -> None:
+    """``ToolCallError`` unless ``calls`` obey a forced tool choice: at least one call,
+    and (``name`` given) only calls of ``name``."""
+    if not calls:
+        raise ToolCallError("tool_choice requires a tool call and the reply holds none", text)
+    wrong = sorted({c["function"]["name"] for c in calls} - {name}) if name else []
+    if wrong:
+        raise ToolCallError(f"tool_choice names {name!r} but the model called {wrong}", text)
+
+
 def parse_tool_calls(text: str, fmt: str, tool_names=None) -> ParsedReply:
     """The content and calls of ``text`` in format ``fmt``.
 

@@ -377,6 +377,7 @@ def create_app(
             ids = encode_chat(messages, tok, chat_template, tools=tools.tools)
         except ChatFormatError as e:
             raise bad(str(e), "messages") from None
+        ids = tools.prompt(ids, tok)  # + the forced start of a tool call, if any
         limit = body.max_completion_tokens or body.max_tokens
         sampling = body.sampling(max_tokens_for(body, ids, limit), max_n)
         call = _Call(engine)

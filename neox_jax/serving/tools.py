@@ -5,8 +5,13 @@
   the prompt by the chat template and the reply is parsed in the template's tool-call
   format (``neox_jax.inference.tool_calls``; the server's ``tool_call_format`` option
   names it when the template does not show it). "none": as if no tools were given (not
-  rendered, not parsed), so the model cannot call one. "required" and a named function
-  would need constrained decoding, which the server does not do: 400.
+  rendered, not parsed), so the model cannot call one. "required" (some call) and a named
+  function (``{"type": "function", "function": {"name": ...}}``: a call of it) force the
+  start of a call in the family's format into the generation after the prompt
+  (``tool_calls.forced_prefix``: ``<tool_call>\\n``, or with the name and ``"arguments": ``
+  written for the model), so it can only continue the call; the reply is then parsed
+  from that prefix on and must hold a call (of that function): else 422 as below. The
+  forced tokens count as prompt tokens in ``usage``.
 * Past turns in OpenAI's form (assistant ``tool_calls`` with JSON-text arguments,
   ``tool`` messages) are handed to the template in transformers' form (arguments as
   objects).
@@ -33,13 +38,23 @@ class ToolSetup:
     tools: list[dict] | None = None
     fmt: str | None = None
     names: set[str] = dataclasses.field(default_factory=set)
+    forced: bool = False  # tool_choice "required" or named: a call must come back
+    name: str | None = None  # the named function
+    prefix: str = ""  # the start of a call, forced into the generation
+
+    def prompt(self, ids: list[int], tokenizer) -> list[int]:
+        """The prompt ids with the forced start of a call (if any) after them."""
+        return list(ids) + (tokenizer.encode(self.prefix) if self.prefix else [])
 
     def reply(self, text: str, reason: str | None) -> tuple[dict, str | None]:
         """The ``message`` of a whole reply and its finish reason."""
         if self.fmt is None:
             return {"role": "assistant", "content": text}, reason
+        text = self.prefix + text
         try:
             parsed = tc.parse_tool_calls(text, self.fmt, self.names)
+            if self.forced:
+                tc.check_forced(parsed.tool_calls, self.name, text)
         except tc.ToolCallError as e:
             raise invalid(e) from None
         if not parsed.tool_calls:
@@ -48,7 +63,25 @@ class ToolSetup:
         return message, "tool_calls"
 
     def splitter(self) -> tc.StreamSplitter | None:
-        return None if self.fmt is None else tc.StreamSplitter(self.fmt, self.names)
+        if self.fmt is None:
+            return None
+        split = _ForcedSplitter(self.fmt, self.names) if self.forced else None
+        split = split or tc.StreamSplitter(self.fmt, self.names)
+        if self.prefix:
+            split.name = self.name
+            split.feed(self.prefix)  # held back: it starts with the call marker
+        return split
+
+
+class _ForcedSplitter(tc.StreamSplitter):
+    """A splitter whose ``finish`` also checks the forced tool choice."""
+
+    name: str | None = None
+
+    def finish(self) -> tuple[str, list[dict]]:
+        tail, calls = super().finish()
+        tc.check_forced(calls, self.name, self.text)
+        return tail, calls
 
 
 def invalid(e: tc.ToolCallError) -> APIError:
@@ -60,11 +93,17 @@ def invalid(e: tc.ToolCallError) -> APIError:
 def setup(body: ChatRequest, template: str | None, format_setting: str) -> ToolSetup:
     """The request's ``ToolSetup`` (``APIError`` 400 on what cannot be served)."""
     choice = body.tool_choice
-    if isinstance(choice, dict) or choice not in (None, "auto", "none"):
+    name = _named(choice)
+    if name is None and choice not in (None, "auto", "none", "required"):
         raise bad(
-            f"tool_choice={choice!r} is not supported (it needs constrained decoding); "
-            "use 'auto' or 'none'.",
+            f"tool_choice={choice!r} is not one of 'auto', 'none', 'required' or "
+            '{"type": "function", "function": {"name": ...}}.',
             "tool_choice",
+        )
+    forced = choice == "required" or name is not None
+    if forced and not body.tools:
+        raise bad(
+            f"tool_choice={choice!r} needs tools: give the functions in 'tools'.", "tool_choice"
         )
     if not body.tools or choice == "none":
         return ToolSetup()
@@ -77,7 +116,30 @@ def setup(body: ChatRequest, template: str | None, format_setting: str) -> ToolS
             "tools",
         )
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
-    return ToolSetup(tools, fmt, tc.tool_names(tools))
+    names = tc.tool_names(tools)
+    if name is not None and name not in names:
+        raise bad(
+            f"tool_choice names {name!r}, which is not among the tools "
+            f"({', '.join(sorted(names))}).",
+            "tool_choice",
+        )
+    prefix = tc.forced_prefix(fmt, name, template) if forced else ""
+    return ToolSetup(tools, fmt, names, forced, name, prefix)
+
+
+def _named(choice) -> str | None:
+    """The function name of a named tool_choice, None for a string choice (400 when a
+    dict is not OpenAI's ``{"type": "function", "function": {"name": "..."}}``)."""
+    if not isinstance(choice, dict):
+        return None
+    fn = choice.get("function")
+    if choice.get("type") != "function" or not isinstance(fn, dict) or not fn.get("name"):
+        raise bad(
+            f"tool_choice={choice!r}: a named choice must read "
+            '{"type": "function", "function": {"name": "<one of the tools>"}}.',
+            "tool_choice",
+        )
+    return str(fn["name"])
 
 
 def messages(body: ChatRequest) -> list[dict]:
