@@ -53,6 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Decode steps per device call: fewer host round trips per token (small models on
     # GPU/TPU), but requests are admitted and retired only every this many tokens.
     c.steps_per_call = 1
+    # KV cache: "slots" (each slot owns max_len contiguous columns) or "paged" (the slots
+    # share num_pages pages of page_size tokens; a request holds the pages of its prompt
+    # plus max_tokens, and waits in the queue while too few are free: with lengths that
+    # vary, many more requests fit in the same memory; raise num_slots to use them).
+    # page_size must divide max_len. Paged does not run with tensor/pipeline parallelism.
+    c.kv_cache = "slots"
+    c.page_size = 16
+    c.num_pages = 0  # 0 = as many tokens as num_slots x max_len (the slots' memory)
     # Requests that may wait for a slot; beyond it the server answers 429.
     c.max_queue = 64
     # Prompts admitted between two decode steps (bounds how long decoding pauses).

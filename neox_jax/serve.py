@@ -32,12 +32,14 @@ def check_config(config) -> None:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
     positive = (
         "num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel",
-        "pipeline_stages", "steps_per_call",
+        "pipeline_stages", "steps_per_call", "page_size",
     )  # fmt: skip
     for name in positive:
         if not isinstance(config[name], int) or config[name] < 1:
             raise UserError(f"--config.{name} must be an integer >= 1, got {config[name]!r}.")
-    for name in ("max_len", "max_queue", "max_logprobs", "prefill_chunk", "prefix_cache_blocks"):
+    for name in (
+        "max_len", "max_queue", "max_logprobs", "prefill_chunk", "prefix_cache_blocks", "num_pages",
+    ):  # fmt: skip
         if not isinstance(config[name], int) or config[name] < 0:
             raise UserError(f"--config.{name} must be an integer >= 0, got {config[name]!r}.")
     if not 0 <= config.port < 65536:
@@ -48,6 +50,14 @@ def check_config(config) -> None:
         raise UserError(
             f"--config.prefill_buckets must be integers >= 2, got {config.prefill_buckets!r}."
         )
+
+
+def _default_pages(config, model_config) -> int:
+    """Pages holding as many tokens as ``num_slots`` contiguous slots would."""
+    from neox_jax.inference.generate import context_length
+
+    max_len = config.max_len or context_length(model_config)
+    return config.num_slots * max_len // config.page_size
 
 
 def build(config, progress=print):
@@ -79,6 +89,9 @@ def build(config, progress=print):
         prefill_chunk=config.prefill_chunk,
         prefix_cache_blocks=config.prefix_cache_blocks,
         steps_per_call=config.steps_per_call,
+        kv_cache=config.kv_cache,
+        page_size=config.page_size,
+        num_pages=config.num_pages or _default_pages(config, model_config),
         mesh=mesh,
     )
     del params  # the engine keeps its per-layer copy

@@ -41,6 +41,14 @@ class Admission:
                 f"{n + p.max_new_tokens} exceed this server's limit of {self.max_len} tokens "
                 "per request; shorten the prompt or lower max_tokens."
             )
+        pages = self.pages
+        if pages is not None and pages.pages_for(n + p.max_new_tokens) > pages.num_pages:
+            raise UserError(
+                f"the prompt ({n} tokens) plus max_tokens ({p.max_new_tokens}) need "
+                f"{pages.pages_for(n + p.max_new_tokens)} KV-cache pages of "
+                f"{pages.page_size} tokens; this server has {pages.num_pages} in all. "
+                "Shorten the prompt or lower max_tokens."
+            )
         if p.num_beams != 1:
             raise UserError("beam search is not served; use num_beams=1.")
         if p.stop_strings and self.tokenizer is None:
@@ -95,7 +103,7 @@ class Admission:
 
     def _insert(self, prefix, slot: int, p: SamplingParams, row: int) -> None:
         controls = self._controls(p, row)
-        self.state = dev.insert(prefix, self.state, np.int32(slot), *controls)
+        self.state = self.dev.insert(prefix, self.state, np.int32(slot), *controls)
 
     def _admit(self) -> None:
         admitted = 0
@@ -108,6 +116,10 @@ class Admission:
                 r.sink(Event([], "", [], done=True, finish_reason=CANCELLED))
                 continue
             slot = self.slots.index(None)
+            if not self._take_pages(slot, r):  # the pool is short: wait (in order)
+                with self._lock:
+                    self.waiting.appendleft(r)
+                return
             self.slots[slot] = r
             if self.tokenizer is not None:
                 r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
@@ -127,6 +139,20 @@ class Admission:
             self._insert(prefix, slot, r.sampling, r.row)
             admitted += 1
 
+    def _take_pages(self, slot: int, r: Request) -> bool:
+        """Paged cache: give ``slot`` the pages of ``r``'s prompt plus ``max_tokens``,
+        or return False when too few are free. Always True for contiguous slots."""
+        if self.pages is None:
+            return True
+        tokens = len(r.prompt_ids) + r.sampling.max_new_tokens
+        if self.pages.pages_for(tokens) > self.pages.free_pages:
+            return False
+        owned = self.pages.allocate(slot, tokens)
+        row = np.zeros(self.pages.pages_per_slot, np.int32)  # past its pages: scratch
+        row[: len(owned)] = owned
+        self.state = self.dev.set_pages(self.state, np.int32(slot), row)
+        return True
+
     def _prefill_next_chunk(self) -> None:
         """One chunk of the longest-waiting chunked prompt; activates it after its last."""
         slot, start = next(iter(self._prefilling.items()))
@@ -135,7 +161,7 @@ class Admission:
         tokens = np.zeros(c, np.int32)
         piece = r.prompt_ids[start : start + c]
         tokens[: len(piece)] = piece
-        self.state = dev.prefill_chunk(
+        self.state = self.dev.prefill_chunk(
             self.config, self.params, self.state, np.int32(slot), tokens, np.int32(start),
             np.int32(n),
         )  # fmt: skip
@@ -154,7 +180,7 @@ class Admission:
         r.block_keys = self.prefix_cache.keys(r.prompt_ids, (len(r.prompt_ids) - 1) // c)
         hits = self.prefix_cache.lookup(r.block_keys)
         for i, (k, v) in enumerate(hits):
-            self.state = dev.put_block(self.state, np.int32(slot), k, v, np.int32(i * c))
+            self.state = self.dev.put_block(self.state, np.int32(slot), k, v, np.int32(i * c))
         r.cached_blocks = len(hits)
         if self.metrics is not None:
             self.metrics.observe_prefix(len(hits) * c, len(r.block_keys) * c)
@@ -166,7 +192,7 @@ class Admission:
         c, n = self.prefill_chunk, len(r.prompt_ids)
         if self.prefix_cache is not None:
             for i in reversed(range(r.cached_blocks, len(r.block_keys))):
-                kv = dev.get_block(self.state, np.int32(slot), np.int32(i * c), size=c)
+                kv = self.dev.get_block(self.state, np.int32(slot), np.int32(i * c), size=c)
                 self.prefix_cache.store(r.block_keys[i], kv)
             self.prefix_cache.touch(r.block_keys)
         seen = np.zeros(self.config.vocab_size, np.bool_)

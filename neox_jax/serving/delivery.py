@@ -55,18 +55,25 @@ class Delivery:
             return False
         if r.tracker is not None and r.tracker.stopped:
             self.state = dev.release(self.state, np.int32(slot))  # may still run on device
-        self.slots[slot] = None
+        self._free_slot(slot)
         if self.metrics is not None:
             self.metrics.observe_finished(r, now)
         reason = "length" if finish == LENGTH else "stop"
         r.sink(Event([tok], text, lp, done=True, finish_reason=reason))
         return True
 
+    def _free_slot(self, slot: int) -> None:
+        """``slot`` takes the next request; its pages (paged cache) go back to the pool.
+        A finished slot is never RUNNING again, so its stale page row is never written."""
+        self.slots[slot] = None
+        if self.pages is not None:
+            self.pages.release(slot)
+
     def _retire(self, slot: int, reason: str) -> None:
         r = self.slots[slot]
         self._prefilling.pop(slot, None)
         self.state = dev.release(self.state, np.int32(slot))
-        self.slots[slot] = None
+        self._free_slot(slot)
         r.sink(Event([], "", [], done=True, finish_reason=reason))
 
     def _fail_all(self) -> None:

@@ -28,9 +28,11 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.rules import mesh_context
+from neox_jax.serving import paged_slots
 from neox_jax.serving import slots as dev
 from neox_jax.serving.admission import Admission
 from neox_jax.serving.delivery import Delivery
+from neox_jax.serving.paged import PagePool
 from neox_jax.serving.prefix_cache import PrefixCache
 from neox_jax.serving.requests import (
     CANCELLED,
@@ -102,6 +104,9 @@ class Engine(Admission, Delivery):
         prefill_chunk: int = 0,
         prefix_cache_blocks: int = 0,
         steps_per_call: int = 1,
+        kv_cache: str = "slots",
+        page_size: int = 16,
+        num_pages: int = 0,
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -154,9 +159,15 @@ class Engine(Admission, Delivery):
         self.max_prefills_per_step = max_prefills_per_step
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.metrics = metrics
+        self.pages = self._page_pool(kv_cache, page_size, num_pages)
+        self.dev = dev if self.pages is None else paged_slots
         with self._context():  # under jit, the cache takes the rules table's sharding
-            init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
-            self.state = init(config, num_slots, max_len, stop_width, self.pipeline)
+            if self.pages is None:
+                init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
+                self.state = init(config, num_slots, max_len, stop_width, self.pipeline)
+            else:
+                init = jax.jit(paged_slots.init_state, static_argnums=(0, 1, 2, 3, 4, 5))
+                self.state = init(config, num_slots, max_len, stop_width, num_pages, page_size)
         self.slots: list[Request | None] = [None] * num_slots
         self.waiting: deque[Request] = deque()
         self._lock = threading.Condition()
@@ -164,6 +175,22 @@ class Engine(Admission, Delivery):
         self._stopping = False
         self._accepting = True
         self._prefilling: dict[int, int] = {}  # slot -> next prompt position to prefill
+
+    def _page_pool(self, kv_cache: str, page_size: int, num_pages: int) -> PagePool | None:
+        """The host's page allocator for ``kv_cache="paged"`` (None for slots)."""
+        if kv_cache == "slots":
+            return None
+        if kv_cache != "paged":
+            raise UserError(f'kv_cache must be "slots" or "paged", got {kv_cache!r}.')
+        if self.mesh is not None:
+            raise UserError('kv_cache="paged" does not run on a mesh yet; use "slots".')
+        if page_size < 1 or self.max_len % page_size or num_pages < 1:
+            raise UserError(
+                f"the paged cache needs page_size >= 1 dividing max_len={self.max_len} "
+                f"(got {page_size}) and num_pages >= 1 (got {num_pages})."
+            )
+        # Page 0 is the device's scratch page: the pool hands out 1 .. num_pages.
+        return PagePool(num_pages, page_size, self.num_slots, self.max_len, first_page=1)
 
     def _context(self):
         """The mesh and rules table every device call runs under (nothing without a mesh)."""
@@ -223,6 +250,9 @@ class Engine(Admission, Delivery):
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
         total = len(self.buckets) + 4 + bool(self.prefill_chunk)
+        if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
+            row = np.zeros(self.pages.pages_per_slot, np.int32)
+            self.state = self.dev.set_pages(self.state, np.int32(0), row)
         for i, b in enumerate(self.buckets, 1):
             progress(f"compiling prefill bucket {b} ({i}/{total})")
             prefix = dev.prefill(
@@ -236,7 +266,7 @@ class Engine(Admission, Delivery):
             done += 1
             progress(f"compiling prefill chunk of {self.prefill_chunk} ({done}/{total})")
             zeros = np.zeros(self.prefill_chunk, np.int32)
-            self.state = dev.prefill_chunk(
+            self.state = self.dev.prefill_chunk(
                 self.config, self.params, self.state, np.int32(0), zeros, np.int32(0), np.int32(1)
             )
             seen = np.zeros(self.config.vocab_size, np.bool_)
@@ -245,15 +275,17 @@ class Engine(Admission, Delivery):
                 self.state, np.int32(0), np.int32(0), np.int32(0), seen, *controls
             )
             if self.prefix_cache is not None:
-                k, v = dev.get_block(self.state, np.int32(0), np.int32(0), size=self.prefill_chunk)
-                self.state = dev.put_block(self.state, np.int32(0), k, v, np.int32(0))
+                k, v = self.dev.get_block(
+                    self.state, np.int32(0), np.int32(0), size=self.prefill_chunk
+                )
+                self.state = self.dev.put_block(self.state, np.int32(0), k, v, np.int32(0))
             self.state = dev.release(self.state, np.int32(0))
         for j, (mode, k) in enumerate(
             [(m, k) for m in (dev.GREEDY, dev.SAMPLE) for k in (0, self.max_logprobs)], 1
         ):
             name = "greedy" if mode.greedy else "sampling"
             progress(f"compiling {name} step, {k} logprobs ({done + j}/{total})")
-            self.state, out = dev.generate(
+            self.state, out = self.dev.generate(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call,
             )  # fmt: skip
@@ -289,7 +321,7 @@ class Engine(Admission, Delivery):
         greedy = all(r.sampling.temperature == 0 for _, r in running)
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
         start = time.perf_counter()
-        self.state, out = dev.generate(
+        self.state, out = self.dev.generate(
             self.config,
             self.params,
             self.state,

@@ -30,9 +30,13 @@ class PagePool:
       num_slots: rows of the page table (sequences decoded at once).
       max_len: most tokens one sequence may hold; the table has
         ``ceil(max_len / page_size)`` columns.
+      first_page: the lowest page id handed out (ids below it are kept back, e.g. the
+        engine's scratch page 0).
     """
 
-    def __init__(self, num_pages: int, page_size: int, num_slots: int, max_len: int):
+    def __init__(
+        self, num_pages: int, page_size: int, num_slots: int, max_len: int, first_page: int = 0
+    ):
         if min(num_pages, page_size, num_slots, max_len) < 1:
             raise UserError(
                 "num_pages, page_size, num_slots and max_len must all be >= 1, got "
@@ -41,7 +45,8 @@ class PagePool:
         self.page_size, self.num_slots = page_size, num_slots
         self.pages_per_slot = math.ceil(max_len / page_size)
         self.max_len = max_len
-        self._free = list(range(num_pages - 1, -1, -1))  # a stack: low ids first
+        # A stack: low ids first.
+        self._free = list(range(first_page + num_pages - 1, first_page - 1, -1))
         self.num_pages = num_pages
         self.owned: list[list[int]] = [[] for _ in range(num_slots)]
 
@@ -76,7 +81,7 @@ class PagePool:
 
     def table(self) -> np.ndarray:
         """The ``[num_slots, pages_per_slot]`` int32 page table (unused entries 0: the
-        kernel never reads past a sequence's length)."""
+        kernel never reads past a sequence's length; the engine's scratch page)."""
         out = np.zeros((self.num_slots, self.pages_per_slot), np.int32)
         for slot, pages in enumerate(self.owned):
             out[slot, : len(pages)] = pages

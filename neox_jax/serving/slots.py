@@ -453,11 +453,16 @@ def generate(
     return jax.lax.scan(body, state, None, length=steps)
 
 
-def _one_step(config, params, state: SlotState, mode: SamplingMode, num_logprobs: int):
-    """One token for every RUNNING slot: ``(new state, StepOutput of [N] arrays)``."""
+def _one_step(
+    config, params, state: SlotState, mode: SamplingMode, num_logprobs: int, forward=None
+):
+    """One token for every RUNNING slot: ``(new state, StepOutput of [N] arrays)``.
+
+    ``forward``: the model step over the slots' cache (``_slot_forward``; the paged
+    cache passes its own)."""
     slots = state.last.shape[0]
     rows = jnp.arange(slots)
-    logits, cache = _slot_forward(config, params, state)
+    logits, cache = (forward or _slot_forward)(config, params, state)
     running = state.finish == RUNNING
     keys = None
     if not mode.greedy:
