@@ -63,6 +63,43 @@ def test_flash_grouped_and_windowed_equals_xla(layout, kv_heads, window):
         _close(g, w, 1e-4)
 
 
+# The TPU (Mosaic) schedule streams the other side's blocks through a grid axis and
+# clamps the block index of skipped steps into the visible range (flash_stream.py). Its
+# edges: first grid steps skipped (window rows start past kv block 0; key blocks past the
+# first query blocks), last ones skipped (causal rows end before the last kv block), the
+# accumulators initialised and written on skipped steps, block_q < and > block_k.
+@pytest.mark.parametrize("blocks,window", [((16, 32), 20), ((32, 16), None)])
+def test_streamed_kernels_at_block_edges(blocks, window):
+    q, k, v = _qkv(1, 96, 4, 2, seed=5)
+    seg = np.ones((1, 96), np.int32)
+    seg[0, 50:], seg[0, :3] = 2, 0
+    seg = jnp.asarray(seg)
+    ours = lambda q, k, v: _attention(q, k, v, seg, True, None, blocks, "tpu", True, window)  # noqa: E731
+    ref = lambda q, k, v: _xla(q, k, v, seg, window)  # noqa: E731
+    _close(ours(q, k, v), ref(q, k, v), 1e-5)
+    loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))  # noqa: E731
+    got = jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        _close(g, w, 1e-4)
+
+
+def test_streamed_kernels_never_mix_in_blocks_outside_the_window():
+    """NaN keys and values in slots 0-15: with a window of 8, query rows from 32 on see
+    none of them, so their outputs and dq stay exact only if no grid step combines that
+    block with them (fetched and computed, even masked, 0 * NaN would be NaN). Here the
+    skipped steps name a visible block (the clamped index map) and compute nothing."""
+    q, k, v = _qkv(1, 64, 2, 1, seed=6)
+    seg = jnp.ones((1, 64), jnp.int32)
+    poison = lambda x: x.at[:, :16].set(jnp.nan)  # noqa: E731
+    run = lambda q, k, v: _attention(q, k, v, seg, True, None, (16, 16), "tpu", True, 8)  # noqa: E731
+    loss = lambda fn, k, v: lambda q: jnp.sum(jnp.sin(fn(q, k, v)[:, 32:]))  # noqa: E731
+    ref = lambda q, k, v: _xla(q, k, v, seg, 8)  # noqa: E731
+    _close(run(q, poison(k), poison(v))[:, 32:], ref(q, k, v)[:, 32:], 1e-5)
+    got = jax.grad(loss(run, poison(k), poison(v)))(q)[:, 32:]
+    _close(got, jax.grad(loss(ref, k, v))(q)[:, 32:], 1e-4)
+
+
 @pytest.mark.parametrize("layout", ["gpu", "tpu"])
 @pytest.mark.parametrize("kv_heads,window", [(2, None), (1, 5), (8, 30)])
 def test_decode_grouped_and_windowed_equals_xla(layout, kv_heads, window):

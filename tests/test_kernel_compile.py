@@ -72,6 +72,15 @@ def test_training_gets_mosaic_on_tpu_and_triton_on_cuda(programs, head_dim):
     assert p["cuda"] == {f"cuda:{k}": 1 for k in FLASH}
 
 
+def test_32k_attention_gradient_compiles_for_tpu(programs):
+    """The flash kernels stream K/V blocks through the grid: their VMEM use does not grow
+    with the sequence, so a 32,768-token gradient (GQA, segment ids) compiles for TPU."""
+    p = programs["flash/32k"]
+    assert p["tpu"] == {f"tpu:{k}": 1 for k in FLASH}
+    assert p["tpu_compiled_custom_calls"] == 3
+    assert p["cuda"] == {f"cuda:{k}": 1 for k in FLASH}
+
+
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 def test_decoding_gets_mosaic_on_tpu_and_triton_on_cuda(programs, head_dim):
     p = programs[f"decode/d{head_dim}"]

@@ -9,14 +9,16 @@ in two kernels, one per query block for dq and one per key block for dk/dv, so n
 kernel needs atomics. ``jax.grad`` cannot go through ``pallas_call``, hence the
 ``custom_vjp``.
 
-Every kernel owns one block of rows and loops over the blocks of the other side with
-``fori_loop``, reading them from a whole-sequence slab of its (batch, head). Under
-causality that loop is split in two: blocks fully below the diagonal run without the
-causal mask, blocks on the diagonal run with it, and blocks above it are never
-visited (causal block skipping). The same kernels lower to Triton on GPU and to
-Mosaic on TPU; what differs is only the array layout, the grid order and the
-compiler parameters (see ``flash_layout.Layout`` and ``_compiler_params``). Which one a program
-gets follows the platform it is lowered for (``neox_jax.kernels.target``).
+Two schedules of the same tiles (``flash_blocks``). Triton (GPU) and the interpreter
+(CPU): every kernel owns one block of rows and loops over the blocks of the other side
+with ``fori_loop``, reading them from a whole-sequence ref of its (batch, head) that
+stays in HBM. Mosaic (TPU) copies every block of a ``BlockSpec`` into VMEM, so there
+the other side is streamed through a grid axis instead, with the running statistics
+in VMEM scratch (``flash_stream``): VMEM use does not grow with the sequence. Under
+causality both skip the blocks above the diagonal (and outside a sliding window) and
+mask only the blocks on it. Which one a program gets follows the platform it is
+lowered for (``neox_jax.kernels.target``); ``flash_layout.Layout`` holds the array
+layout and grid order per target.
 
 A ``pallas_call`` is a per-device kernel that XLA cannot partition: inside a sharded
 jit, call these functions under ``jax.shard_map`` with batch and heads sharded (every
@@ -30,11 +32,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from neox_jax.kernels import flash_stream
+from neox_jax.kernels.flash_blocks import (
+    block_mask,
+    dkv_update,
+    dq_update,
+    fwd_finish,
+    fwd_init,
+    fwd_update,
+    visible_blocks,
+)
 from neox_jax.kernels.flash_layout import Layout as _Layout
-from neox_jax.kernels.reference import MASK_VALUE
 from neox_jax.kernels.target import dispatch
 
 # (block_q, block_k) per target, forward and backward. GPU: Triton tiles that fit
@@ -70,15 +80,11 @@ class _Config:
 
 
 def _compiler_params(cfg, head_dim):
-    """Backend-specific compiler parameters; None when interpreting."""
+    """Triton's compiler parameters; None when interpreting (TPU: ``flash_stream``)."""
     if cfg.interpret:
         return None
-    if cfg.layout.target == "gpu":
-        # Wider heads need more warps to keep the [block, head_dim] tiles in registers.
-        return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-    # Every grid step writes its own output block, so all axes may be split across
-    # TensorCores (megacore); nothing accumulates across grid steps.
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    # Wider heads need more warps to keep the [block, head_dim] tiles in registers.
+    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
 
 
 def _split_refs(refs, n_in, has_segments):
@@ -88,77 +94,25 @@ def _split_refs(refs, n_in, has_segments):
     return ins, (tuple(segs) if segs else (None, None)), outs
 
 
-def _mm(a, b, contract):
-    """fp32-accumulated 2-D matmul contracting a's and b's dims ``contract``."""
-    return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
-_dot_nt = functools.partial(_mm, contract=((1,), (1,)))  # [m, d] x [n, d] -> [m, n]
-_dot_tn = functools.partial(_mm, contract=((0,), (0,)))  # [m, n] x [m, d] -> [n, d]
-_dot = functools.partial(_mm, contract=((1,), (0,)))  # [m, n] x [n, d] -> [m, d]
-
-
 def _rows(start, size):
     return pl.ds(pl.multiple_of(start, size), size)
 
 
-def _block_mask(q_seg, kv_seg, q_start, k_start, shape, causal, window=None):
-    """[block_q, block_k] bool (True = attend) or None when nothing is masked.
-
-    Same rule as ``reference.make_attention_mask``: equal non-zero segment ids and,
-    when causal, key slot <= query slot (and, with a sliding ``window``, key slot >
-    query slot - window, as ``model.grouped.window_mask``). Padded slots carry segment id 0.
-    """
-    mask = None
-    if q_seg is not None:
-        mask = (q_seg == kv_seg) & (kv_seg != 0)  # [bq, 1] vs [1, bk]
-    if causal:
-        q_pos = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
-        k_pos = k_start + lax.broadcasted_iota(jnp.int32, shape, 1)
-        visible = q_pos >= k_pos
-        if window is not None:
-            visible &= k_pos > q_pos - window
-        mask = visible if mask is None else mask & visible
-    return mask
-
-
-def _causal_ranges(i, rows_block, cols_block, n_cols, rows_are_queries):
-    """Loop bounds over the other side's blocks for row block ``i``.
-
-    Returns (lo, mid, hi): blocks in [lo, mid) need the causal mask, [mid, hi) do not
-    when the rows are keys; for query rows it is [lo, mid) unmasked, [mid, hi) masked.
-    Blocks outside [lo, hi) are entirely above the diagonal and are skipped.
-    """
-    if rows_are_queries:
-        full = lax.div(i * rows_block, cols_block)  # kv blocks with every key <= first query
-        end = lax.div((i + 1) * rows_block + cols_block - 1, cols_block)
-        return 0, full, jnp.minimum(end, n_cols)
-    start = lax.div(i * rows_block, cols_block)  # first q block reaching this key block
-    full = lax.div((i + 1) * rows_block + cols_block - 1, cols_block)
-    return start, jnp.minimum(full, n_cols), n_cols
-
-
-def _window_range(i, rows_block, cols_block, n_cols, rows_are_queries, window):
-    """[lo, hi): the other side's blocks that hold a visible pair under a sliding window
-    (query q sees keys q - window < k <= q); the rest are skipped."""
-    if rows_are_queries:  # keys in (i * bq - window, (i + 1) * bq - 1]
-        lo = lax.div(jnp.maximum(i * rows_block - window + 1, 0), cols_block)
-        return lo, jnp.minimum(lax.div((i + 1) * rows_block - 1, cols_block) + 1, n_cols)
-    lo = lax.div(i * rows_block, cols_block)  # queries in [j * bk, (j + 1) * bk + window - 2]
-    return lo, jnp.minimum(lax.div((i + 1) * rows_block + window - 2, cols_block) + 1, n_cols)
-
-
 def _run_loops(body, carry, cfg, i, rows_block, cols_block, n_cols, rows_are_queries):
-    """fori_loop(s) of ``body(j, carry, causal)`` over the visible blocks."""
+    """fori_loop(s) of ``body(j, carry, causal)`` over the visible blocks: under
+    causality, blocks below the diagonal run without the causal mask, blocks on it
+    with the mask, and blocks above it (or outside the window) are never visited."""
+    lo, hi, plain_lo, plain_hi = visible_blocks(
+        cfg, i, rows_block, cols_block, n_cols, rows_are_queries
+    )
+    loop = lambda a, b, causal, c: lax.fori_loop(a, b, functools.partial(body, causal=causal), c)  # noqa: E731
     if not cfg.causal:
-        return lax.fori_loop(0, n_cols, functools.partial(body, causal=False), carry)
-    if cfg.window is not None:  # every visited block masked (window edge and diagonal)
-        lo, hi = _window_range(i, rows_block, cols_block, n_cols, rows_are_queries, cfg.window)
-        return lax.fori_loop(lo, hi, functools.partial(body, causal=True), carry)
-    lo, mid, hi = _causal_ranges(i, rows_block, cols_block, n_cols, rows_are_queries)
-    first, second = (False, True) if rows_are_queries else (True, False)
-    carry = lax.fori_loop(lo, mid, functools.partial(body, causal=first), carry)
-    return lax.fori_loop(mid, hi, functools.partial(body, causal=second), carry)
+        return loop(0, n_cols, False, carry)
+    if cfg.window is not None:
+        return loop(lo, hi, True, carry)
+    if rows_are_queries:  # [0, full) unmasked, then the diagonal blocks
+        return loop(plain_hi, hi, True, loop(plain_lo, plain_hi, False, carry))
+    return loop(plain_lo, plain_hi, False, loop(lo, plain_lo, True, carry))
 
 
 def _fwd_kernel(*refs, cfg, n_q, n_k):
@@ -171,46 +125,15 @@ def _fwd_kernel(*refs, cfg, n_q, n_k):
     q_seg = None if qs_ref is None else qs_ref[...]  # [bq, 1]
 
     def body(j, carry, causal):
-        m, row_sum, acc = carry  # [bq, 1], [bq, 1], [bq, dp] fp32
-        k = k_ref[_rows(j * bk, bk), :]  # [bk, dp]
-        v = v_ref[_rows(j * bk, bk), :]
-        s = _dot_nt(q, k) * cfg.scale  # [bq, bk]
         kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]  # [1, bk]
-        mask = _block_mask(q_seg, kv_seg, i * bq, j * bk, s.shape, causal, cfg.window)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.exp(s - m_new)
-        if mask is not None:
-            # Explicit zeros: a row whose keys are all masked keeps l == 0 (exp(0) would
-            # count masked keys), so the caller can tell padding rows apart.
-            p = jnp.where(mask, p, 0.0)
-        alpha = jnp.exp(m - m_new)
-        row_sum = alpha * row_sum + jnp.sum(p, axis=1, keepdims=True)
-        acc = alpha * acc + _dot(p.astype(v.dtype), v)
-        return m_new, row_sum, acc
+        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
+        k, v = k_ref[_rows(j * bk, bk), :], v_ref[_rows(j * bk, bk), :]  # [bk, dp]
+        return fwd_update(q, k, v, carry, mask, cfg.scale)
 
-    # m starts at the finite MASK_VALUE, not -inf, so alpha = exp(m - m_new) is never
-    # exp(-inf + inf) = NaN while a row has only seen masked keys.
-    carry = (
-        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
-        jnp.zeros((bq, 1), jnp.float32),
-        jnp.zeros(q.shape, jnp.float32),
-    )
-    m, row_sum, acc = _run_loops(body, carry, cfg, i, bq, bk, n_k, rows_are_queries=True)
-    # Fully masked rows (padding queries): output 0, lse = MASK_VALUE.
-    l_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)
-    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l_safe)
-
-
-def _probs(q, k, lse, q_seg, kv_seg, q_start, k_start, cfg, causal):
-    """Recomputed probabilities [bq, bk] fp32 from the forward's logsumexp."""
-    s = _dot_nt(q, k) * cfg.scale
-    p = jnp.exp(s - lse)
-    mask = _block_mask(q_seg, kv_seg, q_start, k_start, s.shape, causal, cfg.window)
-    # where, not multiply: masked entries may be exp(+large) = inf.
-    return p if mask is None else jnp.where(mask, p, 0.0)
+    carry = fwd_init(bq, q.shape[1])
+    out, lse = fwd_finish(*_run_loops(body, carry, cfg, i, bq, bk, n_k, rows_are_queries=True))
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 def _dq_kernel(*refs, cfg, n_q, n_k):
@@ -223,12 +146,10 @@ def _dq_kernel(*refs, cfg, n_q, n_k):
     q_seg = None if qs_ref is None else qs_ref[...]
 
     def body(j, dq, causal):
-        k = k_ref[_rows(j * bk, bk), :]  # [bk, dp]
-        v = v_ref[_rows(j * bk, bk), :]
+        k, v = k_ref[_rows(j * bk, bk), :], v_ref[_rows(j * bk, bk), :]  # [bk, dp]
         kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]
-        p = _probs(q, k, lse, q_seg, kv_seg, i * bq, j * bk, cfg, causal)
-        ds = p * (_dot_nt(do, v) - delta)  # [bq, bk]
-        return dq + _dot(ds.astype(k.dtype), k)
+        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
+        return dq + dq_update(q, k, v, do, lse, delta, mask, cfg.scale)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = _run_loops(body, dq, cfg, i, bq, bk, n_k, rows_are_queries=True)
@@ -244,15 +165,13 @@ def _dkv_kernel(*refs, cfg, n_q, n_k):
     kv_seg = None if ks_ref is None else ks_ref[...]  # [1, bk]
 
     def body(i, carry, causal):
-        dk, dv = carry
         rows = _rows(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]  # [bq, dp]
         q_seg = None if qs_ref is None else qs_ref[rows, :]
-        p = _probs(q, k, lse_ref[rows, :], q_seg, kv_seg, i * bq, j * bk, cfg, causal)
-        dv = dv + _dot_tn(p.astype(do.dtype), do)  # [bk, dp]
-        ds = p * (_dot_nt(do, v) - delta_ref[rows, :])  # [bq, bk]
-        dk = dk + _dot_tn(ds.astype(q.dtype), q)
-        return dk, dv
+        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
+        lse, delta = lse_ref[rows, :], delta_ref[rows, :]
+        dk, dv = dkv_update(q, k, v, do, lse, delta, mask, cfg.scale)
+        return carry[0] + dk, carry[1] + dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = _run_loops(body, carry, cfg, j, bk, bq, n_q, rows_are_queries=False)
@@ -287,6 +206,8 @@ def _launch(kind, cfg, dims, operands):
     if any. The grid walks query blocks ("fwd", "dq") or key blocks ("dkv"); operands
     of that side are tiled by the grid, the other side's come as whole-sequence slabs.
     """
+    if cfg.layout.target == "tpu":  # Mosaic: stream both sides through the grid
+        return flash_stream.launch(kind, cfg, dims, operands, _grad_shape(*operands[:2], cfg))
     b, h, lp, dp = dims
     bq, bk = (cfg.block_q, cfg.block_k) if kind == "fwd" else (cfg.bwd_block_q, cfg.bwd_block_k)
     n_q, n_k = lp // bq, lp // bk

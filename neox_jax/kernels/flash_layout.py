@@ -20,8 +20,9 @@ class Layout:
     walks the blocks of one (batch, head) and neighbouring CTAs share its K/V in L2.
     ``tpu`` transposes to ``[batch, heads, length, head_dim]`` because the two minor
     dims of a Mosaic block must be (8, 128)-aligned or whole, which a squeezed heads
-    axis is not; the grid is ``(batch, heads, blocks)`` so the resident whole-sequence
-    slab of a (batch, head) is fetched once and reused across its blocks.
+    axis is not; its grid and block specs are ``flash_stream``'s, which streams both
+    sides through the grid instead of holding a whole-sequence slab in VMEM (for
+    ``tpu`` only ``to_kernel`` here is used; ``grid``/``split``/``spec`` are Triton's).
 
     Under causality the blocks are walked last-first, so the longest rows start first.
     """

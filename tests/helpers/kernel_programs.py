@@ -110,6 +110,25 @@ def programs():
         yield f"quantized/int{bits}", *quantized_forward(config(64), bits)
     # An explicit target wins over the placement.
     yield "flash/d64/interpret", *flash_grad(64, "interpret")
+    yield "flash/32k", *flash_grad_32k()
+
+
+def flash_grad_32k(length=32768):
+    """Qwen3-1.7B's attention at 32k tokens (head_dim 128, grouped K/V heads, packed
+    documents, bf16). Kernels that held a (batch, head)'s whole K/V in VMEM (8 MiB per
+    operand here) failed to compile (CompileTimeScopedVmemOom); streamed K/V blocks fit."""
+
+    def loss(q, k, v, seg):
+        return jnp.sum(flash_attention(q, k, v, seg).astype(jnp.float32) ** 2)
+
+    q = jax.ShapeDtypeStruct((1, length, 2, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, length, 1, 128), jnp.bfloat16)
+    return jax.grad(loss, argnums=(0, 1, 2)), (
+        q,
+        kv,
+        kv,
+        jax.ShapeDtypeStruct((1, length), jnp.int32),
+    )
 
 
 def flash_grad(head_dim, kernel_target):
