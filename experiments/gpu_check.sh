@@ -6,7 +6,7 @@
 #   3. attention benchmark: flash fwd+bwd vs the XLA path vs cuDNN, decode kernel,
 #   4. the Pallas kernels compiled for the GPU (their tests; on a GPU the kernels take the
 #      Triton lowering instead of the interpreter), fp32 dots at full precision,
-#   5. train-step MFU again with the Pallas flash kernels (attention_impl=pallas).
+#   5. train-step MFU again with cuDNN's fused attention and with the Pallas flash kernels.
 # Each step has its own time limit and a failed step never stops the rest.
 # Results (JSON and logs) land in $RES (default experiments/gpu_results/); where $OUT is
 # set (the project's lent GPU machine) they are also bundled, after every step, into
@@ -37,6 +37,8 @@ status=0
 step() {  # step NAME TIMEOUT_S COMMAND...: run one check, keep its log, never stop the rest
   local name=$1 limit=$2 start=$SECONDS rc
   shift 2
+  # ONLY="device decode ..." runs just those steps (a rerun of what failed).
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "=== $name (limit ${limit}s)" | tee -a "$RES/summary.txt"
   timeout "$limit" "$@" >"$RES/$name.log" 2>&1
   rc=$?
@@ -86,11 +88,18 @@ cat "$RES/device.log"
 # log and the JSON (the jax.profiler trace stays in /tmp).
 step train_mfu 150 python3 experiments/train_bench/bench.py --gpu --profile \
   --out="$RES/train_mfu.json"
-step decode 100 python3 experiments/decode_bench/bench.py --gpu --profile \
+step train_mfu_cudnn 70 python3 experiments/train_bench/bench.py --gpu \
+  --attention_impl=cudnn --steps=3 --out="$RES/train_mfu_cudnn.json"
+step decode 120 python3 experiments/decode_bench/bench.py --gpu --rounds=2 \
   --out="$RES/decode.json"
+# The names a GPU trace gives its events, beside the HLO's, for op_profile's table.
+step trace_names 40 python3 experiments/op_profile.py --dump_trace_names="$RES/trace_names.json"
 step attention_bench 60 python3 experiments/attention_bench/bench.py --out="$RES/attention.json"
-step kernels_compiled 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
-  python3 -m pytest -v -p no:cacheprovider --timeout=60 -k "not on_a_mesh" \
+# Each kernel test in a worker that a hung Triton compile kills alone (thread timeout);
+# fp32 dots at full precision, as the CPU suite computes them.
+step kernels_compiled 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -p no:cacheprovider -n 4 \
+  --timeout=45 --timeout-method=thread -k "not on_a_mesh" \
   tests/test_kernels.py tests/test_families_kernels.py tests/test_paged_attention.py \
   tests/test_model_pallas.py --junitxml="$RES/kernels_junit.xml"
 step train_mfu_pallas 70 python3 experiments/train_bench/bench.py --gpu \

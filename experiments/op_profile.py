@@ -306,3 +306,65 @@ def torch_markdown(profile: dict) -> str:
         )
     lines += ["", f"Step {profile['step_wall_s'] * 1e3:.1f} ms wall (under the profiler)."]
     return "\n".join(lines) + "\n"
+
+
+def dump_trace_names(path: str) -> None:
+    """Write what a trace calls its events beside the optimized HLO's instruction names,
+    for a small jitted program on the default device (how the table matches them on a
+    new backend)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def f(x, w):
+        return jax.nn.softmax((x @ w).astype(jnp.float32), axis=-1).sum()
+
+    x = jnp.ones((512, 1024), jnp.bfloat16)
+    w = jnp.ones((1024, 2048), jnp.bfloat16)
+    compiled = f.lower(x, w).compile()
+    compiled(x, w).block_until_ready()
+    logdir = tempfile.mkdtemp(prefix="neox_trace_names_")
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    for _ in range(2):
+        compiled(x, w).block_until_ready()
+    jax.profiler.stop_trace()
+    events = []
+    for trace in Path(logdir).glob("plugins/profile/*/*.trace.json.gz"):
+        with gzip.open(trace) as fh:
+            events += json.load(fh)["traceEvents"]
+    names = sorted(op_costs(compiled.as_text()))
+    threads = {
+        (e.get("pid"), e.get("tid")): (e.get("args") or {}).get("name")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+
+    def wanted(e):  # the program's own events, not the profiler's mutexes
+        thread = str(threads.get((e.get("pid"), e.get("tid"))))
+        hlo = any("hlo" in k for k in e.get("args") or {})
+        return e.get("name") in names or hlo or "Stream" in thread or "GPU" in thread
+
+    spans = [e for e in events if e.get("ph") == "X" and wanted(e)]
+    report = {
+        "backend": jax.default_backend(),
+        "hlo_instructions": names,
+        "events": [
+            {
+                "name": e.get("name"),
+                "args": e.get("args"),
+                "dur": e.get("dur"),
+                "thread": threads.get((e.get("pid"), e.get("tid"))),
+            }
+            for e in spans[:300]
+        ],  # fmt: skip
+    }
+    Path(path).write_text(json.dumps(report, indent=1, default=str))
+    print(f"{len(spans)} events; {len(report['hlo_instructions'])} HLO instructions -> {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Debug aid of the per-op tables.")
+    parser.add_argument("--dump_trace_names", required=True, help="JSON to write")
+    dump_trace_names(parser.parse_args().dump_trace_names)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from neox_jax.errors import UserError
+from neox_jax.model.config import ATTENTION_IMPLS, DTYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla", "pallas")
+# The load-time RoPE overrides (``loading.load_model``) take a type and a factor only;
+# the types that need more keys (dynamic, yarn, llama3) come from the model's config.
 ROPE_SCALING_TYPES = ("none", "linear", "ntk")
 
 

@@ -32,7 +32,7 @@ ACTIVATIONS = (
     "relu",
     "silu",
 )
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas", "cudnn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn", "llama3")
 # The keys each scaling type needs besides "type" and "factor" (see model/rotary.py).
@@ -141,7 +141,9 @@ class ModelConfig(JsonConfig):
     Ours:
       dtype: compute dtype ("float32" or "bfloat16"); LayerNorm and softmax stay fp32.
       param_dtype: storage dtype of parameters.
-      attention_impl: "xla" (the reference) or "pallas" (flash kernels).
+      attention_impl: "xla" (the reference), "pallas" (flash kernels) or "cudnn"
+        (``jax.nn.dot_product_attention``: cuDNN's fused attention on NVIDIA GPUs in
+        bf16/fp16, XLA elsewhere; cached decoding takes the XLA path).
       remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
       moe_impl: one of ``MOE_IMPLS``; all give the same outputs while no expert
         overflows its capacity.

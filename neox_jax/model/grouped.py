@@ -86,3 +86,22 @@ def rolling_attention(q, k, v, k_cache, v_cache, q_segment_ids, cache_segment_id
     if k.shape[2] != q.shape[2]:
         return grouped_attention(q, k_all, v_all, mask[:, None])
     return reference.attention(q, k_all, v_all, mask[:, None])
+
+
+def fused_attention(q, k, v, segment_ids, window: int | None = None):
+    """Causal self-attention through ``jax.nn.dot_product_attention`` (``attention_impl
+    = "cudnn"``): cuDNN's fused flash attention on an NVIDIA GPU for bf16/fp16 inputs,
+    that function's XLA implementation elsewhere. Equals ``reference.attention`` with
+    the same segment, causal and window mask; K/V may have fewer heads (GQA).
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]``; segment_ids: ``[B, T]`` (0 = padding).
+    """
+    mask = reference.make_attention_mask(segment_ids, segment_ids, causal=True)
+    if window is not None:
+        mask &= window_mask(q.shape[1], k.shape[1], 0, window)
+    on_cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    out = jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=True, implementation="cudnn" if on_cudnn else "xla"
+    )
+    return out.astype(q.dtype)

@@ -30,6 +30,7 @@ from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.grouped import (
+    fused_attention,
     grouped_attention,
     is_rolling,
     ring_write,
@@ -227,6 +228,8 @@ def attend(
             )
             return run(q, k, v, kv_segment_ids, k.shape[1] if length is None else length)[:, None]
         # A multi-token step into a non-empty cache (chunked prefill) takes the XLA path.
+    if config.attention_impl == "cudnn" and not cached:
+        return fused_attention(q, k, v, q_segment_ids, window)
     mask = reference.make_attention_mask(
         q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
     )
