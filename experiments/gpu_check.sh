@@ -90,14 +90,14 @@ step train_mfu 150 python3 experiments/train_bench/bench.py --gpu --profile \
   --out="$RES/train_mfu.json"
 step train_mfu_cudnn 70 python3 experiments/train_bench/bench.py --gpu \
   --attention_impl=cudnn --steps=3 --out="$RES/train_mfu_cudnn.json"
-step decode 120 python3 experiments/decode_bench/bench.py --gpu --rounds=2 \
+step decode 100 python3 experiments/decode_bench/bench.py --gpu --rounds=2 \
   --out="$RES/decode.json"
 # The names a GPU trace gives its events, beside the HLO's, for op_profile's table.
 step trace_names 40 python3 experiments/op_profile.py --dump_trace_names="$RES/trace_names.json"
 step attention_bench 60 python3 experiments/attention_bench/bench.py --out="$RES/attention.json"
 # Each kernel test in a worker that a hung Triton compile kills alone (thread timeout);
 # fp32 dots at full precision, as the CPU suite computes them.
-step kernels_compiled 150 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
+step kernels_compiled 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest \
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -p no:cacheprovider -n 4 \
   --timeout=45 --timeout-method=thread -k "not on_a_mesh" \
   tests/test_kernels.py tests/test_families_kernels.py tests/test_paged_attention.py \
