@@ -303,6 +303,7 @@ def test_kernel_target_is_checked():
         flash_attention(q, k, v, block_q=16, block_k=16, kernel_target="tpu")
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="'auto' interprets only on CPU")
 def test_explicit_interpret_target_matches_auto_on_cpu():
     # On this CPU "auto" lowers the interpreter too: the same kernels, the same numbers.
     q, k, v, _ = _qkv(64, 48, jnp.float32)
