@@ -8,14 +8,15 @@
 #      Triton lowering instead of the interpreter), fp32 dots at full precision,
 #   5. train-step MFU again with cuDNN's fused attention and with the Pallas flash kernels.
 # Each step has its own time limit and a failed step never stops the rest.
-# Results (JSON and logs) land in $RES (default experiments/gpu_results/); where $OUT is
+# Past runs: experiments/gpu_runs/. Results (JSON and logs) land in $RES (default experiments/gpu_results/); where $OUT is
 # set (the project's lent GPU machine) they are also bundled, after every step, into
 # $OUT/gpu_results.tgz, with the summary beside it, since only a few files come back.
 #
 # On the lent GPU machine (jax with CUDA is preinstalled there, no registry): carry
-# ml-collections as a Python 3.12 wheel in .whl/ (see /work/.library/device/README.md):
+# ml-collections and tensorboardX (the two its image lacks) as Python 3.12 wheels in
+# .whl/ (see /work/.library/device/README.md):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections
+#       --implementation cp --platform manylinux2014_x86_64 -d .whl ml-collections tensorboardX
 # and run `bash experiments/gpu_check.sh` with carry [".whl"]. Elsewhere: pip install -e .
 set -uo pipefail
 cd "$(dirname "$0")/.."
