@@ -223,7 +223,7 @@ def _paged_forward(config: ModelConfig, params, state: SlotState):
     seg_rows = c["segment_ids"].at[rows, index].set(seg[:, 0])  # as prepare_inputs
     positions = state.positions[:, None]
     x = embed_tokens(config, params, state.last[:, None])  # [N, 1, E]
-    block = block_fn(config)
+    block = block_fn(slots.decode_config(config))
     ax = _len_axis()
     new_k, new_v = [], []
     for i in range(config.num_hidden_layers):

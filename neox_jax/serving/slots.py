@@ -375,6 +375,17 @@ def _stacked(state: SlotState) -> bool:
     return not isinstance(state.cache["k"], tuple | list)
 
 
+def decode_config(config: ModelConfig) -> ModelConfig:
+    """The config the vmapped decode step runs: mixture-of-experts layers computed by
+    ``moe_impl="capacity"`` instead of ``ragged`` (``jax.lax.ragged_dot`` has no batching
+    rule for a per-slot batch). With one token per slot every expert takes at most one
+    pair, so nothing is dropped (capacity >= 1): the same experts and weights, the same
+    tokens. It computes every expert on a zero row where ``ragged`` skips it."""
+    if config.is_moe and config.moe_impl == "ragged":
+        return config.replace(moe_impl="capacity")
+    return config
+
+
 def _slot_forward(config: ModelConfig, params, state: SlotState):
     """``step.forward`` of one token per slot, each slot writing at its own index.
 
@@ -391,6 +402,7 @@ def _slot_forward(config: ModelConfig, params, state: SlotState):
     max_len = state.cache["segment_ids"].shape[1]
     running = state.finish == RUNNING
     stacked = _stacked(state)
+    config = decode_config(config)
     batch = (lambda a: a[:, None]) if stacked else (lambda t: tuple(x[None] for x in t))
     unbatch = (lambda a: a[:, 0]) if stacked else (lambda t: tuple(x[0] for x in t))
 
