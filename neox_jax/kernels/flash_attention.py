@@ -39,8 +39,8 @@ from neox_jax.kernels.flash_blocks import (
     block_mask,
     dkv_update,
     dq_update,
-    fwd_finish,
     fwd_init,
+    fwd_store,
     fwd_update,
     visible_blocks,
 )
@@ -125,15 +125,18 @@ def _fwd_kernel(*refs, cfg, n_q, n_k):
     q_seg = None if qs_ref is None else qs_ref[...]  # [bq, 1]
 
     def body(j, carry, causal):
-        kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]  # [1, bk]
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
-        k, v = k_ref[_rows(j * bk, bk), :], v_ref[_rows(j * bk, bk), :]  # [bk, dp]
-        return fwd_update(q, k, v, carry, mask, cfg.scale)
+        k = k_ref[_rows(j * bk, bk), :]  # [bk, dp]
+        v = v_ref[_rows(j * bk, bk), :]
+
+        def mask_fn():
+            kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]  # [1, bk]
+            return block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
+
+        return fwd_update(q, k, v, carry, cfg.scale, mask_fn)
 
     carry = fwd_init(bq, q.shape[1])
-    out, lse = fwd_finish(*_run_loops(body, carry, cfg, i, bq, bk, n_k, rows_are_queries=True))
-    o_ref[...] = out.astype(o_ref.dtype)
-    lse_ref[...] = lse
+    m, row_sum, acc = _run_loops(body, carry, cfg, i, bq, bk, n_k, rows_are_queries=True)
+    fwd_store(o_ref, lse_ref, m, row_sum, acc)
 
 
 def _dq_kernel(*refs, cfg, n_q, n_k):
@@ -146,10 +149,12 @@ def _dq_kernel(*refs, cfg, n_q, n_k):
     q_seg = None if qs_ref is None else qs_ref[...]
 
     def body(j, dq, causal):
-        k, v = k_ref[_rows(j * bk, bk), :], v_ref[_rows(j * bk, bk), :]  # [bk, dp]
+        k = k_ref[_rows(j * bk, bk), :]  # [bk, dp]
+        v = v_ref[_rows(j * bk, bk), :]
         kv_seg = None if ks_ref is None else ks_ref[:, _rows(j * bk, bk)]
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
-        return dq + dq_update(q, k, v, do, lse, delta, mask, cfg.scale)
+        starts = i * bq, j * bk
+        mask_fn = lambda: block_mask(q_seg, kv_seg, *starts, (bq, bk), causal, cfg.window)  # noqa: E731
+        return dq_update(dq, q, k, v, do, lse, delta, cfg.scale, mask_fn)
 
     dq = jnp.zeros(q.shape, jnp.float32)
     dq = _run_loops(body, dq, cfg, i, bq, bk, n_k, rows_are_queries=True)
@@ -168,10 +173,10 @@ def _dkv_kernel(*refs, cfg, n_q, n_k):
         rows = _rows(i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]  # [bq, dp]
         q_seg = None if qs_ref is None else qs_ref[rows, :]
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
-        lse, delta = lse_ref[rows, :], delta_ref[rows, :]
-        dk, dv = dkv_update(q, k, v, do, lse, delta, mask, cfg.scale)
-        return carry[0] + dk, carry[1] + dv
+        lse, starts = lse_ref[rows, :], (i * bq, j * bk)
+        mask_fn = lambda: block_mask(q_seg, kv_seg, *starts, (bq, bk), causal, cfg.window)  # noqa: E731
+        delta_fn = lambda: delta_ref[rows, :]  # noqa: E731
+        return dkv_update(carry, q, k, v, do, lse, delta_fn, cfg.scale, mask_fn)
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = _run_loops(body, carry, cfg, j, bk, bq, n_q, rows_are_queries=False)

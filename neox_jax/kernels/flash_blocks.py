@@ -46,10 +46,15 @@ def block_mask(q_seg, kv_seg, q_start, k_start, shape, causal, window=None):
     return mask
 
 
-def fwd_update(q, k, v, carry, mask, scale):
-    """Online softmax over one key block: (m, row_sum, acc) [bq, 1], [bq, 1], [bq, dp] fp32."""
+def fwd_update(q, k, v, carry, scale, mask_fn):
+    """Online softmax over one key block: (m, row_sum, acc) [bq, 1], [bq, 1], [bq, dp] fp32.
+
+    ``mask_fn()`` gives the block's mask (or None); it is called after the logits, so
+    the kernels trace their ops in the order they always had (the Triton programs stay
+    the same, op for op)."""
     m, row_sum, acc = carry
     s = dot_nt(q, k) * scale  # [bq, bk]
+    mask = mask_fn()
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
@@ -60,7 +65,8 @@ def fwd_update(q, k, v, carry, mask, scale):
         p = jnp.where(mask, p, 0.0)
     alpha = jnp.exp(m - m_new)
     row_sum = alpha * row_sum + jnp.sum(p, axis=1, keepdims=True)
-    return m_new, row_sum, alpha * acc + dot(p.astype(v.dtype), v)
+    acc = alpha * acc + dot(p.astype(v.dtype), v)
+    return m_new, row_sum, acc
 
 
 def fwd_init(bq, dp):
@@ -74,32 +80,39 @@ def fwd_init(bq, dp):
     )
 
 
-def fwd_finish(m, row_sum, acc):
-    """(output fp32, lse). Fully masked rows (padding queries): output 0, lse = MASK_VALUE."""
+def fwd_store(o_ref, lse_ref, m, row_sum, acc):
+    """Write the output and logsumexp. Fully masked rows (padding queries): output 0,
+    lse = MASK_VALUE."""
     l_safe = jnp.where(row_sum == 0.0, 1.0, row_sum)
-    return acc / l_safe, m + jnp.log(l_safe)
+    o_ref[...] = (acc / l_safe).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l_safe)
 
 
-def _probs(q, k, lse, mask, scale):
+def _probs(q, k, lse, scale, mask_fn):
     """Recomputed probabilities [bq, bk] fp32 from the forward's logsumexp."""
-    p = jnp.exp(dot_nt(q, k) * scale - lse)
+    s = dot_nt(q, k) * scale
+    p = jnp.exp(s - lse)
+    mask = mask_fn()
     # where, not multiply: masked entries may be exp(+large) = inf.
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
-def dq_update(q, k, v, do, lse, delta, mask, scale):
-    """One key block's contribution to dq / scale: [bq, dp] fp32."""
-    p = _probs(q, k, lse, mask, scale)
+def dq_update(dq, q, k, v, do, lse, delta, scale, mask_fn):
+    """dq / scale [bq, dp] fp32 plus one key block's contribution."""
+    p = _probs(q, k, lse, scale, mask_fn)
     ds = p * (dot_nt(do, v) - delta)  # [bq, bk]
-    return dot(ds.astype(k.dtype), k)
+    return dq + dot(ds.astype(k.dtype), k)
 
 
-def dkv_update(q, k, v, do, lse, delta, mask, scale):
-    """One query block's contributions (to dk / scale, to dv): [bk, dp] fp32 each."""
-    p = _probs(q, k, lse, mask, scale)
-    dv = dot_tn(p.astype(do.dtype), do)
-    ds = p * (dot_nt(do, v) - delta)  # [bq, bk]
-    return dot_tn(ds.astype(q.dtype), q), dv
+def dkv_update(carry, q, k, v, do, lse, delta_fn, scale, mask_fn):
+    """(dk / scale, dv) [bk, dp] fp32 each plus one query block's contributions;
+    ``delta_fn()`` reads the block's softmax-backward row term [bq, 1]."""
+    dk, dv = carry
+    p = _probs(q, k, lse, scale, mask_fn)
+    dv = dv + dot_tn(p.astype(do.dtype), do)  # [bk, dp]
+    ds = p * (dot_nt(do, v) - delta_fn())  # [bq, bk]
+    dk = dk + dot_tn(ds.astype(q.dtype), q)
+    return dk, dv
 
 
 def visible_blocks(cfg, i, rows_block, cols_block, n_cols, rows_are_queries):

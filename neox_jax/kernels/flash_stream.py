@@ -35,8 +35,8 @@ from neox_jax.kernels.flash_blocks import (
     block_mask,
     dkv_update,
     dq_update,
-    fwd_finish,
     fwd_init,
+    fwd_store,
     fwd_update,
     visible_blocks,
 )
@@ -58,6 +58,10 @@ def _segments(seg_refs):
     return (None, None) if seg_refs[0] is None else (seg_refs[0][...], seg_refs[1][...])
 
 
+def _mask(cfg, seg_refs, q_start, k_start, shape, causal):
+    return block_mask(*_segments(seg_refs), q_start, k_start, shape, causal, cfg.window)
+
+
 def _fwd_kernel(*refs, cfg, n_k):
     n_seg = 2 if cfg.has_segments else 0
     q_ref, k_ref, v_ref = refs[:3]
@@ -71,19 +75,17 @@ def _fwd_kernel(*refs, cfg, n_k):
         m_scr[...], l_scr[...], acc_scr[...] = fwd_init(bq, acc_scr.shape[1])
 
     def step(causal):
-        q_seg, kv_seg = _segments(seg_refs)  # [bq, 1], [1, bk]
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
+        mask_fn = functools.partial(_mask, cfg, seg_refs, i * bq, j * bk, (bq, bk), causal)
+
         carry = (m_scr[...], l_scr[...], acc_scr[...])
-        carry = fwd_update(q_ref[...], k_ref[...], v_ref[...], carry, mask, cfg.scale)
+        carry = fwd_update(q_ref[...], k_ref[...], v_ref[...], carry, cfg.scale, mask_fn)
         m_scr[...], l_scr[...], acc_scr[...] = carry
 
     _run_visible(cfg, step, i, j, bq, bk, n_k, rows_are_queries=True)
 
     @pl.when(j == n_k - 1)
     def _finish():
-        out, lse = fwd_finish(m_scr[...], l_scr[...], acc_scr[...])
-        o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        fwd_store(o_ref, lse_ref, m_scr[...], l_scr[...], acc_scr[...])
 
 
 def _dq_kernel(*refs, cfg, n_k):
@@ -99,11 +101,12 @@ def _dq_kernel(*refs, cfg, n_k):
         dq_scr[...] = jnp.zeros(dq_scr.shape, jnp.float32)
 
     def step(causal):
-        q_seg, kv_seg = _segments(seg_refs)
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
-        dq_scr[...] += dq_update(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-            mask, cfg.scale,
+        mask_fn = lambda: block_mask(
+            *_segments(seg_refs), i * bq, j * bk, (bq, bk), causal, cfg.window
+        )  # noqa: E731
+        dq_scr[...] = dq_update(
+            dq_scr[...], q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...],
+            delta_ref[...], cfg.scale, mask_fn,
         )  # fmt: skip
 
     _run_visible(cfg, step, i, j, bq, bk, n_k, rows_are_queries=True)
@@ -127,14 +130,13 @@ def _dkv_kernel(*refs, cfg, n_q):
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
     def step(causal):
-        q_seg, kv_seg = _segments(seg_refs)
-        mask = block_mask(q_seg, kv_seg, i * bq, j * bk, (bq, bk), causal, cfg.window)
-        dk, dv = dkv_update(
-            q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...],
-            mask, cfg.scale,
+        mask_fn = lambda: block_mask(
+            *_segments(seg_refs), i * bq, j * bk, (bq, bk), causal, cfg.window
+        )  # noqa: E731
+        dk_scr[...], dv_scr[...] = dkv_update(
+            (dk_scr[...], dv_scr[...]), q_ref[...], k_ref[...], v_ref[...], do_ref[...],
+            lse_ref[...], lambda: delta_ref[...], cfg.scale, mask_fn,
         )  # fmt: skip
-        dk_scr[...] += dk
-        dv_scr[...] += dv
 
     _run_visible(cfg, step, j, i, bk, bq, n_q, rows_are_queries=False)
 
