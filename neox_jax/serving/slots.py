@@ -97,7 +97,8 @@ class SlotState:
 class StepOutput:
     """What one decode step produced, per slot: ``tokens [N]`` (0 where a slot did
     not run), ``finish [N]`` after the step, ``logprob [N]`` of the chosen token under
-    the model's distribution, and the ``top_logprobs / top_ids [N, K]`` alternatives.
+    the model's distribution (0 when the step returns no logprobs), and the
+    ``top_logprobs / top_ids [N, K]`` alternatives.
     ``generate`` stacks them over its steps (a leading ``[steps]`` axis)."""
 
     tokens: Array
@@ -451,7 +452,7 @@ def generate(
       state: the slots (donated).
       mode: ``GREEDY`` when every running slot has temperature 0, else ``SAMPLE``.
       num_logprobs: alternatives per token to return in ``StepOutput.top_*`` (static;
-        0 returns ``[N, 1]`` placeholders).
+        0 returns ``[N, 1]`` placeholders and no ``logprob``).
       steps: decode steps per call (static). More steps mean fewer host round trips
         per token; the host admits and retires requests only between calls.
 
@@ -482,11 +483,13 @@ def _one_step(
     c = state.controls
     tok = next_tokens(logits, c.knobs, mode, keys, state.seen)
     tok = jnp.where(running, tok, 0)
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
     if num_logprobs:
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
         top_logprobs, top_ids = jax.lax.top_k(logprobs, num_logprobs)
-    else:
+        logprob = logprobs[rows, tok]
+    else:  # no request wants them: skip the softmax over the vocabulary (as Generator)
         top_logprobs, top_ids = jnp.zeros((slots, 1)), jnp.zeros((slots, 1), jnp.int32)
+        logprob = jnp.zeros((slots,))
     finish = jnp.where(running, _finish_reason(tok, state.steps, c), state.finish)
     cache["index"] = jnp.where(running, cache["index"] + 1, cache["index"])
     new = state.replace(
@@ -500,7 +503,7 @@ def _one_step(
     out = StepOutput(
         tokens=tok,
         finish=finish,
-        logprob=logprobs[rows, tok],
+        logprob=logprob,
         top_logprobs=top_logprobs,
         top_ids=top_ids.astype(jnp.int32),
     )
