@@ -70,7 +70,7 @@ def test_flash_grouped_and_windowed_equals_xla(layout, kv_heads, window):
 # accumulators initialised and written on skipped steps, block_q < and > block_k.
 @pytest.mark.parametrize("blocks,window", [((16, 32), 20), ((32, 16), None)])
 def test_streamed_kernels_at_block_edges(blocks, window):
-    q, k, v = _qkv(1, 96, 4, 2, seed=5)
+    q, k, v = _qkv(1, 96, 2, 1, seed=5)
     seg = np.ones((1, 96), np.int32)
     seg[0, 50:], seg[0, :3] = 2, 0
     seg = jnp.asarray(seg)
