@@ -157,9 +157,9 @@ def test_family_model_with_pallas_equals_xla():
 
 
 def test_flash_equals_xla_at_8k_with_segment_ids():
-    """8,192 tokens, three packed documents, MQA and a 1,000-slot window: the kernel
-    (512-slot blocks, most of them skipped) equals the XLA path, computed here in query
-    chunks of 1,024 so its [chunk, 8192] logits stay small."""
+    """8,192 tokens, three packed documents, MQA and a 1,000-slot window: the kernels of
+    both schedules (512-slot blocks, most of them skipped) equal the XLA path, computed
+    here in query chunks of 1,024 so its [chunk, 8192] logits stay small."""
     length = 8192
     q, k, v = _qkv(1, length, 2, 1, seed=3)
     seg = np.ones((1, length), np.int32)
@@ -177,6 +177,11 @@ def test_flash_equals_xla_at_8k_with_segment_ids():
         mask &= window_mask(1024, length, start, 1000)
         chunks.append(grouped_attention(q[:, start : start + 1024], k, v, mask))
     _close(ours, jnp.concatenate(chunks, axis=1), 1e-5)
+    # The TPU schedule (K/V blocks streamed through the grid), interpreted, the same.
+    streamed = jax.jit(
+        lambda q, k, v: _attention(q, k, v, seg, True, None, (512, 512), "tpu", True, 1000)
+    )
+    _close(streamed(q, k, v), jnp.concatenate(chunks, axis=1), 1e-5)
 
 
 def test_decode_kernel_reads_a_32k_cache():
