@@ -185,11 +185,15 @@ def test_flash_equals_xla_at_8k_with_segment_ids():
 
 
 def test_decode_kernel_reads_a_32k_cache():
-    """One token against 32,768 cached slots (GQA 4:1, three quarters written)."""
+    """One token against 32,768 cached slots (GQA 4:1, three quarters written), both
+    kernel layouts."""
     q, k, v = _qkv(1, 32768, 4, 1, seed=4)
     seg = jnp.ones((1, 32768), jnp.int32)
     length = 24577
     ours = decode_attention(q[:, 0], k, v, seg, length=length, kernel_target="interpret")
     live = jnp.where(jnp.arange(32768)[None] < length, seg, 0)
     mask = reference.make_attention_mask(seg[:, :1], live, q_offset=length - 1)
-    _close(ours, grouped_attention(q[:, :1], k, v, mask)[:, 0], 1e-5)
+    want = grouped_attention(q[:, :1], k, v, mask)[:, 0]
+    _close(ours, want, 1e-5)
+    # The TPU layout (one 512-slot block per grid step, dead blocks never fetched).
+    _close(_decode(q[:, 0], k, v, seg, length, None, 512, "tpu", True, None), want, 1e-5)
