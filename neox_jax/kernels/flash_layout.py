@@ -21,8 +21,7 @@ class Layout:
     ``tpu`` transposes to ``[batch, heads, length, head_dim]`` because the two minor
     dims of a Mosaic block must be (8, 128)-aligned or whole, which a squeezed heads
     axis is not; its grid and block specs are ``flash_stream``'s, which streams both
-    sides through the grid instead of holding a whole-sequence slab in VMEM (for
-    ``tpu`` only ``to_kernel`` here is used; ``grid``/``split``/``spec`` are Triton's).
+    sides through the grid instead of holding a whole-sequence slab in VMEM.
 
     Under causality the blocks are walked last-first, so the longest rows start first.
     """
@@ -34,12 +33,14 @@ class Layout:
     def to_kernel(self, x):  # [b, l, h, d] <-> kernel layout (a swap: its own inverse)
         return x if self.target == "gpu" else jnp.swapaxes(x, 1, 2)
 
+    # grid/split/block_id/spec: the Triton (and interpreter) schedule's; Mosaic's are
+    # flash_stream's.
     def grid(self, batch, heads, blocks):
-        return (blocks, batch, heads) if self.target == "gpu" else (batch, heads, blocks)
+        return (blocks, batch, heads)
 
     def split(self, ids, blocks):
         """Grid indices (or program ids) -> (batch, head, block)."""
-        b, h, i = (ids[1], ids[2], ids[0]) if self.target == "gpu" else tuple(ids)
+        b, h, i = ids[1], ids[2], ids[0]
         return b, h, (blocks - 1 - i if self.reverse else i)
 
     def block_id(self, blocks):
@@ -54,7 +55,7 @@ class Layout:
         column and as a row, so the kernels compare them by broadcasting without a
         transpose).
         """
-        seq = (None, rows, None, dp) if self.target == "gpu" else (None, None, rows, dp)
+        seq = (None, rows, None, dp)
         shapes = {
             "seq": seq,
             "kv": seq,
@@ -68,8 +69,8 @@ class Layout:
             i = i if tiled else 0
             kv_h = h if self.groups == 1 else h // self.groups  # MHA: the index map as before
             return {
-                "seq": (b, i, h, 0) if self.target == "gpu" else (b, h, i, 0),
-                "kv": (b, i, kv_h, 0) if self.target == "gpu" else (b, kv_h, i, 0),
+                "seq": (b, i, h, 0),
+                "kv": (b, i, kv_h, 0),
                 "stat": (b, h, i, 0),
                 "qseg": (b, i, 0),
                 "kvseg": (b, 0, i),
