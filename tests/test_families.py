@@ -166,7 +166,7 @@ def test_kv_cache_holds_only_kv_heads_and_greedy_matches_generate(tmp_path):
     ref = make_family_model("llama", tmp_path, num_key_value_heads=1, num_attention_heads=4)
     config, params = load_hf(tmp_path)
     cache = init_cache(config, batch=2, max_length=32)
-    assert cache["k"].shape == (2, 2, 32, 1, 16)  # [L, B, S, KV, D]: 4x fewer bytes than MHA
+    assert cache["k"].shape == (2, 2, 1, 32, 16)  # [L, B, KV, S, D]: 4x fewer bytes than MHA
     prompts = [[int(t) for t in row] for row in _ids(config.vocab_size, 3, 9, seed=4)]
     prompts[1], prompts[2] = prompts[1][:4], prompts[2][:1]  # mixed lengths, left padding
     ids, mask = left_pad(prompts, 9)

@@ -254,6 +254,27 @@ def test_decode_attention_matches_reference(
     _assert_close(out, expected, _BF16_REL if dtype == jnp.bfloat16 else _F32_REL, "decode")
 
 
+@pytest.mark.parametrize(
+    "head_dim,heads,cache_len,block_k,dtype,target",
+    [_DECODE_CASES[0], _DECODE_CASES[2], _DECODE_CASES[5], (64, 2, 200, 32, jnp.float32, "tpu")],
+)
+def test_decode_attention_heads_major_cache(head_dim, heads, cache_len, block_k, dtype, target):
+    """The model's cache layout [batch, heads, cache_len, head_dim] (``layout="bksd"``):
+    one head per program, read in place; the same result as the reference, including
+    a cache_len no block divides (padded) and poisoned slots past ``length``."""
+    fill = 100
+    q, k, v, seg = _decode_inputs(head_dim, heads, cache_len, dtype, fill)
+    expected = _decode_reference(q, k, v, seg)
+    k, v, seg = _poison_after(fill, k, v, seg)
+    heads_major = lambda x: x.swapaxes(1, 2)  # noqa: E731
+    out = _decode(
+        q, heads_major(k), heads_major(v), seg, jnp.int32(fill), None, block_k, target,
+        _interpret(target), layout="bksd",
+    )  # fmt: skip
+    assert out.shape == q.shape and out.dtype == dtype
+    _assert_close(out, expected, _BF16_REL if dtype == jnp.bfloat16 else _F32_REL, "decode")
+
+
 def test_decode_attention_unaligned_cache_and_defaults():
     """cache_len with no power-of-two block (padded inside) and default block size."""
     q, k, v, seg = _decode_inputs(64, 2, 200, jnp.float32, fill=150)

@@ -28,9 +28,9 @@ def mistral(tmp_path_factory):
 def test_cache_holds_only_the_window(mistral):
     _, config, _ = mistral
     cache = init_cache(config, batch=2, max_length=64, rolling=True)
-    assert cache["k"].shape == (2, 2, WINDOW, 2, 16)  # [L, B, W, KV, D]: 5/64 of the slots
+    assert cache["k"].shape == (2, 2, 2, WINDOW, 16)  # [L, B, KV, W, D]: 5/64 of the slots
     assert rolling_cache(config, cache)
-    assert init_cache(config, 2, 64)["k"].shape[2] == 64  # not asked: every slot
+    assert init_cache(config, 2, 64)["k"].shape[3] == 64  # not asked: every slot
     assert not rolling_cache(config.replace(sliding_window=None), cache)
 
 
@@ -59,7 +59,7 @@ def test_chunked_prefill_through_the_ring_equals_full_attention(mistral, chunk):
         cache = out.cache
         pieces.append(np.asarray(out.logits))
     cached = np.concatenate(pieces, axis=1)
-    assert cache["k"].shape[2] == WINDOW and int(cache["index"]) == ids.shape[1]
+    assert cache["k"].shape[3] == WINDOW and int(cache["index"]) == ids.shape[1]
     assert_logits_close(cached[0], full[0])
     assert_logits_close(cached[1, 4:], full[1, 4:])
 

@@ -346,7 +346,7 @@ kw = dict(num_slots=2, max_len=32, prefill_buckets=(16,))
 mesh = create_mesh({"tensor": 2}, devices=jax.devices()[:2])
 sharded = Engine(config, params, mesh=mesh, **kw)
 spec = sharded.state.cache["k"][0].sharding.spec
-assert tuple(spec)[2] == "tensor", spec  # [N, S, H, D]: heads split over the devices
+assert tuple(spec)[1] == "tensor", spec  # [N, H, S, D]: heads split over the devices
 ours = [r[0] for r in sharded.generate(prompts, sampling)]
 alone = [r[0] for r in Engine(config, params, **kw).generate(prompts, sampling)]
 assert ours == alone, (ours, alone)
@@ -396,7 +396,7 @@ kw = dict(num_slots=2, max_len=32, prefill_chunk=8, prefix_cache_blocks=4)
 mesh = create_mesh({"stage": 2, "tensor": 2}, devices=jax.devices()[:4])
 piped = Engine(config, params, mesh=mesh, **kw)
 spec = tuple(piped.state.cache["k"].sharding.spec)
-assert spec[0] == "stage" and spec[3] == "tensor", spec  # [L, N, S, H, D]
+assert spec[0] == "stage" and spec[2] == "tensor", spec  # [L, N, H, S, D]
 ours = [r[0] for r in piped.generate(prompts, samplings)]
 assert piped.prefix_cache.hit_tokens == 8, piped.prefix_cache.hit_tokens
 alone = Engine(config, params, **kw)

@@ -98,6 +98,29 @@ def decode_bytes(config: ModelConfig, params, batch: int, cache_len: int) -> dic
     return {"weights": int(weights), "kv_cache": int(kv)}
 
 
+def decode_flops(config: ModelConfig, params, cache_len: int) -> float:
+    """FLOPs of one decode step per batch row: 2 per weight (less the embedding, a
+    gather) and, per layer, the two attention products over the cache."""
+    weights = sum(x.size for x in jax.tree.leaves(params)) - params["embed_in"]["embedding"].size
+    attention = 2 * 2 * config.num_hidden_layers * cache_len * config.hidden_size
+    return float(2 * weights + attention)
+
+
+def matmul_peak(config: ModelConfig, batch: int, repeats: int = 5) -> dict:
+    """The machine's matmul rate at the decode step's own shapes: ``[batch, in] x [in,
+    out]`` for every weight shape of a layer and the output layer, each jitted alone.
+    The compute roofline uses the best of them, so it is an upper bound on the step."""
+    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    rates = {}
+    for k, n in ((e, 3 * e), (e, e), (e, f), (f, e), (e, v)):
+        x, w = jnp.ones((batch, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        dot(x, w).block_until_ready()
+        seconds = best_time(lambda x=x, w=w, dot=dot: dot(x, w).block_until_ready(), repeats)
+        rates[f"{batch}x{k}x{n}"] = 2 * batch * k * n / seconds / 1e9
+    return {"gflops_by_shape": rates, "peak_gflops": max(rates.values())}
+
+
 # ------------------------------------------------------------------- ours
 class Ours:
     """neox_jax on one batch of prompts: compiled and warmed up on construction."""
@@ -275,6 +298,8 @@ def interleaved(ours: Ours, hf: HF, rounds: int, threads) -> dict[str, float]:
             add(f"hf_prefill_{n}", hf.prefill_s(n))
             add(f"hf_e2e_{n}", hf.e2e_s(n))
         add("bandwidth", -max(host_bandwidth(mib=512, repeats=3).values()))
+        if ours.batch > 1:  # the compute roofline's matmul rate, in the same rounds
+            add("matmul_peak", -matmul_peak(ours.config, ours.batch)["peak_gflops"])
     return {k: min(v) for k, v in times.items()}
 
 
@@ -347,6 +372,14 @@ def _row(name, batch, config, params, runners, best, threads, args) -> dict:
     row["speedup_e2e"] = row["ours"]["e2e_tok_s"] / row["hf"]["e2e_tok_s"]
     row["speedup_decode"] = row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
     row["roofline_fraction"] = row["ours"]["decode_tok_s"] / roofline
+    if batch > 1:  # compute roofline: FLOPs per token at the measured matmul rate
+        flops = decode_flops(config, params, ours.cache_len)
+        row["flops_per_token"] = flops
+        row["matmul_peak_gflops"] = -best["matmul_peak"]
+        row["compute_roofline_tok_s"] = -best["matmul_peak"] * 1e9 / flops
+        row["compute_roofline_fraction"] = (
+            row["ours"]["decode_tok_s"] / row["compute_roofline_tok_s"]
+        )
     if args.profile:  # the same loop reading stacked weights, and the cache-length sweep
         stacked = Ours(config, params, prompts, new, split=False)
         row["ours_stacked_decode_tok_s"] = batch * new / min(stacked.decode_s() for _ in range(3))

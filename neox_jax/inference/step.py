@@ -4,13 +4,13 @@
 training). Inside a decode loop on XLA:CPU the scan costs bandwidth, and decoding is
 bandwidth bound: every step XLA copies each layer's weight slice out of the stacked
 ``[L, ...]`` parameters before the matmul reads it (a dynamic-slice fusion per kernel),
-and slices, copies and re-stacks the ``[L, B, S, H, D]`` cache as scan inputs and
+and slices, copies and re-stacks the ``[L, B, KV, S, D]`` cache as scan inputs and
 outputs. Static slices of stacked weights are copied too, so the weights must be
 separate buffers before the jitted loop: ``split_params`` (once, outside jit).
 
 Here the model's own modules (``Block``, ``LayerNorm``, ``Linear``: every parameter,
 activation, attention kernel switch and quantized weight behaves as in the model) are
-applied once per layer, and the cache is a tuple of per-layer ``[B, S, H, D]`` buffers
+applied once per layer, and the cache is a tuple of per-layer ``[B, KV, S, D]`` buffers
 that the while loop updates in place. The glue mirrors ``GPTNeoX.__call__`` with a
 cache; tests check it against the model, full recomputation and transformers.
 Measured effect: experiments/decode_bench/README.md.
@@ -69,7 +69,7 @@ def layer_cache(
     rolling: bool = False,
 ) -> dict:
     """An empty cache: ``init_cache``'s layout with ``k``/``v`` as per-layer tuples, or
-    (``stacked``, for the pipeline) the ``[L, B, S, H, D]`` arrays themselves.
+    (``stacked``, for the pipeline) the ``[L, B, KV, S, D]`` arrays themselves.
 
     Under ``nn.logical_axis_rules`` and a mesh the buffers carry the cache's logical
     sharding (heads over ``tensor``, layers over ``stage``, batch over ``data``/``fsdp``).

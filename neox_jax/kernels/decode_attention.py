@@ -10,14 +10,17 @@ each live cache byte once with the whole machine busy, and nothing at or past
 and each program's loop stops at ``length``. TPU: one block per grid step, its index
 clamped through scalar prefetch so that the pipeline never DMAs a dead block.
 
-The cache keeps the model's layout ``[batch, cache_len, heads, head_dim]`` and is
-never copied (unless no block size divides cache_len): the kernels view it as
-``[batch, cache_len, heads * head_dim]`` and take a window of ``group * head_dim``
-columns per program. On GPU a group is one head; on TPU it is the fewest heads whose
-columns fill whole 128-lane tiles (Mosaic's block rule), all heads if none do. Inside a
-group, query row ``r`` holds head ``r``'s query in that head's columns and zeros
-elsewhere, so one matmul scores every head of the group and the wanted output is the
-block diagonal.
+The cache is read in place, never copied (unless no block size divides cache_len), in
+either of two layouts. ``layout="bksd"`` (``[batch, kv_heads, cache_len, head_dim]``,
+the model's KV cache, see ``model.init_cache``): each program reads one head's
+contiguous ``[block, head_dim]`` tiles (a block dim equal to the array's is always
+allowed, so head_dim needs no 128-lane padding). ``layout="bskd"`` (``[batch, cache_len,
+kv_heads, head_dim]``): the kernels view it as ``[batch, cache_len, heads * head_dim]``
+and take a window of ``group * head_dim`` columns per program. On GPU a group is one
+head; on TPU it is the fewest heads whose columns fill whole 128-lane tiles (Mosaic's
+block rule), all heads if none do. Inside a group, query row ``r`` holds head ``r``'s
+query in that head's columns and zeros elsewhere, so one matmul scores every head of
+the group and the wanted output is the block diagonal.
 """
 
 import dataclasses
@@ -58,6 +61,7 @@ class _Plan:
     n_splits: int  # programs per (batch row, group), each a share of the cache blocks
     q_per_kv: int = 1  # query heads per K/V head (grouped-query attention)
     window: int | None = None  # sliding window: slots > length - 1 - window are seen
+    heads_major: bool = False  # the cache is [batch, kv_heads, cache_len, head_dim]
 
 
 def _column_parts(width, target):
@@ -173,11 +177,21 @@ def _compiler_params(plan):
 def _call(plan, q_rows, k, v, seg, length):
     """pallas_call over (batch, group, split) -> partial (o, m, l)."""
     batch, groups = q_rows.shape[:2]
-    cache_len, width, rows, bk = k.shape[1], plan.width, plan.rows, plan.block_k
+    cache_len, width, rows, bk = k.shape[-2], plan.width, plan.rows, plan.block_k
+    # The K/V block a program reads, [slots, width]: in the heads-major layout the
+    # group (one head) is an axis of its own, else a window of width columns.
+    if plan.heads_major:
+        kv_block = lambda slots, at: pl.BlockSpec(  # noqa: E731
+            (None, None, slots, width), lambda b, g, s, *n: (b, g, at(s, *n), 0)
+        )
+    else:
+        kv_block = lambda slots, at: pl.BlockSpec(  # noqa: E731
+            (None, slots, width), lambda b, g, s, *n: (b, at(s, *n), g)
+        )
     if plan.target == "gpu":
         # Each program sees its (batch, group)'s whole cache: a Triton ref is a pointer,
         # and the kernel loads only its own blocks.
-        kv_spec = pl.BlockSpec((None, cache_len, width), lambda b, g, s: (b, 0, g))
+        kv_spec = kv_block(cache_len, lambda s: 0)
         seg_spec = pl.BlockSpec((None, 1, cache_len), lambda b, g, s: (b, 0, 0))
     else:
 
@@ -186,7 +200,7 @@ def _call(plan, q_rows, k, v, seg, length):
             # sees an unchanged block index and issues no DMA for them.
             return jnp.minimum(s, jnp.maximum(lax.div(len_ref[0] + bk - 1, bk) - 1, 0))
 
-        kv_spec = pl.BlockSpec((None, bk, width), lambda b, g, s, n: (b, block(s, n), g))
+        kv_spec = kv_block(bk, block)
         seg_spec = pl.BlockSpec((None, 1, bk), lambda b, g, s, n: (b, 0, block(s, n)))
     q_spec = pl.BlockSpec((None, None, rows, width), lambda b, g, s, *_: (b, g, 0, 0))
     part_spec = lambda cols: pl.BlockSpec(
@@ -241,7 +255,7 @@ def _combine(o, m, row_sum, plan, heads, head_dim, dtype):
 
 def decode_attention(
     q, k_cache, v_cache, kv_segment_ids, *, length=None, scale=None, block_k=None,
-    kernel_target="auto", window=None,
+    kernel_target="auto", window=None, layout="bskd",
 ):  # fmt: skip
     """Attention of one new token per row over a KV cache (split-K flash decoding).
 
@@ -262,6 +276,8 @@ def decode_attention(
         "interpret" to force one.
       window: sliding window: the new token (slot ``length - 1``) sees only slots
         ``> length - 1 - window``. None: every slot below ``length``.
+      layout: "bskd" (the caches as above) or "bksd": ``[batch, kv_heads, cache_len,
+        head_dim]``, the model's KV cache layout (each head's slots contiguous).
 
     Returns:
       ``[batch, heads, head_dim]`` in ``q.dtype``, equal to
@@ -269,17 +285,25 @@ def decode_attention(
       ``kv_segment_ids != 0`` (and slot < length). A row with no visible slot gets
       zeros (the reference would average the whole cache, unwritten slots included).
     """
-    decode = lambda layout, interpret, q, k, v, seg, length: _decode(  # noqa: E731
-        q, k, v, seg, length, scale, block_k, layout, interpret, window
+    if layout not in ("bskd", "bksd"):
+        raise ValueError(f'layout must be "bskd" or "bksd", got {layout!r}')
+    decode = lambda target, interpret, q, k, v, seg, length: _decode(  # noqa: E731
+        q, k, v, seg, length, scale, block_k, target, interpret, window, layout
     )
     return dispatch(kernel_target, decode, q, k_cache, v_cache, kv_segment_ids, length)
 
 
 def _decode(
-    q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret, window=None
-):
-    """decode_attention for an explicit target layout ("gpu" or "tpu"); tests use both."""
-    batch, cache_len, kv_heads, head_dim = k_cache.shape
+    q, k_cache, v_cache, kv_segment_ids, length, scale, block_k, target, interpret, window=None,
+    layout="bskd",
+):  # fmt: skip
+    """decode_attention for an explicit target ("gpu" or "tpu"); tests use both."""
+    heads_major = layout == "bksd"
+    slot_axis = 2 if heads_major else 1
+    if heads_major:
+        batch, kv_heads, cache_len, head_dim = k_cache.shape
+    else:
+        batch, cache_len, kv_heads, head_dim = k_cache.shape
     heads = q.shape[1]
     if q.shape != (batch, heads, head_dim) or heads % kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"shapes: q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}")
@@ -292,12 +316,13 @@ def _decode(
         bk = block_k or _DEFAULT_BLOCK_K["tpu" if target == "tpu" else "gpu"]
         bk = min(bk, max(_MIN_BLOCK_K[target], pl.next_power_of_2(cache_len)))
         pad = -cache_len % bk
-        k_cache, v_cache = (
-            jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (k_cache, v_cache)
-        )
+        widths = [(0, 0)] * 4
+        widths[slot_axis] = (0, pad)
+        k_cache, v_cache = (jnp.pad(x, widths) for x in (k_cache, v_cache))
         kv_segment_ids = jnp.pad(kv_segment_ids, ((0, 0), (0, pad)))
-    padded_len = k_cache.shape[1]
-    group = _head_group(kv_heads, head_dim, target)  # K/V heads per program
+    padded_len = k_cache.shape[slot_axis]
+    # K/V heads per program: heads-major blocks hold one head's whole head_dim.
+    group = 1 if heads_major else _head_group(kv_heads, head_dim, target)
     q_per_kv = heads // kv_heads
     n_splits = _num_splits(padded_len // bk, batch * kv_heads // group, target)
     plan = _Plan(
@@ -312,9 +337,11 @@ def _decode(
         n_splits=n_splits,
         q_per_kv=q_per_kv,
         window=None if window is None else int(window),
+        heads_major=heads_major,
     )
     limit = cache_len if length is None else jnp.minimum(jnp.asarray(length, jnp.int32), cache_len)
-    flat = lambda x: x.reshape(batch, padded_len, kv_heads * head_dim)  # free: heads minor
+    # bskd: [batch, slots, heads * head_dim], free (heads minor); bksd: as it is.
+    flat = (lambda x: x) if heads_major else (lambda x: x.reshape(batch, padded_len, -1))
     o, m, row_sum = _call(
         plan,
         _embed_queries(q, plan),

@@ -42,6 +42,29 @@ def grouped_attention(q, k, v, mask):
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
+def cache_attention(q, k, v, mask):
+    """``reference.attention`` (or ``grouped_attention``) over a KV cache in its stored
+    heads-major layout: each head's slots are one contiguous ``[S, D]`` block, so both
+    products batch over (row, head) with no transpose of the cache.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, KV, S, D]`` with ``H = KV * G`` (query head ``h``
+        reads KV head ``h // G``).
+      mask: boolean broadcastable to ``[B, 1, T, S]``.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    # [B, KV, G, T, S]
+    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = logits * head_dim**-0.5
+    if mask is not None:
+        logits = jnp.where(mask[:, :, None], logits, reference.MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
 # ------------------------------------------------------- rolling window cache
 def is_rolling(window: int | None, cache_slots: int, index) -> bool:
     """Whether a KV cache is a rolling window: ``window`` slots reused modulo the window
@@ -50,13 +73,16 @@ def is_rolling(window: int | None, cache_slots: int, index) -> bool:
     return window is not None and cache_slots == window and jnp.ndim(index) == 0
 
 
-def ring_write(buffer: Array, new: Array, index) -> Array:
+def ring_write(buffer: Array, new: Array, index, axis: int = 1) -> Array:
     """``buffer [B, W, ...]`` with ``new [B, T, ...]`` written at absolute slots
-    ``index .. index + T - 1`` modulo ``W`` (only the last ``W`` of them when T > W)."""
-    size, length = buffer.shape[1], new.shape[1]
+    ``index .. index + T - 1`` modulo ``W`` (only the last ``W`` of them when T > W);
+    the slots are along ``axis`` of both (2 for the ``[B, KV, W, D]`` K/V cache)."""
+    size, length = buffer.shape[axis], new.shape[axis]
     kept = min(length, size)
     slots = jnp.mod(index + length - kept + jnp.arange(kept, dtype=jnp.int32), size)
-    return buffer.at[:, slots].set(new[:, length - kept :].astype(buffer.dtype))
+    at = (slice(None),) * axis
+    kept_new = jax.lax.slice_in_dim(new, length - kept, length, axis=axis)
+    return buffer.at[(*at, slots)].set(kept_new.astype(buffer.dtype))
 
 
 def rolling_attention(q, k, v, k_cache, v_cache, q_segment_ids, cache_segment_ids, index, window):
@@ -68,12 +94,12 @@ def rolling_attention(q, k, v, k_cache, v_cache, q_segment_ids, cache_segment_id
     ring, so a chunk longer than the window still sees every key its queries need.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]``; k_cache, v_cache: ``[B, W, KV, D]``.
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]``; k_cache, v_cache: ``[B, KV, W, D]``.
       q_segment_ids: ``[B, T]``; cache_segment_ids: ``[B, W]`` before this write.
       index: scalar, absolute slot of the first query.
     Returns ``[B, T, H, D]``.
     """
-    length, size = q.shape[1], k_cache.shape[1]
+    length, size = q.shape[1], k_cache.shape[2]
     slot = jnp.arange(size, dtype=jnp.int32)
     ring_pos = index - 1 - jnp.mod(index - 1 - slot, size)  # [W] absolute slot held
     q_pos = index + jnp.arange(length, dtype=jnp.int32)  # [T]
@@ -81,11 +107,9 @@ def rolling_attention(q, k, v, k_cache, v_cache, q_segment_ids, cache_segment_id
     kv_seg = jnp.concatenate([jnp.where(ring_pos >= 0, cache_segment_ids, 0), q_segment_ids], 1)
     mask = (q_segment_ids[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0)
     mask &= (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos[None, :] > q_pos[:, None] - window)
-    k_all = jnp.concatenate([k_cache.astype(q.dtype), k], axis=1)
-    v_all = jnp.concatenate([v_cache.astype(q.dtype), v], axis=1)
-    if k.shape[2] != q.shape[2]:
-        return grouped_attention(q, k_all, v_all, mask[:, None])
-    return reference.attention(q, k_all, v_all, mask[:, None])
+    k_all = jnp.concatenate([k_cache.astype(q.dtype), k.swapaxes(1, 2)], axis=2)
+    v_all = jnp.concatenate([v_cache.astype(q.dtype), v.swapaxes(1, 2)], axis=2)
+    return cache_attention(q, k_all, v_all, mask[:, None])
 
 
 def fused_attention(q, k, v, segment_ids, window: int | None = None):

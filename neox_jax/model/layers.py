@@ -30,6 +30,7 @@ from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
 from neox_jax.model.config import ModelConfig
 from neox_jax.model.grouped import (
+    cache_attention,
     fused_attention,
     grouped_attention,
     is_rolling,
@@ -202,42 +203,54 @@ def attend(
     """Dispatch on ``config.attention_impl``; every path equals ``reference.attention``.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` (S == T unless ``cached``; KV < H:
-        grouped-query attention, K/V never repeated, see ``grouped_attention``).
-      q_segment_ids: ``[B, T]``; kv_segment_ids: ``[B, S]`` (0 = padding / empty slot).
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]``, or the KV cache's ``[B, KV, S, D]``
+        when ``cached`` (KV < H: grouped-query attention, K/V never repeated).
+      q_segment_ids: ``[B, T]``; kv_segment_ids: ``[B, T]`` or ``[B, S]`` (0 = padding /
+        empty slot).
       q_offset: cache slot of the first query (``cached`` only).
       cached: k/v are a KV cache written up to ``length`` slots.
     """
+    if cached:
+        return _attend_cache(config, q, k, v, q_segment_ids, kv_segment_ids, q_offset, length)
     window = config.sliding_window
     if config.attention_impl == "pallas" and _kv_shards_follow_queries(q.shape[2], k.shape[2]):
         # k/v are named like q: the kernels map query head h to K/V head h // G locally,
         # which holds on each shard when both head axes split the same way (checked).
         seq = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)  # q, k, v, out
-        if not cached:
-            flash = lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, window=window)  # noqa: E731
-            run = per_device(flash, (seq, seq, seq, seq[:2]), seq, q.shape)
-            return run(q, k, v, q_segment_ids)
-        if q.shape[1] == 1:
-            cache = (axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.CACHE_HEADS, axes.CACHE_KV)
-            decode = lambda q, k, v, seg, n: decode_attention(  # noqa: E731
-                q[:, 0], k, v, seg, length=n, window=window
-            )
-            out_shape = (q.shape[0], *q.shape[2:])  # [B, H, D]
-            run = per_device(
-                decode, (seq, cache, cache, cache[:2], ()), seq[::2] + seq[3:], out_shape
-            )
-            return run(q, k, v, kv_segment_ids, k.shape[1] if length is None else length)[:, None]
-        # A multi-token step into a non-empty cache (chunked prefill) takes the XLA path.
-    if config.attention_impl == "cudnn" and not cached:
+        flash = lambda q, k, v, seg: flash_attention(q, k, v, seg, causal=True, window=window)  # noqa: E731
+        run = per_device(flash, (seq, seq, seq, seq[:2]), seq, q.shape)
+        return run(q, k, v, q_segment_ids)
+    if config.attention_impl == "cudnn":
         return fused_attention(q, k, v, q_segment_ids, window)
-    mask = reference.make_attention_mask(
-        q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
-    )
-    if config.sliding_window is not None:
-        mask &= window_mask(q.shape[1], k.shape[1], q_offset, config.sliding_window)
+    mask = reference.make_attention_mask(q_segment_ids, kv_segment_ids, causal=True)
+    if window is not None:
+        mask &= window_mask(q.shape[1], k.shape[1], 0, window)
     if k.shape[2] != q.shape[2]:
         return grouped_attention(q, k, v, mask)
     return reference.attention(q, k, v, mask)
+
+
+def _attend_cache(config, q, k, v, q_segment_ids, kv_segment_ids, q_offset, length):
+    """``attend`` over a KV cache ``[B, KV, S, D]``: one token per row through the
+    Pallas decode kernel, else XLA (``cache_attention``; chunked prefill too)."""
+    window = config.sliding_window
+    pallas = config.attention_impl == "pallas" and q.shape[1] == 1
+    if pallas and _kv_shards_follow_queries(q.shape[2], k.shape[1]):
+        seq = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
+        cache = (axes.CACHE_BATCH, axes.CACHE_HEADS, axes.CACHE_LENGTH, axes.CACHE_KV)
+        decode = lambda q, k, v, seg, n: decode_attention(  # noqa: E731
+            q[:, 0], k, v, seg, length=n, window=window, layout="bksd"
+        )
+        out_shape = (q.shape[0], *q.shape[2:])  # [B, H, D]
+        segments = (axes.CACHE_BATCH, axes.CACHE_LENGTH)
+        run = per_device(decode, (seq, cache, cache, segments, ()), seq[::2] + seq[3:], out_shape)
+        return run(q, k, v, kv_segment_ids, k.shape[2] if length is None else length)[:, None]
+    mask = reference.make_attention_mask(
+        q_segment_ids, kv_segment_ids, causal=True, q_offset=q_offset
+    )
+    if window is not None:
+        mask &= window_mask(q.shape[1], k.shape[2], q_offset, window)
+    return cache_attention(q, k, v, mask)
 
 
 def _kv_shards_follow_queries(heads: int, kv_heads: int) -> bool:
@@ -315,7 +328,7 @@ class Attention(nn.Module):
     def __call__(self, x, positions, segment_ids, layer_cache=None, cache_info=None):
         """Args:
           x: ``[B, T, E]``; positions, segment_ids: ``[B, T]``.
-          layer_cache: None, or ``{"k", "v"}`` of ``[B, S, KV, D]`` for this layer.
+          layer_cache: None, or ``{"k", "v"}`` of ``[B, KV, S, D]`` for this layer.
           cache_info: ``{"segment_ids": [B, S] (already updated), "index": scalar}``.
         Returns ``(out [B, T, E], new layer_cache or None)``.
         """
@@ -340,21 +353,24 @@ class Attention(nn.Module):
         if layer_cache is None:
             out = attend(cfg, q, k, v, segment_ids, segment_ids)
             new_cache = None
-        elif is_rolling(cfg.sliding_window, layer_cache["k"].shape[1], cache_info["index"]):
+        elif is_rolling(cfg.sliding_window, layer_cache["k"].shape[2], cache_info["index"]):
             index = cache_info["index"]
             out = rolling_attention(
                 q, k, v, layer_cache["k"], layer_cache["v"], segment_ids,
                 cache_info["old_segment_ids"], index, cfg.sliding_window,
             )  # fmt: skip
-            new_cache = {n: ring_write(layer_cache[n], t, index) for n, t in (("k", k), ("v", v))}
+            new_cache = {
+                n: ring_write(layer_cache[n], t.swapaxes(1, 2), index, axis=2)
+                for n, t in (("k", k), ("v", v))
+            }
         else:
             index = cache_info["index"]
-            k_all = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, index, 0, 0)
+            # The cache is heads-major, [B, KV, S, D]: a step's attention reads each
+            # head's slots as one contiguous block, with no transpose of the cache.
+            write = lambda c, t: jax.lax.dynamic_update_slice(  # noqa: E731
+                c, t.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0)
             )
-            v_all = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, index, 0, 0)
-            )
+            k_all, v_all = write(layer_cache["k"], k), write(layer_cache["v"], v)
             new_cache = {"k": k_all, "v": v_all}
             out = attend(
                 cfg,

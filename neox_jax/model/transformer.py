@@ -364,8 +364,10 @@ def init_cache(
 ) -> dict[str, Array]:
     """An empty KV cache.
 
-    Layout: ``k``, ``v``: ``[L, B, S, KV, D]`` (only the key/value heads: grouped-query
-    attention stores ``num_attention_heads / num_key_value_heads`` times fewer bytes);
+    Layout: ``k``, ``v``: ``[L, B, KV, S, D]``, heads-major so that a decode step's
+    attention reads each head's slots as one contiguous block (no transpose of the
+    cache per step); only the key/value heads (grouped-query attention stores
+    ``num_attention_heads / num_key_value_heads`` times fewer bytes);
     ``segment_ids``: ``[B, S]`` (0 = empty or
     padding slot); ``index``: int32 scalar, the next slot to write.
 
@@ -380,8 +382,8 @@ def init_cache(
     shape = (
         config.num_hidden_layers,
         batch,
-        max_length,
         config.kv_heads,
+        max_length,
         config.head_dim,
     )
     return {
@@ -395,7 +397,7 @@ def init_cache(
 def cache_logical_axes() -> dict[str, Any]:
     """Logical axis names of the ``init_cache`` tree, for sharding it."""
     kv = jax.sharding.PartitionSpec(
-        axes.CACHE_LAYERS, axes.CACHE_BATCH, axes.CACHE_LENGTH, axes.CACHE_HEADS, axes.CACHE_KV
+        axes.CACHE_LAYERS, axes.CACHE_BATCH, axes.CACHE_HEADS, axes.CACHE_LENGTH, axes.CACHE_KV
     )
     return {
         "k": kv,

@@ -1,6 +1,6 @@
 """Pipeline parallelism: the layer stack split over the mesh axis ``stage``.
 
-The stacked ``[L, ...]`` layer parameters (and the ``[L, B, S, H, D]`` KV cache) are
+The stacked ``[L, ...]`` layer parameters (and the ``[L, B, KV, S, D]`` KV cache) are
 sharded along their layer axis over ``stage`` (the rules table maps ``layers`` and
 ``cache_layers`` there), so stage ``s`` holds layers ``[s L/S, (s+1) L/S)``. The batch is
 cut into ``M`` microbatches that flow through the stages GPipe-style: at tick ``t``
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 STAGE = "stage"
 
 # block(layer_params, x, layer_cache, positions, segment_ids, cache_info)
-#   -> (x, new layer_cache or None); layer_cache is None or {"k", "v"} [B, S, H, D].
+#   -> (x, new layer_cache or None); layer_cache is None or {"k", "v"} [B, KV, S, D].
 BlockFn = Callable[..., tuple[jax.Array, dict | None]]
 
 
@@ -127,7 +127,7 @@ def pipeline_layers(
       layer_params: stacked ``[L, ...]`` parameters (``params["layers"]``).
       x: ``[B, T, E]`` embeddings; positions, segment_ids: ``[B, T]``.
       microbatches: ``M``; must divide the batch.
-      cache: None or ``{"k", "v"}`` stacked ``[L, B, S, H, D]``.
+      cache: None or ``{"k", "v"}`` stacked ``[L, B, KV, S, D]``.
       cache_info: ``{"index", "segment_ids" (updated)}`` with a cache.
       mesh: the mesh (default: the one set with ``jax.set_mesh``).
     """

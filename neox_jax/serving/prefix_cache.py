@@ -5,7 +5,7 @@ A prompt is cut into blocks of ``block`` tokens (the engine's prefill chunk). Bl
 ``i`` is keyed by a SHA-256 chain over the tokens of blocks ``0 .. i``, so a key names
 the whole prefix up to that block (the same tokens at another offset, or after other
 tokens, never match: their keys and values differ). The values are the block's
-per-layer ``[block, H, D]`` keys and values on the device. A new prompt reuses its
+per-layer ``[KV, block, D]`` keys and values on the device. A new prompt reuses its
 longest run of cached leading blocks and prefills only the rest (``slots.put_block``,
 then chunked prefill from there); its new full blocks are stored once it is prefilled.
 Eviction is least-recently-used with a prompt's deeper blocks older than its first

@@ -5,7 +5,7 @@ programs over them (the JetStream shape).
     insert(prefix, state, slot, ...) -> state     put it into free slot ``slot``
     generate(params, state) -> state, StepOutput  every running slot advances one token
 
-A slot owns row ``slot`` of every cache buffer (``[N, S, H, D]`` per layer), its own
+A slot owns row ``slot`` of every cache buffer (``[N, KV, S, D]`` per layer), its own
 write index, rotary position, step counter, PRNG key, seen-token row and sampling
 knobs. Nothing about a request is static: prompt lengths share their bucket's
 compiled prefill, and every ``SamplingParams`` knob is a traced ``[N]`` array, so a new
@@ -74,7 +74,7 @@ class Prefix:
 class SlotState:
     """Everything the slots carry; donated to every call (updated in place).
 
-    cache: ``k``/``v`` tuples of per-layer ``[N, S, H, D]``, ``segment_ids [N, S]``,
+    cache: ``k``/``v`` tuples of per-layer ``[N, KV, S, D]``, ``segment_ids [N, S]``,
     ``index [N]`` (next column each slot writes). last / positions: ``[N]`` the token
     each slot feeds next and its rotary position. steps: ``[N]`` tokens generated.
     finish: ``[N]`` RUNNING, FREE, or the reason the request ended. keys: ``[N]`` PRNG
@@ -114,8 +114,8 @@ def init_state(
     """Empty slots: ``slots`` rows of ``max_len`` cache columns, all FREE.
 
     ``stop_width``: entries of the per-slot eos and stop-id tables (a request may name
-    up to this many stop ids). ``pipeline``: the stacked ``[L, N, S, H, D]`` cache the
-    pipeline splits over ``stage`` (else per-layer ``[N, S, H, D]`` buffers)."""
+    up to this many stop ids). ``pipeline``: the stacked ``[L, N, KV, S, D]`` cache the
+    pipeline splits over ``stage`` (else per-layer ``[N, KV, S, D]`` buffers)."""
     cache = step.layer_cache(config, slots, max_len, stacked=pipeline)
     cache["index"] = jnp.zeros((slots,), jnp.int32)
     zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731 (donated: distinct buffers)
@@ -323,14 +323,14 @@ def prefill_chunk(
 
 @functools.partial(jax.jit, donate_argnames=("state",))
 def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) -> SlotState:
-    """Write a cached prompt block (per-layer ``[C, H, D]`` keys and values, or stacked
-    ``[L, C, H, D]``) into ``slot``'s columns ``offset .. offset + C - 1``, marked as
+    """Write a cached prompt block (per-layer ``[KV, C, D]`` keys and values, or stacked
+    ``[L, KV, C, D]``) into ``slot``'s columns ``offset .. offset + C - 1``, marked as
     prompt (segment 1)."""
-    size = k[0].shape[0] if isinstance(k, tuple | list) else k.shape[1]
+    size = k[0].shape[1] if isinstance(k, tuple | list) else k.shape[2]
 
-    def put(buf, block):
+    def put(buf, block):  # buf [N, KV, S, D]
         return jax.lax.dynamic_update_slice(
-            buf, block[None].astype(buf.dtype), (slot, offset, 0, 0)
+            buf, block[None].astype(buf.dtype), (slot, 0, offset, 0)
         )
 
     seg = jax.lax.dynamic_update_slice(
@@ -348,12 +348,12 @@ def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) 
 @functools.partial(jax.jit, static_argnames=("size",))
 def get_block(state: SlotState, slot: Array, offset: Array, *, size: int) -> tuple[tuple, tuple]:
     """``slot``'s keys and values at columns ``offset .. offset + size - 1``: per-layer
-    ``[size, H, D]`` copies, or stacked ``[L, size, H, D]`` (to store in the prefix
+    ``[KV, size, D]`` copies, or stacked ``[L, KV, size, D]`` (to store in the prefix
     cache)."""
 
-    def get(buf):
-        shape = (1, size) + buf.shape[2:]
-        return jax.lax.dynamic_slice(buf, (slot, offset, 0, 0), shape)[0]
+    def get(buf):  # [N, KV, S, D] -> [KV, size, D]
+        shape = (1, buf.shape[1], size, buf.shape[3])
+        return jax.lax.dynamic_slice(buf, (slot, 0, offset, 0), shape)[0]
 
     return _per_layer(get, state.cache["k"]), _per_layer(get, state.cache["v"])
 
@@ -372,7 +372,7 @@ def release(state: SlotState, slot: Array) -> SlotState:
 
 
 def _stacked(state: SlotState) -> bool:
-    """Whether the cache is the pipeline's stacked ``[L, N, S, H, D]`` layout."""
+    """Whether the cache is the pipeline's stacked ``[L, N, KV, S, D]`` layout."""
     return not isinstance(state.cache["k"], tuple | list)
 
 
@@ -409,7 +409,7 @@ def _slot_forward(config: ModelConfig, params, state: SlotState):
 
     def one(last, position, k, v, segment_ids, index, live):
         cache = {
-            "k": batch(k),  # [L, 1, S, H, D] or per layer [1, S, H, D]
+            "k": batch(k),  # [L, 1, KV, S, D] or per layer [1, KV, S, D]
             "v": batch(v),
             "segment_ids": segment_ids[None],
             "index": jnp.where(live, index, max_len - 1),
