@@ -4,6 +4,8 @@ decode of a stack mixing dense and sparse layers."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,14 +36,26 @@ CONFIG = ModelConfig(
 TARGETS = ("q_proj", "o_proj", "experts.gate_proj", "experts.up_proj", "experts.down_proj")
 
 
+@functools.cache
 def _params(seed=0):
-    """Random params scaled so activations and router logits are O(1)."""
-    params = init_params(CONFIG, jax.random.key(seed))
-    return jax.tree.map(lambda p: p * 4.0 if p.ndim > 2 else p, params)
+    """Random params scaled so activations and router logits are O(1). Jitted and made
+    once: eager, every op of the model's init dispatches and compiles on its own."""
+
+    def draw(rng):
+        params = init_params(CONFIG, rng)
+        return jax.tree.map(lambda p: p * 4.0 if p.ndim > 2 else p, params)
+
+    return jax.jit(draw)(jax.random.key(seed))
+
+
+@functools.cache
+def _forward(config):
+    # Jitted: eager, every op of the 3-layer MoE dispatches (and compiles) on its own.
+    return jax.jit(lambda params, ids: GPTNeoX(config).apply({"params": params}, ids))
 
 
 def _logits(params, ids, config=CONFIG):
-    return np.asarray(GPTNeoX(config).apply({"params": params}, jnp.asarray(ids)))
+    return np.asarray(_forward(config)(params, jnp.asarray(ids)))
 
 
 IDS = np.random.default_rng(0).integers(0, 64, (2, 10))
@@ -49,12 +63,14 @@ IDS = np.random.default_rng(0).integers(0, 64, (2, 10))
 
 def _random_adapters(lora, seed=1):
     """Adapters with B drawn too (B = 0 at init would make every check vacuous)."""
-    ad = init_adapters(CONFIG, lora, jax.random.key(seed))
-    leaves, tree = jax.tree.flatten(ad)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    return jax.tree.unflatten(
-        tree, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
-    )
+
+    def draw(rng, rng_values):
+        leaves, tree = jax.tree.flatten(init_adapters(CONFIG, lora, rng))
+        keys = jax.random.split(rng_values, len(leaves))
+        values = [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        return jax.tree.unflatten(tree, values)
+
+    return jax.jit(draw)(jax.random.key(seed), jax.random.key(seed + 1))
 
 
 @pytest.mark.parametrize("impl", ["ragged", "capacity", "dense"])
@@ -77,7 +93,8 @@ def test_lora_trains_expert_adapters_and_refuses_what_it_cannot_do(tmp_path):
     lora = LoraConfig(targets=TARGETS, rank=4)
     base, adapters = _params(), _random_adapters(lora)
     batch = {"tokens": jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 9)))}
-    _, _, grads = loss_and_grads(adapters, base, batch, None, lora_apply_fn(CONFIG, lora))
+    grad_fn = jax.jit(lambda a, b: loss_and_grads(a, b, batch, None, lora_apply_fn(CONFIG, lora)))
+    _, _, grads = grad_fn(adapters, base)
     expert_grads = grads["layers"]["moe"]["experts"]["down_proj"]["lora_b"]  # [L, X, r, E]
     # The sparse layers' adapters learn; the dense layer's (1) are never used.
     assert np.abs(expert_grads[0]).max() > 0 and np.abs(expert_grads[2]).max() > 0
@@ -120,10 +137,11 @@ def test_scanned_cache_decode_equals_full_forward():
     model = GPTNeoX(CONFIG)
     full = _logits(params, IDS)
     cache = init_cache(CONFIG, batch=2, max_length=16)
-    out = model.apply({"params": params}, jnp.asarray(IDS[:, :6]), cache=cache)
+    step = jax.jit(lambda p, ids, c: model.apply({"params": p}, ids, cache=c))  # not eager
+    out = step(params, jnp.asarray(IDS[:, :6]), cache)
     steps = [np.asarray(out.logits)]
     for t in range(6, IDS.shape[1]):
-        out = model.apply({"params": params}, jnp.asarray(IDS[:, t : t + 1]), cache=out.cache)
+        out = step(params, jnp.asarray(IDS[:, t : t + 1]), out.cache)
         steps.append(np.asarray(out.logits))
     decoded = np.concatenate(steps, axis=1)
     np.testing.assert_allclose(decoded, full, rtol=0, atol=1e-5 * np.abs(full).max())
