@@ -31,6 +31,7 @@ import difflib
 import errno
 import importlib.util
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -305,25 +306,72 @@ def _config_for_message(argv: Sequence[str], default_config: str | None):
     return None
 
 
-def _call(fn, config, extras, prog: str, debug: bool) -> int:
+@contextlib.contextmanager
+def _remembered_ctrl_c():
+    """Yield a list that gets an entry for each Ctrl-C during the block.
+
+    Python raises ``KeyboardInterrupt`` wherever the main thread is when the signal
+    lands. Where that is a garbage-collection callback (JAX registers one) or C++ that
+    clears errors, the exception is swallowed and the run goes on: an interactive
+    session then ends at end of input with exit 0, as if never interrupted. Remembering
+    the signal lets the run end as interrupted anyway, and a swallowed interrupt's
+    "Exception ignored" report is not shown (the "interrupted" line says it all). Only
+    in the main thread, and only where Ctrl-C is not ignored (``nohup``)."""
+    seen: list[int] = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    def unraisable(report, previous=sys.unraisablehook):
+        if not (report.exc_type and issubclass(report.exc_type, KeyboardInterrupt) and seen):
+            previous(report)
+
     try:
-        fn(config, **extras)
-    except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - the one place that decides how a run ends
-        if is_user_error(e):
-            if debug:
-                traceback.print_exc()
-            return _fail(prog, user_message(e))
-        print(
-            f"{prog}: internal error: {type(e).__name__}: {one_line(e)[:300]} "
-            "(a bug; the traceback follows, please report it)",
-            file=sys.stderr,
-        )
-        traceback.print_exc()
-        return EXIT_INTERNAL_ERROR
+        old = signal.getsignal(signal.SIGINT)
+        if old is signal.SIG_IGN or old is None:
+            yield seen
+            return
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        yield seen
+        return
+    old_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = old_hook
+
+
+def _call(fn, config, extras, prog: str, debug: bool) -> int:
+    with _remembered_ctrl_c() as ctrl_c:
+        try:
+            fn(config, **extras)
+            if ctrl_c:
+                raise KeyboardInterrupt  # it was swallowed where it landed; the run went on
+        except KeyboardInterrupt:
+            return _interrupted(prog)
+        except Exception as e:  # noqa: BLE001 - the one place that decides how a run ends
+            if ctrl_c:  # a library turned the interrupt into an error of its own
+                return _interrupted(prog)
+            if is_user_error(e):
+                if debug:
+                    traceback.print_exc()
+                return _fail(prog, user_message(e))
+            print(
+                f"{prog}: internal error: {type(e).__name__}: {one_line(e)[:300]} "
+                "(a bug; the traceback follows, please report it)",
+                file=sys.stderr,
+            )
+            traceback.print_exc()
+            return EXIT_INTERNAL_ERROR
     return 0
+
+
+def _interrupted(prog: str) -> int:
+    print(f"\n{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 @dataclasses.dataclass(frozen=True)

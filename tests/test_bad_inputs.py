@@ -1,143 +1,25 @@
-"""Every command line and main API, fed bad input: a clear message, the right exit, no damage.
+"""Every command line fed bad input: a clear message, the right exit, no damage.
 
 Each row of ``CASES`` runs one entry point in-process (its ``COMMAND``, the same object
 ``python -m`` runs) with a bad command line and asserts: the exit status (2 for user
 errors), a key phrase of the message, no traceback, and that the row's destination
-(if any) is exactly as it was before (absent stays absent, contents unchanged). Rows of
-``API_CASES`` call library functions and assert the exception type and phrase. A few
-subprocess tests check what only a real process shows (``python -m``, the debug switch,
-Ctrl-C). The cases are listed for users in docs/errors.md.
+(if any) is exactly as it was before (absent stays absent, contents unchanged). Library
+functions fed bad input are tests/test_bad_inputs_api.py; what only a real process shows
+(``python -m``, the debug switch, Ctrl-C) is tests/test_cli_behaviour.py. The cases of
+both tables are listed for users in docs/errors.md, written here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
-import json
-import os
-import re
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-from helpers.evaluation import tiny_model
-
-from neox_jax import batch_viewer as batch_viewer_cli
-from neox_jax import cli, config_checks, errors
-from neox_jax import embed as embed_cli
-from neox_jax import evaluate as evaluate_cli
-from neox_jax import quantize as quantize_cli
-from neox_jax import rag as rag_cli
-from neox_jax import sample as sample_cli
-from neox_jax import serve as serve_cli
-from neox_jax import sweep as sweep_cli
-from neox_jax import train as train_cli
-from neox_jax.convert import __main__ as convert_cli
-from neox_jax.data import preprocess as preprocess_cli
-from neox_jax.data import spm_training as spm_cli
-from neox_jax.finetune import export as export_cli
+from helpers import bad_inputs
+from helpers.bad_inputs import COMMANDS, READ_ONLY, fill, run_command, snapshot
+from test_bad_inputs_api import API_CASES
 
 REPO = Path(__file__).resolve().parents[1]
-COMMANDS = {
-    "sample": sample_cli.COMMAND,
-    "evaluate": evaluate_cli.COMMAND,
-    "embed": embed_cli.COMMAND,
-    "rag": rag_cli.COMMAND,
-    "quantize": quantize_cli.COMMAND,
-    "convert": convert_cli.COMMAND,
-    "export": export_cli.COMMAND,
-    "preprocess": preprocess_cli.COMMAND,
-    "spm": spm_cli.COMMAND,
-    "train": train_cli.COMMAND,
-    "serve": serve_cli.COMMAND,
-    "sweep": sweep_cli.COMMAND,
-    "batch_viewer": batch_viewer_cli.COMMAND,
-}
-# Where nobody may write, even root (sysfs refuses new folders).
-READ_ONLY = "/sys/neox_jax_bad_inputs_dst"
-
-
-@pytest.fixture(scope="module")
-def art(tmp_path_factory):
-    """Tiny artifacts shared by every row: ``{name: path}`` (``{x}`` in a row's argv)."""
-    root = tmp_path_factory.mktemp("bad_inputs")
-    model = tiny_model()[0]  # a Hugging Face folder with its tokenizer.json
-    paths = {"model": model, "tok": model / "tokenizer.json", "root": root}
-
-    def write(name, data):
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        (path.write_bytes if isinstance(data, bytes) else path.write_text)(data)
-        paths[name.replace(".", "_").replace("/", "_")] = path
-        return path
-
-    write("good.txt", "alpha beta gamma\ndelta river ocean\n")
-    write("latin1.txt", "caf\xe9 na\xefve\n".encode("latin-1"))
-    write("bad_line.jsonl", '{"text": "ok"}\n{"text": oops}\n')
-    write("no_key.jsonl", '{"text": "ok"}\n{"body": "no text key"}\n')
-    write("empty_docs.jsonl", '{"text": ""}\n{"text": ""}\n')
-    write("empty.txt", "")
-    write("prompts_bad.jsonl", '{"prompt": "a"}\n{"prompt": 3}\n')
-    write("questions.txt", "what?\n")
-    write("bad_task/broken.yaml", "task: broken\ndataset_path: json\n  oops: [\n")
-    write("full/keep.txt", "keep me\n")  # a non-empty destination
-    write("a_file", "not a folder\n")
-    paths["full"] = root / "full"
-    paths["missing"] = root / "missing"
-    paths["new"] = root / "new_dst"
-    paths["ro"] = READ_ONLY
-    # Broken copies of the model folder.
-    for name in ("truncated", "no_key_cfg", "bad_json_cfg", "bad_tok"):
-        shutil.copytree(model, root / name)
-        paths[name] = root / name
-    weights = root / "truncated" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    cfg = json.loads((model / "config.json").read_text())
-    del cfg["hidden_size"]
-    (root / "no_key_cfg" / "config.json").write_text(json.dumps(cfg))
-    (root / "bad_json_cfg" / "config.json").write_text('{"hidden_size": 64,')
-    (root / "bad_tok" / "tokenizer.json").write_text('{"model": ')
-    for name in ("index.faiss", "chunks.jsonl"):  # an index folder with broken settings
-        write(f"bad_index/{name}", "")
-    write("bad_index/index.json", "{oops")
-    write("bad_lora_run/lora.json", "[1, 2")
-    write("bad_peft/adapter_config.json", '{"r": ')
-    write("bad_peft/adapter_model.safetensors", b"")
-    for name in ("bad_index", "bad_lora_run", "bad_peft"):
-        paths[name] = root / name
-    return paths
-
-
-def _fill(argv, art):
-    return [a.format(**art) for a in argv]
-
-
-def _snapshot(path: Path):
-    """What a destination holds: None when absent, else {relative path: bytes}."""
-    if path is None:
-        return None
-    if not path.exists():
-        return None
-    if path.is_file():
-        return {".": path.read_bytes()}
-    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
-
-
-def run_command(name: str, argv: list[str]) -> tuple[int, str, str]:
-    """``COMMANDS[name]`` in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = COMMANDS[name]([COMMANDS[name].prog, *argv])
-        except SystemExit as e:  # nothing should exit past the runner; count it anyway
-            code = e.code
-    return code, out.getvalue(), err.getvalue()
+art = bad_inputs.art  # the module fixture: tiny artifacts every row points at
 
 
 def _generic_cases():
@@ -455,258 +337,16 @@ def test_docs_list_every_case():
 def test_bad_command_line(art, monkeypatch, name, argv, code, phrase, dest):
     monkeypatch.chdir(REPO)  # configs/... paths in argv are relative to the repository
     dest_path = Path(art[dest]) if dest else None
-    before = _snapshot(dest_path)
-    status, out, err = run_command(name, _fill(argv, art))
+    before = snapshot(dest_path)
+    status, out, err = run_command(name, fill(argv, art))
     assert status == code, f"exit {status}, expected {code}\nstdout: {out}\nstderr: {err}"
     assert phrase.lower() in err.lower(), err
     assert "Traceback" not in err and "Traceback" not in out, err
     assert err.startswith(f"{COMMANDS[name].prog}: error: "), err
     assert len(err.strip().splitlines()) <= 3, err
-    assert _snapshot(dest_path) == before, f"{dest_path} changed"
+    assert snapshot(dest_path) == before, f"{dest_path} changed"
     assert not Path(READ_ONLY).exists()
 
 
 def test_the_table_is_large_enough():
     assert len(CASES) + len(API_CASES) >= 80
-
-
-# --- library functions ----------------------------------------------------------------------
-def _api_load_model(art):
-    """`load_model` of a missing path"""
-    from neox_jax.loading import load_model
-
-    load_model(art["missing"])
-
-
-def _api_read_prompts(art):
-    """`read_prompts` of a non-UTF-8 file"""
-    from neox_jax.inference.cli import read_prompts
-
-    read_prompts(art["latin1_txt"])
-
-
-def _api_load_json(art):
-    """`errors.load_json` of a broken config.json"""
-    errors.load_json(art["bad_json_cfg"] / "config.json", "model config")
-
-
-def _api_sampling(art):
-    """`SamplingParams(temperature=-1)`"""
-    from neox_jax.inference import SamplingParams
-
-    SamplingParams(temperature=-1.0)
-
-
-def _api_preprocess_empty(art):
-    """`preprocess` of documents that are all empty"""
-    from neox_jax.data.preprocess import preprocess
-
-    preprocess([str(art["empty_docs_jsonl"])], str(art["tok"]), str(art["new"]), progress=False)
-
-
-def _api_indexed_dataset(art):
-    """`IndexedDataset` of a missing prefix"""
-    from neox_jax.data.indexed_dataset import IndexedDataset
-
-    IndexedDataset(str(art["missing"]))
-
-
-def _api_load_tokenizer(art):
-    """`load_tokenizer` of a missing path"""
-    from neox_jax.data.tokenizer import load_tokenizer
-
-    load_tokenizer(art["missing"])
-
-
-def _dataset(art, name, docs):
-    import numpy as np
-
-    from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
-
-    prefix = str(art["root"] / name)
-    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
-        for doc in docs:
-            builder.add_document(np.asarray(doc, np.uint16))
-    return prefix
-
-
-def _api_blend_weights(art):
-    """`make_sources` with `data.weights=1,abc`"""
-    from neox_jax.training.data import make_sources
-
-    prefix = _dataset(art, "blend", [[5, 6, 7, 8]] * 8)
-    data = _load_pretrain_config().data
-    data.update(source="indexed", weights="1,abc", seq_len=2)
-    make_sources(data, [prefix, prefix], None, 2)
-
-
-def _api_no_tokens(art):
-    """`PretrainSource` of a dataset whose documents are all empty"""
-    from neox_jax.data.pretrain_data import PretrainSource
-
-    PretrainSource(_dataset(art, "hollow", [[], []]), 4, 1)
-
-
-def _load_pretrain_config():
-    from configs.pretrain import get_config
-
-    return get_config("tiny")
-
-
-def _api_choice(art):
-    """`config_checks.quantize` with `bits=5`"""
-    config_checks.quantize(_load_config("quantize", bits=5))
-
-
-def _load_config(name, **overrides):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{name}_cfg", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(None)
-    config.update(src="a", dst="b", **overrides)
-    return config
-
-
-# (function, exception type, key phrase)
-API_CASES = [
-    (_api_load_model, Exception, "missing"),
-    (_api_read_prompts, errors.UserError, "not UTF-8"),
-    (_api_load_json, errors.UserError, "config.json is not valid JSON"),
-    (_api_sampling, ValueError, "temperature"),
-    (_api_preprocess_empty, ValueError, "empty corpus"),
-    (_api_indexed_dataset, Exception, "missing"),
-    (_api_load_tokenizer, Exception, "missing"),
-    (_api_choice, errors.UserError, "--config.bits=5"),
-    (_api_blend_weights, errors.UserError, "data.weights='1,abc'"),
-    (_api_no_tokens, errors.UserError, "hollow.*holds no tokens"),
-]
-
-
-@pytest.mark.parametrize("fn,kind,phrase", API_CASES, ids=[c[0].__name__ for c in API_CASES])
-def test_bad_api_input(art, fn, kind, phrase):
-    with pytest.raises(kind, match=phrase) as info:
-        fn(art)
-    assert cli.is_user_error(info.value), repr(info.value)
-
-
-# --- the README's commands ----------------------------------------------------------------
-def _readme_commands():
-    text = (REPO / "README.md").read_text()
-    blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [line[line.index("python -m ") :] for line in lines if "python -m neox_jax." in line]
-
-
-@pytest.mark.parametrize("line", _readme_commands())
-def test_readme_command_lines_parse(line, monkeypatch):
-    # Every documented command line is valid for today's flags and configs (paths are
-    # the reader's, so only the parsing is checked, not the run).
-    # GPT-NeoX's own configs are named as a GPT-NeoX checkout holds them.
-    monkeypatch.chdir(REPO / "tests" / "data" / "neox_configs" if "--neox_config" in line else REPO)
-    _, _, module, *args = shlex.split(line, comments=True)
-    if module == "neox_jax.evaluation.lm_eval_cli":
-        pytest.skip("lm-eval's own command line")
-    package = importlib.import_module(module)
-    command = (
-        getattr(package, "COMMAND", None) or importlib.import_module(f"{module}.__main__").COMMAND
-    )
-    parsed = command.parse([module, *args])
-    assert parsed.config is not None
-
-
-# --- what only a real process shows ---------------------------------------------------------
-def _python_m(module, *args, env=None, **kwargs):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}, **kwargs,
-    )  # fmt: skip
-
-
-def test_python_m_user_error_and_debug_switch(art):
-    args = [f"--src={art['missing']}", f"--dst={art['new']}", "--to=neox"]
-    plain = _python_m("neox_jax.convert", *args)
-    assert plain.returncode == 2 and "Traceback" not in plain.stderr, plain.stderr
-    assert plain.stderr.startswith("neox_jax.convert: error: ")
-    debug = _python_m("neox_jax.convert", *args, env={"NEOX_JAX_DEBUG": "1"})
-    assert debug.returncode == 2 and "Traceback" in debug.stderr, debug.stderr
-    assert debug.stderr.strip().splitlines()[-1] == plain.stderr.strip().splitlines()[-1]
-    assert not art["new"].exists()
-
-
-def test_old_rag_spelling_names_the_new_one():
-    proc = _python_m("neox_jax.retrieval.rag", "--config=configs/rag.py")
-    assert proc.returncode == 2 and "python -m neox_jax.rag" in proc.stderr, proc.stderr
-
-
-def test_ctrl_c_exits_130(art):
-    # Interactive sampling waits on stdin: interrupt it there.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neox_jax.sample", f"--config.checkpoint={art['model']}",
-         "--config.interactive=True"],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
-    deadline = time.time() + 240
-    prompt = ""
-    while "> " not in prompt and time.time() < deadline:
-        prompt += proc.stdout.read(2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
-
-
-def test_internal_error_shows_summary_then_traceback(capsys):
-    def broken(config):
-        raise RuntimeError("boom")
-
-    command = cli.Command(broken, "neox_jax.demo", default_config="convert.py")
-    assert command(["demo"]) == cli.EXIT_INTERNAL_ERROR
-    err = capsys.readouterr().err
-    first, *rest = err.strip().splitlines()
-    assert first.startswith("neox_jax.demo: internal error: RuntimeError: boom")
-    assert "Traceback" in rest[0]
-
-
-def test_quantize_success_is_quiet(art, monkeypatch, capfd):
-    # orbax logs each save at INFO (about 70 lines for a quantized checkpoint): hidden.
-    monkeypatch.chdir(REPO)
-    dst = art["root"] / "int8"
-    assert quantize_cli.COMMAND(["q", f"--src={art['model']}", f"--dst={dst}"]) == 0
-    out, err = capfd.readouterr()
-    assert f"wrote {dst}" in out and "INFO" not in err and len(err.splitlines()) <= 2, err
-
-
-def test_batch_sample_says_what_it_wrote(art, monkeypatch):
-    monkeypatch.chdir(REPO)
-    out = art["root"] / "samples.jsonl"
-    status, stdout, err = run_command(
-        "sample",
-        [f"--config.checkpoint={art['model']}", f"--config.prompt_file={art['good_txt']}",
-         f"--config.output_file={out}", "--config.max_new_tokens=2"],
-    )  # fmt: skip
-    assert status == 0, err
-    assert f"wrote 2 results to {out}" in err and len(out.read_text().splitlines()) == 2
-
-
-def test_help_lists_the_config_fields(capsys):
-    assert quantize_cli.COMMAND(["q", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert "--config.FIELD=VALUE" in out and "calibration_seq_len: 512" in out
-
-
-# Modules run with python -m that are not on the convention, and why.
-NOT_A_COMMAND = {
-    "neox_jax/evaluation/lm_eval_cli.py": "lm-eval's own command line, our model registered",
-    "neox_jax/retrieval/rag.py": "only says that the command moved to neox_jax.rag",
-}
-
-
-def test_every_entry_point_is_a_command():
-    for path in sorted((REPO / "neox_jax").rglob("*.py")):
-        name = str(path.relative_to(REPO))
-        text = path.read_text()
-        if '\nif __name__ == "__main__":' not in text or name in NOT_A_COMMAND:
-            continue
-        assert "COMMAND = cli.Command(" in text and "COMMAND.run()" in text, name

@@ -1,4 +1,4 @@
-"""README commands that ``test_bad_inputs.test_readme_command_lines_parse`` does not parse
+"""README commands that ``test_cli_behaviour.test_readme_command_lines_parse`` does not parse
 (those written inline in the prose, and sweeps, whose runs get their flags later) name real
 config fields: each ``--config.a.b=v``, and each sweep grid key, exists in the config of the
 command's ``--config=configs/<file>.py[:arg]`` (a sweep's: its runs' flags and grid keys in
