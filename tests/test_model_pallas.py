@@ -30,8 +30,10 @@ def test_pallas_model_matches_xla_forward_and_gradient():
         logits = GPTNeoX(cfg).apply({"params": p}, ids, segment_ids=seg)
         return jnp.mean(jnp.where(seg[..., None] > 0, logits, 0.0) ** 2)
 
-    ref_loss, ref_grad = jax.value_and_grad(loss)(params, CFG)
-    got_loss, got_grad = jax.value_and_grad(loss)(params, pallas)
+    # Jitted, as training runs it (eager, every op of the interpreted kernel compiles alone).
+    step = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    ref_loss, ref_grad = step(params, CFG)
+    got_loss, got_grad = step(params, pallas)
     # fp32 flash vs plain softmax: only the summation order differs.
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
     jax.tree.map(
@@ -46,11 +48,13 @@ def test_pallas_decode_matches_xla_decode():
     for cfg in (CFG, CFG.replace(attention_impl="pallas")):
         cache = init_cache(cfg, 2, 128)
         model = GPTNeoX(cfg)
-        out = model.apply({"params": params}, ids[:, :6], cache=cache)
+        # Jitted, as the generator runs it (eager, every kernel op compiles on its own).
+        apply = jax.jit(lambda p, x, c, model=model: model.apply({"params": p}, x, cache=c))
+        out = apply(params, ids[:, :6], cache)
         steps = [out.logits]
         cache = out.cache
         for t in range(6, 9):
-            out = model.apply({"params": params}, ids[:, t : t + 1], cache=cache)
+            out = apply(params, ids[:, t : t + 1], cache)
             cache = out.cache
             steps.append(out.logits)
         outs.append(jnp.concatenate(steps, axis=1))
