@@ -154,8 +154,9 @@ def test_kv_cache_decode_equals_full_recomputation():
     # Prefill 5 tokens, then feed 3, then 1 at a time.
     cache = init_cache(SMALL, 2, 16)
     pieces = []
+    apply = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c))  # not op by op
     for start, stop in [(0, 5), (5, 8), *[(i, i + 1) for i in range(8, 12)]]:
-        out = model.apply({"params": params}, ids[:, start:stop], cache=cache)
+        out = apply(params, ids[:, start:stop], cache)
         cache = out.cache
         pieces.append(out.logits)
     # Same math, different op order (masked softmax over a longer cache): fp32 round-off.
@@ -183,7 +184,7 @@ def test_remat_and_bf16_params_run():
     for policy in ("full", "dots", "dots_no_batch"):
         cfg = SMALL.replace(remat=policy)
         loss = lambda p, cfg=cfg: GPTNeoX(cfg).apply({"params": p}, ids).mean()  # noqa: E731
-        grads = jax.grad(loss)(base)
+        grads = jax.jit(jax.grad(loss))(base)  # jitted, as training runs remat (not eager)
         assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
         np.testing.assert_allclose(GPTNeoX(cfg).apply({"params": base}, ids), ref, atol=1e-6)
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), base)
