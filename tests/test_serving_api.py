@@ -199,11 +199,22 @@ def test_logprobs_and_echo(server, client):
     assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 4
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     for i in range(1, n_prompt + 4):
-        assert lp.token_logprobs[i] <= 0 and len(lp.top_logprobs[i]) <= 2
+        # The 2 likeliest and, always, the chosen token (OpenAI: up to logprobs + 1).
+        assert lp.token_logprobs[i] <= 0 and len(lp.top_logprobs[i]) <= 3
+        assert lp.top_logprobs[i][lp.tokens[i]] == lp.token_logprobs[i]
         # greedy: each generated token is the most likely one. (Alternatives are keyed by
         # their text, so two tokens that decode alike, e.g. partial UTF-8, share a key.)
         if i >= n_prompt:
             assert lp.token_logprobs[i] >= max(lp.top_logprobs[i].values()) - 1e-6
+    # logprobs=0: no alternatives, but the chosen tokens' logprobs, the same as above.
+    zero = client.completions.create(
+        model=server.name, prompt="hello model", max_tokens=4, temperature=0, logprobs=0,
+        echo=True, extra_body={"ignore_eos": True},
+    ).choices[0].logprobs  # fmt: skip
+    assert zero.tokens == lp.tokens and zero.token_logprobs[0] is None
+    for i in range(1, n_prompt + 4):  # the same program scores both: equal to round-off
+        assert zero.token_logprobs[i] == pytest.approx(lp.token_logprobs[i], rel=1e-5)
+        assert zero.top_logprobs[i] == {zero.tokens[i]: zero.token_logprobs[i]}
     chat = client.chat.completions.create(
         model=server.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
         temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True},

@@ -275,13 +275,23 @@ def create_app(
         for ids in prompts:
             sampling = body.sampling(max_tokens_for(body, ids, body.max_tokens), max_n)
             for j in range(body.n):
-                call.add(ids, sampling, k if want_lp else 0, j)
+                # logprobs=0 still wants the chosen tokens' logprobs: ask the engine for 1.
+                call.add(ids, sampling, max(k, 1) if want_lp else 0, j)
         call.submit()
         rid, n = f"cmpl-{uuid.uuid4().hex}", body.n
         echo_lp = {}
         if body.echo and want_lp:
             for ids in {tuple(p) for p in prompts}:
                 echo_lp[ids] = await asyncio.to_thread(engine.prompt_logprobs, list(ids), k)
+
+        def top(token: str, lp) -> dict | None:
+            """The ``k`` likeliest alternatives and, always, the chosen token (OpenAI's
+            legacy API: up to ``logprobs + 1`` entries)."""
+            if not lp:
+                return None
+            alternatives = {token_str(i): v for i, v in lp[1][:k]}
+            alternatives[token] = lp[0]  # also where another id decodes to the same text
+            return alternatives
 
         def logprobs_obj(ids, lps, offset0=0) -> dict:
             tokens = [token_str(i) for i in ids]
@@ -292,7 +302,7 @@ def create_app(
             return {
                 "tokens": tokens,
                 "token_logprobs": [lp[0] if lp else None for lp in lps],
-                "top_logprobs": [{token_str(i): v for i, v in lp[1]} if lp else None for lp in lps],
+                "top_logprobs": [top(t, lp) for t, lp in zip(tokens, lps, strict=True)],
                 "text_offset": offsets,
             }
 
