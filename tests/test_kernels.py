@@ -76,10 +76,15 @@ def _qkv(head_dim, length, dtype, seed=0):
 
 
 def _value_and_grads(fn, q, k, v, cotangent):
-    """fn's output and d(sum(out * cotangent))/d(q, k, v)."""
-    loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
-    out = fn(q, k, v)
-    return out, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    """fn's output and d(sum(out * cotangent))/d(q, k, v), as one jitted program (eager,
+    every op of the interpreted kernels would compile on its own)."""
+
+    @jax.jit
+    def both(q, k, v, cotangent):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+        return fn(q, k, v), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    return both(q, k, v, cotangent)
 
 
 def _check_flash(fn, head_dim, length, causal, dtype, segments):
@@ -205,11 +210,19 @@ def _decode_inputs(head_dim, heads, cache_len, dtype, fill, seed=0):
     return q, k, v, seg
 
 
+@jax.jit
 def _decode_reference(q, k, v, seg):
     up = lambda x: x.astype(jnp.float32)
     mask = (seg != 0)[:, None, None, :]  # [batch, 1, q_len=1, cache_len]
     with jax.default_matmul_precision("float32"):
         return reference.attention(up(q)[:, None], up(k), up(v), mask)[:, 0]
+
+
+def _jitted_decode(q, k, v, seg, length, *static, **options):
+    """``_decode`` as one jitted program (eager, every op of the interpreted kernel would
+    compile on its own); ``static``: its block_k, target and interpret arguments."""
+    run = lambda q, k, v, seg, length: _decode(q, k, v, seg, length, *static, **options)
+    return jax.jit(run)(q, k, v, seg, length)
 
 
 def _poison_after(length, k, v, seg):
@@ -249,7 +262,7 @@ def test_decode_attention_matches_reference(
     if use_length:
         length = jnp.int32(fill)
         k, v, seg = _poison_after(fill, k, v, seg)
-    out = _decode(q, k, v, seg, length, None, block_k, target, _interpret(target))
+    out = _jitted_decode(q, k, v, seg, length, None, block_k, target, _interpret(target))
     assert out.shape == q.shape and out.dtype == dtype
     _assert_close(out, expected, _BF16_REL if dtype == jnp.bfloat16 else _F32_REL, "decode")
 
@@ -267,7 +280,7 @@ def test_decode_attention_heads_major_cache(head_dim, heads, cache_len, block_k,
     expected = _decode_reference(q, k, v, seg)
     k, v, seg = _poison_after(fill, k, v, seg)
     heads_major = lambda x: x.swapaxes(1, 2)  # noqa: E731
-    out = _decode(
+    out = _jitted_decode(
         q, heads_major(k), heads_major(v), seg, jnp.int32(fill), None, block_k, target,
         _interpret(target), layout="bksd",
     )  # fmt: skip
