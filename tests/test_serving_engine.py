@@ -21,9 +21,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers.hf_reference import make_hf_model, train_byte_level_bpe
+from helpers.serving import serving_model
 
-from neox_jax.convert import load_hf
 from neox_jax.errors import UserError
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.model import GPTNeoX
@@ -35,11 +34,7 @@ TEXTS = ["the model reads tokens and predicts what comes next", "héllo wörld, 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve_model")
-    tok = train_byte_level_bpe(path, TEXTS * 20, 120, {"eos_token": "<|endoftext|>"})
-    make_hf_model(path, vocab_size=tok.vocab_size, max_position_embeddings=96)
-    config, params = load_hf(path)
-    return config, params, tok
+    return serving_model(tmp_path_factory.mktemp("serve_model"), TEXTS)
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from helpers.hf_reference import make_hf_model, train_byte_level_bpe
+from helpers.serving import serving_model
 
-from neox_jax.convert import load_hf
 from neox_jax.errors import UserError
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.serving import Collector, Engine, QueueFull, Request
@@ -30,11 +29,7 @@ MAX_LEN, PAGE, PAGES, SLOTS, QUEUE = 64, 8, 18, 4, 6  # 144 pooled tokens < 4 x 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("paged_model")
-    tok = train_byte_level_bpe(path, TEXTS * 20, 120, {"eos_token": "<|endoftext|>"})
-    make_hf_model(path, vocab_size=tok.vocab_size, max_position_embeddings=96)
-    config, params = load_hf(path)
-    return config, params, tok
+    return serving_model(tmp_path_factory.mktemp("paged_model"), TEXTS)
 
 
 @pytest.fixture(scope="module")

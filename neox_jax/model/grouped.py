@@ -19,26 +19,28 @@ def window_mask(q_len: int, kv_len: int, q_offset, window: int) -> Array:
     return (kv_slot > q_slot - window)[None, None]
 
 
-def grouped_attention(q, k, v, mask):
+def grouped_attention(q, k, v, mask, *, heads_major: bool = False):
     """``reference.attention`` for fewer KV heads than query heads, K/V not repeated.
 
     Query head ``h`` reads KV head ``h // G`` (transformers' ``repeat_kv`` order), so
     the query heads reshape to ``[KV, G]`` and each group shares one K and V.
 
     Args:
-      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` with ``H = KV * G``.
+      q: ``[B, T, H, D]``; k, v: ``[B, S, KV, D]`` with ``H = KV * G``, or
+        ``[B, KV, S, D]`` with ``heads_major`` (the KV cache's stored layout).
       mask: boolean broadcastable to ``[B, 1, T, S]``.
     """
     batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[1 if heads_major else 2]
+    kv = "bksd" if heads_major else "bskd"
     qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     # [B, KV, G, T, S]
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"btkgd,{kv}->bkgts", qg, k, preferred_element_type=jnp.float32)
     logits = logits * head_dim**-0.5
     if mask is not None:
         logits = jnp.where(mask[:, :, None], logits, reference.MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
@@ -52,17 +54,7 @@ def cache_attention(q, k, v, mask):
         reads KV head ``h // G``).
       mask: boolean broadcastable to ``[B, 1, T, S]``.
     """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[1]
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    # [B, KV, G, T, S]
-    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim**-0.5
-    if mask is not None:
-        logits = jnp.where(mask[:, :, None], logits, reference.MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+    return grouped_attention(q, k, v, mask, heads_major=True)
 
 
 # ------------------------------------------------------- rolling window cache
