@@ -26,7 +26,7 @@ computes partial sums of its experts' down projection, added up by one ``psum``
 over those axes at the end (Megatron's MLP split, inside each expert).
 
 Mesh axis names never appear here: they are read from the rules in force
-(``flax.linen.logical_axis_rules``), as ``layers.per_device`` does.
+(``flax.linen.logical_axis_rules``), as ``model.per_device`` does.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from neox_jax.kernels import reference
 from neox_jax.kernels.decode_attention import decode_attention
@@ -38,6 +37,7 @@ from neox_jax.model.grouped import (
     rolling_attention,
     window_mask,
 )
+from neox_jax.model.per_device import per_device
 from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
 
 Array = jax.Array
@@ -266,56 +266,6 @@ def _kv_shards_follow_queries(heads: int, kv_heads: int) -> bool:
     group = (entry,) if isinstance(entry, str) else entry or ()
     split = math.prod(sizes[a] for a in group if a in sizes and a not in mesh.manual_axes)
     return heads % split != 0 or kv_heads % split == 0
-
-
-def per_device(fn, logical_in, logical_out, out_shape):
-    """``fn`` run on each device's shard under ``jax.shard_map`` when a mesh is set.
-
-    A Pallas kernel is one custom call that XLA cannot partition: in a sharded jit
-    Mosaic refuses to lower it, and a Triton call would gather every operand and
-    compute the whole batch on each device. Batch and
-    heads are independent in attention, so each device runs the kernel on its own
-    rows and heads: the dims that the logical-axis rules in force shard (a mesh axis
-    that does not divide a dim, or is already manual, is left out); the rest is
-    replicated. Without a mesh (or inside a ``shard_map`` over all of it), ``fn``.
-
-    Args:
-      fn: takes arrays laid out as ``logical_in`` (a tuple of logical axis names per
-        array, ``()`` for a scalar, None for an argument every device gets whole, of
-        any pytree) and returns one of ``out_shape`` laid out as ``logical_out``.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    free = set() if mesh.empty else {a for a in mesh.axis_names if a not in mesh.manual_axes}
-    if not free:
-        return fn
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-
-    def spec(names, shape):
-        dims = []
-        for entry, dim in zip(nn.logical_to_mesh_axes(names), shape, strict=True):
-            group = (entry,) if isinstance(entry, str) else entry or ()
-            group = tuple(a for a in group if a in free)
-            dims.append(group if group and dim % math.prod(sizes[a] for a in group) == 0 else None)
-        return P(*dims)
-
-    def run(*args):
-        in_specs = tuple(
-            P() if n is None else spec(n, jnp.shape(a))
-            for n, a in zip(logical_in, args, strict=True)
-        )
-        # Every free axis goes manual, size-1 ones too: Mosaic refuses to lower a kernel
-        # while any mesh axis is left to the automatic partitioner.
-        # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
-        shard = jax.shard_map(
-            fn,
-            in_specs=in_specs,
-            out_specs=spec(logical_out, out_shape),
-            axis_names=free,
-            check_vma=False,
-        )
-        return shard(*args)
-
-    return run
 
 
 class Attention(nn.Module):

@@ -39,7 +39,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from neox_jax.kernels.target import dispatch
 from neox_jax.model import axes
-from neox_jax.model.layers import per_device
+from neox_jax.model.per_device import per_device
 from neox_jax.quant.config import QuantizationError
 from neox_jax.quant.dequant_matmul import xla_matmul
 
