@@ -108,6 +108,7 @@ def test_count_params_allocates_nothing():
         (dict(attention_impl="cuda"), "Unknown attention_impl"),
         (dict(dtype="float8"), "Unknown dtype"),
         (dict(remat="sometimes"), "Unknown remat"),
+        (dict(scan_unroll=0), "scan_unroll must be an integer >= 1"),
         (dict(num_hidden_layers=0), "num_hidden_layers must be a positive integer"),
         (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling"),
         (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor"),
@@ -192,6 +193,28 @@ def test_remat_and_bf16_params_run():
         {"params": half}, ids
     )
     assert out.dtype == jnp.float32 and out.shape == (2, 8, SMALL.vocab_size)
+
+
+def test_unrolled_layer_stack_gives_the_same_values_and_gradients():
+    """``scan_unroll`` changes how the layer loop compiles, not what it computes: the
+    stack unrolled whole (and by a factor that does not divide the depth) against the
+    one-layer loop, jitted as training runs it."""
+    ids = _ids((2, 8))
+    cfg = SMALL.replace(num_hidden_layers=3)
+    params = init_params(cfg, jax.random.key(4))
+
+    def value_and_grad(cfg):
+        loss = lambda p: GPTNeoX(cfg).apply({"params": p}, ids).mean()  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    ref_loss, ref_grads = value_and_grad(cfg)
+    for unroll in (2, 100):  # 2 of 3 layers per iteration; 100: the whole stack
+        got_loss, got_grads = value_and_grad(cfg.replace(scan_unroll=unroll))
+        # The same ops in the same order; XLA may fuse the unrolled layers differently,
+        # so fp32 round-off (1e-6) is allowed, nothing more.
+        np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+        for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["linear", "ntk"])

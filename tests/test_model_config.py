@@ -31,7 +31,7 @@ def test_field_groups_partition_the_dataclass():
     assert not set(arch) & set(runtime)
     # What a checkpoint must not override: how this run computes.
     assert set(runtime) == {
-        "dtype", "param_dtype", "attention_impl", "remat", "rope_scaling",
+        "dtype", "param_dtype", "attention_impl", "remat", "scan_unroll", "rope_scaling",
         # A mixture of experts' dispatch and training terms (the function is the same).
         "moe_impl", "capacity_factor", "router_aux_loss_coef", "router_z_loss_coef",
     }  # fmt: skip

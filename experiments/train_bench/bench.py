@@ -44,6 +44,10 @@ VARIANTS = {
     "bf16_compute": ("", {"dtype": "bfloat16"}),
     # XLA:CPU hands most dots to YNNPACK; this gives them all to Eigen instead.
     "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
+    # The layer loop unrolled whole (model.scan_unroll >= num_hidden_layers): no
+    # zero-filled [L, ...] stacks of each layer's activations for the backward pass.
+    "unroll": ("", {"scan_unroll": 1_000}),
+    "unroll_no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {"scan_unroll": 1_000}),
 }
 
 
@@ -127,13 +131,14 @@ def jax_worker(args) -> dict:
         out["compile_s"] = time.perf_counter() - t
         cost = compiled.cost_analysis()
         out["xla_flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0))
-        times = []
+        times, cpu = [], []
         for i in range(args.warmup + args.steps):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics["loss"])
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
         out["loss"] = float(metrics["loss"])
         if args.breakdown:
             out["breakdown_s"] = _jax_breakdown(args, mc, state, batch, apply_fn, tx)
@@ -142,7 +147,7 @@ def jax_worker(args) -> dict:
                 out["profile"] = _jax_profile(compiled, state, batch)
             except Exception as e:  # noqa: BLE001 - recorded in the report
                 out["profile_error"] = f"{type(e).__name__}: {e}"[:500]
-    out.update(_rates(times, args, flops_per_token(mc, args.seq)))
+    out.update(_rates(times, args, flops_per_token(mc, args.seq), cpu))
     return out
 
 
@@ -252,12 +257,13 @@ def torch_worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times = []
+    times, cpu = [], []
     for i in range(args.warmup + args.steps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
     out = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -286,17 +292,23 @@ def torch_worker(args) -> dict:
         }
     if args.profile:
         out["profile"] = op_profile.torch_op_table(step)
-    out.update(_rates(times, args, flops_per_token(mc, args.seq)))
+    out.update(_rates(times, args, flops_per_token(mc, args.seq), cpu))
     return out
 
 
-def _rates(times, args, flops_per_tok) -> dict:
+def _rates(times, args, flops_per_tok, cpu=()) -> dict:
+    """Rates from the timed steps' wall times; ``cpu`` (the process's CPU seconds per
+    step, all threads) is recorded beside them: on a shared machine it shows the work a
+    step does, which contention inflates far less than the wall time (spin-waiting
+    thread pools count in it too, so it is a guide, not a rate)."""
     tokens = args.batch * args.seq
     best, median = min(times), statistics.median(times)
     return {
         "step_s_best": best,
         "step_s_median": median,
         "step_s_all": times,
+        "cpu_s_per_step_median": statistics.median(cpu) if cpu else None,
+        "load_average": load_average(),
         "tokens_per_s": tokens / median,
         "tokens_per_s_best": tokens / best,
         "model_flops_per_token": flops_per_tok,

@@ -145,6 +145,11 @@ class ModelConfig(JsonConfig):
         (``jax.nn.dot_product_attention``: cuDNN's fused attention on NVIDIA GPUs in
         bf16/fp16, XLA elsewhere; cached decoding takes the XLA path).
       remat: rematerialisation policy of each block, one of ``REMAT_POLICIES``.
+      scan_unroll: layers per iteration of the layer loop (``nn.scan``). 1 compiles one
+        layer (deep models, short compiles); ``num_hidden_layers`` or more unrolls the
+        whole stack, so autodiff keeps each layer's activations as they are instead of
+        stacking them into zero-filled ``[L, ...]`` buffers (less memory traffic: the
+        step for small models on CPU, ``experiments/train_bench``). Same values.
       moe_impl: one of ``MOE_IMPLS``; all give the same outputs while no expert
         overflows its capacity.
       capacity_factor: with ``moe_impl="capacity"``, each expert takes at most
@@ -196,6 +201,7 @@ class ModelConfig(JsonConfig):
     param_dtype: str = _runtime("float32")
     attention_impl: str = _runtime("xla")
     remat: str = _runtime("none")
+    scan_unroll: int = _runtime(1)
     rope_scaling: tuple[tuple[str, Any], ...] | None = _runtime(None)
     moe_impl: str = _runtime("ragged")
     capacity_factor: float = _runtime(1.25)
@@ -331,6 +337,8 @@ class ModelConfig(JsonConfig):
         _check_choice("param_dtype", self.param_dtype, tuple(DTYPES))
         _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         _check_choice("remat", self.remat, REMAT_POLICIES)
+        if not isinstance(self.scan_unroll, int) or self.scan_unroll < 1:
+            raise ValueError(f"scan_unroll must be an integer >= 1, got {self.scan_unroll!r}.")
         if self.layer_norm_eps <= 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps}.")
         if self.rope_scaling is not None:

@@ -162,6 +162,7 @@ class GPTNeoX(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, *flags),
             length=cfg.num_hidden_layers,
+            unroll=min(cfg.scan_unroll, cfg.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
         )(cfg, keep_hidden, name="layers")
 
