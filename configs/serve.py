@@ -53,6 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Decode steps per device call: fewer host round trips per token (small models on
     # GPU/TPU), but requests are admitted and retired only every this many tokens.
     c.steps_per_call = 1
+    # Slot counts a decode call may compute, e.g. "(4, 8)": each call computes the
+    # smallest that holds the running requests (moved down into free slots), so a
+    # half-empty batch costs about half; () = powers of two from 4 below num_slots.
+    # One device, contiguous cache only (else every call computes all num_slots).
+    c.slot_buckets = ()
     # KV cache: "slots" (each slot owns max_len contiguous columns) or "paged" (the slots
     # share num_pages pages of page_size tokens; a request holds the pages of its prompt
     # plus max_tokens, and waits in the queue while too few are free: with lengths that

@@ -89,6 +89,7 @@ def build(config, progress=print):
         prefill_chunk=config.prefill_chunk,
         prefix_cache_blocks=config.prefix_cache_blocks,
         steps_per_call=config.steps_per_call,
+        slot_buckets=tuple(config.slot_buckets) or None,
         kv_cache=config.kv_cache,
         page_size=config.page_size,
         num_pages=config.num_pages or _default_pages(config, model_config),

@@ -41,11 +41,14 @@ def model(tmp_path_factory):
 def engine(model):
     config, params, tok = model
     eng = Engine(
-        config, params, tok, num_slots=3, max_len=64, prefill_buckets=(8, 16, 32), max_queue=40
-    )
+        config, params, tok, num_slots=3, max_len=64, prefill_buckets=(8, 16, 32), max_queue=40,
+        slot_buckets=(1,),
+    )  # fmt: skip
     lines = []
     eng.warmup(progress=lines.append)
-    assert lines[-1].startswith("compiled 8 programs in")  # 4 buckets + 4 step variants
+    # 4 buckets, greedy and sampling steps on 1 and 3 slots, both with logprobs on 3,
+    # and the slot move
+    assert lines[-1].startswith("compiled 11 programs in")
     return eng
 
 
@@ -69,26 +72,34 @@ def _prompts(vocab, lengths, seed=0):
 
 def _cache_sizes():
     programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
-    programs += (dev.activate, dev.put_block, dev.get_block)
+    programs += (dev.activate, dev.put_block, dev.get_block, dev.move)
     return [f._cache_size() for f in programs]
 
 
-def test_concurrent_greedy_requests_equal_generator_alone(model, engine):
+def test_concurrent_greedy_requests_equal_generator_alone(model, engine, monkeypatch):
     """More requests than slots, mixed prompt lengths and max_tokens (so slots retire
-    and refill at different steps): each equals its own ``Generator.generate``."""
+    and refill at different steps): each equals its own ``Generator.generate``. When one
+    request is left it moves to slot 0 and runs alone (``slot_buckets=(1,)``)."""
     config, params, tok = model
+    before = _cache_sizes()
+    moves, actives = [], []
+    move, generate = dev.move, dev.generate
+    monkeypatch.setattr(dev, "move", lambda s, a, b: moves.append((a, b)) or move(s, a, b))
+    monkeypatch.setattr(
+        dev, "generate", lambda *a, **k: actives.append(k.get("active")) or generate(*a, **k)
+    )
     gen = _reference(model)
     lengths = (1, 5, 30, 9, 17, 2, 12, 40)
     prompts = _prompts(config.vocab_size, lengths)
     samplings = [
         SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (20, 3, 11, 24, 6, 15, 9, 13)
     ]
-    before = _cache_sizes()
     collectors = [Collector() for _ in prompts]
     for p, s, c in zip(prompts, samplings, collectors, strict=True):
         engine.submit(Request(p, s, c))
     while engine.step():
         pass
+    monkeypatch.undo()
     assert _cache_sizes() == before  # nothing compiled after warm-up
     for p, s, c in zip(prompts, samplings, collectors, strict=True):
         ids, text, reason = c.result(timeout=0)
@@ -97,6 +108,7 @@ def test_concurrent_greedy_requests_equal_generator_alone(model, engine):
         assert text == ref.text
         assert reason == "length" == ref.finish_reason
     assert engine.free_slots == engine.num_slots
+    assert moves and set(actives) == {1, 3}
 
 
 def test_sampling_knobs_eos_and_stops_equal_generator(model, engine):

@@ -4,8 +4,10 @@ Two modes, the same workload (seeded, so every mode sees the same requests):
 
   server   the official ``openai`` client under asyncio against a running
            ``python -m neox_jax.serve`` (continuous batching, or ``num_slots=1`` for
-           one request at a time). Streams with ``logprobs=0`` so every token arrives
-           in its own event (time to first token and per-token times are exact).
+           one request at a time). Streams; the first chunk with text is the first
+           token, the final usage chunk counts the tokens. No logprobs by default (the
+           static baseline computes none either); ``--logprobs`` asks for ``logprobs=0``
+           and counts the tokens chunk by chunk, as the first sessions measured.
   static   in-process static batching: arrivals are queued, and whenever the model is
            free the next batch (up to ``--batch`` waiting requests) runs
            ``Generator.generate`` to the end. A request's first token is known only when
@@ -14,6 +16,9 @@ Two modes, the same workload (seeded, so every mode sees the same requests):
   hf       in-process ``transformers`` ``generate`` on one request at a time (PyTorch,
            float32), the reference users compare against; a streamer times the first
            token.
+  alternate  ``server`` and ``static`` in turns on each workload (server, static,
+           server, static with ``--rounds=2``), so both see the same load on a shared
+           machine; the static model lives in this process, the server in its own.
 
 Prompts are random token ids (lengths uniform in ``--prompt-len``), outputs exactly
 ``max_tokens`` (uniform in ``--output-len``) with ``ignore_eos``. Reports output
@@ -132,15 +137,23 @@ async def run_server(args, rate: float) -> dict:
             try:
                 stream = await client.completions.create(
                     model=args.model, prompt=work.prompts[i], max_tokens=work.max_tokens[i],
-                    temperature=0, logprobs=0, stream=True, extra_body={"ignore_eos": True},
+                    temperature=0, stream=True, extra_body={"ignore_eos": True},
+                    stream_options={"include_usage": True},
+                    **({"logprobs": 0} if args.logprobs else {}),
                 )  # fmt: skip
+                usage = None
                 async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].logprobs:
-                        n = len(chunk.choices[0].logprobs.tokens or [])
-                        if n and r.first is None:
-                            r.first = time.perf_counter() - start
-                        r.tokens += n
+                    usage = chunk.usage or usage
+                    if not chunk.choices:
+                        continue
+                    c = chunk.choices[0]
+                    n = len(c.logprobs.tokens or []) if c.logprobs else 0
+                    if (n or c.text) and r.first is None:
+                        r.first = time.perf_counter() - start
+                    r.tokens += n
                 r.done = time.perf_counter() - start
+                if not args.logprobs:
+                    r.tokens = usage.completion_tokens
             except openai.APIError as e:
                 r.error = f"{type(e).__name__}: {e}"
 
@@ -264,9 +277,15 @@ def warm_up(generator, args) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=("server", "static", "hf"))
+    p.add_argument("mode", choices=("server", "static", "hf", "alternate"))
     p.add_argument("--rates", default="1,2,4,8", help="requests per second, comma-separated")
-    p.add_argument("--requests", type=int, default=200, help="requests per rate (bounded)")
+    p.add_argument(
+        "--requests",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[200],
+        help="requests per rate (bounded); a comma-separated list runs each",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="repeat every run this many times")
     p.add_argument("--prompt-len", type=lambda s: tuple(map(int, s.split(","))), default=(32, 512))
     p.add_argument("--output-len", type=lambda s: tuple(map(int, s.split(","))), default=(16, 256))
     p.add_argument("--vocab", type=int, default=50304, help="prompt ids are drawn below this")
@@ -282,13 +301,14 @@ def main(argv=None) -> None:
         "--server-pid", type=int, default=None, help="server mode: count this process's CPU time"
     )
     p.add_argument("--max-in-flight", type=int, default=256, help="client-side bound")
+    p.add_argument("--logprobs", action="store_true", help="server mode: stream with logprobs=0")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--checkpoint", default="", help="static / hf modes: the model to load")
     p.add_argument("--batch", type=int, default=16, help="static mode: batch size")
     p.add_argument("--dtype", default="", help="static mode: compute dtype (as the server's)")
     p.add_argument("--tensor-parallel", type=int, default=1, help="static mode: devices")
     args = p.parse_args(argv)
-    if args.mode == "static":
+    if args.mode in ("static", "alternate"):
         from neox_jax.inference import Generator, bucket_length
         from neox_jax.inference.cli import inference_mesh
         from neox_jax.loading import load_model_and_tokenizer
@@ -311,21 +331,31 @@ def main(argv=None) -> None:
         model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint)
         model.eval()
         serve = hf_server(model)
-        serve([0], make_workload(args, 1.0), [Record(0.0)], 0.0)  # warm up, untimed
+        warm = argparse.Namespace(**{**vars(args), "requests": 1})
+        serve([0], make_workload(warm, 1.0), [Record(0.0)], 0.0)  # warm up, untimed
         mode, batch = "transformers:one-at-a-time", 1
-    for rate in (float(r) for r in args.rates.split(",")):
-        if args.mode == "server":
-            row = asyncio.run(run_server(args, rate))
-        else:
-            row = run_queued(args, rate, mode, batch, serve)
-            if args.mode == "static":
-                row["tpot_p50_s"] = row["tpot_p99_s"] = None  # not observable unstreamed
-        row["load_average"] = os.getloadavg()  # the machine's load (1, 5, 15 min) at the end
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+    # alternate: server, static, server, static, ... on each workload, so that both see
+    # the same load on a shared machine.
+    kinds = ("server", "static") if args.mode == "alternate" else (args.mode,)
+    for round_ in range(args.rounds):
+        for n in args.requests:
+            for rate in (float(r) for r in args.rates.split(",")):
+                for kind in kinds:
+                    run = argparse.Namespace(**{**vars(args), "requests": n})
+                    if kind == "server":
+                        row = asyncio.run(run_server(run, rate))
+                    else:
+                        row = run_queued(run, rate, mode, batch, serve)
+                    if kind == "static":  # not observable unstreamed
+                        row["tpot_p50_s"] = row["tpot_p99_s"] = None
+                    row["round"] = round_ + 1
+                    # the machine's load (1, 5, 15 min) at the end
+                    row["load_average"] = os.getloadavg()
+                    line = json.dumps(row)
+                    print(line, flush=True)
+                    if args.out:
+                        with open(args.out, "a") as f:
+                            f.write(line + "\n")
 
 
 if __name__ == "__main__":

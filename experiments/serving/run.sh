@@ -7,15 +7,18 @@
 #   bash experiments/serving/run.sh pythia-70m 0.25,1,4 16
 #   bash experiments/serving/run.sh pythia-70m 0.25,1,4 16 continuous,static
 #
-# MODES: any of continuous, one-at-a-time, static, transformers, prefix (default all).
+# MODES: any of continuous, one-at-a-time, static, transformers, prefix (default all),
+# or alternate: the continuous server and static batches in turns (server, static,
+# server, ...; ROUNDS times, default 2) on each of the REQUESTS (comma-separated) workloads.
 # The one-at-a-time modes (one-at-a-time, transformers) run at the highest rate only:
 # they saturate below every rate here, and their throughput is then their capacity.
 # Environment:
 #   PROMPT_LEN (default 32,128), OUTPUT_LEN (16,64): token counts, uniform in the range;
 #   SERIAL_REQUESTS (REQUESTS): requests for the one-at-a-time modes and each
 #     prefix-cache run (fewer keep a slow machine's run short);
-#   SLOTS (16), PORT (8765); MAX_LEN (256): the server's tokens per request (cache
-#     columns per slot; the prefix-cache runs use 512);
+#   SLOTS (16), PORT (8765); MAX_LEN (192): the server's tokens per request (cache
+#     columns per slot, as many as the static baseline's cache: the longest prompt's
+#     bucket + the longest output; the prefix-cache runs use 512);
 #   MODEL_DIR: serve this model folder (random weights are written there if it holds no
 #     config.json; default a temporary folder);
 #   OUT_FILE: the JSON lines file (default experiments/serving/results_<PRESET>.jsonl);
@@ -37,7 +40,7 @@ PROMPT_LEN=${PROMPT_LEN:-32,128}
 OUTPUT_LEN=${OUTPUT_LEN:-16,64}
 SERIAL_REQUESTS=${SERIAL_REQUESTS:-$REQUESTS}
 SLOTS=${SLOTS:-16}
-MAX_LEN=${MAX_LEN:-256}
+MAX_LEN=${MAX_LEN:-192}
 PORT=${PORT:-8765}
 read -r -a EXTRA <<<"${SERVER_FLAGS:-}"
 OUT=${OUT_FILE:-experiments/serving/results_${PRESET}.jsonl}
@@ -92,20 +95,25 @@ serve() {  # serve <slots> <label> <rates> [loadgen flags] [-- server flags]: lo
     python -m neox_jax.serve --config=configs/serve.py --config.checkpoint="$MODEL" \
         --config.model_name="$PRESET" --config.num_slots="$slots" \
         --config.max_len="${SERVE_MAX_LEN:-$MAX_LEN}" \
-        --config.prefill_buckets="(32, 64, 128, 256)" --config.max_queue=1000 \
+        --config.prefill_buckets="(32, 64, 128)" --config.max_queue=1000 \
         --config.port="$PORT" "${EXTRA[@]}" "${server[@]}" &
     local pid=$!
     until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
         kill -0 "$pid" || exit 1
         sleep 1
     done
-    python experiments/serving/loadgen.py server --base-url="http://127.0.0.1:$PORT/v1" \
-        --label="$label" --rates="$rates" --server-pid="$pid" "${WORKLOAD[@]}" "${load[@]}"
+    python experiments/serving/loadgen.py "${LOADGEN_MODE:-server}" \
+        --base-url="http://127.0.0.1:$PORT/v1" --label="$label" --rates="$rates" \
+        --server-pid="$pid" "${WORKLOAD[@]}" "${load[@]}"
     kill -TERM "$pid"
     wait "$pid"
 }
 
 if has continuous; then serve "$SLOTS" "continuous-$SLOTS-slots" "$RATES"; fi
+if has alternate; then
+    LOADGEN_MODE=alternate serve "$SLOTS" "continuous-$SLOTS-slots" "$RATES" \
+        --checkpoint="$MODEL" --rounds="${ROUNDS:-2}" ${STATIC_FLAGS:-}
+fi
 if has one-at-a-time; then serve 1 one-at-a-time "$TOP_RATE" --requests="$SERIAL_REQUESTS"; fi
 if has static; then
     python experiments/serving/loadgen.py static --checkpoint="$MODEL" --batch=16 \

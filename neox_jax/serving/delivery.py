@@ -23,25 +23,32 @@ class Delivery:
     """Engine methods that deliver tokens and free slots (mixed into ``Engine``)."""
 
     def _deliver(self, slot: int, r: Request, out: dev.StepOutput, now: float) -> None:
-        """Hand ``r`` the tokens of this call's steps, up to the one that ended it."""
-        for j in range(out.tokens.shape[0]):
-            if self._deliver_one(slot, r, out, j, now):
-                return
-
-    def _deliver_one(self, slot: int, r: Request, out: dev.StepOutput, j: int, now) -> bool:
-        """Step ``j``'s token for ``r``; returns whether ``r`` ended (slot retired)."""
-        tok, finish = int(out.tokens[j, slot]), int(out.finish[j, slot])
+        """Hand ``r`` the tokens of this call's steps, up to the one that ended it, in
+        one event (one wake-up of the HTTP side and one SSE chunk per call, not per
+        token)."""
         if r.first_token_at is None:
             r.first_token_at = now
             if self.metrics is not None:
                 self.metrics.observe_first_token(now - r.arrival)
+        ids, texts, lps = [], [], []
+        for j in range(out.tokens.shape[0]):
+            reason = self._take_one(slot, r, out, j, ids, texts, lps)
+            if reason is not None:
+                self._end(slot, r, now)
+                r.sink(Event(ids, "".join(texts), lps, done=True, finish_reason=reason))
+                return
+        r.sink(Event(ids, "".join(texts), lps))
+
+    def _take_one(self, slot: int, r: Request, out, j: int, ids, texts, lps) -> str | None:
+        """Step ``j``'s token, text and logprobs for ``r`` onto ``ids``, ``texts`` and
+        ``lps``; returns the finish reason if ``r`` ended with it."""
+        tok, finish = int(out.tokens[j, slot]), int(out.finish[j, slot])
         r.output_ids.append(tok)
-        lp = []
+        ids.append(tok)
         if r.num_logprobs:
             k = r.num_logprobs
             top = zip(out.top_ids[j, slot, :k], out.top_logprobs[j, slot, :k], strict=True)
-            lp = [(float(out.logprob[j, slot]), [(int(i), float(v)) for i, v in top])]
-        text = ""
+            lps.append((float(out.logprob[j, slot]), [(int(i), float(v)) for i, v in top]))
         if r.tracker is not None:
             if finish not in (EOS, STOP):  # an eos / stop id is not part of the text
                 r.tracker.feed([tok])
@@ -49,18 +56,18 @@ class Delivery:
                 finish = STOP
             elif finish != RUNNING:
                 r.tracker.finish()
-            text = r.tracker.release()
+            texts.append(r.tracker.release())
         if finish == RUNNING:
-            r.sink(Event([tok], text, lp))
-            return False
+            return None
         if r.tracker is not None and r.tracker.stopped:
             self.state = dev.release(self.state, np.int32(slot))  # may still run on device
+        return "length" if finish == LENGTH else "stop"
+
+    def _end(self, slot: int, r: Request, now: float) -> None:
+        """``r`` ended in this call: its slot is free, its times observed."""
         self._free_slot(slot)
         if self.metrics is not None:
             self.metrics.observe_finished(r, now)
-        reason = "length" if finish == LENGTH else "stop"
-        r.sink(Event([tok], text, lp, done=True, finish_reason=reason))
-        return True
 
     def _free_slot(self, slot: int) -> None:
         """``slot`` takes the next request; its pages (paged cache) go back to the pool.

@@ -28,7 +28,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.rules import mesh_context
-from neox_jax.serving import paged_slots
+from neox_jax.serving import paged_slots, scoring
 from neox_jax.serving import slots as dev
 from neox_jax.serving.admission import Admission
 from neox_jax.serving.delivery import Delivery
@@ -74,6 +74,12 @@ class Engine(Admission, Delivery):
       steps_per_call: decode steps per device call: fewer host round trips per token
         (worth it where dispatch dominates, small models on GPU/TPU), at the cost of
         admitting and retiring requests only every this many tokens.
+      slot_buckets: how many leading slots a decode call may compute (each compiled at
+        start-up): a call computes the smallest that holds every running request, and
+        the scheduler moves requests down into free slots to keep them there, so a
+        half-empty batch costs about half (default: powers of two from 4 below
+        ``num_slots``, and ``num_slots``; only ``num_slots`` with a mesh or the paged
+        cache).
       mesh: serve on this mesh (``parallel.create_mesh({"tensor": N, "stage": S})``):
         weights and KV cache are sharded by the rules table, heads / MLP / vocabulary
         over ``tensor``, layers over ``stage`` (then every prefill and decode step runs
@@ -104,6 +110,7 @@ class Engine(Admission, Delivery):
         prefill_chunk: int = 0,
         prefix_cache_blocks: int = 0,
         steps_per_call: int = 1,
+        slot_buckets: Sequence[int] | None = None,
         kv_cache: str = "slots",
         page_size: int = 16,
         num_pages: int = 0,
@@ -161,6 +168,7 @@ class Engine(Admission, Delivery):
         self.metrics = metrics
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
         self.dev = dev if self.pages is None else paged_slots
+        self.slot_buckets = self._slot_buckets(slot_buckets)
         with self._context():  # under jit, the cache takes the rules table's sharding
             if self.pages is None:
                 init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
@@ -191,6 +199,19 @@ class Engine(Admission, Delivery):
             )
         # Page 0 is the device's scratch page: the pool hands out 1 .. num_pages.
         return PagePool(num_pages, page_size, self.num_slots, self.max_len, first_page=1)
+
+    def _slot_buckets(self, buckets: Sequence[int] | None) -> tuple[int, ...]:
+        """The slot counts a decode call may compute (see ``slot_buckets``)."""
+        n = self.num_slots
+        if buckets is None:
+            if self.mesh is not None or self.pages is not None:
+                return (n,)
+            buckets = [b for b in (2**i for i in range(2, 30)) if b < n]
+        elif self.mesh is not None or self.pages is not None:
+            raise UserError("slot_buckets works with the contiguous cache on one device only.")
+        if any(not 1 <= int(b) <= n for b in buckets):
+            raise UserError(f"slot_buckets must lie in [1, num_slots={n}], got {tuple(buckets)}.")
+        return tuple(sorted({int(b) for b in buckets} | {n}))
 
     def _context(self):
         """The mesh and rules table every device call runs under (nothing without a mesh)."""
@@ -228,7 +249,7 @@ class Engine(Admission, Delivery):
         tokens = np.zeros(next((b for b in self.buckets if b >= n), self.max_len), np.int32)
         tokens[:n] = prompt_ids
         with self._context():
-            scored = dev.score(
+            scored = scoring.score(
                 self.config, self.params, tokens, k=max(1, k), pipeline=self.pipeline
             )
         chosen, top_lp, top_ids = jax.device_get(scored)
@@ -249,7 +270,8 @@ class Engine(Admission, Delivery):
 
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
-        total = len(self.buckets) + 4 + bool(self.prefill_chunk)
+        steps = 2 * len(self.slot_buckets) + 2 + (len(self.slot_buckets) > 1)
+        total = len(self.buckets) + steps + bool(self.prefill_chunk)
         if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
             row = np.zeros(self.pages.pages_per_slot, np.int32)
             self.state = self.dev.set_pages(self.state, np.int32(0), row)
@@ -280,16 +302,22 @@ class Engine(Admission, Delivery):
                 )
                 self.state = self.dev.put_block(self.state, np.int32(0), k, v, np.int32(0))
             self.state = dev.release(self.state, np.int32(0))
-        for j, (mode, k) in enumerate(
-            [(m, k) for m in (dev.GREEDY, dev.SAMPLE) for k in (0, self.max_logprobs)], 1
-        ):
+        # Logprobs run on all slots (fewer programs; the softmax over the vocabulary
+        # costs more than the idle slots there).
+        n_all = self.num_slots
+        variants = [(m, 0, n) for m in (dev.GREEDY, dev.SAMPLE) for n in self.slot_buckets]
+        variants += [(m, self.max_logprobs, n_all) for m in (dev.GREEDY, dev.SAMPLE)]
+        for j, (mode, k, n) in enumerate(variants, 1):
             name = "greedy" if mode.greedy else "sampling"
-            progress(f"compiling {name} step, {k} logprobs ({done + j}/{total})")
+            progress(f"compiling {name} step, {k} logprobs, {n} slots ({done + j}/{total})")
             self.state, out = self.dev.generate(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
-                steps=self.steps_per_call,
+                steps=self.steps_per_call, **self._active_arg(n),
             )  # fmt: skip
             jax.block_until_ready(out)
+        if len(self.slot_buckets) > 1:
+            progress(f"compiling the slot move ({total}/{total})")
+            self.state = dev.move(self.state, np.int32(0), np.int32(0))
         seconds = time.perf_counter() - start
         progress(f"compiled {total} programs in {seconds:.1f}s")
         return seconds
@@ -311,6 +339,7 @@ class Engine(Admission, Delivery):
         chunked = bool(self._prefilling)
         if chunked:
             self._prefill_next_chunk()
+        self._compact()
         running = [
             (i, r) for i, r in enumerate(self.slots) if r is not None and i not in self._prefilling
         ]
@@ -320,6 +349,8 @@ class Engine(Admission, Delivery):
             return chunked
         greedy = all(r.sampling.temperature == 0 for _, r in running)
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
+        # The slots this call computes (logprobs programs exist for all slots only).
+        active = self.num_slots if k else self._bucket_of(max(i for i, _ in running) + 1)
         start = time.perf_counter()
         self.state, out = self.dev.generate(
             self.config,
@@ -328,6 +359,7 @@ class Engine(Admission, Delivery):
             mode=dev.GREEDY if greedy else dev.SAMPLE,
             num_logprobs=k,
             steps=self.steps_per_call,
+            **self._active_arg(active),
         )
         out = jax.device_get(out)
         now, seconds = time.monotonic(), time.perf_counter() - start
@@ -339,6 +371,29 @@ class Engine(Admission, Delivery):
             self.metrics.observe_step(delivered, seconds)
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
+
+    def _bucket_of(self, n: int) -> int:
+        return next(b for b in self.slot_buckets if b >= n)
+
+    def _active_arg(self, n: int) -> dict:
+        """``generate``'s ``active`` argument for ``n`` slots (none with one bucket)."""
+        return {} if len(self.slot_buckets) == 1 else {"active": n}
+
+    def _compact(self) -> None:
+        """Move running requests from slots at or above the smallest slot bucket that
+        could hold every occupied slot into free slots below it, so the next decode call
+        computes that bucket. A prompt being prefilled in chunks stays where it is."""
+        if len(self.slot_buckets) == 1:
+            return
+        target = self._bucket_of(self.num_slots - self.free_slots or 1)
+        free = [i for i in range(target) if self.slots[i] is None]
+        for src in range(self.num_slots - 1, target - 1, -1):
+            r = self.slots[src]
+            if not free or r is None or src in self._prefilling:
+                continue
+            dst = free.pop(0)
+            self.state = dev.move(self.state, np.int32(src), np.int32(dst))
+            self.slots[dst], self.slots[src] = r, None
 
     # ------------------------------------------------------------ the thread
     def start(self) -> None:

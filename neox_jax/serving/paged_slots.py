@@ -50,7 +50,6 @@ from neox_jax.serving.slots import (  # noqa: F401 (the engine reaches them thro
     activate,
     prefill,
     release,
-    score,
 )
 
 Array = jax.Array

@@ -184,37 +184,6 @@ def prefill(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "k", "pipeline"))
-def score(config: ModelConfig, params, tokens: Array, *, k: int, pipeline: bool = False):
-    """Log-probabilities of a right-padded prompt's own tokens (``echo`` with ``logprobs``).
-
-    Args:
-      tokens: ``[P]`` int32 (padding after the prompt is harmless: causal attention).
-      k: alternatives per position (static, >= 1).
-      pipeline: as ``prefill``.
-
-    Returns:
-      ``(logprob [P - 1], top_logprobs [P - 1, k], top_ids [P - 1, k])``: entry ``i`` is
-      about token ``i + 1`` given the tokens before it.
-    """
-    plen = tokens.shape[0]
-    cols = jnp.arange(plen, dtype=jnp.int32)[None]
-    logits, _ = step.forward(
-        config,
-        params,
-        tokens[None],
-        cols,
-        jnp.ones((1, plen), jnp.int32),
-        step.layer_cache(config, 1, plen, stacked=pipeline),
-        all_logits=True,
-        pipeline=int(pipeline),
-    )
-    logprobs = jax.nn.log_softmax(logits[0, :-1], axis=-1)  # [P - 1, V]
-    chosen = jnp.take_along_axis(logprobs, tokens[1:, None], axis=-1)[:, 0]
-    top_logprobs, top_ids = jax.lax.top_k(logprobs, k)
-    return chosen, top_logprobs, top_ids.astype(jnp.int32)
-
-
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(
     prefix: Prefix,
@@ -431,7 +400,7 @@ def _slot_forward(config: ModelConfig, params, state: SlotState):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "mode", "num_logprobs", "steps"),
+    static_argnames=("config", "mode", "num_logprobs", "steps", "active"),
     donate_argnames=("state",),
 )
 def generate(
@@ -442,6 +411,7 @@ def generate(
     mode: SamplingMode,
     num_logprobs: int = 0,
     steps: int = 1,
+    active: int | None = None,
 ) -> tuple[SlotState, StepOutput]:
     """Advance every RUNNING slot by ``steps`` tokens (fewer where a slot finishes);
     other slots are left as they are.
@@ -455,15 +425,34 @@ def generate(
         0 returns ``[N, 1]`` placeholders and no ``logprob``).
       steps: decode steps per call (static). More steps mean fewer host round trips
         per token; the host admits and retires requests only between calls.
+      active: compute only slots ``0 .. active - 1`` (static; None = all), where the
+        caller keeps the running ones (``move``): a step costs what they need.
 
     Returns:
-      The new state and a ``StepOutput`` whose arrays have a leading ``[steps]`` axis.
+      The new state and a ``StepOutput`` whose arrays have a leading ``[steps]`` axis
+      (and ``[active]`` slots when ``active`` is given).
     """
 
     def body(s, _):
         return _one_step(config, params, s, mode, num_logprobs)
 
-    return jax.lax.scan(body, state, None, length=steps)
+    if active is None or active >= state.last.shape[0]:
+        return jax.lax.scan(body, state, None, length=steps)
+    if _stacked(state):
+        raise ValueError("active slot counts need the per-layer cache, not the stacked one.")
+    # Those rows of every per-slot array run the steps, then go back in place (two
+    # copies of ``active`` rows per call, against ``N - active`` slots not computed).
+    head = jax.tree.map(lambda x: x[:active], state)
+    head, out = jax.lax.scan(body, head, None, length=steps)
+    return jax.tree.map(lambda x, h: x.at[:active].set(h), state, head), out
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def move(state: SlotState, src: Array, dst: Array) -> SlotState:
+    """Slot ``src``'s request (cache row, position, knobs, ...) into FREE slot ``dst``;
+    ``src`` becomes FREE (per-layer cache only: slots on axis 0 of every array)."""
+    state = jax.tree.map(lambda x: x.at[dst].set(x[src]), state)
+    return state.replace(finish=state.finish.at[src].set(FREE))
 
 
 def _one_step(
