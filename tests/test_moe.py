@@ -63,8 +63,9 @@ def _ids(vocab, batch=2, length=12, seed=0):
 
 
 def _ours(config, params, ids, mask=None):
-    out = GPTNeoX(config).apply({"params": params}, jnp.asarray(ids), attention_mask=mask)
-    return np.asarray(out)
+    # Jitted: eager, each of the routing's many small ops would compile on its own.
+    apply = jax.jit(lambda p, i, m: GPTNeoX(config).apply({"params": p}, i, attention_mask=m))
+    return np.asarray(apply(params, jnp.asarray(ids), None if mask is None else jnp.asarray(mask)))
 
 
 # (model_type, transformers overrides): top-k 1 and 2 of 8 experts, normalised and not,

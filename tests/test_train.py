@@ -1,5 +1,6 @@
 """The training loop: loss falls, exact resume, accumulation, recompiles, bad input."""
 
+import functools
 import signal
 import subprocess
 import time
@@ -118,9 +119,11 @@ def test_gradient_accumulation_equals_full_batch():
     batch = {"tokens": tokens, "loss_mask": mask}
     apply_fn = model_apply_fn(SMALL)
     key = jax.random.PRNGKey(0)
-    full = loss_and_grads(params, None, batch, key, apply_fn, 1)
+    # Jitted: one program per microbatch count instead of one per op of the eager model.
+    grads = jax.jit(loss_and_grads, static_argnums=(4, 5))
+    full = grads(params, None, batch, key, apply_fn, 1)
     for k in (2, 4):
-        acc = loss_and_grads(params, None, batch, key, apply_fn, k)
+        acc = grads(params, None, batch, key, apply_fn, k)
         # Same sums in a different order: fp32 round-off only.
         np.testing.assert_allclose(acc[0], full[0], rtol=1e-6)
         assert float(acc[1]) == float(full[1])
@@ -153,9 +156,9 @@ def test_nonfinite_skip_keeps_state():
     bad["embed_out"]["kernel"] = bad["embed_out"]["kernel"].at[0, 0].set(jnp.nan)
     state = _state(tx, bad)
     batch = {"tokens": jnp.ones((2, 5), jnp.int32)}
-    new, metrics = train_step(
-        state, batch, tx=tx, apply_fn=model_apply_fn(SMALL), skip_nonfinite=True
-    )
+    step = jax.jit(functools.partial(train_step, tx=tx, apply_fn=model_apply_fn(SMALL)),
+                   static_argnames="skip_nonfinite")  # fmt: skip
+    new, metrics = step(state, batch, skip_nonfinite=True)
     assert int(metrics["skipped"]) == 1 and int(new.step) == 1
     chex.assert_trees_all_equal(new.params, state.params)
 
