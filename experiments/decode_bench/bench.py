@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 
 from neox_jax.inference import Generator, SamplingParams  # noqa: E402
 from neox_jax.inference import generate as gen  # noqa: E402
-from neox_jax.inference.step import split_params  # noqa: E402
+from neox_jax.inference.step import VOCAB_MAJOR_HEAD, split_params  # noqa: E402
 from neox_jax.model import ModelConfig, init_params  # noqa: E402
 
 
@@ -133,6 +133,9 @@ class Ours:
         self.rows = [list(map(int, p)) for p in prompts]
         self.tokens = [r.token_ids for r in self.generator.generate(self.rows, self.sampling)]
         self.config, self.params = config, split_params(params) if split else params
+        # The same split params with the output head only as stored ([E, V]): the
+        # before/after of split_params' vocabulary-major head copy (``--ab_head``).
+        self.ev_head = {k: v for k, v in self.params.items() if k != VOCAB_MAJOR_HEAD}
         p, self.cache_len = gen.plan_cache(config, self.plen, new_tokens)
         self.ids, self.mask = gen.left_pad(self.rows, p)
         self.keys = gen.row_keys([0] * self.batch)
@@ -149,11 +152,12 @@ class Ours:
     def prefill_s(self) -> float:
         return best_time(self._prefill, 1)
 
-    def decode_s(self) -> float:
+    def decode_s(self, params=None) -> float:
+        params = self.params if params is None else params
         state = self._prefill()
         start = time.perf_counter()
         state = gen.decode(
-            self.config, self.params, state, self.controls, self.new_tokens, mode=self.mode
+            self.config, params, state, self.controls, self.new_tokens, mode=self.mode
         )
         jax.block_until_ready(state.tokens)
         return time.perf_counter() - start
@@ -284,7 +288,7 @@ def hf_worker(hf_dir: Path, new_tokens: int, threads) -> None:
             print(json.dumps({"s": best_time(run[what])}), flush=True)
 
 
-def interleaved(ours: Ours, hf: HF, rounds: int, threads) -> dict[str, float]:
+def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False) -> dict[str, float]:
     """Best time of each measurement over ``rounds`` rounds that alternate ours and HF
     (and torch thread counts), so both see the same load on a shared machine; the
     host bandwidth is measured in every round too (its best is used)."""
@@ -293,6 +297,8 @@ def interleaved(ours: Ours, hf: HF, rounds: int, threads) -> dict[str, float]:
     for _ in range(rounds):
         add("ours_prefill", ours.prefill_s())
         add("ours_decode", ours.decode_s())
+        if ab_head:  # the head as stored, [E, V], in the same rounds (compiled once first)
+            add("ours_decode_ev_head", ours.decode_s(ours.ev_head))
         add("ours_e2e", ours.e2e_s())
         for n in threads:
             add(f"hf_prefill_{n}", hf.prefill_s(n))
@@ -319,7 +325,9 @@ def run_cpu(args) -> dict:
                 prompts = rng.integers(2, 50000, (batch, args.prompt_len)).astype(np.int32)
                 ours = Ours(config, params, prompts, args.new_tokens)
                 hf = HF(Path(tmp) / "hf", prompts, args.new_tokens, threads)
-                best = interleaved(ours, hf, args.rounds, threads)
+                if args.ab_head:
+                    ours.decode_s(ours.ev_head)  # compile the [E, V]-head loop
+                best = interleaved(ours, hf, args.rounds, threads, args.ab_head)
                 profiles = None
                 if args.profile:
                     profiles = {"ours": ours.op_profile(), "hf": hf.op_profile(max(threads))}
@@ -369,6 +377,9 @@ def _row(name, batch, config, params, runners, best, threads, args) -> dict:
         ),
         "loadavg": os.getloadavg(),
     }
+    if args.ab_head:  # before/after of the [V, E] head copy, decode-only
+        row["ours"]["decode_tok_s_ev_head"] = batch * new / best["ours_decode_ev_head"]
+        row["head_vocab_major_speedup"] = best["ours_decode_ev_head"] / best["ours_decode"]
     row["speedup_e2e"] = row["ours"]["e2e_tok_s"] / row["hf"]["e2e_tok_s"]
     row["speedup_decode"] = row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
     row["roofline_fraction"] = row["ours"]["decode_tok_s"] / roofline
@@ -438,6 +449,11 @@ def main():
         "--profile",
         action="store_true",
         help="per-op tables of both decoders, stacked weights, a cache sweep",
+    )
+    parser.add_argument(
+        "--ab_head",
+        action="store_true",
+        help="also time the decode loop with the output head as stored ([E, V])",
     )
     parser.add_argument(
         "--split_layers", type=int, default=1, help="GPU mode: 1 = per-layer weight copy"
