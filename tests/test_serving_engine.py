@@ -26,7 +26,7 @@ from helpers.serving import serving_model
 from neox_jax.errors import UserError
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.model import GPTNeoX
-from neox_jax.serving import Collector, Engine, EngineStopped, QueueFull, Request
+from neox_jax.serving import Collector, Engine, EngineStopped, QueueFull, Request, prefill_batch
 from neox_jax.serving import slots as dev
 
 TEXTS = ["the model reads tokens and predicts what comes next", "héllo wörld, ça va? 🙂"]
@@ -46,9 +46,9 @@ def engine(model):
     )  # fmt: skip
     lines = []
     eng.warmup(progress=lines.append)
-    # 4 buckets, greedy and sampling steps on 1 and 3 slots, both with logprobs on 3,
-    # and the slot move
-    assert lines[-1].startswith("compiled 11 programs in")
+    # 4 buckets alone and batched, greedy and sampling steps on 1 and 3 slots, both with
+    # logprobs on 3, and the slot move
+    assert lines[-1].startswith("compiled 15 programs in")
     return eng
 
 
@@ -73,18 +73,21 @@ def _prompts(vocab, lengths, seed=0):
 def _cache_sizes():
     programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
     programs += (dev.activate, dev.put_block, dev.get_block, dev.move)
+    programs += (prefill_batch.prefill_many, prefill_batch.insert_many)
     return [f._cache_size() for f in programs]
 
 
 def test_concurrent_greedy_requests_equal_generator_alone(model, engine, monkeypatch):
     """More requests than slots, mixed prompt lengths and max_tokens (so slots retire
-    and refill at different steps): each equals its own ``Generator.generate``. When one
-    request is left it moves to slot 0 and runs alone (``slot_buckets=(1,)``)."""
+    and refill at different steps): each equals its own ``Generator.generate``. The
+    first three prompts are prefilled in one call; when one request is left it moves to
+    slot 0 and runs alone (``slot_buckets=(1,)``)."""
     config, params, tok = model
     before = _cache_sizes()
-    moves, actives = [], []
-    move, generate = dev.move, dev.generate
+    moves, actives, batched = [], [], []
+    move, generate, many = dev.move, dev.generate, prefill_batch.prefill_many
     monkeypatch.setattr(dev, "move", lambda s, a, b: moves.append((a, b)) or move(s, a, b))
+    monkeypatch.setattr(prefill_batch, "prefill_many", lambda *a: batched.append(a[3]) or many(*a))
     monkeypatch.setattr(
         dev, "generate", lambda *a, **k: actives.append(k.get("active")) or generate(*a, **k)
     )
@@ -109,6 +112,7 @@ def test_concurrent_greedy_requests_equal_generator_alone(model, engine, monkeyp
         assert reason == "length" == ref.finish_reason
     assert engine.free_slots == engine.num_slots
     assert moves and set(actives) == {1, 3}
+    assert [len(lengths) for lengths in batched] == [4]  # 3 prompts + 1 padding row
 
 
 def test_sampling_knobs_eos_and_stops_equal_generator(model, engine):

@@ -13,12 +13,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from neox_jax.errors import UserError
 from neox_jax.inference.generate import id_table
 from neox_jax.inference.sampling import SamplingParams, row_arrays
 from neox_jax.inference.text import TextTracker
+from neox_jax.serving import prefill_batch
 from neox_jax.serving import slots as dev
 from neox_jax.serving.requests import CANCELLED, EngineStopped, Event, QueueFull, Request
 
@@ -106,11 +108,11 @@ class Admission:
         self.state = self.dev.insert(prefix, self.state, np.int32(slot), *controls)
 
     def _admit(self) -> None:
-        admitted = 0
-        while admitted < self.max_prefills_per_step and None in self.slots:
+        batch = []  # (slot, request): short prompts, prefilled together below
+        while len(batch) < self.max_prefills_per_step and None in self.slots:
             with self._lock:
                 if not self.waiting:
-                    return
+                    break
                 r = self.waiting.popleft()
             if r.cancelled:
                 r.sink(Event([], "", [], done=True, finish_reason=CANCELLED))
@@ -119,7 +121,7 @@ class Admission:
             if not self._take_pages(slot, r):  # the pool is short: wait (in order)
                 with self._lock:
                     self.waiting.appendleft(r)
-                return
+                break
             self.slots[slot] = r
             if self.tokenizer is not None:
                 r.tracker = TextTracker(self.tokenizer, r.sampling.stop_strings)
@@ -131,13 +133,38 @@ class Admission:
                 else:
                     self._activate(slot, r)
                 continue
+            batch.append((slot, r))
+        if len(batch) > 1 and self.batch_prefill:
+            self._prefill_many(batch)
+            return
+        for slot, r in batch:
+            n = len(r.prompt_ids)
             tokens = np.zeros(self.bucket(n), np.int32)
             tokens[:n] = r.prompt_ids
             prefix = dev.prefill(
                 self.config, self.params, tokens, np.int32(n), pipeline=self.pipeline
             )
             self._insert(prefix, slot, r.sampling, r.row)
-            admitted += 1
+
+    def _prefill_many(self, batch: list) -> None:
+        """``batch``'s prompts in one prefill at the largest of their buckets, padded to
+        ``max_prefills_per_step`` rows by repeating the first, and one insert."""
+        rows = batch + batch[:1] * (self.max_prefills_per_step - len(batch))
+        tokens = np.zeros((len(rows), max(self.bucket(len(r.prompt_ids)) for _, r in rows)))
+        tokens, lengths = tokens.astype(np.int32), np.zeros(len(rows), np.int32)
+        for i, (_, r) in enumerate(rows):
+            tokens[i, : len(r.prompt_ids)], lengths[i] = r.prompt_ids, len(r.prompt_ids)
+        prefix = prefill_batch.prefill_many(self.config, self.params, tokens, lengths)
+        self._insert_many(prefix, [slot for slot, _ in rows], [r for _, r in rows])
+
+    def _insert_many(self, prefix, slots: list[int], requests: list[Request]) -> None:
+        controls = [self._controls(r.sampling, r.row) for r in requests]
+        knobs = {k: np.stack([c[0][k] for c in controls]) for k in controls[0][0]}
+        max_new, eos, stop = (np.stack([c[i] for c in controls]) for i in (1, 2, 3))
+        keys = jnp.stack([c[4] for c in controls])
+        self.state = prefill_batch.insert_many(
+            prefix, self.state, np.asarray(slots, np.int32), knobs, max_new, eos, stop, keys
+        )
 
     def _take_pages(self, slot: int, r: Request) -> bool:
         """Paged cache: give ``slot`` the pages of ``r``'s prompt plus ``max_tokens``,

@@ -28,7 +28,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.rules import mesh_context
-from neox_jax.serving import paged_slots, scoring
+from neox_jax.serving import paged_slots, prefill_batch, scoring
 from neox_jax.serving import slots as dev
 from neox_jax.serving.admission import Admission
 from neox_jax.serving.delivery import Delivery
@@ -169,6 +169,8 @@ class Engine(Admission, Delivery):
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
         self.dev = dev if self.pages is None else paged_slots
         self.slot_buckets = self._slot_buckets(slot_buckets)
+        # Several admitted prompts prefill in one call (contiguous cache, one device).
+        self.batch_prefill = self.pages is None and mesh is None and max_prefills_per_step > 1
         with self._context():  # under jit, the cache takes the rules table's sharding
             if self.pages is None:
                 init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
@@ -271,7 +273,8 @@ class Engine(Admission, Delivery):
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
         steps = 2 * len(self.slot_buckets) + 2 + (len(self.slot_buckets) > 1)
-        total = len(self.buckets) + steps + bool(self.prefill_chunk)
+        prefills = len(self.buckets) * (1 + self.batch_prefill)
+        total = prefills + steps + bool(self.prefill_chunk)
         if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
             row = np.zeros(self.pages.pages_per_slot, np.int32)
             self.state = self.dev.set_pages(self.state, np.int32(0), row)
@@ -284,6 +287,15 @@ class Engine(Admission, Delivery):
             self._insert(prefix, 0, SamplingParams(max_new_tokens=1), 0)
             self.state = dev.release(self.state, np.int32(0))
         done = len(self.buckets)
+        for b in self.buckets if self.batch_prefill else ():
+            done += 1
+            rows = self.max_prefills_per_step
+            progress(f"compiling prefill of {rows} prompts, bucket {b} ({done}/{total})")
+            tokens, lengths = np.zeros((rows, b), np.int32), np.ones(rows, np.int32)
+            prefix = prefill_batch.prefill_many(self.config, self.params, tokens, lengths)
+            request = Request([0], SamplingParams(max_new_tokens=1), lambda e: None)
+            self._insert_many(prefix, [0] * rows, [request] * rows)
+            self.state = dev.release(self.state, np.int32(0))
         if self.prefill_chunk:
             done += 1
             progress(f"compiling prefill chunk of {self.prefill_chunk} ({done}/{total})")
