@@ -110,7 +110,8 @@ def generator(model_dir):
 
 def test_startup_progress_and_models(server, client):
     log = server.log.read_text()
-    assert "compiling prefill bucket 16" in log and "compiled 6 programs in" in log
+    # buckets 16 and 64, alone and in batches of 2 (the slots), 4 steps
+    assert "compiling prefill bucket 16" in log and "compiled 8 programs in" in log
     (card,) = client.models.list().data
     assert card.id == server.name and card.owned_by == "neox_jax"
 

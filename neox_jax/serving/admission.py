@@ -134,7 +134,7 @@ class Admission:
                     self._activate(slot, r)
                 continue
             batch.append((slot, r))
-        if len(batch) > 1 and self.batch_prefill:
+        if len(batch) > 1 and self.prefill_rows:
             self._prefill_many(batch)
             return
         for slot, r in batch:
@@ -148,8 +148,8 @@ class Admission:
 
     def _prefill_many(self, batch: list) -> None:
         """``batch``'s prompts in one prefill at the largest of their buckets, padded to
-        ``max_prefills_per_step`` rows by repeating the first, and one insert."""
-        rows = batch + batch[:1] * (self.max_prefills_per_step - len(batch))
+        ``prefill_rows`` rows by repeating the first, and one insert."""
+        rows = batch + batch[:1] * (self.prefill_rows - len(batch))
         tokens = np.zeros((len(rows), max(self.bucket(len(r.prompt_ids)) for _, r in rows)))
         tokens, lengths = tokens.astype(np.int32), np.zeros(len(rows), np.int32)
         for i, (_, r) in enumerate(rows):

@@ -169,8 +169,10 @@ class Engine(Admission, Delivery):
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
         self.dev = dev if self.pages is None else paged_slots
         self.slot_buckets = self._slot_buckets(slot_buckets)
-        # Several admitted prompts prefill in one call (contiguous cache, one device).
-        self.batch_prefill = self.pages is None and mesh is None and max_prefills_per_step > 1
+        # Several admitted prompts prefill in one call (contiguous cache, one device), in
+        # batches of this many rows (padded); 0 = one call per prompt.
+        rows = min(max_prefills_per_step, num_slots)
+        self.prefill_rows = rows if self.pages is None and mesh is None and rows > 1 else 0
         with self._context():  # under jit, the cache takes the rules table's sharding
             if self.pages is None:
                 init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
@@ -273,7 +275,7 @@ class Engine(Admission, Delivery):
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
         steps = 2 * len(self.slot_buckets) + 2 + (len(self.slot_buckets) > 1)
-        prefills = len(self.buckets) * (1 + self.batch_prefill)
+        prefills = len(self.buckets) * (1 + bool(self.prefill_rows))
         total = prefills + steps + bool(self.prefill_chunk)
         if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
             row = np.zeros(self.pages.pages_per_slot, np.int32)
@@ -287,9 +289,9 @@ class Engine(Admission, Delivery):
             self._insert(prefix, 0, SamplingParams(max_new_tokens=1), 0)
             self.state = dev.release(self.state, np.int32(0))
         done = len(self.buckets)
-        for b in self.buckets if self.batch_prefill else ():
+        for b in self.buckets if self.prefill_rows else ():
             done += 1
-            rows = self.max_prefills_per_step
+            rows = self.prefill_rows
             progress(f"compiling prefill of {rows} prompts, bucket {b} ({done}/{total})")
             tokens, lengths = np.zeros((rows, b), np.int32), np.ones(rows, np.int32)
             prefix = prefill_batch.prefill_many(self.config, self.params, tokens, lengths)

@@ -3,10 +3,10 @@
 A prefill costs about the same for one short prompt as for a few (on CPU the weights'
 reads and the call itself dominate at these sizes), so when several requests are
 admitted together the engine runs them as one batch at the largest of their buckets,
-padded to ``max_prefills_per_step`` rows, and writes each row into its slot, all in one
-``insert_many`` call. A request's prefix is the same as from ``slots.prefill`` alone
-(same positions, segment ids and seen tokens; batched matmuls may differ in the last
-bits, as the decode step's do).
+padded to ``min(max_prefills_per_step, num_slots)`` rows, and writes each row into its
+slot, all in one ``insert_many`` call. A request's prefix is the same as from
+``slots.prefill`` alone (same positions, segment ids and seen tokens; batched matmuls
+may differ in the last bits, as the decode step's do).
 """
 
 from __future__ import annotations
