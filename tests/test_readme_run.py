@@ -17,7 +17,7 @@ and named in the README's "Tested as written" note:
 
 A README command that is neither run nor skipped fails, so a new command is run the day
 it is documented. Commands that use ``runs/tiny`` (the main command's run) are one chain
-and the rest another, so the two tests can run on the two CI workers at once.
+and the rest another.
 """
 
 import json
@@ -71,7 +71,8 @@ SHORT = "--config.train.steps=2 --config.train.eval_every=2 --config.train.eval_
 STDLIB = "--config.data.stdlib_max_mb=1 --config.data.tokenizer_vocab_size=1000"
 # (what the command contains, the flags appended to it); the first match applies.
 APPENDED = [
-    ("neox_jax.sweep", f"{SHORT} --config.data.stdlib_max_mb=1"),
+    ("neox_jax.sweep", f"{SHORT} {STDLIB}"),  # each of its runs trains a tokenizer
+    ("--config.workers=8", "--config.workers=2"),  # still a pool of spawned workers, not 8
     ("configs/pretrain.py:tiny", f"{SHORT} {STDLIB} --config.sample.max_new_tokens=8"),
     ("configs/pretrain.py:", f"{SHORT} {TINY_SHAPE}"),
     ("configs/finetune.py:", f"{SHORT} --config.data.seq_len=64 --config.data.global_batch_size=4"),
