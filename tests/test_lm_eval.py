@@ -84,7 +84,9 @@ def test_loglikelihood_rolling_agrees_with_perplexity(lm):
     rolling = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(t,) for t in texts]))
     for text, value in zip(texts, rolling, strict=True):
         ppl = perplexity_of_text(lm.scorer, tok, text, stride=lm.max_length, prefix_token_id=0)
-        assert value == pytest.approx(-ppl.nll, abs=1e-9)
+        # Two programs of different shapes sum in different orders (the suite compiles at
+        # -O0): fp32 round-off, a few ulps of a sum of log-probs near 9.
+        assert value == pytest.approx(-ppl.nll, rel=1e-6)
     # Short texts fit one window: the reference is one forward pass over [EOT] + tokens.
     assert rolling[1] == pytest.approx(
         hf_token_logprobs(ref, [0] + tok.encode("alpha")).sum(), abs=ATOL
