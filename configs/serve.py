@@ -50,8 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # prefill_chunk tokens) and reuse them for prompts that begin with the same tokens
     # (a system prompt, a RAG context). 0 = off; needs prefill_chunk.
     c.prefix_cache_blocks = 0
-    # Decode steps per device call: fewer host round trips per token (small models on
-    # GPU/TPU), but requests are admitted and retired only every this many tokens.
+    # The most decode steps per device call: fewer host round trips per token. A call
+    # ends early when a request ends while others wait for a slot; a request arriving
+    # while nobody waits is admitted when the running call ends.
     c.steps_per_call = 1
     # Slot counts a decode call may compute, e.g. "(4, 8)": each call computes the
     # smallest that holds the running requests (moved down into free slots), so a

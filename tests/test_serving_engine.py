@@ -71,7 +71,7 @@ def _prompts(vocab, lengths, seed=0):
 
 
 def _cache_sizes():
-    programs = (dev.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
+    programs = (prefill_batch.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
     programs += (dev.activate, dev.put_block, dev.get_block, dev.move)
     programs += (prefill_batch.prefill_many, prefill_batch.insert_many)
     return [f._cache_size() for f in programs]
@@ -335,6 +335,35 @@ def test_several_steps_per_call_give_the_same_tokens(model):
         ref = gen.generate([p], s)[0]
         assert ids == ref.token_ids and text == ref.text
     assert [len(ids) for ids, _, _ in ours][::3] == [5, 2]
+    assert eng.free_slots == eng.num_slots
+
+
+def test_calls_end_when_a_waiting_request_can_take_a_slot(model, monkeypatch):
+    """``steps_per_call=8`` on 2 slots admitting one prompt per step: the first call runs
+    one step (a request waits beside a free slot), the second ends with the step in
+    which a request ends (another waits for its slot), the last when none runs. Every
+    request still gets ``Generator.generate``'s tokens."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=2, max_len=32, prefill_buckets=(8,),
+        max_prefills_per_step=1, steps_per_call=8,
+    )  # fmt: skip
+    ran, generate = [], dev.generate
+
+    def counted(*a, **k):
+        state, out = generate(*a, **k)
+        ran.append(int(np.any(np.asarray(out.finish) != dev.SKIPPED, axis=1).sum()))
+        return state, out
+
+    monkeypatch.setattr(dev, "generate", counted)
+    prompts = _prompts(config.vocab_size, (4, 7, 5), seed=3)
+    samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (3, 4, 2)]
+    ours = eng.generate(prompts, samplings)
+    monkeypatch.undo()
+    assert ran == [1, 2, 2]  # (8, 8, 8) if every call ran steps_per_call
+    gen = _reference(model)
+    for p, s, (ids, _, _) in zip(prompts, samplings, ours, strict=True):
+        assert ids == gen.generate([p], s)[0].token_ids
     assert eng.free_slots == eng.num_slots
 
 

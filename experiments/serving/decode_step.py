@@ -61,7 +61,7 @@ def main() -> None:
     del gen
 
     eng = Engine(config, params, None, num_slots=SLOTS, max_len=args.max_len,
-                 prefill_buckets=(PROMPT,))  # fmt: skip
+                 prefill_buckets=(PROMPT,), steps_per_call=4)  # fmt: skip
     eng.warmup(progress=lambda line: None)
     for p in prompts:
         eng.submit(Request(p, sp, lambda e: None))

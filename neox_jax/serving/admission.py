@@ -1,7 +1,7 @@
 """Admission: checking and queueing requests, prefilling their prompts into free slots.
 
 ``Admission`` is the part of ``Engine`` that moves a request from the waiting queue into
-a slot: a short prompt in one bucketed ``slots.prefill`` + ``insert``; a long one in
+a slot: a short prompt in one bucketed ``prefill_batch.prefill`` + ``insert``; a long one in
 chunks of ``prefill_chunk`` tokens, one chunk between two decode steps, starting after
 the blocks the prefix cache already holds. It uses the engine's fields (``config``,
 ``params``, ``state``, ``slots``, ``waiting``, ``_lock``, ``_prefilling``, ...), set in
@@ -141,7 +141,7 @@ class Admission:
             n = len(r.prompt_ids)
             tokens = np.zeros(self.bucket(n), np.int32)
             tokens[:n] = r.prompt_ids
-            prefix = dev.prefill(
+            prefix = prefill_batch.prefill(
                 self.config, self.params, tokens, np.int32(n), pipeline=self.pipeline
             )
             self._insert(prefix, slot, r.sampling, r.row)

@@ -23,8 +23,8 @@ class Delivery:
     """Engine methods that deliver tokens and free slots (mixed into ``Engine``)."""
 
     def _deliver(self, slot: int, r: Request, out: dev.StepOutput, now: float) -> None:
-        """Hand ``r`` the tokens of this call's steps, up to the one that ended it, in
-        one event (one wake-up of the HTTP side and one SSE chunk per call, not per
+        """Hand ``r`` the tokens of the steps this call ran, up to the one that ended it,
+        in one event (one wake-up of the HTTP side and one SSE chunk per call, not per
         token)."""
         if r.first_token_at is None:
             r.first_token_at = now
@@ -32,6 +32,8 @@ class Delivery:
                 self.metrics.observe_first_token(now - r.arrival)
         ids, texts, lps = [], [], []
         for j in range(out.tokens.shape[0]):
+            if out.finish[j, slot] == dev.SKIPPED:  # the call ended before step j
+                break
             reason = self._take_one(slot, r, out, j, ids, texts, lps)
             if reason is not None:
                 self._end(slot, r, now)

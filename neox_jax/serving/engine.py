@@ -1,7 +1,7 @@
 """``Engine``: the host side of continuous batching.
 
 Requests wait in a bounded queue; a loop (``step``, or a background thread started by
-``start``) admits waiting requests into free slots (``slots.prefill`` + ``insert``;
+``start``) admits waiting requests into free slots (``prefill_batch.prefill`` + ``insert``;
 ``admission.py``), advances every running slot by one token (``slots.generate``), hands
 each request its new token and text, and retires finished or cancelled requests, freeing
 their slots for the next step (``delivery.py``). A short request never waits for a long
@@ -71,9 +71,11 @@ class Engine(Admission, Delivery):
       prefix_cache_blocks: keep the KV of up to this many prompt blocks (of
         ``prefill_chunk`` tokens) for reuse by later prompts with the same beginning
         (``serving.prefix_cache``); 0 = off. Needs ``prefill_chunk``.
-      steps_per_call: decode steps per device call: fewer host round trips per token
-        (worth it where dispatch dominates, small models on GPU/TPU), at the cost of
-        admitting and retiring requests only every this many tokens.
+      steps_per_call: the most decode steps per device call: fewer host round trips
+        per token. A call ends early when a request ends while others wait for a slot
+        (it is refilled at once), and runs one step while requests wait beside free
+        slots or a prompt is prefilled in chunks (``_call_length``); a request that
+        arrives while nobody waits is admitted at the end of the running call.
       slot_buckets: how many leading slots a decode call may compute (each compiled at
         start-up): a call computes the smallest that holds every running request, and
         the scheduler moves requests down into free slots to keep them there, so a
@@ -175,8 +177,12 @@ class Engine(Admission, Delivery):
         self.prefill_rows = rows if self.pages is None and mesh is None and rows > 1 else 0
         with self._context():  # under jit, the cache takes the rules table's sharding
             if self.pages is None:
-                init = jax.jit(dev.init_state, static_argnums=(0, 1, 2, 3, 4))
-                self.state = init(config, num_slots, max_len, stop_width, self.pipeline)
+                init = jax.jit(
+                    dev.init_state, static_argnums=(0, 1, 2, 3, 4), static_argnames=("steps",)
+                )
+                self.state = init(
+                    config, num_slots, max_len, stop_width, self.pipeline, steps=steps_per_call
+                )
             else:
                 init = jax.jit(paged_slots.init_state, static_argnums=(0, 1, 2, 3, 4, 5))
                 self.state = init(config, num_slots, max_len, stop_width, num_pages, page_size)
@@ -282,7 +288,7 @@ class Engine(Admission, Delivery):
             self.state = self.dev.set_pages(self.state, np.int32(0), row)
         for i, b in enumerate(self.buckets, 1):
             progress(f"compiling prefill bucket {b} ({i}/{total})")
-            prefix = dev.prefill(
+            prefix = prefill_batch.prefill(
                 self.config, self.params, np.zeros(b, np.int32), np.int32(1),
                 pipeline=self.pipeline,
             )  # fmt: skip
@@ -326,7 +332,8 @@ class Engine(Admission, Delivery):
             progress(f"compiling {name} step, {k} logprobs, {n} slots ({done + j}/{total})")
             self.state, out = self.dev.generate(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
-                steps=self.steps_per_call, **self._active_arg(n),
+                steps=self.steps_per_call, until=np.int32(1), stop_after=np.int32(0),
+                **self._active_arg(n),
             )  # fmt: skip
             jax.block_until_ready(out)
         if len(self.slot_buckets) > 1:
@@ -365,6 +372,7 @@ class Engine(Admission, Delivery):
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
         # The slots this call computes (logprobs programs exist for all slots only).
         active = self.num_slots if k else self._bucket_of(max(i for i, _ in running) + 1)
+        until, stop_after = self._call_length()
         start = time.perf_counter()
         self.state, out = self.dev.generate(
             self.config,
@@ -373,6 +381,8 @@ class Engine(Admission, Delivery):
             mode=dev.GREEDY if greedy else dev.SAMPLE,
             num_logprobs=k,
             steps=self.steps_per_call,
+            until=np.int32(until),
+            stop_after=np.int32(stop_after),
             **self._active_arg(active),
         )
         out = jax.device_get(out)
@@ -385,6 +395,21 @@ class Engine(Admission, Delivery):
             self.metrics.observe_step(delivered, seconds)
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
+
+    def _call_length(self) -> tuple[int, int]:
+        """``(until, stop_after)`` of the next decode call (``slots.generate``).
+
+        Nobody waiting: up to ``steps_per_call`` steps (fewer round trips per token; a
+        request that arrives meanwhile waits for the call's end). Requests waiting while
+        every slot is taken (or the page pool is short): the call ends after the step in
+        which a request ends, so its slot is refilled at once. Requests waiting beside
+        free slots (more than ``max_prefills_per_step`` were admissible) or a prompt
+        being prefilled in chunks: one step, then the next admission or chunk."""
+        with self._lock:
+            waiting = bool(self.waiting)
+        if self._prefilling or (waiting and self.pages is None and None in self.slots):
+            return 1, 0
+        return self.steps_per_call, int(waiting)
 
     def _bucket_of(self, n: int) -> int:
         return next(b for b in self.slot_buckets if b >= n)

@@ -38,9 +38,9 @@ from neox_jax.model import (
     block_fn,
     cache_logical_axes,
     embed_tokens,
-    output_logits,
 )
 from neox_jax.serving import slots
+from neox_jax.serving.slot_forward import decode_config
 from neox_jax.serving.slots import (  # noqa: F401 (the engine reaches them through here)
     GREEDY,
     SAMPLE,
@@ -48,7 +48,6 @@ from neox_jax.serving.slots import (  # noqa: F401 (the engine reaches them thro
     SlotState,
     StepOutput,
     activate,
-    prefill,
     release,
 )
 
@@ -202,7 +201,7 @@ def get_block(state: SlotState, slot: Array, offset: Array, *, size: int) -> tup
 
 
 def _paged_forward(config: ModelConfig, params, state: SlotState):
-    """``slots._slot_forward`` over pages: one token per slot, each at its own index.
+    """``slot_forward``'s vmapped form over pages: one token per slot, each at its own index.
 
     Per layer, the slots' pages are gathered into ``[N, S, ...]`` rows and the model's
     block runs on each row as a batch of one (vmapped, like ``slots``), then each
@@ -222,7 +221,7 @@ def _paged_forward(config: ModelConfig, params, state: SlotState):
     seg_rows = c["segment_ids"].at[rows, index].set(seg[:, 0])  # as prepare_inputs
     positions = state.positions[:, None]
     x = embed_tokens(config, params, state.last[:, None])  # [N, 1, E]
-    block = block_fn(slots.decode_config(config))
+    block = block_fn(decode_config(config))
     ax = _len_axis()
     new_k, new_v = [], []
     for i in range(config.num_hidden_layers):
@@ -239,7 +238,7 @@ def _paged_forward(config: ModelConfig, params, state: SlotState):
         x, k1, v1 = jax.vmap(one)(x, *kv, positions, seg, seg_rows, index)  # k1 [N, KV, D]
         new_k.append(_write(c["k"][i], page, offset, k1))
         new_v.append(_write(c["v"][i], page, offset, v1))
-    logits = output_logits(config, params, x)[:, 0]
+    logits = step.logits_of(config, params, x)[:, 0]  # the [V, E] head copy on CPU
     cache = dict(c, k=tuple(new_k), v=tuple(new_v), segment_ids=seg_rows)
     return logits, cache
 
@@ -249,10 +248,15 @@ def _paged_forward(config: ModelConfig, params, state: SlotState):
     static_argnames=("config", "mode", "num_logprobs", "steps"),
     donate_argnames=("state",),
 )
-def generate(config, params, state, *, mode, num_logprobs: int = 0, steps: int = 1):
-    """``slots.generate`` over pages (same arguments and outputs)."""
+def generate(
+    config, params, state, *, mode, num_logprobs: int = 0, steps: int = 1, until=None,
+    stop_after=None,
+):  # fmt: skip
+    """``slots.generate`` over pages (same arguments and outputs; no ``active``)."""
 
-    def body(s, _):
+    def one(s, i):
         return slots._one_step(config, params, s, mode, num_logprobs, forward=_paged_forward)
 
-    return jax.lax.scan(body, state, None, length=steps)
+    until = jnp.int32(steps) if until is None else jnp.minimum(until, steps)
+    stop_after = jnp.int32(0) if stop_after is None else stop_after
+    return slots.decode_loop(one, state, steps, until, stop_after)

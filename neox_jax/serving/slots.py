@@ -2,6 +2,7 @@
 programs over them (the JetStream shape).
 
     prefill(params, tokens, length) -> Prefix     one request's prompt, bucketed length P
+                                                  (``prefill_batch.py``: one or several)
     insert(prefix, state, slot, ...) -> state     put it into free slot ``slot``
     generate(params, state) -> state, StepOutput  every running slot advances one token
 
@@ -13,14 +14,17 @@ request never compiles. Two ``SamplingMode``s exist (all-greedy and full samplin
 scheduler picks per step, and both are compiled at start-up.
 
 The model forward is ``inference.step.forward`` (the same per-layer unrolled step the
-``Generator`` decodes with), ``jax.vmap``-ed over the slots so that each slot writes its
-key/value at its own index: the cache index of ``step.forward`` is a scalar shared by
-the rows of a batch, and under ``vmap`` every slot is a batch of one.
+``Generator`` decodes with) on all slots as one batch. Its cache index is one scalar
+for the batch, so a decode call's steps write at shared scratch columns at the end of
+every row, and the call then moves each slot's new keys/values into its own columns
+(``slot_forward.py``). ``generate`` is one ``while_loop`` of up to ``steps`` steps that
+the host may end early (``until``, ``stop_after``).
 
 Prompt layout inside a slot (right-aligned is not needed: each slot has its own index):
 
     columns 0 .. n-2    the prompt minus its last token (written by prefill)
     column  n-1 + i     decode step i feeds token i (the last prompt token at i = 0)
+    last ``scratch``    no request's tokens (``init_state``'s ``steps``)
 
 as in ``inference.generate``, so a request's tokens and positions are those of
 ``Generator.generate`` for it alone. Prefill runs the whole bucket (the last prompt
@@ -41,14 +45,15 @@ from neox_jax.inference.generate import (
     RUNNING,
     Controls,
     _finish_reason,
-    seen_tokens,
 )
 from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
 from neox_jax.model import ModelConfig
+from neox_jax.serving.slot_forward import settle, slot_forward
 
 Array = jax.Array
 
 FREE = -1  # finish code of an empty slot (never RUNNING, so generate skips it)
+SKIPPED = -2  # StepOutput.finish at a step that a call ended before (see generate)
 # The two processor sets every request is served by. The repetition penalty is always
 # compiled in: at 1.0 it is exactly neutral (x / 1 and x * 1 are exact), so greedy rows
 # get the argmax of the raw logits, as ``Generator``'s greedy loop does.
@@ -80,7 +85,9 @@ class SlotState:
     finish: ``[N]`` RUNNING, FREE, or the reason the request ended. keys: ``[N]`` PRNG
     keys (step ``i`` draws with ``fold_in(key, i)``, as ``inference.generate.decode``).
     seen: ``[N, V]`` tokens in prompt or output (repetition penalty). controls: the
-    per-slot knobs, limits and eos / stop id tables.
+    per-slot knobs, limits and eos / stop id tables. scratch (static): the last this many
+    cache columns hold no request's tokens; a decode call of up to this many steps
+    writes its new keys/values there first (``slot_forward``).
     """
 
     cache: dict
@@ -91,6 +98,7 @@ class SlotState:
     keys: Array
     seen: Array
     controls: Controls
+    scratch: int = flax.struct.field(pytree_node=False, default=1)
 
 
 @flax.struct.dataclass
@@ -109,14 +117,23 @@ class StepOutput:
 
 
 def init_state(
-    config: ModelConfig, slots: int, max_len: int, stop_width: int, pipeline: bool = False
+    config: ModelConfig,
+    slots: int,
+    max_len: int,
+    stop_width: int,
+    pipeline: bool = False,
+    *,
+    steps: int = 1,
 ) -> SlotState:
-    """Empty slots: ``slots`` rows of ``max_len`` cache columns, all FREE.
+    """Empty slots, all FREE: ``slots`` rows of ``max_len + steps - 1`` cache columns,
+    room for requests of up to ``max_len`` tokens (prompt + output) and ``steps``
+    scratch columns (a request's last token is fed at column ``max_len - 2`` at most).
 
     ``stop_width``: entries of the per-slot eos and stop-id tables (a request may name
     up to this many stop ids). ``pipeline``: the stacked ``[L, N, KV, S, D]`` cache the
-    pipeline splits over ``stage`` (else per-layer ``[N, KV, S, D]`` buffers)."""
-    cache = step.layer_cache(config, slots, max_len, stacked=pipeline)
+    pipeline splits over ``stage`` (else per-layer ``[N, KV, S, D]`` buffers).
+    ``steps``: the most decode steps a ``generate`` call on this state may run."""
+    cache = step.layer_cache(config, slots, max_len + steps - 1, stacked=pipeline)
     cache["index"] = jnp.zeros((slots,), jnp.int32)
     zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731 (donated: distinct buffers)
     neutral = SamplingParams(max_new_tokens=1)
@@ -135,6 +152,7 @@ def init_state(
         keys=jax.random.split(jax.random.key(0), slots),
         seen=jnp.zeros((slots, config.vocab_size), jnp.bool_),
         controls=controls,
+        scratch=steps,
     )
 
 
@@ -144,44 +162,6 @@ def _per_layer(fn, *bufs):
     if isinstance(bufs[0], tuple | list):
         return tuple(map(fn, *bufs))
     return jax.vmap(fn)(*bufs)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "pipeline"))
-def prefill(
-    config: ModelConfig, params, tokens: Array, length: Array, *, pipeline: bool = False
-) -> Prefix:
-    """Run one prompt, right-padded to its bucket.
-
-    Args:
-      config: the model config (static).
-      params: model parameters (``step.split_params`` for fast CPU decoding).
-      tokens: ``[P]`` int32, the prompt in ``tokens[:length]``, padding after it.
-      length: scalar int32, the prompt's length ``n`` (1 <= n <= P).
-      pipeline: run the layers as a pipeline over the mesh's ``stage`` axis (stacked
-        params); the prefix's k/v are then stacked ``[L, 1, P, H, D]``.
-    """
-    plen = tokens.shape[0]
-    cols = jnp.arange(plen, dtype=jnp.int32)
-    segment_ids = (cols < length - 1).astype(jnp.int32)[None]  # [1, P]
-    _, cache = step.forward(
-        config,
-        params,
-        tokens[None],
-        cols[None],
-        segment_ids,
-        step.layer_cache(config, 1, plen, stacked=pipeline),
-        compute_logits=False,
-        pipeline=int(pipeline),
-    )
-    seen = seen_tokens(tokens[None], (cols < length)[None], config.vocab_size)[0]
-    return Prefix(
-        k=cache["k"],
-        v=cache["v"],
-        segment_ids=cache["segment_ids"],
-        seen=seen,
-        last=tokens[length - 1],
-        position=length - 1,
-    )
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -345,59 +325,6 @@ def _stacked(state: SlotState) -> bool:
     return not isinstance(state.cache["k"], tuple | list)
 
 
-def decode_config(config: ModelConfig) -> ModelConfig:
-    """The config the vmapped decode step runs: mixture-of-experts layers computed by
-    ``moe_impl="capacity"`` instead of ``ragged`` (``jax.lax.ragged_dot`` has no batching
-    rule for a per-slot batch). With one token per slot every expert takes at most one
-    pair, so nothing is dropped (capacity >= 1): the same experts and weights, the same
-    tokens. It computes every expert on a zero row where ``ragged`` skips it."""
-    if config.is_moe and config.moe_impl == "ragged":
-        return config.replace(moe_impl="capacity")
-    return config
-
-
-def _slot_forward(config: ModelConfig, params, state: SlotState):
-    """``step.forward`` of one token per slot, each slot writing at its own index.
-
-    Every slot runs (static shapes), but only RUNNING ones write into their prompt and
-    output columns. The others write at the last column with segment id 0: no request
-    ever uses that column (prompt + output fit in ``max_len``, and the last token fed
-    sits at ``max_len - 2`` at most), and a slot whose prompt is being prefilled in
-    chunks keeps its columns intact.
-
-    With the pipeline's stacked cache each slot goes through the stages as a pipeline of
-    one microbatch, all slots at once (vmapped).
-
-    Returns ``(logits [N, V] fp32, new cache)``."""
-    max_len = state.cache["segment_ids"].shape[1]
-    running = state.finish == RUNNING
-    stacked = _stacked(state)
-    config = decode_config(config)
-    batch = (lambda a: a[:, None]) if stacked else (lambda t: tuple(x[None] for x in t))
-    unbatch = (lambda a: a[:, 0]) if stacked else (lambda t: tuple(x[0] for x in t))
-
-    def one(last, position, k, v, segment_ids, index, live):
-        cache = {
-            "k": batch(k),  # [L, 1, KV, S, D] or per layer [1, KV, S, D]
-            "v": batch(v),
-            "segment_ids": segment_ids[None],
-            "index": jnp.where(live, index, max_len - 1),
-        }
-        segment = live.astype(jnp.int32).reshape(1, 1)
-        logits, cache = step.forward(
-            config, params, last.reshape(1, 1), position.reshape(1, 1), segment, cache,
-            pipeline=int(stacked),
-        )  # fmt: skip
-        return logits[0], unbatch(cache["k"]), unbatch(cache["v"]), cache["segment_ids"][0]
-
-    c = state.cache
-    kv = 1 if stacked else 0  # the slot axis of the k/v buffers
-    logits, k, v, seg = jax.vmap(one, in_axes=(0, 0, kv, kv, 0, 0, 0), out_axes=(0, kv, kv, 0))(
-        state.last, state.positions, c["k"], c["v"], c["segment_ids"], c["index"], running
-    )
-    return logits, {"k": k, "v": v, "segment_ids": seg, "index": c["index"]}
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("config", "mode", "num_logprobs", "steps", "active"),
@@ -412,9 +339,11 @@ def generate(
     num_logprobs: int = 0,
     steps: int = 1,
     active: int | None = None,
+    until: Array | None = None,
+    stop_after: Array | None = None,
 ) -> tuple[SlotState, StepOutput]:
-    """Advance every RUNNING slot by ``steps`` tokens (fewer where a slot finishes);
-    other slots are left as they are.
+    """Advance every RUNNING slot by up to ``steps`` tokens (fewer where a slot
+    finishes); other slots are left as they are.
 
     Args:
       config: the model config (static).
@@ -423,28 +352,74 @@ def generate(
       mode: ``GREEDY`` when every running slot has temperature 0, else ``SAMPLE``.
       num_logprobs: alternatives per token to return in ``StepOutput.top_*`` (static;
         0 returns ``[N, 1]`` placeholders and no ``logprob``).
-      steps: decode steps per call (static). More steps mean fewer host round trips
-        per token; the host admits and retires requests only between calls.
+      steps: the most decode steps per call (static: the output's length). More steps
+        mean fewer host round trips per token; the host admits and retires requests
+        only between calls.
       active: compute only slots ``0 .. active - 1`` (static; None = all), where the
         caller keeps the running ones (``move``): a step costs what they need.
+      until: run at most this many steps (traced scalar, default ``steps``): the host
+        picks each call's length without compiling.
+      stop_after: end the call after the step in which this many of the slots running
+        at its start have ended (traced scalar; 0 or None = never), so that requests
+        waiting for a slot are admitted as soon as one frees. The call also ends once
+        no slot runs.
 
     Returns:
       The new state and a ``StepOutput`` whose arrays have a leading ``[steps]`` axis
-      (and ``[active]`` slots when ``active`` is given).
+      (and ``[active]`` slots when ``active`` is given); ``finish`` is ``SKIPPED`` at
+      the steps the call did not run.
     """
+    if steps > state.scratch:
+        raise ValueError(
+            f"{steps} decode steps per call need init_state(..., steps>={steps}); this "
+            f"state has {state.scratch} scratch columns."
+        )
+    until = jnp.int32(steps) if until is None else jnp.minimum(until, steps)
+    stop_after = jnp.int32(0) if stop_after is None else stop_after
+    first = state.cache["segment_ids"].shape[1] - steps  # this call's scratch columns
 
-    def body(s, _):
-        return _one_step(config, params, s, mode, num_logprobs)
+    def one(s, i):
+        return _one_step(config, params, s, mode, num_logprobs, column=first + i)
+
+    def run(s):
+        index, ran = s.cache["index"], s.steps
+        s, out = decode_loop(one, s, steps, until, stop_after)
+        cache = settle(config, s.cache, index, s.steps - ran, first, steps)
+        return s.replace(cache=cache), out
 
     if active is None or active >= state.last.shape[0]:
-        return jax.lax.scan(body, state, None, length=steps)
+        return run(state)
     if _stacked(state):
         raise ValueError("active slot counts need the per-layer cache, not the stacked one.")
     # Those rows of every per-slot array run the steps, then go back in place (two
     # copies of ``active`` rows per call, against ``N - active`` slots not computed).
-    head = jax.tree.map(lambda x: x[:active], state)
-    head, out = jax.lax.scan(body, head, None, length=steps)
+    head, out = run(jax.tree.map(lambda x: x[:active], state))
     return jax.tree.map(lambda x, h: x.at[:active].set(h), state, head), out
+
+
+def decode_loop(one_step, state: SlotState, steps: int, until: Array, stop_after: Array):
+    """``one_step`` (``(state, step i) -> (state, StepOutput of [N] arrays)``) in a while
+    loop of at most ``steps`` iterations, ending early as ``generate`` describes; the
+    outputs stacked into ``[steps, ...]`` buffers (``finish`` ``SKIPPED`` where not run)."""
+    started = state.finish == RUNNING
+    shapes = jax.eval_shape(lambda s: one_step(s, jnp.int32(0))[1], state)
+    outs = jax.tree.map(lambda x: jnp.zeros((steps, *x.shape), x.dtype), shapes)
+    outs = outs.replace(finish=jnp.full(outs.finish.shape, SKIPPED, jnp.int32))
+
+    def cond(carry):
+        s, i, _ = carry
+        running = s.finish == RUNNING
+        ended = jnp.sum(started & ~running)
+        return (i < until) & jnp.any(running) & ((stop_after <= 0) | (ended < stop_after))
+
+    def body(carry):
+        s, i, outs = carry
+        s, out = one_step(s, i)
+        put = lambda buf, x: jax.lax.dynamic_update_index_in_dim(buf, x, i, 0)  # noqa: E731
+        return s, i + 1, jax.tree.map(put, outs, out)
+
+    state, _, outs = jax.lax.while_loop(cond, body, (state, jnp.int32(0), outs))
+    return state, outs
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -456,15 +431,19 @@ def move(state: SlotState, src: Array, dst: Array) -> SlotState:
 
 
 def _one_step(
-    config, params, state: SlotState, mode: SamplingMode, num_logprobs: int, forward=None
-):
+    config, params, state: SlotState, mode: SamplingMode, num_logprobs: int, forward=None,
+    column=None,
+):  # fmt: skip
     """One token for every RUNNING slot: ``(new state, StepOutput of [N] arrays)``.
 
-    ``forward``: the model step over the slots' cache (``_slot_forward``; the paged
-    cache passes its own)."""
+    ``forward``: the model step over the slots' cache (``slot_forward``, which writes
+    the new keys/values at scratch ``column``; the paged cache passes its own)."""
     slots = state.last.shape[0]
     rows = jnp.arange(slots)
-    logits, cache = (forward or _slot_forward)(config, params, state)
+    if forward is None:
+        logits, cache = slot_forward(config, params, state, column)
+    else:
+        logits, cache = forward(config, params, state)
     running = state.finish == RUNNING
     keys = None
     if not mode.greedy:
