@@ -53,6 +53,8 @@ SCRIPT = textwrap.dedent("""
         qkv = leaf["attention"]["query_key_value"]["kernel"]
         row["qkv_shard"] = list(qkv.addressable_shards[0].data.shape)
         row["qkv_shape"] = list(qkv.shape)
+        fused = gen._params.get("layers_fused")  # inference.fused, on one CPU device only
+        row["fused_in_shape"] = None if fused is None else list(fused[0]["w_in"].shape)
         out[name] = row
     print("JSON" + json.dumps(out))
 """)
@@ -70,8 +72,11 @@ def test_parallel_generation_equals_one_device(result, layout, request_kind):
 
 
 def test_weights_are_actually_split(result):
-    # Unrolled layers on one device: [E, 3E] per layer; heads over tensor split 3E.
-    assert result["single"]["qkv_shard"] == result["single"]["qkv_shape"] == [64, 192]
+    # One CPU device: each plain GPT-NeoX layer runs as two fused products, the first
+    # [E, 3E + F] (inference.fused); on a mesh the sharded per-layer weights run instead.
+    assert result["single"]["fused_in_shape"] == [64, 192 + 128]
+    assert all(result[k]["fused_in_shape"] is None for k in result if k != "single")
+    # Unrolled layers with heads over tensor: [E, 3E] per layer, 3E split.
     assert result["tensor4"]["qkv_shard"] == [64, 48]
     # The pipeline keeps the stacked [L, E, 3E] layers, L split over the stages.
     assert result["stage2"]["qkv_shape"] == [4, 64, 192]

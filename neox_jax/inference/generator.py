@@ -68,7 +68,8 @@ class Generator:
       stream_interval: decode steps per streamed increment.
       split_layers: keep a per-layer copy of the layer weights (``step.split_params``) so
         the decode loop reads them in place; about 1.5x faster decoding on CPU, at the
-        cost of holding the layer weights twice while the caller keeps ``params``.
+        cost of holding the layer weights twice while the caller keeps ``params``. On
+        CPU a plain GPT-NeoX layer is kept as two fused products (``inference.fused``).
       mesh: run on this mesh (``neox_jax.parallel.create_mesh``): parameters and KV
         cache are sharded by the rules table, heads and MLP over ``tensor`` (tensor
         parallel); with a ``stage`` axis > 1 the layers are split over the stages and
@@ -128,7 +129,7 @@ class Generator:
         # What the jitted loops read: separate per-layer buffers (see inference/step.py);
         # the pipeline needs the stacked layers (split over ``stage``).
         split = split_layers and not self._pipeline
-        self._params = split_params(params) if split else params
+        self._params = split_params(params, config) if split else params
         self.max_cache_len = max_cache_len
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.max_batch_size = max_batch_size

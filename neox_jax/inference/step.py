@@ -15,13 +15,16 @@ XLA:CPU's matmul runs the few-row vocabulary projection ``[B, E] x [E, V]``
 Here the model's own modules (``Block``, ``LayerNorm``, ``Linear``: every parameter,
 activation, attention kernel switch and quantized weight behaves as in the model) are
 applied once per layer, and the cache is a tuple of per-layer ``[B, KV, S, D]`` buffers
-that the while loop updates in place. The glue mirrors ``GPTNeoX.__call__`` with a
+that the while loop updates in place. On CPU, given the config, ``split_params`` keeps
+a plain GPT-NeoX layer instead as two fused weight products (``inference.fused``),
+which ``forward`` runs in place of ``Block``. The glue mirrors ``GPTNeoX.__call__`` with a
 cache; tests check it against the model, full recomputation and transformers.
 Measured effect: experiments/decode_bench/README.md.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -29,6 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax.errors import UserError
+from neox_jax.inference import fused
+from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.model import (
     ModelConfig,
     axes,
@@ -50,18 +55,44 @@ Array = jax.Array
 VOCAB_MAJOR_HEAD = "embed_out_vocab_major"  # split_params' [V, E] copy of embed_out/kernel
 
 
-def split_params(params) -> dict:
+def split_params(params, config: ModelConfig | None = None) -> dict:
     """``params`` with ``layers`` as a tuple of per-layer trees (separate buffers), and
     on CPU a plain untied output head also as a ``[V, E]`` copy under ``VOCAB_MAJOR_HEAD``
     (``forward`` projects with it; ``embed_out`` stays for code that reads it).
+
+    With ``config``, on one CPU device, and when every layer is a plain GPT-NeoX layer
+    (``fused.fusable``), the layers are instead kept as ``fused.fuse_layer``'s two
+    concatenated products per layer under ``FUSED_LAYERS`` (``forward`` runs those;
+    ``layers`` stays as given, for code that reads it).
 
     Call once, outside jit. While the caller also keeps the stacked params, the layer
     weights are held twice, and on CPU the head is always held twice.
     """
     layers = params["layers"]
+    if FUSED_LAYERS in params:  # already split
+        return _head_copy(params)
+    if config is not None and _fuse_here(params):
+        count = config.num_hidden_layers
+        per_layer = [_layer(layers, i) for i in range(count)]
+        if all(fused.fusable(config, layer) for layer in per_layer):
+            params = {**params, FUSED_LAYERS: tuple(map(fused.fuse_layer, per_layer))}
+            return _head_copy(params)
     if not isinstance(layers, tuple | list):
         count = jax.tree.leaves(layers)[0].shape[0]
         params = {**params, "layers": tuple(_layer(layers, i) for i in range(count))}
+    return _head_copy(params)
+
+
+def _fuse_here(params) -> bool:
+    """Fused layers only on XLA:CPU (measured there), with unsharded weights."""
+    if jax.default_backend() != "cpu":
+        return False
+    leaves = jax.tree.leaves(params["layers"])
+    return all(not isinstance(a, jax.Array) or len(a.sharding.device_set) == 1 for a in leaves)
+
+
+def _head_copy(params) -> dict:
+    """``params`` with the output head's ``[V, E]`` copy (see ``split_params``)."""
     head = params.get("embed_out")
     kernel = head.get("kernel") if isinstance(head, dict) and len(head) == 1 else None
     # A plain float array only: not a quantized weight, no LoRA adapter beside it. On
@@ -178,9 +209,13 @@ def forward(
         )
     else:
         new_k, new_v = [], []
+        fused_layers = params.get(FUSED_LAYERS)
+        if fused_layers is not None:
+            block = functools.partial(fused.fused_block, config)
         for i in range(config.num_hidden_layers):
+            layer = _layer(params["layers"], i) if fused_layers is None else fused_layers[i]
             x, updated = block(
-                _layer(params["layers"], i),
+                layer,
                 x,
                 {"k": cache["k"][i], "v": cache["v"][i]},
                 positions,

@@ -57,6 +57,45 @@ def cache_attention(q, k, v, mask):
     return grouped_attention(q, k, v, mask, heads_major=True)
 
 
+def step_attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
+    """Attention of new tokens over the KV cache as it was before their write, plus
+    themselves: equal to writing ``k``/``v`` into the cache and calling
+    ``cache_attention`` (up to the order of the softmax sum).
+
+    The decode step uses it because the products then read the cache buffer the loop
+    carries, not the output of the step's ``dynamic_update_slice``: at batch 1 XLA:CPU
+    drops the size-1 batch dimension of a product over the written cache, and the
+    bitcast that puts between the update and the product made it copy every layer's
+    cache several times per step (experiments/decode_bench/README.md). Reading the old
+    buffer leaves the update the only writer, done in place after the products.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]`` (the new tokens' keys and values).
+      k_cache, v_cache: ``[B, KV, S, D]``, the cache before this write.
+      cache_mask: boolean broadcastable to ``[B, 1, T, S]``: which cached slots each
+        query sees (never the slots being written now).
+      new_mask: boolean broadcastable to ``[B, 1, T, T]``: which new tokens it sees.
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scale = head_dim**-0.5
+    # [B, KV, G, T, S] over the cache and [B, KV, G, T, T] over the new tokens
+    old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    new = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
+    new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
+    # (row, KV head) as one batch axis: with a separate size-1 row axis XLA:CPU copies
+    # each layer's V cache into a transposed layout every step for this product.
+    groups = heads // kv_heads
+    rows = probs[..., :slots].reshape(batch * kv_heads, groups * length, slots)
+    out = jnp.einsum("nms,nsd->nmd", rows, v_cache.reshape(batch * kv_heads, slots, head_dim))
+    out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
 # ------------------------------------------------------- rolling window cache
 def is_rolling(window: int | None, cache_slots: int, index) -> bool:
     """Whether a KV cache is a rolling window: ``window`` slots reused modulo the window

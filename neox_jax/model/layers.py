@@ -35,6 +35,7 @@ from neox_jax.model.grouped import (
     is_rolling,
     ring_write,
     rolling_attention,
+    step_attention,
     window_mask,
 )
 from neox_jax.model.per_device import per_device
@@ -230,12 +231,37 @@ def attend(
     return reference.attention(q, k, v, mask)
 
 
+def _pallas_decode(config: ModelConfig, q, k_cache) -> bool:
+    """Whether ``attend`` over the cache ``[B, KV, S, D]`` runs the Pallas decode kernel."""
+    pallas = config.attention_impl == "pallas" and q.shape[1] == 1
+    return pallas and _kv_shards_follow_queries(q.shape[2], k_cache.shape[1])
+
+
+def _attend_step(config: ModelConfig, q, k, v, layer_cache, q_segment_ids, cache_info):
+    """``attend`` of one new token per row (``q [B, 1, H, D]``, ``k``/``v [B, 1, KV, D]``)
+    over ``layer_cache`` as it was before the token's write, plus the token itself
+    (``grouped.step_attention``); the same mask as ``attend`` over the written cache."""
+    index, kv_segment_ids = cache_info["index"], cache_info["segment_ids"]
+    slots = layer_cache["k"].shape[2]
+    q_slot = jnp.asarray(index, jnp.int32).reshape(-1, 1, 1)  # scalar or [B]
+    kv_slot = jnp.arange(slots, dtype=jnp.int32)[None, None, :]
+    # [B, 1, S]: a slot written before this step, in the query's segment
+    seen = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_slot < q_slot)
+    seen &= kv_segment_ids[:, None, :] != 0
+    if config.sliding_window is not None:
+        seen &= kv_slot > q_slot - config.sliding_window
+    itself = (q_segment_ids != 0)[:, None, :, None]  # [B, 1, 1, 1]
+    k_cache, v_cache = (layer_cache[n].astype(q.dtype) for n in ("k", "v"))
+    # The new key/value as the cache stores them (its dtype may be narrower), as read back.
+    k, v = (t.astype(layer_cache[n].dtype).astype(q.dtype) for n, t in (("k", k), ("v", v)))
+    return step_attention(q, k, v, k_cache, v_cache, seen[:, None], itself)
+
+
 def _attend_cache(config, q, k, v, q_segment_ids, kv_segment_ids, q_offset, length):
     """``attend`` over a KV cache ``[B, KV, S, D]``: one token per row through the
     Pallas decode kernel, else XLA (``cache_attention``; chunked prefill too)."""
     window = config.sliding_window
-    pallas = config.attention_impl == "pallas" and q.shape[1] == 1
-    if pallas and _kv_shards_follow_queries(q.shape[2], k.shape[1]):
+    if _pallas_decode(config, q, k):
         seq = (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, axes.ACT_KV)
         cache = (axes.CACHE_BATCH, axes.CACHE_HEADS, axes.CACHE_LENGTH, axes.CACHE_KV)
         decode = lambda q, k, v, seg, n: decode_attention(  # noqa: E731
@@ -266,6 +292,50 @@ def _kv_shards_follow_queries(heads: int, kv_heads: int) -> bool:
     group = (entry,) if isinstance(entry, str) else entry or ()
     split = math.prod(sizes[a] for a in group if a in sizes and a not in mesh.manual_axes)
     return heads % split != 0 or kv_heads % split == 0
+
+
+def cached_attention(config: ModelConfig, q, k, v, layer_cache, segment_ids, cache_info):
+    """Attention of ``T`` new tokens over one layer's KV cache, and the cache with their
+    keys/values written at ``cache_info["index"]``.
+
+    Args:
+      q: ``[B, T, H, D]``; k, v: ``[B, T, KV, D]`` (after rotary).
+      layer_cache: ``{"k", "v"}`` of ``[B, KV, S, D]``, heads-major: a step's attention
+        reads each head's slots as one contiguous block, with no transpose of the cache.
+      segment_ids: ``[B, T]``; cache_info: as ``prepare_inputs`` makes it.
+    Returns ``(out [B, T, H, D], new layer_cache)``.
+    """
+    index = cache_info["index"]
+    if is_rolling(config.sliding_window, layer_cache["k"].shape[2], index):
+        out = rolling_attention(
+            q, k, v, layer_cache["k"], layer_cache["v"], segment_ids,
+            cache_info["old_segment_ids"], index, config.sliding_window,
+        )  # fmt: skip
+        new_cache = {
+            n: ring_write(layer_cache[n], t.swapaxes(1, 2), index, axis=2)
+            for n, t in (("k", k), ("v", v))
+        }
+        return out, new_cache
+    write = lambda c, t: jax.lax.dynamic_update_slice(  # noqa: E731
+        c, t.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0)
+    )
+    length = q.shape[1]
+    if length == 1 and not _pallas_decode(config, q, layer_cache["k"]):
+        # A decode step: attend over the cache before the write plus the new token, so
+        # the write is the buffer's only user and runs in place.
+        out = _attend_step(config, q, k, v, layer_cache, segment_ids, cache_info)
+        # The write must come after the products that read the old buffer; XLA:CPU
+        # copies the buffer (twice per layer at batch 1) unless the write depends on
+        # them, so make it depend on the output (adding 0; NaN only where out is NaN).
+        dep = out[:, :1, :1, :1] * 0  # [B, 1, 1, 1]
+        k, v = k + dep.astype(k.dtype), v + dep.astype(v.dtype)
+        return out, {"k": write(layer_cache["k"], k), "v": write(layer_cache["v"], v)}
+    k_all, v_all = write(layer_cache["k"], k), write(layer_cache["v"], v)
+    out = attend(
+        config, q, k_all.astype(q.dtype), v_all.astype(q.dtype), segment_ids,
+        cache_info["segment_ids"], q_offset=index, cached=True, length=index + length,
+    )  # fmt: skip
+    return out, {"k": k_all, "v": v_all}
 
 
 class Attention(nn.Module):
@@ -303,36 +373,8 @@ class Attention(nn.Module):
         if layer_cache is None:
             out = attend(cfg, q, k, v, segment_ids, segment_ids)
             new_cache = None
-        elif is_rolling(cfg.sliding_window, layer_cache["k"].shape[2], cache_info["index"]):
-            index = cache_info["index"]
-            out = rolling_attention(
-                q, k, v, layer_cache["k"], layer_cache["v"], segment_ids,
-                cache_info["old_segment_ids"], index, cfg.sliding_window,
-            )  # fmt: skip
-            new_cache = {
-                n: ring_write(layer_cache[n], t.swapaxes(1, 2), index, axis=2)
-                for n, t in (("k", k), ("v", v))
-            }
         else:
-            index = cache_info["index"]
-            # The cache is heads-major, [B, KV, S, D]: a step's attention reads each
-            # head's slots as one contiguous block, with no transpose of the cache.
-            write = lambda c, t: jax.lax.dynamic_update_slice(  # noqa: E731
-                c, t.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0)
-            )
-            k_all, v_all = write(layer_cache["k"], k), write(layer_cache["v"], v)
-            new_cache = {"k": k_all, "v": v_all}
-            out = attend(
-                cfg,
-                q,
-                k_all.astype(q.dtype),
-                v_all.astype(q.dtype),
-                segment_ids,
-                cache_info["segment_ids"],
-                q_offset=index,
-                cached=True,
-                length=index + length,
-            )
+            out, new_cache = cached_attention(cfg, q, k, v, layer_cache, segment_ids, cache_info)
         out = nn.with_logical_constraint(out, names).reshape(batch, length, heads * head_dim)
         init = wang_init(cfg.hidden_size, cfg.num_hidden_layers)
         out = Linear(

@@ -1,0 +1,123 @@
+"""A GPT-NeoX layer as two weight products, for decoding on CPU.
+
+A decode step at batch 1 reads every weight once and does little else, so its speed is
+the memory bandwidth the weight products reach, less what each op costs to start.
+XLA:CPU runs each product as its own library call; a parallel-residual GPT-NeoX layer
+has four (``query_key_value``, ``dense``, ``dense_h_to_4h``, ``dense_4h_to_h``) and two
+layer norms. Here they become two products over concatenated weights:
+
+* in: both layer norms normalise the same ``x`` and differ only in their scale and
+  bias, so ``ln_i(x) @ W = norm(x) @ (diag(g_i) W) + (b_i @ W)``; the scales fold into
+  the weights and ``[qkv | h] = norm(x) @ [diag(g1) W_qkv | diag(g2) W_up] + b_in``,
+  one ``[E, 3E + F]`` product (the same FLOPs as the two it replaces);
+* out: ``attn @ W_dense + gelu(h) @ W_down = [attn | gelu(h)] @ [W_dense; W_down]``,
+  one ``[E + F, E]`` product, both biases summed into one.
+
+The same arithmetic in another order, so the logits differ from the model's by fp32
+round-off (tests check them against the model). Only for configs and weights where the
+algebra holds exactly: fp32, a plain parallel-residual GPT-NeoX layer (LayerNorm, fused
+``query_key_value``, no gated MLP, no QK-norm, no MoE), float weights without LoRA
+adapters or quantization. ``step.split_params`` builds the weights; ``step.forward``
+runs them. Measured effect: experiments/decode_bench/README.md.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from neox_jax.model import ModelConfig
+from neox_jax.model.layers import activation, cached_attention
+from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
+
+Array = jax.Array
+
+FUSED_LAYERS = "layers_fused"  # split_params' per-layer fused weights (``fuse_layer``)
+
+_LINEAR = {"kernel", "bias"}
+_LAYER = {
+    "input_layernorm": {"scale", "bias"},
+    "post_attention_layernorm": {"scale", "bias"},
+    "attention": {"query_key_value", "dense"},
+    "mlp": {"dense_h_to_4h", "dense_4h_to_h"},
+}
+
+
+def fusable(config: ModelConfig, layer) -> bool:
+    """Whether ``layer`` (one layer's parameter tree) can run as ``fused_block``."""
+    plain_config = (
+        not config.is_moe
+        and config.fused_qkv
+        and not config.gated_mlp
+        and config.use_parallel_residual
+        and config.norm_type == "layernorm"
+        and not config.qk_norm
+        and config.attention_impl == "xla"
+        and config.compute_dtype == jnp.float32
+        and config.params_dtype == jnp.float32
+    )
+    if not plain_config or not isinstance(layer, dict) or set(layer) != set(_LAYER):
+        return False
+    for name, keys in _LAYER.items():
+        if not isinstance(layer[name], dict) or set(layer[name]) != keys:
+            return False
+    linears = [layer["attention"][n] for n in _LAYER["attention"]]
+    linears += [layer["mlp"][n] for n in _LAYER["mlp"]]
+    if any(not isinstance(p, dict) or set(p) - _LINEAR or "kernel" not in p for p in linears):
+        return False  # a LoRA adapter or a quantized weight beside the kernel
+    leaves = jax.tree.leaves(layer)
+    return all(isinstance(a, jax.Array | np.ndarray) and a.dtype == np.float32 for a in leaves)
+
+
+def fuse_layer(layer) -> dict[str, Array]:
+    """The two concatenated products of one ``fusable`` layer (module docstring):
+    ``w_in [E, 3E + F]``, ``b_in [3E + F]``, ``w_out [E + F, E]``, ``b_out [E]``."""
+    ln1, ln2 = layer["input_layernorm"], layer["post_attention_layernorm"]
+    qkv, dense = layer["attention"]["query_key_value"], layer["attention"]["dense"]
+    up, down = layer["mlp"]["dense_h_to_4h"], layer["mlp"]["dense_4h_to_h"]
+    bias = lambda p: p.get("bias", jnp.zeros(p["kernel"].shape[1], jnp.float32))  # noqa: E731
+    fold = lambda ln, p: (  # noqa: E731
+        ln["scale"][:, None] * p["kernel"],
+        jnp.dot(ln["bias"], p["kernel"], precision="highest") + bias(p),
+    )
+    (w_qkv, b_qkv), (w_up, b_up) = fold(ln1, qkv), fold(ln2, up)
+    return {
+        "w_in": jnp.concatenate([w_qkv, w_up], axis=1),
+        "b_in": jnp.concatenate([b_qkv, b_up]),
+        "w_out": jnp.concatenate([dense["kernel"], down["kernel"]], axis=0),
+        "b_out": bias(dense) + bias(down),
+    }
+
+
+def _normalize(config: ModelConfig, x: Array) -> Array:
+    """``LayerNorm`` without its scale and bias (they are in the fused weights)."""
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + config.layer_norm_eps)
+
+
+def fused_block(
+    config: ModelConfig, fused, x, layer_cache, positions, segment_ids, cache_info, layer=None
+):
+    """One layer from ``fuse_layer``'s weights, as ``Block`` with a KV cache
+    (``block_fn``'s signature; ``layer`` is unused).
+
+    Args:
+      x: ``[B, T, E]`` fp32; positions, segment_ids: ``[B, T]``.
+      layer_cache: ``{"k", "v"}`` of ``[B, KV, S, D]``; cache_info: ``prepare_inputs``'.
+    Returns ``(x [B, T, E], new layer_cache)``.
+    """
+    del layer
+    batch, length, _ = x.shape
+    heads, head_dim = config.num_attention_heads, config.head_dim
+    width = heads * head_dim
+    y = jnp.dot(_normalize(config, x), fused["w_in"]) + fused["b_in"]  # [B, T, 3E + F]
+    qkv = y[..., : 3 * width].reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
+    inv_freq, scale = rotary_inv_freq(config, positions), rotary_attention_scaling(config)
+    q, k = (apply_rotary(t, positions, inv_freq, scale) for t in (q, k))
+    attn, new_cache = cached_attention(config, q, k, v, layer_cache, segment_ids, cache_info)
+    h = activation(config.hidden_act)(y[..., 3 * width :])  # [B, T, F]
+    both = jnp.concatenate([attn.reshape(batch, length, width), h], axis=-1)  # [B, T, E + F]
+    return jnp.dot(both, fused["w_out"]) + fused["b_out"] + x, new_cache

@@ -1,0 +1,92 @@
+"""The decode step's internals: attention over the cache before its write
+(``grouped.step_attention``), the fused two-product layer (``inference.fused``), and
+that the batch-1 decode loop updates its KV cache in place (no copies of it).
+
+References: ``cache_attention`` over the written cache (the formula the step replaced)
+and the model's own forward (``GPTNeoX``), in fp32: the same arithmetic in another
+order, so round-off only (tolerances below).
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers.hf_reference import assert_logits_close, make_hf_model
+
+from neox_jax.convert import load_hf
+from neox_jax.inference import SamplingParams, generate, left_pad, step
+from neox_jax.inference.fused import FUSED_LAYERS
+from neox_jax.inference.generate import prompt_positions
+from neox_jax.model import GPTNeoX
+from neox_jax.model.grouped import cache_attention, step_attention
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
+def test_step_attention_equals_attention_over_the_written_cache(kv_heads):
+    rng = np.random.default_rng(kv_heads)
+    batch, slots, heads, dim, index = 3, 12, 4, 8, 7
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, k, v = f(batch, 1, heads, dim), f(batch, 1, kv_heads, dim), f(batch, 1, kv_heads, dim)
+    k_cache, v_cache = f(batch, kv_heads, slots, dim), f(batch, kv_heads, slots, dim)  # stale
+    # Row 0 sees every earlier slot, row 1 a later segment only, row 2 is padding (seg 0).
+    seg = np.ones((batch, slots), np.int32)
+    seg[1, :3] = 2
+    seg[:, index + 1 :] = 0
+    q_seg = np.array([[1], [1], [0]], np.int32)
+    seg[:, index] = q_seg[:, 0]
+    slot = np.arange(slots)
+    cache_mask = (q_seg[:, :, None] == seg[:, None]) & (seg[:, None] != 0) & (slot < index)
+    new_mask = (q_seg != 0)[:, None, :, None]
+    ours = step_attention(q, k, v, k_cache, v_cache, cache_mask[:, None], new_mask)
+    written = lambda c, t: c.at[:, :, index].set(t[:, 0])  # noqa: E731
+    full_mask = (q_seg[:, :, None] == seg[:, None]) & (seg[:, None] != 0) & (slot <= index)
+    ref = cache_attention(q, written(k_cache, k), written(v_cache, v), full_mask[:, None])
+    # Rows with something to attend agree to fp32 round-off of an O(1) softmax average;
+    # the padding row attends nothing on either side (its output is never used).
+    np.testing.assert_allclose(ours[:2], ref[:2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides,fused",
+    [(dict(), True), (dict(use_parallel_residual=False), False), (dict(rotary_pct=1.0), True)],
+)
+def test_fused_layers_match_the_model(tmp_path, overrides, fused):
+    """``split_params(params, config)`` fuses plain parallel-residual layers (and only
+    those); prefill and one-token steps through them give the model's logits."""
+    make_hf_model(tmp_path, **overrides)
+    config, params = load_hf(tmp_path)
+    split = step.split_params(params, config)
+    assert (FUSED_LAYERS in split) == fused
+    ids, mask = left_pad([[5, 9, 13, 2, 7, 3, 11, 4, 8, 6, 1, 12], [3, 7, 9, 2, 5, 8]], 12)
+    positions = np.asarray(prompt_positions(jnp.asarray(mask)))
+    full = np.asarray(GPTNeoX(config).apply({"params": params}, ids, positions, mask))
+    fwd = jax.jit(step.forward, static_argnums=0, static_argnames=("compute_logits", "all_logits"))
+    cache = step.layer_cache(config, 2, 16)
+    logits, cache = fwd(config, split, ids[:, :8], positions[:, :8], mask[:, :8], cache,
+                        all_logits=True)  # fmt: skip
+    real = mask[:, :8] == 1
+    assert_logits_close(np.asarray(logits)[real], full[:, :8][real])
+    for t in range(8, 12):
+        cols = slice(t, t + 1)
+        logits, cache = fwd(config, split, ids[:, cols], positions[:, cols], mask[:, cols], cache)
+        assert_logits_close(logits, full[:, t])
+
+
+def test_batch_one_decode_loop_updates_the_cache_in_place(tmp_path):
+    """The optimized decode loop at batch 1 holds no copy of a KV-cache buffer: each
+    step's write goes into the carried buffer (a copy per layer per step used to cost a
+    pass over the cache, experiments/decode_bench/README.md)."""
+    make_hf_model(tmp_path)
+    config, params = load_hf(tmp_path)
+    params = step.split_params(params, config)
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    controls, mode = generate.make_controls([sampling])
+    ids, mask = left_pad([[5, 9, 13, 2]], 16)
+    state = generate.prefill(config, params, ids, mask, generate.row_keys([0]), cache_len=64)
+    hlo = generate.decode.lower(config, params, state, controls, 4, mode=mode).compile()
+    cache = f"f32[1,{config.kv_heads},64,{config.head_dim}]"
+    # Any copy or transpose whose result is a whole cache buffer, inside fusions too.
+    moved = re.findall(rf"= {re.escape(cache)}\S* (?:copy|transpose)\(", hlo.as_text())
+    assert not moved, moved
