@@ -148,8 +148,9 @@ class Admission:
 
     def _prefill_many(self, batch: list) -> None:
         """``batch``'s prompts in one prefill at the largest of their buckets, padded to
-        ``prefill_rows`` rows by repeating the first, and one insert."""
-        rows = batch + batch[:1] * (self.prefill_rows - len(batch))
+        the next of ``prefill_row_counts`` by repeating the first, and one insert."""
+        count = next(n for n in self.prefill_row_counts if n >= len(batch))
+        rows = batch + batch[:1] * (count - len(batch))
         tokens = np.zeros((len(rows), max(self.bucket(len(r.prompt_ids)) for _, r in rows)))
         tokens, lengths = tokens.astype(np.int32), np.zeros(len(rows), np.int32)
         for i, (_, r) in enumerate(rows):

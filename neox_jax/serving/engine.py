@@ -162,7 +162,11 @@ class Engine(Admission, Delivery):
             params = shard_params(config, params, mesh)
         self.mesh = mesh
         # The pipeline needs the stacked layers (split over ``stage``).
-        self.params = split_params(params) if split_layers and not self.pipeline else params
+        params = split_params(params) if split_layers and not self.pipeline else params
+        # On the device once: a loader's numpy arrays would otherwise be copied to the
+        # device by every call (at pythia-70m ~65 ms of CPU per call, a third of a
+        # 4-step decode call's time on CPU).
+        self.params = params if mesh is not None else jax.device_put(params)
         self.num_slots, self.max_len, self.buckets = num_slots, max_len, buckets
         self.max_queue, self.stop_width, self.max_logprobs = max_queue, stop_width, max_logprobs
         self.max_prefills_per_step = max_prefills_per_step
@@ -175,6 +179,10 @@ class Engine(Admission, Delivery):
         # batches of this many rows (padded); 0 = one call per prompt.
         rows = min(max_prefills_per_step, num_slots)
         self.prefill_rows = rows if self.pages is None and mesh is None and rows > 1 else 0
+        # Row counts a batched prefill is padded to (each compiled): powers of two, and
+        # prefill_rows, so two prompts do not pay for four rows.
+        counts = {2**i for i in range(1, rows.bit_length()) if 2**i < rows} | {rows}
+        self.prefill_row_counts = tuple(sorted(counts)) if self.prefill_rows else ()
         with self._context():  # under jit, the cache takes the rules table's sharding
             if self.pages is None:
                 init = jax.jit(
@@ -281,7 +289,7 @@ class Engine(Admission, Delivery):
         Runs them on the real (empty) state, so nothing compiles while serving."""
         start = time.perf_counter()
         steps = 2 * len(self.slot_buckets) + 2 + (len(self.slot_buckets) > 1)
-        prefills = len(self.buckets) * (1 + bool(self.prefill_rows))
+        prefills = len(self.buckets) * (1 + len(self.prefill_row_counts))
         total = prefills + steps + bool(self.prefill_chunk)
         if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
             row = np.zeros(self.pages.pages_per_slot, np.int32)
@@ -295,9 +303,8 @@ class Engine(Admission, Delivery):
             self._insert(prefix, 0, SamplingParams(max_new_tokens=1), 0)
             self.state = dev.release(self.state, np.int32(0))
         done = len(self.buckets)
-        for b in self.buckets if self.prefill_rows else ():
+        for b, rows in ((b, n) for b in self.buckets for n in self.prefill_row_counts):
             done += 1
-            rows = self.prefill_rows
             progress(f"compiling prefill of {rows} prompts, bucket {b} ({done}/{total})")
             tokens, lengths = np.zeros((rows, b), np.int32), np.ones(rows, np.int32)
             prefix = prefill_batch.prefill_many(self.config, self.params, tokens, lengths)
