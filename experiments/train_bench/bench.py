@@ -48,6 +48,15 @@ VARIANTS = {
     # zero-filled [L, ...] stacks of each layer's activations for the backward pass.
     "unroll": ("", {"scan_unroll": 1_000}),
     "unroll_no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {"scan_unroll": 1_000}),
+    # XLA:CPU's scheduler that orders independent ops to run side by side (on by default).
+    "unroll_noconc": (
+        "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+        {"scan_unroll": 1_000},
+    ),
+    "unroll_onednn": (
+        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
+        {"scan_unroll": 1_000},
+    ),
 }
 
 
@@ -317,14 +326,23 @@ def _rates(times, args, flops_per_tok, cpu=()) -> dict:
 
 
 # -------------------------------------------------------------------- orchestration
-def spawn(kind: str, args, xla_flags: str = "", model_overrides: dict | None = None) -> dict:
-    """Run one worker in a fresh process (its own XLA flags) and return its JSON."""
+def spawn(
+    kind: str, args, xla_flags: str = "", model_overrides: dict | None = None, repo: str = ""
+) -> dict:
+    """Run one worker in a fresh process (its own XLA flags) and return its JSON.
+
+    ``repo``: another checkout of neox_jax (``--baseline_repo``) whose bench and code the
+    worker runs instead of this one's, for a before/after in one alternation.
+    """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = Path(f.name)
-    cmd = [sys.executable, __file__, f"--worker={kind}", f"--worker_out={out}"]
-    cmd += [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out"))]
+    script = str(Path(repo) / "experiments/train_bench/bench.py") if repo else __file__
+    cmd = [sys.executable, script, f"--worker={kind}", f"--worker_out={out}"]
+    cmd += [a for a in sys.argv[1:] if not a.startswith(("--worker", "--out", "--baseline"))]
     cmd += [f"--model_overrides={json.dumps(model_overrides or {})}"]
     env = dict(os.environ)
+    if repo:
+        env["PYTHONPATH"] = str(Path(repo).resolve())
     flags = " ".join(filter(None, [env.get("XLA_FLAGS", ""), xla_flags]))
     if kind == "jax" and args.profile:
         flags += f" {op_profile.XPROF_FLAG}"  # per-op events in the trace
@@ -368,9 +386,12 @@ def run_cpu(args) -> dict:
         report["peaks"].append(spawn("peak", args))
         results = {}
         for name in variants:
-            flags, overrides = VARIANTS[name]
+            # "base:<variant>": the variant run by the --baseline_repo checkout.
+            base = name.startswith("base:")
+            flags, overrides = VARIANTS[name.removeprefix("base:")]
             print(f"[round {r}] jax {name}", flush=True)
-            results[f"jax:{name}"] = spawn("jax", args, flags, overrides)
+            repo = args.baseline_repo if base else ""
+            results[f"jax:{name}"] = spawn("jax", args, flags, overrides, repo)
         if not args.skip_torch:
             print(f"[round {r}] torch", flush=True)
             results["torch"] = spawn("torch", args)
@@ -417,6 +438,21 @@ def markdown(report: dict) -> str:
         vs = "-" if s["vs_torch"] is None else f"{s['vs_torch']:.2f}x"
         rate, step = f"{s['tokens_per_s']:.0f}", f"{s['step_s_median']:.3f}"
         lines.append(f"| {name} | {rate} | {step} | {s['mfu']:.1%} | {vs} |")
+    lines += [
+        "",
+        "Every round (tokens/s; CPU seconds per step, all threads; 1-minute load average):",
+        "",
+        "| round | engine | tokens/s | CPU s / step | load |",
+        "| --- | --- | ---: | ---: | --- |",
+    ]
+    for i, results in enumerate(report["rounds"]):
+        for name, r in results.items():
+            if "tokens_per_s" not in r:
+                lines.append(f"| {i + 1} | {name} | failed | | |")
+                continue
+            load = r["load_average"][0] if r.get("load_average") else float("nan")
+            cpu = r.get("cpu_s_per_step_median") or float("nan")
+            lines.append(f"| {i + 1} | {name} | {r['tokens_per_s']:.0f} | {cpu:.2f} | {load:.1f} |")
     text = "\n".join(lines) + "\n"
     for name, s in report["summary"].items():  # --profile: the per-op tables
         if s.get("profile"):
@@ -463,6 +499,11 @@ def main() -> None:
     p.add_argument("--peak_flops", type=float, default=0.0, help="gpu: override datasheet peak")
     p.add_argument("--allow_cpu", action="store_true", help="let --gpu run on CPU (smoke test)")
     p.add_argument("--out", default="", help="write the JSON report here")
+    p.add_argument(
+        "--baseline_repo",
+        default="",
+        help="another neox_jax checkout; variants named base:<variant> run its code",
+    )
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker_out", default="", help=argparse.SUPPRESS)
     p.add_argument("--model_overrides", default="{}", help=argparse.SUPPRESS)
