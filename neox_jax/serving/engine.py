@@ -87,9 +87,10 @@ class Engine(Admission, Delivery):
         over ``tensor``, layers over ``stage`` (then every prefill and decode step runs
         the layers as a pipeline, ``parallel.pipeline``; ``split_layers`` is ignored).
       split_layers: decode from per-layer copies of the layer weights
-        (``inference.step.split_params``; faster on CPU). Splitting holds the layer
-        weights twice until the caller drops ``params``: turn it off when the weights
-        take more than half the device memory.
+        (``inference.step.split_params``, given the config: on one CPU device a plain
+        GPT-NeoX layer as two fused products, as the ``Generator``; faster on CPU).
+        Splitting holds the layer weights twice until the caller drops ``params``: turn
+        it off when the weights take more than half the device memory.
     """
 
     def __init__(
@@ -162,7 +163,7 @@ class Engine(Admission, Delivery):
             params = shard_params(config, params, mesh)
         self.mesh = mesh
         # The pipeline needs the stacked layers (split over ``stage``).
-        params = split_params(params) if split_layers and not self.pipeline else params
+        params = split_params(params, config) if split_layers and not self.pipeline else params
         # On the device once: a loader's numpy arrays would otherwise be copied to the
         # device by every call (at pythia-70m ~65 ms of CPU per call, a third of a
         # 4-step decode call's time on CPU).
