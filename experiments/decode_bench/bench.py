@@ -132,7 +132,10 @@ class Ours:
         self.generator = Generator(config, params, max_batch_size=self.batch, split_layers=split)
         self.rows = [list(map(int, p)) for p in prompts]
         self.tokens = [r.token_ids for r in self.generator.generate(self.rows, self.sampling)]
-        self.config, self.params = config, split_params(params) if split else params
+        # As the Generator splits them (with the config: fused layers on CPU).
+        self.config, self.params = config, split_params(params, config) if split else params
+        # The same weights as per-layer model trees, not fused (``--ab_fused``).
+        self.unfused = split_params(params) if split else params
         # The same split params with the output head only as stored ([E, V]): the
         # before/after of split_params' vocabulary-major head copy (``--ab_head``).
         self.ev_head = {k: v for k, v in self.params.items() if k != VOCAB_MAJOR_HEAD}
@@ -288,7 +291,7 @@ def hf_worker(hf_dir: Path, new_tokens: int, threads) -> None:
             print(json.dumps({"s": best_time(run[what])}), flush=True)
 
 
-def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False) -> dict[str, float]:
+def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fused=False):
     """Best time of each measurement over ``rounds`` rounds that alternate ours and HF
     (and torch thread counts), so both see the same load on a shared machine; the
     host bandwidth is measured in every round too (its best is used)."""
@@ -299,6 +302,8 @@ def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False) -> dict
         add("ours_decode", ours.decode_s())
         if ab_head:  # the head as stored, [E, V], in the same rounds (compiled once first)
             add("ours_decode_ev_head", ours.decode_s(ours.ev_head))
+        if ab_fused:  # the layers unfused (inference.fused), in the same rounds
+            add("ours_decode_unfused", ours.decode_s(ours.unfused))
         add("ours_e2e", ours.e2e_s())
         for n in threads:
             add(f"hf_prefill_{n}", hf.prefill_s(n))
@@ -327,7 +332,9 @@ def run_cpu(args) -> dict:
                 hf = HF(Path(tmp) / "hf", prompts, args.new_tokens, threads)
                 if args.ab_head:
                     ours.decode_s(ours.ev_head)  # compile the [E, V]-head loop
-                best = interleaved(ours, hf, args.rounds, threads, args.ab_head)
+                if args.ab_fused:
+                    ours.decode_s(ours.unfused)  # compile the unfused loop
+                best = interleaved(ours, hf, args.rounds, threads, args.ab_head, args.ab_fused)
                 profiles = None
                 if args.profile:
                     profiles = {"ours": ours.op_profile(), "hf": hf.op_profile(max(threads))}
@@ -380,6 +387,9 @@ def _row(name, batch, config, params, runners, best, threads, args) -> dict:
     if args.ab_head:  # before/after of the [V, E] head copy, decode-only
         row["ours"]["decode_tok_s_ev_head"] = batch * new / best["ours_decode_ev_head"]
         row["head_vocab_major_speedup"] = best["ours_decode_ev_head"] / best["ours_decode"]
+    if args.ab_fused:  # before/after of the fused layers, decode-only
+        row["ours"]["decode_tok_s_unfused"] = batch * new / best["ours_decode_unfused"]
+        row["fused_layers_speedup"] = best["ours_decode_unfused"] / best["ours_decode"]
     row["speedup_e2e"] = row["ours"]["e2e_tok_s"] / row["hf"]["e2e_tok_s"]
     row["speedup_decode"] = row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
     row["roofline_fraction"] = row["ours"]["decode_tok_s"] / roofline
@@ -454,6 +464,11 @@ def main():
         "--ab_head",
         action="store_true",
         help="also time the decode loop with the output head as stored ([E, V])",
+    )
+    parser.add_argument(
+        "--ab_fused",
+        action="store_true",
+        help="also time the decode loop with the layers unfused (inference.fused)",
     )
     parser.add_argument(
         "--split_layers", type=int, default=1, help="GPU mode: 1 = per-layer weight copy"
