@@ -73,8 +73,9 @@ def test_parallel_generation_equals_one_device(result, layout, request_kind):
 
 def test_weights_are_actually_split(result):
     # One CPU device: each plain GPT-NeoX layer runs as two fused products, the first
-    # [E, 3E + F] (inference.fused); on a mesh the sharded per-layer weights run instead.
-    assert result["single"]["fused_in_shape"] == [64, 192 + 128]
+    # [3E + F, E], output-major (inference.fused); on a mesh the sharded per-layer
+    # weights run instead.
+    assert result["single"]["fused_in_shape"] == [192 + 128, 64]
     assert all(result[k]["fused_in_shape"] is None for k in result if k != "single")
     # Unrolled layers with heads over tensor: [E, 3E] per layer, 3E split.
     assert result["tensor4"]["qkv_shard"] == [64, 48]
