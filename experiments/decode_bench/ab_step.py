@@ -45,20 +45,22 @@ from neox_jax.model import ModelConfig, init_params, layers  # noqa: E402
 
 
 def _old_attention(cfg, q, k, v, layer_cache, q_segment_ids, cache_info):
-    """The decode step's attention before ``step_attention``: over the written cache."""
+    """``layers.cached_attention`` before 2026-12-01: write, then attend over the
+    written cache (the rolling-window case never reaches the decode loops timed here)."""
     index = cache_info["index"]
     write = lambda c, t: jax.lax.dynamic_update_slice(  # noqa: E731
         c, t.swapaxes(1, 2).astype(c.dtype), (0, 0, index, 0)
     )
     k_all, v_all = write(layer_cache["k"], k), write(layer_cache["v"], v)
-    return layers.attend(
+    out = layers.attend(
         cfg, q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_segment_ids,
-        cache_info["segment_ids"], q_offset=index, cached=True, length=index + 1,
+        cache_info["segment_ids"], q_offset=index, cached=True, length=index + q.shape[1],
     )  # fmt: skip
+    return out, {"k": k_all, "v": v_all}
 
 
 def _old_patch():
-    return mock.patch.object(layers, "_attend_step", _old_attention)
+    return mock.patch.object(layers, "cached_attention", _old_attention)
 
 
 # name: (patch while tracing, params from (config, params))
