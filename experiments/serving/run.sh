@@ -16,6 +16,8 @@
 #   PROMPT_LEN (default 32,128), OUTPUT_LEN (16,64): token counts, uniform in the range;
 #   SERIAL_REQUESTS (REQUESTS): requests for the one-at-a-time modes and each
 #     prefix-cache run (fewer keep a slow machine's run short);
+#   PREFILL_BUCKETS ("(32, 64, 128)"): the server's prompt buckets (longer prompts take
+#     MAX_LEN);
 #   SLOTS (16), PORT (8765); MAX_LEN (192): the server's tokens per request (cache
 #     columns per slot, as many as the static baseline's cache: the longest prompt's
 #     bucket + the longest output; the prefix-cache runs use 512);
@@ -95,7 +97,7 @@ serve() {  # serve <slots> <label> <rates> [loadgen flags] [-- server flags]: lo
     python -m neox_jax.serve --config=configs/serve.py --config.checkpoint="$MODEL" \
         --config.model_name="$PRESET" --config.num_slots="$slots" \
         --config.max_len="${SERVE_MAX_LEN:-$MAX_LEN}" \
-        --config.prefill_buckets="(32, 64, 128)" --config.max_queue=1000 \
+        --config.prefill_buckets="${PREFILL_BUCKETS:-(32, 64, 128)}" --config.max_queue=1000 \
         --config.port="$PORT" "${EXTRA[@]}" "${server[@]}" &
     local pid=$!
     until curl -sf "http://127.0.0.1:$PORT/health" >/dev/null; do
