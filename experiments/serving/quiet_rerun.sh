@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# The headline comparison for a quiet machine (about 6-7 minutes on 2 cores): the
+# The headline comparison for a quiet machine (about 8-9 minutes on 2 cores): the
 # continuous-batching server (16 slots of 192 tokens, up to 16 decode steps per call) and
 # static batches of 16 (in-process Generator.generate) in turns on the same seeded
 # workloads, at 4 requests/s (the earlier sessions' rate, which a quiet machine nearly
 # keeps up with) and at 32 requests/s (every request arrives within 0.5-1.5 s:
 # saturation): pythia-70m with 16 and 48 requests, two rounds (continuous, static,
-# continuous, static), and pythia-160m with 48 requests, one round.
+# continuous, static), and pythia-160m with 48 requests, one round; then pythia-70m on
+# the issue's length mix (prompts 32-512, outputs 16-256; 768-token slots), 48 requests
+# at 32 req/s, one round (results_quiet4_full_mix_pythia-70m.jsonl).
 # Writes experiments/serving/results_quiet4_<preset>.jsonl (replaced) and prints the
 # tables of compare.py for README.md's "Fourth session" section.
 #
@@ -21,3 +23,10 @@ for spec in pythia-70m:2:16,48 pythia-160m:1:48; do
         bash experiments/serving/run.sh "$preset" 4,32 "$requests" alternate
     python experiments/serving/compare.py "$out"
 done
+out=experiments/serving/results_quiet4_full_mix_pythia-70m.jsonl
+rm -f "$out"
+MODEL_DIR=${BENCH_DIR:-/tmp/serving_bench}/pythia-70m OUT_FILE=$out ROUNDS=1 \
+    PROMPT_LEN=32,512 OUTPUT_LEN=16,256 MAX_LEN=768 PREFILL_BUCKETS="(32, 64, 128, 256, 512)" \
+    SERVER_FLAGS=--config.steps_per_call=16 \
+    bash experiments/serving/run.sh pythia-70m 32 48 alternate
+python experiments/serving/compare.py "$out"
