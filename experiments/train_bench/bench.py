@@ -33,31 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "experiments"))  # op_profile
 import op_profile  # noqa: E402
-
-# JAX variants tried on CPU: name -> (extra XLA_FLAGS, config.model overrides).
-VARIANTS = {
-    "default": ("", {}),
-    "remat_dots_no_batch": ("", {"remat": "dots_no_batch"}),
-    "onednn": ("--xla_cpu_use_onednn=true", {}),
-    "fast_math": ("--xla_cpu_enable_fast_math=true", {}),
-    "vector_width_512": ("--xla_cpu_prefer_vector_width=512", {}),
-    "bf16_compute": ("", {"dtype": "bfloat16"}),
-    # XLA:CPU hands most dots to YNNPACK; this gives them all to Eigen instead.
-    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {}),
-    # The layer loop unrolled whole (model.scan_unroll >= num_hidden_layers): no
-    # zero-filled [L, ...] stacks of each layer's activations for the backward pass.
-    "unroll": ("", {"scan_unroll": 1_000}),
-    "unroll_no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {"scan_unroll": 1_000}),
-    # XLA:CPU's scheduler that orders independent ops to run side by side (on by default).
-    "unroll_noconc": (
-        "--xla_cpu_enable_concurrency_optimized_scheduler=false",
-        {"scan_unroll": 1_000},
-    ),
-    "unroll_onednn": (
-        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
-        {"scan_unroll": 1_000},
-    ),
-}
+from report import markdown, summarize  # noqa: E402
+from variants import VARIANTS  # noqa: E402
 
 
 def _best_time(fn, reps: int) -> float:
@@ -140,6 +117,9 @@ def jax_worker(args) -> dict:
         out["compile_s"] = time.perf_counter() - t
         cost = compiled.cost_analysis()
         out["xla_flops"] = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0))
+        # Bytes the executed ops read and write (optimized HLO; a loop body counted once):
+        # a measure of the step that contention cannot blur.
+        out["hlo_bytes"] = sum(c["bytes"] for c in op_profile.op_costs(compiled.as_text()).values())
         times, cpu = [], []
         for i in range(args.warmup + args.steps):
             t, c = time.perf_counter(), time.process_time()
@@ -401,64 +381,6 @@ def run_cpu(args) -> dict:
     report["peak_flops"] = max(rates)
     report["summary"] = summarize(report)
     return report
-
-
-def summarize(report: dict) -> dict:
-    """Best round per engine, MFU against the measured peak, speed-up over torch."""
-    peak = report["peak_flops"]
-    best = {}
-    for results in report["rounds"]:
-        for name, r in results.items():
-            if "tokens_per_s" in r and r["tokens_per_s"] > best.get(name, {}).get(
-                "tokens_per_s", 0
-            ):
-                best[name] = r
-    torch_rate = best.get("torch", {}).get("tokens_per_s")
-    return {
-        name: {
-            "tokens_per_s": r["tokens_per_s"],
-            "step_s_median": r["step_s_median"],
-            "mfu": r["achieved_flops"] / peak,
-            "vs_torch": None if not torch_rate else r["tokens_per_s"] / torch_rate,
-            "breakdown_s": r.get("breakdown_s"),
-            "profile": r.get("profile"),
-        }
-        for name, r in best.items()
-    }
-
-
-def markdown(report: dict) -> str:
-    lines = [
-        f"Peak (best fp32 matmul, measured): {report['peak_flops'] / 1e9:.1f} GFLOP/s",
-        "",
-        "| engine | tokens/s | step s (median) | MFU | vs torch |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    for name, s in report["summary"].items():
-        vs = "-" if s["vs_torch"] is None else f"{s['vs_torch']:.2f}x"
-        rate, step = f"{s['tokens_per_s']:.0f}", f"{s['step_s_median']:.3f}"
-        lines.append(f"| {name} | {rate} | {step} | {s['mfu']:.1%} | {vs} |")
-    lines += [
-        "",
-        "Every round (tokens/s; CPU seconds per step, all threads; 1-minute load average):",
-        "",
-        "| round | engine | tokens/s | CPU s / step | load |",
-        "| --- | --- | ---: | ---: | --- |",
-    ]
-    for i, results in enumerate(report["rounds"]):
-        for name, r in results.items():
-            if "tokens_per_s" not in r:
-                lines.append(f"| {i + 1} | {name} | failed | | |")
-                continue
-            load = r["load_average"][0] if r.get("load_average") else float("nan")
-            cpu = r.get("cpu_s_per_step_median") or float("nan")
-            lines.append(f"| {i + 1} | {name} | {r['tokens_per_s']:.0f} | {cpu:.2f} | {load:.1f} |")
-    text = "\n".join(lines) + "\n"
-    for name, s in report["summary"].items():  # --profile: the per-op tables
-        if s.get("profile"):
-            table = op_profile.torch_markdown if name == "torch" else op_profile.xla_markdown
-            text += f"\nPer-op profile, {name}:\n\n" + table(s["profile"])
-    return text
 
 
 def run_gpu(args) -> dict:
