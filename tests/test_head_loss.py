@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 
 from neox_jax.model import GPTNeoX, ModelConfig, init_params
+from neox_jax.training import loss as loss_lib
 from neox_jax.training import step as step_lib
-from neox_jax.training.loss import head_logits, head_loss, output_head
+from neox_jax.training.loss import (
+    OutputHead,
+    chunk_bounds,
+    head_logits,
+    head_loss,
+    output_head,
+)
 
 SMALL = dict(
     vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
@@ -31,7 +38,9 @@ def _logits_apply_fn(config):
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_fused_head_loss_and_grads_equal_autodiff(tied):
+@pytest.mark.parametrize("chunk_tokens", [512, 3])  # one chunk; 5 of up to 2 positions
+def test_fused_head_loss_and_grads_equal_autodiff(tied, chunk_tokens, monkeypatch):
+    monkeypatch.setattr(loss_lib, "CHUNK_TOKENS", chunk_tokens)  # what the step uses
     config = ModelConfig(**SMALL, tie_word_embeddings=tied)
     params = init_params(config, jax.random.key(0))
     batch = _batch(config, np.random.default_rng(0))
@@ -80,3 +89,46 @@ def test_model_states_project_to_its_logits():
     states = model.apply({"params": params}, ids, compute_logits=False)
     logits = model.apply({"params": params}, ids)
     np.testing.assert_array_equal(head_logits(output_head(config, params, states)), logits)
+
+
+def test_chunk_bounds_cover_every_position_once():
+    cases = [(3, 9, 6), (3, 9, 3), (8, 256, 512), (8, 512, 512), (2, 5, 100), (4, 7, 0)]
+    for batch, length, chunk in cases + [(1024, 2048, 512)]:
+        bounds = chunk_bounds(batch, length, chunk)
+        assert bounds[0][0] == 0 and bounds[-1][1] == length
+        assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        assert all(lo < hi for lo, hi in bounds)
+    assert chunk_bounds(8, 256, 512) == ((0, 64), (64, 128), (128, 192), (192, 256))
+    assert chunk_bounds(8, 512, 512) == tuple((lo, lo + 64) for lo in range(0, 512, 64))
+    assert chunk_bounds(3, 9, 3) == ((0, 2), (2, 4), (4, 6), (6, 8), (8, 9))  # last shorter
+    assert len(chunk_bounds(1024, 2048, 512)) == 8  # at most MAX_CHUNKS
+    assert chunk_bounds(2, 5, 100) == ((0, 5),)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk_tokens", [0, 3, 6])
+def test_chunked_head_loss_equals_plain_autodiff(tied, chunk_tokens):
+    """Chunks of 2 or 3 positions (3 rows each; with 3 tokens the last chunk is shorter)
+    or none give the loss and gradients of plain autodiff through the full logits."""
+    rng = np.random.default_rng(4)
+    b, t, e, v = 3, 9, 16, 97
+    states = jnp.asarray(rng.standard_normal((b, t, e)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((v, e) if tied else (e, v)), jnp.float32)
+    targets = jnp.asarray(rng.integers(0, v, (b, t)), jnp.int32)
+    weights = jnp.asarray(rng.random((b, t)) * (rng.random((b, t)) > 0.3), jnp.float32)
+
+    def chunked(s, k, w):
+        head = OutputHead(s, k, tied=tied)
+        return 0.5 * head_loss(head, targets, w, chunk_tokens=chunk_tokens)
+
+    def plain(s, k, w):
+        logits = jnp.einsum("bte,ve->btv" if tied else "bte,ev->btv", s, k)
+        return 0.5 * jnp.sum(step_lib.token_losses(logits, targets) * w)
+
+    got = jax.value_and_grad(chunked, argnums=(0, 1, 2))(states, kernel, weights)
+    ref = jax.value_and_grad(plain, argnums=(0, 1, 2))(states, kernel, weights)
+    # fp32, only the summation order differs (dW is a sum over chunks): round-off.
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    for g, r in zip(got[1], ref[1], strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunked(states, kernel, weights), ref[0], rtol=1e-6)  # primal

@@ -16,8 +16,15 @@ the logits, and the backward pass is two matmuls scaled by ``g``:
     dx = g * dlogits @ W.T        dW = g * x.T @ dlogits
 
 Same FLOPs as autodiff (three ``[N, E] x [E, V]`` products), a third of the passes
-over ``[B, T, V]``. Values equal ``step.token_losses`` on the model's logits up to
-summation order.
+over ``[B, T, V]``.
+
+The tokens go through this in chunks of about ``CHUNK_TOKENS`` (all batch rows, a span
+of positions), each projected, reduced and differentiated on its own in the forward
+sweep: what the backward pass keeps is ``dx`` ``[B, T, E]`` and ``dW`` (the chunks'
+products summed in fp32), and no ``[B, T, V]`` logits or gradient exist whole, only a
+chunk's at a time. The chunks are independent, so XLA:CPU can run one chunk's cross
+entropy (single-threaded elementwise passes) beside another's products. Values equal
+``step.token_losses`` on the model's logits up to summation order.
 """
 
 from __future__ import annotations
@@ -33,6 +40,10 @@ from neox_jax.model import ModelConfig, axes
 
 Array = jax.Array
 _LOGITS = (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB)
+# Tokens per chunk of the head's cross entropy (see the module docstring), and the most
+# chunks a batch is cut into.
+CHUNK_TOKENS = 512
+MAX_CHUNKS = 8
 
 
 @flax.struct.dataclass
@@ -67,21 +78,44 @@ def head_logits(head: OutputHead) -> Array:
     return nn.with_logical_constraint(logits.astype(jnp.float32), _LOGITS)
 
 
-def head_loss(head: OutputHead, targets: Array, weights: Array) -> Array:
+def head_loss(
+    head: OutputHead, targets: Array, weights: Array, chunk_tokens: int | None = None
+) -> Array:
     """``sum(weights * cross_entropy(logits(head), targets))`` in fp32.
 
     Args:
       head: the states and output kernel.
       targets: ``[B, T]`` int token ids.
       weights: ``[B, T]`` fp32 per-token weights (the loss mask).
+      chunk_tokens: tokens per chunk (``B`` rows times a span of positions); default
+        ``CHUNK_TOKENS``, 0 for one chunk of the whole batch.
     """
-    return _head_loss(head.states, head.kernel, targets, weights, head.tied)
+    chunk = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    bounds = chunk_bounds(head.states.shape[0], head.states.shape[1], chunk)
+    return _head_loss(head.states, head.kernel, targets, weights, head.tied, bounds)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _head_loss(states, kernel, targets, weights, tied):
-    losses = _token_losses(head_logits(OutputHead(states, kernel, tied)), targets)
-    return jnp.sum(losses * weights)
+def chunk_bounds(batch: int, length: int, chunk_tokens: int) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` position spans of about ``chunk_tokens`` tokens each, all ``batch``
+    rows of a span (the batch axis may be sharded over devices, the length axis is not);
+    at most ``MAX_CHUNKS`` of them, so a large batch does not unroll into many ops."""
+    chunks = min(MAX_CHUNKS, length, (batch * length) // chunk_tokens) if chunk_tokens > 0 else 1
+    span = -(-length // max(chunks, 1))  # ceil
+    return tuple((lo, min(lo + span, length)) for lo in range(0, length, span))
+
+
+def _chunk_logits(states, kernel, tied, lo, hi):
+    """``[B, hi - lo, V]`` fp32 logits of positions ``[lo, hi)``."""
+    return head_logits(OutputHead(states[:, lo:hi], kernel, tied))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_loss(states, kernel, targets, weights, tied, bounds):
+    losses = [
+        _token_losses(_chunk_logits(states, kernel, tied, lo, hi), targets[:, lo:hi])
+        for lo, hi in bounds
+    ]
+    return jnp.sum(jnp.concatenate(losses, axis=1) * weights)
 
 
 def _token_losses(logits: Array, targets: Array) -> Array:
@@ -90,30 +124,43 @@ def _token_losses(logits: Array, targets: Array) -> Array:
     return log_z - picked
 
 
-def _head_loss_fwd(states, kernel, targets, weights, tied):
-    logits = head_logits(OutputHead(states, kernel, tied))  # [B, T, V] fp32
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+def _losses_and_dlogits(logits: Array, targets: Array, weights: Array):
+    """Per-token losses ``[B, c]`` and ``d sum(w * loss) / d logits`` ``[B, c, V]`` fp32."""
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, c]
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    losses = log_z - picked
     vocab = jax.lax.broadcasted_iota(targets.dtype, logits.shape, 2)
     one_hot = (vocab == targets[..., None]).astype(jnp.float32)
-    # d sum(w * loss) / d logits, in one elementwise pass over the logits.
+    # One elementwise pass over the chunk's logits.
     dlogits = (jnp.exp(logits - log_z[..., None]) - one_hot) * weights[..., None]
-    dlogits = nn.with_logical_constraint(dlogits.astype(states.dtype), _LOGITS)
-    return jnp.sum(losses * weights), (states, kernel, dlogits, losses, targets)
+    return log_z - picked, nn.with_logical_constraint(dlogits, _LOGITS)
 
 
-def _head_loss_bwd(tied, residuals, g):
-    states, kernel, dlogits, losses, targets = residuals
+def _head_loss_fwd(states, kernel, targets, weights, tied, bounds):
     k = kernel.astype(states.dtype)
-    if tied:  # kernel is the [V, E] table
-        dx = jnp.einsum("btv,ve->bte", dlogits, k)
-        dk = jnp.einsum("btv,bte->ve", dlogits, states)
-    else:
-        dx = jnp.einsum("btv,ev->bte", dlogits, k)
-        dk = jnp.einsum("bte,btv->ev", states, dlogits)
+    losses, dxs, dk = [], [], None
+    for lo, hi in bounds:  # independent chunks: XLA may run them side by side
+        logits = _chunk_logits(states, kernel, tied, lo, hi)  # [B, c, V] fp32
+        loss, dl = _losses_and_dlogits(logits, targets[:, lo:hi], weights[:, lo:hi])
+        dl = dl.astype(states.dtype)
+        s = states[:, lo:hi]  # [B, c, E]
+        if tied:  # kernel is the [V, E] table
+            dxs.append(jnp.einsum("btv,ve->bte", dl, k))
+            part = jnp.einsum("btv,bte->ve", dl, s, preferred_element_type=jnp.float32)
+        else:
+            dxs.append(jnp.einsum("btv,ev->bte", dl, k))
+            part = jnp.einsum("bte,btv->ev", s, dl, preferred_element_type=jnp.float32)
+        dk = part if dk is None else dk + part
+        losses.append(loss)
+    losses = jnp.concatenate(losses, axis=1)  # [B, T]
+    dx = jnp.concatenate(dxs, axis=1)  # [B, T, E]
+    return jnp.sum(losses * weights), (dx, dk.astype(kernel.dtype), losses, targets)
+
+
+def _head_loss_bwd(tied, bounds, residuals, g):
+    del tied, bounds
+    dx, dk, losses, targets = residuals
     targets_ct = jnp.zeros(targets.shape, jax.dtypes.float0)
-    return (g * dx).astype(states.dtype), (g * dk).astype(kernel.dtype), targets_ct, g * losses
+    return (g * dx).astype(dx.dtype), (g * dk).astype(dk.dtype), targets_ct, g * losses
 
 
 _head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
