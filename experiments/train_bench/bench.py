@@ -97,6 +97,10 @@ def jax_worker(args) -> dict:
     from neox_jax.training.state import abstract_train_state, init_train_state
 
     overrides = json.loads(args.model_overrides)
+    if "loss_chunk_tokens" in overrides:  # not a model field: the head's chunking
+        from neox_jax.training import loss as loss_lib
+
+        loss_lib.CHUNK_TOKENS = overrides.pop("loss_chunk_tokens")
     config = _config(args, overrides)
     mc = ModelConfig.from_dict(config.model.to_dict())
     mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])

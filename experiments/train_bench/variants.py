@@ -13,6 +13,8 @@ VARIANTS = {
     # The layer loop unrolled whole (model.scan_unroll >= num_hidden_layers): no
     # zero-filled [L, ...] stacks of each layer's activations for the backward pass.
     "unroll": ("", {"scan_unroll": 1_000}),
+    # The head's cross entropy in one chunk (training.loss.CHUNK_TOKENS = 0).
+    "unroll_one_chunk": ("", {"scan_unroll": 1_000, "loss_chunk_tokens": 0}),
     "unroll_no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", {"scan_unroll": 1_000}),
     # XLA:CPU's scheduler that orders independent ops to run side by side (on by default).
     "unroll_noconc": (

@@ -40,6 +40,7 @@ from neox_jax.model.grouped import (
     window_mask,
 )
 from neox_jax.model.per_device import per_device
+from neox_jax.model.residual import materialized_grad
 from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
 
 Array = jax.Array
@@ -450,6 +451,8 @@ class Block(nn.Module):
         cfg = self.config
         act_names = (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)
         x = nn.with_logical_constraint(x, act_names)
+        if min(cfg.scan_unroll, cfg.num_hidden_layers) > 1:  # unrolled: see model.residual
+            x = materialized_grad(x)
         layer_input = x if self.keep_hidden else None
         norm = functools.partial(norm_layer, cfg)
         attn, new_cache = Attention(cfg, name="attention")(
