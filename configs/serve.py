@@ -46,14 +46,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # between two decode steps, so a long prompt never stalls the running requests for
     # long; must divide max_len. 0 = off (every prompt in one prefill).
     c.prefill_chunk = 0
+    # While requests decode, the chunks of prompts longer than prefill_chunk run inside
+    # the decode calls' weight products instead of calls of their own between decode
+    # steps (Sarathi/vLLM's chunked prefill): a 64-token chunk adds ~12 CPU-ms to a
+    # 16-slot pythia-70m step, against ~42 ms as a call of its own
+    # (experiments/serving/README.md, fifth session). Fused CPU layers on one device
+    # with the "slots" cache only; elsewhere chunks run in calls of their own.
+    c.mix_prefill = True
     # Automatic prefix caching: keep the KV of up to this many prompt blocks (of
     # prefill_chunk tokens) and reuse them for prompts that begin with the same tokens
     # (a system prompt, a RAG context). 0 = off; needs prefill_chunk.
     c.prefix_cache_blocks = 0
-    # The most decode steps per device call: fewer host round trips per token. A call
-    # ends early when a request ends while others wait for a slot; a request arriving
-    # while nobody waits is admitted when the running call ends.
-    c.steps_per_call = 1
+    # The most decode steps per device call: fewer host round trips (and HTTP events)
+    # per token. 16 is what the serving benchmark measures its throughput with
+    # (experiments/serving/README.md); with 1 the engine makes a device call, a host
+    # loop and an SSE event per token. It does not cost latency where it matters: a
+    # call ends early when a request ends while others wait for a slot (the slot is
+    # refilled at once) and runs one step while requests wait beside free slots; a
+    # request arriving while nobody waits is admitted when the running call ends, and
+    # max_call_seconds bounds how long that is.
+    c.steps_per_call = 16
+    # A call runs fewer steps when steps_per_call would take longer than this many
+    # seconds at the measured step time (0 = no cap): it bounds the wait of a request
+    # that arrives mid-call and the gap between a stream's events on slow hardware or
+    # big models (a 16-step call of a 60 ms step would be ~1 s). 0.25 s costs no
+    # measurable throughput on CPU (1 vs 4 steps per call: 37.7 vs 37.2 CPU-ms per step
+    # at pythia-70m, experiments/serving/README.md, fourth session).
+    c.max_call_seconds = 0.25
     # Slot counts a decode call may compute, e.g. "(4, 8)": each call computes the
     # smallest that holds the running requests (moved down into free slots), so a
     # half-empty batch costs about half; () = powers of two from 4 below num_slots.

@@ -44,6 +44,10 @@ def check_config(config) -> None:
             raise UserError(f"--config.{name} must be an integer >= 0, got {config[name]!r}.")
     if not 0 <= config.port < 65536:
         raise UserError(f"--config.port must be in [0, 65535], got {config.port}.")
+    if not isinstance(config.max_call_seconds, int | float) or config.max_call_seconds < 0:
+        raise UserError(
+            f"--config.max_call_seconds must be a number >= 0, got {config.max_call_seconds!r}."
+        )
     if config.shutdown_timeout < 0:
         raise UserError(f"--config.shutdown_timeout must be >= 0, got {config.shutdown_timeout}.")
     if any(not isinstance(b, int) or b < 2 for b in config.prefill_buckets):
@@ -89,6 +93,8 @@ def build(config, progress=print):
         prefill_chunk=config.prefill_chunk,
         prefix_cache_blocks=config.prefix_cache_blocks,
         steps_per_call=config.steps_per_call,
+        max_call_seconds=config.max_call_seconds,
+        mix_prefill=config.mix_prefill,
         slot_buckets=tuple(config.slot_buckets) or None,
         kv_cache=config.kv_cache,
         page_size=config.page_size,

@@ -328,6 +328,7 @@ def test_sigterm_finishes_in_flight_and_exits_0(server):
         ("--config.num_slots=0", "num_slots must be an integer >= 1"),
         ("--config.max_queue=-1", "max_queue must be an integer >= 0"),
         ("--config.page_size=0", "page_size must be an integer >= 1"),
+        ("--config.max_call_seconds=-1.0", "max_call_seconds must be a number >= 0"),
         ("--config.prefill_buckets=(1,)", "prefill_buckets"),
         ("--config.port=70000", "port must be in"),
         ("--config.nslots=2", "did you mean --config.num_slots"),

@@ -26,7 +26,15 @@ from helpers.serving import serving_model
 from neox_jax.errors import UserError
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.model import GPTNeoX
-from neox_jax.serving import Collector, Engine, EngineStopped, QueueFull, Request, prefill_batch
+from neox_jax.serving import (
+    Collector,
+    Engine,
+    EngineStopped,
+    QueueFull,
+    Request,
+    mixed,
+    prefill_batch,
+)
 from neox_jax.serving import slots as dev
 
 TEXTS = ["the model reads tokens and predicts what comes next", "héllo wörld, ça va? 🙂"]
@@ -40,9 +48,11 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(model):
     config, params, tok = model
+    # One step per call: the scheduler's admissions, retirements and moves run between
+    # every two tokens (later tests run several steps per call).
     eng = Engine(
         config, params, tok, num_slots=3, max_len=64, prefill_buckets=(8, 16, 32), max_queue=40,
-        slot_buckets=(1,),
+        slot_buckets=(1,), steps_per_call=1,
     )  # fmt: skip
     lines = []
     eng.warmup(progress=lines.append)
@@ -73,7 +83,7 @@ def _prompts(vocab, lengths, seed=0):
 def _cache_sizes():
     programs = (prefill_batch.prefill, dev.insert, dev.generate, dev.release, dev.prefill_chunk)
     programs += (dev.activate, dev.put_block, dev.get_block, dev.move)
-    programs += (prefill_batch.prefill_many, prefill_batch.insert_many)
+    programs += (prefill_batch.prefill_many, prefill_batch.insert_many, mixed.generate)
     return [f._cache_size() for f in programs]
 
 
@@ -237,24 +247,31 @@ def test_background_thread_serves_concurrent_callers_and_stops(model, engine):
         eng.submit(Request(prompts[0], sampling, Collector()))
 
 
-def test_chunked_prefill_equals_generator(model):
-    """Prompts longer than ``prefill_chunk`` are written chunk by chunk between decode
-    steps (short ones are decoding meanwhile); every request still equals the
-    ``Generator`` alone (same tolerance argument as above)."""
+def test_chunked_prefill_equals_generator(model, monkeypatch):
+    """Prompts longer than ``prefill_chunk`` are written chunk by chunk; while others
+    decode, the chunks ride in the decode calls' products (``serving.mixed``); every
+    request still equals the ``Generator`` alone (same tolerance argument as above)."""
     config, params, tok = model
     eng = Engine(config, params, tok, num_slots=3, max_len=64, prefill_chunk=16)
-    assert eng.buckets == [16]  # nothing longer is bucketed
+    assert eng.buckets == [16] and eng.mix_prefill  # nothing longer is bucketed
     lines = []
     eng.warmup(progress=lines.append)
     assert any("prefill chunk of 16" in line for line in lines)
+    assert sum("step with a prefill chunk" in line for line in lines) == 2
     prompts = _prompts(config.vocab_size, (40, 3, 17, 33, 16, 48), seed=6)
     samplings = [
         SamplingParams(max_new_tokens=m, ignore_eos=True, repetition_penalty=r)
         for m, r in ((12, 1.0), (20, 1.0), (9, 1.3), (15, 1.0), (6, 1.0), (16, 1.2))
     ]
-    before = _cache_sizes()
+    before, mixed_lengths, generate = _cache_sizes(), [], mixed.generate
+    monkeypatch.setattr(
+        mixed, "generate", lambda *a, **k: mixed_lengths.append(int(a[6])) or generate(*a, **k)
+    )
     results = eng.generate(prompts, samplings)
+    monkeypatch.undo()
     assert _cache_sizes() == before
+    # Chunks of long prompts rode in decode calls; short ones were bucketed.
+    assert mixed_lengths and min(mixed_lengths) > 16
     gen = _reference(model)
     for p, s, (ids, text, _) in zip(prompts, samplings, results, strict=True):
         ref = gen.generate([p], s)[0]
@@ -273,13 +290,43 @@ def test_chunked_prefill_equals_generator(model):
         Engine(config, params, tok, num_slots=1, max_len=64, prefill_chunk=24)
 
 
+def test_mixed_chunk_with_fewer_slots_computed(model, monkeypatch):
+    """A request decodes alone in slot 0 while a long prompt's chunks ride in its calls
+    into slot 1; the calls compute 2 of the 4 slots: both equal the ``Generator``
+    alone."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=4, max_len=64, prefill_chunk=16, slot_buckets=(2,)
+    )  # no warm-up: only what runs compiles
+    a, b = _prompts(config.vocab_size, (5, 40), seed=14)
+    sa, sb = (SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (40, 10))
+    calls, generate = [], mixed.generate
+    monkeypatch.setattr(
+        mixed,
+        "generate",
+        lambda *a, **k: calls.append((int(a[3]), k.get("active"))) or generate(*a, **k),
+    )
+    ca, cb = Collector(), Collector()
+    eng.submit(Request(a, sa, ca))
+    eng.step()  # a: prefilled alone, then decoding
+    eng.submit(Request(b, sb, cb))
+    while eng.step():
+        pass
+    monkeypatch.undo()
+    assert calls == [(1, 2)] * 3  # 39 prompt tokens: 3 chunks of 16, 2 slots computed
+    gen = _reference(model)
+    assert ca.result(timeout=0)[0] == gen.generate([a], sa)[0].token_ids
+    assert cb.result(timeout=0)[0] == gen.generate([b], sb)[0].token_ids
+    assert eng.free_slots == eng.num_slots
+
+
 def test_prefix_cache_reuses_shared_prompt_blocks(model):
     """Prompts sharing a 32-token beginning: later ones copy its cached blocks and
     prefill only the rest, and still equal the ``Generator`` alone; the LRU bound holds."""
     config, params, tok = model
     eng = Engine(
         config, params, tok, num_slots=3, max_len=64, prefill_chunk=16, prefix_cache_blocks=3
-    )  # the module engine's slot and cache shapes: its compiled decode steps are reused
+    )
     eng.warmup(progress=lambda _: None)
     shared = _prompts(config.vocab_size, (32,), seed=8)[0]
     tails = _prompts(config.vocab_size, (5, 12, 1, 9), seed=9)
@@ -359,8 +406,14 @@ def test_calls_end_when_a_waiting_request_can_take_a_slot(model, monkeypatch):
     prompts = _prompts(config.vocab_size, (4, 7, 5), seed=3)
     samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (3, 4, 2)]
     ours = eng.generate(prompts, samplings)
-    monkeypatch.undo()
     assert ran == [1, 2, 2]  # (8, 8, 8) if every call ran steps_per_call
+    # Calls are timed (the first of each program is not: it may have compiled); with a
+    # cap below one measured step every call runs one step, and the tokens stay.
+    assert eng._step_seconds is not None and eng._step_seconds > 0
+    eng.max_call_seconds, ran[:] = 1e-9, []
+    assert eng.generate(prompts, samplings) == ours
+    monkeypatch.undo()
+    assert ran and set(ran) == {1} and len(ran) >= max(3, 4, 2)
     # The loader's numpy weights went to the device once, not with every call.
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(eng.params))
     gen = _reference(model)

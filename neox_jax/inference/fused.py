@@ -109,7 +109,16 @@ def _normalize(config: ModelConfig, x: Array) -> Array:
 
 
 def fused_block(
-    config: ModelConfig, fused, x, layer_cache, positions, segment_ids, cache_info, layer=None
+    config: ModelConfig,
+    fused,
+    x,
+    layer_cache,
+    positions,
+    segment_ids,
+    cache_info,
+    layer=None,
+    *,
+    attention=cached_attention,
 ):
     """One layer from ``fuse_layer``'s weights, as ``Block`` with a KV cache
     (``block_fn``'s signature; ``layer`` is unused).
@@ -117,6 +126,9 @@ def fused_block(
     Args:
       x: ``[B, T, E]`` fp32; positions, segment_ids: ``[B, T]``.
       layer_cache: ``{"k", "v"}`` of ``[B, KV, S, D]``; cache_info: ``prepare_inputs``'.
+      attention: ``cached_attention``'s signature; the serving engine's mixed
+        prefill/decode step (``serving.mixed``) passes one that splits the tokens
+        between two caches (``layer_cache`` and ``cache_info`` are then its own).
     Returns ``(x [B, T, E], new layer_cache)``.
     """
     del layer
@@ -128,7 +140,7 @@ def fused_block(
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     inv_freq, scale = rotary_inv_freq(config, positions), rotary_attention_scaling(config)
     q, k = (apply_rotary(t, positions, inv_freq, scale) for t in (q, k))
-    attn, new_cache = cached_attention(config, q, k, v, layer_cache, segment_ids, cache_info)
+    attn, new_cache = attention(config, q, k, v, layer_cache, segment_ids, cache_info)
     h = activation(config.hidden_act)(y[..., 3 * width :])  # [B, T, F]
     both = jnp.concatenate([attn.reshape(batch, length, width), h], axis=-1)  # [B, T, E + F]
     return _product(both, fused["w_out"]) + fused["b_out"] + x, new_cache

@@ -181,20 +181,31 @@ class Admission:
         self.state = self.dev.set_pages(self.state, np.int32(slot), row)
         return True
 
-    def _prefill_next_chunk(self) -> None:
-        """One chunk of the longest-waiting chunked prompt; activates it after its last."""
+    def _next_chunk(self) -> tuple[int, np.ndarray, int, int]:
+        """``(slot, tokens [prefill_chunk], start, prompt length)``: the next chunk of
+        the longest-waiting chunked prompt (zero-padded past the prompt's end)."""
         slot, start = next(iter(self._prefilling.items()))
-        r, c = self.slots[slot], self.prefill_chunk
-        n = len(r.prompt_ids)
-        tokens = np.zeros(c, np.int32)
-        piece = r.prompt_ids[start : start + c]
+        prompt = self.slots[slot].prompt_ids
+        tokens = np.zeros(self.prefill_chunk, np.int32)
+        piece = prompt[start : start + self.prefill_chunk]
         tokens[: len(piece)] = piece
+        return slot, tokens, start, len(prompt)
+
+    def _prefill_next_chunk(self) -> None:
+        """One chunk of the longest-waiting chunked prompt in a call of its own."""
+        slot, tokens, start, n = self._next_chunk()
         self.state = self.dev.prefill_chunk(
             self.config, self.params, self.state, np.int32(slot), tokens, np.int32(start),
             np.int32(n),
         )  # fmt: skip
-        if start + c < n - 1:  # tokens 0 .. n-2 go through prefill, n-1 through decode
-            self._prefilling[slot] = start + c
+        self._chunk_written(slot, start)
+
+    def _chunk_written(self, slot: int, start: int) -> None:
+        """The chunk at ``start`` of ``slot``'s prompt is in its cache: move on to the
+        next chunk, or activate the slot after the last."""
+        r = self.slots[slot]
+        if start + self.prefill_chunk < len(r.prompt_ids) - 1:  # n-1 goes through decode
+            self._prefilling[slot] = start + self.prefill_chunk
             return
         del self._prefilling[slot]
         self._activate(slot, r)

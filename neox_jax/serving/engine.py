@@ -28,7 +28,7 @@ from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
 from neox_jax.model import ModelConfig
 from neox_jax.parallel.rules import mesh_context
-from neox_jax.serving import paged_slots, scoring
+from neox_jax.serving import mixed, paged_slots, scoring
 from neox_jax.serving import slots as dev
 from neox_jax.serving.admission import Admission
 from neox_jax.serving.delivery import Delivery
@@ -42,12 +42,13 @@ from neox_jax.serving.requests import (
     QueueFull,
     Request,
 )
+from neox_jax.serving.schedule import Schedule
 from neox_jax.serving.warmup import Warmup
 
 log = logging.getLogger(__name__)
 
 
-class Engine(Admission, Delivery, Warmup):
+class Engine(Admission, Delivery, Schedule, Warmup):
     """Continuous batching over ``num_slots`` decode slots of ``max_len`` tokens each.
 
     Args:
@@ -77,6 +78,15 @@ class Engine(Admission, Delivery, Warmup):
         (it is refilled at once), and runs one step while requests wait beside free
         slots or a prompt is prefilled in chunks (``_call_length``); a request that
         arrives while nobody waits is admitted at the end of the running call.
+      mix_prefill: while requests decode, the chunks of prompts longer than
+        ``prefill_chunk`` run in the decode calls' products (``serving.mixed``,
+        Sarathi's chunked prefill) instead of calls of their own between decode steps.
+        Fused CPU layers on one device, contiguous cache only (``mixed.mixable``);
+        elsewhere chunks run in calls of their own.
+      max_call_seconds: cap a call's steps so it lasts about this long at the measured
+        seconds per step (0 = no cap): a request arriving while nobody waits is
+        admitted, and a streaming client hears from its request, at least this often,
+        whatever the model's step time.
       slot_buckets: how many leading slots a decode call may compute (each compiled at
         start-up): a call computes the smallest that holds every running request, and
         the scheduler moves requests down into free slots to keep them there, so a
@@ -113,7 +123,9 @@ class Engine(Admission, Delivery, Warmup):
         mesh=None,
         prefill_chunk: int = 0,
         prefix_cache_blocks: int = 0,
-        steps_per_call: int = 1,
+        steps_per_call: int = 16,
+        max_call_seconds: float = 0.25,
+        mix_prefill: bool = True,
         slot_buckets: Sequence[int] | None = None,
         kv_cache: str = "slots",
         page_size: int = 16,
@@ -135,6 +147,10 @@ class Engine(Admission, Delivery, Warmup):
         if not isinstance(steps_per_call, int) or steps_per_call < 1:
             raise UserError(f"steps_per_call must be an integer >= 1, got {steps_per_call!r}.")
         self.steps_per_call = steps_per_call
+        if not max_call_seconds >= 0:
+            raise UserError(f"max_call_seconds must be >= 0, got {max_call_seconds!r}.")
+        self.max_call_seconds = float(max_call_seconds)
+        self._timed_variants: set = set()  # decode programs whose first call has run
         if prefix_cache_blocks and not prefill_chunk:
             raise UserError("prefix caching works on prefill chunks: set prefill_chunk too.")
         self.prefix_cache = (
@@ -177,6 +193,9 @@ class Engine(Admission, Delivery, Warmup):
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
         self.dev = dev if self.pages is None else paged_slots
         self.slot_buckets = self._slot_buckets(slot_buckets)
+        self.mix_prefill = bool(
+            mix_prefill and prefill_chunk and self.pages is None and mesh is None
+        ) and mixed.mixable(config, self.params)
         # Several admitted prompts prefill in one call (contiguous cache, one device), in
         # batches of this many rows (padded); 0 = one call per prompt.
         rows = min(max_prefills_per_step, num_slots)
@@ -299,8 +318,10 @@ class Engine(Admission, Delivery, Warmup):
                 self._retire(slot, CANCELLED)
         self._admit()
         chunked = bool(self._prefilling)
-        if chunked:
-            self._prefill_next_chunk()
+        chunk = self._next_chunk() if chunked else None  # (slot, tokens, start, length)
+        if chunk is not None and not self._mixes():
+            self._prefill_next_chunk()  # in a call of its own
+            chunk = None
         self._compact()
         running = [
             (i, r) for i, r in enumerate(self.slots) if r is not None and i not in self._prefilling
@@ -310,70 +331,49 @@ class Engine(Admission, Delivery, Warmup):
         if not running:
             return chunked
         greedy = all(r.sampling.temperature == 0 for _, r in running)
+        mode = dev.GREEDY if greedy else dev.SAMPLE
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
         # The slots this call computes (logprobs programs exist for all slots only).
         active = self.num_slots if k else self._bucket_of(max(i for i, _ in running) + 1)
-        until, stop_after = self._call_length()
         start = time.perf_counter()
-        self.state, out = self.dev.generate(
-            self.config,
-            self.params,
-            self.state,
-            mode=dev.GREEDY if greedy else dev.SAMPLE,
-            num_logprobs=k,
-            steps=self.steps_per_call,
-            until=np.int32(until),
-            stop_after=np.int32(stop_after),
-            **self._active_arg(active),
-        )
+        if chunk is None:
+            until, stop_after = self._call_length()
+            self.state, out = self.dev.generate(
+                self.config, self.params, self.state, mode=mode, num_logprobs=k,
+                steps=self.steps_per_call, until=np.int32(until),
+                stop_after=np.int32(stop_after), **self._active_arg(active),
+            )  # fmt: skip
+        else:  # one decode step with the chunk in its products (its slot computed too)
+            slot, tokens, offset, length = chunk
+            active = self._bucket_of(max(active, slot + 1))
+            self.state, out = mixed.generate(
+                self.config, self.params, self.state, np.int32(slot), tokens,
+                np.int32(offset), np.int32(length), mode=mode, **self._active_arg(active),
+            )  # fmt: skip
         out = jax.device_get(out)
         now, seconds = time.monotonic(), time.perf_counter() - start
+        if chunk is None:
+            self._observe_call((mode, k, active), out, seconds)
         before = sum(len(r.output_ids) for _, r in running)
         for slot, r in running:
             self._deliver(slot, r, out, now)
+        if chunk is not None:
+            self._chunk_written(chunk[0], chunk[2])
         if self.metrics is not None:
             delivered = sum(len(r.output_ids) for _, r in running) - before
             self.metrics.observe_step(delivered, seconds)
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
 
-    def _call_length(self) -> tuple[int, int]:
-        """``(until, stop_after)`` of the next decode call (``slots.generate``).
-
-        Nobody waiting: up to ``steps_per_call`` steps (fewer round trips per token; a
-        request that arrives meanwhile waits for the call's end). Requests waiting while
-        every slot is taken (or the page pool is short): the call ends after the step in
-        which a request ends, so its slot is refilled at once. Requests waiting beside
-        free slots (more than ``max_prefills_per_step`` were admissible) or a prompt
-        being prefilled in chunks: one step, then the next admission or chunk."""
-        with self._lock:
-            waiting = bool(self.waiting)
-        if self._prefilling or (waiting and self.pages is None and None in self.slots):
-            return 1, 0
-        return self.steps_per_call, int(waiting)
-
-    def _bucket_of(self, n: int) -> int:
-        return next(b for b in self.slot_buckets if b >= n)
-
-    def _active_arg(self, n: int) -> dict:
-        """``generate``'s ``active`` argument for ``n`` slots (none with one bucket)."""
-        return {} if len(self.slot_buckets) == 1 else {"active": n}
-
-    def _compact(self) -> None:
-        """Move running requests from slots at or above the smallest slot bucket that
-        could hold every occupied slot into free slots below it, so the next decode call
-        computes that bucket. A prompt being prefilled in chunks stays where it is."""
-        if len(self.slot_buckets) == 1:
-            return
-        target = self._bucket_of(self.num_slots - self.free_slots or 1)
-        free = [i for i in range(target) if self.slots[i] is None]
-        for src in range(self.num_slots - 1, target - 1, -1):
-            r = self.slots[src]
-            if not free or r is None or src in self._prefilling:
-                continue
-            dst = free.pop(0)
-            self.state = dev.move(self.state, np.int32(src), np.int32(dst))
-            self.slots[dst], self.slots[src] = r, None
+    def _mixes(self) -> bool:
+        """Whether the next prompt chunk rides in this step's decode call: mixed prefill
+        is on, some request decodes, and none asks for logprobs (the mixed step has no
+        logprobs programs)."""
+        if not self.mix_prefill:
+            return False
+        slots = enumerate(self.slots)
+        decoding = [r for i, r in slots if r is not None and i not in self._prefilling]
+        return bool(decoding) and not any(r.num_logprobs for r in decoding)
 
     # ------------------------------------------------------------ the thread
     def start(self) -> None:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from neox_jax.inference.sampling import SamplingParams
-from neox_jax.serving import prefill_batch
+from neox_jax.serving import mixed, prefill_batch
 from neox_jax.serving import slots as dev
 from neox_jax.serving.requests import Request
 
@@ -26,7 +26,9 @@ class Warmup:
         start = time.perf_counter()
         steps = 2 * len(self.slot_buckets) + 2 + (len(self.slot_buckets) > 1)
         prefills = len(self.buckets) * (1 + len(self.prefill_row_counts))
-        total = prefills + steps + bool(self.prefill_chunk)
+        mixed_steps = [(m, n) for m in (dev.GREEDY, dev.SAMPLE) for n in self.slot_buckets]
+        mixed_steps = mixed_steps if self.mix_prefill else []
+        total = prefills + steps + bool(self.prefill_chunk) + len(mixed_steps)
         if self.pages is not None:  # slot 0 keeps the scratch row: writes go nowhere
             row = np.zeros(self.pages.pages_per_slot, np.int32)
             self.state = self.dev.set_pages(self.state, np.int32(0), row)
@@ -77,6 +79,16 @@ class Warmup:
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call, until=np.int32(1), stop_after=np.int32(0),
                 **self._active_arg(n),
+            )  # fmt: skip
+            jax.block_until_ready(out)
+        done += len(variants)
+        for j, (mode, n) in enumerate(mixed_steps, 1):
+            name = "greedy" if mode.greedy else "sampling"
+            progress(f"compiling {name} step with a prefill chunk, {n} slots ({done + j}/{total})")
+            zeros = np.zeros(self.prefill_chunk, np.int32)
+            self.state, out = mixed.generate(
+                self.config, self.params, self.state, np.int32(0), zeros, np.int32(0),
+                np.int32(1), mode=mode, **self._active_arg(n),
             )  # fmt: skip
             jax.block_until_ready(out)
         if len(self.slot_buckets) > 1:
