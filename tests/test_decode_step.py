@@ -17,6 +17,7 @@ from helpers.hf_reference import assert_logits_close, make_hf_model
 
 from neox_jax.convert import load_hf
 from neox_jax.inference import SamplingParams, generate, left_pad, step
+from neox_jax.inference import fused as fused_module
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.generate import prompt_positions
 from neox_jax.model import GPTNeoX
@@ -49,16 +50,30 @@ def test_step_attention_equals_attention_over_the_written_cache(kv_heads):
 
 
 @pytest.mark.parametrize(
-    "overrides,fused",
-    [(dict(), True), (dict(use_parallel_residual=False), False), (dict(rotary_pct=1.0), True)],
+    "overrides,fused,block",
+    [
+        (dict(), True, None),
+        (dict(use_parallel_residual=False), False, None),
+        (dict(rotary_pct=1.0), True, None),
+        # Weights in blocks of 48 input columns: w_in [E=64] in 48 + 16, w_out
+        # [E + F = 256] in five of 48 and one of 16 (the tiny model's are one block).
+        (dict(), True, 48),
+    ],
 )
-def test_fused_layers_match_the_model(tmp_path, overrides, fused):
+def test_fused_layers_match_the_model(tmp_path, monkeypatch, overrides, fused, block):
     """``split_params(params, config)`` fuses plain parallel-residual layers (and only
-    those); prefill and one-token steps through them give the model's logits."""
+    those), with weights in blocks of at most ``K_BLOCK`` input columns; prefill and
+    one-token steps through them give the model's logits."""
+    if block:
+        monkeypatch.setattr(fused_module, "K_BLOCK", block)
     make_hf_model(tmp_path, **overrides)
     config, params = load_hf(tmp_path)
     split = step.split_params(params, config)
     assert (FUSED_LAYERS in split) == fused
+    if block:
+        layer = split[FUSED_LAYERS][0]
+        assert [w.shape[1] for w in layer["w_in"]] == [48, 16]
+        assert [w.shape[1] for w in layer["w_out"]] == [48] * 5 + [16]
     ids, mask = left_pad([[5, 9, 13, 2, 7, 3, 11, 4, 8, 6, 1, 12], [3, 7, 9, 2, 5, 8]], 12)
     positions = np.asarray(prompt_positions(jnp.asarray(mask)))
     full = np.asarray(GPTNeoX(config).apply({"params": params}, ids, positions, mask))

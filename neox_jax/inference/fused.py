@@ -18,6 +18,14 @@ XLA:CPU's matrix-vector product at batch 1 then reads each output's weights as o
 contiguous row, and took 14-15 % less CPU time per step than with ``[in, out]``
 (pythia-160m, decode_bench/ab_step.py; no difference at batch 16).
 
+And both are stored in blocks of at most ``K_BLOCK`` input columns (separate buffers),
+each product a sum of one product per block. At batch 16 XLA:CPU's matmul (YNNPACK)
+does 1.5x less work per FLOP over 768 inputs than over 3840 (the out product's
+``E + F`` for pythia-160m): per CPU-second 52.4 GFLOP at 768 columns, 40.7 at 1280,
+34.6 at 3840 and 47.7 at 384 (the 16-row input block is 48 KB at 768 columns, the
+size of a core's L1 data cache). In the batch-16 step the unblocked out product was
+30 % of the time at half the in product's rate (experiments/decode_bench/README.md).
+
 The same arithmetic in another order, so the logits differ from the model's by fp32
 round-off (tests check them against the model). Only for configs and weights where the
 algebra holds exactly: fp32, a plain parallel-residual GPT-NeoX layer (LayerNorm, fused
@@ -39,6 +47,7 @@ from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary
 Array = jax.Array
 
 FUSED_LAYERS = "layers_fused"  # split_params' per-layer fused weights (``fuse_layer``)
+K_BLOCK = 768  # input columns per weight block (module docstring; measured on XLA:CPU)
 
 _LINEAR = {"kernel", "bias"}
 _LAYER = {
@@ -75,9 +84,10 @@ def fusable(config: ModelConfig, layer) -> bool:
     return all(isinstance(a, jax.Array | np.ndarray) and a.dtype == np.float32 for a in leaves)
 
 
-def fuse_layer(layer) -> dict[str, Array]:
+def fuse_layer(layer) -> dict:
     """The two concatenated products of one ``fusable`` layer (module docstring),
-    output-major: ``w_in [3E + F, E]``, ``b_in [3E + F]``, ``w_out [E, E + F]``,
+    output-major and in blocks of input columns (``blocks``): ``w_in`` the blocks of
+    ``[3E + F, E]``, ``b_in [3E + F]``, ``w_out`` the blocks of ``[E, E + F]``,
     ``b_out [E]``."""
     ln1, ln2 = layer["input_layernorm"], layer["post_attention_layernorm"]
     qkv, dense = layer["attention"]["query_key_value"], layer["attention"]["dense"]
@@ -89,16 +99,29 @@ def fuse_layer(layer) -> dict[str, Array]:
     )
     (w_qkv, b_qkv), (w_up, b_up) = fold(ln1, qkv), fold(ln2, up)
     return {
-        "w_in": jnp.concatenate([w_qkv, w_up], axis=1).T,
+        "w_in": blocks(jnp.concatenate([w_qkv, w_up], axis=1).T),
         "b_in": jnp.concatenate([b_qkv, b_up]),
-        "w_out": jnp.concatenate([dense["kernel"], down["kernel"]], axis=0).T,
+        "w_out": blocks(jnp.concatenate([dense["kernel"], down["kernel"]], axis=0).T),
         "b_out": bias(dense) + bias(down),
     }
 
 
-def _product(x: Array, weight: Array) -> Array:
-    """``x [B, T, in] @ weight.T`` for an output-major ``weight [out, in]``."""
-    return jnp.einsum("bti,oi->bto", x, weight)
+def blocks(weight: Array, size: int | None = None) -> tuple[Array, ...]:
+    """An output-major ``weight [out, in]`` as ``[out, <= size]`` blocks of its input
+    columns (``size`` default ``K_BLOCK``), each its own buffer (a slice inside jit
+    would be copied every call)."""
+    n, size = weight.shape[1], size or K_BLOCK
+    return tuple(jnp.array(weight[:, i : i + size]) for i in range(0, n, size))
+
+
+def _product(x: Array, weights: tuple[Array, ...]) -> Array:
+    """``x [B, T, in] @ W.T`` for an output-major ``W [out, in]`` given as ``blocks``:
+    the sum of each block's product with its columns of ``x``."""
+    out, start = None, 0
+    for w in weights:
+        part = jnp.einsum("bti,oi->bto", x[..., start : start + w.shape[1]], w)
+        out, start = part if out is None else out + part, start + w.shape[1]
+    return out
 
 
 def _normalize(config: ModelConfig, x: Array) -> Array:
