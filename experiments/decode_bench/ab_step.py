@@ -31,6 +31,8 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # experiments/op_profile.py
 import op_profile  # noqa: E402
+import thread_use  # noqa: E402
+import variants16  # noqa: E402
 
 if "--profile" in sys.argv:  # XLA:CPU's per-op trace events; read when JAX starts
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {op_profile.XPROF_FLAG}"
@@ -68,6 +70,16 @@ VARIANTS = {
     "base": (_old_patch, lambda c, p: split_params(p)),  # the step before this session
     "attn": (contextlib.nullcontext, lambda c, p: split_params(p)),  # + step_attention
     "fused": (contextlib.nullcontext, lambda c, p: split_params(p, c)),  # + fused layers
+    **variants16.VARIANTS,  # batch-16 candidates
+}
+
+# ``variant+option``: the variant's loop compiled with these XLA options (jit's
+# ``compiler_options``, for this program only), e.g. ``fused+eigen``.
+OPTIONS = {
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},  # XLA's own dots, not YNNPACK
+    "conc": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
+    "xnn": {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
 }
 
 
@@ -80,7 +92,9 @@ class Loop:
     """One variant's compiled decode loop on a fixed batch."""
 
     def __init__(self, name, config, params, batch, prompt_len, new_tokens):
-        patch, make_params = VARIANTS[name]
+        base, *opts = name.split("+")
+        patch, make_params = VARIANTS[base]
+        options = {k: v for o in opts for k, v in OPTIONS[o].items()}
         self.name, self.config, self.params = name, config, make_params(config, params)
         self.new_tokens = new_tokens
         sampling = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -91,7 +105,11 @@ class Loop:
         self.keys = gen.row_keys([0] * batch)
         self.controls, mode = gen.make_controls([sampling] * batch)
         raw = gen.decode.__wrapped__  # a fresh jit per variant: no shared trace cache
-        decode = jax.jit(functools.partial(raw, config, mode=mode), donate_argnames=("state",))
+        decode = jax.jit(
+            functools.partial(raw, config, mode=mode),
+            donate_argnames=("state",),
+            compiler_options=options or None,
+        )
         with patch():
             state = self._prefill()
             self.compiled = decode.lower(self.params, state, self.controls, new_tokens).compile()
@@ -119,7 +137,11 @@ class Loop:
             out = self.compiled(self.params, states.pop(), self.controls, self.new_tokens)
             jax.block_until_ready(out)
 
-        return op_profile.xla_op_table(self.compiled, run, steps, per=self.new_tokens)
+        table = op_profile.xla_op_table(self.compiled, run, steps, per=self.new_tokens)
+        states = [self._prefill()]
+        names = set(op_profile.op_costs(self.compiled.as_text()))
+        table["thread_use"] = thread_use.thread_use(run, names, 1, per=self.new_tokens)
+        return table
 
     def copies(self) -> dict[str, int]:
         """Copy instructions of the optimized program (the loop body's run every step)."""
@@ -169,6 +191,7 @@ def main():
             table = loop.profile()
             report["variants"][loop.name]["op_profile"] = table
             print(f"\n{loop.name}, per step:\n\n{op_profile.xla_markdown(table, top=25)}")
+            print(thread_use.markdown(table["thread_use"]))
     brief = {
         n: {k: x for k, x in v.items() if k != "op_profile"} for n, v in report["variants"].items()
     }

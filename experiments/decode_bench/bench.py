@@ -46,79 +46,21 @@ if "--profile" in sys.argv:  # XLA:CPU's per-op trace events; read when JAX star
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from roofline import (  # noqa: E402
+    best_time,
+    decode_bytes,
+    decode_flops,
+    device_bandwidth,
+    host_bandwidth,
+    matmul_peak,
+)
+from variants16 import unblocked  # noqa: E402
 
 from neox_jax.inference import Generator, SamplingParams  # noqa: E402
 from neox_jax.inference import generate as gen  # noqa: E402
+from neox_jax.inference.fused import FUSED_LAYERS  # noqa: E402
 from neox_jax.inference.step import VOCAB_MAJOR_HEAD, split_params  # noqa: E402
 from neox_jax.model import ModelConfig, init_params  # noqa: E402
-
-
-def best_time(fn, repeats: int = 1) -> float:
-    """Fastest of ``repeats`` calls of ``fn`` (which must block until its work is done)."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-# ------------------------------------------------------------------ bandwidth
-def host_bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
-    """Host memory bandwidth in GB/s: a numpy copy (read + write, one thread) and an
-    XLA reduction (read only, all threads); the larger is the roofline's bandwidth."""
-    n = mib * 2**20 // 4
-    src, dst = np.ones(n, np.float32), np.empty(n, np.float32)
-    copy = best_time(lambda: np.copyto(dst, src), repeats)
-    x = jnp.ones(n, jnp.float32)
-    total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    read = best_time(lambda: total(x).block_until_ready(), repeats)
-    return {
-        "numpy_copy_gbps": 2 * src.nbytes / copy / 1e9,
-        "xla_read_gbps": x.nbytes / read / 1e9,
-    }
-
-
-def device_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
-    """Accelerator bandwidth in GB/s from a jitted elementwise op (read + write)."""
-    x = jnp.ones(int(gib * 2**30) // 2, jnp.bfloat16)
-    f = jax.jit(lambda a: a * 2)
-    f(x).block_until_ready()
-    t = best_time(lambda: f(x).block_until_ready(), repeats)
-    return 2 * x.nbytes / t / 1e9
-
-
-def decode_bytes(config: ModelConfig, params, batch: int, cache_len: int) -> dict[str, int]:
-    """Bytes one decode step must read: weights (less the embedding gather) and K/V."""
-    weights = sum(x.nbytes for x in jax.tree.leaves(params))
-    weights -= params["embed_in"]["embedding"].nbytes
-    itemsize = jnp.dtype(config.compute_dtype).itemsize
-    kv = 2 * config.num_hidden_layers * batch * cache_len * config.hidden_size * itemsize
-    return {"weights": int(weights), "kv_cache": int(kv)}
-
-
-def decode_flops(config: ModelConfig, params, cache_len: int) -> float:
-    """FLOPs of one decode step per batch row: 2 per weight (less the embedding, a
-    gather) and, per layer, the two attention products over the cache."""
-    weights = sum(x.size for x in jax.tree.leaves(params)) - params["embed_in"]["embedding"].size
-    attention = 2 * 2 * config.num_hidden_layers * cache_len * config.hidden_size
-    return float(2 * weights + attention)
-
-
-def matmul_peak(config: ModelConfig, batch: int, repeats: int = 5) -> dict:
-    """The machine's matmul rate at the decode step's own shapes: ``[batch, in] x [in,
-    out]`` for every weight shape of a layer and the output layer, each jitted alone.
-    The compute roofline uses the best of them, so it is an upper bound on the step."""
-    e, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    rates = {}
-    for k, n in ((e, 3 * e), (e, e), (e, f), (f, e), (e, v)):
-        x, w = jnp.ones((batch, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        dot = jax.jit(jnp.dot)
-        dot(x, w).block_until_ready()
-        seconds = best_time(lambda x=x, w=w, dot=dot: dot(x, w).block_until_ready(), repeats)
-        rates[f"{batch}x{k}x{n}"] = 2 * batch * k * n / seconds / 1e9
-    return {"gflops_by_shape": rates, "peak_gflops": max(rates.values())}
 
 
 # ------------------------------------------------------------------- ours
@@ -136,6 +78,8 @@ class Ours:
         self.config, self.params = config, split_params(params, config) if split else params
         # The same weights as per-layer model trees, not fused (``--ab_fused``).
         self.unfused = split_params(params) if split else params
+        # The fused weights each as one block of input columns (``--ab_blocks``).
+        self.unblocked = unblocked(self.params) if FUSED_LAYERS in self.params else None
         # The same split params with the output head only as stored ([E, V]): the
         # before/after of split_params' vocabulary-major head copy (``--ab_head``).
         self.ev_head = {k: v for k, v in self.params.items() if k != VOCAB_MAJOR_HEAD}
@@ -291,7 +235,8 @@ def hf_worker(hf_dir: Path, new_tokens: int, threads) -> None:
             print(json.dumps({"s": best_time(run[what])}), flush=True)
 
 
-def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fused=False):
+def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fused=False,
+                ab_blocks=False):  # fmt: skip
     """Best time of each measurement over ``rounds`` rounds that alternate ours and HF
     (and torch thread counts), so both see the same load on a shared machine; the
     host bandwidth is measured in every round too (its best is used)."""
@@ -304,6 +249,8 @@ def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fuse
             add("ours_decode_ev_head", ours.decode_s(ours.ev_head))
         if ab_fused:  # the layers unfused (inference.fused), in the same rounds
             add("ours_decode_unfused", ours.decode_s(ours.unfused))
+        if ab_blocks:  # the fused weights unblocked (fused.K_BLOCK), in the same rounds
+            add("ours_decode_unblocked", ours.decode_s(ours.unblocked))
         add("ours_e2e", ours.e2e_s())
         for n in threads:
             add(f"hf_prefill_{n}", hf.prefill_s(n))
@@ -334,7 +281,11 @@ def run_cpu(args) -> dict:
                     ours.decode_s(ours.ev_head)  # compile the [E, V]-head loop
                 if args.ab_fused:
                     ours.decode_s(ours.unfused)  # compile the unfused loop
-                best = interleaved(ours, hf, args.rounds, threads, args.ab_head, args.ab_fused)
+                if args.ab_blocks:
+                    ours.decode_s(ours.unblocked)  # compile the unblocked loop
+                best = interleaved(
+                    ours, hf, args.rounds, threads, args.ab_head, args.ab_fused, args.ab_blocks
+                )
                 profiles = None
                 if args.profile:
                     profiles = {"ours": ours.op_profile(), "hf": hf.op_profile(max(threads))}
@@ -390,6 +341,9 @@ def _row(name, batch, config, params, runners, best, threads, args) -> dict:
     if args.ab_fused:  # before/after of the fused layers, decode-only
         row["ours"]["decode_tok_s_unfused"] = batch * new / best["ours_decode_unfused"]
         row["fused_layers_speedup"] = best["ours_decode_unfused"] / best["ours_decode"]
+    if args.ab_blocks:  # before/after of the weight blocks, decode-only
+        row["ours"]["decode_tok_s_unblocked"] = batch * new / best["ours_decode_unblocked"]
+        row["weight_blocks_speedup"] = best["ours_decode_unblocked"] / best["ours_decode"]
     row["speedup_e2e"] = row["ours"]["e2e_tok_s"] / row["hf"]["e2e_tok_s"]
     row["speedup_decode"] = row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
     row["roofline_fraction"] = row["ours"]["decode_tok_s"] / roofline
@@ -469,6 +423,11 @@ def main():
         "--ab_fused",
         action="store_true",
         help="also time the decode loop with the layers unfused (inference.fused)",
+    )
+    parser.add_argument(
+        "--ab_blocks",
+        action="store_true",
+        help="also time the decode loop with each fused weight as one block (fused.K_BLOCK)",
     )
     parser.add_argument(
         "--split_layers", type=int, default=1, help="GPU mode: 1 = per-layer weight copy"

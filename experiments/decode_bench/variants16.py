@@ -1,0 +1,74 @@
+"""Batch-16 decode-step variants for ``ab_step.py`` (experiments, not the library).
+
+Each is ``name: (patch while tracing, params from (config, params))`` like
+``ab_step.VARIANTS``:
+
+* ``unblocked``: the fused layers with each weight as one block of input columns (the
+  layout before ``fused.K_BLOCK``).
+* ``qkred`` / ``pvred`` / ``red``: the attention products over the cache as a multiply
+  and a reduction (one XLA loop fusion each) instead of XLA:CPU's batched dots (one
+  Eigen matrix-vector call per (row, head)); measured 2-6x slower (README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+
+from neox_jax.inference.fused import FUSED_LAYERS
+from neox_jax.inference.step import split_params
+from neox_jax.kernels import reference
+from neox_jax.model import layers
+
+
+def unblocked(params):
+    """``split_params``' fused layers with each weight as one block (``fused.blocks``
+    with no limit): the layout before the blocking, for before/after timings."""
+    whole = lambda ws: (jnp.concatenate(ws, axis=1),)  # noqa: E731
+    fused_layers = tuple(
+        {**layer, "w_in": whole(layer["w_in"]), "w_out": whole(layer["w_out"])}
+        for layer in params[FUSED_LAYERS]
+    )
+    return {**params, FUSED_LAYERS: fused_layers}
+
+
+def _reduced_attention(qk_dot: bool, pv_dot: bool):
+    """``grouped.step_attention`` with either product as multiply + reduce."""
+
+    def attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
+        batch, length, heads, head_dim = q.shape
+        kv_heads = k_cache.shape[1]
+        qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        scale = head_dim**-0.5
+        if qk_dot:
+            old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache)
+        else:  # [B, KV, G, T, 1, D] * [B, KV, 1, 1, S, D], summed over D
+            qt = qg.transpose(0, 2, 3, 1, 4)[:, :, :, :, None, :]
+            old = jnp.sum(qt * k_cache[:, :, None, None], axis=-1)
+        new = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+        old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
+        new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
+        probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+        slots = k_cache.shape[2]
+        if pv_dot:
+            out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], v_cache)
+        else:  # [B, KV, G, T, S, 1] * [B, KV, 1, 1, S, D], summed over S
+            part = jnp.sum(probs[..., :slots, None] * v_cache[:, :, None, None], axis=-2)
+            out = part.transpose(0, 3, 1, 2, 4)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
+        return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+    return lambda: mock.patch.object(layers, "step_attention", attention)
+
+
+_fused = lambda c, p: split_params(p, c)  # noqa: E731
+
+VARIANTS = {
+    "unblocked": (contextlib.nullcontext, lambda c, p: unblocked(split_params(p, c))),
+    "qkred": (_reduced_attention(False, True), _fused),
+    "pvred": (_reduced_attention(True, False), _fused),
+    "red": (_reduced_attention(False, False), _fused),
+}
