@@ -1,15 +1,17 @@
 """Prefill mixed into decode calls, in-process: the engine with and without it against
-static batches, on the quarter-length workload at saturation (every request waiting
-from the start).
+static batches, at saturation (every request waiting from the start).
 
-Random weights of a preset's shape; ``--requests`` greedy requests (prompts of 32-128
-random tokens, exactly 16-64 new tokens, ``ignore_eos``), the seeded workload of
-``loadgen.py``, all submitted at once, run to the end, in turns (``--rounds``):
+Random weights of a preset's shape; ``--requests`` greedy requests (prompts of
+``--prompt-len`` random tokens, exactly ``--output-len`` new tokens, ``ignore_eos``;
+default the quarter-length workload 32-128 / 16-64), all submitted at once, run to
+the end, in turns (``--rounds``):
 
-* ``engine``: ``Engine`` as served before mixing (16 slots of 192 tokens, prompt
-  buckets 32/64/128 prefilled in calls of their own, up to 4 per call);
-* ``engine+mixed-C``: the same with ``prefill_chunk=C`` (``--chunks``): while requests
-  decode, every prompt goes in chunks of ``C`` tokens inside the decode calls;
+* ``engine``: 16 slots of the longest prompt's bucket + the longest output, every
+  prompt bucketed (powers of two from 32) and prefilled in calls of their own, up to 4
+  per call;
+* ``engine+chunked-C`` (``--chunks``): prompts longer than ``C`` prefilled in chunks of
+  ``C`` tokens, one call per chunk between decode steps (``mix_prefill=False``);
+* ``engine+mixed-C``: the same chunks inside the decode calls' products;
 * ``static``: ``Generator.generate`` on batches of 16 in arrival order (every prompt
   bucket and batch size compiled first; cache as long as the workload needs).
 
@@ -18,6 +20,8 @@ the load average beside it, and whether every engine's tokens equal the first
 engine's. JSON lines to ``--json``.
 
   python experiments/serving/mixed_ab.py pythia-70m --requests=48 --rounds=2
+  python experiments/serving/mixed_ab.py pythia-70m --prompt-len=32,512 --output-len=16,256 \
+      --chunks=128 --rounds=1                     # the issue's length mix
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 import jax
 import numpy as np
 
-from neox_jax.inference import Generator, SamplingParams
+from neox_jax.inference import Generator, SamplingParams, bucket_length
 from neox_jax.model import PRESETS, ModelConfig, init_params
 from neox_jax.serving import Engine
 
@@ -41,12 +45,12 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def workload(n: int, seed: int, vocab: int):
+def workload(n: int, seed: int, vocab: int, prompt_len, output_len):
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(2, vocab, int(k)).tolist() for k in rng.integers(32, 129, n)]
-    samplings = [
-        SamplingParams(max_new_tokens=int(m), ignore_eos=True) for m in rng.integers(16, 65, n)
-    ]
+    lengths = rng.integers(prompt_len[0], prompt_len[1] + 1, n)
+    prompts = [rng.integers(2, vocab, int(k)).tolist() for k in lengths]
+    news = rng.integers(output_len[0], output_len[1] + 1, n)
+    samplings = [SamplingParams(max_new_tokens=int(m), ignore_eos=True) for m in news]
     return prompts, samplings
 
 
@@ -65,22 +69,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--chunks", default="64", help="mixed prefill chunk sizes, comma-separated")
     ap.add_argument("--seed", type=int, default=0)
+    pair = lambda s: tuple(int(x) for x in s.split(","))  # noqa: E731
+    ap.add_argument("--prompt-len", type=pair, default=(32, 128))
+    ap.add_argument("--output-len", type=pair, default=(16, 64))
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     config = ModelConfig(**PRESETS[args.preset])
     params = init_params(config, jax.random.key(0))
-    prompts, samplings = workload(args.requests, args.seed, config.vocab_size)
-    common = dict(num_slots=16, max_len=192, max_queue=args.requests)
-    runners = {"engine": Engine(config, params, prefill_buckets=(32, 64, 128), **common)}
+    prompts, samplings = workload(
+        args.requests, args.seed, config.vocab_size, args.prompt_len, args.output_len
+    )
+    top = bucket_length(args.prompt_len[1])
+    buckets = tuple(b for b in (32, 64, 128, 256, 512, 1024) if b <= top)
+    common = dict(num_slots=16, max_len=top + args.output_len[1], max_queue=args.requests)
+    runners = {"engine": Engine(config, params, prefill_buckets=buckets, **common)}
     for c in (int(c) for c in args.chunks.split(",")):
-        engine = Engine(config, params, prefill_buckets=(32, 64, 128), prefill_chunk=c, **common)
-        runners[f"engine+mixed-{c}"] = engine
+        for mix in (False, True):
+            engine = Engine(
+                config, params, prefill_buckets=buckets, prefill_chunk=c, mix_prefill=mix,
+                **common,
+            )  # fmt: skip
+            runners[f"engine+{'mixed' if mix else 'chunked'}-{c}"] = engine
     start = time.perf_counter()
     for engine in runners.values():
         engine.warmup(progress=lambda _: None)
-    generator = Generator(config, params, max_cache_len=128 + 64, max_batch_size=16)
+    generator = Generator(config, params, max_cache_len=common["max_len"], max_batch_size=16)
     for b in (1, 2, 4, 8, 16):  # the static baseline's shapes, compiled untimed
-        for n in (32, 64, 128):
+        for n in sorted({bucket_length(k) for k in range(args.prompt_len[0], top + 1)}):
             generator.generate([[1] * n] * b, SamplingParams(max_new_tokens=2, ignore_eos=True))
     print(f"compiled in {time.perf_counter() - start:.0f}s")
     tokens = sum(s.max_new_tokens for s in samplings)

@@ -13,12 +13,14 @@ weights of a preset's shape, greedy, the engine's device calls:
 CPU and wall ms per call, best of ``--rounds`` alternating rounds, and the large
 copies, transposes and scatters in the optimized HLO of the mixed call (``--hlo``).
 
-  python experiments/serving/mixed_cost.py pythia-70m --chunks=32,64,128 --hlo
+  python experiments/serving/mixed_cost.py pythia-70m --chunks=32,64,128 --hlo \
+      --json=experiments/serving/mixed_cost.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--chunks", default="32,64,128")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--hlo", action="store_true")
+    ap.add_argument("--json", default="", help="write the per-call figures here")
     args = ap.parse_args()
     config = ModelConfig.from_preset(args.preset)
     params = jax.device_put(step.split_params(init_params(config, jax.random.key(0)), config))
@@ -107,7 +110,15 @@ def main() -> None:
             best[name] = min(best.get(name, (c, w)), (c, w))
     for name, (c, w) in best.items():
         print(f"{name:30s} {1e3 * c / CALLS:7.1f} CPU-ms {1e3 * w / CALLS:7.1f} wall-ms per call")
-    print(f"load average: {os.getloadavg()[0]:.2f}")
+    load = os.getloadavg()[0]
+    print(f"load average: {load:.2f}")
+    if args.json:
+        rows = {
+            n: {"cpu_ms": 1e3 * c / CALLS, "wall_ms": 1e3 * w / CALLS} for n, (c, w) in best.items()
+        }
+        Path(args.json).write_text(
+            json.dumps({"preset": args.preset, "load_avg": load, **rows}, indent=1)
+        )
 
 
 if __name__ == "__main__":
