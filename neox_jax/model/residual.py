@@ -15,7 +15,9 @@ through a product with an identity matrix on ``G`` elements at a time (``[N*E/G,
 plus products with exact zeros, so finite gradients come out bit for bit (a non-finite
 element turns its group of ``G`` into NaN: such a step is non-finite either way). On
 other platforms (``lax.platform_dependent``, decided when the program is lowered) the
-cotangent passes unchanged.
+cotangent passes unchanged. A ``custom_vjp``: forward-mode differentiation (``jax.jvp``)
+of an unrolled stack is not supported (nothing here uses it; the scanned stack has no
+such wrapper).
 """
 
 from __future__ import annotations
