@@ -12,7 +12,10 @@ time also the waiting for a core. Also counts the copies in the optimized HLO.
 
 Variants (``VARIANTS``): ``base`` = the step before 2026-12-01 (attention over the
 written cache, per-layer weights); ``attn`` = with ``grouped.step_attention``; ``fused``
-= that and ``inference.fused``'s two products per layer.
+= that and ``inference.fused``'s two products per layer; the batch-16 candidates of
+``variants16.py`` (``unblocked``: fused weights as one block each). ``name+option``
+compiles the variant's loop with the XLA options ``OPTIONS[option]`` (``fused+conc``).
+``--profile`` prints the per-op table and ``thread_use.py``'s view by thread.
 """
 
 from __future__ import annotations
