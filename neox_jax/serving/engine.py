@@ -78,9 +78,10 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         (it is refilled at once), and runs one step while requests wait beside free
         slots or a prompt is prefilled in chunks (``_call_length``); a request that
         arrives while nobody waits is admitted at the end of the running call.
-      mix_prefill: while requests decode, the chunks of prompts longer than
-        ``prefill_chunk`` run in the decode calls' products (``serving.mixed``,
-        Sarathi's chunked prefill) instead of calls of their own between decode steps.
+      mix_prefill: the chunks of prompts longer than ``prefill_chunk`` run in the
+        decode calls' products (``serving.mixed``, Sarathi's chunked prefill; in the
+        same program alone when nothing decodes) instead of ``prefill_chunk`` calls of
+        their own between decode steps.
         Fused CPU layers on one device, contiguous cache only (``mixed.mixable``);
         elsewhere chunks run in calls of their own.
       max_call_seconds: cap a call's steps so it lasts about this long at the measured
@@ -328,13 +329,14 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         ]
         if self.metrics is not None:
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
-        if not running:
+        if not running and chunk is None:
             return chunked
         greedy = all(r.sampling.temperature == 0 for _, r in running)
         mode = dev.GREEDY if greedy else dev.SAMPLE
         k = self.max_logprobs if any(r.num_logprobs for _, r in running) else 0
         # The slots this call computes (logprobs programs exist for all slots only).
-        active = self.num_slots if k else self._bucket_of(max(i for i, _ in running) + 1)
+        top = max((i for i, _ in running), default=0)
+        active = self.num_slots if k else self._bucket_of(top + 1)
         start = time.perf_counter()
         if chunk is None:
             until, stop_after = self._call_length()
@@ -359,21 +361,20 @@ class Engine(Admission, Delivery, Schedule, Warmup):
             self._deliver(slot, r, out, now)
         if chunk is not None:
             self._chunk_written(chunk[0], chunk[2])
-        if self.metrics is not None:
+        if self.metrics is not None and running:
             delivered = sum(len(r.output_ids) for _, r in running) - before
             self.metrics.observe_step(delivered, seconds)
             self.metrics.observe_load(len(self.waiting), self.num_slots - self.free_slots)
         return True
 
     def _mixes(self) -> bool:
-        """Whether the next prompt chunk rides in this step's decode call: mixed prefill
-        is on, some request decodes, and none asks for logprobs (the mixed step has no
-        logprobs programs)."""
-        if not self.mix_prefill:
-            return False
+        """Whether the next prompt chunk runs in the mixed call (with this step's decode
+        tokens, or alone when none decodes: the mixed call writes the cache in place,
+        where ``prefill_chunk``'s own call copies it): mixed prefill is on and no
+        decoding request asks for logprobs (the mixed step has no logprobs programs)."""
         slots = enumerate(self.slots)
         decoding = [r for i, r in slots if r is not None and i not in self._prefilling]
-        return bool(decoding) and not any(r.num_logprobs for r in decoding)
+        return self.mix_prefill and not any(r.num_logprobs for r in decoding)
 
     # ------------------------------------------------------------ the thread
     def start(self) -> None:
