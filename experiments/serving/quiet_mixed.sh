@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dir=experiments/serving
-python $dir/mixed_cost.py pythia-70m --chunks=32,64,128 --hlo --json=$dir/mixed_cost.json
+python $dir/mixed_cost.py pythia-70m --chunks=32,64,128 --rounds=2 --hlo --json=$dir/mixed_cost.json
 python $dir/mixed_ab.py pythia-70m --requests=48 --rounds=2 --chunks=64 \
     --json=$dir/mixed_ab_quarter.jsonl
 python $dir/mixed_ab.py pythia-70m --requests=32 --rounds=1 --chunks=128 \
