@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax.kernels import reference
+from neox_jax.kernels.causal_split import causal_split_attention, split_applies
 from neox_jax.kernels.decode_attention import decode_attention
 from neox_jax.kernels.flash_attention import flash_attention
 from neox_jax.model import axes
@@ -197,6 +198,9 @@ def attend(
         return run(q, k, v, q_segment_ids)
     if config.attention_impl == "cudnn":
         return fused_attention(q, k, v, q_segment_ids, window)
+    self_attention = q_segment_ids is kv_segment_ids and k.shape[2] == q.shape[2]
+    if self_attention and window is None and split_applies(q.shape[1], k.shape[1]):
+        return causal_split_attention(q, k, v, q_segment_ids)  # kernels.causal_split
     mask = reference.make_attention_mask(q_segment_ids, kv_segment_ids, causal=True)
     if window is not None:
         mask &= window_mask(q.shape[1], k.shape[1], 0, window)
