@@ -56,8 +56,9 @@ def main(seq: int, rounds: int = 3) -> None:
                 states[mode], m = compiled[mode](states[mode], batch)
                 jax.block_until_ready(m["loss"])
                 w, cpu = time.perf_counter() - w, time.process_time() - cpu
+                loss, load = float(m["loss"]), os.getloadavg()[0]
                 print(f"round {r} {mode:9s} wall {w:6.2f} s, CPU {cpu:6.2f} s, "
-                      f"loss {float(m['loss']):.7f}, load {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+                      f"loss {loss:.7f}, load {load:.2f}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
