@@ -54,7 +54,9 @@ SCRIPT = textwrap.dedent("""
         row["qkv_shard"] = list(qkv.addressable_shards[0].data.shape)
         row["qkv_shape"] = list(qkv.shape)
         fused = gen._params.get("layers_fused")  # inference.fused, on one CPU device only
-        row["fused_in_shape"] = None if fused is None else list(fused[0]["w_in"].shape)
+        if fused is not None:  # blocks of input columns, joined back: [3E + F, E]
+            w_in = np.concatenate([np.asarray(b) for b in fused[0]["w_in"]], axis=1)
+        row["fused_in_shape"] = None if fused is None else list(w_in.shape)
         out[name] = row
     print("JSON" + json.dumps(out))
 """)
