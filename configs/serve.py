@@ -69,9 +69,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # A call runs fewer steps when steps_per_call would take longer than this many
     # seconds at the measured step time (0 = no cap): it bounds the wait of a request
     # that arrives mid-call and the gap between a stream's events on slow hardware or
-    # big models (a 16-step call of a 60 ms step would be ~1 s). 0.25 s costs no
-    # measurable throughput on CPU (1 vs 4 steps per call: 37.7 vs 37.2 CPU-ms per step
-    # at pythia-70m, experiments/serving/README.md, fourth session).
+    # big models (a 16-step call of a 60 ms step would be ~1 s). It costs throughput
+    # where a step is slow: at pythia-160m on 2 CPU cores (~0.15 s per 16-slot step)
+    # 0.25 s cost ~7 % of tokens/s for ~6 % lower p99 time to first token
+    # (experiments/serving/README.md, fifth session); 0 for throughput on such hosts.
     c.max_call_seconds = 0.25
     # Slot counts a decode call may compute, e.g. "(4, 8)": each call computes the
     # smallest that holds the running requests (moved down into free slots), so a
