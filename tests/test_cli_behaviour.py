@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import bad_inputs
 from helpers.bad_inputs import run_command
+from helpers.docs import documentation
 
 from neox_jax import cli
 from neox_jax import quantize as quantize_cli
@@ -28,7 +29,7 @@ art = bad_inputs.art  # the module fixture: tiny artifacts every row points at
 
 # --- the README's commands ----------------------------------------------------------------
 def _readme_commands():
-    text = (REPO / "README.md").read_text()
+    text = documentation()
     blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     return [line[line.index("python -m ") :] for line in lines if "python -m neox_jax." in line]

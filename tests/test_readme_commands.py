@@ -11,12 +11,13 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers.docs import documentation
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
+    text = documentation()
     blocks = re.findall(r"```bash\n(.*?)\n```", text, re.S)
     lines = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()]
     prose = re.sub(r"```.*?```", "", text, flags=re.S)

@@ -1,7 +1,8 @@
 """The README's commands, run as written.
 
-Every line of every ```bash``` block and every ```python``` block of README.md runs here,
-in README order, in a fresh folder holding only a link to ``configs/`` (as a clone would),
+Every line of every ```bash``` block and every ```python``` block of README.md and of the
+``docs/`` pages it links (``helpers/docs.py``) runs here, in README order and then each
+page's, in a fresh folder holding only a link to ``configs/`` (as a clone would),
 through ``bash`` / ``python`` in subprocesses. Three kinds of change, all listed below
 and named in the README's "Tested as written" note:
 
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.docs import documentation, pages
 from helpers.generate import make_model_dir
 from helpers.hub import add_repo
 
@@ -87,7 +89,7 @@ APPENDED = [
 
 def _commands() -> list[tuple[str, str]]:
     """(kind, text) for each bash command line and python block, in README order."""
-    text = (REPO / "README.md").read_text()
+    text = documentation()
     out = []
     for lang, body in re.findall(r"```(bash|python)\n(.*?)\n```", text, re.S):
         if lang == "python":
@@ -257,6 +259,14 @@ def test_every_readme_command_is_run_or_skipped_with_a_reason():
     for kind, text in COMMANDS:
         runs = kind == "python" or "python -m neox_jax." in text or text.startswith("curl ")
         assert runs or _skip_reason(text), f"README command neither run nor skipped: {text}"
+
+
+def test_every_docs_page_with_commands_is_linked_from_the_readme():
+    # An unlinked page's commands would never run here.
+    linked = set(pages())
+    for page in sorted((REPO / "docs").glob("*.md")):
+        has_code = re.search(r"```(bash|python)\n", page.read_text())
+        assert page in linked or not has_code, f"README.md does not link {page.name}"
 
 
 @pytest.mark.parametrize("chain", ["main", "others"])
