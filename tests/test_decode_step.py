@@ -16,7 +16,7 @@ import pytest
 from helpers.hf_reference import assert_logits_close, make_hf_model
 
 from neox_jax.convert import load_hf
-from neox_jax.inference import SamplingParams, generate, left_pad, step
+from neox_jax.inference import Generator, SamplingParams, generate, left_pad, step
 from neox_jax.inference import fused as fused_module
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.generate import prompt_positions
@@ -105,3 +105,51 @@ def test_batch_one_decode_loop_updates_the_cache_in_place(tmp_path):
     # Any copy or transpose whose result is a whole cache buffer, inside fusions too.
     moved = re.findall(rf"= {re.escape(cache)}\S* (?:copy|transpose)\(", hlo.as_text())
     assert not moved, moved
+
+
+def test_batch_layouts_give_the_models_logits(tmp_path, monkeypatch):
+    """``BatchLayouts`` keeps the fused weights as one block each for batch 1 and in
+    blocks of ``K_BLOCK`` input columns for more rows, each built once and on first
+    use, the biases shared; a batch-1 prefill and steps through the one-block layout,
+    and a batch-2 step through the blocked one, give the model's logits."""
+    monkeypatch.setattr(fused_module, "K_BLOCK", 48)  # the tiny model's E = 64: 2 blocks
+    make_hf_model(tmp_path)
+    config, params = load_hf(tmp_path)
+    layouts = step.BatchLayouts(params, config)
+    one = layouts(1)
+    assert [len(layer["w_in"]) for layer in one[FUSED_LAYERS]] == [1] * config.num_hidden_layers
+    assert list(layouts._built) == [0]  # only what was asked for
+    several = layouts(2)
+    assert layouts(16) is several and layouts(1) is one
+    assert [w.shape[1] for w in several[FUSED_LAYERS][0]["w_in"]] == [48, 16]
+    assert several[FUSED_LAYERS][0]["b_in"] is one[FUSED_LAYERS][0]["b_in"]  # shared
+    ids, mask = left_pad([[5, 9, 13, 2, 7, 3, 11, 4, 8, 6, 1, 12], [3, 7, 9, 2, 5, 8]], 12)
+    positions = np.asarray(prompt_positions(jnp.asarray(mask)))
+    full = np.asarray(GPTNeoX(config).apply({"params": params}, ids, positions, mask))
+    fwd = jax.jit(step.forward, static_argnums=0)
+    cache = step.layer_cache(config, 1, 16)
+    logits, cache = fwd(config, one, ids[:1, :8], positions[:1, :8], mask[:1, :8], cache)
+    assert_logits_close(logits, full[:1, 7])
+    for t in range(8, 12):
+        cols = slice(t, t + 1)
+        logits, cache = fwd(config, one, ids[:1, cols], positions[:1, cols], mask[:1, cols], cache)
+        assert_logits_close(logits, full[:1, t])
+    cache = step.layer_cache(config, 2, 16)
+    logits, _ = fwd(config, several, ids, positions, mask, cache)
+    assert_logits_close(logits, full[:, -1])
+
+
+def test_generator_builds_the_layout_of_the_batch_it_decodes(tmp_path, monkeypatch):
+    """A Generator decoding one prompt at a time holds only the one-block layout, and
+    gives the same greedy tokens as when the prompts decode together (blocked)."""
+    monkeypatch.setattr(fused_module, "K_BLOCK", 48)
+    make_hf_model(tmp_path)
+    config, params = load_hf(tmp_path)
+    gen = Generator(config, params)
+    sampling = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 7, 3], [3, 7, 9, 2]]
+    alone = [gen.generate([p], sampling)[0].token_ids for p in prompts]
+    assert list(gen._layouts._built) == [0]
+    together = [r.token_ids for r in gen.generate(prompts, sampling)]
+    assert sorted(gen._layouts._built) == [0, 48]
+    assert together == alone

@@ -47,7 +47,7 @@ SCRIPT = textwrap.dedent("""
         mesh = None if axes is None else create_mesh(axes)
         gen = Generator(cfg, params, mesh=mesh)
         row = {k: [r.token_ids for r in gen.generate(prompts, p)] for k, p in requests.items()}
-        leaf = gen._params["layers"]
+        leaf = gen._layouts(1)["layers"]
         leaf = leaf[0] if isinstance(leaf, tuple) else leaf
         k_proj = leaf["attention"]["k_proj"]["kernel"]
         row["k_shard"] = list(k_proj.addressable_shards[0].data.shape)

@@ -48,12 +48,12 @@ SCRIPT = textwrap.dedent("""
         mesh = None if axes is None else create_mesh(axes)
         gen = Generator(cfg, params, mesh=mesh)
         row = {k: [r.token_ids for r in gen.generate(prompts, p)] for k, p in requests.items()}
-        leaf = gen._params["layers"]
+        leaf = gen._layouts(1)["layers"]
         leaf = leaf[0] if isinstance(leaf, tuple) else leaf
         qkv = leaf["attention"]["query_key_value"]["kernel"]
         row["qkv_shard"] = list(qkv.addressable_shards[0].data.shape)
         row["qkv_shape"] = list(qkv.shape)
-        fused = gen._params.get("layers_fused")  # inference.fused, on one CPU device only
+        fused = gen._layouts(1).get("layers_fused")  # inference.fused, on one CPU device only
         if fused is not None:  # blocks of input columns, joined back: [3E + F, E]
             w_in = np.concatenate([np.asarray(b) for b in fused[0]["w_in"]], axis=1)
         row["fused_in_shape"] = None if fused is None else list(w_in.shape)

@@ -54,9 +54,8 @@ from roofline import (  # noqa: E402
     host_bandwidth,
     matmul_peak,
 )
-from variants16 import unblocked  # noqa: E402
 
-from neox_jax.inference import Generator, SamplingParams  # noqa: E402
+from neox_jax.inference import Generator, SamplingParams, fused  # noqa: E402
 from neox_jax.inference import generate as gen  # noqa: E402
 from neox_jax.inference.fused import FUSED_LAYERS  # noqa: E402
 from neox_jax.inference.step import VOCAB_MAJOR_HEAD, split_params  # noqa: E402
@@ -74,12 +73,19 @@ class Ours:
         self.generator = Generator(config, params, max_batch_size=self.batch, split_layers=split)
         self.rows = [list(map(int, p)) for p in prompts]
         self.tokens = [r.token_ids for r in self.generator.generate(self.rows, self.sampling)]
-        # As the Generator splits them (with the config: fused layers on CPU).
-        self.config, self.params = config, split_params(params, config) if split else params
+        # As the Generator splits them (with the config: fused layers on CPU, laid out
+        # for this batch size, fused.block_columns).
+        self.config = config
+        self.params = split_params(params, config, batch=self.batch) if split else params
         # The same weights as per-layer model trees, not fused (``--ab_fused``).
         self.unfused = split_params(params) if split else params
-        # The fused weights each as one block of input columns (``--ab_blocks``).
-        self.unblocked = unblocked(self.params) if FUSED_LAYERS in self.params else None
+        # The fused weights in the other batch size's layout (``--ab_layout``): blocks
+        # of K_BLOCK input columns at batch 1, one block per weight at batch > 1.
+        other = fused.K_BLOCK if fused.block_columns(self.batch) == 0 else 0
+        self.other_layout = None
+        if FUSED_LAYERS in self.params:
+            layers = fused.reblock(self.params[FUSED_LAYERS], other)
+            self.other_layout = {**self.params, FUSED_LAYERS: layers}
         # The same split params with the output head only as stored ([E, V]): the
         # before/after of split_params' vocabulary-major head copy (``--ab_head``).
         self.ev_head = {k: v for k, v in self.params.items() if k != VOCAB_MAJOR_HEAD}
@@ -236,7 +242,7 @@ def hf_worker(hf_dir: Path, new_tokens: int, threads) -> None:
 
 
 def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fused=False,
-                ab_blocks=False):  # fmt: skip
+                ab_layout=False):  # fmt: skip
     """Best time of each measurement over ``rounds`` rounds that alternate ours and HF
     (and torch thread counts), so both see the same load on a shared machine; the
     host bandwidth is measured in every round too (its best is used)."""
@@ -249,8 +255,8 @@ def interleaved(ours: Ours, hf: HF, rounds: int, threads, ab_head=False, ab_fuse
             add("ours_decode_ev_head", ours.decode_s(ours.ev_head))
         if ab_fused:  # the layers unfused (inference.fused), in the same rounds
             add("ours_decode_unfused", ours.decode_s(ours.unfused))
-        if ab_blocks:  # the fused weights unblocked (fused.K_BLOCK), in the same rounds
-            add("ours_decode_unblocked", ours.decode_s(ours.unblocked))
+        if ab_layout:  # the other batch size's weight layout, in the same rounds
+            add("ours_decode_other_layout", ours.decode_s(ours.other_layout))
         add("ours_e2e", ours.e2e_s())
         for n in threads:
             add(f"hf_prefill_{n}", hf.prefill_s(n))
@@ -281,10 +287,10 @@ def run_cpu(args) -> dict:
                     ours.decode_s(ours.ev_head)  # compile the [E, V]-head loop
                 if args.ab_fused:
                     ours.decode_s(ours.unfused)  # compile the unfused loop
-                if args.ab_blocks:
-                    ours.decode_s(ours.unblocked)  # compile the unblocked loop
+                if args.ab_layout:
+                    ours.decode_s(ours.other_layout)  # compile the other layout's loop
                 best = interleaved(
-                    ours, hf, args.rounds, threads, args.ab_head, args.ab_fused, args.ab_blocks
+                    ours, hf, args.rounds, threads, args.ab_head, args.ab_fused, args.ab_layout
                 )
                 profiles = None
                 if args.profile:
@@ -341,9 +347,11 @@ def _row(name, batch, config, params, runners, best, threads, args) -> dict:
     if args.ab_fused:  # before/after of the fused layers, decode-only
         row["ours"]["decode_tok_s_unfused"] = batch * new / best["ours_decode_unfused"]
         row["fused_layers_speedup"] = best["ours_decode_unfused"] / best["ours_decode"]
-    if args.ab_blocks:  # before/after of the weight blocks, decode-only
-        row["ours"]["decode_tok_s_unblocked"] = batch * new / best["ours_decode_unblocked"]
-        row["weight_blocks_speedup"] = best["ours_decode_unblocked"] / best["ours_decode"]
+    if args.ab_layout:  # this batch's weight layout against the other one, decode-only
+        other = best["ours_decode_other_layout"]
+        row["weight_columns"] = fused.block_columns(batch)  # 0: one block per weight
+        row["ours"]["decode_tok_s_other_layout"] = batch * new / other
+        row["layout_speedup"] = other / best["ours_decode"]
     row["speedup_e2e"] = row["ours"]["e2e_tok_s"] / row["hf"]["e2e_tok_s"]
     row["speedup_decode"] = row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
     row["roofline_fraction"] = row["ours"]["decode_tok_s"] / roofline
@@ -425,9 +433,10 @@ def main():
         help="also time the decode loop with the layers unfused (inference.fused)",
     )
     parser.add_argument(
-        "--ab_blocks",
+        "--ab_layout",
         action="store_true",
-        help="also time the decode loop with each fused weight as one block (fused.K_BLOCK)",
+        help="also time the decode loop with the fused weights in the other batch size's "
+        "layout (fused.block_columns: one block per weight at batch 1, K_BLOCK columns above)",
     )
     parser.add_argument(
         "--split_layers", type=int, default=1, help="GPU mode: 1 = per-layer weight copy"

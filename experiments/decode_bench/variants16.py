@@ -18,10 +18,11 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
+from neox_jax.inference import fused
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.step import split_params
 from neox_jax.kernels import reference
-from neox_jax.model import layers
+from neox_jax.model import grouped, layers
 
 
 def unblocked(params):
@@ -64,6 +65,37 @@ def _reduced_attention(qk_dot: bool, pv_dot: bool):
     return lambda: mock.patch.object(layers, "step_attention", attention)
 
 
+def _mlp_first():
+    """``fused._product`` summing its blocks last to first: in the out product the
+    attention's block (the first ``E`` input columns) is added last, so the MLP's
+    blocks depend on nothing the attention computes and may run beside it."""
+
+    def product(x, weights):
+        out, stop = None, x.shape[-1]
+        for w in reversed(weights):
+            part = jnp.einsum("bti,oi->bto", x[..., stop - w.shape[1] : stop], w)
+            out, stop = part if out is None else out + part, stop - w.shape[1]
+        return out
+
+    return lambda: mock.patch.object(fused, "_product", product)
+
+
+def _halves():
+    """``grouped.step_attention`` on each half of the batch separately (two independent
+    pairs of products the runtime may run on both cores at once), then concatenated."""
+    whole = grouped.step_attention
+
+    def attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
+        h = q.shape[0] // 2
+        parts = [
+            whole(q[s], k[s], v[s], k_cache[s], v_cache[s], cache_mask[s], new_mask[s])
+            for s in (slice(0, h), slice(h, None))
+        ]
+        return jnp.concatenate(parts, axis=0)
+
+    return lambda: mock.patch.object(layers, "step_attention", attention)
+
+
 _fused = lambda c, p: split_params(p, c)  # noqa: E731
 
 VARIANTS = {
@@ -71,4 +103,6 @@ VARIANTS = {
     "qkred": (_reduced_attention(False, True), _fused),
     "pvred": (_reduced_attention(True, False), _fused),
     "red": (_reduced_attention(False, False), _fused),
+    "mlpfirst": (_mlp_first(), _fused),
+    "halves": (_halves(), _fused),
 }

@@ -25,6 +25,11 @@ does 1.5x less work per FLOP over 768 inputs than over 3840 (the out product's
 34.6 at 3840 and 47.7 at 384 (the 16-row input block is 48 KB at 768 columns, the
 size of a core's L1 data cache). In the batch-16 step the unblocked out product was
 30 % of the time at half the in product's rate (experiments/decode_bench/README.md).
+At batch 1 the blocks cost instead: each is one more matrix-vector call (with its
+threads' start and join), and the batch-1 step took 8 % longer with them (79.4 % of the
+bandwidth roofline against 86.6 % with one block per weight, pythia-160m). So the
+layout follows the batch: ``block_columns(batch)`` is one block per weight for one row
+and ``K_BLOCK`` columns for more; ``reblock`` turns one layout into the other.
 
 The same arithmetic in another order, so the logits differ from the model's by fp32
 round-off (tests check them against the model). Only for configs and weights where the
@@ -84,11 +89,17 @@ def fusable(config: ModelConfig, layer) -> bool:
     return all(isinstance(a, jax.Array | np.ndarray) and a.dtype == np.float32 for a in leaves)
 
 
-def fuse_layer(layer) -> dict:
+def block_columns(batch: int) -> int:
+    """Input columns per weight block for a step of ``batch`` rows (module docstring):
+    0 (each weight one block) for one row, else ``K_BLOCK``."""
+    return 0 if batch == 1 else K_BLOCK
+
+
+def fuse_layer(layer, columns: int | None = None) -> dict:
     """The two concatenated products of one ``fusable`` layer (module docstring),
-    output-major and in blocks of input columns (``blocks``): ``w_in`` the blocks of
-    ``[3E + F, E]``, ``b_in [3E + F]``, ``w_out`` the blocks of ``[E, E + F]``,
-    ``b_out [E]``."""
+    output-major and in blocks of ``columns`` input columns (``blocks``; default
+    ``K_BLOCK``, 0 for one block): ``w_in`` the blocks of ``[3E + F, E]``,
+    ``b_in [3E + F]``, ``w_out`` the blocks of ``[E, E + F]``, ``b_out [E]``."""
     ln1, ln2 = layer["input_layernorm"], layer["post_attention_layernorm"]
     qkv, dense = layer["attention"]["query_key_value"], layer["attention"]["dense"]
     up, down = layer["mlp"]["dense_h_to_4h"], layer["mlp"]["dense_4h_to_h"]
@@ -99,19 +110,41 @@ def fuse_layer(layer) -> dict:
     )
     (w_qkv, b_qkv), (w_up, b_up) = fold(ln1, qkv), fold(ln2, up)
     return {
-        "w_in": blocks(jnp.concatenate([w_qkv, w_up], axis=1).T),
+        "w_in": blocks(jnp.concatenate([w_qkv, w_up], axis=1).T, columns),
         "b_in": jnp.concatenate([b_qkv, b_up]),
-        "w_out": blocks(jnp.concatenate([dense["kernel"], down["kernel"]], axis=0).T),
+        "w_out": blocks(jnp.concatenate([dense["kernel"], down["kernel"]], axis=0).T, columns),
         "b_out": bias(dense) + bias(down),
     }
 
 
 def blocks(weight: Array, size: int | None = None) -> tuple[Array, ...]:
     """An output-major ``weight [out, in]`` as ``[out, <= size]`` blocks of its input
-    columns (``size`` default ``K_BLOCK``), each its own buffer (a slice inside jit
-    would be copied every call)."""
-    n, size = weight.shape[1], size or K_BLOCK
+    columns (``size`` default ``K_BLOCK``, 0 for one block), each its own buffer (a
+    slice inside jit would be copied every call)."""
+    n = weight.shape[1]
+    size = K_BLOCK if size is None else size or n
     return tuple(jnp.array(weight[:, i : i + size]) for i in range(0, n, size))
+
+
+def reblock(fused_layers, columns: int) -> tuple[dict, ...]:
+    """``fuse_layer``'s layers with each weight in blocks of ``columns`` input columns
+    (0 for one block). A weight whose blocks come out the same keeps its buffers, as do
+    the biases, so the new layout costs memory only for the weights whose blocks change
+    (for pythia-160m the out products, ``[E, E + F]``; ``w_in`` has ``E = 768`` inputs,
+    one block either way)."""
+
+    def weight(parts: tuple[Array, ...]) -> tuple[Array, ...]:
+        n = sum(w.shape[1] for w in parts)
+        size = columns or n
+        if [w.shape[1] for w in parts] == [min(size, n - i) for i in range(0, n, size)]:
+            return parts  # already in this layout: share the buffers
+        whole = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+        return blocks(whole, columns)
+
+    return tuple(
+        {**layer, "w_in": weight(layer["w_in"]), "w_out": weight(layer["w_out"])}
+        for layer in fused_layers
+    )
 
 
 def _product(x: Array, weights: tuple[Array, ...]) -> Array:

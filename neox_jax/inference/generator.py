@@ -21,7 +21,7 @@ import numpy as np
 from neox_jax.inference import generate as gen
 from neox_jax.inference.beam_search import beam_search
 from neox_jax.inference.sampling import NO_VOCAB_LIMIT, SamplingParams
-from neox_jax.inference.step import split_params
+from neox_jax.inference.step import BatchLayouts
 from neox_jax.inference.text import TextTracker
 from neox_jax.loading import tokenizer_for
 from neox_jax.model import ModelConfig
@@ -69,7 +69,10 @@ class Generator:
       split_layers: keep a per-layer copy of the layer weights (``step.split_params``) so
         the decode loop reads them in place; about 1.5x faster decoding on CPU, at the
         cost of holding the layer weights twice while the caller keeps ``params``. On
-        CPU a plain GPT-NeoX layer is kept as two fused products (``inference.fused``).
+        CPU a plain GPT-NeoX layer is kept as two fused products (``inference.fused``),
+        built on first use in the layout of the batch size decoded (``step.BatchLayouts``:
+        a Generator that decodes both one row and several holds the weights whose
+        blocks differ twice, e.g. the out products of pythia-160m, 142 MB).
       mesh: run on this mesh (``neox_jax.parallel.create_mesh``): parameters and KV
         cache are sharded by the rules table, heads and MLP over ``tensor`` (tensor
         parallel); with a ``stage`` axis > 1 the layers are split over the stages and
@@ -126,10 +129,11 @@ class Generator:
         self._pipeline = (pipeline_microbatches or stages) if stages > 1 else 0
         if mesh is not None:
             params = shard_params(config, params, mesh)
-        # What the jitted loops read: separate per-layer buffers (see inference/step.py);
+        # What the jitted loops read: separate per-layer buffers (see inference/step.py),
+        # on CPU fused weights laid out for each batch size met (built on first use);
         # the pipeline needs the stacked layers (split over ``stage``).
         split = split_layers and not self._pipeline
-        self._params = split_params(params, config) if split else params
+        self._layouts = BatchLayouts(params, config) if split else (lambda batch: params)
         self.max_cache_len = max_cache_len
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -243,18 +247,19 @@ class Generator:
         keys = gen.row_keys([p.seed for p in params], list(row_ids) + [0] * (len(batch) - n))
         controls, mode = gen.make_controls(params, self.eos_token_ids, self.vocab_limit)
         trackers = [self._tracker(p) for p in params[:n]]
+        weights = self._layouts(len(batch))
         state = self._prefill(
-            self.config, self._params, ids, mask, keys,
+            self.config, weights, ids, mask, keys,
             cache_len=cache_len, track_seen=mode.repetition_penalty,
         )  # fmt: skip
         if not any(p.stop_strings for p in params):
-            state = self._decode(self.config, self._params, state, controls, max_new, mode=mode)
+            state = self._decode(self.config, weights, state, controls, max_new, mode=mode)
             tokens, lengths, finish = jax.device_get((state.tokens, state.lengths, state.finish))
         else:  # chunks, looking for stop strings on the host in between
             until, fed = 0, [0] * n
             while True:
                 until = min(until + self.stop_check_interval, max_new)
-                state = self._decode(self.config, self._params, state, controls, until, mode=mode)
+                state = self._decode(self.config, weights, state, controls, until, mode=mode)
                 tokens, lengths, finish = jax.device_get(
                     (state.tokens, state.lengths, state.finish)
                 )
@@ -286,8 +291,9 @@ class Generator:
         eos_t = gen.id_table([eos] * len(prompts))
         stop_t = gen.id_table([p.stop_token_ids] * len(prompts))
         n_stop = len(set(eos) | set(p.stop_token_ids))
+        weights = self._layouts(len(prompts) * p.num_beams)  # beams are rows
         out = self._beam_search(
-            self.config, self._params, ids, mask, jnp.int32(p.max_new_tokens),
+            self.config, weights, ids, mask, jnp.int32(p.max_new_tokens),
             stop_t, eos_t, jnp.float32(p.length_penalty), jnp.float32(p.repetition_penalty),
             jnp.int32(NO_VOCAB_LIMIT if self.vocab_limit is None else self.vocab_limit),
             num_beams=p.num_beams, num_candidates=max(2, 1 + n_stop) * p.num_beams,
@@ -358,14 +364,15 @@ class Generator:
         )
         tok, mask = gen.left_pad([ids], plen)
         controls, mode = gen.make_controls([p], self.eos_token_ids, self.vocab_limit)
+        weights = self._layouts(1)
         state = self._prefill(
-            self.config, self._params, tok, mask, gen.row_keys([p.seed]),
+            self.config, weights, tok, mask, gen.row_keys([p.seed]),
             cache_len=cache_len, track_seen=mode.repetition_penalty,
         )  # fmt: skip
         tracker, until = TextTracker(self.tokenizer, p.stop_strings), 0
         while True:
             until = min(until + self.stream_interval, p.max_new_tokens)
-            state = self._decode(self.config, self._params, state, controls, until, mode=mode)
+            state = self._decode(self.config, weights, state, controls, until, mode=mode)
             tokens, length, finish = jax.device_get((state.tokens[0], state.lengths, state.finish))
             length, finish = int(length[0]), int(finish[0])
             tracker.feed(tokens[tracker.num_tokens : _text_len(length, finish)])

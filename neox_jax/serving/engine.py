@@ -100,7 +100,8 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         the layers as a pipeline, ``parallel.pipeline``; ``split_layers`` is ignored).
       split_layers: decode from per-layer copies of the layer weights
         (``inference.step.split_params``, given the config: on one CPU device a plain
-        GPT-NeoX layer as two fused products, as the ``Generator``; faster on CPU).
+        GPT-NeoX layer as two fused products, as the ``Generator``, laid out for
+        ``num_slots`` rows; faster on CPU).
         Splitting holds the layer weights twice until the caller drops ``params``: turn
         it off when the weights take more than half the device memory.
     """
@@ -181,7 +182,10 @@ class Engine(Admission, Delivery, Schedule, Warmup):
             params = shard_params(config, params, mesh)
         self.mesh = mesh
         # The pipeline needs the stacked layers (split over ``stage``).
-        params = split_params(params, config) if split_layers and not self.pipeline else params
+        # Fused weights laid out for num_slots rows (fused.block_columns: one block per
+        # weight for the one-slot server, blocks of input columns for more slots).
+        if split_layers and not self.pipeline:
+            params = split_params(params, config, batch=num_slots)
         # On the device once: a loader's numpy arrays would otherwise be copied to the
         # device by every call (at pythia-70m ~65 ms of CPU per call, a third of a
         # 4-step decode call's time on CPU).
