@@ -87,6 +87,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.kv_cache = "slots"
     c.page_size = 16
     c.num_pages = 0  # 0 = as many tokens as num_slots x max_len (the slots' memory)
+    # The paged cache's decode attention: "gather" (XLA: each slot's pages gathered into a
+    # max_len row, any device) or "kernel" (the Pallas paged kernel, which reads only each
+    # request's own pages: for a GPU; lowered for CUDA in the tests but not yet run on
+    # one; "interpret" runs it in the Pallas interpreter, slowly, on any device).
+    c.paged_attention = "gather"
     # Requests that may wait for a slot; beyond it the server answers 429.
     c.max_queue = 64
     # Prompts admitted between two decode steps (bounds how long decoding pauses).

@@ -50,6 +50,11 @@ def check_config(config) -> None:
         )
     if config.shutdown_timeout < 0:
         raise UserError(f"--config.shutdown_timeout must be >= 0, got {config.shutdown_timeout}.")
+    choices = ("gather", "kernel", "interpret")  # serving.paged_slots.ATTENTION
+    if config.paged_attention not in choices:
+        raise UserError(
+            f"--config.paged_attention must be one of {choices}, got {config.paged_attention!r}."
+        )
     if any(not isinstance(b, int) or b < 2 for b in config.prefill_buckets):
         raise UserError(
             f"--config.prefill_buckets must be integers >= 2, got {config.prefill_buckets!r}."
@@ -99,6 +104,7 @@ def build(config, progress=print):
         kv_cache=config.kv_cache,
         page_size=config.page_size,
         num_pages=config.num_pages or _default_pages(config, model_config),
+        paged_attention=config.paged_attention,
         mesh=mesh,
     )
     del params  # the engine keeps its per-layer copy

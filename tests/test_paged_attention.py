@@ -61,6 +61,34 @@ def test_pallas_kernel_equals_reference(dtype, tol):
     assert not np.asarray(got[3], np.float32).any()
 
 
+def test_heads_major_pool_and_grouped_queries():
+    """The serving pool's layout (``"phsd"``: ``[pages, kv_heads, page, dim]``) with 2 K/V
+    heads for 4 query heads: the same as the reference on the same keys, and the
+    reference equals plain attention with each K/V head repeated for its 2 query heads.
+    fp32 round-off of the online softmax's reordered sums: 1e-5."""
+    (q, k, v, kp, vp), table, lengths = _paged_case([5, 23, 0, 9])
+    kp, vp, k, v = kp[:, :, :2], vp[:, :, :2], k[:, :, :2], v[:, :, :2]  # 2 K/V heads
+    kp_h, vp_h = kp.swapaxes(1, 2), vp.swapaxes(1, 2)
+    want = paged_attention_reference(q, kp_h, vp_h, table, lengths, layout="phsd")
+    repeated = [jnp.repeat(t, 2, axis=2) for t in (k, v)]
+    live = _contiguous(q, *repeated, lengths)
+    np.testing.assert_allclose(want[lengths > 0], live[lengths > 0], rtol=1e-6, atol=1e-6)
+    got = paged_attention(q, kp_h, vp_h, table, lengths, layout="phsd", interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="layout"):
+        paged_attention(q, kp, vp, table, lengths, layout="bshd")
+
+
+def test_kernel_lowers_to_triton_for_cuda():
+    """Compiled (not interpreted) for a GPU, the kernel lowers to a Triton call on this
+    CPU machine (nothing runs: no GPU here), in the serving pool's layout."""
+    (q, _, _, kp, vp), table, lengths = _paged_case([5, 23])
+    kp_h, vp_h = kp.swapaxes(1, 2), vp.swapaxes(1, 2)
+    fn = jax.jit(lambda *a: paged_attention(*a, layout="phsd", interpret=False))
+    text = fn.trace(q, kp_h, vp_h, table, lengths).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower()
+
+
 def test_kernel_reads_only_the_sequences_pages():
     """Poisoning every page a sequence does not own (and its own slots past its length)
     with NaN leaves its output unchanged: nothing else is read."""

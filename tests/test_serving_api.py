@@ -331,6 +331,7 @@ def test_sigterm_finishes_in_flight_and_exits_0(server):
         ("--config.max_call_seconds=-1.0", "max_call_seconds must be a number >= 0"),
         ("--config.prefill_buckets=(1,)", "prefill_buckets"),
         ("--config.port=70000", "port must be in"),
+        ("--config.paged_attention=pallas", "paged_attention must be one of"),
         ("--config.nslots=2", "did you mean --config.num_slots"),
     ],
 )

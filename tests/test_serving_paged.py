@@ -87,6 +87,35 @@ def test_paged_greedy_requests_equal_generator_alone(model, engine):
     _assert_no_leak(engine)
 
 
+def test_paged_kernel_in_the_engine_gives_the_gather_paths_tokens(model):
+    """``paged_attention="interpret"``: the decode step runs the Pallas paged kernel (in
+    the interpreter) instead of gathering pages into rows. Greedy tokens equal
+    ``Generator.generate`` alone, as the gather path's do (the kernel's online softmax
+    reorders fp32 sums, ~1e-7 relative: no argmax of this random O(1)-logit model is
+    that close). The pool is small enough that a request waits for pages, and a chunked
+    prompt and a short one decode side by side."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=3, max_len=MAX_LEN, prefill_buckets=(8, 16),
+        max_queue=QUEUE, prefill_chunk=16, kv_cache="paged", page_size=PAGE, num_pages=10,
+        paged_attention="interpret",
+    )  # fmt: skip
+    prompts = _prompts(config.vocab_size, (3, 30, 11, 6), seed=1)
+    samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (9, 5, 7, 4)]
+    got = eng.generate(prompts, samplings)
+    gen = Generator(config, params, tok, max_cache_len=MAX_LEN)
+    for p, s, (ids, _, reason) in zip(prompts, samplings, got, strict=True):
+        assert ids == gen.generate([p], s)[0].token_ids and reason == "length"
+    assert eng.free_slots == 3 and eng.pages.free_pages == 10
+    with pytest.raises(UserError, match='needs kv_cache="paged"'):
+        Engine(config, params, tok, num_slots=2, max_len=MAX_LEN, paged_attention="kernel")
+    with pytest.raises(UserError, match="paged_attention must be one of"):
+        Engine(
+            config, params, tok, num_slots=2, max_len=MAX_LEN, kv_cache="paged",
+            page_size=PAGE, num_pages=PAGES, paged_attention="pallas",
+        )  # fmt: skip
+
+
 def test_no_page_leaks_after_mixed_cancelled_and_bad_requests(model, engine):
     config, _, _ = model
     rng = np.random.default_rng(1)

@@ -40,6 +40,7 @@ from neox_jax.model.grouped import (
     step_attention,
     window_mask,
 )
+from neox_jax.model.paged_cache import PAGED, paged_cached_attention
 from neox_jax.model.per_device import per_device
 from neox_jax.model.residual import materialized_grad
 from neox_jax.model.rotary import apply_rotary, rotary_attention_scaling, rotary_inv_freq
@@ -283,6 +284,8 @@ def cached_attention(config: ModelConfig, q, k, v, layer_cache, segment_ids, cac
       segment_ids: ``[B, T]``; cache_info: as ``prepare_inputs`` makes it.
     Returns ``(out [B, T, H, D], new layer_cache)``.
     """
+    if PAGED in cache_info:  # the serving engine's paged cache, through the Pallas kernel
+        return paged_cached_attention(q, k, v, layer_cache, cache_info)
     index = cache_info["index"]
     if is_rolling(config.sliding_window, layer_cache["k"].shape[2], index):
         out = rolling_attention(

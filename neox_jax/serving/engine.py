@@ -88,6 +88,10 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         seconds per step (0 = no cap): a request arriving while nobody waits is
         admitted, and a streaming client hears from its request, at least this often,
         whatever the model's step time.
+      paged_attention: the paged cache's decode attention (``paged_slots.generate``'s
+        ``attention``): ``"gather"`` (XLA, any device), ``"kernel"`` (the Pallas paged
+        kernel compiled for the device: reads only each request's pages; for GPU) or
+        ``"interpret"`` (that kernel in the Pallas interpreter, any device, slow).
       slot_buckets: how many leading slots a decode call may compute (each compiled at
         start-up): a call computes the smallest that holds every running request, and
         the scheduler moves requests down into free slots to keep them there, so a
@@ -132,6 +136,7 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         kv_cache: str = "slots",
         page_size: int = 16,
         num_pages: int = 0,
+        paged_attention: str = "gather",
     ):
         context = context_length(config)
         max_len = context if max_len is None else max_len
@@ -196,6 +201,7 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.metrics = metrics
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
+        self.paged_attention = self._paged_attention(paged_attention)
         self.dev = dev if self.pages is None else paged_slots
         self.slot_buckets = self._slot_buckets(slot_buckets)
         self.mix_prefill = bool(
@@ -243,6 +249,21 @@ class Engine(Admission, Delivery, Schedule, Warmup):
             )
         # Page 0 is the device's scratch page: the pool hands out 1 .. num_pages.
         return PagePool(num_pages, page_size, self.num_slots, self.max_len, first_page=1)
+
+    def _paged_attention(self, name: str) -> str:
+        """``paged_attention`` checked against the cache and the model."""
+        if name not in paged_slots.ATTENTION:
+            raise UserError(
+                f"paged_attention must be one of {paged_slots.ATTENTION}, got {name!r}."
+            )
+        if name != "gather" and self.pages is None:
+            raise UserError(f'paged_attention={name!r} needs kv_cache="paged".')
+        if name != "gather" and self.config.sliding_window is not None:
+            raise UserError(
+                "the Pallas paged kernel has no sliding window; serve this model with "
+                'paged_attention="gather".'
+            )
+        return name
 
     def _slot_buckets(self, buckets: Sequence[int] | None) -> tuple[int, ...]:
         """The slot counts a decode call may compute (see ``slot_buckets``)."""
@@ -348,6 +369,7 @@ class Engine(Admission, Delivery, Schedule, Warmup):
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call, until=np.int32(until),
                 stop_after=np.int32(stop_after), **self._active_arg(active),
+                **self._attention_arg(),
             )  # fmt: skip
         else:  # one decode step with the chunk in its products (its slot computed too)
             slot, tokens, offset, length = chunk

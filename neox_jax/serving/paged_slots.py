@@ -14,11 +14,20 @@ Page 0 is scratch, never given to a request: table entries past a request's page
 at it, so every write a request does not own (prefill padding past its pages, the decode
 step of a slot that is not running) lands there, and nothing ever reads it unmasked.
 
-The decode step is the XLA gather path: per layer, every slot's pages are gathered into
-a ``max_len`` view (one layer's view exists at a time), the model's own ``Block`` runs on
-it exactly as on a contiguous slot row (same shapes, same masks, so the same numbers
-and greedy tokens as ``slots`` and ``Generator.generate``), and the one new key/value
-per slot is written back into its page. Segment ids, positions and everything else are
+The decode step has two forms (``generate``'s ``attention``):
+
+* ``"gather"`` (XLA, any device): per layer, every slot's pages are gathered into a
+  ``max_len`` view (one layer's view exists at a time), the model's own ``Block`` runs
+  on it exactly as on a contiguous slot row (same shapes, same masks, so the same
+  numbers and greedy tokens as ``slots`` and ``Generator.generate``), and the one new
+  key/value per slot is written back into its page. Every slot costs a full
+  ``max_len`` row whether it runs or not.
+* ``"kernel"`` / ``"interpret"``: the model's ``Block`` runs on all slots as one batch
+  with ``model.paged_cache``'s ``cache_info``: each slot's new key/value goes into its
+  page and the Pallas paged kernel (``kernels.paged_attention``, compiled for the
+  device, or in the Pallas interpreter) reads only the pages below each slot's length.
+  Online softmax page by page: the same tokens as the gather path up to fp32
+  round-off in the attention sums. Segment ids, positions and everything else are
 the ``slots`` state unchanged. Not supported here: a mesh (tensor / pipeline), where
 the contiguous slots serve.
 """
@@ -39,6 +48,7 @@ from neox_jax.model import (
     cache_logical_axes,
     embed_tokens,
 )
+from neox_jax.model.paged_cache import paged_info
 from neox_jax.serving import slots
 from neox_jax.serving.slot_forward import decode_config
 from neox_jax.serving.slots import (  # noqa: F401 (the engine reaches them through here)
@@ -243,19 +253,68 @@ def _paged_forward(config: ModelConfig, params, state: SlotState):
     return logits, cache
 
 
+def _kernel_forward(config: ModelConfig, params, state: SlotState, *, interpret: bool):
+    """``_paged_forward`` through the Pallas paged kernel: all slots as one batch, each
+    running slot's new key/value written into its page, attention over its own pages
+    (``model.paged_cache``). Slots that do not run write to the scratch page and attend
+    to nothing (length 0).
+
+    Returns ``(logits [N, V] fp32, new cache)``."""
+    c = state.cache
+    ps = _page_size(state)
+    rows = jnp.arange(state.last.shape[0])
+    running = state.finish == RUNNING
+    index = jnp.where(running, c["index"], 0)  # [N]
+    info = paged_info(
+        c["pages"],
+        jnp.where(running, c["pages"][rows, index // ps], SCRATCH),
+        index % ps,
+        jnp.where(running, index + 1, 0),
+        layout="pshd" if _len_axis() == 1 else "phsd",
+        interpret=interpret,
+    )
+    seg = running.astype(jnp.int32)[:, None]  # [N, 1]
+    last = c["segment_ids"].shape[1] - 1  # as _paged_forward: idle slots mark its last
+    seg_rows = c["segment_ids"].at[rows, jnp.where(running, index, last)].set(seg[:, 0])
+    x = embed_tokens(config, params, state.last[:, None])  # [N, 1, E]
+    block = block_fn(config)
+    new_k, new_v = [], []
+    for i in range(config.num_hidden_layers):
+        pools = {"k": c["k"][i], "v": c["v"][i]}
+        x, pools = block(
+            step._layer(params["layers"], i), x, pools, state.positions[:, None], seg, info, layer=i
+        )
+        new_k.append(pools["k"])
+        new_v.append(pools["v"])
+    logits = step.logits_of(config, params, x)[:, 0]
+    return logits, dict(c, k=tuple(new_k), v=tuple(new_v), segment_ids=seg_rows)
+
+
+ATTENTION = ("gather", "kernel", "interpret")  # ``generate``'s forms (module docstring)
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "mode", "num_logprobs", "steps"),
+    static_argnames=("config", "mode", "num_logprobs", "steps", "attention"),
     donate_argnames=("state",),
 )
 def generate(
     config, params, state, *, mode, num_logprobs: int = 0, steps: int = 1, until=None,
-    stop_after=None,
+    stop_after=None, attention: str = "gather",
 ):  # fmt: skip
-    """``slots.generate`` over pages (same arguments and outputs; no ``active``)."""
+    """``slots.generate`` over pages (same arguments and outputs; no ``active``).
+
+    ``attention``: ``"gather"`` (XLA), ``"kernel"`` (the Pallas paged kernel compiled
+    for the device) or ``"interpret"`` (the same kernel in the Pallas interpreter)."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}.")
+    if attention == "gather":
+        forward = _paged_forward
+    else:
+        forward = functools.partial(_kernel_forward, interpret=attention == "interpret")
 
     def one(s, i):
-        return slots._one_step(config, params, s, mode, num_logprobs, forward=_paged_forward)
+        return slots._one_step(config, params, s, mode, num_logprobs, forward=forward)
 
     until = jnp.int32(steps) if until is None else jnp.minimum(until, steps)
     stop_after = jnp.int32(0) if stop_after is None else stop_after

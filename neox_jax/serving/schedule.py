@@ -68,6 +68,10 @@ class Schedule:
         """``generate``'s ``active`` argument for ``n`` slots (none with one bucket)."""
         return {} if len(self.slot_buckets) == 1 else {"active": n}
 
+    def _attention_arg(self) -> dict:
+        """``generate``'s ``attention`` argument for the paged cache (none for slots)."""
+        return {} if self.pages is None else {"attention": self.paged_attention}
+
     def _compact(self) -> None:
         """Move running requests from slots at or above the smallest slot bucket that
         could hold every occupied slot into free slots below it, so the next decode call

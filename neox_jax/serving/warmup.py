@@ -78,7 +78,7 @@ class Warmup:
             self.state, out = self.dev.generate(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call, until=np.int32(1), stop_after=np.int32(0),
-                **self._active_arg(n),
+                **self._active_arg(n), **self._attention_arg(),
             )  # fmt: skip
             jax.block_until_ready(out)
         done += len(variants)
