@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 def pages() -> list[Path]:
     """README.md and the ``docs/*.md`` pages it links, each once."""
     readme = REPO / "README.md"
-    linked = re.findall(r"\]\((docs/[\w.-]+\.md)\)", readme.read_text())
+    linked = re.findall(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)", readme.read_text())
     return [readme] + [REPO / name for name in dict.fromkeys(linked)]
 
 
