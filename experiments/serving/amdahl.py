@@ -3,23 +3,27 @@
 On the issue's length mix (the loadgen's seeded workload: prompts 32-512, outputs
 16-256), a one-slot server spends, per request, one prefill of the prompt's bucket and
 one batch-1 decode step per output token; an ``N``-slot engine pays the same prefills
-(compute-bound: batching prompts does not make a prompt token cheaper on CPU) and one
+(compute-bound on CPU: a prompt token costs about the same alone or batched) and one
 ``N``-row step per ``N`` output tokens at best (every slot busy). Measured here, on
-random weights of a preset's shape, with the engine's own programs:
+random weights of a preset's shape, with the engine's own programs and weight layouts
+(``step.split_params(..., batch=N)``, as ``Engine`` builds them for ``N`` slots):
 
-* ``prefill(b)``: one prompt in bucket ``b`` (``prefill_batch.prefill``), and 4 prompts
-  of 128 in one call (``prefill_many``) per prompt token;
-* ``d(N, S)``: seconds per decode step of ``slots.generate`` with all ``N`` slots
-  running, 16 steps per call, ``S`` cache columns per slot (the served ``max_len``).
+* ``prefill(layout, b)``: one prompt in bucket ``b`` (``prefill_batch.prefill``), in the
+  one-slot layout and in the ``N``-slot layout;
+* ``d(N)``: seconds per decode step of ``slots.generate`` with all ``N`` slots running,
+  16 steps per call, ``--columns`` cache columns per slot (the served ``max_len``).
 
-From these: the one-slot time of the workload ``T1 = sum prefill + sum out * d(1)``,
+From these, per bucket set: the one-slot time ``T1 = sum prefill + sum out * d(1)``,
 the ``N``-slot time at full occupancy ``TN = sum prefill + sum out * d(N) / N``, and
-``T1 / TN``, the bound on continuous / one at a time (the ramp and drain of a bounded
-run, and partial occupancy, only lower it). Also the prefill share of ``T1`` and the
-bound with prefill free (pure decode). Timings are wall seconds, best of ``--rounds``
-rounds taken in turns; the load average is printed beside them.
+``T1 / TN``, an upper bound on continuous / one at a time (a bounded run's ramp and
+drain and partial occupancy only lower it); the prefill share of ``T1``; the ratio of
+decode alone (prefill free); and the batch-``N`` decode rate that 4x would need
+(``None`` where even free decoding cannot reach 4x: the prefills alone take more than
+a quarter of ``T1``). Also the one-slot rate on the first ``--serial`` requests (what
+``full_mix.sh`` serves one at a time) against all of them. Wall seconds, best of
+``--rounds`` rounds taken in turns (A, B, C, A, B, C); the load average after each round.
 
-  python experiments/serving/amdahl.py pythia-160m --slots=1,16,24,32 \
+  python experiments/serving/amdahl.py pythia-160m \
       --json=experiments/serving/amdahl_pythia-160m.json
 """
 
@@ -33,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from neox_jax.inference import step
+from neox_jax.inference import fused, step
 from neox_jax.inference.sampling import SamplingParams
 from neox_jax.model import PRESETS, ModelConfig, init_params
 from neox_jax.serving import prefill_batch
@@ -41,17 +45,13 @@ from neox_jax.serving import slots as dev
 from neox_jax.serving.admission import request_controls
 
 STEPS = 16
+TARGET = 4.0
 
 
-def best_of(fn, rounds: int) -> float:
-    """Best wall seconds of ``fn()`` (run once first, untimed: it may compile)."""
+def timed(fn) -> float:
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return time.perf_counter() - t0
 
 
 def full_state(config, params, slots: int, columns: int):
@@ -70,112 +70,157 @@ def full_state(config, params, slots: int, columns: int):
     return prefill_batch.insert_many(pre, state, ids, knobs, *rows, keys)
 
 
-def decode_seconds(config, params, slots: int, columns: int):
-    """A closure timing one call of ``STEPS`` steps on ``slots`` running slots; returns
-    seconds per step when called."""
+def decode_call(config, params, slots: int, columns: int):
+    """A closure running one call of ``STEPS`` steps on ``slots`` running slots (they
+    never end within the run: ``max_new_tokens`` is far away)."""
     state = [full_state(config, params, slots, columns)]
 
     def call():
-        # Reset the write index so every timed call runs all STEPS steps at the same
-        # cost (the slots never end: max_new_tokens is far away).
         state[0], out = dev.generate(config, params, state[0], mode=dev.GREEDY, steps=STEPS)
         return out
 
     return call
 
 
-def bucket(n: int, buckets) -> int:
-    return next(b for b in buckets if b >= n)
+def workload(requests: int, seed: int, vocab: int):
+    """Prompt and output lengths of ``loadgen.make_workload`` on the issue's mix (the
+    same draws in the same order)."""
+    rng = np.random.default_rng(seed)
+    rng.exponential(1.0, requests)
+    p_lens = rng.integers(32, 513, requests)
+    for k in p_lens:
+        rng.integers(2, vocab, int(k))
+    return p_lens, rng.integers(16, 257, requests)
+
+
+def bounds(p_lens, o_lens, prefill, d, slot_counts, buckets, serial):
+    """The arithmetic of the module docstring for one bucket set."""
+    fit = lambda n: next(b for b in buckets if b >= n)  # noqa: E731
+    out_total = int(o_lens.sum())
+
+    def prefills(n):  # seconds of prefill per request, in the n-slot layout
+        return np.array([prefill[(fused.block_columns(n), fit(int(p)))] for p in p_lens])
+
+    pre1 = prefills(1)
+    t1 = float(pre1.sum() + out_total * d[1])
+    rows = {}
+    for n in slot_counts:
+        pre_n = float(prefills(n).sum())
+        tn = pre_n + out_total * d[n] / n
+        room = t1 / TARGET - pre_n  # seconds left for decoding at 4x
+        rows[n] = {
+            "one_slot_s": t1,
+            "prefill_share_of_one_slot": float(pre1.sum()) / t1,
+            "n_slot_s": tn,
+            "bound": t1 / tn,
+            "decode_only_ratio": n * d[1] / d[n],
+            "decode_tok_per_s_for_4x": out_total / room if room > 0 else None,
+            "decode_tok_per_s": n / d[n],
+        }
+    k = serial
+    rate = lambda s: float(o_lens[s].sum() / (pre1[s].sum() + o_lens[s].sum() * d[1]))  # noqa: E731
+    return {
+        "buckets": list(buckets),
+        "padded_prompt_tokens": int(sum(fit(int(p)) for p in p_lens)),
+        "slots": rows,
+        f"one_slot_tok_per_s_first_{k}": rate(slice(0, k)),
+        "one_slot_tok_per_s_all": rate(slice(None)),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("preset", nargs="?", default="pythia-160m")
-    ap.add_argument("--slots", default="1,16,24,32")
-    ap.add_argument("--columns", default="768", help="cache columns per slot (max_len)")
+    ap.add_argument("--slots", default="1,16,24,32", help="slot counts (1 is always added)")
+    ap.add_argument("--columns", type=int, default=768, help="cache columns per slot")
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--buckets", default="32,64,128,256,512", help="prefill buckets")
-    ap.add_argument("--serial", type=int, default=8, help="requests the one-slot run serves")
+    ap.add_argument(
+        "--bucket-sets", default="32,64,128,256,512;32,64,128,192,256,384,512",
+        help="prefill bucket sets to compare, ';'-separated",
+    )  # fmt: skip
+    ap.add_argument("--serial", type=int, default=8, help="requests served one at a time")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     config = ModelConfig(**PRESETS[args.preset])
-    params = jax.device_put(step.split_params(init_params(config, jax.random.key(0)), config))
-    # The loadgen's workload, same seed: lengths drawn in the same order.
-    rng = np.random.default_rng(args.seed)
-    rng.exponential(1.0, args.requests)
-    p_lens = rng.integers(32, 513, args.requests)
-    for k in p_lens:
-        rng.integers(2, config.vocab_size, int(k))
-    o_lens = rng.integers(16, 257, args.requests)
-    buckets = tuple(int(b) for b in args.buckets.split(","))
-    tokens = np.random.default_rng(1).integers(2, 1000, buckets[-1]).astype(np.int32)
-    slot_counts = [int(s) for s in args.slots.split(",")]
-    columns = [int(c) for c in args.columns.split(",")]
+    base = step.split_params(init_params(config, jax.random.key(0)), config)
+    slot_counts = sorted({1} | {int(s) for s in args.slots.split(",")})
+    layouts = {}  # block columns -> params in that layout (as Engine builds them)
+    for n in slot_counts:
+        cols = fused.block_columns(n)
+        if cols not in layouts:
+            layouts[cols] = jax.device_put(step.split_params(base, config, batch=n))
+    bucket_sets = [tuple(int(b) for b in s.split(",")) for s in args.bucket_sets.split(";")]
+    all_buckets = sorted({b for s in bucket_sets for b in s})
+    p_lens, o_lens = workload(args.requests, args.seed, config.vocab_size)
+    tokens = np.random.default_rng(1).integers(2, 1000, all_buckets[-1]).astype(np.int32)
 
     timers = {}
-    for b in buckets:
-        timers[("prefill", b)] = lambda b=b: prefill_batch.prefill(
-            config, params, tokens[:b], np.int32(b)
-        )
-    many = np.stack([tokens[:128]] * 4)
-    timers[("prefill4x", 128)] = lambda: prefill_batch.prefill_many(
-        config, params, many, np.full(4, 128, np.int32)
-    )
-    for s in columns:
-        for n in slot_counts:
-            timers[("decode", n, s)] = decode_seconds(config, params, n, s)
+    for cols, params in layouts.items():
+        for b in all_buckets:
+            timers[("prefill", cols, b)] = lambda p=params, b=b: prefill_batch.prefill(
+                config, p, tokens[:b], np.int32(b)
+            )
+    for n in slot_counts:
+        params = layouts[fused.block_columns(n)]
+        timers[("decode", n)] = decode_call(config, params, n, args.columns)
+    start = time.perf_counter()
     for fn in timers.values():  # compile everything before any timing
-        jax.block_until_ready(fn())
+        timed(fn)
+    print(f"compiled {len(timers)} programs in {time.perf_counter() - start:.0f}s", flush=True)
     best = {k: float("inf") for k in timers}
     loads = []
-    for _ in range(args.rounds):  # A, B, C, A, B, C, ...: each sees the same machine
+    for _ in range(args.rounds):  # A, B, C, A, B, C: every program sees the same machine
         for key, fn in timers.items():
-            best[key] = min(best[key], best_of(fn, 1))
-        loads.append(os.getloadavg()[0])
-    prefill = {b: best[("prefill", b)] for b in buckets}
-    d = {(n, s): best[("decode", n, s)] / STEPS for n in slot_counts for s in columns}
-    pre_each = np.array([prefill[bucket(int(p), buckets)] for p in p_lens])
-    pre_total, out_total = float(pre_each.sum()), int(o_lens.sum())
-    # The benchmark's one-slot run serves only the first ``--serial`` requests: its
-    # tokens/s on those, at the same costs, against the whole workload's.
-    k, d1 = args.serial, d[(1, columns[0])]
-    serial = {
-        f"first_{k}_tok_per_s": float(
-            o_lens[:k].sum() / (pre_each[:k].sum() + o_lens[:k].sum() * d1)
-        ),
-        "all_tok_per_s": out_total / (pre_total + out_total * d1),
-    }
+            best[key] = min(best[key], timed(fn))
+        loads.append(round(os.getloadavg()[0], 2))
+    prefill = {k[1:]: v for k, v in best.items() if k[0] == "prefill"}
+    d = {n: best[("decode", n)] / STEPS for n in slot_counts}
     report = {
         "preset": args.preset,
+        "columns": args.columns,
         "requests": args.requests,
         "prompt_tokens": int(p_lens.sum()),
-        "output_tokens": out_total,
-        "prefill_s": prefill,
-        "prefill_per_token_ms": {b: 1e3 * prefill[b] / b for b in buckets},
-        "prefill_4x128_per_token_ms": 1e3 * best[("prefill4x", 128)] / 512,
-        "decode_step_s": {f"{n}x{s}": v for (n, s), v in d.items()},
-        "decode_tok_per_s": {f"{n}x{s}": n / v for (n, s), v in d.items()},
-        "load_avg": loads,
-        "one_slot_subset": serial,
-        "bounds": {},
+        "output_tokens": int(o_lens.sum()),
+        "prefill_ms_per_token": {
+            f"{'one-block' if c == 0 else f'{c}-col-blocks'}@{b}": 1e3 * v / b
+            for (c, b), v in prefill.items()
+        },
+        "decode_step_ms": {n: 1e3 * v for n, v in d.items()},
+        "decode_tok_per_s": {n: n / v for n, v in d.items()},
+        "load_avg_after_each_round": loads,
+        "bucket_sets": [
+            bounds(p_lens, o_lens, prefill, d, slot_counts, s, args.serial) for s in bucket_sets
+        ],
     }
-    for s in columns:
-        t1 = pre_total + out_total * d[(1, s)]
-        for n in slot_counts:
-            tn = pre_total + out_total * d[(n, s)] / n
-            report["bounds"][f"{n}x{s}"] = {
-                "one_slot_s": t1,
-                "prefill_share_of_one_slot": pre_total / t1,
-                "n_slot_s": tn,
-                "bound": t1 / tn,
-                "decode_only_ratio": n * d[(1, s)] / d[(n, s)],
-            }
     print(json.dumps(report, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
+    summary(report)
+
+
+def summary(r: dict) -> None:
+    """The README's table."""
+    print(f"\n{r['preset']}, {r['columns']} cache columns, load {r['load_avg_after_each_round']}")
+    print("| prefill buckets | slots | decode tok/s | prefill share of T1 | decode-only ratio "
+          "| bound T1/TN | decode tok/s needed for 4x |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for s in r["bucket_sets"]:
+        for n, row in s["slots"].items():
+            if n == 1:
+                continue
+            need = row["decode_tok_per_s_for_4x"]
+            print(
+                f"| {','.join(map(str, s['buckets']))} | {n} | {row['decode_tok_per_s']:.1f} "
+                f"| {row['prefill_share_of_one_slot']:.1%} | {row['decode_only_ratio']:.2f}x "
+                f"| {row['bound']:.2f}x | {'unreachable' if need is None else f'{need:.1f}'} |"
+            )
+    s = r["bucket_sets"][0]
+    first = next(v for k, v in s.items() if k.startswith("one_slot_tok_per_s_first"))
+    print(f"one slot: {r['decode_tok_per_s'][1]:.1f} decode tok/s; the workload's tok/s on "
+          f"the first requests {first:.2f}, on all {s['one_slot_tok_per_s_all']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 Prints every run (the Markdown table of ``plot.py``, with its round) and, per workload
 (request count and rate), the issue's targets on the best round of each mode: throughput
 (wall clock and per CPU-second of the serving process) >= 1.5x static batching, and
-p99 time to first token no worse than static batching's.
+p99 time to first token no worse than static batching's; and every continuous server
+run against the one-at-a-time server (target >= 4x).
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ def main(path: str) -> None:
             f"{s['output_tokens_per_cpu_s']:.1f} = {cpu:.2f}x | {c['ttft_p99_s']:.2f} / "
             f"{s['ttft_p99_s']:.2f} | {yes(wall >= 1.5)} / {yes(cpu >= 1.5)} | "
             f"{yes(c['ttft_p99_s'] <= s['ttft_p99_s'])} |"
+        )
+
+    one = max(
+        (r for r in rows if r["mode"].startswith("server:one-at-a-time")),
+        key=lambda r: r["output_tokens_per_s"],
+        default=None,
+    )
+    if one is None:
+        return
+    print("\n| continuous mode | requests | tok/s continuous / one at a time | >= 4x |")
+    print("| --- | ---: | --- | --- |")
+    for c in (r for r in rows if r["mode"].startswith("server:continuous")):
+        ratio = c["output_tokens_per_s"] / one["output_tokens_per_s"]
+        print(
+            f"| {c['mode']} | {c['requests']} | {c['output_tokens_per_s']:.2f} / "
+            f"{one['output_tokens_per_s']:.2f} = {ratio:.2f}x | "
+            f"{'yes' if ratio >= 4 else '**no**'} |"
         )
 
 
