@@ -165,3 +165,19 @@ def test_repetition_penalty_semantics():
     seen = jnp.array([[True, True, False, False]])
     out = np.asarray(smp.apply_repetition_penalty(logits, seen, 2.0))
     np.testing.assert_allclose(out, [[1.0, -4.0, 1.0, -1.0]])
+
+
+def test_greedy_tokens_equal_argmax():
+    """``greedy_tokens`` (two plain reductions) picks what ``np.argmax`` picks: the
+    first maximum on ties, the first NaN in a row holding one, index 0 in a row of
+    -inf; exact equality (it compares values, no arithmetic)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [3, 500, 999]] = 10.0  # ties: the first wins
+    x[2, [7, 40]] = np.nan  # NaN: the first NaN wins, as in argmax
+    x[3] = -np.inf  # nothing allowed: index 0
+    x[4, 999] = np.inf
+    x[5, :] = 1.0  # all equal
+    got = np.asarray(jax.jit(smp.greedy_tokens)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
+    assert got.dtype == np.int32

@@ -8,6 +8,11 @@ Each is ``name: (patch while tracing, params from (config, params))`` like
 * ``qkred`` / ``pvred`` / ``red``: the attention products over the cache as a multiply
   and a reduction (one XLA loop fusion each) instead of XLA:CPU's batched dots (one
   Eigen matrix-vector call per (row, head)); measured 2-6x slower (README).
+* ``mlpfirst``: the out product's blocks summed last to first, so the MLP's blocks
+  need nothing from the attention (with ``+conc``: may run beside it; README).
+* ``halves``: the attention over each half of the batch as separate products (the
+  halves of the cache are sliced, i.e. copied, every step; README).
+* ``oldargmax``: greedy tokens by ``jnp.argmax``, before ``sampling.greedy_tokens``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from unittest import mock
 import jax
 import jax.numpy as jnp
 
-from neox_jax.inference import fused
+from neox_jax.inference import fused, sampling
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.step import split_params
 from neox_jax.kernels import reference
@@ -96,6 +101,13 @@ def _halves():
     return lambda: mock.patch.object(layers, "step_attention", attention)
 
 
+def _old_argmax():
+    """Greedy tokens by ``jnp.argmax`` (one variadic reduction), as before
+    ``sampling.greedy_tokens``."""
+    argmax = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)  # noqa: E731
+    return lambda: mock.patch.object(sampling, "greedy_tokens", argmax)
+
+
 _fused = lambda c, p: split_params(p, c)  # noqa: E731
 
 VARIANTS = {
@@ -105,4 +117,5 @@ VARIANTS = {
     "red": (_reduced_attention(False, False), _fused),
     "mlpfirst": (_mlp_first(), _fused),
     "halves": (_halves(), _fused),
+    "oldargmax": (_old_argmax(), _fused),
 }

@@ -304,6 +304,21 @@ def process_logits(
     return logits
 
 
+def greedy_tokens(logits: Array) -> Array:
+    """``jnp.argmax(logits, axis=-1)`` as int32, ``[B, V] -> [B]``: the first index of
+    the row's maximum (the first NaN if the row has one), as argmax defines it.
+
+    Computed as the row maximum, then the smallest index that holds it: two plain
+    reductions that XLA:CPU vectorizes, where its argmax is one (value, index) reduction
+    it does not (~1 GB/s). 2.3 -> 0.9 ms of CPU per call at ``[16, 50304]`` (pythia's
+    vocabulary, batch 16; 2-3 % of a decode step), 0.14 -> 0.04 ms at batch 1.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row holds one
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 def sample_tokens(logits: Array, keys: Array, temperature) -> Array:
     """Draw one token per row from ``softmax(logits)``; rows with temperature 0 take argmax.
 
@@ -317,7 +332,7 @@ def sample_tokens(logits: Array, keys: Array, temperature) -> Array:
     Returns:
       ``[B]`` int32 tokens.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = greedy_tokens(logits)
     drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
     return jnp.where(_col(temperature, logits)[:, 0] > 0, drawn, greedy)
 
@@ -332,5 +347,5 @@ def next_tokens(
     """``process_logits`` then ``sample_tokens`` (argmax when ``mode.greedy``): ``[B]`` ids."""
     logits = process_logits(logits, knobs, mode, seen)
     if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return greedy_tokens(logits)
     return sample_tokens(logits, keys, knobs["temperature"])
