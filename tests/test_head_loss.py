@@ -132,3 +132,29 @@ def test_chunked_head_loss_equals_plain_autodiff(tied, chunk_tokens):
     for g, r in zip(got[1], ref[1], strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(chunked(states, kernel, weights), ref[0], rtol=1e-6)  # primal
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: exp of an unshifted logit overflows
+def test_losses_and_dlogits_match_float64_closed_form(scale):
+    """The head's per-token losses and logits gradient (one exponential per logit) against
+    ``log sum exp(l) - l[target]`` and ``w * (softmax(l) - one_hot)`` in float64, also
+    where unshifted exponentials would overflow fp32 (logits in the hundreds)."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((2, 3, 50)) * scale
+    targets = rng.integers(0, 50, (2, 3))
+    weights = rng.random((2, 3))
+    losses, dlogits = loss_lib._losses_and_dlogits(
+        jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.int32),
+        jnp.asarray(weights, jnp.float32),
+    )  # fmt: skip
+    peak = logits.max(-1, keepdims=True)
+    probs = np.exp(logits - peak) / np.exp(logits - peak).sum(-1, keepdims=True)
+    log_z = np.log(np.exp(logits - peak).sum(-1)) + peak[..., 0]
+    picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    one_hot = np.eye(50)[targets]
+    # fp32 inputs rounded from float64 (relative 6e-8 of |logit|, here up to ~1000):
+    # the loss is a difference of two such numbers, so its error scales with the logits.
+    np.testing.assert_allclose(losses, log_z - picked, rtol=1e-5, atol=1e-6 * scale)
+    # A probability moves by at most ~p(1 - p) * 2 * delta <= delta / 2 for logits rounded
+    # by delta (<= 6e-5 at |logit| ~ 1000): 3e-5 absolute.
+    np.testing.assert_allclose(dlogits, weights[..., None] * (probs - one_hot), atol=3e-5)
