@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for preset in pythia-70m pythia-160m; do
-    python experiments/serving/amdahl.py "$preset" --rounds=3 \
+    python experiments/serving/amdahl.py "$preset" --rounds=2 \
         --json="experiments/serving/amdahl_$preset.json" | sed -n '/^$/,$p'
 done
 [[ ${SERVERS:-1} == 1 ]] || exit 0
