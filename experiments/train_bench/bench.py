@@ -101,9 +101,15 @@ def jax_worker(args) -> dict:
         from neox_jax.training import loss as loss_lib
 
         loss_lib.CHUNK_TOKENS = overrides.pop("loss_chunk_tokens")
+    # Not model fields: a mesh over the process's (CPU) devices, one per core.
+    axes = {a: overrides.pop(f"mesh_{a}") for a in ("data", "tensor") if f"mesh_{a}" in overrides}
     config = _config(args, overrides)
     mc = ModelConfig.from_dict(config.model.to_dict())
-    mesh = create_mesh({"data": 1}, devices=jax.devices()[:1])
+    mesh = (
+        create_mesh(axes, devices=jax.devices())
+        if axes
+        else create_mesh({"data": 1}, devices=jax.devices()[:1])
+    )
     tx, schedule = optimizer_from_config(config)
     _, shardings = abstract_train_state(tx, abstract_params(mc), param_logical_axes(mc), mesh)
     rng = np.random.default_rng(0)

@@ -34,4 +34,14 @@ VARIANTS = {
         "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true",
         {"scan_unroll": 1_000},
     ),
+    # One XLA:CPU device per core, the batch split over them (data parallel): XLA:CPU runs
+    # one op at a time per device, so two devices run two ops at once.
+    "unroll_2dev": (
+        "--xla_force_host_platform_device_count=2",
+        {"scan_unroll": 1_000, "mesh_data": 2},
+    ),
+    "unroll_2dev_tensor": (
+        "--xla_force_host_platform_device_count=2",
+        {"scan_unroll": 1_000, "mesh_tensor": 2},
+    ),
 }
