@@ -21,7 +21,7 @@ from neox_jax.inference import fused as fused_module
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.generate import prompt_positions
 from neox_jax.model import GPTNeoX
-from neox_jax.model.grouped import cache_attention, step_attention
+from neox_jax.model.grouped import cache_attention, step_attention, sum_slots
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA, MQA
@@ -47,6 +47,13 @@ def test_step_attention_equals_attention_over_the_written_cache(kv_heads):
     # Rows with something to attend agree to fp32 round-off of an O(1) softmax average;
     # the padding row attends nothing on either side (its output is never used).
     np.testing.assert_allclose(ours[:2], ref[:2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 7, 12, 192])  # odd counts fold a slot first
+def test_sum_slots_equals_the_sum_over_slots(slots):
+    x = np.random.default_rng(slots).standard_normal((2, 3, slots, 5)).astype(np.float32)
+    # fp32 sums of O(1) terms in another order: round-off of ~sqrt(S) ulps of the sum.
+    np.testing.assert_allclose(sum_slots(jnp.asarray(x)), x.sum(-2), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

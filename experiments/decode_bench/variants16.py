@@ -41,13 +41,17 @@ def unblocked(params):
     return {**params, FUSED_LAYERS: fused_layers}
 
 
-def _reduced_attention(qk_dot: bool, pv_dot: bool):
-    """``grouped.step_attention`` with either product as multiply + reduce."""
+def _reduced_attention(qk_dot: bool, pv_dot: bool, barrier: bool = False):
+    """``grouped.step_attention`` with either product as multiply + reduce; with
+    ``barrier``, ``q`` and the probabilities are materialized first
+    (``optimization_barrier``), so the reductions cannot recompute their producers
+    (rotary, softmax) once per element of the cache."""
+    stop = jax.lax.optimization_barrier if barrier else (lambda x: x)
 
     def attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
         batch, length, heads, head_dim = q.shape
         kv_heads = k_cache.shape[1]
-        qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        qg = stop(q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim))
         scale = head_dim**-0.5
         if qk_dot:
             old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache)
@@ -57,7 +61,7 @@ def _reduced_attention(qk_dot: bool, pv_dot: bool):
         new = jnp.einsum("btkgd,bskd->bkgts", qg, k)
         old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
         new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
-        probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+        probs = stop(jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1))
         slots = k_cache.shape[2]
         if pv_dot:
             out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], v_cache)
@@ -68,6 +72,76 @@ def _reduced_attention(qk_dot: bool, pv_dot: bool):
         return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
     return lambda: mock.patch.object(layers, "step_attention", attention)
+
+
+def _tree_sum(x):
+    """``x.sum(-1)`` as a tree of elementwise adds of halves (an odd last element is
+    added to the first): elementwise ops XLA can fuse into one loop, which XLA:CPU
+    splits over its threads, instead of a reduction."""
+    while x.shape[-1] > 1:
+        n, half = x.shape[-1], x.shape[-1] // 2
+        y = x[..., :half] + x[..., half : 2 * half]
+        x = y if n % 2 == 0 else y.at[..., :1].add(x[..., 2 * half :])
+    return x[..., 0]
+
+
+def _tree_rows(x):
+    """``x.sum(-2)`` as a tree of halves along axis -2 (as ``_tree_sum``)."""
+    while x.shape[-2] > 1:
+        n, half = x.shape[-2], x.shape[-2] // 2
+        y = x[..., :half, :] + x[..., half : 2 * half, :]
+        x = y if n % 2 == 0 else y.at[..., :1, :].add(x[..., 2 * half :, :])
+    return x[..., 0, :]
+
+
+def _tree_attention(qk_tree: bool, pv_tree: bool):
+    """``grouped.step_attention`` with the products over the cache as ``_tree_sum`` of
+    ``q * K`` over the head dimension and/or ``_tree_rows`` of ``p * V`` over the slots
+    (compile with ``+ynndot`` so that XLA, not YNNPACK, emits the elementwise ops)."""
+
+    def attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
+        batch, length, heads, head_dim = q.shape
+        kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+        qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        scale = head_dim**-0.5
+        if qk_tree:
+            qt = qg.transpose(0, 2, 3, 1, 4)[:, :, :, :, None, :]  # [B, KV, G, T, 1, D]
+            old = _tree_sum(qt * k_cache[:, :, None, None])  # [B, KV, G, T, S]
+        else:
+            old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache)
+        new = jnp.einsum("btkgd,bskd->bkgts", qg, k)
+        old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
+        new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
+        probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1)
+        if pv_tree:  # [B, KV, G, T, S, 1] * [B, KV, 1, 1, S, D] summed over S
+            part = _tree_rows(probs[..., :slots, None] * v_cache[:, :, None, None])
+            out = part.transpose(0, 3, 1, 2, 4)
+        else:
+            out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :slots], v_cache)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
+        return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+    return lambda: mock.patch.object(layers, "step_attention", attention)
+
+
+def _dot_step_attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
+    """``grouped.step_attention`` before ``grouped.sum_slots``: the product with the V
+    cache as one batched dot over (row, KV head)."""
+    batch, length, heads, head_dim = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scale = head_dim**-0.5
+    old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    new = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
+    new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
+    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
+    groups = heads // kv_heads
+    rows = probs[..., :slots].reshape(batch * kv_heads, groups * length, slots)
+    out = jnp.einsum("nms,nsd->nmd", rows, v_cache.reshape(batch * kv_heads, slots, head_dim))
+    out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
+    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
 
 def _mlp_first():
@@ -115,6 +189,12 @@ VARIANTS = {
     "qkred": (_reduced_attention(False, True), _fused),
     "pvred": (_reduced_attention(True, False), _fused),
     "red": (_reduced_attention(False, False), _fused),
+    "redbar": (_reduced_attention(False, False, barrier=True), _fused),
+    "qkredbar": (_reduced_attention(False, True, barrier=True), _fused),
+    "qktree": (_tree_attention(True, False), _fused),
+    "pvtree": (_tree_attention(False, True), _fused),
+    "tree": (_tree_attention(True, True), _fused),
+    "pvdot": (lambda: mock.patch.object(layers, "step_attention", _dot_step_attention), _fused),
     "mlpfirst": (_mlp_first(), _fused),
     "halves": (_halves(), _fused),
     "oldargmax": (_old_argmax(), _fused),
