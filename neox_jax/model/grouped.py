@@ -86,20 +86,23 @@ def step_attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
     old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
     new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-    if jax.default_backend() == "cpu":  # measured on XLA:CPU only (``sum_slots``)
-        # [B, KV, G, T, S, 1] * [B, KV, 1, 1, S, D] summed over S, in fp32 as a dot
-        # of these operands accumulates
+    cached = probs[..., :slots]  # [B, KV, G, T, S]
+
+    def tree(p, values):  # XLA:CPU (``sum_slots``), in fp32 as a dot of these accumulates
         f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-        part = sum_slots(f32(probs[..., :slots, None]) * f32(v_cache[:, :, None, None]))
-        out = part.transpose(0, 3, 1, 2, 4).astype(v.dtype)  # [B, T, KV, G, D]
-    else:
+        part = sum_slots(f32(p[..., None]) * f32(values[:, :, None, None]))
+        return part.transpose(0, 3, 1, 2, 4).astype(values.dtype)  # [B, T, KV, G, D]
+
+    def dot(p, values):
         # (row, KV head) as one batch axis: with a separate size-1 row axis XLA:CPU
         # copies each layer's V cache into a transposed layout every step.
         groups = heads // kv_heads
-        rows = probs[..., :slots].reshape(batch * kv_heads, groups * length, slots)
-        values = v_cache.reshape(batch * kv_heads, slots, head_dim)
-        out = jnp.einsum("nms,nsd->nmd", rows, values)
-        out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+        rows = p.reshape(batch * kv_heads, groups * length, slots)
+        out = jnp.einsum("nms,nsd->nmd", rows, values.reshape(batch * kv_heads, slots, head_dim))
+        return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
+
+    # Chosen by the platform the program is lowered for (AOT on a CPU host included).
+    out = jax.lax.platform_dependent(cached, v_cache, cpu=tree, default=dot)
     out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
 
