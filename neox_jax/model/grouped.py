@@ -113,12 +113,14 @@ def sum_slots(x: Array) -> Array:
 
     ``step_attention``'s product of the probabilities with the V cache on CPU: XLA:CPU
     runs a batched dot ``[B*KV, 1, S] x [B*KV, S, D]`` as one matrix-vector call per
-    (row, head), on one thread, and a ``reduce`` through YNNPACK also on one; the
-    adds of halves are elementwise ops XLA fuses with the product into one loop, which
-    it splits over its threads. pythia-160m, batch 16, 192 slots: 52.9 against 58.1 ms
-    per decode step, batch 1 18.9 against 20.4 (alternating rounds, same tokens,
-    experiments/decode_bench/README.md). The sum's order differs from the dot's, so
-    round-off only."""
+    (row, head), all on one thread, and a ``reduce`` through YNNPACK also on one. The
+    adds of halves are elementwise: XLA fuses the product and the tree into two loop
+    fusions (192 slots: down to 24, then to 1), each split over its two threads
+    (``outer_dimension_partitions``). pythia-160m, 192 slots, decode step 52.7 against
+    58.0 ms at batch 16 and 19.8 against 21.0 at batch 1 (alternating rounds, load
+    1.4-1.7, same tokens; experiments/decode_bench/README.md). The sum's order differs
+    from the dot's, so round-off only.
+    """
     while x.shape[-2] > 1:
         if x.shape[-2] % 2:
             x = jnp.concatenate([x[..., :1, :] + x[..., -1:, :], x[..., 1:-1, :]], axis=-2)
