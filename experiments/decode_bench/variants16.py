@@ -8,6 +8,11 @@ Each is ``name: (patch while tracing, params from (config, params))`` like
 * ``qkred`` / ``pvred`` / ``red``: the attention products over the cache as a multiply
   and a reduction (one XLA loop fusion each) instead of XLA:CPU's batched dots (one
   Eigen matrix-vector call per (row, head)); measured 2-6x slower (README).
+* ``redbar`` / ``qkredbar``: ``red`` / ``qkred`` with ``q`` and the probabilities
+  behind ``optimization_barrier`` (no gain: YNNPACK's reductions are the slow part).
+* ``qktree`` / ``pvtree`` / ``tree``: the QK and/or the PV product as a tree of
+  elementwise adds of halves (``pvtree`` became ``grouped.sum_slots``; README).
+* ``pvdot``: ``grouped.step_attention`` before ``sum_slots`` (the PV batched dot).
 * ``mlpfirst``: the out product's blocks summed last to first, so the MLP's blocks
   need nothing from the attention (with ``+conc``: may run beside it; README).
 * ``halves``: the attention over each half of the batch as separate products (the
