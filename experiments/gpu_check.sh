@@ -5,7 +5,8 @@
 #   2. greedy decode tokens/s vs the bandwidth roofline (pythia-1.4b, bf16), per-op table,
 #   3. attention benchmark: flash fwd+bwd vs the XLA path vs cuDNN, decode kernel,
 #   4. the Pallas kernels compiled for the GPU (their tests; on a GPU the kernels take the
-#      Triton lowering instead of the interpreter), fp32 dots at full precision,
+#      Triton lowering instead of the interpreter), fp32 dots at full precision, and the
+#      serving engine decoding through the compiled paged kernel (same tokens as alone),
 #   5. train-step MFU again with cuDNN's fused attention and with the Pallas flash kernels.
 # Each step has its own time limit and a failed step never stops the rest.
 # Past runs: experiments/gpu_runs/. Results (JSON and logs) land in $RES (default experiments/gpu_results/); where $OUT is
@@ -102,7 +103,8 @@ step kernels_compiled 120 env JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=hi
   XLA_PYTHON_CLIENT_PREALLOCATE=false python3 -m pytest -v -p no:cacheprovider -n 4 \
   --timeout=45 --timeout-method=thread -k "not on_a_mesh" \
   tests/test_kernels.py tests/test_families_kernels.py tests/test_paged_attention.py \
-  tests/test_model_pallas.py --junitxml="$RES/kernels_junit.xml"
+  tests/test_model_pallas.py "tests/test_serving_paged.py::test_paged_kernel_in_the_engine_gives_the_gather_paths_tokens" \
+  --junitxml="$RES/kernels_junit.xml"
 step train_mfu_pallas 70 python3 experiments/train_bench/bench.py --gpu \
   --attention_impl=pallas --steps=3 --out="$RES/train_mfu_pallas.json"
 # Opt-in (SERVING=1, about 5 more minutes): the server on pythia-1.4b, 8 requests.

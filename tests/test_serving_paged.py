@@ -15,6 +15,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 import pytest
 from helpers.serving import serving_model
@@ -25,6 +26,9 @@ from neox_jax.serving import Collector, Engine, QueueFull, Request
 
 TEXTS = ["the model reads tokens and predicts what comes next", "hello paged world"]
 MAX_LEN, PAGE, PAGES, SLOTS, QUEUE = 64, 8, 18, 4, 6  # 144 pooled tokens < 4 x 64
+# The paged kernel compiled (Triton) on a GPU, as experiments/gpu_check.sh runs this file;
+# the Pallas interpreter elsewhere (its Mosaic lowering for TPU is not written).
+KERNEL_MODE = "kernel" if jax.default_backend() == "gpu" else "interpret"
 
 
 @pytest.fixture(scope="module")
@@ -88,17 +92,17 @@ def test_paged_greedy_requests_equal_generator_alone(model, engine):
 
 
 def test_paged_kernel_in_the_engine_gives_the_gather_paths_tokens(model):
-    """``paged_attention="interpret"``: the decode step runs the Pallas paged kernel (in
-    the interpreter) instead of gathering pages into rows. Greedy tokens equal
-    ``Generator.generate`` alone, as the gather path's do (the kernel's online softmax
-    reorders fp32 sums, ~1e-7 relative: no argmax of this random O(1)-logit model is
+    """``paged_attention=KERNEL_MODE``: the decode step runs the Pallas paged kernel (in the
+    interpreter on CPU, compiled on a GPU) instead of gathering pages into rows. Greedy
+    tokens equal ``Generator.generate`` alone, as the gather path's do (the kernel's online
+    softmax reorders fp32 sums, ~1e-7 relative: no argmax of this random O(1)-logit model is
     that close). The pool is small enough that a request waits for pages, and a chunked
     prompt and a short one decode side by side."""
     config, params, tok = model
     eng = Engine(
         config, params, tok, num_slots=3, max_len=MAX_LEN, prefill_buckets=(8, 16),
         max_queue=QUEUE, prefill_chunk=16, kv_cache="paged", page_size=PAGE, num_pages=10,
-        paged_attention="interpret",
+        paged_attention=KERNEL_MODE,
     )  # fmt: skip
     prompts = _prompts(config.vocab_size, (3, 30, 11, 6), seed=1)
     samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (9, 5, 7, 4)]
