@@ -129,26 +129,6 @@ def _tree_attention(qk_tree: bool, pv_tree: bool):
     return lambda: mock.patch.object(layers, "step_attention", attention)
 
 
-def _dot_step_attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
-    """``grouped.step_attention`` before ``grouped.sum_slots``: the product with the V
-    cache as one batched dot over (row, KV head)."""
-    batch, length, heads, head_dim = q.shape
-    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scale = head_dim**-0.5
-    old = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
-    new = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    old = jnp.where(cache_mask[:, :, None], old * scale, reference.MASK_VALUE)
-    new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
-    probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
-    groups = heads // kv_heads
-    rows = probs[..., :slots].reshape(batch * kv_heads, groups * length, slots)
-    out = jnp.einsum("nms,nsd->nmd", rows, v_cache.reshape(batch * kv_heads, slots, head_dim))
-    out = out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
-    out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
-    return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
-
-
 def _mlp_first():
     """``fused._product`` summing its blocks last to first: in the out product the
     attention's block (the first ``E`` input columns) is added last, so the MLP's
@@ -199,7 +179,8 @@ VARIANTS = {
     "qktree": (_tree_attention(True, False), _fused),
     "pvtree": (_tree_attention(False, True), _fused),
     "tree": (_tree_attention(True, True), _fused),
-    "pvdot": (lambda: mock.patch.object(layers, "step_attention", _dot_step_attention), _fused),
+    # the V-cache product as the batched dot that GPU/TPU keep (before ``sum_slots``)
+    "pvdot": (lambda: mock.patch.object(grouped, "_v_tree", grouped._v_dot), _fused),
     "mlpfirst": (_mlp_first(), _fused),
     "halves": (_halves(), _fused),
     "oldargmax": (_old_argmax(), _fused),

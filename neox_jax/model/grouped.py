@@ -87,24 +87,30 @@ def step_attention(q, k, v, k_cache, v_cache, cache_mask, new_mask):
     new = jnp.where(new_mask[:, :, None], new * scale, reference.MASK_VALUE)
     probs = jax.nn.softmax(jnp.concatenate([old, new], axis=-1), axis=-1).astype(v.dtype)
     cached = probs[..., :slots]  # [B, KV, G, T, S]
-
-    def tree(p, values):  # XLA:CPU (``sum_slots``), in fp32 as a dot of these accumulates
-        f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
-        part = sum_slots(f32(p[..., None]) * f32(values[:, :, None, None]))
-        return part.transpose(0, 3, 1, 2, 4).astype(values.dtype)  # [B, T, KV, G, D]
-
-    def dot(p, values):
-        # (row, KV head) as one batch axis: with a separate size-1 row axis XLA:CPU
-        # copies each layer's V cache into a transposed layout every step.
-        groups = heads // kv_heads
-        rows = p.reshape(batch * kv_heads, groups * length, slots)
-        out = jnp.einsum("nms,nsd->nmd", rows, values.reshape(batch * kv_heads, slots, head_dim))
-        return out.reshape(batch, kv_heads, groups, length, head_dim).transpose(0, 3, 1, 2, 4)
-
     # Chosen by the platform the program is lowered for (AOT on a CPU host included).
-    out = jax.lax.platform_dependent(cached, v_cache, cpu=tree, default=dot)
+    out = jax.lax.platform_dependent(cached, v_cache, cpu=_v_tree, default=_v_dot)
     out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., slots:], v)
     return out.reshape(batch, length, heads, head_dim).astype(q.dtype)
+
+
+def _v_tree(probs: Array, v_cache: Array) -> Array:
+    """``probs [B, KV, G, T, S]`` times ``v_cache [B, KV, S, D]`` summed over ``S``, as
+    ``[B, T, KV, G, D]``, through ``sum_slots`` (XLA:CPU), in fp32 as a dot of these
+    operands accumulates."""
+    f32 = lambda t: t.astype(jnp.float32)  # noqa: E731
+    part = sum_slots(f32(probs[..., None]) * f32(v_cache[:, :, None, None]))
+    return part.transpose(0, 3, 1, 2, 4).astype(v_cache.dtype)
+
+
+def _v_dot(probs: Array, v_cache: Array) -> Array:
+    """``_v_tree``'s product as one batched dot (GPU/TPU). (row, KV head) is one batch
+    axis: with a separate size-1 row axis XLA:CPU copies each layer's V cache into a
+    transposed layout every step."""
+    batch, kv_heads, groups, length, slots = probs.shape
+    rows = probs.reshape(batch * kv_heads, groups * length, slots)
+    values = v_cache.reshape(batch * kv_heads, slots, v_cache.shape[-1])
+    out = jnp.einsum("nms,nsd->nmd", rows, values)
+    return out.reshape(batch, kv_heads, groups, length, -1).transpose(0, 3, 1, 2, 4)
 
 
 def sum_slots(x: Array) -> Array:
