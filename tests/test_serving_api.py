@@ -9,16 +9,15 @@ test_serving_engine.py for why no tolerance is needed on this model).
 import concurrent.futures
 import http.client
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
+import types
 
 import pytest
+import torch
+import transformers
 from helpers.hf_reference import make_hf_model, train_byte_level_bpe
+from helpers.serving import Server
 
 from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer
@@ -26,58 +25,13 @@ from neox_jax.inference import Generator, SamplingParams
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
 SLOTS, MAX_LEN, QUEUE = 2, 64, 4
+FLAGS = [
+    f"--config.num_slots={SLOTS}", f"--config.max_len={MAX_LEN}",
+    f"--config.max_queue={QUEUE}", "--config.prefill_buckets=(16,)",
+    "--config.shutdown_timeout=20",
+]  # fmt: skip
 TEXTS = ["the model reads tokens and predicts what comes next", "hello world, hello model"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir: Path, log: Path):
-        self.port = _free_port()
-        self.name = model_dir.name
-        env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-        cmd = [
-            sys.executable, "-m", "neox_jax.serve", f"--config={ROOT / 'configs/serve.py'}",
-            f"--config.checkpoint={model_dir}", f"--config.port={self.port}",
-            f"--config.num_slots={SLOTS}", f"--config.max_len={MAX_LEN}",
-            f"--config.max_queue={QUEUE}", "--config.prefill_buckets=(16,)",
-            "--config.shutdown_timeout=20",
-        ]  # fmt: skip
-        self.log = log
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {log.read_text()[-3000:]}")
-            try:
-                if self.get("/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.5)
-        self.proc.kill()
-        raise RuntimeError(f"server did not start: {log.read_text()[-3000:]}")
-
-    def request(self, method, path, body=None, raw: bytes | None = None):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        conn.request(method, path, data, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        text = resp.read().decode()
-        conn.close()
-        return resp.status, text
-
-    def get(self, path):
-        return self.request("GET", path)
-
-    def post(self, path, body=None, raw=None):
-        status, text = self.request("POST", path, body, raw)
-        return status, json.loads(text)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +44,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
+    s = Server(model_dir, tmp_path_factory.mktemp("log") / "server.log", FLAGS)
     yield s
     if s.proc.poll() is None:
         s.proc.kill()
@@ -133,7 +87,8 @@ def test_completion_equals_generator_and_usage(server, client, generator):
         model=server.name, prompt=[ids, ids[:3]], max_tokens=5, n=2, temperature=0.8, seed=4
     )
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    assert r.usage.prompt_tokens == 2 * (len(ids) + 3) and r.usage.completion_tokens <= 20
+    # each prompt counted once, however many choices (OpenAI's and vLLM's usage)
+    assert r.usage.prompt_tokens == len(ids) + 3 and r.usage.completion_tokens <= 20
     assert r.choices[0].text != r.choices[1].text  # two choices draw independently
 
 
@@ -238,7 +193,12 @@ BAD = [
     ({"model": "{m}"}, 400, "prompt"),
     ({"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "{m}", "prompt": [10**6]}, 400, "outside the vocabulary"),
-    ({"model": "{m}", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"model": "{m}", "prompt": "x", "stop": [str(i) for i in range(33)]}, 400, "stop"),
+    # fields that would change the output and are not implemented: refused, not ignored
+    ({"model": "{m}", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ({"model": "{m}", "prompt": "x", "presence_penalty": 0.5}, 400, "repetition_penalty"),
+    ({"model": "{m}", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "format"),
+    ({"model": "{m}", "prompt": "x", "max_tokens": 4, "min_tokens": 2}, 400, "ignore_eos"),
 ]
 
 
@@ -250,7 +210,8 @@ def _bad(server, body):
 def test_bad_requests_get_openai_errors(server, body, status, fragment):
     code, reply = server.post("/v1/completions", _bad(server, body))
     assert code == status, reply
-    assert fragment in reply["error"]["message"] and reply["error"]["type"]
+    assert fragment in reply["error"]["message"]
+    assert reply["error"]["type"] == "invalid_request_error"
 
 
 def test_malformed_json_chat_errors_and_queue_limit(server):
@@ -265,6 +226,130 @@ def test_malformed_json_chat_errors_and_queue_limit(server):
         "/v1/completions", {"model": server.name, "prompt": "x", "n": QUEUE + 1}
     )
     assert code == 429 and "retry later" in reply["error"]["message"]
+
+
+def test_lm_eval_loglikelihood_requests(server, client, model_dir):
+    """lm-eval's local-completions scoring continuations: its own request body (a batch
+    of token-id prompts, echo, logprobs=1, max_tokens=1) and its own parser, against
+    transformers' log-probabilities of the same tokens; then the prompt alone
+    (max_tokens=0 with echo, as OpenAI's legacy API and vLLM serve it) via the client."""
+    lm_api = pytest.importorskip("lm_eval.models.openai_completions").LocalCompletionsAPI
+    tok = load_tokenizer(model_dir)
+    pairs = [("hello world,", " hello model"), ("the model reads", " tokens and predicts")]
+    ctxs, conts = [tok.encode(c) for c, _ in pairs], [tok.encode(x) for _, x in pairs]
+    prompts = [c + x for c, x in zip(ctxs, conts, strict=True)]
+    lm = types.SimpleNamespace(model=server.name)  # all _create_payload reads of its model
+    code, out = server.post("/v1/completions", lm_api._create_payload(lm, prompts))
+    assert code == 200, out
+    got = lm_api.parse_logprobs(out, prompts, [len(c) for c in ctxs])
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(model_dir).eval()
+    for (ll, greedy), c, ids in zip(got, ctxs, prompts, strict=True):
+        with torch.no_grad():
+            lp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        cont = torch.tensor(ids[len(c) :])
+        want = lp[len(c) - 1 : len(ids) - 1]
+        # fp32 on both sides: per-token round-off ~1e-5, summed over < 12 tokens
+        assert ll == pytest.approx(want.gather(-1, cont[:, None]).sum().item(), abs=1e-3)
+        assert greedy == bool((want.argmax(-1) == cont).all())
+    bare = client.completions.create(
+        model=server.name, prompt=prompts, max_tokens=0, echo=True, logprobs=1
+    )
+    assert bare.usage.completion_tokens == 0
+    assert bare.usage.prompt_tokens == sum(map(len, prompts))
+    for choice, scored, ids in zip(bare.choices, out["choices"], prompts, strict=True):
+        assert choice.text == tok.decode(ids) and choice.finish_reason == "length"
+        # the same scoring program as above: equal, not close
+        assert choice.logprobs.token_logprobs == scored["logprobs"]["token_logprobs"][:-1]
+
+
+def test_lm_eval_generation_with_many_stop_strings(server, model_dir):
+    """lm-eval's local-completions sends a task's whole ``until`` list and the eos text as
+    ``stop`` (OpenAI takes 4, vLLM any number): a fifth stop string still cuts."""
+    lm_api = pytest.importorskip("lm_eval.models.openai_completions").LocalCompletionsAPI
+    lm = types.SimpleNamespace(model=server.name, _max_gen_toks=16)
+
+    def generate(until):
+        body = lm_api._create_payload(
+            lm, ["hello world"], generate=True, gen_kwargs={"until": until}, eos="<|endoftext|>"
+        )
+        code, out = server.post("/v1/completions", body)
+        assert code == 200, out
+        return lm_api.parse_generations(out)[0]
+
+    whole = generate([])
+    until = ["\n\nQuestion:", "Q:", "</s>", "<|im_end|>"]
+    assert not any(s in whole for s in until)
+    piece = next(ch for ch in whole[3:] if ch.isascii())  # a character the model wrote
+    assert generate([*until, piece]) == whole[: whole.index(piece)]
+
+
+def test_chat_content_parts_roles_and_limits(server, client):
+    """Content as a list of text parts (the openai client's typed form, vLLM's benchmark)
+    is the parts joined by newlines; "developer" is the system role; image parts, and
+    max_completion_tokens=0, are refused; usage counts the prompt once for n choices."""
+    kw = dict(model=server.name, max_tokens=6, temperature=0)
+    plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nyou"}]
+    text = [{"type": "text", "text": "hi"}, {"type": "text", "text": "you"}]
+    parts = [
+        {"role": "developer", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": text},
+    ]
+    want = client.chat.completions.create(messages=plain, **kw)
+    got = client.chat.completions.create(messages=parts, n=2, **kw)
+    assert got.usage.prompt_tokens == want.usage.prompt_tokens
+    assert [c.message.content for c in got.choices] == [want.choices[0].message.content] * 2
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    with pytest.raises(openai.BadRequestError, match="text only"):
+        client.chat.completions.create(messages=[{"role": "user", "content": [image]}], **kw)
+    r = client.chat.completions.create(
+        messages=plain, max_completion_tokens=3, extra_body={"ignore_eos": True}, **kw
+    )
+    assert r.usage.completion_tokens == 3  # max_completion_tokens wins over max_tokens
+    with pytest.raises(openai.BadRequestError, match="at least 1"):
+        client.chat.completions.create(messages=plain, max_completion_tokens=0, **kw)
+
+
+def test_streamed_logprobs_offsets_and_ids(server, client):
+    """A stream's chunks share one id and creation time, and their ``text_offset``s run
+    on from the echoed prompt as in the whole response (not from 0 in each chunk)."""
+    kw = dict(model=server.name, prompt="hello model", max_tokens=6, temperature=0, echo=True,
+              logprobs=1, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = client.completions.create(**kw).choices[0].logprobs
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices]
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == whole.text_offset
+    assert whole.text_offset[-1] > len("hello model")
+
+
+def test_routes_methods_and_body_errors(server, client):
+    """OpenAI's error JSON for what no handler serves: an unknown route (404), a wrong
+    method (405 with Allow), a body that is not sent as JSON, an empty body; a model card
+    by id (the client's models.retrieve); neutral values of unserved fields accepted."""
+    assert client.models.retrieve(server.name).id == server.name
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("other")
+    code, text = server.request("POST", "/v1/nothing", {})
+    error = json.loads(text)["error"]
+    assert code == 404 and "Invalid URL (POST /v1/nothing)" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    code, text = server.get("/v1/completions")
+    error = json.loads(text)["error"]
+    assert code == 405 and {k.lower(): v for k, v in server.last_headers.items()}["allow"] == "POST"
+    assert error["type"] == "invalid_request_error" and "takes POST" in error["message"]
+    body = {"model": server.name, "prompt": "x", "max_tokens": 1}
+    form = {"Content-Type": "application/x-www-form-urlencoded"}  # curl -d without -H
+    code, text = server.request(
+        "POST", "/v1/completions", raw=json.dumps(body).encode(), headers=form
+    )
+    assert code == 400 and "Content-Type: application/json" in json.loads(text)["error"]["message"]
+    code, reply = server.post("/v1/completions", raw=b"")
+    assert code == 400 and "body is empty" in reply["error"]["message"]
+    neutral = {"logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0.0, "best_of": 1,
+               "response_format": {"type": "text"}, "user": "u", "suffix": None}  # fmt: skip
+    code, reply = server.post("/v1/completions", {**body, **neutral})
+    assert code == 200, reply
 
 
 def test_many_mixed_requests_leave_every_slot_free(server):

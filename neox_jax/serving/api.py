@@ -26,10 +26,16 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from neox_jax.errors import UserError
+from neox_jax.serving import legacy_logprobs as legacy
 from neox_jax.serving import protocol
 from neox_jax.serving.engine import CANCELLED, Engine, EngineStopped, Event, QueueFull
 from neox_jax.serving.engine import Request as Sequence_
+from neox_jax.serving.legacy_logprobs import LegacyLogprobs
 from neox_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, bad
+
+ROUTES = (
+    "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
+)
 
 
 class _Call:
@@ -48,6 +54,14 @@ class _Call:
             self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
 
         self.sequences.append(Sequence_(ids, sampling, sink, num_logprobs, row))
+
+    def check(self, ids, sampling) -> None:
+        """What submitting ``ids`` would check (the vocabulary, the limits), for a prompt
+        that is only scored."""
+        try:
+            self.engine.check(ids, sampling)
+        except UserError as e:
+            raise bad(str(e)) from None
 
     def submit(self) -> None:
         try:
@@ -113,13 +127,20 @@ def create_app(
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        message, param = protocol.validation_message(list(e.errors()))
+    async def _invalid(http: Request, e: RequestValidationError):
+        content_type = http.headers.get("content-type", "")
+        message, param = protocol.validation_message(list(e.errors()), content_type)
         return JSONResponse(APIError(400, message, param).body(), status_code=400)
 
     @app.exception_handler(HTTPException)
-    async def _http(_, e: HTTPException):
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), e.status_code)
+    async def _http(http: Request, e: HTTPException):
+        message, where = str(e.detail), f"{http.method} {http.url.path}"
+        if e.status_code == 404 and message == "Not Found":  # no such route
+            message = f"Invalid URL ({where}): this server serves {ROUTES}."
+        elif e.status_code == 405:
+            allowed = (e.headers or {}).get("Allow", "")
+            message = f"{where} is not allowed; {http.url.path} takes {allowed}."
+        return JSONResponse(APIError(e.status_code, message).body(), e.status_code, e.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_, e: Exception):
@@ -175,8 +196,9 @@ def create_app(
             )
         return value
 
-    def usage(prompts: list[list[int]], n: int, completion_tokens: int) -> dict:
-        prompt_tokens = sum(len(p) for p in prompts) * n
+    def usage(prompts: list[list[int]], completion_tokens: int) -> dict:
+        """OpenAI's and vLLM's count: each prompt once, however many choices it has."""
+        prompt_tokens = sum(len(p) for p in prompts)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -191,12 +213,17 @@ def create_app(
             raise APIError(503, "the request was cancelled: the server is shutting down.")
         return reason
 
-    def envelope(rid: str, kind: str, choices: list[dict], **extra) -> dict:
-        """The frame of every completion response and stream chunk (``kind`` = "object")."""
+    def head(prefix: str) -> dict:
+        """A response's id and creation time, the same in each of its stream chunks."""
+        return {"id": f"{prefix}-{uuid.uuid4().hex}", "created": int(time.time())}
+
+    def envelope(rid: dict, kind: str, choices: list[dict], **extra) -> dict:
+        """The frame of every completion response and stream chunk (``kind`` = "object";
+        ``rid``: the response's ``head``)."""
         return {
-            "id": rid,
+            "id": rid["id"],
             "object": kind,
-            "created": int(time.time()),
+            "created": rid["created"],
             "model": model_name,
             "choices": choices,
             **extra,
@@ -248,16 +275,22 @@ def create_app(
             raise APIError(404, "metrics are off")
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
+    card = {
+        "id": model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "neox_jax",
+        "max_model_len": engine.max_len,
+    }
+
     @app.get("/v1/models")
     async def models():
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "neox_jax",
-            "max_model_len": engine.max_len,
-        }
         return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")  # a Hub id has a slash
+    async def model(name: str):
+        check_model(name)
+        return card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: Request):
@@ -268,102 +301,93 @@ def create_app(
             raise bad("best_of must equal n (or be omitted).", "best_of")
         k = body.logprobs or 0
         if not 0 <= k <= engine.max_logprobs:
-            raise bad(f"logprobs must be between 0 and {engine.max_logprobs}.", "logprobs")
+            raise bad(
+                f"logprobs must be between 0 and {engine.max_logprobs} (this server's "
+                "max_logprobs).",
+                "logprobs",
+            )
         want_lp = body.logprobs is not None
-        prompts = encode(body.prompt)
+        # echo with max_tokens 0: the prompt alone, scored if logprobs are asked for
+        # (OpenAI's legacy API and vLLM; how a prompt's loglikelihood is often asked).
+        generate = not (body.echo and body.max_tokens == 0)
+        prompts, n = encode(body.prompt), body.n
+        count = len(prompts) * n  # choices: prompt-major, as OpenAI and vLLM number them
         call = _Call(engine)
         for ids in prompts:
-            sampling = body.sampling(max_tokens_for(body, ids, body.max_tokens), max_n)
-            for j in range(body.n):
+            limit = max_tokens_for(body, ids, body.max_tokens if generate else 1)
+            sampling = body.sampling(limit, max_n)
+            if not generate:
+                call.check(ids, sampling)
+            for j in range(n if generate else 0):
                 # logprobs=0 still wants the chosen tokens' logprobs: ask the engine for 1.
                 call.add(ids, sampling, max(k, 1) if want_lp else 0, j)
         call.submit()
-        rid, n = f"cmpl-{uuid.uuid4().hex}", body.n
+        rid, fmt = head("cmpl"), LegacyLogprobs(token_str, k)
         echo_lp = {}
         if body.echo and want_lp:
             for ids in {tuple(p) for p in prompts}:
                 echo_lp[ids] = await asyncio.to_thread(engine.prompt_logprobs, list(ids), k)
-
-        def top(token: str, lp) -> dict | None:
-            """The ``k`` likeliest alternatives and, always, the chosen token (OpenAI's
-            legacy API: up to ``logprobs + 1`` entries)."""
-            if not lp:
-                return None
-            alternatives = {token_str(i): v for i, v in lp[1][:k]}
-            alternatives[token] = lp[0]  # also where another id decodes to the same text
-            return alternatives
-
-        def logprobs_obj(ids, lps, offset0=0) -> dict:
-            tokens = [token_str(i) for i in ids]
-            offsets, pos = [], offset0
-            for t in tokens:
-                offsets.append(pos)
-                pos += len(t)
-            return {
-                "tokens": tokens,
-                "token_logprobs": [lp[0] if lp else None for lp in lps],
-                "top_logprobs": [top(t, lp) for t, lp in zip(tokens, lps, strict=True)],
-                "text_offset": offsets,
-            }
 
         def echo_part(index: int) -> tuple[str, dict | None]:
             ids = prompts[index // n]
             text = decode(ids)
             if not want_lp:
                 return text, None
-            lps = [None] + echo_lp[tuple(ids)]
-            return text, logprobs_obj(ids, lps)
-
-        def merge(a: dict | None, b: dict | None) -> dict | None:
-            if a is None or b is None:
-                return a or b
-            shift = (a["text_offset"][-1] + len(a["tokens"][-1])) if a["tokens"] else 0
-            return {
-                "tokens": a["tokens"] + b["tokens"],
-                "token_logprobs": a["token_logprobs"] + b["token_logprobs"],
-                "top_logprobs": a["top_logprobs"] + b["top_logprobs"],
-                "text_offset": a["text_offset"] + [o + shift for o in b["text_offset"]],
-            }
+            return text, fmt.obj(ids, [None] + echo_lp[tuple(ids)])
 
         def chunk(index, text, lp, reason=None) -> dict:
             choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
             return envelope(rid, "text_completion", [choice])
 
         if body.stream:
-            count = 0
+            generated = 0
+            offsets = [0] * count  # text_offset counts from the choice's start
 
             async def chunks():
-                nonlocal count
+                nonlocal generated
                 if body.echo:
-                    for index in range(len(call.sequences)):
+                    for index in range(count):
                         text, lp = echo_part(index)
-                        yield chunk(index, text, lp)
+                        offsets[index] = legacy.end(lp)
+                        yield chunk(index, text, lp, None if generate else "length")
                 async for index, ev in call.events(http):
-                    count += len(ev.token_ids)
-                    lp = logprobs_obj(ev.token_ids, ev.logprobs) if want_lp else None
+                    generated += len(ev.token_ids)
+                    lp = None
+                    if want_lp:
+                        lp = fmt.obj(ev.token_ids, ev.logprobs, offsets[index])
+                        offsets[index] = legacy.end(lp) or offsets[index]
                     if ev.text or ev.done or want_lp:
                         yield chunk(index, ev.text, lp, finish(ev.finish_reason))
 
             def final() -> dict:
-                return envelope(rid, "text_completion", [], usage=usage(prompts, n, count))
+                return envelope(rid, "text_completion", [], usage=usage(prompts, generated))
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(chunks(), final if include_usage else None)
 
-        texts, ids_out, lps, reasons = await collect(call, http)
+        if generate:
+            texts, ids_out, lps, reasons = await collect(call, http)
+        else:
+            nothing = [[]] * count
+            texts, ids_out, lps, reasons = nothing, nothing, nothing, ["length"] * count
         choices = []
-        for index in range(len(call.sequences)):
+        for index in range(count):
             text, lp = "".join(texts[index]), None
+            prefix, prefix_lp = echo_part(index) if body.echo else ("", None)
             if want_lp:
-                lp = logprobs_obj(ids_out[index], lps[index])
-            if body.echo:
-                prefix, prefix_lp = echo_part(index)
-                text, lp = prefix + text, merge(prefix_lp, lp)
+                lp = legacy.merge(
+                    prefix_lp, fmt.obj(ids_out[index], lps[index], legacy.end(prefix_lp))
+                )
             choices.append(
-                {"index": index, "text": text, "logprobs": lp, "finish_reason": reasons[index]}
+                {
+                    "index": index,
+                    "text": prefix + text,
+                    "logprobs": lp,
+                    "finish_reason": reasons[index],
+                }
             )
         return envelope(
-            rid, "text_completion", choices, usage=usage(prompts, n, sum(map(len, ids_out)))
+            rid, "text_completion", choices, usage=usage(prompts, sum(map(len, ids_out)))
         )
 
     @app.post("/v1/chat/completions")
@@ -388,13 +412,14 @@ def create_app(
         except ChatFormatError as e:
             raise bad(str(e), "messages") from None
         ids = tools.prompt(ids, tok)  # + the forced start of a tool call, if any
-        limit = body.max_completion_tokens or body.max_tokens
+        limit = body.max_completion_tokens  # newer clients' name for max_tokens
+        limit = body.max_tokens if limit is None else limit
         sampling = body.sampling(max_tokens_for(body, ids, limit), max_n)
         call = _Call(engine)
         for j in range(body.n):
             call.add(ids, sampling, max(k, 1) if body.logprobs else 0, j)
         call.submit()
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        rid = head("chatcmpl")
 
         def content_lp(token_ids, lps) -> list[dict]:
             out = []
@@ -445,7 +470,7 @@ def create_app(
                         yield chunk(index, {}, None, reason)
 
             def final() -> dict:
-                return envelope(rid, "chat.completion.chunk", [], usage=usage([ids], body.n, count))
+                return envelope(rid, "chat.completion.chunk", [], usage=usage([ids], count))
 
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return event_stream(chunks(), final if include_usage else None)
@@ -461,8 +486,6 @@ def create_app(
             }
             for i in range(body.n)
         ]
-        return envelope(
-            rid, "chat.completion", choices, usage=usage([ids], body.n, sum(map(len, ids_out)))
-        )
+        return envelope(rid, "chat.completion", choices, usage=usage([ids], sum(map(len, ids_out))))
 
     return app

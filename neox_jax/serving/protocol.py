@@ -2,8 +2,10 @@
 
 Bodies are pydantic models in strict mode (a string where a number belongs is an error,
 not coerced); unknown fields are ignored, as OpenAI's own server does for fields it
-does not know. vLLM's extra sampling fields are accepted: ``top_k`` (0 or -1 = off),
-``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``.
+does not know, except those in ``UNSERVED``, which would change the output: they are
+refused unless neutral. vLLM's extra sampling fields are accepted: ``top_k`` (0 or -1 =
+off), ``repetition_penalty``, ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (where
+nothing could end a request earlier).
 """
 
 from __future__ import annotations
@@ -15,7 +17,27 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from neox_jax.inference.sampling import SamplingParams
 
-MAX_STOP_STRINGS = 4  # as OpenAI
+# OpenAI allows 4 stop strings, vLLM any number; lm-eval's local-completions sends a
+# task's whole ``until`` list plus the eos text (often more than 4). They are matched on
+# the host, so the bound only keeps one request's per-token search small.
+MAX_STOP_STRINGS = 32
+
+# Fields of OpenAI's or vLLM's requests that change what is generated and that this
+# server does not implement: accepted at their neutral values (what a client sends when
+# it does not use them), else a 400 naming the field, never silently ignored.
+# name -> (neutral values, what to do instead)
+UNSERVED = {
+    "presence_penalty": ((None, 0), "use repetition_penalty"),
+    "frequency_penalty": ((None, 0), "use repetition_penalty"),
+    "logit_bias": ((None, {}), "remove it"),
+    "response_format": ((None, {"type": "text"}), "describe the format in the prompt"),
+    "min_p": ((None, 0), "use top_p or top_k"),
+    "use_beam_search": ((None, False), "remove it"),
+    "guided_json": ((None,), "describe the format in the prompt"),
+    "guided_regex": ((None,), "describe the format in the prompt"),
+    "guided_choice": ((None,), "describe the format in the prompt"),
+    "guided_grammar": ((None,), "describe the format in the prompt"),
+}
 
 
 class APIError(Exception):
@@ -29,13 +51,14 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return {
-            400: "invalid_request_error",
-            404: "invalid_request_error",
+        special = {
             422: "invalid_model_output",  # e.g. a tool call that cannot be parsed
             429: "rate_limit_error",
             503: "service_unavailable",
-        }.get(self.status, "server_error")
+        }
+        if self.status in special:
+            return special[self.status]
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
         return {
@@ -76,10 +99,19 @@ class _Sampling(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
-    # accepted for compatibility; only their neutral values are served
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
+    min_tokens: int = 0  # served only where nothing could end a request earlier
     user: str | None = None
+    # UNSERVED: accepted at their neutral values only (checked in ``sampling``)
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    logit_bias: Any = None
+    response_format: Any = None
+    min_p: Any = None
+    use_beam_search: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
 
     def sampling(self, max_tokens: int, max_n: int) -> SamplingParams:
         """The request's ``SamplingParams`` (``APIError`` 400 on a bad value)."""
@@ -101,14 +133,27 @@ class _Sampling(BaseModel):
             raise bad(
                 f"repetition_penalty must be in (0, 10], got {penalty}.", "repetition_penalty"
             )
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise bad(f"{name} is not supported; use repetition_penalty.", name)
+        for name, (neutral, instead) in UNSERVED.items():
+            value = getattr(self, name)
+            if value not in neutral:
+                raise bad(f"{name}={value!r} is not supported by this server; {instead}.", name)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise bad(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings.", "stop")
         if any(t < 0 for t in self.stop_token_ids or ()):
             raise bad("stop_token_ids must be non-negative token ids.", "stop_token_ids")
+        if self.min_tokens and (
+            not 0 < self.min_tokens <= max_tokens
+            or not self.ignore_eos
+            or stops
+            or self.stop_token_ids
+        ):
+            raise bad(
+                f"min_tokens={self.min_tokens} is served only with ignore_eos=true, no stop "
+                "strings or stop_token_ids, and max_tokens >= min_tokens (then nothing ends "
+                "a request before max_tokens).",
+                "min_tokens",
+            )
         seed = secrets.randbits(31) if self.seed is None else self.seed
         try:
             return SamplingParams(
@@ -150,13 +195,41 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content as a list (``{"type": "text", "text": ...}``)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None  # None only beside tool_calls (checked by the template step)
+    # "developer": OpenAI's newer name for the system role (sent to its o-series models)
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only beside tool_calls (checked by the template step)
+    content: str | list[ContentPart] | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+
+    def for_template(self, i: int) -> dict:
+        """The message as the chat template takes it: content parts joined into one text
+        (by newlines, as vLLM joins them), "developer" as "system" (``APIError`` 400 on a
+        part that is not text: the served models read text only)."""
+        out = self.model_dump(exclude_none=True)
+        if self.role == "developer":
+            out["role"] = "system"
+        if isinstance(self.content, list):
+            for j, part in enumerate(self.content):
+                if part.type != "text" or part.text is None:
+                    raise bad(
+                        f"messages[{i}].content[{j}] is a {part.type!r} part; this server's "
+                        'model reads text only: send {"type": "text", "text": "..."} parts.',
+                        f"messages.{i}.content",
+                    )
+            out["content"] = "\n".join(part.text for part in self.content)
+        return out
 
 
 class FunctionDef(BaseModel):
@@ -185,8 +258,11 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool | None = None
 
 
-def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
-    """One line from pydantic's errors: the field path and what was wrong."""
+def validation_message(
+    errors: list[dict[str, Any]], content_type: str = "application/json"
+) -> tuple[str, str | None]:
+    """One line from pydantic's errors: the field path and what was wrong
+    (``content_type``: the request's header, named when the body was not read as JSON)."""
     if not errors:
         return "invalid request body", None
     e = errors[0]
@@ -195,6 +271,15 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
     if param is None:
+        kind = content_type.split(";")[0].strip().lower()
+        if e.get("type") == "missing":
+            return "the body is empty: send a JSON object with the request's fields", None
+        if kind and kind != "application/json" and not kind.endswith("+json"):
+            return (
+                "the body must be JSON sent with the header 'Content-Type: application/json' "
+                f"(got Content-Type {content_type!r})",
+                None,
+            )
         return "the body must be a JSON object with the request's fields", None
     if e.get("type") == "missing":
         return f"missing required field '{param}'", param

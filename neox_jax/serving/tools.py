@@ -144,7 +144,7 @@ def _named(choice) -> str | None:
 
 def messages(body: ChatRequest) -> list[dict]:
     """The request's messages as the template takes them (400 on bad call arguments)."""
-    out = [m.model_dump(exclude_none=True) for m in body.messages]
+    out = [m.for_template(i) for i, m in enumerate(body.messages)]
     try:
         return tc.for_template(out)
     except tc.ToolCallError as e:
