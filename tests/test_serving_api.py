@@ -285,8 +285,9 @@ def test_lm_eval_generation_with_many_stop_strings(server, model_dir):
 
 def test_chat_content_parts_roles_and_limits(server, client):
     """Content as a list of text parts (the openai client's typed form, vLLM's benchmark)
-    is the parts joined by newlines; "developer" is the system role; image parts, and
-    max_completion_tokens=0, are refused; usage counts the prompt once for n choices."""
+    is the parts joined by newlines; "developer" is the system role; image parts,
+    max_completion_tokens=0 and an assistant prefill are refused; usage counts the prompt
+    once for n choices."""
     kw = dict(model=server.name, max_tokens=6, temperature=0)
     plain = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nyou"}]
     text = [{"type": "text", "text": "hi"}, {"type": "text", "text": "you"}]
@@ -307,6 +308,11 @@ def test_chat_content_parts_roles_and_limits(server, client):
     assert r.usage.completion_tokens == 3  # max_completion_tokens wins over max_tokens
     with pytest.raises(openai.BadRequestError, match="at least 1"):
         client.chat.completions.create(messages=plain, max_completion_tokens=0, **kw)
+    # vLLM's assistant prefill would continue the last message: not served, so refused
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        client.chat.completions.create(
+            messages=plain, extra_body={"continue_final_message": True}, **kw
+        )
 
 
 def test_streamed_logprobs_offsets_and_ids(server, client):
@@ -350,6 +356,9 @@ def test_routes_methods_and_body_errors(server, client):
                "response_format": {"type": "text"}, "user": "u", "suffix": None}  # fmt: skip
     code, reply = server.post("/v1/completions", {**body, **neutral})
     assert code == 200, reply
+    del body["model"]  # vLLM serves its model to a request that names none
+    code, reply = server.post("/v1/completions", body)
+    assert code == 200 and reply["model"] == server.name, reply
 
 
 def test_many_mixed_requests_leave_every_slot_free(server):

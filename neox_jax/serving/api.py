@@ -148,8 +148,8 @@ def create_app(
         return JSONResponse(body, status_code=500)
 
     # ----------------------------------------------------------------- helpers
-    def check_model(name: str) -> None:
-        if name != model_name:
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
             raise APIError(
                 404,
                 f"the model '{name}' does not exist; this server serves '{model_name}'.",

@@ -11,7 +11,7 @@ nothing could end a request earlier).
 from __future__ import annotations
 
 import secrets
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,12 @@ UNSERVED = {
     "guided_regex": ((None,), "describe the format in the prompt"),
     "guided_choice": ((None,), "describe the format in the prompt"),
     "guided_grammar": ((None,), "describe the format in the prompt"),
+}
+# and in chat requests (vLLM's): continuing the last message instead of a new turn
+CHAT_UNSERVED = {
+    "add_generation_prompt": ((None, True), "end the messages with a user turn"),
+    "continue_final_message": ((None, False), "end the messages with a user turn"),
+    "echo": ((None, False), "prepend the last message yourself"),
 }
 
 
@@ -84,8 +90,9 @@ class _Sampling(BaseModel):
     """Fields common to completions and chat."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+    unserved: ClassVar[dict] = UNSERVED
 
-    model: str
+    model: str | None = None  # None: the served model (as vLLM; OpenAI requires it)
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -133,7 +140,7 @@ class _Sampling(BaseModel):
             raise bad(
                 f"repetition_penalty must be in (0, 10], got {penalty}.", "repetition_penalty"
             )
-        for name, (neutral, instead) in UNSERVED.items():
+        for name, (neutral, instead) in self.unserved.items():
             value = getattr(self, name)
             if value not in neutral:
                 raise bad(f"{name}={value!r} is not supported by this server; {instead}.", name)
@@ -256,6 +263,10 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    unserved: ClassVar[dict] = {**UNSERVED, **CHAT_UNSERVED}
+    add_generation_prompt: Any = None
+    continue_final_message: Any = None
+    echo: Any = None
 
 
 def validation_message(
