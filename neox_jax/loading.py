@@ -9,6 +9,9 @@ module is the one place that tells them apart (``artifact_kind``) and composes t
 kind            how it is recognised                        what ``load_model`` returns
 ==============  ==========================================  ==============================
 ``hf``          ``config.json`` naming a ``model_type``      float params (``param_dtype``)
+``peft``        ``adapter_config.json`` (PEFT's LoRA)        its base (any float kind, from
+                                                            ``base_model_name_or_path``) with
+                                                            the adapter merged
 ``quantized``   ``params/ model_config/ quant_config/``      ``QuantizedWeight`` leaves
 ``checkpoint``  ``params/ model_config/`` (also a step dir)  float params
 ``lora_run``    a run directory with ``lora.json``           base with the adapters merged
@@ -46,6 +49,7 @@ from neox_jax.data.tokenizer import Tokenizer, load_tokenizer
 from neox_jax.errors import UserError, load_json
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
 from neox_jax.finetune.lora import merge as merge_adapters
+from neox_jax.finetune.peft_format import ADAPTER_CONFIG, load_peft_adapter
 from neox_jax.model import ModelConfig, abstract_params, init_params
 from neox_jax.neox_compat.checkpoint import (
     is_neox_checkpoint,
@@ -59,7 +63,7 @@ from neox_jax.quant.checkpoint import is_quantized_checkpoint, load_quantized, r
 from neox_jax.quant.config import QuantConfig
 from neox_jax.quant.params import abstract_quantized_params, quantize_params
 
-KINDS = ("hf", "quantized", "checkpoint", "lora_run", "run", "neox")
+KINDS = ("hf", "peft", "quantized", "checkpoint", "lora_run", "run", "neox")
 LORA_RECORD = "lora.json"  # written by neox_jax.finetune.trainer_hooks in a LoRA run
 
 
@@ -86,6 +90,8 @@ def artifact_kind(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{path} does not exist.")
     if is_hf_folder(path):
         return "hf"
+    if (path / ADAPTER_CONFIG).is_file():
+        return "peft"
     if is_quantized_checkpoint(path):
         return "quantized"
     if is_model_checkpoint(path):
@@ -97,10 +103,10 @@ def artifact_kind(path: str | os.PathLike) -> str:
     if is_neox_checkpoint(path):
         return "neox"
     raise UserError(
-        f"{path} is neither a Hugging Face GPT-NeoX folder (config.json + weights), a "
-        f"neox_jax checkpoint ({PARAMS}/ + model_config/), nor a run directory with "
-        "complete checkpoints/<step>/ folders, nor a GPT-NeoX checkpoint (global_stepN/ "
-        "with layer_XX-model_YY-model_states.pt files)."
+        f"{path} is neither a Hugging Face model folder (config.json + weights), a PEFT "
+        f"adapter folder ({ADAPTER_CONFIG}), a neox_jax checkpoint ({PARAMS}/ + "
+        "model_config/), nor a run directory with complete checkpoints/<step>/ folders, nor "
+        "a GPT-NeoX checkpoint (global_stepN/ with layer_XX-model_YY-model_states.pt files)."
     )
 
 
@@ -110,6 +116,8 @@ def peek_config(path: str | os.PathLike) -> ModelConfig:
     kind = artifact_kind(path)
     if kind == "hf":
         return config_from_hf(read_hf_config(path))
+    if kind == "peft":
+        return peek_config(peft_base(path, weights=False))
     if kind == "quantized":
         return read_configs(path)[0]
     if kind == "lora_run":
@@ -152,6 +160,8 @@ def load_model(
         config, params = load_hf(path, **overrides)
     elif kind == "neox":  # architecture from its configs/*.yml
         config, params = load_neox_checkpoint(path, **overrides)
+    elif kind == "peft":
+        config, params = _load_peft(path, overrides)
     elif kind == "quantized":
         return _load_quantized(path, shardings, mesh, overrides)
     elif kind == "lora_run":
@@ -164,7 +174,7 @@ def load_model(
             config = read_model_config(step_dir).replace(**overrides)
             shardings = param_shardings(config, abstract_params(config), mesh)
         return load_checkpoint(step_dir, shardings=shardings, **overrides)
-    # Host arrays (hf, neox, lora_run): placed only when asked.
+    # Host arrays (hf, neox, lora_run, peft): placed only when asked.
     if shardings is None and mesh is not None:
         shardings = param_shardings(config, params, mesh)
     return config, params if shardings is None else jax.device_put(params, shardings)
@@ -177,6 +187,47 @@ def _load_quantized(path: Path, shardings, mesh, overrides):
         shardings = param_shardings(config, abstract_quantized_params(config, qconfig), mesh)
     config, _, params = load_quantized(path, config=config, shardings=shardings)
     return config, params
+
+
+# ------------------------------------------------------------------ PEFT adapters
+def peft_base(path: str | os.PathLike, *, weights: bool = True) -> Path:
+    """The local base model folder of the PEFT adapter folder ``path``: its
+    ``base_model_name_or_path`` (a path, also tried beside the adapter, or a Hub id;
+    ``weights`` as in ``local_path``)."""
+    path = local_path(path, weights=False)
+    cfg = load_json(path / ADAPTER_CONFIG, "PEFT adapter config")
+    base = cfg.get("base_model_name_or_path") if isinstance(cfg, dict) else None
+    if not base:
+        raise UserError(
+            f"{path / ADAPTER_CONFIG} names no base_model_name_or_path, so the model it adapts "
+            "is unknown; set it to the base model's folder, or merge the adapter with "
+            "python -m neox_jax.finetune.export --config.base=BASE --config.peft_in=ADAPTER "
+            "--config.hf_out=OUT."
+        )
+    beside = path.parent / base
+    if not Path(base).expanduser().exists() and beside.exists():
+        return beside
+    found = local_path(os.path.expanduser(base), weights=weights)
+    if not found.exists():
+        raise UserError(
+            f"the base model of the adapter {path}, {base!r} (base_model_name_or_path in "
+            f"{ADAPTER_CONFIG}), does not exist; put the base there or edit the field."
+        )
+    return found
+
+
+def _load_peft(path: Path, overrides: dict[str, Any]) -> tuple[ModelConfig, dict[str, Any]]:
+    """A PEFT adapter merged into its float base (host arrays)."""
+    base = peft_base(path)
+    kind = artifact_kind(base)
+    if kind in ("peft", "quantized"):
+        raise UserError(
+            f"the base of the adapter {path} is {base}, a {kind} folder; a PEFT adapter "
+            "merges into a float model (a Hugging Face folder, checkpoint or run)."
+        )
+    config, params = load_model(base, **overrides)
+    lora, adapters = load_peft_adapter(path, config)
+    return config, merged_params(params, adapters, lora)
 
 
 # ------------------------------------------------------------------ LoRA runs
@@ -279,7 +330,8 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
 
     ``path`` may be a tokenizer itself (a ``tokenizer.json`` / sentencepiece file or a
     folder holding one), any kind of model folder, or a step directory of a run (whose
-    tokenizer sits in the run directory).
+    tokenizer sits in the run directory). A PEFT adapter folder without its own tokenizer
+    uses its base model's.
     """
     path = local_path(path, weights=False)
     if path.is_file():
@@ -292,6 +344,8 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
     for c in candidates:
         if c.is_dir() and ((c / "tokenizer.json").is_file() or any(c.glob("*.model"))):
             return c
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
+        return find_tokenizer(peft_base(path, weights=False))
     return None
 
 

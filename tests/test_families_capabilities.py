@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 from helpers.finetune import write_char_tokenizer
-from helpers.hf_reference import assert_logits_close, hf_logits
+from helpers.hf_reference import assert_logits_close, hf_logits, random_peft_model
 from helpers.quant import o1_params
 from test_families import _greedy_both, _ids, make_family_model
 
@@ -94,12 +94,7 @@ def test_lora_adapter_loads_in_peft_with_the_same_logits(family, tmp_path):
 def test_peft_made_adapter_imports(family, tmp_path):
     path, ref, config, params = family
     cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = peft.get_peft_model(ref, cfg)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model = random_peft_model(ref, cfg)
     model.save_pretrained(tmp_path / "theirs")
     ids = _ids(config.vocab_size, seed=3)
     expected = hf_logits(model.eval(), ids)

@@ -94,22 +94,15 @@ REQUIRED_HF_KEYS = (
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     """``ModelConfig`` from a Hugging Face ``config.json`` dict (either rotary spelling).
 
-    Old files carry ``rotary_pct``/``rotary_emb_base``; transformers 5 writes
-    ``rope_parameters: {partial_rotary_factor, rope_theta, rope_type}``.
+    Old files carry ``rotary_pct``/``rotary_emb_base`` (+ ``rope_scaling``); transformers 5
+    writes ``rope_parameters: {partial_rotary_factor, rope_theta, rope_type, ...}``. Every
+    RoPE type the families read (linear, dynamic, yarn, llama3) reads here too: transformers'
+    GPT-NeoX takes them all.
     """
-    model_type = hf.get("model_type")
-    hf_families.check_model_type(model_type)
-    if model_type != "gpt_neox":
+    hf_families.check_supported(hf)
+    if hf["model_type"] != "gpt_neox":
         return hf_families.config_from_hf(hf, **overrides)
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rotary_pct = rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25))
-    base = rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0))
-    scaling = None
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "linear":
-        scaling = {"type": "linear", "factor": float(rope["factor"])}
-    elif rope_type not in ("default", None):
-        raise ConversionError(f"rope type {rope_type!r} in config.json is not supported.")
+    base, rotary_pct, scaling = hf_families.rope_from_hf(hf, default_partial=0.25)
     missing = [k for k in REQUIRED_HF_KEYS if k not in hf]
     if missing:
         raise ConversionError(
@@ -163,8 +156,9 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[s
         "eos_token_id": 0,
     }
     scaling = config.rope_scaling_dict or {}
-    if scaling.get("type") == "linear":
-        out["rope_scaling"] = {"rope_type": "linear", "factor": scaling["factor"]}
+    if scaling.get("type") in hf_families.HF_ROPE_TYPES:
+        kind = scaling.pop("type")
+        out["rope_scaling"] = {"rope_type": kind, **scaling}
     elif scaling.get("type") == "ntk" and config.rotary_ndims > 2:
         # Static NTK-aware scaling is a larger rotary base (model/layers.py rotary_inv_freq);
         # transformers has no static NTK type, so the exported base carries it exactly.
@@ -187,17 +181,19 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:
-    """A folder in Hugging Face's layout: a ``config.json`` that names a ``model_type``.
+    """A folder in Hugging Face's layout: a ``config.json`` that names a ``model_type`` or
+    ``architectures`` (``config_from_hf`` says which of those it cannot read).
 
-    (A training run directory has a ``config.json`` too, our run config, without one.)
+    (A training run directory has a ``config.json`` too, our run config, with neither.)
     """
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         return False
     try:
-        return "model_type" in json.loads(cfg_file.read_text())
-    except json.JSONDecodeError:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return True  # an HF folder with a broken config.json: read_hf_config says so
+    return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
 # ------------------------------------------------------------------- loading

@@ -48,6 +48,8 @@ NAMES = {"gpt_neox": "GPT-NeoX", "llama": "Llama", "mistral": "Mistral", "qwen2"
 FAMILIES = tuple(t for t in ARCHITECTURES if t != "gpt_neox")
 # The dense family whose attention (biases, QK-norm, window) each MoE family shares.
 ATTENTION_OF = {"qwen3_moe": "qwen3", "qwen2_moe": "qwen2", "mixtral": "mistral"}
+# Families whose sliding window is switched on by use_sliding_window, per layer.
+QWEN_WINDOWED = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 # transformers' default head_dim when config.json has none (Qwen3Config's is 128).
 _DEFAULT_HEAD_DIM = {"qwen3": 128}
 _REQUIRED = (
@@ -55,12 +57,39 @@ _REQUIRED = (
 )  # fmt: skip
 
 
-def check_model_type(model_type: Any) -> None:
+def check_supported(hf: dict[str, Any]) -> None:
+    """Refuse, naming the reason and what is supported, a ``config.json`` this module
+    cannot turn into a causal LM: an unknown ``model_type``, an ``architectures`` entry
+    that is not a causal LM (a classifier, a bare ``*Model`` without the LM head), or
+    weights stored quantized by another library (``quantization_config``)."""
+    model_type = hf.get("model_type")
+    supported = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
     if model_type not in ARCHITECTURES:
-        supported = ", ".join(f"{t!r} ({a})" for t, a in ARCHITECTURES.items())
+        said = f"model_type={model_type!r}" if model_type else "no model_type"
+        archs = f" (architectures={hf['architectures']})" if hf.get("architectures") else ""
         raise ConversionError(
-            f"config.json has model_type={model_type!r}, which neox_jax cannot convert; "
+            f"config.json has {said}{archs}, which neox_jax cannot convert; "
             f"supported model types: {supported}."
+        )
+    architectures = hf.get("architectures") or []
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    other = [a for a in architectures if not str(a).endswith("ForCausalLM")]
+    if other:
+        raise ConversionError(
+            f"config.json names the architecture {other[0]!r}, which is not a causal language "
+            f"model (no LM head to generate with); neox_jax loads "
+            f"{ARCHITECTURES[model_type]} for model_type={model_type!r} (supported: "
+            f"{supported}). Save the *ForCausalLM model instead (transformers' "
+            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...))."
+        )
+    quant = hf.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConversionError(
+            f"config.json has a quantization_config (quant_method={method!r}): the weights "
+            "are stored quantized by another library, which neox_jax does not read. Load the "
+            "original float checkpoint (quantize it with python -m neox_jax.quantize)."
         )
 
 
@@ -73,19 +102,30 @@ _ROPE_KEYS = {
     "yarn": ("original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
              "mscale", "mscale_all_dim", "truncate"),
 }  # fmt: skip
+HF_ROPE_TYPES = tuple(_ROPE_KEYS)  # the rope_type values read from and written to config.json
 
 
-def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
-    """``(rope_theta, partial_rotary_factor, rope_scaling)`` from either spelling:
-    transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` + ``rope_scaling``.
+def rope_from_hf(
+    hf: dict[str, Any], default_partial: float = 1.0
+) -> tuple[float, float, dict[str, Any] | None]:
+    """``(rope_theta, partial_rotary_factor, rope_scaling)`` of any family's config.json,
+    from either spelling: transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` +
+    ``rope_scaling`` (GPT-NeoX's 4.x files: ``rotary_emb_base`` + ``rotary_pct``).
 
     Missing values are filled as transformers' ``standardize_rope_params`` and rope
     functions fill them: ``original_max_position_embeddings`` from the top-level key or
-    ``max_position_embeddings``; a yarn ``factor`` from their ratio."""
+    ``max_position_embeddings``; a yarn ``factor`` from their ratio.
+
+    Args:
+      default_partial: the rotary fraction when config.json names none (GPT-NeoX: 0.25).
+    """
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    theta = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
+    partial = rope.get(
+        "partial_rotary_factor",
+        hf.get("partial_rotary_factor", hf.get("rotary_pct", default_partial)),
+    )
     kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     if kind == "default":
         return float(theta), float(partial), None
@@ -118,33 +158,54 @@ def _rope(hf: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
     return float(theta), float(partial), scaling
 
 
+def _layer_types(hf: dict[str, Any], model_type: str) -> list[str]:
+    """Each layer's attention ("sliding_attention" or "full_attention") as transformers'
+    config classes decide it: ``layer_types`` when config.json has it, else derived from
+    ``use_sliding_window`` and ``max_window_layers`` by the family's own rule."""
+    n = hf["num_hidden_layers"]
+    if model_type not in QWEN_WINDOWED:  # Mistral, Mixtral: the window (if any) everywhere
+        return ["sliding_attention" if hf.get("sliding_window") else "full_attention"] * n
+    if not hf.get("use_sliding_window", False) or hf.get("sliding_window") is None:
+        return ["full_attention"] * n  # transformers sets sliding_window to None then
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    first = hf.get("max_window_layers", 28)
+    if model_type == "qwen2_moe":  # every other layer below max_window_layers
+        sliding = [(i + 1) % 2 == 1 and i < first for i in range(n)]
+    elif model_type == "qwen3_moe":  # Qwen3MoeConfig has no per-layer types
+        sliding = [True] * n
+    else:  # qwen2, qwen3: the layers from max_window_layers on
+        sliding = [i >= first for i in range(n)]
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
 def _check_window(hf: dict[str, Any], model_type: str) -> int | None:
-    """The sliding window that applies, as transformers decides it, or None."""
-    window = hf.get("sliding_window")
-    if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
-        layer_types = hf.get("layer_types") or []
-        if not hf.get("use_sliding_window", False) and "sliding_attention" not in layer_types:
-            return None  # transformers ignores sliding_window then
-        if any(t != "sliding_attention" for t in layer_types):
-            raise ConversionError(
-                f"config.json mixes sliding and full attention layers (layer_types="
-                f"{sorted(set(layer_types))}, max_window_layers="
-                f"{hf.get('max_window_layers')}); neox_jax supports one window for all layers."
-            )
-    return window
+    """The sliding window of every layer, as transformers decides it, or None (no layer
+    slides); a config mixing windowed and full layers is refused."""
+    types = set(_layer_types(hf, model_type))
+    if types == {"full_attention"}:
+        return None
+    if types != {"sliding_attention"}:
+        raise ConversionError(
+            f"config.json mixes sliding and full attention layers (layer_types="
+            f"{sorted(types)}, use_sliding_window={hf.get('use_sliding_window')}, "
+            f"max_window_layers={hf.get('max_window_layers')}); neox_jax supports one window "
+            "for all layers (max_window_layers=0) or none (use_sliding_window=false)."
+        )
+    return hf["sliding_window"]
 
 
 def config_from_hf(hf: dict[str, Any], **overrides) -> ModelConfig:
     """``ModelConfig`` of a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict."""
-    model_type = hf.get("model_type")
-    check_model_type(model_type)
+    check_supported(hf)
+    model_type = hf["model_type"]
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ConversionError(
             f"config.json lacks {', '.join(missing)}: every {model_type} config.json names "
             f"{', '.join(_REQUIRED)}; restore the file from the original checkpoint."
         )
-    theta, partial, scaling = _rope(hf)
+    theta, partial, scaling = rope_from_hf(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
     family = ATTENTION_OF.get(model_type, model_type)
     head_dim = hf.get("head_dim") or _DEFAULT_HEAD_DIM.get(family) or hidden // heads
@@ -214,8 +275,14 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         raise ConversionError(f"rope_scaling {scaling} has no {t} equivalent in transformers.")
     family = ATTENTION_OF.get(t, t)
     if family in ("qwen2", "qwen3"):
-        out["use_sliding_window"] = config.sliding_window is not None
-        out["max_window_layers"] = config.num_hidden_layers if config.sliding_window else 0
+        # Qwen windows the layers from max_window_layers on (Qwen2-MoE: every other one
+        # below it), so one window everywhere is max_window_layers=0 and, for the
+        # classes that read it, every layer_types entry "sliding_attention".
+        windowed = config.sliding_window is not None
+        out["use_sliding_window"] = windowed
+        out["max_window_layers"] = 0 if windowed else config.num_hidden_layers
+        if windowed:
+            out["layer_types"] = ["sliding_attention"] * config.num_hidden_layers
     if t in ("llama", "qwen3", "qwen3_moe"):
         out["attention_bias"] = config.attention_bias
     if t == "qwen2_moe":

@@ -105,3 +105,17 @@ def train_byte_level_bpe(directory, texts, vocab_size, tokenizer_config):
     raw.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     return load_tokenizer(directory)
+
+
+def random_peft_model(model, lora_config, *, seed=0):
+    """``peft.get_peft_model(model, lora_config)`` with every ``lora_B`` drawn N(0, 0.3^2)
+    (peft starts B at zero, an adapter that changes nothing), in eval mode."""
+    import peft
+
+    model = peft.get_peft_model(model, lora_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    return model.eval()
