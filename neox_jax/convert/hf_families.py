@@ -190,7 +190,7 @@ def _check_window(hf: dict[str, Any], model_type: str) -> int | None:
             f"config.json mixes sliding and full attention layers (layer_types="
             f"{sorted(types)}, use_sliding_window={hf.get('use_sliding_window')}, "
             f"max_window_layers={hf.get('max_window_layers')}); neox_jax supports one window "
-            "for all layers (max_window_layers=0) or none (use_sliding_window=false)."
+            "on every layer or on none (use_sliding_window=false)."
         )
     return hf["sliding_window"]
 
