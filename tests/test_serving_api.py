@@ -262,6 +262,25 @@ def test_lm_eval_loglikelihood_requests(server, client, model_dir):
         assert choice.logprobs.token_logprobs == scored["logprobs"]["token_logprobs"][:-1]
 
 
+def test_lm_eval_remote_tokenizer(server, model_dir):
+    """lm-eval's local-completions tokenizes through the server by default when it has
+    vLLM's /tokenizer_info, /tokenize and /detokenize: lm-eval's own client against the
+    served tokenizer and chat template."""
+    from neox_jax.finetune.chat import ChatTemplate
+
+    lm_utils = pytest.importorskip("lm_eval.utils")
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    assert lm_utils.check_remote_tokenizer_support(url)
+    remote, tok = lm_utils.RemoteTokenizer(url), load_tokenizer(model_dir)
+    text = "hello world, hello model"
+    assert remote.encode(text) == tok.encode(text) and remote.decode(tok.encode(text)) == text
+    assert remote.eos_token_id == tok.eos_id
+    chat = [{"role": "user", "content": "hi"}]
+    assert remote.apply_chat_template(chat) == ChatTemplate.for_tokenizer(tok).render(chat, True)
+    code, reply = server.post("/detokenize", {"tokens": [10**6]})
+    assert code == 400 and "outside the tokenizer's vocabulary" in reply["error"]["message"]
+
+
 def test_lm_eval_generation_with_many_stop_strings(server, model_dir):
     """lm-eval's local-completions sends a task's whole ``until`` list and the eos text as
     ``stop`` (OpenAI takes 4, vLLM any number): a fifth stop string still cuts."""

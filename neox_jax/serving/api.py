@@ -7,8 +7,9 @@ submits its sequences (one per prompt and choice) and receives their events thro
 an asyncio queue fed with ``call_soon_threadsafe``. A call whose client goes away
 cancels its sequences, which frees their slots at the engine's next step.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics`` (Prometheus text).
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``
+(and ``/v1/models/{id}``), ``GET /health``, ``GET /metrics`` (Prometheus text), and vLLM's
+tokenizer endpoints (``tokenize_api``).
 """
 
 from __future__ import annotations
@@ -25,71 +26,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from neox_jax.errors import UserError
 from neox_jax.serving import legacy_logprobs as legacy
-from neox_jax.serving import protocol
-from neox_jax.serving.engine import CANCELLED, Engine, EngineStopped, Event, QueueFull
-from neox_jax.serving.engine import Request as Sequence_
+from neox_jax.serving import protocol, tokenize_api
+from neox_jax.serving.calls import Call
+from neox_jax.serving.engine import CANCELLED, Engine
 from neox_jax.serving.legacy_logprobs import LegacyLogprobs
 from neox_jax.serving.protocol import APIError, ChatRequest, CompletionRequest, bad
 
 ROUTES = (
-    "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics"
+    "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, "
+    "GET /metrics and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info"
 )
-
-
-class _Call:
-    """The sequences of one HTTP call and the queue their events arrive on."""
-
-    def __init__(self, engine: Engine, poll_s: float = 0.5):
-        self.engine, self.poll_s = engine, poll_s
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
-        self.sequences: list[Sequence_] = []
-
-    def add(self, ids, sampling, num_logprobs: int, row: int) -> None:
-        index = len(self.sequences)
-
-        def sink(event: Event, index=index) -> None:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
-
-        self.sequences.append(Sequence_(ids, sampling, sink, num_logprobs, row))
-
-    def check(self, ids, sampling) -> None:
-        """What submitting ``ids`` would check (the vocabulary, the limits), for a prompt
-        that is only scored."""
-        try:
-            self.engine.check(ids, sampling)
-        except UserError as e:
-            raise bad(str(e)) from None
-
-    def submit(self) -> None:
-        try:
-            self.engine.submit_many(self.sequences)
-        except UserError as e:
-            raise bad(str(e)) from None
-        except QueueFull as e:
-            raise APIError(429, f"too many requests: {e}", code="queue_full") from None
-        except EngineStopped as e:
-            raise APIError(503, str(e), code="shutting_down") from None
-
-    async def events(self, http: Request) -> AsyncIterator[tuple[int, Event]]:
-        """Every sequence's events until all are done; cancels them on the way out
-        (finished, client gone or an error)."""
-        remaining = len(self.sequences)
-        try:
-            while remaining:
-                try:
-                    index, event = await asyncio.wait_for(self.queue.get(), self.poll_s)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
-                remaining -= event.done
-                yield index, event
-        finally:
-            for s in self.sequences:
-                s.cancel()
 
 
 def create_app(
@@ -156,6 +103,10 @@ def create_app(
                 "model",
                 "model_not_found",
             )
+
+    tokenize_api.add_routes(
+        app, tok, check_model=check_model, max_len=engine.max_len, chat_template=chat_template
+    )
 
     def encode(prompt) -> list[list[int]]:
         """The prompt field as token-id lists (400 on empty or text without tokenizer)."""
@@ -248,7 +199,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
-    async def collect(call: _Call, http: Request) -> tuple[list, list, list, list]:
+    async def collect(call: Call, http: Request) -> tuple[list, list, list, list]:
         """A non-streamed call's outcome per sequence: text pieces, token ids, logprobs and
         finish reason."""
         n = len(call.sequences)
@@ -312,7 +263,7 @@ def create_app(
         generate = not (body.echo and body.max_tokens == 0)
         prompts, n = encode(body.prompt), body.n
         count = len(prompts) * n  # choices: prompt-major, as OpenAI and vLLM number them
-        call = _Call(engine)
+        call = Call(engine)
         for ids in prompts:
             limit = max_tokens_for(body, ids, body.max_tokens if generate else 1)
             sampling = body.sampling(limit, max_n)
@@ -415,7 +366,7 @@ def create_app(
         limit = body.max_completion_tokens  # newer clients' name for max_tokens
         limit = body.max_tokens if limit is None else limit
         sampling = body.sampling(max_tokens_for(body, ids, limit), max_n)
-        call = _Call(engine)
+        call = Call(engine)
         for j in range(body.n):
             call.add(ids, sampling, max(k, 1) if body.logprobs else 0, j)
         call.submit()
