@@ -1,7 +1,8 @@
 """Every entry point on every kind of model folder (issue #14, items 1 and 5).
 
 One tiny model is written once per module as each kind of artifact the loader reads: a
-Hugging Face folder, our checkpoint, a run directory, a LoRA run, int8 and int4 quantized
+Hugging Face folder, our checkpoint, a run directory, a LoRA run, a PEFT adapter folder (on
+the Hugging Face folder, without a tokenizer of its own), int8 and int4 quantized
 checkpoints. Each entry point reads it by path, the way a user's command does (sampling's
 ``load_generator``, ``Generator(config, params, model_path)``, ``evaluate``'s perplexity,
 the lm-eval adapter ``NeoxLM``, ``embed``, the server's engine), and its output is
@@ -9,7 +10,8 @@ compared with the same feature run on reference float parameters built in memory
 without the loader:
 
 * HF folder, checkpoint, run directory: the very parameters that were written;
-* LoRA run: the base with ``W + scale * A @ B`` folded in (``finetune.lora.merge``);
+* LoRA run, PEFT adapter: the base with ``W + scale * A @ B`` folded in
+  (``finetune.lora.merge``);
 * int8 / int4: the quantized parameters dequantized to float32 (what the quantized
   model computes, up to float32 round-off), plus a loose check against the float model.
 """
@@ -31,6 +33,7 @@ from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.evaluation import perplexity as ppl
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 from neox_jax.finetune.lora import LoraConfig, init_adapters, merge
+from neox_jax.finetune.peft_format import save_peft_adapter
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.model import ModelConfig, init_params
 from neox_jax.quant import QuantConfig, dequantize_params, quantize_params, save_quantized
@@ -46,7 +49,7 @@ CONFIG = ModelConfig(
     max_position_embeddings=64,
 )
 TEXT = "the quick brown fox jumps over the lazy dog. a cat sat on the mat, then ran."
-KINDS = ["hf", "checkpoint", "run", "lora_run", "int8", "int4"]
+KINDS = ["hf", "checkpoint", "run", "lora_run", "peft", "int8", "int4"]
 # Same float32 arrays through the same program: only summation order may differ.
 EXACT = dict(rtol=1e-5, atol=1e-5)
 # Quantized weights against their dequantized float copy: the int -> float conversion is
@@ -120,7 +123,13 @@ def artifacts(tmp_path_factory):
         "model_config": CONFIG.to_dict(),
     }
     (root / "lora" / "lora.json").write_text(json.dumps(record))
-    out["lora_run"] = (root / "lora", CONFIG, jax.device_get(merge(params, adapters, lora)))
+    merged = jax.device_get(merge(params, adapters, lora))
+    out["lora_run"] = (root / "lora", CONFIG, merged)
+    # The same adapters in PEFT's format on the HF folder: load_model merges them onto it.
+    save_peft_adapter(
+        CONFIG, adapters, lora, root / "peft", base_model_name_or_path=str(root / "hf")
+    )
+    out["peft"] = (root / "peft", CONFIG, merged)
     for bits, group in ((8, None), (4, 16)):
         qconfig = QuantConfig(bits=bits, group_size=group)
         qparams = quantize_params(CONFIG, params, qconfig)
