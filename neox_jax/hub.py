@@ -7,7 +7,8 @@
 Downloads go through ``huggingface_hub.snapshot_download`` into the usual cache
 (``HF_HUB_CACHE`` / ``HF_HOME``), fetching only the weights (safetensors; the
 ``pytorch_model*.bin`` files only when a revision has no safetensors, as Pythia's
-intermediate checkpoints may not), ``config.json`` and the tokenizer files. With
+intermediate checkpoints may not), ``config.json`` and the tokenizer files (a PEFT adapter
+repository: ``adapter_config.json`` and ``adapter_model.safetensors``; its base is another id). With
 ``HF_HUB_OFFLINE=1`` the cached snapshot is used and nothing touches the network.
 Nothing is fetched unless the string names no local path and looks like ``owner/name``.
 """
@@ -29,6 +30,7 @@ META_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "adapter_config.json",  # a PEFT adapter (its adapter_model.safetensors are weights)
 ]
 SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
 TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]

@@ -127,6 +127,40 @@ def test_config_and_tokenizer_lookups_fetch_no_weights(hub_cache, monkeypatch):
     assert not any(p.endswith((".safetensors", ".bin")) for patterns in asked for p in patterns)
 
 
+def test_a_peft_adapter_by_hub_id_merges_onto_its_base_by_hub_id(hub_cache, tmp_path, monkeypatch):
+    """An adapter repository names its base as another Hub id; both resolve, the adapter
+    is merged onto the base, and the base's tokenizer serves it."""
+    from neox_jax.finetune.lora import LoraConfig, init_adapters, merge
+    from neox_jax.finetune.peft_format import save_peft_adapter
+    from neox_jax.loading import find_tokenizer, load_model
+
+    base = hub_cache / "models--neox-test--tiny" / "snapshots" / REVISIONS["main"]
+    lora = LoraConfig(rank=2, alpha=4.0, targets=("query_key_value",))
+    adapters = jax.tree.map(
+        lambda a: np.full(a.shape, 0.1, np.float32),
+        init_adapters(TINY, lora, jax.random.key(0)),
+    )
+    save_peft_adapter(TINY, adapters, lora, tmp_path / "adapter",
+                      base_model_name_or_path="neox-test/tiny")  # fmt: skip
+    repos = {"me/tiny-lora": tmp_path / "adapter", "neox-test/tiny": base}
+    asked = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        asked.append((repo_id, list(allow_patterns)))
+        return str(repos[repo_id])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    _, params = load_model("me/tiny-lora")
+    assert "adapter_config.json" in asked[0][1] and "*.safetensors" in asked[0][1]
+    _, base_params = load_model(base)
+    want = jax.device_get(merge(base_params, adapters, lora))
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        # The same merge of the same arrays (load_model runs it under jit, which may fuse
+        # the add): at most float32 round-off apart.
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-7)
+    assert find_tokenizer("me/tiny-lora") == base
+
+
 def test_missing_model_offline_says_what_is_wrong(hub_cache):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_cache))
     script = "from neox_jax import hub; hub.resolve('neox-test/absent')"
