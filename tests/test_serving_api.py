@@ -214,18 +214,19 @@ def test_bad_requests_get_openai_errors(server, body, status, fragment):
     assert reply["error"]["type"] == "invalid_request_error"
 
 
-def test_malformed_json_chat_errors_and_queue_limit(server):
+def test_malformed_json_chat_errors_and_oversized_call(server):
     code, reply = server.post("/v1/completions", raw=b'{"model": ')
     assert code == 400 and "not valid JSON" in reply["error"]["message"]
     code, reply = server.post("/v1/chat/completions", {"model": server.name, "messages": []})
     assert code == 400 and "messages" in reply["error"]["message"]
     bad_role = {"model": server.name, "messages": [{"role": "wizard", "content": "x"}]}
     assert server.post("/v1/chat/completions", bad_role)[0] == 400
-    # More choices than the queue holds: refused whole, with 429.
+    # More sequences than the queue could ever hold (prompts x n): a 400 saying what to
+    # send instead, not a 429 that a client would retry in vain.
     code, reply = server.post(
-        "/v1/completions", {"model": server.name, "prompt": "x", "n": QUEUE + 1}
+        "/v1/completions", {"model": server.name, "prompt": ["x", "y"], "n": 3}
     )
-    assert code == 429 and "retry later" in reply["error"]["message"]
+    assert code == 400 and f"queues at most {QUEUE}" in reply["error"]["message"]
 
 
 def test_lm_eval_loglikelihood_requests(server, client, model_dir):

@@ -82,6 +82,12 @@ class Admission:
         """Queue all or none of ``requests`` (the ``n`` choices of one API call)."""
         for r in requests:
             self.check(r.prompt_ids, r.sampling)
+        if len(requests) > self.max_queue:  # could never fit: no use retrying (no 429)
+            raise UserError(
+                f"this request needs {len(requests)} sequences (prompts x n) and the server "
+                f"queues at most {self.max_queue}: send fewer prompts or choices per request "
+                f"(lm-eval: batch_size <= {self.max_queue}) or raise --config.max_queue."
+            )
         with self._lock:
             if not self._accepting:
                 raise EngineStopped("the server is shutting down.")
