@@ -297,3 +297,63 @@ def _tokenizer_json(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(tmp_path / "tokenizer.json"))
     return tmp_path / "tokenizer.json"
+
+
+# ------------------------------------------------------------------ tokenizer files
+CORPUS = ["the quick brown fox jumps over the lazy dog", "naïve café in Zürich, 東京 12345"] * 20
+TEXTS = ["the lazy café", "東京 fox!", "  two  spaces ", "unseen ωmega <|im_start|>x"]
+
+
+def _unigram_fast():
+    """A Unigram tokenizer (T5/Llama-2-style metaspace) trained here, wrapped as
+    transformers' PreTrainedTokenizerFast with its special tokens and one added token."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    raw = Tokenizer(models.Unigram())
+    raw.normalizer = normalizers.NFKC()
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    specials = ["<pad>", "</s>", "<unk>", "<s>"]
+    trainer = trainers.UnigramTrainer(vocab_size=120, special_tokens=specials, unk_token="<unk>")
+    raw.train_from_iterator(CORPUS, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="</s>", bos_token="<s>", pad_token="<pad>",
+        unk_token="<unk>",
+    )  # fmt: skip
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    return fast
+
+
+def _assert_same_tokenizer(folder):
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    ours, ref = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    for text in TEXTS:
+        ids = ref(text, add_special_tokens=False)["input_ids"]
+        assert ours.encode(text) == ids, text
+        assert ours.decode(ids) == ref.decode(ids)
+    assert (ours.eos_id, ours.bos_id, ours.pad_id) == (
+        ref.eos_token_id,
+        ref.bos_token_id,
+        ref.pad_token_id,
+    )
+    return ours
+
+
+def test_tokenizer_saved_by_transformers(tmp_path):
+    _unigram_fast().save_pretrained(tmp_path)
+    assert _assert_same_tokenizer(tmp_path).eos_id is not None
+
+
+def test_special_tokens_named_only_in_special_tokens_map(tmp_path):
+    """Older exports name eos/bos/pad only in special_tokens_map.json (transformers reads
+    it after tokenizer_config.json, so it also wins over a differing entry there)."""
+    _unigram_fast().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    specials = {k: config.pop(k) for k in ("eos_token", "bos_token", "pad_token")}
+    config["eos_token"] = "<unk>"  # overridden by the map
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    specials["pad_token"] = {"content": specials["pad_token"], "special": True}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(specials))
+    ours = _assert_same_tokenizer(tmp_path)
+    assert ours.id_to_token(ours.eos_id) == "</s>"

@@ -28,8 +28,9 @@ from neox_jax.errors import UserError
 HF_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
 # The files that make up a tokenizer folder (what a checkpoint or an export copies).
-TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, "special_tokens_map.json", SPM_FILE)
+TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE)
 _SPM_NAMES = (SPM_FILE, "spm.model")
 # Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
 # model declares none). GPT-NeoX/Pythia use <|endoftext|> to end and to start documents.
@@ -94,9 +95,10 @@ class Tokenizer(abc.ABC):
     skip_special_tokens=False)` (1-D ids; special tokens are written out unless skipped),
     `vocab_size` (every id is below it), and `token_to_id` / `id_to_token` (None when absent).
 
-    `eos_id`, `bos_id`, `pad_id` (int or None) come from `tokenizer_config.json` beside the file
-    when it names them (`eos_token`, ...: a string or a dict with "content"), else from the
-    backend's own declarations, else from the well-known strings in `_CANDIDATES`.
+    `eos_id`, `bos_id`, `pad_id` (int or None) come from `special_tokens_map.json` or
+    `tokenizer_config.json` beside the file when they name them (`eos_token`, ...: a string or
+    a dict with "content"; the map wins, as in transformers), else from the backend's own
+    declarations, else from the well-known strings in `_CANDIDATES`.
     """
 
     file_name: str  # canonical name used by `save_to`
@@ -105,15 +107,24 @@ class Tokenizer(abc.ABC):
         self.path = path
         config_path = path.parent / CONFIG_FILE
         self._config = _read_json(config_path) if config_path.is_file() else {}
-        self._special = {k: self._resolve_special(k, config_path) for k in _CANDIDATES}
+        # Older exports name the special tokens only in special_tokens_map.json; transformers
+        # reads it after tokenizer_config.json, so its tokens win.
+        map_path = path.parent / SPECIAL_MAP_FILE
+        mapped = _read_json(map_path) if map_path.is_file() else {}
+        self._named = {
+            f"{k}_token": (v, map_path if mapped.get(f"{k}_token") else config_path)
+            for k in _CANDIDATES
+            if (v := mapped.get(f"{k}_token") or self._config.get(f"{k}_token"))
+        }
+        self._special = {k: self._resolve_special(k) for k in _CANDIDATES}
 
-    def _resolve_special(self, kind: str, config_path: Path) -> int | None:
-        value = self._config.get(f"{kind}_token")
+    def _resolve_special(self, kind: str) -> int | None:
+        value, source = self._named.get(f"{kind}_token", (None, None))
         if isinstance(value, dict):
             value = value.get("content")
         if value:
             if (idx := self.token_to_id(value)) is None:
-                raise ValueError(f"{config_path}: {kind}_token {value!r} is not in {self.path}")
+                raise ValueError(f"{source}: {kind}_token {value!r} is not in {self.path}")
             return idx
         found = (self._special_token_id(t) for t in _CANDIDATES[kind])
         return next((i for i in (self._declared_special(kind), *found) if i is not None), None)
