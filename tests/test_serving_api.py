@@ -193,6 +193,8 @@ BAD = [
     ({"model": "{m}"}, 400, "prompt"),
     ({"model": "{m}", "prompt": "x", "logprobs": 9}, 400, "logprobs"),
     ({"model": "{m}", "prompt": [10**6]}, 400, "outside the vocabulary"),
+    # only scored (echo, max_tokens 0), still checked as a generation would be
+    ({"model": "{m}", "prompt": [10**6], "echo": True, "max_tokens": 0}, 400, "vocabulary"),
     ({"model": "{m}", "prompt": "x", "stop": [str(i) for i in range(33)]}, 400, "stop"),
     # fields that would change the output and are not implemented: refused, not ignored
     ({"model": "{m}", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),

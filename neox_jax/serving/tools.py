@@ -143,7 +143,8 @@ def _named(choice) -> str | None:
 
 
 def messages(body: ChatRequest) -> list[dict]:
-    """The request's messages as the template takes them (400 on bad call arguments)."""
+    """The request's messages as the template takes them (400 on bad call arguments or a
+    content part that is not text)."""
     out = [m.for_template(i) for i, m in enumerate(body.messages)]
     try:
         return tc.for_template(out)
