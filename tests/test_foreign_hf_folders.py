@@ -242,6 +242,35 @@ def test_truncated_safetensors_is_named_and_convert_writes_nothing(neox_folder, 
     assert not (tmp_path / "out").exists()
 
 
+class _NotATensor:  # what a pickled checkpoint may carry besides tensors
+    pass
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign object"])
+def test_unreadable_pytorch_bin_is_named_and_convert_writes_nothing(damage, tmp_path):
+    from neox_jax.convert.__main__ import COMMAND
+
+    model = make_hf_model()
+    model.config.save_pretrained(tmp_path / "bin")
+    state = dict(model.state_dict())
+    if damage == "foreign object":
+        state["extra"] = _NotATensor()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    if damage == "truncated":
+        data = (tmp_path / "bin" / "pytorch_model.bin").read_bytes()
+        (tmp_path / "bin" / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    message = {
+        "truncated": r"pytorch_model.bin is truncated or not a PyTorch checkpoint",
+        "foreign object": r"pytorch_model.bin holds objects other than tensors \(e.g. "
+        r".*_NotATensor\).*does not unpickle",
+    }[damage]
+    with pytest.raises(ConversionError, match=message):
+        load_model(tmp_path / "bin")
+    flags = [f"--config.src={tmp_path / 'bin'}", f"--config.dst={tmp_path / 'out'}"]
+    assert COMMAND(["neox_jax.convert", *flags, "--config.to=neox"]) == 2  # a user error
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------ PEFT adapters
 def _peft_adapter(base, out, targets, base_name=None):
     """A LoRA adapter written by peft itself, with non-zero B so it changes the logits."""

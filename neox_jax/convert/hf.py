@@ -218,8 +218,7 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
         # Or convert the checkpoint to safetensors elsewhere.
         torch = require("torch", f"reading {path}'s pytorch_model.bin files")
         for file in _shard_files(path, TORCH_INDEX, TORCH_SINGLE):
-            # weights_only=True: never unpickle arbitrary objects from a checkpoint.
-            state = torch.load(str(file), map_location="cpu", weights_only=True)
+            state = _torch_load(torch, file)
             for name in list(state):
                 tensor = state.pop(name)
                 yield name, _torch_to_numpy(tensor)
@@ -229,6 +228,32 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             f"{path} has no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_SINGLE} "
             f"or {TORCH_INDEX}."
         )
+
+
+def _torch_load(torch, file: Path) -> dict[str, Any]:
+    """The state dict in ``file``, read with ``weights_only=True`` (never unpickling
+    arbitrary objects from a checkpoint); a file that cannot be read that way is a
+    ``ConversionError`` naming it."""
+    import pickle
+
+    try:
+        state = torch.load(str(file), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"e.g. {found[1]}" if found else str(e).splitlines()[0][:160]
+        raise ConversionError(
+            f"{file} holds objects other than tensors ({what}), which "
+            "neox_jax does not unpickle (torch.load weights_only=True); where you trust the "
+            "file, convert it to model.safetensors with transformers first."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ConversionError(
+            f"{file} is truncated or not a PyTorch checkpoint ({str(e).split('. ')[0][:160]}); "
+            "download or copy it again."
+        ) from None
+    if not isinstance(state, dict):
+        raise ConversionError(f"{file} holds a {type(state).__name__}, not a state dict.")
+    return state
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
