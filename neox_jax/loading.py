@@ -44,7 +44,13 @@ from neox_jax.convert.checkpoint import (
     load_checkpoint,
     read_model_config,
 )
-from neox_jax.convert.hf import config_from_hf, is_hf_folder, load_hf, read_hf_config
+from neox_jax.convert.hf import (
+    config_from_hf,
+    has_hf_weights,
+    is_hf_folder,
+    load_hf,
+    read_hf_config,
+)
 from neox_jax.data.tokenizer import Tokenizer, load_tokenizer
 from neox_jax.errors import UserError, load_json
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
@@ -88,10 +94,11 @@ def artifact_kind(path: str | os.PathLike) -> str:
     path = local_path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist.")
+    # A PEFT adapter folder may carry its base's config.json (trainers save it beside).
+    if (path / ADAPTER_CONFIG).is_file() and not has_hf_weights(path):
+        return "peft"
     if is_hf_folder(path):
         return "hf"
-    if (path / ADAPTER_CONFIG).is_file():
-        return "peft"
     if is_quantized_checkpoint(path):
         return "quantized"
     if is_model_checkpoint(path):

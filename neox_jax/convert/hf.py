@@ -196,6 +196,14 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
     return isinstance(config, dict) and ("model_type" in config or "architectures" in config)
 
 
+def has_hf_weights(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds Hugging Face model weights (safetensors or torch, single or
+    sharded), as opposed to, e.g., a PEFT adapter folder with its base's config.json."""
+    return any(
+        (Path(path) / f).is_file() for f in (SAFE_SINGLE, SAFE_INDEX, TORCH_SINGLE, TORCH_INDEX)
+    )
+
+
 # ------------------------------------------------------------------- loading
 def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(name, array)`` one tensor at a time from safetensors or torch files."""
