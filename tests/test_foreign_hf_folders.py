@@ -100,6 +100,18 @@ def test_gpt_neox_folder_gives_transformers_logits(case, tmp_path):
     _assert_same_model(tmp_path, length)
 
 
+@pytest.mark.parametrize("case", ["rope-dynamic", "rope-yarn"])
+def test_gpt_neox_rope_types_export_back_to_transformers(case, tmp_path):
+    """save_hf writes the RoPE type it read, so transformers runs the export as it ran
+    the original (beyond the trained context, where the scalings act)."""
+    overrides, _, length = NEOX[case]
+    make_hf_model(tmp_path / "hf", max_position_embeddings=32, **overrides)
+    save_hf(*load_model(tmp_path / "hf"), tmp_path / "back")
+    ids = _ids(peek_config(tmp_path / "hf").vocab_size, length)
+    # The same fp32 weights in both folders, run by transformers: round-off only.
+    assert_logits_close(_reference(tmp_path / "back", ids), _reference(tmp_path / "hf", ids))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_weights(dtype, tmp_path):
     """Weights saved in fp16/bf16 (config.json's dtype says so) read exactly as stored."""
