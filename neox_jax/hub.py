@@ -32,7 +32,10 @@ META_FILES = [
     "tokenizer.model",
     "adapter_config.json",  # a PEFT adapter (its adapter_model.safetensors are weights)
 ]
-SAFETENSORS = ["*.safetensors", "*.safetensors.index.json"]
+# The names the loader reads (transformers' model.safetensors / model-0000k-of-0000n and
+# their index; peft's adapter_model): not "*.safetensors", which would also fetch, e.g.,
+# Mistral's consolidated.safetensors, a second full copy in another layout.
+SAFETENSORS = ["model*.safetensors", "model.safetensors.index.json", "adapter_model.safetensors"]
 TORCH_BIN = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
