@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from neox_jax.errors import UserError
 from neox_jax.model.config import ModelConfig
@@ -135,7 +136,12 @@ def test_duplicate_key_across_files_is_refused(tmp_path):
         ({"bf16": {"enabled": True}}, "precision fields conflict"),
         ({"train_batch_size": 100}, "train_batch_size=100 conflicts"),
         ({"pos_emb": "learned"}, "pos_emb"),
-        ({"norm": "rmsnorm"}, "norm='rmsnorm' changes the model"),
+        ({"norm": "scalenorm"}, "norm='scalenorm' changes the model"),
+        ({"norm": "rmsnorm"}, "rmsnorm with activation='gelu'"),  # Llama-style needs gating
+        ({"activation": "swiglu"}, "norm=layernorm with a gated activation"),
+        ({"num_kv_heads": 4}, "norm=layernorm with num_kv_heads"),
+        ({"intermediate_size": 3071}, "intermediate_size=3071.*cannot run"),  # odd: 3072 vs 3071
+        ({"num_layers": "twelve"}, "num_layers='twelve' must be a whole number"),
         ({"optimizer": {"type": "SM3", "params": {}}}, "SM3"),
         ({"seq_length": 4096}, "exceeds max_position_embeddings"),
         ({"attention_config": [[["global"], 6], [["local"], 6]]}, r"uses \['local'\]"),
@@ -208,3 +214,99 @@ def test_neox_schedule_runs_inside_a_jitted_update():
     assert lr0 == pytest.approx(1e-3 / 1430, rel=1e-5)  # GPT-NeoX: lr * max(1, 0) / warmup
     assert float(updates["bias"][0]) == pytest.approx(-lr0, rel=1e-4)
     assert float(jax.jit(schedule)(jnp.int32(71_500))) == pytest.approx(float(schedule(71_500)))
+
+
+# GPT-NeoX's configs/llama2/7B.yml and 70B.yml (model part, verbatim but for the comments).
+LLAMA2_7B = """
+"pipe_parallel_size": 1
+"model_parallel_size": 1
+"make_vocab_size_divisible_by": 1
+"num_layers": 32
+"hidden_size": 4096
+"intermediate_size": 32768
+"num_attention_heads": 32
+"seq_length": 4096
+"max_position_embeddings": 4096
+"pos_emb": "rotary"
+"rotary_pct": 1
+"no_weight_tying": true
+"gpt_j_residual": false
+"output_layer_parallelism": "column"
+"norm": "rmsnorm"
+"rms_norm_epsilon": 1.0e-5
+"scaled_upper_triang_masked_softmax_fusion": true
+"bias_gelu_fusion": false
+"use_bias_in_norms": false
+"use_bias_in_attn_linear": false
+"activation": "swiglu"
+"mlp_multiple_of": 256
+"""
+LLAMA2_70B = {
+    "num_layers": 80,
+    "hidden_size": 8192,
+    "intermediate_size": 86016,
+    "num_attention_heads": 64,
+    "num_kv_heads": 8,
+    "rotary_emb_base": 1000000,
+}
+# Meta's published widths (Hugging Face meta-llama/Llama-2-{7b,70b}-hf config.json): GPT-NeoX
+# writes 3 x them (32768 ~ 3 x 11008) and its ParallelMLP keeps 2/3, rounded up to mlp_multiple_of.
+LLAMA2_HF = {"7B": (11008, None), "70B": (28672, 8)}
+
+
+@pytest.mark.parametrize("size", sorted(LLAMA2_HF))
+def test_llama_configs_map_onto_our_llama_family(tmp_path, size):
+    (tmp_path / "llama.yml").write_text(LLAMA2_7B)
+    files = [str(tmp_path / "llama.yml")]
+    if size == "70B":
+        (tmp_path / "shape.yml").write_text(yaml.safe_dump(LLAMA2_70B))
+        base = yaml.safe_load(LLAMA2_7B)  # the 70B file: 7B's keys with these values
+        (tmp_path / "llama.yml").write_text(
+            yaml.safe_dump({k: v for k, v in base.items() if k not in LLAMA2_70B})
+        )
+        files.append(str(tmp_path / "shape.yml"))
+    t = translate(read_configs(files), num_gpus=8)
+    assert t.unknown == [] and "use_bias_in_norms" in t.ignored
+    model = {k.split(".", 1)[1]: v for k, v in t.overrides.items() if k.startswith("model.")}
+    config = ModelConfig(**model)  # a valid model of our Llama family
+    width, kv_heads = LLAMA2_HF[size]
+    assert (config.model_type, config.norm_type, config.hidden_act) == ("llama", "rmsnorm", "silu")
+    assert config.gated_mlp and not config.fused_qkv and not config.attention_bias
+    assert config.intermediate_size == width
+    assert config.num_key_value_heads == kv_heads
+    assert config.layer_norm_eps == 1e-5 and config.rotary_pct == 1.0
+    assert config.mlp_bias  # GPT-NeoX's use_bias_in_mlp defaults to true; this file keeps it
+    assert not config.tie_word_embeddings and not config.use_parallel_residual
+    assert config.vocab_size == 50257  # GPT-2 BPE (the default tokenizer), padded to 1
+
+
+def test_mistral_sliding_window_and_inconsistent_width(tmp_path):
+    base = {**yaml.safe_load(LLAMA2_7B), "num_kv_heads": 8, "sliding_window_width": 4096,
+            "seq_length": 8192, "max_position_embeddings": 131072,
+            "attention_config": [[["flash"], 32]]}  # fmt: skip
+    base.pop("mlp_multiple_of")
+    # GPT-NeoX's configs/mistral/7B.yml says 14336 (Mistral's width) with mlp_multiple_of 1:
+    # ParallelMLP makes linear1 2 * 4779 wide and linear2 4778, so GPT-NeoX cannot build it.
+    with pytest.raises(UserError, match="intermediate_size=14336.*43008"):
+        translate({**base, "intermediate_size": 14336})
+    t = translate({**base, "intermediate_size": 43008})
+    model = {k.split(".", 1)[1]: v for k, v in t.overrides.items() if k.startswith("model.")}
+    config = ModelConfig(**model)
+    assert (config.model_type, config.intermediate_size, config.kv_heads) == ("mistral", 14336, 8)
+    # flash_attn's window_size=(4096, -1): each query sees itself and 4096 keys before it.
+    assert config.sliding_window == 4097
+    global_attn = translate({**base, "intermediate_size": 43008, "attention_config": None})
+    assert "model.sliding_window" not in global_attn.overrides  # GPT-NeoX: flash only
+    assert any("sliding_window_width" in n for n in global_attn.notes)
+
+
+def test_defaults_and_known_keys_follow_gpt_neox(tmp_path):
+    neox = read_configs([str(DATA / "pythia" / "70M.yml")])
+    neox.pop("weight_decay")
+    extra = {"layernorm_fusion": False, "te_fp8_mha": False, "finetune": True, "comment": "x"}
+    t = translate({**neox, **extra}, num_gpus=32)
+    assert t.overrides["optimizer.weight_decay"] == 0.1  # neox_args.py's default
+    assert t.unknown == [] and set(extra) <= set(t.ignored)
+    numbers = translate({**neox, "train_iters": "1000", "min_lr": "1e-5"}, num_gpus=32)
+    assert numbers.overrides["train.steps"] == 1000
+    assert numbers.overrides["optimizer.min_lr_ratio"] == pytest.approx(1e-5 / 1e-3)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,14 @@ from typing import Any
 import yaml
 
 from neox_jax.errors import UserError
+from neox_jax.neox_compat.model_config import KERNEL, model_fields
 
-# The 20B tokenizer's size (EleutherAI's 20B_tokenizer.json, Pythia's and NeoX-20B's),
-# assumed when the config's vocab_file cannot be read (the note says so).
-NEOX_20B_TOKENIZER_SIZE = 50277
 # The config GPT-NeoX overrides apply to when no --config is given: every model field
 # is overridden, the rest (mesh, remat, sampling) are a published size's defaults.
 BASE_CONFIG = f"{Path(__file__).resolve().parents[2] / 'configs' / 'pretrain.py'}:pythia-70m"
 
 _SYSTEM = "a DeepSpeed/launcher setting with no effect on what is computed"
-_KERNEL = "a CUDA kernel/fusion choice; XLA fuses on its own (model.attention_impl picks kernels)"
+_KERNEL = KERNEL
 _PARALLEL = (
     "GPT-NeoX's GPU layout; choose ours with --config.mesh.* "
     "(used here only for vocab padding and the batch)"
@@ -55,7 +52,8 @@ IGNORED = {
                      "checkpoint_validation_with_forward_pass", "amp", "comms_logger"), _SYSTEM),
     **dict.fromkeys(("scaled_upper_triang_masked_softmax_fusion", "scaled_masked_softmax_fusion",
                      "bias_dropout_fusion", "rope_fusion", "fp16_lm_cross_entropy",
-                     "use_flash_attention"), _KERNEL),
+                     "use_flash_attention", "layernorm_fusion", "rmsnorm_fusion",
+                     "use_flashattn_swiglu", "rotary_save_freqs_buffer"), _KERNEL),
     "bias_gelu_fusion": _KERNEL + "; note GPT-NeoX's fused bias-GeLU is the tanh approximation, "
     "while the released Pythia/HF configs use exact gelu, which is what neox_jax uses",
     **dict.fromkeys(("log_interval_rank0", "steps_per_print", "wall_clock_breakdown",
@@ -70,31 +68,21 @@ IGNORED = {
     "load": "resume reads --workdir; start from other weights with --config.train.init_from",
     "test_data_paths": "neox_jax has no test split (train and eval only)",
     "test_data_weights": "neox_jax has no test split (train and eval only)",
+    **dict.fromkeys(("autotuning", "autotuning_config", "comment", "no_ssh_check",
+                     "force_multi", "master_port", "master_addr"), _SYSTEM),
+    "finetune": "GPT-NeoX's fine-tuning start (the `load` weights, step 0, a fresh optimizer); "
+    "here: --config.train.init_from=<its global_stepN folder>",
+    "use_bias_in_norms": "declared by GPT-NeoX but read nowhere: its LayerNorm always has a "
+    "bias, its RMSNorm none, as neox_jax builds them",
+    "use_bnb_optimizer": "bitsandbytes' 8-bit Adam states; neox_jax's AdamW keeps them in fp32",
+    "split": "only read with data_path (train_data_paths name every split's files)",
     "hidden_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
     "attention_dropout": "neox_jax has no dropout (every Pythia config sets 0)",
 }  # fmt: skip
-# GPT-NeoX keys that change the model, with the value (GPT-NeoX's default or what
-# neox_jax builds) that is accepted; any other value is refused.
-MODEL_ONLY = {
-    "norm": "layernorm",
-    "mlp_type": "regular",
-    "gpt_j_tied": False,
-    "use_bias_in_norms": True,
-    "use_bias_in_mlp": True,
-    "scalenorm_epsilon": None,
-    "sliding_window_width": None,
-    "num_unique_layers": None,
-    "use_qk_layernorm": False,
-    "opt_pos_emb_offset": 0,
-    "use_mup": False,
-    "moe_num_experts": 1,
-}
 # GPT-NeoX keys that change which tokens each step sees, with the value data.order=neox
 # reproduces; any other value is refused.
 DATA_ORDER_KEYS = {"pack_impl": "packed", "weight_by_num_documents": False,
                    "dataset_impl": "gpt2", "train_epochs": None}  # fmt: skip
-INIT_METHODS = {"init_method": "small_init", "output_layer_init_method": "wang_init"}
-ACTIVATIONS = {"gelu": "gelu", "relu": "relu"}
 PRECISIONS = {"fp16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32"}
 
 
@@ -159,110 +147,6 @@ def _get(neox: dict, used: set, key: str, default=None):
     return neox.get(key, default)
 
 
-def _padded_vocab(neox, used, t: Translation, tokenizer_vocab_size: int | None) -> int:
-    """GPT-NeoX's ``_vocab_size_with_padding``: round up to divisible * model-parallel."""
-    size = tokenizer_vocab_size
-    vocab_file = _get(neox, used, "vocab_file")
-    kind = _get(neox, used, "tokenizer_type", "GPT2BPETokenizer")
-    if size is None and kind == "GPT2BPETokenizer":
-        size = 50257  # GPT-2's BPE vocabulary, GPT-NeoX's default tokenizer
-    if size is None and kind == "HFTokenizer" and vocab_file and os.path.isfile(vocab_file):
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(vocab_file).get_vocab_size()
-    if size is None:
-        size = NEOX_20B_TOKENIZER_SIZE
-        t.notes.append(
-            f"tokenizer size unknown (vocab_file {vocab_file or 'not set'} not readable here): "
-            f"assuming {size}, the 20B tokenizer's (Pythia's); pass the real size with "
-            "--neox_vocab_size=N"
-        )
-    multiple = _get(neox, used, "make_vocab_size_divisible_by", 128) * max(
-        1, _get(neox, used, "model_parallel_size", 1) or 1
-    )
-    return int(math.ceil(size / multiple) * multiple)
-
-
-def _model(neox, used, t: Translation, tokenizer_vocab_size) -> dict[str, Any]:
-    g = lambda key, default=None: _get(neox, used, key, default)  # noqa: E731
-    pos_emb = g("pos_emb", "learned")
-    if pos_emb != "rotary":
-        raise UserError(
-            f"GPT-NeoX pos_emb={pos_emb!r} (GPT-NeoX's default when absent is 'learned') is not "
-            "supported: neox_jax models use rotary embeddings; set pos_emb: rotary."
-        )
-    for key, accepted in MODEL_ONLY.items():
-        if g(key, accepted) != accepted:
-            raise UserError(
-                f"GPT-NeoX {key}={neox[key]!r} changes the model into one neox_jax cannot "
-                f"build (supported: {accepted!r})."
-            )
-    heads = g("num_attention_heads")
-    if g("num_kv_heads") not in (None, heads):
-        raise UserError("GPT-NeoX num_kv_heads (grouped-query attention) is not supported.")
-    activation = g("activation", "gelu")
-    if activation not in ACTIVATIONS:
-        raise UserError(
-            f"GPT-NeoX activation={activation!r} is not supported; use {list(ACTIVATIONS)}."
-        )
-    hidden, seq = g("hidden_size"), g("seq_length")
-    required = {"num_layers": g("num_layers"), "hidden_size": hidden,
-                "num_attention_heads": heads, "seq_length": seq}  # fmt: skip
-    missing = [k for k, v in required.items() if v is None]
-    if missing:
-        raise UserError(f"GPT-NeoX config lacks {', '.join(missing)}; GPT-NeoX requires them too.")
-    max_pos = g("max_position_embeddings") or seq
-    if max_pos < seq:
-        raise UserError(
-            f"GPT-NeoX seq_length={seq} exceeds max_position_embeddings={max_pos}; they conflict."
-        )
-    _check_attention_config(g("attention_config"), g("num_layers"))
-    if neox.get("attention_config") is not None:
-        t.ignored["attention_config"] = "full causal attention, as neox_jax computes; " + _KERNEL
-    if g("soft_prompt_tuning"):
-        raise UserError("GPT-NeoX soft_prompt_tuning adds parameters neox_jax does not have.")
-    for key, ours in INIT_METHODS.items():
-        if g(key, "normal") != ours:
-            t.ignored[key] = (
-                f"{neox.get(key, 'normal (default)')!r} not available: neox_jax always "
-                f"initialises with {ours}"
-            )
-    return {
-        "vocab_size": _padded_vocab(neox, used, t, tokenizer_vocab_size),
-        "hidden_size": hidden,
-        "num_hidden_layers": g("num_layers"),
-        "num_attention_heads": heads,
-        "intermediate_size": g("intermediate_size") or 4 * hidden,
-        "hidden_act": ACTIVATIONS[activation],
-        "rotary_pct": float(g("rotary_pct", 1.0)),
-        "rotary_emb_base": float(g("rotary_emb_base", 10000)),
-        "max_position_embeddings": max_pos,
-        "layer_norm_eps": float(g("layernorm_epsilon", 1e-5)),
-        "use_parallel_residual": bool(g("gpt_j_residual", False)),
-        "tie_word_embeddings": not g("no_weight_tying", False),
-        "attention_bias": bool(g("use_bias_in_attn_linear", True)),
-    }
-
-
-def _check_attention_config(config, num_layers) -> None:
-    """GPT-NeoX's ``[[[types], repeat], ...]``: only full causal attention ("global", or its
-    "flash" kernel) is the model neox_jax builds; local/sparse/linear types are refused."""
-    if config is None:
-        return
-    try:
-        kinds = {str(k) for types, _ in config for k in types}
-    except (TypeError, ValueError):
-        raise UserError(
-            f"GPT-NeoX attention_config={config!r} is not a list of [[types], repeat] pairs."
-        ) from None
-    other = sorted(kinds - {"global", "flash"})
-    if other:
-        raise UserError(
-            f"GPT-NeoX attention_config uses {other} attention over its {num_layers} layers; "
-            "neox_jax builds full causal attention only ('global' or 'flash')."
-        )
-
-
 def _precision(neox, used) -> str:
     """GPT-NeoX's ``calculate_derived`` precision: ``precision``, else the fp16/bf16 blocks."""
     precision = _get(neox, used, "precision")
@@ -302,7 +186,8 @@ def _optimizer(neox, used, t: Translation) -> dict[str, Any]:
         "optimizer.b2": float(betas[1]),
         "optimizer.eps": float(params.pop("eps", 1e-8)),
         "optimizer.min_lr_ratio": float(_get(neox, used, "min_lr", 0.0)) / lr if lr else 0.0,
-        "optimizer.weight_decay": float(_get(neox, used, "weight_decay", 0.01)),
+        # GPT-NeoX's default since its 2023-12 defaults update (#1107): 0.1
+        "optimizer.weight_decay": float(_get(neox, used, "weight_decay", 0.1)),
         "optimizer.grad_clip": float(_get(neox, used, "gradient_clipping", 1.0)),
         "optimizer.schedule": "neox",
         "optimizer.decay_style": _get(neox, used, "lr_decay_style", "linear"),
@@ -448,7 +333,8 @@ def translate(
 ) -> Translation:
     """Map merged GPT-NeoX args onto ``configs/pretrain.py`` fields (see the module doc)."""
     t, used = Translation(), set()
-    model = _model(neox, used, t, tokenizer_vocab_size)
+    model = model_fields(neox, lambda key, default=None: _get(neox, used, key, default), t,
+                         tokenizer_vocab_size)  # fmt: skip
     t.overrides.update({f"model.{k}": v for k, v in model.items()})
     precision = _precision(neox, used)
     t.overrides["model.dtype"] = PRECISIONS[precision]
@@ -463,6 +349,10 @@ def translate(
     for key in sorted(set(neox) - used):
         if key in IGNORED:
             t.ignored[key] = IGNORED[key]
+        elif key.startswith("te_"):  # Transformer Engine's layers and fp8 recipe
+            t.ignored[key] = (
+                "a Transformer Engine (fp8) kernel choice; neox_jax computes in model.dtype"
+            )
         else:
             t.unknown.append(key)
     return t
