@@ -2,14 +2,15 @@
 
 The format modules below know only their own layout (``convert/hf.py``: Hugging Face
 safetensors; ``convert/checkpoint.py``: our orbax checkpoints and run directories;
-``quant/checkpoint.py``: quantized checkpoints; ``finetune/lora.py``: LoRA adapters). This
-module is the one place that tells them apart (``artifact_kind``) and composes them:
+``quant/checkpoint.py``: quantized checkpoints; ``finetune/lora.py``: LoRA adapters;
+``finetune/peft_format.py``: PEFT adapter folders). This module is the one place that tells
+them apart (``artifact_kind``) and composes them:
 
 ==============  ==========================================  ==============================
 kind            how it is recognised                        what ``load_model`` returns
 ==============  ==========================================  ==============================
 ``hf``          ``config.json`` naming a ``model_type``      float params (``param_dtype``)
-``peft``        ``adapter_config.json`` (PEFT's LoRA)        its base (any float kind, from
+``peft``        ``adapter_config.json``, no model weights    its base (any float kind, from
                                                             ``base_model_name_or_path``) with
                                                             the adapter merged
 ``quantized``   ``params/ model_config/ quant_config/``      ``QuantizedWeight`` leaves
