@@ -20,20 +20,36 @@ LAYERS = 2
 ROTARY_PCT = 0.25  # given to make_hf_model (transformers 5 keeps it in rope_parameters)
 
 
+class _Ranks:
+    """Writes per-rank layer files as GPT-NeoX's pipeline saves them, and splits tensors
+    as its ParallelLinear layers hold them on ``tp`` ranks."""
+
+    def __init__(self, folder, tp):
+        self.folder, self.tp = folder, tp
+        folder.mkdir(parents=True)
+
+    def save(self, layer, per_rank):
+        for rank in range(self.tp):
+            state = {k: v[rank].contiguous() for k, v in per_rank.items()}
+            name = f"layer_{layer:02d}-model_{rank:02d}-model_states.pt"
+            torch.save(state, self.folder / name)
+
+    def rows(self, t):  # column-parallel outputs
+        return torch.chunk(t, self.tp, dim=0)
+
+    def cols(self, t):  # row-parallel inputs
+        return torch.chunk(t, self.tp, dim=1)
+
+    def same(self, t):  # replicated
+        return [t] * self.tp
+
+
 def write_neox_checkpoint(model, folder, tp, *, new_mlp_names=False):
     """``model``'s weights as GPT-NeoX saves them with tensor-parallel degree ``tp``."""
     cfg = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    folder.mkdir(parents=True)
-
-    def save(layer, per_rank):
-        for rank in range(tp):
-            state = {k: v[rank].contiguous() for k, v in per_rank.items()}
-            torch.save(state, folder / f"layer_{layer:02d}-model_{rank:02d}-model_states.pt")
-
-    rows = lambda t: torch.chunk(t, tp, dim=0)  # noqa: E731 - column-parallel outputs
-    cols = lambda t: torch.chunk(t, tp, dim=1)  # noqa: E731 - row-parallel inputs
-    same = lambda t: [t] * tp  # noqa: E731 - replicated
+    ranks = _Ranks(folder, tp)
+    save, rows, cols, same = ranks.save, ranks.rows, ranks.cols, ranks.same
     # Parallel residual: each rank adds its bias copy before the one all-reduce, so each
     # holds bias / tp; sequential: the bias is added once after it, every rank holds it.
     row_bias = (lambda t: [t / tp] * tp) if cfg.use_parallel_residual else same
@@ -171,3 +187,102 @@ def test_pipeline_run_mp_rank_files_without_weights_are_not_read_for_them(tmp_pa
         f.unlink()
     with pytest.raises(UserError, match="mp_rank_00_model_states.pt holds no weights"):
         load_model(tmp_path / "ckpt")
+
+
+def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=False):
+    """A transformers Llama/Mistral ``model`` as GPT-NeoX saves its Llama-style models
+    (norm: rmsnorm, activation: swiglu): RMSNorm ``scale``s, one ``query_key_value`` whose
+    rows are, per rank, its heads' [q, k, v] interleaved (every head has its own k/v) or
+    [q heads | k heads | v heads] (num_kv_heads), ``linear1`` = per rank [up | gate] (its
+    Gated_Activation's ``x, gate = chunk(2)``), ``linear2`` row-parallel."""
+    cfg = model.config
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = cfg.hidden_size // heads
+    ranks = _Ranks(folder, tp)  # sequential residual: row-parallel biases whole on each rank
+    save, rows, cols, same = ranks.save, ranks.rows, ranks.cols, ranks.same
+
+    def qkv(p, what):
+        q, k, v = (sd[f"{p}self_attn.{n}_proj.{what}"] for n in "qkv")
+        if kv_heads == heads:  # [heads, 3, head_dim, ...] in GPT-NeoX's strided layout
+            fused = torch.stack([t.reshape(heads, hd, *t.shape[1:]) for t in (q, k, v)], 1)
+            return rows(fused.reshape(3 * cfg.hidden_size, *q.shape[1:]))
+        return [torch.cat(parts) for parts in zip(rows(q), rows(k), rows(v), strict=True)]
+
+    def linear1(p, what):
+        up, gate = sd[f"{p}mlp.up_proj.{what}"], sd[f"{p}mlp.gate_proj.{what}"]
+        return [torch.cat(parts) for parts in zip(rows(up), rows(gate), strict=True)]
+
+    save(0, {"word_embeddings.weight": rows(sd["model.embed_tokens.weight"])})
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state = {
+            "input_layernorm.scale": same(sd[p + "input_layernorm.weight"]),
+            "post_attention_layernorm.scale": same(sd[p + "post_attention_layernorm.weight"]),
+            "attention.query_key_value.weight": qkv(p, "weight"),
+            "attention.dense.weight": cols(sd[p + "self_attn.o_proj.weight"]),
+            "mlp.linear1.weight": linear1(p, "weight"),
+            "mlp.linear2.weight": cols(sd[p + "mlp.down_proj.weight"]),
+        }
+        if getattr(cfg, "attention_bias", False):
+            state["attention.query_key_value.bias"] = qkv(p, "bias")
+            state["attention.dense.bias"] = same(sd[p + "self_attn.o_proj.bias"])
+        if getattr(cfg, "mlp_bias", False):
+            state["mlp.linear1.bias"] = linear1(p, "bias")
+            state["mlp.linear2.bias"] = same(sd[p + "mlp.down_proj.bias"])
+        save(i + 2, state)
+    n = cfg.num_hidden_layers
+    save(n + 3, {"norm.scale": same(sd["model.norm.weight"])})
+    if not cfg.tie_word_embeddings:
+        head = sd["lm_head.weight"]
+        save(n + 4, {"final_linear.weight": cols(head) if row_output else rows(head)})
+    (folder / "configs").mkdir()
+    neox_yml = {
+        "num_layers": n, "hidden_size": cfg.hidden_size, "num_attention_heads": heads,
+        "seq_length": 64, "max_position_embeddings": cfg.max_position_embeddings,
+        "pos_emb": "rotary", "rotary_pct": 1, "no_weight_tying": not cfg.tie_word_embeddings,
+        "gpt_j_residual": False, "norm": "rmsnorm", "rms_norm_epsilon": cfg.rms_norm_eps,
+        "activation": "swiglu", "intermediate_size": 3 * cfg.intermediate_size,
+        "use_bias_in_attn_linear": getattr(cfg, "attention_bias", False),
+        "use_bias_in_mlp": getattr(cfg, "mlp_bias", False),
+        "use_bias_in_norms": False, "model_parallel_size": tp,
+        "output_layer_parallelism": "row" if row_output else "column",
+        "optimizer": {"type": "Lion", "params": {"lr": 1e-4}},  # not the model's business
+    }  # fmt: skip
+    if kv_heads != heads:
+        neox_yml["num_kv_heads"] = kv_heads
+    if window is not None:  # GPT-NeoX applies it in flash attention only
+        neox_yml["sliding_window_width"] = window
+        neox_yml["attention_config"] = [[["flash"], n]]
+    (folder / "configs" / "llama.yml").write_text(yaml.safe_dump(neox_yml))
+
+
+@pytest.mark.parametrize(
+    "tp, kv_heads, biases, tied, window, row_output",
+    [
+        (1, 4, False, False, None, False),
+        (2, 4, True, True, None, False),
+        (2, 2, False, False, 4, True),  # GQA + sliding window, row-parallel output layer
+    ],
+)
+def test_neox_llama_checkpoint_logits_equal_hf(tmp_path, tp, kv_heads, biases, tied, window,
+                                               row_output):  # fmt: skip
+    import transformers
+    from helpers.hf_reference import random_causal_lm
+
+    kind = transformers.MistralConfig if window else transformers.LlamaConfig
+    extra = {"sliding_window": window + 1} if window else {"mlp_bias": biases}
+    # flash_attn's window_size=(w, -1) lets a query see itself and w keys before it:
+    # transformers' sliding_window counts the query too, so w + 1.
+    ref = random_causal_lm(kind(
+        vocab_size=96, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
+        attention_bias=biases, tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra,
+    ), seed=tp)  # fmt: skip
+    write_neox_llama_checkpoint(ref, tmp_path / "ckpt", tp, window=window, row_output=row_output)
+    config, params = load_model(tmp_path / "ckpt")
+    assert config.model_type == ("mistral" if window else "llama")
+    assert config.kv_heads == kv_heads
+    ids = np.random.default_rng(2).integers(0, 96, (2, 13))  # longer than the window
+    # fp32 on both sides; see assert_logits_close for why 1e-5 of the logit scale.
+    assert_logits_close(GPTNeoX(config).apply({"params": params}, ids), hf_logits(ref, ids))

@@ -29,7 +29,14 @@ their output rows (dim 0, torch's ``[out, in]``), row-parallel weights (``attent
 (each rank adds its copy before the one all-reduce, GPT-NeoX's ``gpt_j_residual``; the
 converter always sums, and every Pythia model is parallel) and taken from rank 0 for a
 sequential residual (added once, after the all-reduce). Files are read with
-``torch.load(weights_only=True)``, never unpickling arbitrary objects.
+``torch.load(weights_only=True)``, never unpickling arbitrary objects. The output layer
+is split by vocabulary rows, or by input columns with ``output_layer_parallelism: row``.
+
+GPT-NeoX's Llama-style models (``norm: rmsnorm``, ``activation: swiglu``; see
+model_config.py) load into our Llama family: RMSNorm ``scale``s, ``query_key_value`` split
+into q/k/v (per head ``[q, k, v]`` without ``num_kv_heads``, per rank ``[q | k | v]`` with
+it, as ``gqa_project`` splits it), ``linear1`` per rank ``[up | gate]`` (its
+``Gated_Activation`` chunks it so) or the older ``w1``/``w3``/``w2``.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ import numpy as np
 from neox_jax.convert.hf import params_from_hf_tensors
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
-from neox_jax.neox_compat.config import DATA_ORDER_KEYS, read_configs, translate
+from neox_jax.neox_compat.config import Translation, read_configs
+from neox_jax.neox_compat.model_config import model_fields
 from neox_jax.optional import require
 
 LAYER_FILE = "layer_{layer:02d}-model_{rank:02d}-model_states.pt"
@@ -210,9 +218,22 @@ def _merged(states, key: str, how: str, file: str) -> np.ndarray:
     return parts[0]
 
 
+def _output_layer(files: _Files, config: ModelConfig) -> np.ndarray:
+    """``final_linear.weight``: vocabulary rows split across ranks (GPT-NeoX's default
+    ``output_layer_parallelism: column``) or, for ``row``, its input columns."""
+    layer = config.num_hidden_layers + 4
+    head = files.layer(layer, "the output projection")
+    rows_split = head[0]["final_linear.weight"].shape[0] * files.tp == config.vocab_size
+    how = "rows" if rows_split or files.tp == 1 else "cols"
+    return _merged(head, "final_linear.weight", how, files.name(layer))
+
+
 def neox_hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
     """``(HF name, merged array)`` for every parameter, one layer at a time."""
     files = _Files(folder)
+    if config.model_type != "gpt_neox":
+        yield from _llama_tensors(files, config)
+        return
     n, name = config.num_hidden_layers, files.name
     embed = files.layer(0, "the input embedding")
     yield "gpt_neox.embed_in.weight", _merged(embed, "word_embeddings.weight", "rows", name(0))
@@ -231,8 +252,74 @@ def neox_hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, np
     for p in ("weight", "bias"):
         yield f"gpt_neox.final_layer_norm.{p}", _merged(final, f"norm.{p}", "mean", name(n + 3))
     if not config.tie_word_embeddings:
-        head = files.layer(n + 4, "the output projection")
-        yield "embed_out.weight", _merged(head, "final_linear.weight", "rows", name(n + 4))
+        yield "embed_out.weight", _output_layer(files, config)
+
+
+def _split_qkv(states, key: str, config: ModelConfig, file: str) -> list[np.ndarray]:
+    """GPT-NeoX's fused ``query_key_value`` rows (weight or bias) as full q, k, v.
+
+    Each rank holds its heads. With as many KV heads as query heads the rows are per
+    head ``[q, k, v]`` (GPT-NeoX's strided layout); with ``num_kv_heads`` they are the
+    rank's ``[q heads | k heads | v heads]`` (``gqa_project``)."""
+    hd, tp = config.head_dim, len(states)
+    _merged(states, key, "first", file)  # names a rank that lacks it
+    parts = [_numpy(s[key]) for s in states]
+    heads, kv = config.num_attention_heads // tp, config.kv_heads // tp
+    if config.kv_heads == config.num_attention_heads:
+        split = [p.reshape(heads, 3, hd, *p.shape[1:]) for p in parts]
+        qkv = [[x[:, j].reshape(heads * hd, *x.shape[3:]) for j in range(3)] for x in split]
+    else:
+        qkv = [np.split(p, [heads * hd, (heads + kv) * hd]) for p in parts]
+    return [np.concatenate([r[j] for r in qkv]) for j in range(3)]
+
+
+def _llama_tensors(files: _Files, config: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """GPT-NeoX's Llama-style models (RMSNorm ``scale``, gated ``linear1`` = per rank
+    ``[up | gate]``, as its ``Gated_Activation`` chunks it) under transformers' Llama names."""
+    name = files.name
+    embed = files.layer(0, "the input embedding")
+    yield "model.embed_tokens.weight", _merged(embed, "word_embeddings.weight", "rows", name(0))
+    del embed
+    row_bias = "sum" if config.use_parallel_residual else "first"
+    for i in range(config.num_hidden_layers):
+        states, file = files.layer(i + 2, f"transformer layer {i}"), name(i + 2)
+        prefix = f"model.layers.{i}."
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            yield f"{prefix}{norm}.weight", _merged(states, f"{norm}.scale", "mean", file)
+        for what in ("weight", "bias") if config.attention_bias else ("weight",):
+            q, k, v = _split_qkv(states, f"attention.query_key_value.{what}", config, file)
+            for p, value in zip("qkv", (q, k, v), strict=True):
+                yield f"{prefix}self_attn.{p}_proj.{what}", value
+        yield (
+            prefix + "self_attn.o_proj.weight",
+            _merged(states, "attention.dense.weight", "cols", file),
+        )
+        if config.out_bias:
+            yield (
+                prefix + "self_attn.o_proj.bias",
+                _merged(states, "attention.dense.bias", row_bias, file),
+            )
+        for what in ("weight", "bias") if config.mlp_bias else ("weight",):
+            if f"mlp.w1.{what}" in states[0]:  # GPT-NeoX's older LLaMAParallelMLP
+                yield (
+                    f"{prefix}mlp.gate_proj.{what}",
+                    _merged(states, f"mlp.w1.{what}", "rows", file),
+                )
+                yield f"{prefix}mlp.up_proj.{what}", _merged(states, f"mlp.w3.{what}", "rows", file)
+                down = f"mlp.w2.{what}"
+            else:
+                _merged(states, f"mlp.linear1.{what}", "first", file)
+                halves = [np.split(_numpy(s[f"mlp.linear1.{what}"]), 2) for s in states]
+                yield f"{prefix}mlp.up_proj.{what}", np.concatenate([h[0] for h in halves])
+                yield f"{prefix}mlp.gate_proj.{what}", np.concatenate([h[1] for h in halves])
+                down = f"mlp.linear2.{what}"
+            how = "cols" if what == "weight" else row_bias
+            yield f"{prefix}mlp.down_proj.{what}", _merged(states, down, how, file)
+    n = config.num_hidden_layers
+    final = files.layer(n + 3, "the final RMSNorm")
+    yield "model.norm.weight", _merged(final, "norm.scale", "mean", name(n + 3))
+    if not config.tie_word_embeddings:
+        yield "lm_head.weight", _output_layer(files, config)
 
 
 def read_neox_model_config(path: str | Path, **overrides) -> ModelConfig:
@@ -251,13 +338,12 @@ def read_neox_model_config(path: str | Path, **overrides) -> ModelConfig:
     checkpoint = _Files(folder)
     tp = checkpoint.tp
     embed = checkpoint.layer(0, "the input embedding")[0]["word_embeddings.weight"]
-    # Only the model is read here: data-order settings (an SFT run's packing) do not matter.
-    neox = {k: v for k, v in read_configs(files).items() if k not in DATA_ORDER_KEYS}
-    translation = translate(neox, tokenizer_vocab_size=embed.shape[0] * tp)
-    model = {
-        k[len("model.") :]: v for k, v in translation.overrides.items() if k.startswith("model.")
-    }
-    model.pop("dtype")  # the run's precision is not the loaded model's compute dtype
+    # Only the model is read here: the run's optimizer, data and batch settings do not
+    # matter, nor its precision (not the loaded model's compute dtype).
+    neox = read_configs(files)
+    model = model_fields(
+        neox, lambda key, default=None: neox.get(key, default), Translation(), embed.shape[0] * tp
+    )
     model["vocab_size"] = embed.shape[0] * tp  # the padded size GPT-NeoX trained with
     return ModelConfig(**{**model, **overrides})
 
