@@ -147,6 +147,9 @@ def test_duplicate_key_across_files_is_refused(tmp_path):
         ({"attention_config": [[["global"], 6], [["local"], 6]]}, r"uses \['local'\]"),
         ({"soft_prompt_tuning": {"enabled": True}}, "soft_prompt_tuning"),
         ({"pack_impl": "unpacked"}, "pack_impl='unpacked' is not supported"),
+        ({"eod_mask_loss": True}, "eod_mask_loss=True changes the training loss"),
+        ({"train_label_data_paths": ["x_label"]}, "train_label_data_paths.*loss"),
+        ({"train_impl": "dpo"}, "train_impl='dpo' changes the training loss"),
         ({"save_interval": 500}, "checkpoint_factor=1000 and save_interval=500 conflict"),
     ],
 )
@@ -293,11 +296,15 @@ def test_mistral_sliding_window_and_inconsistent_width(tmp_path):
     model = {k.split(".", 1)[1]: v for k, v in t.overrides.items() if k.startswith("model.")}
     config = ModelConfig(**model)
     assert (config.model_type, config.intermediate_size, config.kv_heads) == ("mistral", 14336, 8)
-    # flash_attn's window_size=(4096, -1): each query sees itself and 4096 keys before it.
+    # flash_attn's window_size=(4096, -1): each query sees itself and 4096 keys before it;
+    # GPT-NeoX's get_attn_mask (triu(diagonal=-4096)) gives its global layers the same.
     assert config.sliding_window == 4097
-    global_attn = translate({**base, "intermediate_size": 43008, "attention_config": None})
-    assert "model.sliding_window" not in global_attn.overrides  # GPT-NeoX: flash only
-    assert any("sliding_window_width" in n for n in global_attn.notes)
+    for fusion in (False, True):
+        unfused = {"attention_config": None, "scaled_upper_triang_masked_softmax_fusion": fusion}
+        global_attn = translate({**base, "intermediate_size": 43008, **unfused})
+        assert global_attn.overrides["model.sliding_window"] == 4097
+        # The fused causal softmax kernel takes no mask: said, not hidden.
+        assert any("ignores the attention mask" in n for n in global_attn.notes) == fusion
 
 
 def test_defaults_and_known_keys_follow_gpt_neox(tmp_path):

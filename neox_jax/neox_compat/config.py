@@ -83,6 +83,14 @@ IGNORED = {
 # reproduces; any other value is refused.
 DATA_ORDER_KEYS = {"pack_impl": "packed", "weight_by_num_documents": False,
                    "dataset_impl": "gpt2", "train_epochs": None}  # fmt: skip
+# GPT-NeoX keys that change the loss (its get_batch / train_impl), with the value neox_jax
+# trains with; any other value is refused.
+LOSS_KEYS = {
+    "eod_mask_loss": False, "train_impl": "normal", "precompute_model_name": None,
+    **dict.fromkeys((f"{pre}{split}_{kind}_data_paths" for pre in ("", "pos_", "neg_")
+                     for split in ("train", "valid", "test") for kind in ("label", "reward")
+                     if not (pre and kind == "reward")), None),
+}  # fmt: skip
 PRECISIONS = {"fp16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32"}
 
 
@@ -282,6 +290,13 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
                 f"GPT-NeoX {key}={neox[key]!r} is not supported (neox_jax reproduces "
                 f"{key}={accepted!r}); for weight_by_num_documents pass the weights as "
                 "train_data_weights, for train_epochs set train_iters."
+            )
+    for key, accepted in LOSS_KEYS.items():
+        if g(key, accepted) != accepted:
+            raise UserError(
+                f"GPT-NeoX {key}={neox[key]!r} changes the training loss (masked EOD "
+                "positions, label or reward datasets, DPO/KTO/reward-model training); "
+                f"neox_jax's pretraining loss is GPT-NeoX's with {key}={accepted!r}."
             )
     if g("allow_chopped", True) is not True:
         t.ignored["allow_chopped"] = "only read by pack_impl other than 'packed'"

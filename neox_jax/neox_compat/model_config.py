@@ -173,19 +173,16 @@ def _family(g: Getter, notes: list[str], heads: int, hidden: int) -> dict[str, A
     window = _int(g, "sliding_window_width")
     kinds = check_attention_config(g("attention_config"), g("num_layers"))
     if window is not None:
-        if kinds == {"global"}:  # GPT-NeoX applies the window in its flash kernel only
+        # flash's window_size=(w, -1) and the global layers' mask (get_attn_mask's
+        # triu(diagonal=-w)) both let a query see itself and the w keys before it.
+        window += 1
+        if "global" in kinds and g("scaled_upper_triang_masked_softmax_fusion", False):
             notes.append(
-                f"sliding_window_width={window} has no effect in GPT-NeoX without flash "
-                "attention (attention_config is global): full causal attention"
+                "sliding_window_width with global attention and "
+                "scaled_upper_triang_masked_softmax_fusion: GPT-NeoX's fused causal softmax "
+                "ignores the attention mask where its kernel applies, so those layers may have "
+                "run without the window; neox_jax applies it"
             )
-            window = None
-        elif kinds != {"flash"}:
-            raise UserError(
-                "GPT-NeoX sliding_window_width applies only to its flash layers; with "
-                "attention_config mixing 'flash' and 'global' layers neox_jax cannot build it."
-            )
-        else:  # flash's window_size=(w, -1): a query sees itself and the w keys before it
-            window += 1
     fields = {
         "hidden_act": act,
         "intermediate_size": mlp_width(g, hidden, gated),
