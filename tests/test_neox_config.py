@@ -309,10 +309,14 @@ def test_mistral_sliding_window_and_inconsistent_width(tmp_path):
 
 def test_defaults_and_known_keys_follow_gpt_neox(tmp_path):
     neox = read_configs([str(DATA / "pythia" / "70M.yml")])
-    neox.pop("weight_decay")
+    for key in ("weight_decay", "eval_interval", "eval_iters", "log_interval"):
+        neox.pop(key)
     extra = {"layernorm_fusion": False, "te_fp8_mha": False, "finetune": True, "comment": "x"}
     t = translate({**neox, **extra}, num_gpus=32)
-    assert t.overrides["optimizer.weight_decay"] == 0.1  # neox_args.py's default
+    assert t.overrides["optimizer.weight_decay"] == 0.1  # neox_args.py's defaults
+    # They size GPT-NeoX's valid order too: (train_iters // 1000 + 1) * 100 batches.
+    assert (t.overrides["train.eval_every"], t.overrides["train.eval_batches"]) == (1000, 100)
+    assert t.overrides["train.log_every"] == 100
     assert t.unknown == [] and set(extra) <= set(t.ignored)
     numbers = translate({**neox, "train_iters": "1000", "min_lr": "1e-5"}, num_gpus=32)
     assert numbers.overrides["train.steps"] == 1000

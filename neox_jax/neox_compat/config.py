@@ -334,10 +334,11 @@ def _train(neox, used, t: Translation) -> dict[str, Any]:
         t.notes.append(
             "GPT-NeoX keeps every checkpoint: train.keep_period = save_every keeps them too"
         )
-    for key, field in (("eval_interval", "eval_every"), ("eval_iters", "eval_batches"),
-                       ("log_interval", "log_every")):  # fmt: skip
-        if g(key) is not None:
-            out[f"train.{field}"] = int(neox[key])
+    # GPT-NeoX's defaults when absent (neox_args.py): they also size its valid order.
+    for key, field, default in (("eval_interval", "eval_every", 1000),
+                                ("eval_iters", "eval_batches", 100),
+                                ("log_interval", "log_every", 100)):  # fmt: skip
+        out[f"train.{field}"] = int(g(key, default))
     seed = g("seed", 1234)
     out["train.seed"], out["data.seed"] = int(seed), int(seed)
     return out
