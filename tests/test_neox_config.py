@@ -321,3 +321,20 @@ def test_defaults_and_known_keys_follow_gpt_neox(tmp_path):
     numbers = translate({**neox, "train_iters": "1000", "min_lr": "1e-5"}, num_gpus=32)
     assert numbers.overrides["train.steps"] == 1000
     assert numbers.overrides["optimizer.min_lr_ratio"] == pytest.approx(1e-5 / 1e-3)
+
+
+@pytest.mark.parametrize(
+    "given, gpus, want",
+    [  # GPT-NeoX's calculate_batch_parameters: (train_batch, micro, grad_acc) derived
+        ({"train_batch_size": 1024, "train_micro_batch_size_per_gpu": 8}, 32, (1024, 4)),
+        ({"train_batch_size": 1024, "gradient_accumulation_steps": 4}, 32, (1024, 4)),
+        ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2}, 32, (512, 2)),
+        ({"train_batch_size": 256}, 32, (256, 1)),
+    ],
+)
+def test_batch_parameters_derived_as_gpt_neox(given, gpus, want):
+    neox = read_configs([str(DATA / "pythia" / "70M.yml")])
+    neox.pop("train_micro_batch_size_per_gpu")
+    neox.pop("gradient_accumulation_steps", None)
+    t = translate({**neox, **given}, num_gpus=gpus)  # 70M: pipe 1 x model-parallel 1
+    assert (t.overrides["data.global_batch_size"], t.overrides["train.microbatches"]) == want

@@ -228,6 +228,10 @@ def _batch(neox, used, t: Translation, num_gpus: int | None) -> dict[str, Any]:
         if gpus % (pp * mp):
             raise UserError(f"{gpus} GPUs do not divide into pipe {pp} x model-parallel {mp}.")
         dp = gpus // (pp * mp)
+    if None not in (train_batch, micro, dp) and grad_acc is None:
+        # GPT-NeoX derives the accumulation from the other two (integer division; the
+        # check below refuses a batch that does not divide).
+        grad_acc = max(1, int(train_batch) // int(micro) // dp)
     if train_batch is None and micro is not None and dp is not None:
         train_batch = micro * (grad_acc or 1) * dp
     elif None not in (train_batch, dp, micro) and train_batch != micro * (grad_acc or 1) * dp:
