@@ -338,3 +338,35 @@ def test_batch_parameters_derived_as_gpt_neox(given, gpus, want):
     neox.pop("gradient_accumulation_steps", None)
     t = translate({**neox, **given}, num_gpus=gpus)  # 70M: pipe 1 x model-parallel 1
     assert (t.overrides["data.global_batch_size"], t.overrides["train.microbatches"]) == want
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [  # values of the wrong type: a UserError naming the key, never a traceback
+        ({"optimizer": "Adam"}, "optimizer='Adam' must be a mapping"),
+        ({"fp16": True}, "fp16=True must be a mapping"),
+        ({"train_iters": "lots"}, "train_iters='lots' must be a whole number"),
+        ({"min_lr": [1]}, r"min_lr=\[1\] must be a number"),
+        ({"make_vocab_size_divisible_by": 0}, "make_vocab_size_divisible_by=0 must be >= 1"),
+        ({"extra_save_iters": 5}, "extra_save_iters=5 must be a list"),
+        ({"split": "most,some"}, "split 'most,some' must be numbers"),
+        ({"optimizer": {"type": "Adam", "params": {"betas": [0.9]}}}, "betas.*two numbers"),
+        ({"optimizer": {"type": "Adam", "params": {"eps": "1.0e_8"}}}, "eps='1.0e_8'"),
+        ({"precision": ["bf16"]}, "precision=.* must be a string"),
+    ],
+)
+def test_values_of_the_wrong_type_are_named(extra, match):
+    neox = {**read_configs([str(DATA / "pythia" / "160M.yml")]), "data_path": "d", **extra}
+    with pytest.raises(UserError, match=match):
+        translate(neox, num_gpus=32)
+
+
+def test_yaml_strings_for_numbers_and_disabled_blocks_are_read():
+    neox = read_configs([str(DATA / "pythia" / "160M.yml")])
+    params = {"lr": "6e-4", "betas": ["0.9", 0.95], "eps": "1e-8"}  # YAML 1.1 reads 6e-4 as text
+    extra = {"optimizer": {"type": "Adam", "params": params},
+             "soft_prompt_tuning": {"enabled": False}, "checkpoint_factor": 1000.0,
+             "train_data_weights": None}  # fmt: skip
+    t = translate({**neox, **extra}, num_gpus=32)
+    assert (t.overrides["optimizer.lr"], t.overrides["optimizer.eps"]) == (6e-4, 1e-8)
+    assert t.overrides["optimizer.b1"] == 0.9 and t.overrides["train.save_every"] == 1000

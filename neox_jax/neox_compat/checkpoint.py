@@ -53,6 +53,7 @@ from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
 from neox_jax.neox_compat.config import Translation, read_configs
 from neox_jax.neox_compat.model_config import model_fields
+from neox_jax.neox_compat.values import coerce
 from neox_jax.optional import require
 
 LAYER_FILE = "layer_{layer:02d}-model_{rank:02d}-model_states.pt"
@@ -340,7 +341,7 @@ def read_neox_model_config(path: str | Path, **overrides) -> ModelConfig:
     embed = checkpoint.layer(0, "the input embedding")[0]["word_embeddings.weight"]
     # Only the model is read here: the run's optimizer, data and batch settings do not
     # matter, nor its precision (not the loaded model's compute dtype).
-    neox = read_configs(files)
+    neox = coerce(read_configs(files))
     model = model_fields(
         neox, lambda key, default=None: neox.get(key, default), Translation(), embed.shape[0] * tp
     )

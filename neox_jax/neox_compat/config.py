@@ -27,8 +27,10 @@ from typing import Any
 
 import yaml
 
+from neox_jax.data.neox_order import split_ranges
 from neox_jax.errors import UserError
 from neox_jax.neox_compat.model_config import KERNEL, model_fields
+from neox_jax.neox_compat.values import coerce
 
 # The config GPT-NeoX overrides apply to when no --config is given: every model field
 # is overridden, the rest (mesh, remat, sampling) are a published size's defaults.
@@ -264,6 +266,7 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
         )
     if data_path:
         split_text = str(g("split", "969, 30, 1"))
+        split_ranges(split_text, 1)  # GPT-NeoX's get_train_valid_test_split_ rules, checked
         split = [float(x) for x in split_text.replace("/", ",").split(",")]
         out["data.paths"] = str(data_path)
         out["data.eval_fraction"] = split[1] / sum(split) if len(split) > 1 else 0.0
@@ -353,6 +356,7 @@ def translate(
 ) -> Translation:
     """Map merged GPT-NeoX args onto ``configs/pretrain.py`` fields (see the module doc)."""
     t, used = Translation(), set()
+    neox = coerce(neox)
     model = model_fields(neox, lambda key, default=None: _get(neox, used, key, default), t,
                          tokenizer_vocab_size)  # fmt: skip
     t.overrides.update({f"model.{k}": v for k, v in model.items()})

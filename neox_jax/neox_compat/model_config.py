@@ -249,7 +249,7 @@ def model_fields(neox: dict, g: Getter, t, tokenizer_vocab_size) -> dict[str, An
     family = _family(g, t.notes, heads, hidden)
     if neox.get("attention_config") is not None:
         t.ignored["attention_config"] = "full causal attention, as neox_jax computes; " + KERNEL
-    if g("soft_prompt_tuning"):
+    if (g("soft_prompt_tuning") or {}).get("enabled"):
         raise UserError("GPT-NeoX soft_prompt_tuning adds parameters neox_jax does not have.")
     for key, ours in INIT_METHODS.items():
         if g(key, "normal") != ours:
