@@ -128,6 +128,17 @@ def test_missing_layer_file_is_named(tmp_path):
         load_model(tmp_path / "ckpt")
 
 
+def test_transformer_engine_layers_are_named(tmp_path):
+    ref = make_hf_model(num_hidden_layers=LAYERS, intermediate_size=256, rotary_pct=ROTARY_PCT)
+    write_neox_checkpoint(ref, tmp_path / "ckpt", 1)
+    file = tmp_path / "ckpt" / "layer_02-model_00-model_states.pt"
+    state = torch.load(file)  # TE's names for the same weights (convert_neox_to_hf.py's table)
+    state["attention.qkv.weight"] = state.pop("attention.query_key_value.weight")
+    torch.save(state, file)
+    with pytest.raises(UserError, match="layer_02-model_00.*Transformer Engine"):
+        load_model(tmp_path / "ckpt")
+
+
 def test_folder_without_configs_asks_for_one(tmp_path):
     from neox_jax.model import ModelConfig
     from neox_jax.neox_compat.checkpoint import load_neox_checkpoint

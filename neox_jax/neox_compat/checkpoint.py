@@ -244,6 +244,7 @@ def neox_hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, np
     row_bias = "sum" if config.use_parallel_residual else "first"
     for i in range(n):
         states = files.layer(i + 2, f"transformer layer {i}")
+        _check_not_transformer_engine(states[0], name(i + 2))
         prefix = f"gpt_neox.layers.{i}."
         for table, how in ((COLUMN, "rows"), (ROW, "cols"), (ROW_BIAS, row_bias), (NORM, "mean")):
             for key, hf in table.items():
@@ -254,6 +255,17 @@ def neox_hf_tensors(folder: Path, config: ModelConfig) -> Iterator[tuple[str, np
         yield f"gpt_neox.final_layer_norm.{p}", _merged(final, f"norm.{p}", "mean", name(n + 3))
     if not config.tie_word_embeddings:
         yield "embed_out.weight", _output_layer(files, config)
+
+
+def _check_not_transformer_engine(state: dict[str, Any], file: str) -> None:
+    """Transformer Engine layers (``te_*`` settings) save other names and fp8 state."""
+    te = sorted(k for k in state if k.startswith(("attention.qkv.", "mlp.fc1_", "mlp.fc2_")))
+    if te:
+        raise UserError(
+            f"GPT-NeoX layer file {file} holds Transformer Engine weights ({te[:3]}), which "
+            "neox_jax does not read; convert the run with GPT-NeoX's tools/ckpts/"
+            "convert_neox_to_hf.py and load the Hugging Face folder."
+        )
 
 
 def _split_qkv(states, key: str, config: ModelConfig, file: str) -> list[np.ndarray]:
@@ -284,6 +296,7 @@ def _llama_tensors(files: _Files, config: ModelConfig) -> Iterator[tuple[str, np
     row_bias = "sum" if config.use_parallel_residual else "first"
     for i in range(config.num_hidden_layers):
         states, file = files.layer(i + 2, f"transformer layer {i}"), name(i + 2)
+        _check_not_transformer_engine(states[0], file)
         prefix = f"model.layers.{i}."
         for norm in ("input_layernorm", "post_attention_layernorm"):
             yield f"{prefix}{norm}.weight", _merged(states, f"{norm}.scale", "mean", file)
