@@ -150,6 +150,7 @@ def test_duplicate_key_across_files_is_refused(tmp_path):
         ({"eod_mask_loss": True}, "eod_mask_loss=True changes the training loss"),
         ({"train_label_data_paths": ["x_label"]}, "train_label_data_paths.*loss"),
         ({"train_impl": "dpo"}, "train_impl='dpo' changes the training loss"),
+        ({"curriculum_learning": {"enabled": True}}, "curriculum_learning"),
         ({"save_interval": 500}, "checkpoint_factor=1000 and save_interval=500 conflict"),
     ],
 )
@@ -311,13 +312,15 @@ def test_defaults_and_known_keys_follow_gpt_neox(tmp_path):
     neox = read_configs([str(DATA / "pythia" / "70M.yml")])
     for key in ("weight_decay", "eval_interval", "eval_iters", "log_interval"):
         neox.pop(key)
-    extra = {"layernorm_fusion": False, "te_fp8_mha": False, "finetune": True, "comment": "x"}
+    extra = {"layernorm_fusion": False, "te_fp8_mha": False, "finetune": True, "comment": "x",
+             "loss_scale": 0, "init_method_std": 0.02, "use_shared_fs": True, "top_k": 0,
+             "curriculum_learning": {"enabled": False}}  # fmt: skip
     t = translate({**neox, **extra}, num_gpus=32)
     assert t.overrides["optimizer.weight_decay"] == 0.1  # neox_args.py's defaults
     # They size GPT-NeoX's valid order too: (train_iters // 1000 + 1) * 100 batches.
     assert (t.overrides["train.eval_every"], t.overrides["train.eval_batches"]) == (1000, 100)
     assert t.overrides["train.log_every"] == 100
-    assert t.unknown == [] and set(extra) <= set(t.ignored)
+    assert t.unknown == [] and set(extra) - {"curriculum_learning"} <= set(t.ignored)
     numbers = translate({**neox, "train_iters": "1000", "min_lr": "1e-5"}, num_gpus=32)
     assert numbers.overrides["train.steps"] == 1000
     assert numbers.overrides["optimizer.min_lr_ratio"] == pytest.approx(1e-5 / 1e-3)

@@ -71,7 +71,43 @@ IGNORED = {
     "test_data_paths": "neox_jax has no test split (train and eval only)",
     "test_data_weights": "neox_jax has no test split (train and eval only)",
     **dict.fromkeys(("autotuning", "autotuning_config", "comment", "no_ssh_check",
-                     "force_multi", "master_port", "master_addr"), _SYSTEM),
+                     "force_multi", "master_port", "master_addr", "use_shared_fs",
+                     "mmap_warmup", "local_rank", "rank", "world_size", "include", "exclude",
+                     "account", "user_script", "fused_kernels_build_path", "lazy_mpu_init",
+                     "use_cpu_initialization", "s3_path", "s3_chunk_size",
+                     "pipe_partition_method", "checkpoint_in_cpu", "contiguous_checkpointing",
+                     "deepspeed_activation_checkpointing", "activation_checkpointing",
+                     "zero_stage", "zero_reduce_scatter", "zero_contiguous_gradients",
+                     "zero_reduce_bucket_size", "zero_allgather_bucket_size",
+                     "communication_data_type", "prescale_gradients",
+                     "gradient_predivide_factor", "sparse_gradients", "elasticity",
+                     "autotuning_run", "is_pipe_parallel", "config_files", "iteration",
+                     "padded_vocab_size", "params", "batch_size", "optimizer_type",
+                     "checkpoint", "exit_interval", "no_load_optim", "no_load_rng",
+                     "no_save_optim", "no_save_rng", "use_checkpoint_lr_scheduler",
+                     "override_lr_scheduler", "dump_state"), _SYSTEM),
+    **dict.fromkeys(("loss_scale", "loss_scale_window", "hysteresis", "min_scale",
+                     "dynamic_loss_scale"), "fp16 loss scaling; fp16 runs compute in bfloat16 "
+                    "here, which needs none"),
+    **dict.fromkeys(("apply_query_key_layer_scaling", "attention_softmax_in_fp32",
+                     "onnx_safe"), "numerics only (same formula); neox_jax's softmax and "
+                    "norms run in fp32"),
+    "clip_grad": "Megatron's copy of gradient_clipping (mapped)",
+    "init_method_std": "the std of GPT-NeoX's 'normal' init; neox_jax initialises with "
+    "small_init/wang_init",
+    "weighted_sampler_alpha": "only read with weight_by_num_documents (refused)",
+    "z_loss": "only read by GPT-NeoX's reward-model training (train_impl, refused)",
+    **dict.fromkeys(("text_gen_type", "temperature", "top_k", "top_p", "maximum_tokens",
+                     "sample_input_file", "sample_output_file", "prompt_end", "eval_tasks",
+                     "eval_results_prefix", "return_logits", "char_level_ppl", "recompute"),
+                    "text generation/evaluation settings; see neox_jax.sample and lm_eval"),
+    **dict.fromkeys(("tensorboard", "wandb", "wandb_run_name", "wandb_init_all_ranks",
+                     "use_comet", "comet_workspace", "comet_project", "comet_experiment_name",
+                     "comet_tags", "comet_others", "comet_experiment", "csv_monitor",
+                     "flops_profiler", "git_hash", "memory_profiling_path",
+                     "profile_step_start", "profile_step_stop", "profile_backward",
+                     "log_grad_pct_zeros", "gradient_noise_scale_n_batches",
+                     "gradient_noise_scale_cpu_offload", "peak_theoretical_tflops"), _LOGGING),
     "finetune": "GPT-NeoX's fine-tuning start (the `load` weights, step 0, a fresh optimizer); "
     "here: --config.train.init_from=<its global_stepN folder>",
     "use_bias_in_norms": "declared by GPT-NeoX but read nowhere: its LayerNorm always has a "
@@ -298,6 +334,11 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
                 f"{key}={accepted!r}); for weight_by_num_documents pass the weights as "
                 "train_data_weights, for train_epochs set train_iters."
             )
+    if (g("curriculum_learning") or {}).get("enabled"):
+        raise UserError(
+            "GPT-NeoX curriculum_learning (DeepSpeed's growing sequence length) changes what "
+            "each step trains on; neox_jax trains every step at seq_length."
+        )
     for key, accepted in LOSS_KEYS.items():
         if g(key, accepted) != accepted:
             raise UserError(

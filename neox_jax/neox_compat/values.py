@@ -34,7 +34,14 @@ FLOATS = {
     **dict.fromkeys(("rotary_pct", "layernorm_epsilon", "rms_norm_epsilon"), 0.0),
     **dict.fromkeys(("rotary_emb_base", "expansion_factor", "checkpoint_factor"), 1e-300),
 }  # fmt: skip
-DICTS = ("optimizer", "fp16", "bf16", "zero_optimization", "soft_prompt_tuning")
+DICTS = (
+    "optimizer",
+    "fp16",
+    "bf16",
+    "zero_optimization",
+    "soft_prompt_tuning",
+    "curriculum_learning",
+)
 LISTS = ("train_data_paths", "valid_data_paths", "test_data_paths", "train_data_weights",
          "valid_data_weights", "test_data_weights", "extra_save_iters",
          "attention_config")  # fmt: skip
