@@ -4,6 +4,7 @@ The fixtures under tests/data/neox_configs/ are GPT-NeoX's own configs/pythia/*.
 configs/local_setup.yml (EleutherAI/gpt-neox), unchanged.
 """
 
+import json
 import math
 import shlex
 from pathlib import Path
@@ -373,3 +374,30 @@ def test_yaml_strings_for_numbers_and_disabled_blocks_are_read():
     t = translate({**neox, **extra}, num_gpus=32)
     assert (t.overrides["optimizer.lr"], t.overrides["optimizer.eps"]) == (6e-4, 1e-8)
     assert t.overrides["optimizer.b1"] == 0.9 and t.overrides["train.save_every"] == 1000
+
+
+@pytest.mark.parametrize(
+    "tokenizer, make_file, padded",
+    [  # GPT-NeoX's build_tokenizer sizes, padded to 128 x model_parallel_size (1 here)
+        ({"tokenizer_type": "GPT2BPETokenizer"}, False, 50304),  # 50257
+        ({"tokenizer_type": "HFGPT2Tokenizer"}, False, 50304),  # 50258: gpt2 + <|padding|>
+        ({"tokenizer_type": "CharLevelTokenizer"}, False, 512),
+        ({"tokenizer_type": "gpt2bpetokenizer"}, True, 256),  # any case; len(encoder.json)
+        ({"tokenizer_type": "hftokenizer"}, True, 256),  # a tokenizer.json of 200 entries
+    ],
+)
+def test_vocabulary_size_as_gpt_neox_builds_the_tokenizer(tmp_path, tokenizer, make_file, padded):
+    neox = {k: v for k, v in read_configs([str(DATA / "pythia" / "70M.yml")]).items()
+            if k not in ("tokenizer_type", "vocab_file")}  # fmt: skip
+    if make_file:
+        vocab = {f"t{i}": i for i in range(200)}
+        if tokenizer["tokenizer_type"] == "hftokenizer":
+            from tokenizers import Tokenizer, models
+
+            Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tmp_path / "v.json"))
+        else:
+            (tmp_path / "v.json").write_text(json.dumps(vocab))
+        tokenizer = {**tokenizer, "vocab_file": str(tmp_path / "v.json")}
+    t = translate({**neox, **tokenizer}, num_gpus=32)
+    assert t.overrides["model.vocab_size"] == padded
+    assert not any("tokenizer size unknown" in n for n in t.notes)

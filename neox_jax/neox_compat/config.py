@@ -349,7 +349,7 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
     if g("allow_chopped", True) is not True:
         t.ignored["allow_chopped"] = "only read by pack_impl other than 'packed'"
     vocab_file, kind = g("vocab_file"), g("tokenizer_type", "GPT2BPETokenizer")
-    if vocab_file and kind in ("HFTokenizer", "SPMTokenizer"):
+    if vocab_file and str(kind).lower() in ("hftokenizer", "spmtokenizer"):
         out["data.tokenizer"] = str(vocab_file)
     elif vocab_file:
         t.notes.append(f"{kind} files ({vocab_file}) are not read by neox_jax; set data.tokenizer")

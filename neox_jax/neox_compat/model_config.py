@@ -19,6 +19,7 @@ Llama's 11008.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -59,13 +60,9 @@ def padded_vocab(g: Getter, notes: list[str], tokenizer_vocab_size: int | None) 
     """GPT-NeoX's ``_vocab_size_with_padding``: round up to divisible * model-parallel."""
     size = tokenizer_vocab_size
     vocab_file = g("vocab_file")
-    kind = g("tokenizer_type", "GPT2BPETokenizer")
-    if size is None and kind == "GPT2BPETokenizer":
-        size = 50257  # GPT-2's BPE vocabulary, GPT-NeoX's default tokenizer
-    if size is None and kind == "HFTokenizer" and vocab_file and os.path.isfile(vocab_file):
-        from tokenizers import Tokenizer
-
-        size = Tokenizer.from_file(vocab_file).get_vocab_size()
+    kind = str(g("tokenizer_type", "GPT2BPETokenizer")).lower()  # GPT-NeoX ignores case
+    if size is None:
+        size = _tokenizer_size(kind, vocab_file)
     if size is None:
         size = NEOX_20B_TOKENIZER_SIZE
         notes.append(
@@ -77,6 +74,32 @@ def padded_vocab(g: Getter, notes: list[str], tokenizer_vocab_size: int | None) 
         1, _int(g, "model_parallel_size", 1) or 1
     )
     return int(math.ceil(size / multiple) * multiple)
+
+
+def _tokenizer_size(kind: str, vocab_file: str | None) -> int | None:
+    """``tokenizer.vocab_size`` of GPT-NeoX's ``build_tokenizer``, where it can be known
+    here (megatron/tokenizer/tokenizer.py)."""
+    readable = bool(vocab_file) and os.path.isfile(vocab_file)
+    if kind == "gpt2bpetokenizer":  # len(encoder.json); GPT-2's own: 50257
+        if readable:
+            with open(vocab_file, encoding="utf-8") as f:
+                return len(json.load(f))
+        return 50257
+    if kind == "hfgpt2tokenizer" and not vocab_file:
+        return 50258  # Hugging Face's "gpt2" plus the <|padding|> GPT-NeoX adds
+    if kind == "charleveltokenizer":
+        return 512
+    if kind == "hftokenizer" and readable:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(vocab_file).get_vocab_size()
+    if kind == "spmtokenizer" and readable:
+        try:
+            import sentencepiece
+        except ImportError:
+            return None
+        return sentencepiece.SentencePieceProcessor(model_file=vocab_file).get_piece_size()
+    return None
 
 
 def _int(g: Getter, key: str, default=None):
