@@ -200,12 +200,14 @@ def test_pipeline_run_mp_rank_files_without_weights_are_not_read_for_them(tmp_pa
         load_model(tmp_path / "ckpt")
 
 
-def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=False):
+def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=False,
+                                legacy=False):  # fmt: skip
     """A transformers Llama/Mistral ``model`` as GPT-NeoX saves its Llama-style models
     (norm: rmsnorm, activation: swiglu): RMSNorm ``scale``s, one ``query_key_value`` whose
     rows are, per rank, its heads' [q, k, v] interleaved (every head has its own k/v) or
     [q heads | k heads | v heads] (num_kv_heads), ``linear1`` = per rank [up | gate] (its
-    Gated_Activation's ``x, gate = chunk(2)``), ``linear2`` row-parallel."""
+    Gated_Activation's ``x, gate = chunk(2)``), ``linear2`` row-parallel. ``legacy``: the
+    older ``mlp_type: llama`` (LLaMAParallelMLP's column-parallel w1 = gate, w3 = up, w2)."""
     cfg = model.config
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -235,6 +237,11 @@ def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=Fa
             "mlp.linear1.weight": linear1(p, "weight"),
             "mlp.linear2.weight": cols(sd[p + "mlp.down_proj.weight"]),
         }
+        if legacy:
+            del state["mlp.linear1.weight"], state["mlp.linear2.weight"]
+            state["mlp.w1.weight"] = rows(sd[p + "mlp.gate_proj.weight"])
+            state["mlp.w3.weight"] = rows(sd[p + "mlp.up_proj.weight"])
+            state["mlp.w2.weight"] = cols(sd[p + "mlp.down_proj.weight"])
         if getattr(cfg, "attention_bias", False):
             state["attention.query_key_value.bias"] = qkv(p, "bias")
             state["attention.dense.bias"] = same(sd[p + "self_attn.o_proj.bias"])
@@ -262,6 +269,9 @@ def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=Fa
     }  # fmt: skip
     if kv_heads != heads:
         neox_yml["num_kv_heads"] = kv_heads
+    if legacy:  # GPT-NeoX before #1212
+        neox_yml.update(mlp_type="llama", activation="silu",
+                        intermediate_size=cfg.intermediate_size)  # fmt: skip
     if window is not None:  # GPT-NeoX applies it in flash attention only
         neox_yml["sliding_window_width"] = window
         neox_yml["attention_config"] = [[["flash"], n]]
@@ -269,15 +279,16 @@ def write_neox_llama_checkpoint(model, folder, tp, *, window=None, row_output=Fa
 
 
 @pytest.mark.parametrize(
-    "tp, kv_heads, biases, tied, window, row_output",
+    "tp, kv_heads, biases, tied, window, row_output, legacy",
     [
-        (1, 4, False, False, None, False),
-        (2, 4, True, True, None, False),
-        (2, 2, False, False, 4, True),  # GQA + sliding window, row-parallel output layer
+        (1, 4, False, False, None, False, False),
+        (2, 4, True, True, None, False, False),
+        (2, 2, False, False, 4, True, False),  # GQA + sliding window, row-parallel output
+        (2, 4, False, False, None, False, True),  # the older mlp_type: llama (w1/w3/w2)
     ],
 )
 def test_neox_llama_checkpoint_logits_equal_hf(tmp_path, tp, kv_heads, biases, tied, window,
-                                               row_output):  # fmt: skip
+                                               row_output, legacy):  # fmt: skip
     import transformers
     from helpers.hf_reference import random_causal_lm
 
@@ -290,7 +301,9 @@ def test_neox_llama_checkpoint_logits_equal_hf(tmp_path, tp, kv_heads, biases, t
         num_key_value_heads=kv_heads, intermediate_size=96, max_position_embeddings=128,
         attention_bias=biases, tie_word_embeddings=tied, rms_norm_eps=1e-5, **extra,
     ), seed=tp)  # fmt: skip
-    write_neox_llama_checkpoint(ref, tmp_path / "ckpt", tp, window=window, row_output=row_output)
+    write_neox_llama_checkpoint(
+        ref, tmp_path / "ckpt", tp, window=window, row_output=row_output, legacy=legacy
+    )
     config, params = load_model(tmp_path / "ckpt")
     assert config.model_type == ("mistral" if window else "llama")
     assert config.kv_heads == kv_heads

@@ -401,3 +401,16 @@ def test_vocabulary_size_as_gpt_neox_builds_the_tokenizer(tmp_path, tokenizer, m
     t = translate({**neox, **tokenizer}, num_gpus=32)
     assert t.overrides["model.vocab_size"] == padded
     assert not any("tokenizer size unknown" in n for n in t.notes)
+
+
+def test_older_mlp_type_llama_config():
+    """GPT-NeoX before #1212 wrote Llama as mlp_type: llama, activation: silu, and sized
+    its MLP 8/3 x hidden rounded up to 256 when intermediate_size is absent."""
+    neox = {**yaml.safe_load(LLAMA2_7B), "mlp_type": "llama", "activation": "silu"}
+    for key in ("intermediate_size", "mlp_multiple_of"):
+        neox.pop(key)
+    model = {k: v for k, v in translate(neox).overrides.items() if k.startswith("model.")}
+    assert model["model.intermediate_size"] == 11008  # Llama-7B's published width
+    assert model["model.gated_mlp"] and not model["model.mlp_bias"]
+    with pytest.raises(UserError, match="mlp_type=llama gates its MLP itself"):
+        translate({**neox, "activation": "swiglu"})

@@ -34,7 +34,6 @@ KERNEL = "a CUDA kernel/fusion choice; XLA fuses on its own (model.attention_imp
 # GPT-NeoX keys that change the model, with the value (GPT-NeoX's default or what
 # neox_jax builds) that is accepted; any other value is refused.
 MODEL_ONLY = {
-    "mlp_type": "regular",
     "gpt_j_tied": False,
     "scalenorm_epsilon": None,
     "num_unique_layers": None,
@@ -186,6 +185,18 @@ def _family(g: Getter, notes: list[str], heads: int, hidden: int) -> dict[str, A
             f"GPT-NeoX activation={activation!r} is not supported; use {list(ACTIVATIONS)}."
         )
     act, gated = ACTIVATIONS[activation]
+    mlp_type = g("mlp_type", "regular")
+    if mlp_type not in ("regular", "llama"):
+        raise UserError(
+            f"GPT-NeoX mlp_type={mlp_type!r} changes the model into one neox_jax cannot build "
+            "(supported: 'regular', and the older 'llama')."
+        )
+    legacy = mlp_type == "llama"  # GPT-NeoX before #1212: LLaMAParallelMLP, w1/w3/w2
+    if legacy and gated:
+        raise UserError(
+            f"GPT-NeoX mlp_type=llama gates its MLP itself: give a plain activation (silu), "
+            f"not {activation!r}."
+        )
     kv_heads = _int(g, "num_kv_heads")
     if kv_heads in (None, heads):
         kv_heads = None
@@ -206,11 +217,16 @@ def _family(g: Getter, notes: list[str], heads: int, hidden: int) -> dict[str, A
                 "ignores the attention mask where its kernel applies, so those layers may have "
                 "run without the window; neox_jax applies it"
             )
+    if legacy:  # its width: intermediate_size, else 8/3 h rounded up to 256; no biases
+        width = _int(g, "intermediate_size") or 256 * -(-int(2 * hidden * 4 / 3) // 256)
+    else:
+        width = mlp_width(g, hidden, gated)
     fields = {
         "hidden_act": act,
-        "intermediate_size": mlp_width(g, hidden, gated),
+        "intermediate_size": width,
         "attention_bias": bool(g("use_bias_in_attn_linear", True)),
     }
+    gated = gated or legacy
     if norm == "layernorm":
         llama_only = {"a gated activation": gated, "num_kv_heads": kv_heads,
                       "use_bias_in_mlp: false": not g("use_bias_in_mlp", True),
@@ -238,7 +254,7 @@ def _family(g: Getter, notes: list[str], heads: int, hidden: int) -> dict[str, A
         "norm_type": "rmsnorm",
         "gated_mlp": True,
         "fused_qkv": False,
-        "mlp_bias": bool(g("use_bias_in_mlp", True)),
+        "mlp_bias": bool(g("use_bias_in_mlp", True)) and not legacy,
         "layer_norm_eps": float(g("rms_norm_epsilon", 1e-8)),
     }
 
