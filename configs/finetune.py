@@ -79,7 +79,10 @@ def get_config(arg: str = "sft-lora") -> ml_collections.ConfigDict:
     c.finetune.quant_group_size = 0  # 0: neox_jax.quant's default for the bit width
 
     c.lora = ml_collections.ConfigDict()
-    c.lora.targets = "query_key_value,dense"  # also dense_h_to_4h, dense_4h_to_h
+    # "attention": the model's attention projections, whatever its family names them
+    # (query_key_value,dense on GPT-NeoX; q_proj,k_proj,v_proj,o_proj on Llama, Mistral,
+    # Qwen); "mlp" its MLP (or experts'), "all" both; or names: dense_h_to_4h, gate_proj, ...
+    c.lora.targets = "attention"
     c.lora.rank = 8
     c.lora.alpha = 16.0  # update = alpha / rank * A @ B
     c.lora.dropout = 0.05  # on the adapter input, training only

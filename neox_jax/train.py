@@ -34,14 +34,26 @@ def print_sample(result, config) -> str | None:
     if "finetune" in config and config.finetune.method == "lora":  # params are the adapters
         from neox_jax.finetune.lora import LoraConfig, merge
 
-        params = merge(result["state"].frozen, params, LoraConfig.from_config(config.lora))
+        lora = LoraConfig.from_config(config.lora, result["model_config"])
+        params = merge(result["state"].frozen, params, lora)
     tokenizer = load_tokenizer(result["tokenizer"])
     generator = Generator(result["model_config"], params, tokenizer)
+    # The run has succeeded: a default length past a small model's context shortens the
+    # sample (saying so) rather than failing the command after training.
+    prompt_len = len(generator.encode(sample_cfg.prompt))
+    max_new = max(1, min(sample_cfg.max_new_tokens, generator.context_length - prompt_len))
+    if max_new < sample_cfg.max_new_tokens:
+        print(
+            f"sample.max_new_tokens={sample_cfg.max_new_tokens} and the {prompt_len}-token "
+            f"prompt exceed the model's context ({generator.context_length}): sampling "
+            f"{max_new} tokens."
+        )
     sampling = SamplingParams(
-        max_new_tokens=sample_cfg.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=sample_cfg.temperature,
         top_k=sample_cfg.top_k,
         seed=0,
+        truncate_prompt=True,
     )
     text = generator.generate([sample_cfg.prompt], sampling)[0].text
     print(f"\n--- sample (temperature {sample_cfg.temperature}, top-k {sample_cfg.top_k}) ---")

@@ -113,9 +113,12 @@ class LoraConfig:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
     @classmethod
-    def from_config(cls, c) -> LoraConfig:
-        """From the ``lora`` section of ``configs/finetune.py``."""
-        return cls(**{f.name: c[f.name] for f in dataclasses.fields(cls)})
+    def from_config(cls, c, model: ModelConfig | None = None) -> LoraConfig:
+        """From the ``lora`` section of ``configs/finetune.py``; with ``model``, the
+        group names of ``TARGET_GROUPS`` in ``targets`` become that model's layers."""
+        fields = {f.name: c[f.name] for f in dataclasses.fields(cls)}
+        fields["targets"] = expand_target_groups(fields["targets"], model)
+        return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "targets": list(self.targets)}
@@ -123,6 +126,25 @@ class LoraConfig:
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+# Names that stand for a model's own layers, whatever its family calls them, so one
+# command (configs/finetune.py's default, "attention") fine-tunes any family.
+TARGET_GROUPS = ("attention", "mlp", "all")
+
+
+def expand_target_groups(targets, model: ModelConfig | None) -> tuple[str, ...] | str:
+    """``targets`` with each of ``TARGET_GROUPS`` replaced by ``model``'s layers:
+    ``attention`` its q/k/v (fused or not) and output projections, ``mlp`` its MLP (or
+    expert) projections, ``all`` both; other names are kept as given."""
+    names = _split(targets) if isinstance(targets, str) else list(targets)
+    if not set(names) & set(TARGET_GROUPS):
+        return targets
+    if model is None:
+        raise LoraError(f"lora.targets {names} names layer groups; they need the model.")
+    attention, mlp = _attention_and_mlp_targets(model)
+    groups = {"attention": attention, "mlp": mlp, "all": (*attention, *mlp)}
+    return tuple(t for name in names for t in groups.get(name, (name,)))
 
 
 def canonical_target(name: str) -> str:
@@ -142,12 +164,17 @@ def canonical_target(name: str) -> str:
 def model_targets(config: ModelConfig) -> tuple[str, ...]:
     """The target names of ``config``'s linear layers, as PEFT spells them for its
     Hugging Face class (GPT-NeoX's, or the Llama-style families')."""
+    attention, mlp = _attention_and_mlp_targets(config)
+    return (*attention, *mlp)
+
+
+def _attention_and_mlp_targets(config: ModelConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
     neox = config.model_type == "gpt_neox"
     attn = ("query_key_value",) if config.fused_qkv else ("q_proj", "k_proj", "v_proj")
     mlp = ("gate_proj", "up_proj", "down_proj") if config.gated_mlp else TARGETS_NEOX_MLP
     if config.is_moe:  # the experts (a mixed stack's few dense MLPs are not offered)
         mlp = EXPERT_TARGETS
-    return (*attn, "dense" if neox else "o_proj", *mlp)
+    return (*attn, "dense" if neox else "o_proj"), mlp
 
 
 def _node(tree, path):

@@ -52,7 +52,7 @@ from neox_jax.loading import (
 )
 from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.parallel.placement import param_logical_specs
-from neox_jax.quant import abstract_quantized_params
+from neox_jax.quant import QuantizationError, abstract_quantized_params
 from neox_jax.training.data import check_source_fields
 from neox_jax.training.metrics import say
 from neox_jax.training.state import abstract_train_state, init_train_state
@@ -103,7 +103,7 @@ def resolve_base(config, workdir: str | Path) -> tuple[str, ModelConfig]:
             )
         model_config = model_config.with_architecture_of(peek_config(init_from))
     if record is not None:
-        lora = LoraConfig.from_config(config.lora).to_dict()
+        lora = LoraConfig.from_config(config.lora, model_config).to_dict()
         mismatch = []
         if (record.get("init_from") or "") != (init_from or ""):
             mismatch.append(f"base {record.get('init_from')!r} vs {init_from!r}")
@@ -157,10 +157,19 @@ def finetune_hooks(config, workdir: str | Path):
 def lora_hooks(config, workdir: str | Path):
     """``(apply_fn, eval_apply_fn, state_factory)`` for ``train_and_evaluate``."""
     workdir = Path(workdir)
-    lora = LoraConfig.from_config(config.lora)
     init_from, model_config = resolve_base(config, workdir)
+    lora = LoraConfig.from_config(config.lora, model_config)
     bits = config.finetune.quantize_bits
     quant = lora_quant_config(bits, config.finetune.quant_group_size)
+    if quant is not None:  # before training starts, in the trainer's own flag names
+        try:
+            abstract_quantized_params(model_config, quant)
+        except QuantizationError as e:
+            raise LoraError(
+                f"QLoRA cannot quantize this base with finetune.quantize_bits={bits}, "
+                f"finetune.quant_group_size={config.finetune.quant_group_size} (0: the "
+                f"default): {e} Set --config.finetune.quant_group_size to such a size."
+            ) from e
     n_lora, n_base, frac = trainable_fraction(model_config, lora)
     say(
         f"LoRA r={lora.rank} alpha={lora.alpha:g} on {','.join(lora.targets)}: {n_lora:,} "

@@ -128,7 +128,7 @@ class QuantConfig(JsonConfig):
         if in_dim % group:
             raise QuantizationError(
                 f"group_size {group} does not divide the input dimension {in_dim} of {name}; "
-                f"pick a divisor of {in_dim} (e.g. --config.group_size="
+                f"pick a group size that divides {in_dim} (e.g. "
                 f"{_largest_divisor(in_dim, group, even=self.bits == 4)})."
             )
         if self.bits == 4 and group % 2:
