@@ -284,12 +284,13 @@ def test_unreadable_pytorch_bin_is_named_and_convert_writes_nothing(damage, tmp_
 
 
 # ------------------------------------------------------------------ PEFT adapters
-def _peft_adapter(base, out, targets, base_name=None):
-    """A LoRA adapter written by peft itself, with non-zero B so it changes the logits."""
+def _peft_adapter(base, out, targets, base_name=None, safe=True):
+    """A LoRA adapter written by peft itself, with non-zero B so it changes the logits
+    (``safe=False``: as older peft wrote it, a torch pickle ``adapter_model.bin``)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM")
     model = random_peft_model(model, cfg)
-    model.save_pretrained(out)
+    model.save_pretrained(out, safe_serialization=safe)
     if base_name is not None:
         adapter_config = json.loads((out / "adapter_config.json").read_text())
         adapter_config["base_model_name_or_path"] = base_name
@@ -329,6 +330,23 @@ def test_peft_adapter_with_a_relative_or_missing_base(neox_folder, tmp_path):
     _peft_adapter(base, tmp_path / "lost", ["dense"], base_name=str(tmp_path / "gone"))
     with pytest.raises(UserError, match=r"base model of the adapter .*'.*gone'.*does not exist"):
         load_model(tmp_path / "lost")
+
+
+def test_peft_adapter_saved_as_a_torch_pickle(neox_folder, tmp_path):
+    """Older peft wrote ``adapter_model.bin``; it is read with ``weights_only=True``, and a
+    pickle holding other objects is refused by name, the folder left as it was."""
+    model = _peft_adapter(neox_folder, tmp_path / "adapter", ["dense"], safe=False)
+    assert sorted(p.name for p in (tmp_path / "adapter").glob("adapter_model*")) == [
+        "adapter_model.bin"
+    ]
+    ids = _ids(peek_config(neox_folder).vocab_size)
+    assert_logits_close(_ours(tmp_path / "adapter", ids), hf_logits(model, ids))
+    state = torch.load(tmp_path / "adapter" / "adapter_model.bin", weights_only=True)
+    torch.save({**state, "extra": _NotATensor()}, tmp_path / "adapter" / "adapter_model.bin")
+    before = (tmp_path / "adapter" / "adapter_model.bin").read_bytes()
+    with pytest.raises(UserError, match=r"adapter_model\.bin holds objects other than tensors"):
+        load_model(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.bin").read_bytes() == before
 
 
 def _tokenizer_json(tmp_path):

@@ -33,6 +33,7 @@ from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
 from neox_jax.errors import load_json
 from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.model.shapes import check_params
+from neox_jax.torch_state import load_torch_state, torch_to_numpy
 
 # HF name (with {i} for the layer) -> (our path, transpose?)
 LAYER_MAP = {
@@ -221,55 +222,22 @@ def _iter_hf_tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
                     "it again."
                 ) from None
     elif (path / TORCH_INDEX).is_file() or (path / TORCH_SINGLE).is_file():
-        from neox_jax.optional import require
-
-        # Or convert the checkpoint to safetensors elsewhere.
-        torch = require("torch", f"reading {path}'s pytorch_model.bin files")
         for file in _shard_files(path, TORCH_INDEX, TORCH_SINGLE):
-            state = _torch_load(torch, file)
+            state = load_torch_state(
+                file,
+                what=f"reading {path}'s pytorch_model.bin files",
+                safetensors_name="model.safetensors",
+                error=ConversionError,
+            )
             for name in list(state):
                 tensor = state.pop(name)
-                yield name, _torch_to_numpy(tensor)
+                yield name, torch_to_numpy(tensor)
             del state
     else:
         raise ConversionError(
             f"{path} has no weights: expected {SAFE_SINGLE}, {SAFE_INDEX}, {TORCH_SINGLE} "
             f"or {TORCH_INDEX}."
         )
-
-
-def _torch_load(torch, file: Path) -> dict[str, Any]:
-    """The state dict in ``file``, read with ``weights_only=True`` (never unpickling
-    arbitrary objects from a checkpoint); a file that cannot be read that way is a
-    ``ConversionError`` naming it."""
-    import pickle
-
-    try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        what = f"e.g. {found[1]}" if found else str(e).splitlines()[0][:160]
-        raise ConversionError(
-            f"{file} holds objects other than tensors ({what}), which "
-            "neox_jax does not unpickle (torch.load weights_only=True); where you trust the "
-            "file, convert it to model.safetensors with transformers first."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ConversionError(
-            f"{file} is truncated or not a PyTorch checkpoint ({str(e).split('. ')[0][:160]}); "
-            "download or copy it again."
-        ) from None
-    if not isinstance(state, dict):
-        raise ConversionError(f"{file} holds a {type(state).__name__}, not a state dict.")
-    return state
-
-
-def _torch_to_numpy(tensor) -> np.ndarray:
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
 
 
 def _shard_files(path: Path, index_name: str, single_name: str) -> list[Path]:

@@ -1,7 +1,9 @@
 """LoRA adapters in PEFT's on-disk format, both ways.
 
 ``peft.PeftModel.save_pretrained`` writes ``adapter_config.json`` and
-``adapter_model.safetensors``; for ``GPTNeoXForCausalLM`` the tensors are named::
+``adapter_model.safetensors`` (older peft, or ``safe_serialization=False``: the same tensors
+in a torch pickle, ``adapter_model.bin``, read here with ``weights_only=True``); for
+``GPTNeoXForCausalLM`` the tensors are named::
 
     base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_A.weight  [r, in]
     base_model.model.gpt_neox.layers.{i}.attention.query_key_value.lora_B.weight  [out, r]
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from neox_jax.atomic import atomic_directory
@@ -43,9 +46,11 @@ from neox_jax.finetune.lora import (
 )
 from neox_jax.model import ModelConfig
 from neox_jax.model.shapes import describe, shape_mismatches
+from neox_jax.torch_state import load_torch_state, torch_to_numpy
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"  # older peft; read when there is no safetensors file
 _KEY = re.compile(r"^(base_model\.model\.\w+\.layers)\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
 
 
@@ -159,13 +164,29 @@ def _refuse_unsupported(cfg: dict[str, Any], where: Path) -> None:
             raise LoraError(f"Cannot import the adapter in {where}: {why}.")
 
 
+def _read_weights(file: Path) -> dict[str, np.ndarray]:
+    """The tensors of an adapter file (safetensors, or a torch pickle read safely)."""
+    if file.name == ADAPTER_PICKLE:
+        state = load_torch_state(
+            file, what=f"reading {file}", safetensors_name=ADAPTER_WEIGHTS, error=LoraError
+        )
+        return {k: torch_to_numpy(v) for k, v in state.items() if hasattr(v, "numpy")}
+    try:
+        return load_file(str(file))
+    except SafetensorError as e:
+        raise LoraError(
+            f"{file} is truncated or not a safetensors file ({e}); copy it again."
+        ) from None
+
+
 def load_peft_adapter(
     path: str | os.PathLike, config: ModelConfig, *, expected_base: str | None = None
 ) -> tuple[LoraConfig, dict[str, Any]]:
     """Read a PEFT LoRA adapter for the model ``config`` describes.
 
     Args:
-      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+      path: folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
+        ``adapter_model.bin``).
       config: the base model's config; shapes and layer count are checked against it.
       expected_base: if given, the adapter's ``base_model_name_or_path`` (when set) must
         name the same model (equal, or the same last path component).
@@ -174,8 +195,13 @@ def load_peft_adapter(
       ``(lora config, adapters)`` with adapters an ``init_adapters``-shaped numpy tree.
     """
     path = Path(path)
-    if not (path / ADAPTER_CONFIG).is_file() or not (path / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}.")
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file() and (path / ADAPTER_PICKLE).is_file():
+        weights = path / ADAPTER_PICKLE
+    if not (path / ADAPTER_CONFIG).is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"{path} needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (or {ADAPTER_PICKLE})."
+        )
     cfg = load_json(path / ADAPTER_CONFIG, "PEFT adapter config")
     _refuse_unsupported(cfg, path)
     base = cfg.get("base_model_name_or_path")
@@ -186,11 +212,11 @@ def load_peft_adapter(
         )
     found: dict[str, dict[int, dict[str, np.ndarray]]] = {}
     by_suffix = {_hf_suffix(config, t): t for t in model_targets(config)}
-    for key, value in load_file(str(path / ADAPTER_WEIGHTS)).items():
+    for key, value in _read_weights(weights).items():
         m = _KEY.match(key)
         if m is None or m[1] != _hf_layers(config):
             raise LoraError(
-                f"{path / ADAPTER_WEIGHTS} holds {key!r}, which is not a LoRA weight of a "
+                f"{weights} holds {key!r}, which is not a LoRA weight of a "
                 f"{_family(config)} block linear layer (under {_hf_layers(config)}); this "
                 "adapter is for another architecture."
             )
@@ -208,7 +234,7 @@ def load_peft_adapter(
             )
         found.setdefault(target, {}).setdefault(layer, {})[ab] = value
     if not found:
-        raise LoraError(f"{path / ADAPTER_WEIGHTS} holds no LoRA weights.")
+        raise LoraError(f"{weights} holds no LoRA weights.")
     rank = int(cfg["r"])
     lora = LoraConfig(
         targets=tuple(t for t in model_targets(config) if t in found),
