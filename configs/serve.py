@@ -32,6 +32,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # format the chat template writes calls in), "qwen" (<tool_call> JSON) or "mistral"
     # ([TOOL_CALLS]); see neox_jax.serving.tools.
     c.tool_call_format = "auto"
+    # Sampling defaults for request fields left unset (temperature, top_p, top_k,
+    # repetition_penalty): "auto" = the model folder's generation_config.json (as vLLM's
+    # --generation-config auto; do_sample=false there means greedy), "none" = OpenAI's
+    # (temperature 1, no top-p/top-k). Its eos ids always end requests.
+    c.generation_config = "auto"
 
     # ----------------------------------------------------------------- engine
     # Decode slots: requests generated at once (continuous batching).

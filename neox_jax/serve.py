@@ -30,6 +30,7 @@ def check_config(config) -> None:
     """Raises ``UserError`` naming a bad field, before anything is loaded."""
     if not config.checkpoint:
         raise UserError("no model: pass --config.checkpoint=PATH (checkpoint, run or HF dir).")
+    sampling_defaults(config.generation_config, None)  # a bad mode fails before loading
     positive = (
         "num_slots", "max_prefills_per_step", "max_n", "max_stop_ids", "tensor_parallel",
         "pipeline_stages", "steps_per_call", "page_size",
@@ -67,6 +68,15 @@ def _default_pages(config, model_config) -> int:
 
     max_len = config.max_len or context_length(model_config)
     return config.num_slots * max_len // config.page_size
+
+
+def sampling_defaults(mode: str, tokenizer) -> dict | None:
+    """The sampling defaults of ``--config.generation_config``: "auto" takes those of the
+    model folder's generation_config.json (as vLLM does by default), "none" OpenAI's."""
+    if mode not in ("auto", "none"):
+        raise UserError(f"--config.generation_config must be 'auto' or 'none', got {mode!r}.")
+    generation = getattr(tokenizer, "generation", None)
+    return generation.sampling_defaults() if mode == "auto" and generation else None
 
 
 def build(config, progress=print):
@@ -124,6 +134,7 @@ def build(config, progress=print):
         max_n=config.max_n,
         metrics=metrics,
         shutdown_timeout=config.shutdown_timeout,
+        sampling_defaults=sampling_defaults(config.generation_config, tokenizer),
     )
     return engine, application
 

@@ -9,7 +9,7 @@ import json
 import jax
 import pytest
 from helpers.tokenizer import HELD_OUT
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 from neox_jax.convert import save_hf
 from neox_jax.convert.hf_tokenizer import PROBE_TEXTS, write_hf_tokenizer
@@ -132,3 +132,27 @@ def test_unreproducible_sentencepiece_model_is_refused(corpus_file, tmp_path):  
     with pytest.raises(UserError, match="same ids"):
         write_hf_tokenizer(src, out)
     assert not (out / "tokenizer.json").exists()
+
+
+def test_sentencepiece_with_add_bos_token_exports_its_bos_and_generation_config(
+    corpus_file,  # noqa: F811
+    tmp_path,
+):
+    """A Llama-style sentencepiece folder (``add_bos_token: true``) adds its bos to model
+    input; the export's tokenizer.json does the same in transformers, and the folder's
+    generation_config.json (two eos ids) comes along for ``generate``."""
+    src = tmp_path / "src"
+    spm_training.train_sentencepiece(
+        corpus_file, 700, src / "tokenizer.model", input_sentence_size=5000, bos_token="<s>"
+    )
+    (src / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True}))
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 4]}))
+    ours = load_tokenizer(src)
+    assert ours.add_bos_token and ours.special_prefix == (3,) and ours.eos_ids == (0, 4)
+    out = _export(src, tmp_path / "export")
+    theirs = AutoTokenizer.from_pretrained(out)
+    for text in TEXTS:
+        assert theirs(text)["input_ids"] == ours.encode(text, add_special_tokens=True), text
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
+    assert GenerationConfig.from_pretrained(out).eos_token_id == [0, 4]
+    assert load_tokenizer(out).encode("hi", add_special_tokens=True)[0] == 3

@@ -9,8 +9,11 @@ export carries:
   equivalent ``tokenizers`` pipeline built from the model's protobuf (BPE with merges ranked
   by piece score, or Unigram; byte fallback; the normalizer flags the model declares);
 * ``tokenizer_config.json``: ``tokenizer_class`` (``PreTrainedTokenizerFast``, which loads
-  ``tokenizer.json`` verbatim), the special tokens, no bos/eos added, no "clean-up" of
-  spaces, and the chat template when the run was chat fine-tuned.
+  ``tokenizer.json`` verbatim), the special tokens, ``add_bos_token`` / ``add_eos_token``
+  as our tokenizer adds them to a model input (a sentencepiece model's are written into the
+  converted ``tokenizer.json`` as its post_processor, which transformers follows), no
+  "clean-up" of spaces, and the chat template when the run was chat fine-tuned;
+* ``generation_config.json`` when the tokenizer folder has one (its eos ids, defaults).
 
 A converted sentencepiece model is checked against sentencepiece itself on a fixed set of
 texts before anything is written; a model we cannot reproduce exactly is refused.
@@ -27,10 +30,20 @@ import json
 import os
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from neox_jax.data.tokenizer import (
     CONFIG_FILE,
+    GENERATION_FILE,
     HF_FILE,
     HFTokenizer,
     SentencePieceTokenizer,
@@ -171,8 +184,13 @@ def hf_tokenizer_config(tok, chat_template: str | None = None) -> dict:
         config["unk_token"] = tok.id_to_token(unk) if unk >= 0 else None
     for kind in ("bos", "eos", "pad"):
         config[f"{kind}_token"] = _special(tok, kind)
-    # Our encode adds no bos/eos and decode leaves spaces alone; say so to transformers.
-    config.update(add_bos_token=False, add_eos_token=False, clean_up_tokenization_spaces=False)
+    # What our encode adds to a model input (transformers <5 rewrites a Llama tokenizer's
+    # post_processor from these flags), and decode leaves spaces alone.
+    config.update(
+        add_bos_token=tok.add_bos_token,
+        add_eos_token=bool(tok.special_suffix),
+        clean_up_tokenization_spaces=False,
+    )
     if chat_template:
         config["chat_template"] = chat_template
     return config
@@ -195,6 +213,17 @@ def write_hf_tokenizer(
     else:
         raw = sentencepiece_to_tokenizers(tok)
         check_same_ids(tok, raw)
+        if tok.special_prefix or tok.special_suffix:  # add_bos_token / add_eos_token
+            ends = [*tok.special_prefix, *tok.special_suffix]
+            single = " ".join(
+                [*(f"{tok.id_to_token(i)}:0" for i in tok.special_prefix), "$A:0"]
+                + [f"{tok.id_to_token(i)}:0" for i in tok.special_suffix]
+            )
+            raw.post_processor = processors.TemplateProcessing(
+                single=single, special_tokens=[(tok.id_to_token(i), i) for i in dict.fromkeys(ends)]
+            )
         raw.save(str(out_dir / HF_FILE))
     config = hf_tokenizer_config(tok, chat_template)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    if tok.generation is not None:  # the eos ids transformers' generate stops at
+        (out_dir / GENERATION_FILE).write_bytes(tok.generation.path.read_bytes())

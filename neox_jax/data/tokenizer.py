@@ -23,14 +23,16 @@ import sentencepiece as spm
 import tokenizers
 
 from neox_jax import hub
+from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
 from neox_jax.errors import UserError
 
 HF_FILE = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
-# The files that make up a tokenizer folder (what a checkpoint or an export copies).
-TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE)
+# The files that make up a tokenizer folder (what a checkpoint or an export copies); a
+# model folder's generation_config.json travels with them (see data/generation_config.py).
+TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, GENERATION_FILE)
 _SPM_NAMES = (SPM_FILE, "spm.model")
 # Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
 # model declares none). GPT-NeoX/Pythia use <|endoftext|> to end and to start documents.
@@ -99,6 +101,17 @@ class Tokenizer(abc.ABC):
     `tokenizer_config.json` beside the file when they name them (`eos_token`, ...: a string or
     a dict with "content"; the map wins, as in transformers), else from the backend's own
     declarations, else from the well-known strings in `_CANDIDATES`.
+
+    `encode(text, add_special_tokens=True)` is what transformers' `tokenizer(text)` gives, the
+    encoding of text fed to a model: the special tokens the folder's tokenizer adds around a
+    text (`special_prefix` / `special_suffix`: tokenizer.json's post_processor, or for a
+    sentencepiece model `add_bos_token` / `add_eos_token` in tokenizer_config.json) are added,
+    e.g. BOS for Llama/Mistral, nothing for GPT-NeoX/Pythia. The default, no special tokens,
+    is for pieces of text that are joined into one sequence (chat templates, training data).
+
+    `generation` is the folder's `generation_config.json` (None without one) and `eos_ids`
+    the ids generation stops at: the file's `eos_token_id` list when it names one (as
+    transformers' `generate` reads it), else `eos_id`.
     """
 
     file_name: str  # canonical name used by `save_to`
@@ -117,6 +130,8 @@ class Tokenizer(abc.ABC):
             if (v := mapped.get(f"{k}_token") or self._config.get(f"{k}_token"))
         }
         self._special = {k: self._resolve_special(k) for k in _CANDIDATES}
+        self.generation = read_generation_config(path.parent)
+        self.special_prefix, self.special_suffix = self._input_specials()
 
     def _resolve_special(self, kind: str) -> int | None:
         value, source = self._named.get(f"{kind}_token", (None, None))
@@ -131,6 +146,28 @@ class Tokenizer(abc.ABC):
 
     def _declared_special(self, kind: str) -> int | None:
         return None
+
+    def _input_specials(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The ids `tokenizer(text)` puts before and after a text: by default the
+        `add_bos_token` / `add_eos_token` flags of tokenizer_config.json (absent: False)."""
+        added = []
+        for kind in ("bos", "eos"):
+            if (flag := self._config.get(f"add_{kind}_token")) not in (None, True, False):
+                raise ValueError(f"{CONFIG_FILE}: add_{kind}_token must be true or false: {flag!r}")
+            added.append((self._require(kind),) if flag else ())
+        return added[0], added[1]
+
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether encoding with `add_special_tokens=True` starts with the bos id."""
+        return self.bos_id is not None and self.bos_id in self.special_prefix
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """The ids that end generation (see the class docstring); empty when none is known."""
+        if self.generation is not None and self.generation.eos_token_ids:
+            return self.generation.eos_token_ids
+        return () if self.eos_id is None else (self.eos_id,)
 
     def _special_token_id(self, token: str) -> int | None:
         return self.token_to_id(token)
@@ -158,23 +195,43 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{self.path} has no {kind} token; set {kind}_token in {CONFIG_FILE}")
         return idx
 
-    def _with_specials(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+    def _with_specials(
+        self, ids: list[int], add_bos: bool, add_eos: bool, add_special_tokens: bool = False
+    ) -> list[int]:
+        if add_special_tokens:
+            if add_bos or add_eos:
+                raise ValueError("pass add_special_tokens or add_bos/add_eos, not both")
+            prefix = list(self.special_prefix)
+            if ids and prefix and prefix[-1] == ids[0] == self.bos_id:
+                prefix.pop()  # the text starts with the bos text already: never bos twice
+            return prefix + ids + list(self.special_suffix)
         bos = [self._require("bos")] if add_bos else []
         return bos + ids + ([self._require("eos")] if add_eos else [])
 
-    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    def encode(
+        self,
+        text: str,
+        *,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        add_special_tokens: bool = False,
+    ) -> list[int]:
         """Encodes one text; special tokens are added only when asked.
 
         Args:
           text: the text.
           add_bos: prepend the bos id; add_eos: append the eos id.
+          add_special_tokens: add what the folder's tokenizer adds to a model input, as
+            transformers' `tokenizer(text)` does (see the class docstring); a bos is not
+            added in front of a text that starts with the bos token already.
 
         Returns:
           The token ids.
         """
         if not isinstance(text, str):
             raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        return self._with_specials(self._encode_many([text])[0], add_bos, add_eos)
+        ids = self._encode_many([text])[0]
+        return self._with_specials(ids, add_bos, add_eos, add_special_tokens)
 
     def encode_batch(
         self,
@@ -186,6 +243,7 @@ class Tokenizer(abc.ABC):
         truncation: bool = False,
         add_bos: bool = False,
         add_eos: bool = False,
+        add_special_tokens: bool = False,
     ) -> tuple[np.ndarray, np.ndarray] | list[list[int]]:
         """Encodes several texts, padded into one array.
 
@@ -196,7 +254,7 @@ class Tokenizer(abc.ABC):
           padding: "longest", "max_length", or None for unpadded lists.
           padding_side: "right" (training) or "left" (batched prompts for decoding).
           truncation: keep the first `max_length` ids (an eos from `add_eos` goes with the tail).
-          add_bos, add_eos: as in `encode`, for every sequence.
+          add_bos, add_eos, add_special_tokens: as in `encode`, for every sequence.
 
         Returns:
           `(ids, mask)`, both int32 [batch, length]: mask is 1 on tokens and 0 on padding,
@@ -212,7 +270,10 @@ class Tokenizer(abc.ABC):
         needs_length = truncation or padding == "max_length"
         if (max_length is None and needs_length) or (max_length is not None and max_length < 1):
             raise ValueError(f"truncation/padding='max_length' need max_length >= 1: {max_length}")
-        seqs = [self._with_specials(s, add_bos, add_eos) for s in self._encode_many(list(texts))]
+        seqs = [
+            self._with_specials(s, add_bos, add_eos, add_special_tokens)
+            for s in self._encode_many(list(texts))
+        ]
         if truncation:
             seqs = [s[:max_length] for s in seqs]
         elif max_length and (over := [i for i, s in enumerate(seqs) if len(s) > max_length]):
@@ -253,6 +314,10 @@ class Tokenizer(abc.ABC):
         for kind, idx in self._special.items():
             config[f"{kind}_token"] = None if idx is None else self.id_to_token(idx)
         _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode() + b"\n")
+        if (gen := self.generation) is not None and gen.path.resolve() != (
+            directory / GENERATION_FILE
+        ).resolve():
+            _atomic_write(directory / GENERATION_FILE, gen.path.read_bytes())
         return target
 
     def __repr__(self) -> str:
@@ -276,6 +341,15 @@ class HFTokenizer(Tokenizer):
     def _special_token_id(self, token: str) -> int | None:
         # Only added tokens count: a plain BPE entry spelled "<s>" is ordinary text.
         return self._added.get(token)
+
+    def _input_specials(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        # tokenizer.json's post_processor decides (transformers ignores add_bos_token when
+        # there is a tokenizer.json); the ids it adds around a probe text have no sequence.
+        enc = self._tok.encode("a b", add_special_tokens=True)
+        own = [i for i, s in enumerate(enc.sequence_ids) if s is not None]
+        if not own:  # the probe encodes to nothing: all that is left was added in front
+            return tuple(enc.ids), ()
+        return tuple(enc.ids[: own[0]]), tuple(enc.ids[own[-1] + 1 :])
 
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]

@@ -164,7 +164,7 @@ class FewShotPromptBuilder:
         # Seed from the query's text too: each query gets its own, reproducible shots.
         rng = random.Random(f"{self.seed}:{self.template.render_input(query)}")
         chosen = rng.sample(pool, min(k, len(pool)))
-        base = len(self.tokenizer.encode(self._text([], query)))
+        base = len(self.tokenizer.encode(self._text([], query), add_special_tokens=True))
         if base > budget:
             raise ValueError(
                 f"the query alone is {base} tokens, over the budget of {budget} "
@@ -173,7 +173,7 @@ class FewShotPromptBuilder:
             )
         for n in range(len(chosen), -1, -1):  # drop shots until the prompt fits
             text = self._text(chosen[:n], query)
-            num = base if n == 0 else len(self.tokenizer.encode(text))
+            num = base if n == 0 else len(self.tokenizer.encode(text, add_special_tokens=True))
             if num <= budget:
                 return FewShotPrompt(text, num, tuple(chosen[:n]), len(chosen) - n)
         raise AssertionError("unreachable: the zero-shot prompt fits")
@@ -215,18 +215,22 @@ def encode_pair(tokenizer, context: str, continuation: str, prefix_token_id: int
 
     Trailing spaces of the context move to the continuation; the pair is encoded as one
     text and split where the context's tokens end, so the continuation's tokens are those
-    the model would see. An empty context becomes ``[prefix_token_id]`` (EOS by default).
+    the model would see; both start with the special tokens the tokenizer adds (a Llama
+    bos), as lm-eval's Hugging Face model encodes them. An empty context becomes
+    ``[prefix_token_id]`` (by default bos, else eos, as lm-eval's ``prefix_token_id``).
     """
     if not context:
-        prefix = tokenizer.eos_id if prefix_token_id is None else prefix_token_id
+        prefix = prefix_token_id
         if prefix is None:
-            raise ValueError("an empty context needs a prefix token; the tokenizer has no eos.")
+            prefix = tokenizer.eos_id if tokenizer.bos_id is None else tokenizer.bos_id
+        if prefix is None:
+            raise ValueError("an empty context needs a prefix token; the tokenizer has no bos/eos.")
         return [prefix], tokenizer.encode(continuation)
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    ctx = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation, add_special_tokens=True)
+    ctx = tokenizer.encode(context, add_special_tokens=True)
     return ctx, whole[len(ctx) :]
 
 

@@ -143,9 +143,16 @@ class NeoxLM(TemplateLM):
             raise ValueError(f"{self.tok} has no eos token; set eos_token in its config.")
         return eos
 
+    @property
+    def prefix_token_id(self) -> int:
+        """What an empty context / a rolling window starts from: bos, else eos (lm-eval's
+        Hugging Face model's rule; the same id for GPT-NeoX/Pythia)."""
+        return self.eot_token_id if self.tok.bos_id is None else self.tok.bos_id
+
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs):
-        # GPT-NeoX/Pythia tokenizers add no BOS; lm-eval's HF model behaves the same.
-        return self.tok.encode(string)
+        # As lm-eval's Hugging Face model: None adds what the tokenizer adds (a Llama bos,
+        # nothing for GPT-NeoX/Pythia) unless the text starts with the bos text already.
+        return self.tok.encode(string, add_special_tokens=add_special_tokens is not False)
 
     def tok_decode(self, tokens, **kwargs) -> str:
         return self.tok.decode(tokens)
@@ -164,13 +171,13 @@ class NeoxLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Total log-probability of each text: disjoint ``max_length`` windows, EOT first."""
+        """Total log-probability of each text: disjoint ``max_length`` windows, bos/eos first."""
         texts = [req.args[0] for req in requests]
         scored = score_sequences(
             self.scorer,
             [self.tok_encode(t) for t in texts],
             stride=self.max_length,
-            prefix_token_id=self.eot_token_id,
+            prefix_token_id=self.prefix_token_id,
         )
         results = [lp for lp, _ in scored]
         for text, lp in zip(texts, results, strict=True):

@@ -169,8 +169,9 @@ def perplexity_of_text(
     stride: int | None = None,
     prefix_token_id: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of one text (tokenized as a whole, as the HF recipe does)."""
-    ids = tokenizer.encode(text)
+    """Perplexity of one text (tokenized as a whole with the special tokens the tokenizer
+    adds, e.g. a Llama bos, as the HF recipe's ``tokenizer(text)`` does)."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
     return perplexity_of_ids(
         scorer,
         [ids],

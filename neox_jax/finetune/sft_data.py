@@ -116,7 +116,12 @@ def _check_record(rec) -> None:
 def tokenize_record(
     rec: dict, tokenizer, chat: ChatTemplate, *, prompt_format="raw", add_eos=True
 ) -> tuple[list[int], list[int]]:
-    """``(ids, mask)`` of one example; mask is 1 on the tokens the loss is taken on."""
+    """``(ids, mask)`` of one example; mask is 1 on the tokens the loss is taken on.
+
+    A raw prompt starts with the bos a Llama-style tokenizer adds (``add_bos_token``), as
+    TRL encodes ``tokenizer(prompt)``; chat-templated examples carry the template's own bos
+    text, so they are encoded without added special tokens, as ``apply_chat_template``.
+    """
     if "messages" in rec:
         return encode_segments(tokenizer, chat.segments(rec["messages"], rec.get("tools")))
     if prompt_format == "chat":
@@ -126,6 +131,8 @@ def tokenize_record(
         ]
         return encode_segments(tokenizer, chat.segments(turns))
     ids, mask = encode_segments(tokenizer, [(rec["prompt"], False), (rec["completion"], True)])
+    if getattr(tokenizer, "add_bos_token", False) and ids[:1] != [tokenizer.bos_id]:
+        ids, mask = [tokenizer.bos_id, *ids], [0, *mask]
     if add_eos:
         if tokenizer.eos_id is None:
             raise SFTDataError(

@@ -62,7 +62,8 @@ class Generator:
         results carry no text).
       max_cache_len: a fixed KV-cache size (one compile serves every request that fits),
         or None to size the cache per request in multiples of 64.
-      eos_token_ids: ids that end generation; default the tokenizer's eos, if any.
+      eos_token_ids: ids that end generation; default the tokenizer's ``eos_ids`` (every
+        ``eos_token_id`` of the model folder's generation_config.json, else its eos).
       max_batch_size: prompts per device batch; longer lists run in several batches.
       stop_check_interval: decode steps between host checks for stop strings.
       stream_interval: decode steps per streamed increment.
@@ -113,8 +114,7 @@ class Generator:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if eos_token_ids is None:
-            eos = getattr(tokenizer, "eos_id", None)
-            eos_token_ids = () if eos is None else (eos,)
+            eos_token_ids = () if tokenizer is None else tokenizer.eos_ids
         self.config, self.params, self.tokenizer = config, params, tokenizer
         # A model vocabulary padded past the tokenizer's (for speed): never draw those ids.
         self.vocab_limit = None if tokenizer is None else tokenizer.vocab_size
@@ -164,7 +164,8 @@ class Generator:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids or a tokenizer.")
-            ids = self.tokenizer.encode(prompt)
+            # As transformers' tokenizer(prompt): with the bos a Llama-style tokenizer adds.
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
             ids = [int(i) for i in np.asarray(prompt, np.int64).reshape(-1)]
         if not ids:

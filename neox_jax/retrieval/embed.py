@@ -143,7 +143,8 @@ class Embedder:
             raise TypeError("embed takes a list of texts; wrap a single text in a list.")
         if self.tokenizer is None:
             raise ValueError("embedding texts needs a tokenizer; pass token ids to embed_ids.")
-        return self.embed_ids([self.tokenizer.encode(t) for t in texts])
+        encode = self.tokenizer.encode  # as transformers' tokenizer(text): a Llama bos too
+        return self.embed_ids([encode(t, add_special_tokens=True) for t in texts])
 
     def embed_ids(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """``[N, E]`` float32 embeddings of token-id sequences (see ``embed``)."""

@@ -161,18 +161,23 @@ def embed_corpus(
 ) -> tuple[list[Chunk], np.ndarray]:
     """Chunk documents and embed the chunks: ``(chunks, vectors [N, E])``.
 
+    Each chunk is embedded with the special tokens the tokenizer adds around a text (a
+    Llama bos), as ``Embedder.embed`` embeds a query, so both live in one space.
+
     Raises:
       ValueError: no chunks (an empty corpus), or chunks longer than the embedder reads.
     """
-    if chunk_tokens > embedder.max_length:
+    tok = embedder.tokenizer
+    pre, post = (tuple(getattr(tok, f"special_{s}", ())) for s in ("prefix", "suffix"))
+    if chunk_tokens + len(pre) + len(post) > embedder.max_length:
         raise ValueError(
-            f"chunk_tokens={chunk_tokens} exceeds the embedder's max_length "
-            f"{embedder.max_length}; use smaller chunks."
+            f"chunk_tokens={chunk_tokens} (with {len(pre) + len(post)} special tokens) "
+            f"exceeds the embedder's max_length {embedder.max_length}; use smaller chunks."
         )
-    chunks = chunk_documents(embedder.tokenizer, documents, size=chunk_tokens, overlap=overlap)
+    chunks = chunk_documents(tok, documents, size=chunk_tokens, overlap=overlap)
     if not chunks:
         raise ValueError("empty corpus: the documents hold no tokens to index.")
-    return chunks, embedder.embed_ids([c.token_ids for c in chunks])
+    return chunks, embedder.embed_ids([[*pre, *c.token_ids, *post] for c in chunks])
 
 
 def build_index(
@@ -259,7 +264,7 @@ def assemble_prompt(
     Raises:
       ValueError: the header and question alone exceed the budget.
     """
-    head = tokenizer.encode(template.header)
+    head = tokenizer.encode(template.header, add_special_tokens=True)  # the prompt's start
     tail = tokenizer.encode(template.question.format(question=question))
     room = budget - len(head) - len(tail)
     if room < 0:

@@ -48,11 +48,14 @@ def create_app(
     max_n: int = 8,
     metrics=None,
     shutdown_timeout: float = 30.0,
+    sampling_defaults: dict | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` as model ``model_name``; starts the engine's thread on
     start-up and stops it (``shutdown_timeout`` to finish) on shutdown.
     ``tool_call_format``: how chat replies are parsed for tool calls ("auto": from the
-    chat template; see ``neox_jax.serving.tools``)."""
+    chat template; see ``neox_jax.serving.tools``). ``sampling_defaults``: the values of
+    ``temperature`` / ``top_p`` / ``top_k`` / ``repetition_penalty`` a request leaves unset
+    (the model folder's generation_config.json, as vLLM's ``--generation-config auto``)."""
     from neox_jax.serving import tools as tool_calling
 
     tool_calling.tc.resolve_format(tool_call_format, chat_template)  # fail now on a bad name
@@ -119,7 +122,7 @@ def create_app(
             if isinstance(p, str):
                 if tok is None:
                     raise bad("this server has no tokenizer: send token ids.", "prompt")
-                p = tok.encode(p)
+                p = tok.encode(p, add_special_tokens=True)  # as vLLM: bos where it adds one
             if not p:
                 raise bad("prompt is empty: give text or token ids.", "prompt")
             out.append(list(p))
@@ -266,7 +269,7 @@ def create_app(
         call = Call(engine)
         for ids in prompts:
             limit = max_tokens_for(body, ids, body.max_tokens if generate else 1)
-            sampling = body.sampling(limit, max_n)
+            sampling = body.sampling(limit, max_n, sampling_defaults)
             if not generate:
                 call.check(ids, sampling)
             for j in range(n if generate else 0):
@@ -365,7 +368,7 @@ def create_app(
         ids = tools.prompt(ids, tok)  # + the forced start of a tool call, if any
         limit = body.max_completion_tokens  # newer clients' name for max_tokens
         limit = body.max_tokens if limit is None else limit
-        sampling = body.sampling(max_tokens_for(body, ids, limit), max_n)
+        sampling = body.sampling(max_tokens_for(body, ids, limit), max_n, sampling_defaults)
         call = Call(engine)
         for j in range(body.n):
             call.add(ids, sampling, max(k, 1) if body.logprobs else 0, j)

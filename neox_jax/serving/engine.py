@@ -61,7 +61,8 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         (default: powers of two from 16 up to ``max_len``).
       max_queue: requests that may wait for a slot; beyond it ``submit`` raises
         ``QueueFull``.
-      eos_token_ids: ids that end a request; default the tokenizer's eos.
+      eos_token_ids: ids that end a request; default the tokenizer's ``eos_ids`` (every
+        ``eos_token_id`` of the model folder's generation_config.json, else its eos).
       stop_width: most stop token ids a request may name.
       max_logprobs: most alternatives per token a request may ask for.
       max_prefills_per_step: prompts admitted between two decode steps, bounding how long
@@ -167,9 +168,8 @@ class Engine(Admission, Delivery, Schedule, Warmup):
             prefill_buckets = [b for b in (2**i for i in range(4, 30)) if b < max_len]
         top = prefill_chunk or max_len  # longer prompts are chunked, never bucketed
         buckets = sorted({int(b) for b in prefill_buckets if 2 <= b <= top} | {top})
-        if eos_token_ids is None:
-            eos = getattr(tokenizer, "eos_id", None)
-            eos_token_ids = () if eos is None else (eos,)
+        if eos_token_ids is None:  # every eos of a generation_config.json, else the eos
+            eos_token_ids = () if tokenizer is None else tokenizer.eos_ids
         self.config, self.tokenizer = config, tokenizer
         # A model vocabulary padded past the tokenizer's: those ids are never drawn.
         self.vocab_limit = None if tokenizer is None else tokenizer.vocab_size
@@ -199,6 +199,12 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         self.max_queue, self.stop_width, self.max_logprobs = max_queue, stop_width, max_logprobs
         self.max_prefills_per_step = max_prefills_per_step
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
+        if len(self.eos_token_ids) > stop_width:
+            raise UserError(
+                f"the model stops at {len(self.eos_token_ids)} eos ids {self.eos_token_ids} "
+                f"(its generation_config.json), more than stop_width={stop_width}; raise "
+                "--config.max_stop_ids."
+            )
         self.metrics = metrics
         self.pages = self._page_pool(kv_cache, page_size, num_pages)
         self.paged_attention = self._paged_attention(paged_attention)

@@ -120,22 +120,28 @@ class _Sampling(BaseModel):
     guided_choice: Any = None
     guided_grammar: Any = None
 
-    def sampling(self, max_tokens: int, max_n: int) -> SamplingParams:
-        """The request's ``SamplingParams`` (``APIError`` 400 on a bad value)."""
+    def sampling(self, max_tokens: int, max_n: int, defaults: dict | None = None) -> SamplingParams:
+        """The request's ``SamplingParams`` (``APIError`` 400 on a bad value); a field the
+        request leaves unset takes its value in ``defaults`` (the model's
+        generation_config.json), else OpenAI's default."""
         if self.n < 1 or self.n > max_n:
             raise bad(f"n must be between 1 and {max_n}, got {self.n}.", "n")
         if max_tokens < 1:
             raise bad(f"max_tokens must be at least 1, got {max_tokens}.", "max_tokens")
-        temperature = 1.0 if self.temperature is None else self.temperature
+        defaults = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0} | (
+            defaults or {}
+        )
+        temperature = defaults["temperature"] if self.temperature is None else self.temperature
         if not 0 <= temperature <= 2:
             raise bad(f"temperature must be between 0 and 2, got {temperature}.", "temperature")
-        top_p = 1.0 if self.top_p is None else self.top_p
+        top_p = defaults["top_p"] if self.top_p is None else self.top_p
         if not 0 < top_p <= 1:
             raise bad(f"top_p must be in (0, 1], got {top_p}.", "top_p")
-        top_k = self.top_k or 0
+        top_k = defaults["top_k"] if self.top_k is None else self.top_k
         if top_k < -1:
             raise bad(f"top_k must be -1 or 0 (off) or a positive integer, got {top_k}.", "top_k")
-        penalty = 1.0 if self.repetition_penalty is None else self.repetition_penalty
+        rp = self.repetition_penalty
+        penalty = defaults["repetition_penalty"] if rp is None else rp
         if not 0 < penalty <= 10:
             raise bad(
                 f"repetition_penalty must be in (0, 10], got {penalty}.", "repetition_penalty"

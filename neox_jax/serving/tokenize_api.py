@@ -50,7 +50,8 @@ def add_routes(
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
-        ids = need().encode(body.prompt)
+        # vLLM's /tokenize adds the special tokens the tokenizer adds (a Llama bos) by default
+        ids = need().encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"count": len(ids), "max_model_len": max_len, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize")
@@ -83,6 +84,6 @@ def add_routes(
             "pad_token": special("pad"),
             "chat_template": read_chat_template(chat_template),  # what chat renders with
             "model_max_length": max_len,
-            "add_bos_token": False,
-            "add_eos_token": False,
+            "add_bos_token": tok.add_bos_token,
+            "add_eos_token": bool(tok.special_suffix),
         }

@@ -83,9 +83,12 @@ def assert_logits_close(ours, ref, rel=1e-5):
     assert err <= rel * scale, f"max abs error {err:.3g} > {rel} * {scale:.3g}"
 
 
-def train_byte_level_bpe(directory, texts, vocab_size, tokenizer_config):
-    """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0, <|padding|> = 1) trained on
-    ``texts`` and saved in ``directory`` with ``tokenizer_config.json``; returns it loaded."""
+def train_byte_level_bpe(
+    directory, texts, vocab_size, tokenizer_config, special_tokens=("<|endoftext|>", "<|padding|>")
+):
+    """A GPT-NeoX-style byte-level BPE (<|endoftext|> = 0, <|padding|> = 1, or the given
+    ``special_tokens`` from id 0) trained on ``texts`` and saved in ``directory`` with
+    ``tokenizer_config.json``; returns it loaded."""
     import json
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -97,7 +100,7 @@ def train_byte_level_bpe(directory, texts, vocab_size, tokenizer_config):
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|padding|>"],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
