@@ -24,13 +24,15 @@ from test_serving_tools import ScriptedEngine
 from neox_jax.convert import save_hf
 from neox_jax.convert.checkpoint import save_checkpoint
 from neox_jax.data.generation_config import read_generation_config
-from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.evaluation.perplexity import perplexity_of_text
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 from neox_jax.finetune.chat import encode_chat
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.loading import load_model, load_model_and_tokenizer
+from neox_jax.quant import QuantConfig
+from neox_jax.quantize import quantize_checkpoint
 from neox_jax.serve import sampling_defaults
 from neox_jax.serving import Collector, Engine, Request
 from neox_jax.serving.api import create_app
@@ -238,6 +240,12 @@ def test_generation_config_travels_into_checkpoints_and_exports(stopping, tmp_pa
     ckpt = save_checkpoint(config, params, tmp_path / "ckpt", tokenizer_dir=folder)
     _, _, tok = load_model_and_tokenizer(ckpt)
     assert tok.eos_ids == want and tok.add_bos_token
+    copy_tokenizer(folder / "tokenizer.json", tmp_path / "copied")  # a run's data.tokenizer
+    assert load_tokenizer(tmp_path / "copied").eos_ids == want
+    quantized = quantize_checkpoint(
+        str(folder), str(tmp_path / "q"), QuantConfig(bits=8), log=lambda *a: None
+    )
+    assert load_model_and_tokenizer(quantized)[2].eos_ids == want
     out = save_hf(config, params, tmp_path / "hf", tokenizer_dir=ckpt / "tokenizer")
     ref = transformers.GenerationConfig.from_pretrained(out)
     assert ref.eos_token_id == list(want) and ref.temperature == 0.6

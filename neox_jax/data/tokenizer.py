@@ -49,6 +49,9 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if src.is_file():  # load_tokenizer(file) reads these beside the file: so must the copy
+        metadata = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
+        files += [src.parent / n for n in metadata if (src.parent / n).is_file()]
     if src.is_dir():
         files += [f for f in src.glob("*.model") if f not in files]
     for f in files:
