@@ -26,6 +26,7 @@ from neox_jax.convert.checkpoint import save_checkpoint
 from neox_jax.data.generation_config import read_generation_config
 from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from neox_jax.errors import UserError
+from neox_jax.evaluation.fewshot import encode_pair
 from neox_jax.evaluation.perplexity import perplexity_of_text
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 from neox_jax.finetune.chat import encode_chat
@@ -273,6 +274,10 @@ def test_lm_eval_adapter_scores_as_lm_evals_hf_model(llama):
         plain = ours.tok_encode(text, add_special_tokens=False)
         assert plain == ref.tok_encode(text, add_special_tokens=False), text
     pairs = [("the quick", " fox"), ("the lazy ", "dog"), ("", "tokens then")]
+    for context, continuation in pairs[:2]:  # our few-shot runner splits pairs the same way
+        want = tuple(map(list, ref._encode_pair(context, continuation)))
+        assert encode_pair(tok, context, continuation) == want
+    assert encode_pair(tok, "", "dog") == ([BOS], tok.encode("dog"))  # lm-eval's prefix
     for kind, args in (("loglikelihood", pairs), ("loglikelihood_rolling", [(CORPUS[0],)])):
         reqs = [Instance(kind, {}, a, i) for i, a in enumerate(args)]
         got, want = getattr(ours, kind)(reqs), getattr(ref, kind)(reqs)
