@@ -344,6 +344,24 @@ def test_prefix_cache_reuses_shared_prompt_blocks(model):
     assert eng.prefix_cache.hit_tokens == 3 * 32 + 16
 
 
+@pytest.mark.parametrize("kv_cache", ["slots", "paged"])
+def test_prefix_hit_in_a_used_slot_ignores_the_earlier_request(model, kv_cache):
+    """One slot, the same 40-token prompt twice: the second copies both cached blocks
+    and prefills the rest from column 32, so nothing clears the row from column 0; the
+    first request's prompt and generated keys past the blocks must not be attended."""
+    config, params, tok = model
+    eng = Engine(
+        config, params, tok, num_slots=1, max_len=64, prefill_chunk=16, prefix_cache_blocks=4,
+        kv_cache=kv_cache, page_size=16, num_pages=4,
+    )  # fmt: skip
+    sampling = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompt = _prompts(config.vocab_size, (40,), seed=14)[0]
+    want = _reference(model).generate([prompt], sampling)[0].token_ids
+    assert eng.generate([prompt], sampling)[0][0] == want
+    assert eng.generate([prompt], sampling)[0][0] == want
+    assert eng.prefix_cache.hit_tokens == 32
+
+
 def test_quantized_weights_are_served_like_the_generator(model):
     """int4 group-quantized weights (``neox_jax.quant``) run in the same decode step:
     each request equals the ``Generator`` on the same quantized params."""

@@ -191,9 +191,7 @@ def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) 
     ``slot``'s columns ``offset .. offset + C - 1``, marked as prompt (segment 1)."""
     size = k[0].shape[0]
     cache = _put_columns(state, slot, offset, k, v)
-    cache["segment_ids"] = jax.lax.dynamic_update_slice(
-        cache["segment_ids"], jnp.ones((1, size), jnp.int32), (slot, offset)
-    )
+    cache["segment_ids"] = slots.block_segments(cache["segment_ids"], slot, offset, size)
     return state.replace(cache=cache)
 
 

@@ -270,6 +270,20 @@ def prefill_chunk(
     return state.replace(cache=new)
 
 
+def block_segments(segment_ids: Array, slot: Array, offset: Array, size: int) -> Array:
+    """``segment_ids [N, S]`` with ``slot``'s columns ``offset .. offset + size - 1``
+    marked prompt (1) and every column after them empty (0).
+
+    Cached blocks are put in order from column 0, and the chunked prefill that clears a
+    reused row's old ids runs only from column 0: after a prefix hit nothing else would
+    clear an earlier request's ids past the copied blocks, and the next decode step
+    would attend to that request's keys."""
+    row = jax.lax.dynamic_slice_in_dim(segment_ids, slot, 1, axis=0)  # [1, S]
+    cols = jnp.arange(row.shape[1])
+    row = jnp.where(cols < offset, row, (cols < offset + size).astype(row.dtype))
+    return jax.lax.dynamic_update_slice_in_dim(segment_ids, row, slot, axis=0)
+
+
 @functools.partial(jax.jit, donate_argnames=("state",))
 def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) -> SlotState:
     """Write a cached prompt block (per-layer ``[KV, C, D]`` keys and values, or stacked
@@ -282,9 +296,7 @@ def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) 
             buf, block[None].astype(buf.dtype), (slot, 0, offset, 0)
         )
 
-    seg = jax.lax.dynamic_update_slice(
-        state.cache["segment_ids"], jnp.ones((1, size), jnp.int32), (slot, offset)
-    )
+    seg = block_segments(state.cache["segment_ids"], slot, offset, size)
     cache = dict(
         state.cache,
         k=_per_layer(put, state.cache["k"], k),
