@@ -226,4 +226,4 @@ def write_hf_tokenizer(
     config = hf_tokenizer_config(tok, chat_template)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if tok.generation is not None:  # the eos ids transformers' generate stops at
-        (out_dir / GENERATION_FILE).write_bytes(tok.generation.path.read_bytes())
+        (out_dir / GENERATION_FILE).write_bytes(tok.generation.file_bytes())

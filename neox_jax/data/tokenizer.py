@@ -56,6 +56,9 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
         files += [f for f in src.glob("*.model") if f not in files]
     for f in files:
         shutil.copy2(f, dst / f.name)
+    folder = src if src.is_dir() else src.parent
+    if not (folder / GENERATION_FILE).is_file() and (gen := read_generation_config(folder)):
+        (dst / GENERATION_FILE).write_bytes(gen.file_bytes())  # config.json's eos ids
 
 
 def _read_json(path: Path) -> dict:
@@ -112,7 +115,8 @@ class Tokenizer(abc.ABC):
     e.g. BOS for Llama/Mistral, nothing for GPT-NeoX/Pythia. The default, no special tokens,
     is for pieces of text that are joined into one sequence (chat templates, training data).
 
-    `generation` is the folder's `generation_config.json` (None without one) and `eos_ids`
+    `generation` is the folder's `generation_config.json` (without one, the ids of its
+    `config.json`, as transformers falls back; None without either) and `eos_ids`
     the ids generation stops at: the file's `eos_token_id` list when it names one (as
     transformers' `generate` reads it), else `eos_id`.
     """
@@ -320,7 +324,7 @@ class Tokenizer(abc.ABC):
         if (gen := self.generation) is not None and gen.path.resolve() != (
             directory / GENERATION_FILE
         ).resolve():
-            _atomic_write(directory / GENERATION_FILE, gen.path.read_bytes())
+            _atomic_write(directory / GENERATION_FILE, gen.file_bytes())
         return target
 
     def __repr__(self) -> str:

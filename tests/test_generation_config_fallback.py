@@ -1,0 +1,91 @@
+"""Where the generation config comes from, as transformers decides it.
+
+* A Hugging Face folder without ``generation_config.json``: transformers' ``generate``
+  stops at the ``eos_token_id`` of ``config.json`` (an int or a list;
+  ``GenerationConfig.from_pretrained(folder, config_file_name="config.json")``), not at
+  the tokenizer's eos.
+* A tokenizer from another folder: the generation config still belongs to the model, so
+  the model folder's ``generation_config.json`` decides the eos ids and the server's
+  sampling defaults.
+
+The reference is transformers' greedy ``generate`` on the model folder (a tiny random
+Llama and a real byte-level BPE written by transformers; see
+``test_bos_and_generation_config``).
+"""
+
+import json
+
+import pytest
+import transformers
+from test_bos_and_generation_config import EOS, _hf_greedy, _llama_folder
+
+from neox_jax.convert import save_hf
+from neox_jax.convert.checkpoint import save_checkpoint
+from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
+from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
+from neox_jax.inference import Generator, SamplingParams
+from neox_jax.loading import load_model, load_model_and_tokenizer
+
+PROMPT = "the quick fox"
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """``(folder, free, k, absent)``: the folder with no generation_config.json; ``free``
+    the greedy continuation ignoring every eos, ``free[k]`` its first token not seen
+    before it (what we make the eos), ``absent`` an id never generated."""
+    path = _llama_folder(tmp_path_factory.mktemp("llama"))
+    (path / GENERATION_FILE).unlink(missing_ok=True)  # save_pretrained may write one
+    config, params, tok = load_model_and_tokenizer(path)
+    free = Generator(config, params, tok).generate(
+        [PROMPT], SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True)
+    )[0].token_ids
+    k = next(i for i in range(3, len(free)) if free[i] not in free[:i])
+    absent = next(i for i in range(3, 300) if i not in free)
+    assert EOS not in free[: k + 1]  # the tokenizer's eos would not stop it there
+    return path, free, k, absent
+
+
+def _set_config_eos(path, eos):
+    config = json.loads((path / "config.json").read_text())
+    config["eos_token_id"] = eos
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["int", "list"])
+def test_config_json_eos_ends_generation_without_a_generation_config(folder, as_list):
+    path, free, k, absent = folder
+    _set_config_eos(path, [absent, free[k]] if as_list else free[k])
+    assert not (path / GENERATION_FILE).exists()
+    prompt_ids, ref = _hf_greedy(path, PROMPT, 16)
+    assert ref == free[: k + 1]  # transformers stopped at config.json's eos
+    config, params, tok = load_model_and_tokenizer(path)
+    assert tok.eos_id == EOS and tok.eos_ids == ((absent, free[k]) if as_list else (free[k],))
+    out = Generator(config, params, tok).generate([PROMPT], GREEDY)[0]
+    assert (out.prompt_token_ids, out.token_ids, out.finish_reason) == (prompt_ids, ref, "eos")
+
+
+def test_config_json_eos_travels_into_checkpoints_and_exports(folder, tmp_path):
+    path, free, k, absent = folder
+    _set_config_eos(path, [absent, free[k]])
+    want = transformers.AutoModelForCausalLM.from_pretrained(path).generation_config
+    config, params = load_model(path)
+    ckpt = save_checkpoint(config, params, tmp_path / "ckpt", tokenizer_dir=path)
+    assert load_model_and_tokenizer(ckpt)[2].eos_ids == (absent, free[k])
+    copy_tokenizer(path / "tokenizer.json", tmp_path / "copied")  # a run's data.tokenizer
+    assert load_tokenizer(tmp_path / "copied").eos_ids == (absent, free[k])
+    out = save_hf(config, params, tmp_path / "hf", tokenizer_dir=ckpt / "tokenizer")
+    ref = transformers.GenerationConfig.from_pretrained(out)
+    assert ref.eos_token_id == want.eos_token_id == [absent, free[k]]
+    assert ref.bos_token_id == want.bos_token_id
+
+
+def test_model_config_placeholders_are_not_ids(tmp_path):
+    """Old Llama ports wrote ``pad_token_id: -1``; transformers loads them, so must we."""
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5, "pad_token_id": -1}))
+    gen = read_generation_config(tmp_path)
+    assert (gen.eos_token_ids, gen.pad_token_id, gen.sampling) == ((5,), None, {})
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "top_k": 2}))
+    assert read_generation_config(tmp_path) is None  # an MoE's top_k is no sampling default
+
