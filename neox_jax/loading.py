@@ -52,6 +52,7 @@ from neox_jax.convert.hf import (
     load_hf,
     read_hf_config,
 )
+from neox_jax.data.generation_config import GenerationDefaults, read_generation_config
 from neox_jax.data.tokenizer import Tokenizer, load_tokenizer
 from neox_jax.errors import UserError, load_json
 from neox_jax.finetune.lora import LoraConfig, LoraError, abstract_adapters, adapter_logical_axes
@@ -357,6 +358,24 @@ def find_tokenizer(path: str | os.PathLike) -> Path | None:
     return None
 
 
+def model_generation_config(path: str | os.PathLike) -> GenerationDefaults | None:
+    """The generation config of the model at ``path`` (``data.generation_config``): its
+    Hugging Face folder's (a PEFT adapter's own, else its base's), or the one our
+    checkpoints and runs keep with their tokenizer files; None when it has none."""
+    path = local_path(path, weights=False)
+    kind = artifact_kind(path)
+    if kind in ("hf", "peft") and (found := read_generation_config(path)) is not None:
+        return found
+    if kind == "peft":
+        return model_generation_config(peft_base(path, weights=False))
+    if kind == "hf":
+        return None
+    folder = find_tokenizer(path)
+    if folder is None:
+        return None
+    return read_generation_config(folder if folder.is_dir() else folder.parent)
+
+
 def tokenizer_for(path: str | os.PathLike) -> Tokenizer:
     """The tokenizer at ``path`` or beside the model at ``path`` (see ``find_tokenizer``)."""
     found = find_tokenizer(path)
@@ -384,6 +403,9 @@ def load_model_and_tokenizer(
     Args:
       checkpoint: any kind of model folder (see ``load_model``).
       tokenizer: tokenizer file or folder; default the one found beside the checkpoint.
+        The generation config (eos ids, sampling defaults) is the model's
+        (``model_generation_config``) whenever the model has one, as in transformers,
+        where it belongs to the model, not to the tokenizer; else the tokenizer folder's.
       dtype, attention_impl: ``ModelConfig`` overrides ("" / None keeps the checkpoint's).
       rope_scaling_type, rope_scaling_factor: "linear" or "ntk" and a factor >= 1, to
         run past the trained context (position interpolation, Chen et al. 2023; NTK-aware
@@ -399,6 +421,8 @@ def load_model_and_tokenizer(
         overrides["rope_scaling"] = rope_scaling_override(rope_scaling_type, rope_scaling_factor)
     artifact_kind(checkpoint)  # a missing or foreign model folder fails first, ...
     tok = tokenizer_for(tokenizer or checkpoint)  # ... then a missing tokenizer, both fast
+    if tokenizer is not None and (generation := model_generation_config(checkpoint)):
+        tok.generation = generation  # the model's folder decides its eos ids and defaults
     config, params = load_model(checkpoint, shardings=shardings, mesh=mesh, **overrides)
     return config, params, tok
 

@@ -14,9 +14,11 @@ Llama and a real byte-level BPE written by transformers; see
 """
 
 import json
+import shutil
 
 import pytest
 import transformers
+from ml_collections import ConfigDict
 from test_bos_and_generation_config import EOS, _hf_greedy, _llama_folder
 
 from neox_jax.convert import save_hf
@@ -24,7 +26,8 @@ from neox_jax.convert.checkpoint import save_checkpoint
 from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
 from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from neox_jax.inference import Generator, SamplingParams
-from neox_jax.loading import load_model, load_model_and_tokenizer
+from neox_jax.loading import load_from_config, load_model, load_model_and_tokenizer
+from neox_jax.serve import sampling_defaults
 
 PROMPT = "the quick fox"
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
@@ -89,3 +92,35 @@ def test_model_config_placeholders_are_not_ids(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "top_k": 2}))
     assert read_generation_config(tmp_path) is None  # an MoE's top_k is no sampling default
 
+
+def test_the_model_folder_decides_when_the_tokenizer_is_elsewhere(folder, tmp_path):
+    path, free, k, absent = folder
+    _set_config_eos(path, EOS)
+    elsewhere = tmp_path / "tok"
+    copy_tokenizer(path, elsewhere)
+    # The tokenizer's folder says something else; the model's folder decides.
+    (elsewhere / GENERATION_FILE).write_text(json.dumps({"eos_token_id": absent, "top_k": 3}))
+    model_gen = {"eos_token_id": [absent, free[k]], "temperature": 0.6}
+    (path / GENERATION_FILE).write_text(json.dumps(model_gen))
+    try:
+        prompt_ids, ref = _hf_greedy(path, PROMPT, 16)
+        assert ref == free[: k + 1]
+        common = dict(dtype="", attention_impl="", rope_scaling_type="", rope_scaling_factor=None)
+        for tokenizer in (elsewhere, elsewhere / "tokenizer.json"):
+            cli = ConfigDict(dict(checkpoint=str(path), tokenizer=str(tokenizer), **common))
+            config, params, tok = load_from_config(cli)  # what sample and serve load
+            assert tok.eos_ids == (absent, free[k])
+            assert sampling_defaults("auto", tok) == {"temperature": 0.6}
+        out = Generator(config, params, tok).generate([PROMPT], GREEDY)[0]
+        assert (out.prompt_token_ids, out.token_ids) == (prompt_ids, ref)
+        # Our checkpoint keeps the model's generation config with its tokenizer files.
+        ckpt = save_checkpoint(config, params, tmp_path / "ckpt", tokenizer_dir=path)
+        tok = load_model_and_tokenizer(ckpt, elsewhere)[2]
+        assert tok.eos_ids == (absent, free[k])
+        # A model that names nothing keeps the tokenizer folder's.
+        bare = tmp_path / "bare"
+        shutil.copytree(ckpt, bare)
+        (bare / "tokenizer" / GENERATION_FILE).unlink()
+        assert load_model_and_tokenizer(bare, elsewhere)[2].eos_ids == (absent,)
+    finally:
+        (path / GENERATION_FILE).unlink()
