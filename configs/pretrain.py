@@ -112,6 +112,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.neox_split = "969,30,1"  # neox order, one path, no eval_paths: GPT-NeoX's split
     c.data.neox_index_dir = ""  # neox order: index files' folder ("": beside each dataset)
     c.data.neox_index = "auto"  # "auto": reuse matching files, refuse others; "new": build
+    # neox order: GPT-NeoX's allow_chopped; with its packed samples it only names the index
+    # files GPT-NeoX reads ("..._packedpi_ac_*" when true, "..._packedpi_*" when false)
+    c.data.neox_allow_chopped = True
 
     c.optimizer = ml_collections.ConfigDict()
     # peak learning rate; the Llama/Qwen/Mistral presets are for continuing from their

@@ -389,3 +389,58 @@ def test_valid_blend_uses_valid_weights(tmp_path):
     np.testing.assert_array_equal(_tokens(evals, 2), np.stack(want))
     assert os.path.isfile(index_files(index_base(a.prefix, "valid_0"),
                                       neox_order_key(counts[0], 5, 8))["doc"])  # fmt: skip
+
+
+def ref_index_filenames(data_prefix, name, num_samples, seq_length, seed, allow_chopped):
+    """GPT-NeoX's ``_build_index_mappings`` file names (packing_impl "packed")."""
+    _filename = data_prefix + f"_{name}_indexmap" + f"_{num_samples}ns" + f"_{seq_length}sl"
+    _filename += f"_{seed}s" + "_packedpi"
+    if allow_chopped:
+        _filename += "_ac"
+    return {k: _filename + f"_{k}_idx.npy" for k in ("doc", "sample", "shuffle")}
+
+
+@pytest.mark.parametrize("allow_chopped", [None, True, False])
+def test_index_files_get_the_name_gpt_neox_reads_for_allow_chopped(tmp_path, allow_chopped):
+    """A GPT-NeoX YAML's allow_chopped (default true) picks the file names GPT-NeoX's
+    ``_build_index_mappings`` would look for; with pack_impl "packed" the arrays are the
+    same for both settings (GPT-NeoX reads allow_chopped only in its other packings), and
+    files under the other name are read, not rebuilt."""
+    from configs import pretrain
+    from neox_jax.neox_compat.config import translate
+    from neox_jax.training.data import make_sources, resolve_tokenizer_and_paths
+
+    ds = make_dataset(tmp_path / "pile", [9, 3, 40, 7, 12, 1, 30, 6, 5, 22])
+    yaml = {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "seq_length": 8,
+            "pos_emb": "rotary", "train_iters": 5, "train_batch_size": 2,
+            "data_path": ds.prefix, "split": "8,2"}  # fmt: skip
+    if allow_chopped is not None:
+        yaml["allow_chopped"] = allow_chopped
+    overrides = translate(yaml).overrides
+    chopped = True if allow_chopped is None else allow_chopped  # GPT-NeoX's default
+    assert overrides["data.neox_allow_chopped"] is chopped
+    config = pretrain.get_config("tiny")
+    config.data.update(source="indexed", paths=ds.prefix, order="neox", neox_split="8,2",
+                       seq_len=8, seed=3, global_batch_size=2, eval_batch_size=2,
+                       neox_allow_chopped=chopped)  # fmt: skip
+    config.train.update(steps=5, eval_every=100, eval_batches=0)
+    _, paths = resolve_tokenizer_and_paths(config.data, tmp_path)
+    train, _ = make_sources(config.data, paths, None, 2, config.train)
+    bounds = ref_split("8,2", len(ds))
+    ref = ref_index(np.arange(bounds[0], bounds[1], dtype=np.int32), ds.sizes, 10, 8, 3)
+    theirs = ref_index_filenames(ds.prefix, "train", 10, 8, 3, chopped)
+    other = ref_index_filenames(ds.prefix, "train", 10, 8, 3, not chopped)
+    for kind, array in zip(("doc", "sample", "shuffle"), ref, strict=True):
+        np.testing.assert_array_equal(np.load(theirs[kind]), array)
+        assert not os.path.exists(other[kind])
+    # GPT-NeoX's files under the other name (built with the other setting) are read.
+    for kind in theirs:
+        os.replace(theirs[kind], other[kind])
+    again = NeoxDataset(ds, "train", np.arange(bounds[0], bounds[1]), 10, 8, 3,
+                        allow_chopped=chopped)  # fmt: skip
+    assert isinstance(again.doc_idx, np.memmap) and not os.path.exists(theirs["doc"])
+    np.testing.assert_array_equal(again.sample_idx, ref[1])
+    with pytest.raises(UserError, match="allow_chopped must be true or false"):
+        translate({**yaml, "allow_chopped": "yes"})
+    with pytest.raises(UserError, match="data.neox_allow_chopped must be true or false"):
+        NeoxDataset(ds, "train", np.arange(bounds[0], bounds[1]), 10, 8, 3, allow_chopped=1)

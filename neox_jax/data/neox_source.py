@@ -14,8 +14,12 @@ Two forms, as GPT-NeoX's ``build_train_valid_test_data_loaders``:
 
 The three index arrays of each (dataset, name) are read from GPT-NeoX's cache files
 ``<prefix>_<name>_indexmap_<ns>ns_<L>sl_<seed>s_packedpi_ac_{doc,sample,shuffle}_idx.npy``
-(older GPT-NeoX versions leave out ``_packedpi_ac``), so a run reuses the files GPT-NeoX
-built, or built and written there in that format for GPT-NeoX to reuse. Files of the same
+(``_packedpi`` when GPT-NeoX's ``allow_chopped`` is false, ``data.neox_allow_chopped``;
+older GPT-NeoX versions leave the suffix out), so a run reuses the files GPT-NeoX built,
+or built and written there under the name GPT-NeoX reads for that setting. With
+``pack_impl="packed"`` (the only one neox_jax runs) ``allow_chopped`` changes nothing but
+that name (GPT-NeoX's ``_build_index_mappings`` reads it only for the other packings),
+so files of either name hold the same arrays and either is read. Files of the same
 dataset built for another seed, sequence length or sample count are refused, naming
 which, unless ``index_mode="new"`` asks for new ones beside them.
 """
@@ -41,7 +45,7 @@ INDEX_MODES = ("auto", "new")
 # them (a shuffle of this size takes about a second); larger ones by shape only.
 _SEED_CHECK_MAX = 1 << 25
 # GPT-NeoX's names: "_packedpi_ac" (allow_chopped) or "_packedpi" since it has pack_impl,
-# nothing before; "packed" files are the same arrays either way.
+# nothing before; "packed" files are the same arrays either way (see packed_suffix).
 PACKED_SUFFIXES = ("_packedpi_ac", "_packedpi", "")
 _NAME = re.compile(r"_(\d+)ns_(\d+)sl_(\d+)s(_packedpi_ac|_packedpi)?_doc_idx\.npy$")
 
@@ -75,6 +79,17 @@ def index_base(prefix: str, name: str, index_dir: str = "") -> str:
     """``<prefix>_<name>_indexmap`` (or the same base name inside ``index_dir``)."""
     where = os.path.join(index_dir, os.path.basename(prefix)) if index_dir else prefix
     return f"{where}_{name}_indexmap"
+
+
+def packed_suffix(allow_chopped: bool) -> str:
+    """The name suffix GPT-NeoX's ``_build_index_mappings`` gives packed index files:
+    ``"_{pack_impl}pi"``, then ``"_ac"`` when ``allow_chopped`` (its default, True)."""
+    if not isinstance(allow_chopped, bool):
+        raise UserError(
+            f"data.neox_allow_chopped must be true or false (GPT-NeoX's allow_chopped), "
+            f"got {allow_chopped!r}."
+        )
+    return "_packedpi_ac" if allow_chopped else "_packedpi"
 
 
 def index_files(base: str, key: IndexKey, suffix: str = "_packedpi_ac") -> dict[str, str]:
@@ -135,12 +150,16 @@ class NeoxDataset:
       index_dir: where the index files live; "" = beside the dataset, as GPT-NeoX.
       index_mode: "auto" reads matching files, refuses files built for other settings,
         else builds and writes; "new" builds (and writes) whatever else is there.
+      allow_chopped: GPT-NeoX's ``allow_chopped``: which name new files get
+        (``packed_suffix``); files of any of GPT-NeoX's names are read.
     """
 
     def __init__(self, dataset, name, documents, num_samples, seq_len, seed, *,
-                 index_dir: str = "", index_mode: str = "auto"):  # fmt: skip
+                 index_dir: str = "", index_mode: str = "auto",
+                 allow_chopped: bool = True):  # fmt: skip
         if index_mode not in INDEX_MODES:
             raise UserError(f"data.neox_index={index_mode!r}; choose one of {INDEX_MODES}.")
+        self.suffix = packed_suffix(allow_chopped)
         self.dataset, self.name, self.seq_len = dataset, name, int(seq_len)
         self.documents = np.asarray(documents, dtype=np.int32)
         self.key = IndexKey(int(num_samples), int(seq_len), int(seed))
@@ -157,7 +176,9 @@ class NeoxDataset:
     def _load_or_build(self, mode: str):
         on_disk = existing_keys(self.base)
         if self.key in on_disk:
-            files = index_files(self.base, self.key, on_disk[self.key])
+            files = index_files(self.base, self.key, self.suffix)  # the name GPT-NeoX reads,
+            if not all(os.path.isfile(f) for f in files.values()):  # else any other
+                files = index_files(self.base, self.key, on_disk[self.key])
             arrays = tuple(np.load(files[k], mmap_mode="r", allow_pickle=False) for k in KINDS)
             self._check(arrays, files["doc"])
             return arrays
@@ -171,7 +192,7 @@ class NeoxDataset:
                 "with --config.data.neox_index=new."
             )
         arrays = neox_order.build_index(self.documents, self.dataset.sizes, *self._build_args())
-        files = index_files(self.base, self.key)
+        files = index_files(self.base, self.key, self.suffix)
         try:
             for kind, array in zip(KINDS, arrays, strict=True):
                 _save_atomic(files[kind], array)
@@ -343,6 +364,7 @@ def make_neox_sources(
     eval_samples: int,
     index_dir: str = "",
     index_mode: str = "auto",
+    allow_chopped: bool = True,
     reset_at_eod: bool = False,
     microbatches: int = 1,
 ) -> tuple[NeoxSource, NeoxSource | None]:
@@ -353,9 +375,13 @@ def make_neox_sources(
     ``eval_weights``, equally when None, as GPT-NeoX's ``valid_data_weights``).
     ``train_samples`` is GPT-NeoX's ``train_iters * train_batch_size`` and
     ``eval_samples`` its ``(train_iters // eval_interval + 1) * eval_iters * batch``;
-    ``microbatches`` is its ``gradient_accumulation_steps`` (the loader's micro-batches).
+    ``microbatches`` is its ``gradient_accumulation_steps`` (the loader's micro-batches);
+    ``allow_chopped`` its ``allow_chopped`` (names the index files, ``packed_suffix``).
     """
-    common = dict(seq_len=seq_len, seed=seed, index_dir=index_dir, index_mode=index_mode)
+    common = dict(
+        seq_len=seq_len, seed=seed, index_dir=index_dir, index_mode=index_mode,
+        allow_chopped=allow_chopped,
+    )  # fmt: skip
     src = dict(reset_at_eod=reset_at_eod, microbatches=microbatches)
     if len(prefixes) == 1 and not eval_prefixes and split:
         ds = IndexedDataset(prefixes[0])

@@ -346,8 +346,11 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
                 "positions, label or reward datasets, DPO/KTO/reward-model training); "
                 f"neox_jax's pretraining loss is GPT-NeoX's with {key}={accepted!r}."
             )
-    if g("allow_chopped", True) is not True:
-        t.ignored["allow_chopped"] = "only read by pack_impl other than 'packed'"
+    chopped = g("allow_chopped", True)
+    if not isinstance(chopped, bool):
+        raise UserError(f"GPT-NeoX allow_chopped must be true or false, got {chopped!r}.")
+    # With pack_impl "packed" it names the index files only (data/neox_source.py).
+    out["data.neox_allow_chopped"] = chopped
     vocab_file, kind = g("vocab_file"), g("tokenizer_type", "GPT2BPETokenizer")
     if vocab_file and str(kind).lower() in ("hftokenizer", "spmtokenizer"):
         out["data.tokenizer"] = str(vocab_file)

@@ -236,6 +236,8 @@ def _neox_sources(data_cfg, paths, eval_paths, global_batch, train_cfg):
         eval_samples=evals * data_cfg.eval_batch_size,
         index_dir=data_cfg.neox_index_dir,
         index_mode=data_cfg.neox_index,
+        # A run config saved before the field existed: GPT-NeoX's default.
+        allow_chopped=data_cfg.get("neox_allow_chopped", True),
         reset_at_eod=data_cfg.reset_at_eod,
         microbatches=train_cfg.microbatches,
     )
