@@ -14,6 +14,7 @@ import pytest
 from helpers.quant import CONFIG, INT4_MODEL_REL, o1_params
 
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
+from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.model import GPTNeoX
 from neox_jax.quant import (
@@ -105,7 +106,7 @@ def test_sequential_gptq_model(calib):
 
 # ----------------------------------------------------------------- calibration
 class _CharTokenizer:
-    def encode(self, text):
+    def encode(self, text, *, add_special_tokens=False):  # adds nothing, as GPT-NeoX's
         return [ord(c) for c in text]
 
 
@@ -214,3 +215,27 @@ def test_calibration_text_that_is_not_utf8_is_refused_naming_it(tmp_path):
     text.write_bytes("héllo wörld ".encode() * 20)  # valid UTF-8 still reads
     windows = calibration_tokens(text, _CharTokenizer(), num_samples=2, seq_len=8)
     assert "".join(chr(c) for c in windows[0]) in "héllo wörld " * 20
+
+
+def test_calibration_text_is_encoded_as_transformers_encodes_a_model_input(tmp_path):
+    """GPTQ's recipe encodes its calibration stream with ``tokenizer(text)``: a tokenizer
+    that adds a BOS (Llama-style) starts the stream with it. A window as long as the
+    stream is that whole encoding; a shorter one is a slice of it."""
+    import transformers
+    from helpers.hf_reference import train_byte_level_bpe
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "a model reads tokens"] * 20
+    train_byte_level_bpe(tmp_path, corpus, 300, {}, special_tokens=("<unk>", "<s>", "</s>"))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "tokenizer.json"), bos_token="<s>", eos_token="</s>",
+        unk_token="<unk>", add_bos_token=True,
+    ).save_pretrained(tmp_path)  # fmt: skip
+    text = tmp_path / "calib.txt"
+    text.write_text("the lazy dog reads tokens. " * 8)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)(text.read_text()).input_ids
+    assert ref[0] == 1 and ref.count(1) == 1  # the reference has its one BOS
+    tok = load_tokenizer(tmp_path)
+    whole = calibration_tokens(text, tok, num_samples=2, seq_len=len(ref))
+    np.testing.assert_array_equal(whole, [ref, ref])
+    for window in calibration_tokens(text, tok, num_samples=6, seq_len=9, seed=3).tolist():
+        assert any(ref[i : i + 9] == window for i in range(len(ref) - 8))

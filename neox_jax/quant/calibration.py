@@ -2,6 +2,9 @@
 
 GPTQ (§5, "Setup") calibrates on 128 random 2048-token segments of C4; any text close
 to the model's training distribution works, and a few hundred thousand tokens suffice.
+A text file is encoded as one stream, as transformers' ``tokenizer(text)`` encodes a
+model input (GPTQ's ``datautils``: ``tokenizer("\n\n".join(texts))``), so a tokenizer
+that adds a BOS starts the stream with it; windows are drawn from that stream.
 """
 
 from __future__ import annotations
@@ -80,7 +83,9 @@ def _from_text(path: Path, tokenizer, num_samples: int, seq_len: int, seed: int)
             f"calibration text {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
             "convert it to UTF-8 first."
         ) from e
-    ids = np.asarray(tokenizer.encode(text), np.int64)
+    # As the model sees text, and as GPTQ's own recipe encodes its calibration stream
+    # (``tokenizer(text)``): with the special tokens the tokenizer adds (a Llama's BOS).
+    ids = np.asarray(tokenizer.encode(text, add_special_tokens=True), np.int64)
     return _windows(lambda s, n: ids[s : s + n], len(ids), num_samples, seq_len, seed)
 
 
