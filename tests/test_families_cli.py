@@ -21,7 +21,8 @@ from helpers.train import REPO
 from test_families import make_family_model
 from test_moe import make_moe_model
 
-from neox_jax import train
+from neox_jax import quantize, train
+from neox_jax.convert import __main__ as convert_cli
 from neox_jax.finetune import export
 from neox_jax.loading import load_model
 from neox_jax.model import GPTNeoX
@@ -106,3 +107,46 @@ def test_qlora_group_size_error_names_the_training_flag(tmp_path, capsys):
     assert "--config.finetune.quant_group_size" in err and "divides 24" in err, err
     assert "--config.group_size" not in err  # neox_jax.quantize's flag, not the trainer's
     assert not list((tmp_path / "run").glob("checkpoints/*"))
+
+
+def test_moe_expert_adapters_refuse_peft_before_writing_anything(tmp_path, capsys):
+    """``lora.targets=all`` on Qwen3-MoE adapts attention and every expert; PEFT cannot
+    hold expert adapters, so an export asking for both folders writes neither (the
+    merged one is not left behind by a failed command) and says how to get the merged."""
+    make_moe_model("qwen3_moe", tmp_path / "hf")
+    write_char_tokenizer(tmp_path / "hf")
+    data = write_jsonl(tmp_path / "train.jsonl", RECORDS)
+    run = tmp_path / "run"
+    rc = _sft(tmp_path, data, run, "--config.lora.targets=all", "--config.lora.dropout=0.0",
+              "--config.train.steps=1", "--config.train.save_every=1")  # fmt: skip
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    experts = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
+    record = json.loads((run / "lora.json").read_text())
+    assert tuple(record["lora"]["targets"]) == ATTENTION + experts
+    rc = export.COMMAND([
+        "export", f"--config={REPO / 'configs' / 'export.py'}", f"--config.run={run}",
+        f"--config.hf_out={tmp_path / 'merged'}", f"--config.peft_out={tmp_path / 'peft'}",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "PEFT has no module" in err and "--config.hf_out" in err, err
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("to", ["hf", "neox"])
+def test_convert_refuses_a_quantized_checkpoint(tmp_path, capsys, to):
+    """int8 codes and scales are no float model: converting them is refused by name
+    (not a list of tensors the config does not expect), and nothing is written."""
+    make_family_model("llama", tmp_path / "hf")
+    rc = quantize.COMMAND([
+        "quantize", f"--config={REPO / 'configs' / 'quantize.py'}",
+        f"--config.src={tmp_path / 'hf'}", f"--config.dst={tmp_path / 'int8'}",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    rc = convert_cli.COMMAND([
+        "convert", f"--config={REPO / 'configs' / 'convert.py'}",
+        f"--config.src={tmp_path / 'int8'}", f"--config.dst={tmp_path / 'out'}",
+        f"--config.to={to}",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a quantized checkpoint" in err and "float model" in err, err
+    assert not (tmp_path / "out").exists()

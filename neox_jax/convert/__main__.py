@@ -46,10 +46,18 @@ def convert(
     from neox_jax.finetune.chat import run_chat_template
     from neox_jax.hub import resolve
     from neox_jax.loading import find_tokenizer, load_model
+    from neox_jax.quant import is_quantized_checkpoint
 
     if push_to_hub and to != "hf":
         raise UserError("--push_to_hub uploads a Hugging Face export: add --to=hf")
     src = resolve(src)  # a Hub model id -> its cached snapshot
+    if is_quantized_checkpoint(src):  # its int codes and scales are no float model's weights
+        raise UserError(
+            f"{src} is a quantized checkpoint: neox_jax.convert writes float models, and "
+            "neither transformers nor a float checkpoint holds our int8/int4 codes. Convert "
+            "the float model it was quantized from (then quantize the copy with "
+            "neox_jax.quantize if needed); sample, serve and evaluate read this one as it is."
+        )
     config, params = load_model(src)
     tokenizer = find_tokenizer(src)
     if to == "hf":

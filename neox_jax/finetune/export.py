@@ -23,7 +23,11 @@ from neox_jax import cli, config_checks
 from neox_jax.convert import save_hf
 from neox_jax.finetune.chat import run_chat_template
 from neox_jax.finetune.lora import LoraError
-from neox_jax.finetune.peft_format import load_peft_adapter, save_peft_adapter
+from neox_jax.finetune.peft_format import (
+    check_peft_exportable,
+    load_peft_adapter,
+    save_peft_adapter,
+)
 from neox_jax.loading import (
     find_tokenizer,
     load_lora_run,
@@ -68,6 +72,8 @@ def export_run(
             )
         return out
     model_config, base, adapters, lora, record = load_lora_run(run_dir, step)
+    if peft_out:  # refused before the merged model is written, not after
+        check_peft_exportable(lora)
     if hf_out:
         merged = merged_params(base, adapters, lora)
         out["hf"] = save_hf(

@@ -74,6 +74,19 @@ def _hf_module(config: ModelConfig, target: str, layer: int) -> str:
     return f"{_hf_layers(config)}.{layer}.{_hf_suffix(config, target)}"
 
 
+def check_peft_exportable(lora: LoraConfig) -> None:
+    """Raise ``LoraError`` when PEFT's format cannot hold ``lora``'s adapters (before
+    anything of an export is written)."""
+    experts = [t for t in lora.targets if t in EXPERT_TARGETS]
+    if experts:
+        raise LoraError(
+            f"LoRA targets {experts} adapt every expert separately; PEFT has no module for "
+            "them (transformers holds the experts as fused parameters). Nothing was written; "
+            "export the merged model instead (neox_jax.finetune.export with --config.hf_out "
+            "and no --config.peft_out; in Python, lora.merge then save_hf)."
+        )
+
+
 def save_peft_adapter(
     config: ModelConfig,
     adapters: dict[str, Any],
@@ -96,13 +109,7 @@ def save_peft_adapter(
       The absolute path written.
     """
     path = Path(path).absolute()
-    experts = [t for t in lora.targets if t in EXPERT_TARGETS]
-    if experts:
-        raise LoraError(
-            f"LoRA targets {experts} adapt every expert separately; PEFT has no module for "
-            "them (transformers holds the experts as fused parameters). Nothing was written; "
-            "merge the adapters (neox_jax.finetune.lora.merge) and save_hf the model instead."
-        )
+    check_peft_exportable(lora)
     expected = abstract_adapters(config, lora)
     bad = shape_mismatches(adapters, expected)
     if bad:  # numpy would index past a short layer stack; a wrong rank is written as is
