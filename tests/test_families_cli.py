@@ -22,10 +22,11 @@ from test_families import make_family_model
 from test_moe import make_moe_model
 
 from neox_jax import quantize, train
+from neox_jax.convert import ConversionError, save_hf
 from neox_jax.convert import __main__ as convert_cli
 from neox_jax.finetune import export
 from neox_jax.loading import load_model
-from neox_jax.model import GPTNeoX
+from neox_jax.model import GPTNeoX, ModelConfig, init_params
 
 # (builder, transformers overrides, the attention projections PEFT names for the class)
 FAMILIES = {
@@ -149,4 +150,31 @@ def test_convert_refuses_a_quantized_checkpoint(tmp_path, capsys, to):
     ])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "is a quantized checkpoint" in err and "float model" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+            intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_key_value_heads=2, fused_qkv=False),  # the docs' training-flag example
+        dict(norm_type="rmsnorm"),
+        dict(gated_mlp=True, mlp_bias=False),
+        dict(sliding_window=4),  # transformers would load it and attend to everything
+        dict(num_experts=4, num_experts_per_tok=2, gated_mlp=True, mlp_bias=False),
+    ],
+)
+def test_gpt_neox_with_family_options_is_refused_as_a_gpt_neox_folder(tmp_path, options):
+    """A gpt_neox model trained with another family's option (a documented training
+    flag) has no GPTNeoXForCausalLM: the export names the option and the way out
+    instead of failing on a missing tensor name or writing a folder transformers
+    would run as a different model."""
+    config = ModelConfig(**TINY, **options)
+    params = jax.device_get(init_params(config, jax.random.PRNGKey(0)))
+    first = next(iter(options))
+    with pytest.raises(ConversionError, match=rf"{first}=.*model_type=llama"):
+        save_hf(config, params, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -134,6 +134,7 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[s
     """A ``config.json`` dict that transformers 4.x and 5.x both read."""
     if config.model_type != "gpt_neox":
         return {**hf_families.config_to_hf(config, dtype), **extra}
+    _check_neox_exportable(config)
     out = {
         "architectures": ["GPTNeoXForCausalLM"],
         "model_type": "gpt_neox",
@@ -169,6 +170,33 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict[s
         raise ConversionError(f"rope_scaling {scaling} has no Hugging Face equivalent.")
     out.update(extra)
     return out
+
+
+def _check_neox_exportable(config: ModelConfig) -> None:
+    """Refuse family options ``GPTNeoXForCausalLM`` has no field for: transformers would
+    build a different model from the config.json (or the weights would not fit it)."""
+    wrong = [
+        f"{name}={getattr(config, name)!r}"
+        for name, neox in (
+            ("norm_type", "layernorm"), ("gated_mlp", False), ("mlp_bias", True),
+            ("fused_qkv", True), ("qk_norm", False), ("sliding_window", None),
+            ("num_experts", 0),
+        )
+        if getattr(config, name) != neox
+    ]  # fmt: skip
+    if config.kv_heads != config.num_attention_heads:
+        wrong.append(f"num_key_value_heads={config.num_key_value_heads}")
+    if config.head_dim != config.hidden_size // config.num_attention_heads:
+        wrong.append(f"head_dim_override={config.head_dim_override}")
+    if config.out_bias != config.attention_bias:
+        wrong.append(f"attention_out_bias={config.attention_out_bias}")
+    if wrong:
+        raise ConversionError(
+            f"A gpt_neox model with {', '.join(wrong)} cannot be written as a "
+            "GPTNeoXForCausalLM (it has no such option). Train such a model with the "
+            "family that has it, e.g. --config.model.model_type=llama (or mistral, qwen2, "
+            "qwen3, qwen3_moe), or keep it as a neox_jax checkpoint."
+        )
 
 
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -405,10 +433,10 @@ def save_hf(
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
     np_dtype = DTYPES[dtype]
+    hf_config = config_to_hf(config, dtype=dtype)  # refuses what the class cannot hold
     check_params(config, params, what="params to export")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
-        hf_config = config_to_hf(config, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         if tokenizer_dir is not None:
             write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
