@@ -178,3 +178,23 @@ def test_gpt_neox_with_family_options_is_refused_as_a_gpt_neox_folder(tmp_path, 
     with pytest.raises(ConversionError, match=rf"{first}=.*model_type=llama"):
         save_hf(config, params, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_full_training_refuses_a_quantized_init_from(family, tmp_path, capsys):
+    """sft-full from an int8 checkpoint: refused by name before training (it failed
+    deep in the state's sharding with a pytree error); nothing is saved."""
+    root, data = family
+    if not (root / "int8").exists():
+        rc = quantize.COMMAND([
+            "quantize", f"--config={REPO / 'configs' / 'quantize.py'}",
+            f"--config.src={root / 'hf'}", f"--config.dst={root / 'int8'}",
+        ])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err
+    rc = train.COMMAND([
+        "train", f"--config={REPO / 'configs' / 'finetune.py'}:sft-full",
+        f"--workdir={tmp_path / 'run'}", f"--config.train.init_from={root / 'int8'}",
+        f"--config.data.sft_path={data}", "--config.data.seq_len=32",
+    ])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a quantized checkpoint" in err and "float model" in err, err
+    assert not list((tmp_path / "run").glob("checkpoints/*"))

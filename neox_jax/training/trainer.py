@@ -26,7 +26,7 @@ import numpy as np
 from neox_jax import hub
 from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 from neox_jax.errors import UserError
-from neox_jax.loading import load_model, peek_config
+from neox_jax.loading import artifact_kind, load_model, peek_config
 from neox_jax.model import (
     ModelConfig,
     abstract_params,
@@ -164,6 +164,13 @@ def _initial_state(config, model_config, tx, mesh, ckpt: Checkpointer):
     latest = ckpt.latest_step()
     init_from = config.train.init_from
     if init_from:
+        if artifact_kind(init_from) == "quantized":  # not float weights to train
+            raise UserError(
+                f"train.init_from={init_from} is a quantized checkpoint: training updates "
+                "float weights, which int8/int4 codes are not. Start from the float model it "
+                "was quantized from (for QLoRA, finetune.method=lora with "
+                "finetune.quantize_bits quantizes the float base as it loads it)."
+            )
         # The architecture comes from init_from, fresh or resumed (check_compatible then
         # compares it with the run's checkpoint); dtype/attention_impl/remat from config.
         model_config = model_config.with_architecture_of(peek_config(init_from))
