@@ -17,7 +17,8 @@ CHARS = string.ascii_letters + string.digits + " \n.,:;?!+-=<>|_/'()"
 
 
 def write_char_tokenizer(directory) -> Path:
-    """A tokenizer.json (one token per character) + tokenizer_config.json in ``directory``."""
+    """A tokenizer.json (one token per character), tokenizer_config.json and a
+    generation_config.json naming its eos in ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     vocab = {EOS: 0, PAD: 1, "<unk>": 2}
@@ -30,6 +31,11 @@ def write_char_tokenizer(directory) -> Path:
     tok.save(str(directory / "tokenizer.json"))
     config = {"eos_token": EOS, "pad_token": PAD, "bos_token": None}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    # The model's generation config names the same eos, as a folder saved with its
+    # tokenizer does (without it the eos of make_hf_model's config.json, transformers'
+    # default 2, would be the only stop: transformers' rule, data/generation_config.py).
+    generation = {"eos_token_id": vocab[EOS], "pad_token_id": vocab[PAD]}
+    (directory / "generation_config.json").write_text(json.dumps(generation))
     return directory
 
 
