@@ -133,16 +133,21 @@ def test_moe_expert_adapters_refuse_peft_before_writing_anything(tmp_path, capsy
     assert not (tmp_path / "merged").exists() and not (tmp_path / "peft").exists()
 
 
+def quantize_int8(src, dst, capsys):
+    """``neox_jax.quantize`` (int8, the config's defaults) of ``src`` into ``dst``."""
+    rc = quantize.COMMAND([
+        "quantize", f"--config={REPO / 'configs' / 'quantize.py'}",
+        f"--config.src={src}", f"--config.dst={dst}",
+    ])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("to", ["hf", "neox"])
 def test_convert_refuses_a_quantized_checkpoint(tmp_path, capsys, to):
     """int8 codes and scales are no float model: converting them is refused by name
     (not a list of tensors the config does not expect), and nothing is written."""
     make_family_model("llama", tmp_path / "hf")
-    rc = quantize.COMMAND([
-        "quantize", f"--config={REPO / 'configs' / 'quantize.py'}",
-        f"--config.src={tmp_path / 'hf'}", f"--config.dst={tmp_path / 'int8'}",
-    ])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
+    quantize_int8(tmp_path / "hf", tmp_path / "int8", capsys)
     rc = convert_cli.COMMAND([
         "convert", f"--config={REPO / 'configs' / 'convert.py'}",
         f"--config.src={tmp_path / 'int8'}", f"--config.dst={tmp_path / 'out'}",
@@ -185,11 +190,7 @@ def test_full_training_refuses_a_quantized_init_from(family, tmp_path, capsys):
     deep in the state's sharding with a pytree error); nothing is saved."""
     root, data = family
     if not (root / "int8").exists():
-        rc = quantize.COMMAND([
-            "quantize", f"--config={REPO / 'configs' / 'quantize.py'}",
-            f"--config.src={root / 'hf'}", f"--config.dst={root / 'int8'}",
-        ])  # fmt: skip
-        assert rc == 0, capsys.readouterr().err
+        quantize_int8(root / "hf", root / "int8", capsys)
     rc = train.COMMAND([
         "train", f"--config={REPO / 'configs' / 'finetune.py'}:sft-full",
         f"--workdir={tmp_path / 'run'}", f"--config.train.init_from={root / 'int8'}",
