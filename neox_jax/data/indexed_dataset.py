@@ -19,7 +19,10 @@ in GPT-NeoX ``megatron/data/indexed_dataset.py`` (and Megatron-LM
 ``megatron/core/datasets/indexed_dataset.py``), so files made by GPT-NeoX's
 ``tools/datasets/preprocess_data.py`` load here and files written here load there.
 GPT-NeoX's preprocessing stores one sequence per document, so ``doc_idx`` is then
-``arange(N + 1)``; the reader accepts several sequences per document too.
+``arange(N + 1)``; the reader accepts several sequences per document too. Refused by
+name: float token dtypes (codes 6 and 7, which GPT-NeoX and Megatron-LM assign to
+different widths) and Megatron-LM's multimodal indexes (an int8 mode per sequence after
+``doc_idx``).
 """
 
 from __future__ import annotations
@@ -38,19 +41,19 @@ HEADER_SIZE = HEADER.size  # 34 bytes
 _CHECK_CHUNK = 1 << 22  # sequences validated per step on open
 
 # Token dtype codes. Integer codes 1-5 and 8 agree across fairseq, GPT-NeoX and
-# Megatron-LM. The float codes do not: GPT-NeoX maps 6 -> np.float (float64) and
-# 7 -> np.double (float64); Megatron-core maps 6 -> float64 and 7 -> float32. We
-# read 6 and 7 as GPT-NeoX does and never write float dtypes (token ids are ints).
+# Megatron-LM. The float codes do not: GPT-NeoX writes 6 for float32 and 7 for float64,
+# Megatron-core 6 for float64 and 7 for float32, so a reader cannot tell which it has.
+# Token ids are integers, so both are refused by name rather than read as the wrong width.
 DTYPE_CODES: dict[int, np.dtype] = {
     1: np.dtype(np.uint8),
     2: np.dtype(np.int8),
     3: np.dtype(np.int16),
     4: np.dtype(np.int32),
     5: np.dtype(np.int64),
-    6: np.dtype(np.float64),
-    7: np.dtype(np.float64),
     8: np.dtype(np.uint16),
 }
+FLOAT_CODES = {6: "float32 in GPT-NeoX, float64 in Megatron-LM",
+               7: "float64 in GPT-NeoX, float32 in Megatron-LM"}  # fmt: skip
 _WRITABLE_CODES: dict[np.dtype, int] = {
     np.dtype(np.uint8): 1,
     np.dtype(np.int8): 2,
@@ -306,11 +309,24 @@ class IndexedDataset:
             )
         if version != VERSION:
             raise ValueError(f"{idx_file}: unsupported index version {version}, expected 1")
+        if code in FLOAT_CODES:
+            raise ValueError(
+                f"{idx_file}: token dtype code {code} is a float type ({FLOAT_CODES[code]}); "
+                "token ids must be integers: write the dataset again with an integer dtype "
+                "(GPT-NeoX's and Megatron-LM's preprocess_data.py pick uint16 or int32)"
+            )
         if code not in DTYPE_CODES:
             raise ValueError(
                 f"{idx_file}: unknown dtype code {code}, expected one of {sorted(DTYPE_CODES)}"
             )
         expected = HEADER_SIZE + 12 * n + 8 * d
+        if n and idx_bytes == expected + n:
+            raise ValueError(
+                f"{idx_file}: the index ends with one int8 'sequence mode' per sequence: a "
+                "Megatron-LM multimodal dataset (IndexedDatasetBuilder(multimodal=True)), whose "
+                "sequences are not all text tokens; it is not read here. Preprocess the text "
+                "alone into a dataset without modes (multimodal=False)."
+            )
         if idx_bytes != expected:
             raise ValueError(
                 f"{idx_file}: index is {idx_bytes} bytes but its header ({n} sequences, "
