@@ -4,9 +4,12 @@
         --config.data.hf_split=train --config.data.tokenizer=tokenizer.json
 
 ``hf_name`` is anything ``datasets.load_dataset`` takes (a Hub dataset id, a local folder of
-jsonl/parquet/csv files, a builder name such as "json" with ``hf_data_files``) or a folder
-written by ``Dataset.save_to_disk``. Documents are packed into ``seq_len + 1`` windows
-exactly as preprocessing packs them (an eos after every document).
+jsonl/parquet/csv files, a builder name such as "json" with ``hf_data_files``), one such
+file (``.jsonl.gz`` too), or a folder written by ``Dataset.save_to_disk``. Offline, a Hub id
+that ``datasets`` has not prepared before is read from the Hub cache's snapshot of it. The
+text is the ``data.text_key`` field; a null text is an empty document. Documents are
+packed into ``seq_len + 1`` windows exactly as preprocessing packs them (an eos after every
+document).
 
 Two modes (``data.hf_streaming``):
 
@@ -25,10 +28,12 @@ from __future__ import annotations
 import bisect
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from neox_jax.data.pretrain_data import SampleSource, assemble_window, stack_rows
+from neox_jax.data.tfds_source import TfdsSource, record_text
 from neox_jax.errors import UserError
 from neox_jax.optional import require
 
@@ -55,12 +60,54 @@ def load_hf_dataset(
             ds = ds[split]
         return ds.to_iterable_dataset() if streaming else ds
     files = [f.strip() for f in data_files.split(",") if f.strip()] or None
+    builder = name
+    if os.path.isfile(name):  # one data file: load_dataset takes its builder and the file
+        builder, config_name, files = _file_builder(name), "", {split: [name]}
     try:
         return datasets.load_dataset(
-            name, config_name or None, split=split, data_files=files, streaming=streaming
+            builder, config_name or None, split=split, data_files=files, streaming=streaming
         )
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"data.hf_name={name!r}, split {split!r}: {e}") from e
+    except ConnectionError as e:  # offline, or the Hub unreachable
+        if (folder := _cached_snapshot(name)) is None:
+            raise UserError(
+                f"data.hf_name={name!r}: the Hub cannot be reached ({e}) and the dataset is "
+                "in neither the datasets cache nor the Hub cache; load it once online or pass "
+                "a local folder of its files"
+            ) from None
+    return load_hf_dataset(
+        folder, split, config_name=config_name, data_files=data_files, streaming=streaming
+    )
+
+
+# Data-file suffixes and the datasets builder reading them; compressed files (.gz, ...) are
+# read through, as load_dataset does for a folder of them.
+_BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+             ".csv": "csv", ".txt": "text", ".arrow": "arrow"}  # fmt: skip
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
+
+
+def _file_builder(path: str) -> str:
+    suffixes = [x.lower() for x in Path(path).suffixes]
+    while suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    if not suffixes or suffixes[-1] not in _BUILDERS:
+        raise UserError(
+            f"data.hf_name={path!r} is a file of a kind datasets cannot be told apart by name; "
+            f"use one ending in {', '.join(_BUILDERS)} (optionally compressed), or a folder"
+        )
+    return _BUILDERS[suffixes[-1]]
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The Hub cache's snapshot folder of the dataset repository ``repo_id``, or None."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, repo_type="dataset", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not an id, not cached: the caller reports it
+        return None
 
 
 class HfStreamSource(SampleSource):
@@ -103,14 +150,7 @@ class HfStreamSource(SampleSource):
         self._next_row = 0  # this host's next local row
 
     def _text(self, record) -> str:
-        if isinstance(record, dict):
-            if self.text_key not in record:
-                raise UserError(
-                    f"dataset records have no {self.text_key!r} field (they have "
-                    f"{sorted(record)}); set data.text_key"
-                )
-            record = record[self.text_key]
-        return record.decode("utf-8") if isinstance(record, bytes) else str(record)
+        return record_text(record, self.text_key)
 
     def _fill(self, end: int) -> None:
         """Tokenizes documents until the stream reaches position ``end``."""
@@ -165,8 +205,6 @@ def make_hf_source(data_cfg, tokenizer, batch: int, split: str, process: tuple[i
     streaming = bool(data_cfg.hf_streaming)
     kw = dict(config_name=data_cfg.hf_config, data_files=data_cfg.hf_data_files)
     if not streaming:
-        from neox_jax.data.tfds_source import TfdsSource  # indexable data, any source
-
         ds = load_hf_dataset(data_cfg.hf_name, split, streaming=False, **kw)
         return TfdsSource(
             ds, tokenizer, data_cfg.seq_len, batch, seed=data_cfg.seed,

@@ -29,6 +29,34 @@ from neox_jax.data.pretrain_data import (
     document_order,
     stack_rows,
 )
+from neox_jax.errors import UserError
+
+
+def record_text(record, text_key: str) -> str:
+    """The text of one dataset record (a dict holding ``text_key``, or the text itself).
+
+    A null (None) text is an empty document, as an empty string is: Arrow-backed datasets
+    (parquet, jsonl with ``null``) give None for missing values, never to be read as "None".
+    """
+    if isinstance(record, dict):
+        if text_key not in record:
+            raise UserError(
+                f"dataset records have no {text_key!r} field (they have {sorted(record)}); "
+                "set data.text_key to the field holding the text"
+            )
+        record = record[text_key]
+    if isinstance(record, np.ndarray):
+        record = record.item()
+    if record is None:
+        return ""
+    if isinstance(record, bytes):
+        return record.decode("utf-8")
+    if not isinstance(record, str):
+        raise UserError(
+            f"the {text_key!r} field holds {type(record).__name__} values, not text; set "
+            "data.text_key to a text field"
+        )
+    return record
 
 
 class TfdsSource(SampleSource):
@@ -98,11 +126,7 @@ class TfdsSource(SampleSource):
         self._cache_docs = cache_docs
 
     def _text(self, doc: int) -> str:
-        record = self.source[doc]
-        text = record[self.text_key] if isinstance(record, dict) else record
-        if isinstance(text, np.ndarray):
-            text = text.item()
-        return text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return record_text(self.source[doc], self.text_key)
 
     def _tokens(self, doc: int) -> np.ndarray:
         if doc in self._cache:
