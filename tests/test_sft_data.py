@@ -6,28 +6,13 @@ import jax
 import numpy as np
 import pytest
 import transformers
-from helpers.finetune import EOS, char_ids, write_char_tokenizer, write_jsonl
+from helpers.finetune import CHAT, CHATML, EOS, char_ids, write_char_tokenizer, write_jsonl
 from helpers.hf_reference import assert_logits_close
 
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.finetune.chat import ChatFormatError, ChatTemplate, encode_chat, format_chat
 from neox_jax.finetune.sft_data import SFTDataError, SFTSource, load_examples, pack_rows
 from neox_jax.model import GPTNeoX, ModelConfig, init_params
-
-# ChatML with transformers' {% generation %} marker around what the assistant writes.
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
-    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>\\n' }}"
-    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-CHAT = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "2+3?"},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "Reverse abc"},
-    {"role": "assistant", "content": "cba"},
-]
 
 
 @pytest.fixture(scope="module")

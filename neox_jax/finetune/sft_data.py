@@ -1,6 +1,7 @@
 """Supervised fine-tuning data: jsonl -> tokens with loss masks -> packed rows.
 
-Each line of the jsonl file is one example, either
+Each line of the jsonl file is one example (ShareGPT, Alpaca and TRL's conversational
+records are converted to these by ``neox_jax.finetune.sft_formats``), either
 
 * ``{"prompt": str, "completion": str}``: loss on the completion (and the eos appended
   after it), none on the prompt. ``prompt_format="raw"`` concatenates the two as they
@@ -50,6 +51,7 @@ from neox_jax.finetune.chat import (
     validate_messages,
     validate_tools,
 )
+from neox_jax.finetune.sft_formats import normalize_record
 from neox_jax.training.metrics import say
 
 TRUNCATIONS = ("left", "right", "drop")
@@ -227,6 +229,7 @@ def load_examples(
     for lineno, rec in _records(path):
         try:
             rec = json.loads(rec) if isinstance(rec, str) else rec
+            rec = normalize_record(rec)
             _check_record(rec)
             ids, mask = tokenize_record(
                 rec, tokenizer, chat, prompt_format=prompt_format, add_eos=add_eos

@@ -14,6 +14,23 @@ from tokenizers import Regex, decoders, models, pre_tokenizers
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 CHARS = string.ascii_letters + string.digits + " \n.,:;?!+-=<>|_/'()"
+# ChatML with transformers' {% generation %} marker around what the assistant writes (its
+# content and the end of its turn), and a message's optional name, as OpenAI's format allows.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] }}"
+    "{% if m['name'] is defined %}{{ ' ' + m['name'] }}{% endif %}{{ '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>\\n' }}"
+    "{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# A two-turn conversation with a system prompt, in OpenAI's messages format.
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "2+3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "Reverse abc"},
+    {"role": "assistant", "content": "cba"},
+]
 
 
 def write_char_tokenizer(directory) -> Path:

@@ -1,0 +1,148 @@
+"""The SFT record formats people bring, each brought to one of the two that are trained on.
+
+Trained on as they are (``neox_jax.finetune.sft_data``):
+
+* ``{"messages": [{"role", "content"}, ...], "tools"?: [...]}``: OpenAI's chat format. A
+  ``content`` given as a list of parts (``[{"type": "text", "text": ...}, ...]``) becomes one
+  text, the parts joined by newlines, as the server (``neox_jax.serving.protocol``) and vLLM
+  join them, so a model is trained on what it will be served; a part that is not text is
+  refused. OpenAI's ``"developer"`` role is the system role. Other fields of a message
+  (``name``, ...) go to the chat template, as transformers passes them.
+* ``{"prompt": str, "completion": str}``.
+
+Converted here:
+
+* ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``
+  (``"user"``/``"assistant"`` are accepted as ``from`` too) becomes ``messages``.
+* Alpaca: ``{"instruction", "input"?, "output", "system"?}`` becomes a system turn (when
+  given), one user turn (the instruction, then a blank line and the input when there is
+  one) and one assistant turn (the output), rendered with the chat template.
+* TRL's conversational prompt/completion: ``{"prompt": [messages], "completion":
+  [messages]}`` becomes ``messages`` when the prompt holds no assistant turn (every
+  assistant turn is trained on, so an assistant turn in the prompt would be too).
+
+Anything else (preference pairs, plain ``text``, a ShareGPT speaker or content part that
+is not understood) raises ``ChatFormatError`` naming the format and what to do, rather
+than training on a guess. Null fields, as Arrow gives them for a field a record lacks,
+count as absent.
+"""
+
+from __future__ import annotations
+
+from neox_jax.finetune.chat import ChatFormatError
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}  # fmt: skip
+
+
+def _drop_nulls(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _text_parts(i: int, content: list) -> str:
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise ChatFormatError(
+                f"message {i} content[{j}] is a {kind!r} part; SFT trains on text only: give "
+                'content as a string or as {"type": "text", "text": "..."} parts.'
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _openai_messages(messages) -> list:
+    if not isinstance(messages, list):
+        return messages  # validate_messages says what is wrong
+    out = []
+    for i, m in enumerate(messages):
+        if isinstance(m, dict):  # a null content stays: templates read it beside tool_calls
+            m = {k: v for k, v in m.items() if v is not None or k == "content"}
+            if isinstance(m.get("content"), list):
+                m["content"] = _text_parts(i, m["content"])
+            if m.get("role") == "developer":
+                m["role"] = "system"
+        out.append(m)
+    return out
+
+
+def _sharegpt(turns) -> list[dict]:
+    if not isinstance(turns, list) or not turns:
+        raise ChatFormatError("ShareGPT 'conversations' must be a non-empty list of {from, value}.")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ChatFormatError(
+                f"ShareGPT conversations[{i}] must be an object with 'from' and 'value'."
+            )
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise ChatFormatError(
+                f"ShareGPT conversations[{i}] is from {turn['from']!r}; the speakers understood "
+                f"are {', '.join(SHAREGPT_ROLES)}. Convert other turns (tool calls, "
+                "observations) to 'messages' with roles and tool_calls."
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _alpaca(rec: dict) -> list[dict]:
+    for key in ("instruction", "input", "output", "system"):
+        if not isinstance(rec.get(key, ""), str):
+            raise ChatFormatError(f"Alpaca field {key!r} must be a string.")
+    if rec.get("history"):
+        raise ChatFormatError(
+            "Alpaca records with 'history' (earlier turns) are not read; give the conversation "
+            "as 'messages' instead."
+        )
+    user = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    system = [{"role": "system", "content": rec["system"]}] if rec.get("system") else []
+    return [
+        *system,
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": rec["output"]},
+    ]
+
+
+def normalize_record(rec) -> dict:
+    """``rec`` as ``{"messages", "tools"?}`` or ``{"prompt": str, "completion": str}``.
+
+    Raises:
+      ChatFormatError: a format that is not read (the message names it and the fix).
+    """
+    if not isinstance(rec, dict):
+        raise ChatFormatError(f"expected a JSON object, got {type(rec).__name__}")
+    rec = _drop_nulls(rec)
+    if "messages" in rec:
+        return {**rec, "messages": _openai_messages(rec["messages"])}
+    if "conversations" in rec:
+        return {"messages": _sharegpt(rec["conversations"])}
+    if "instruction" in rec and "output" in rec:
+        return {"messages": _alpaca(rec)}
+    if "prompt" in rec and "completion" in rec:
+        prompt, completion = rec["prompt"], rec["completion"]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            prompt, completion = _openai_messages(prompt), _openai_messages(completion)
+            if any(isinstance(m, dict) and m.get("role") == "assistant" for m in prompt):
+                raise ChatFormatError(
+                    "a conversational prompt with assistant turns: every assistant turn is "
+                    "trained on, so give the conversation as 'messages' (or keep earlier "
+                    "answers out of the prompt)."
+                )
+            return {"messages": prompt + completion}
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise ChatFormatError(
+                "'prompt' and 'completion' must both be strings, or both lists of messages."
+            )
+        return rec
+    if "chosen" in rec or "rejected" in rec:
+        raise ChatFormatError(
+            "a preference pair ('chosen'/'rejected') is data for DPO-style training, not SFT; "
+            "train on the chosen answers as 'messages' or prompt/completion records."
+        )
+    raise ChatFormatError(
+        f"record with fields {sorted(rec)} is in no SFT format read here: use 'messages' "
+        "(OpenAI), 'prompt'+'completion', 'conversations' (ShareGPT) or "
+        "'instruction'+'output' (Alpaca); plain 'text' is pretraining data (data.source=hf)."
+    )
