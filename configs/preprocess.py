@@ -15,13 +15,14 @@ import ml_collections
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The preprocessing config (no presets)."""
     c = ml_collections.ConfigDict()
-    # Comma-separated input files: .jsonl[.gz] (one document per line) or text. Required.
+    # Comma-separated input files: .jsonl/.json (one document per line, or a JSON array),
+    # .parquet (a column) or text; .gz/.bz2/.xz/.zst compressed too. Required.
     c.input = ""
     # Tokenizer: a tokenizer.json, a sentencepiece .model or a folder holding one. Required.
     c.tokenizer = ""
     # Output path without .bin/.idx. Required.
     c.output_prefix = ""
-    # Key of the text in each jsonl object.
+    # Key of the text in each jsonl object (the column of a parquet file).
     c.jsonl_key = "text"
     # Append the end-of-document token to each document (GPT-NeoX's --append-eod).
     c.append_eod = True

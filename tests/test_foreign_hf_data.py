@@ -180,3 +180,70 @@ def test_offline_hub_id_from_the_hub_cache(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["True"] == TEXTS and out["False"] == TEXTS
     assert "someone/not-cached" in out["missing"] and "cannot be reached" in out["missing"]
+
+
+# ---------------------------------------------------------------- neox_jax.data.preprocess
+def _preprocess_input(kind, folder):
+    """The rows as another tool writes a corpus file; returns its path."""
+    frame = pd.DataFrame(ROWS)
+    if kind == "json_array":  # pandas' default orient="records": one JSON array
+        frame.to_json(folder / "c.json", orient="records", force_ascii=False, indent=2)
+        return folder / "c.json"
+    if kind == "datasets_jsonl":  # nulls written as null
+        datasets.Dataset.from_list(ROWS).to_json(str(folder / "c.jsonl"))
+        return folder / "c.jsonl"
+    if kind in ("gz", "bz2", "xz"):
+        path = folder / f"c.jsonl.{kind}"
+        frame.to_json(path, orient="records", lines=True, compression="infer", force_ascii=False)
+        return path
+    if kind == "parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), folder / "c.parquet")
+        return folder / "c.parquet"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["json_array", "datasets_jsonl", "gz", "bz2", "xz", "parquet"])
+def test_preprocess_reads_corpora_other_tools_write(tmp_path, tok, kind):
+    from transformers import PreTrainedTokenizerFast
+
+    from neox_jax.data.indexed_dataset import IndexedDataset
+    from neox_jax.data.preprocess import preprocess
+
+    path = _preprocess_input(kind, tmp_path)
+    stats = preprocess(
+        [str(path)], tokenizer=tok, output_prefix=str(tmp_path / "out"), jsonl_key="content",
+        progress=False,
+    )  # fmt: skip
+    ref = PreTrainedTokenizerFast(tokenizer_file=str(tok.path))
+    eos = ref.convert_tokens_to_ids("<|endoftext|>")
+    want = [[*ref(t, add_special_tokens=False).input_ids, eos] for t in TEXTS if t]
+    ds = IndexedDataset(str(tmp_path / "out"))
+    assert [ds[i].tolist() for i in range(len(ds))] == want
+    assert stats.skipped_empty == 2  # the null and the empty row
+
+
+def test_preprocess_parquet_without_the_column_names_the_columns(tmp_path, tok):
+    from neox_jax.data.preprocess import preprocess
+
+    path = _preprocess_input("parquet", tmp_path)
+    with pytest.raises(UserError, match=r"no column 'text' \(columns: \['content', 'id'\]\)"):
+        preprocess([str(path)], tokenizer=tok, output_prefix=str(tmp_path / "o"), progress=False)
+    assert not list(tmp_path.glob("o.*"))
+
+
+def test_preprocess_zstandard_jsonl(tmp_path, tok):
+    # The Pile ships .jsonl.zst. With zstandard installed it is read; without, the error
+    # says what to install (this environment decides which branch runs).
+    from neox_jax.data.preprocess import iter_documents
+
+    path = tmp_path / "c.jsonl.zst"
+    try:
+        import zstandard
+    except ModuleNotFoundError:
+        path.write_bytes(b"\x28\xb5\x2f\xfd")  # zstd's magic number; never decoded here
+        with pytest.raises(UserError, match="zstandard.*pip install zstandard"):
+            list(iter_documents([str(path)], jsonl_key="content"))
+        return
+    lines = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines))
+    assert list(iter_documents([str(path)], jsonl_key="content")) == [t or "" for t in TEXTS]

@@ -17,11 +17,14 @@ was processed.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import gzip
+import io
 import itertools
 import json
 import logging
+import lzma
 import multiprocessing
 import os
 import sys
@@ -33,10 +36,13 @@ import numpy as np
 from neox_jax import cli, config_checks
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
 from neox_jax.errors import UserError
+from neox_jax.optional import require
 
 logger = logging.getLogger(__name__)
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# Compressed inputs are read through (GPT-NeoX reads The Pile's .jsonl.zst the same way).
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +75,25 @@ class MalformedInputError(UserError):
 def _open_text(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rt", encoding="utf-8")
+    if path.endswith(".xz"):
+        return lzma.open(path, "rt", encoding="utf-8")
+    if path.endswith(".zst"):
+        zstd = require("zstandard", f"reading the zstandard-compressed {path}")
+        raw = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
+        return io.TextIOWrapper(raw, encoding="utf-8")
     return open(path, encoding="utf-8")
+
+
+def _kind(path: str) -> str:
+    """The input's kind ("jsonl", "parquet" or "text") by its name, compression removed."""
+    name = path.lower()
+    for suffix in COMPRESSED:
+        name = name.removesuffix(suffix)
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    return "parquet" if name.endswith(".parquet") else "text"
 
 
 def iter_documents(
@@ -82,8 +106,10 @@ def iter_documents(
     """Yields the text of every document, in file order.
 
     Args:
-      files: paths; ``.jsonl``/``.json``/``.ndjson`` (optionally ``.gz``) hold one JSON
-        object per line, anything else is plain UTF-8 text.
+      files: paths; ``.jsonl``/``.json``/``.ndjson`` hold one JSON object per line (or
+        one JSON array of objects), ``.parquet`` a column ``jsonl_key`` (read with pyarrow),
+        anything else is plain UTF-8 text; ``.gz``/``.bz2``/``.xz``/``.zst`` (zstandard)
+        compressed files are read through. A null text is an empty document.
       jsonl_key: key of the text in each JSON object.
       text_split: ``"file"`` (a text file is one document) or ``"blank_line"`` (each
         block separated by one or more blank lines is a document).
@@ -112,8 +138,12 @@ def iter_documents(
 
 
 def _iter_file(path, jsonl_key, text_split, on_malformed, malformed) -> Iterator[str]:
-    if path.endswith(JSONL_SUFFIXES):
+    kind = _kind(path)
+    if kind == "jsonl":
         yield from _iter_jsonl(path, jsonl_key, on_malformed, malformed)
+        return
+    if kind == "parquet":
+        yield from _iter_parquet(path, jsonl_key)
         return
     with _open_text(path) as f:
         text = f.read()
@@ -123,33 +153,70 @@ def _iter_file(path, jsonl_key, text_split, on_malformed, malformed) -> Iterator
         yield from _blank_line_blocks(text)
 
 
-def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
+def _json_records(path) -> Iterator[tuple[int, object]]:
+    """``(line or item number, record or JSONDecodeError)``: JSON lines, or one JSON array
+    (as pandas' and datasets' ``to_json(lines=False)`` write it)."""
     with _open_text(path) as f:
-        for line_no, line in enumerate(f, start=1):
+        skipped, first = 0, f.read(1)
+        while first.isspace():  # leading blank lines: counted, so line numbers stay right
+            skipped, first = skipped + (first == "\n"), f.read(1)
+        if first == "[":
+            try:
+                yield from enumerate(json.loads(first + f.read()), start=1)
+            except json.JSONDecodeError as e:
+                yield skipped + e.lineno, e
+            return
+        lines = itertools.chain([first + f.readline()], f)
+        for line_no, line in enumerate(lines, start=skipped + 1):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
             try:
-                record = json.loads(line)
+                yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                problem = f"invalid JSON ({e.msg} at column {e.colno})"
-            else:
-                if not isinstance(record, dict):
-                    problem = f"expected a JSON object, got {type(record).__name__}"
-                elif key not in record:
-                    problem = f"no key {key!r} (keys: {sorted(record)[:8]})"
-                elif not isinstance(record[key], str):
-                    problem = f"{key!r} is {type(record[key]).__name__}, not a string"
-                else:
-                    yield record[key]
-                    continue
-            where = f"{path}:{line_no}: {problem}"
-            if on_malformed == "fail":
-                raise MalformedInputError(
-                    f"{where}; fix the line or pass on_malformed='skip' (--on_malformed=skip)"
-                )
-            logger.warning("skipping malformed jsonl line %s", where)
-            if malformed is not None:
-                malformed.append(where)
+                yield line_no, e
+
+
+def _record_problem(record, key: str) -> str | None:
+    if isinstance(record, json.JSONDecodeError):
+        return f"invalid JSON ({record.msg} at column {record.colno})"
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    if key not in record:
+        return f"no key {key!r} (keys: {sorted(record)[:8]})"
+    if record[key] is not None and not isinstance(record[key], str):
+        return f"{key!r} is {type(record[key]).__name__}, not a string"
+    return None
+
+
+def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
+    for line_no, record in _json_records(path):
+        problem = _record_problem(record, key)
+        if problem is None:
+            yield record[key] or ""  # a null (as datasets writes a missing value) is empty
+            continue
+        where = f"{path}:{line_no}: {problem}"
+        if on_malformed == "fail":
+            raise MalformedInputError(
+                f"{where}; fix the line or pass on_malformed='skip' (--on_malformed=skip)"
+            )
+        logger.warning("skipping malformed jsonl line %s", where)
+        if malformed is not None:
+            malformed.append(where)
+
+
+def _iter_parquet(path, key) -> Iterator[str]:
+    pq = require("pyarrow.parquet", f"reading the parquet file {path}")
+    table = pq.ParquetFile(path)
+    if key not in table.schema_arrow.names:
+        raise MalformedInputError(
+            f"{path} has no column {key!r} (columns: {table.schema_arrow.names[:8]}); set "
+            "--config.jsonl_key to the column holding the text"
+        )
+    for batch in table.iter_batches(columns=[key]):
+        for text in batch.column(0).to_pylist():
+            if text is not None and not isinstance(text, str):
+                raise MalformedInputError(f"{path}: column {key!r} holds {type(text).__name__}")
+            yield text or ""  # a null is an empty document
 
 
 def _blank_line_blocks(text: str) -> Iterator[str]:
