@@ -31,9 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     COMMON["add_model_source"](c)  # checkpoint, tokenizer, dtype, attention_impl, RoPE
 
     # ----------------------------------------------------------------- corpus
-    # A .jsonl file (one document per line), a text file (one document) or a folder.
+    # A .jsonl/.json file (one document per record), a .parquet file (one per row), a text
+    # file (one document), any of them compressed, or a folder of such files.
     c.corpus = ""
-    # jsonl fields holding each document's text and id (the id defaults to file:line).
+    # Fields (columns) holding each document's text and id (the id defaults to file:line).
     c.text_field = "text"
     c.id_field = "id"
     # Chunks of this many tokens, consecutive chunks sharing chunk_overlap tokens.

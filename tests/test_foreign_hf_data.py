@@ -247,3 +247,17 @@ def test_preprocess_zstandard_jsonl(tmp_path, tok):
     lines = "".join(json.dumps(r) + "\n" for r in ROWS).encode()
     path.write_bytes(zstandard.ZstdCompressor().compress(lines))
     assert list(iter_documents([str(path)], jsonl_key="content")) == [t or "" for t in TEXTS]
+
+
+# ------------------------------------------------- the retrieval corpus (neox_jax.embed)
+@pytest.mark.parametrize("kind", ["json_array", "datasets_jsonl", "gz", "parquet"])
+def test_retrieval_corpus_from_files_other_tools_write(tmp_path, kind):
+    from neox_jax.retrieval.rag import read_corpus
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    path = _preprocess_input(kind, folder)
+    for where in (path, folder):  # the file itself, or the folder holding it
+        docs = read_corpus(where, text_field="content")
+        assert [d["text"] for d in docs] == [t or "" for t in TEXTS]
+        assert [d["id"] for d in docs] == [str(r["id"]) for r in ROWS]

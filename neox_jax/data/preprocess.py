@@ -17,14 +17,10 @@ was processed.
 
 from __future__ import annotations
 
-import bz2
 import dataclasses
-import gzip
-import io
 import itertools
 import json
 import logging
-import lzma
 import multiprocessing
 import os
 import sys
@@ -35,14 +31,10 @@ import numpy as np
 
 from neox_jax import cli, config_checks
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder, best_dtype
+from neox_jax.data.text_files import file_kind, json_records, open_text, parquet_rows
 from neox_jax.errors import UserError
-from neox_jax.optional import require
 
 logger = logging.getLogger(__name__)
-
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-# Compressed inputs are read through (GPT-NeoX reads The Pile's .jsonl.zst the same way).
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,30 +62,6 @@ class PreprocessStats:
 
 class MalformedInputError(UserError):
     """A jsonl line that is not an object holding a string under the key."""
-
-
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    if path.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8")
-    if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
-    if path.endswith(".zst"):
-        zstd = require("zstandard", f"reading the zstandard-compressed {path}")
-        raw = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def _kind(path: str) -> str:
-    """The input's kind ("jsonl", "parquet" or "text") by its name, compression removed."""
-    name = path.lower()
-    for suffix in COMPRESSED:
-        name = name.removesuffix(suffix)
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    return "parquet" if name.endswith(".parquet") else "text"
 
 
 def iter_documents(
@@ -138,42 +106,19 @@ def iter_documents(
 
 
 def _iter_file(path, jsonl_key, text_split, on_malformed, malformed) -> Iterator[str]:
-    kind = _kind(path)
-    if kind == "jsonl":
+    kind = file_kind(path)
+    if kind == "json":
         yield from _iter_jsonl(path, jsonl_key, on_malformed, malformed)
         return
     if kind == "parquet":
         yield from _iter_parquet(path, jsonl_key)
         return
-    with _open_text(path) as f:
+    with open_text(path) as f:
         text = f.read()
     if text_split == "file":
         yield text
     else:
         yield from _blank_line_blocks(text)
-
-
-def _json_records(path) -> Iterator[tuple[int, object]]:
-    """``(line or item number, record or JSONDecodeError)``: JSON lines, or one JSON array
-    (as pandas' and datasets' ``to_json(lines=False)`` write it)."""
-    with _open_text(path) as f:
-        skipped, first = 0, f.read(1)
-        while first.isspace():  # leading blank lines: counted, so line numbers stay right
-            skipped, first = skipped + (first == "\n"), f.read(1)
-        if first == "[":
-            try:
-                yield from enumerate(json.loads(first + f.read()), start=1)
-            except json.JSONDecodeError as e:
-                yield skipped + e.lineno, e
-            return
-        lines = itertools.chain([first + f.readline()], f)
-        for line_no, line in enumerate(lines, start=skipped + 1):
-            if not line.strip():
-                continue  # blank lines (e.g. a trailing newline) are not records
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield line_no, e
 
 
 def _record_problem(record, key: str) -> str | None:
@@ -189,7 +134,7 @@ def _record_problem(record, key: str) -> str | None:
 
 
 def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
-    for line_no, record in _json_records(path):
+    for line_no, record in json_records(path):
         problem = _record_problem(record, key)
         if problem is None:
             yield record[key] or ""  # a null (as datasets writes a missing value) is empty
@@ -205,18 +150,11 @@ def _iter_jsonl(path, key, on_malformed, malformed) -> Iterator[str]:
 
 
 def _iter_parquet(path, key) -> Iterator[str]:
-    pq = require("pyarrow.parquet", f"reading the parquet file {path}")
-    table = pq.ParquetFile(path)
-    if key not in table.schema_arrow.names:
-        raise MalformedInputError(
-            f"{path} has no column {key!r} (columns: {table.schema_arrow.names[:8]}); set "
-            "--config.jsonl_key to the column holding the text"
-        )
-    for batch in table.iter_batches(columns=[key]):
-        for text in batch.column(0).to_pylist():
-            if text is not None and not isinstance(text, str):
-                raise MalformedInputError(f"{path}: column {key!r} holds {type(text).__name__}")
-            yield text or ""  # a null is an empty document
+    for row in parquet_rows(path, [key], what="--config.jsonl_key"):
+        text = row[key]
+        if text is not None and not isinstance(text, str):
+            raise MalformedInputError(f"{path}: column {key!r} holds {type(text).__name__}")
+        yield text or ""  # a null is an empty document
 
 
 def _blank_line_blocks(text: str) -> Iterator[str]:

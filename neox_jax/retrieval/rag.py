@@ -27,7 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from neox_jax.errors import read_utf8
+from neox_jax.data.text_files import (
+    file_kind,
+    is_corpus_file,
+    json_records,
+    open_text,
+    parquet_rows,
+)
+from neox_jax.errors import UserError
 from neox_jax.inference import SamplingParams
 from neox_jax.retrieval.embed import Embedder
 from neox_jax.retrieval.index import Hit, VectorIndex
@@ -41,9 +48,11 @@ def read_corpus(
 ) -> list[dict[str, str]]:
     """Documents ``{"id", "text", "source"}`` from a file or a directory of files.
 
-    ``.jsonl``: one object per line with ``text_field`` (and optionally ``id_field``
-    and ``source``). Other text files (``.txt``, ``.md``, ...): one document per file.
-    A directory: every such file in it, sorted, recursively.
+    ``.jsonl``/``.json`` (JSON lines or one JSON array) and ``.parquet``: one record per
+    document with ``text_field`` (and optionally ``id_field`` and ``source``; a null text
+    is an empty document). Other text files (``.txt``, ``.md``, ...): one document per file.
+    Any of them may be compressed (``neox_jax.data.text_files``). A directory: every such
+    file in it, sorted, recursively.
 
     Raises:
       FileNotFoundError: nothing at ``path``. ValueError: a bad line, or no documents.
@@ -54,38 +63,57 @@ def read_corpus(
     files = (
         [path]
         if path.is_file()
-        else sorted(
-            p for p in path.rglob("*") if p.is_file() and p.suffix in (".jsonl", *TEXT_SUFFIXES)
-        )
+        else sorted(p for p in path.rglob("*") if p.is_file() and is_corpus_file(p, TEXT_SUFFIXES))
     )
     docs = []
     for f in files:
-        if f.suffix != ".jsonl":
+        kind = file_kind(f)
+        if kind == "text":
             docs.append(
                 {
                     "id": str(f.relative_to(path) if path.is_dir() else f.name),
-                    "text": read_utf8(f, "corpus file"),
+                    "text": _read_text(f),
                     "source": str(f),
                 }
             )
             continue
-        for n, line in enumerate(read_utf8(f, "corpus file").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                text = record[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+        records = (
+            json_records(f)
+            if kind == "json"
+            else enumerate(parquet_rows(f, [text_field, id_field, "source"], "text_field"), 1)
+        )
+        for n, record in records:
+            if not isinstance(record, dict) or text_field not in record:
+                problem = record if isinstance(record, json.JSONDecodeError) else "no such field"
                 raise ValueError(
-                    f"{f}:{n}: expected a JSON object with a {text_field!r} field ({e})."
-                ) from None
-            if not isinstance(text, str):
+                    f"{f}:{n}: expected a JSON object with a {text_field!r} field ({problem})."
+                )
+            text = record[text_field]
+            if text is not None and not isinstance(text, str):
                 raise ValueError(f"{f}:{n}: {text_field!r} must be a string.")
-            doc_id = str(record.get(id_field, f"{f.stem}:{n}"))
-            docs.append({"id": doc_id, "text": text, "source": record.get("source", f"{f}:{n}")})
+            doc_id = record.get(id_field)
+            source = record.get("source")
+            docs.append(
+                {
+                    "id": str(f"{f.stem}:{n}" if doc_id is None else doc_id),
+                    "text": text or "",
+                    "source": f"{f}:{n}" if source is None else source,
+                }
+            )
     if not any(d["text"].strip() for d in docs):
         raise ValueError(f"empty corpus: {path} holds no non-empty documents.")
     return docs
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open_text(path) as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"corpus file {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it "
+            "to UTF-8 first."
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
