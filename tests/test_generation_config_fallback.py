@@ -18,8 +18,9 @@ import shutil
 
 import pytest
 import transformers
+from helpers.hf_reference import train_byte_level_bpe
 from ml_collections import ConfigDict
-from test_bos_and_generation_config import EOS, _hf_greedy, _llama_folder
+from test_bos_and_generation_config import CORPUS, EOS, _hf_greedy, _llama_folder
 
 from neox_jax.convert import save_hf
 from neox_jax.convert.checkpoint import save_checkpoint
@@ -91,6 +92,49 @@ def test_model_config_placeholders_are_not_ids(tmp_path):
     assert (gen.eos_token_ids, gen.pad_token_id, gen.sampling) == ((5,), None, {})
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "top_k": 2}))
     assert read_generation_config(tmp_path) is None  # an MoE's top_k is no sampling default
+
+
+# config.json of composite models, which nest the language model's ids (shapes as on the
+# hub: Gemma-3 and Llama-4 name them only in text_config; Qwen2-VL at both levels).
+COMPOSITE = {
+    "gemma3": {"text_config": {"eos_token_id": [1, 106], "bos_token_id": 2, "pad_token_id": 0}},
+    "llama4": {"text_config": {"eos_token_id": [7, 8, 9], "bos_token_id": 6}},
+    "qwen2_vl": {"eos_token_id": 5, "text_config": {"eos_token_id": 9, "pad_token_id": 4}},
+    "decoder_first": {"decoder": {"bos_token_id": 3}, "text_config": {"bos_token_id": 4}},
+    "empty_decoder": {"decoder": {}, "text_config": {"eos_token_id": 11}},
+}
+
+
+@pytest.mark.parametrize("name", COMPOSITE)
+def test_nested_text_config_ids_as_transformers_reads_them(tmp_path, name):
+    """The reference: transformers' fallback for a folder without generation_config.json
+    (``GenerationConfig.from_pretrained(..., config_file_name="config.json",
+    _from_model_config=True)``, i.e. ``from_model_config`` on the file's dict)."""
+    config = {"model_type": name, "architectures": ["X"], **COMPOSITE[name]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ref = transformers.GenerationConfig.from_pretrained(
+        tmp_path, config_file_name="config.json", _from_model_config=True
+    )
+    gen = read_generation_config(tmp_path)
+    eos = ref.eos_token_id if isinstance(ref.eos_token_id, list) else [ref.eos_token_id]
+    assert gen.eos_token_ids == tuple(e for e in eos if e is not None)
+    assert (gen.bos_token_id, gen.pad_token_id) == (ref.bos_token_id, ref.pad_token_id)
+
+
+def test_a_composite_models_tokenizer_folder_stops_at_its_text_config_eos(tmp_path):
+    """A Gemma-3-style tokenizer folder as data.tokenizer: its eos ids, which only the
+    nested text_config names, reach the tokenizer and travel with copies of it."""
+    folder = tmp_path / "gemma3"
+    folder.mkdir()
+    train_byte_level_bpe(folder, CORPUS, 300, {}, special_tokens=("<unk>", "<s>", "</s>"))
+    nested = {"eos_token_id": [2, 7], "bos_token_id": 1}
+    config = {"model_type": "gemma3", "text_config": nested}
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_tokenizer(folder).eos_ids == (2, 7)
+    copy_tokenizer(folder / "tokenizer.json", tmp_path / "copied")
+    assert load_tokenizer(tmp_path / "copied").eos_ids == (2, 7)
+    copied = transformers.GenerationConfig.from_pretrained(tmp_path / "copied")
+    assert (copied.eos_token_id, copied.bos_token_id) == ([2, 7], 1)
 
 
 def test_the_model_folder_decides_when_the_tokenizer_is_elsewhere(folder, tmp_path):

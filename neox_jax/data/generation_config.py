@@ -19,12 +19,16 @@ want them.
 A folder without ``generation_config.json`` falls back to its ``config.json`` as
 transformers does (``GenerationConfig.from_pretrained(folder, config_file_name=
 "config.json")`` when the file is missing, i.e. ``GenerationConfig.from_model_config``):
-its ``eos_token_id`` (an int or a list), ``bos_token_id`` and ``pad_token_id``. Only the
-ids are taken from a model config: its other fields describe the architecture (an MoE's
-``top_k`` is not a sampling default), and transformers pops generation fields out of model
-configs. ``GenerationDefaults.file_bytes`` writes such a fallback as the
-``generation_config.json`` transformers' ``save_pretrained`` would, so it travels into
-checkpoints and exports like a real one.
+its ``eos_token_id`` (an int or a list), ``bos_token_id`` and ``pad_token_id``; an id the
+top level leaves unset comes from the first nested decoder config (``decoder``,
+``generator``, ``text_config``) as ``from_model_config`` reads it, which is where
+composite models (Gemma-3, Llama-4, Mistral-3, Qwen2-VL) name their language model's ids.
+neox_jax loads no such model, but their tokenizer folders serve as ``data.tokenizer`` or
+``--config.tokenizer``. Only the ids are taken from a model config: its other fields
+describe the architecture (an MoE's ``top_k`` is not a sampling default), and transformers
+pops generation fields out of model configs. ``GenerationDefaults.file_bytes`` writes
+such a fallback as the ``generation_config.json`` transformers' ``save_pretrained``
+would, so it travels into checkpoints and exports like a real one.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ from neox_jax.errors import UserError, load_json
 GENERATION_FILE = "generation_config.json"
 MODEL_CONFIG_FILE = "config.json"  # a Hugging Face model folder's config
 ID_FIELDS = ("eos_token_id", "bos_token_id", "pad_token_id")
+# Where a composite model's config.json nests its language model, in the order
+# transformers' GenerationConfig.from_model_config looks for one.
+DECODER_CONFIGS = ("decoder", "generator", "text_config")
 # The sampling fields we honour, with the type each must have.
 SAMPLING_FIELDS = {
     "do_sample": bool,
@@ -128,9 +135,23 @@ def read_generation_config(folder: str | os.PathLike) -> GenerationDefaults | No
     if not path.is_file():
         return None
     data = load_json(path, "model config")
-    if not isinstance(data, dict) or all(data.get(f) is None for f in ID_FIELDS):
-        return None  # not a model config, or one that names no ids
-    return _parse(path, data, sampling=False)
+    if not isinstance(data, dict):
+        return None  # not a model config
+    ids = _model_config_ids(data)
+    if all(v is None for v in ids.values()):
+        return None  # a model config that names no ids
+    return _parse(path, ids, sampling=False)
+
+
+def _model_config_ids(data: dict[str, Any]) -> dict[str, Any]:
+    """The id fields of a model's ``config.json`` as ``from_model_config`` reads them: the
+    top level's, then each one it leaves unset (None) from the first non-empty nested
+    decoder config (``DECODER_CONFIGS``)."""
+    ids = {f: data.get(f) for f in ID_FIELDS}
+    nested = next((data[n] for n in DECODER_CONFIGS if data.get(n)), None)
+    if isinstance(nested, dict):
+        ids = {f: nested.get(f) if v is None else v for f, v in ids.items()}
+    return ids
 
 
 def _parse(path: Path, data: Any, *, sampling: bool) -> GenerationDefaults:
