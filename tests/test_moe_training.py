@@ -118,3 +118,50 @@ def test_pipeline_refuses_router_losses_it_would_drop():
     with pytest.raises(UserError, match="router losses would be silently missing"):
         pipeline_apply_fn(config, 2)
     pipeline_apply_fn(config.replace(router_aux_loss_coef=0.0), 2)  # no losses: allowed
+
+
+# A tiny Mixtral: every field transformers' MixtralForCausalLM fixes, so that the expert
+# width is the one thing that keeps it from exporting.
+MIXTRAL = {
+    "model.model_type": "mixtral", "model.norm_type": "rmsnorm", "model.gated_mlp": True,
+    "model.mlp_bias": False, "model.fused_qkv": False, "model.attention_bias": False,
+    "model.use_parallel_residual": False, "model.rotary_pct": 1.0, "model.num_experts": 4,
+    "model.num_experts_per_tok": 2, "model.norm_topk_prob": True,
+}  # fmt: skip
+
+
+def test_trainer_warns_before_the_first_step_that_the_moe_cannot_be_exported(tmp_path, caplog):
+    """Mixtral in transformers has one MLP width; a run with moe_intermediate_size !=
+    intermediate_size trains, but export refuses it: say so when the run starts."""
+    import logging
+
+    import pytest
+
+    from neox_jax.convert import save_hf
+    from neox_jax.errors import UserError
+    from neox_jax.loading import load_model
+    from neox_jax.model import ModelConfig
+    from neox_jax.training.config_checks import warn_if_not_exportable
+
+    config = tiny_config(
+        write_dataset(tmp_path / "counting"),
+        **MIXTRAL,
+        **{"train.steps": 2, "train.eval_every": 2, "train.save_every": 2},
+        **{"model.moe_intermediate_size": 16},  # intermediate_size is 64
+    )
+    caplog.set_level(logging.INFO)
+    train_and_evaluate(config, tmp_path / "run")
+    messages = [r.getMessage() for r in caplog.records]
+    warned = [i for i, m in enumerate(messages) if "cannot be exported" in m]
+    first_step = next(i for i, m in enumerate(messages) if m.startswith("step 1/"))
+    assert warned and warned[0] < first_step, messages
+    assert "moe_intermediate_size=16, intermediate_size=64" in messages[warned[0]]
+    # The warning tells the truth: export refuses the trained model...
+    with pytest.raises(UserError, match="moe_intermediate_size"):
+        save_hf(*load_model(tmp_path / "run"), tmp_path / "hf")
+    # ...and the width is the only reason: with one width, or as qwen3_moe (both widths,
+    # given its qk_norm), the same model exports without a warning.
+    model = ModelConfig.from_dict(config.model.to_dict())
+    assert warn_if_not_exportable(model.replace(moe_intermediate_size=None)) is None
+    assert warn_if_not_exportable(model.replace(moe_intermediate_size=64)) is None
+    assert warn_if_not_exportable(model.replace(model_type="qwen3_moe", qk_norm=True)) is None

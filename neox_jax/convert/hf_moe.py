@@ -110,7 +110,11 @@ def check_exportable(config: ModelConfig) -> None:
         if not config.norm_topk_prob:
             wrong.append("norm_topk_prob=True")
         if config.expert_size != config.intermediate_size:
-            wrong.append("moe_intermediate_size equal to intermediate_size")
+            wrong.append(
+                "moe_intermediate_size equal to intermediate_size (transformers' Mixtral "
+                f"has one size; this has moe_intermediate_size={config.expert_size}, "
+                f"intermediate_size={config.intermediate_size}; qwen3_moe has both)"
+            )
     if t != "qwen2_moe" and config.shared_expert_intermediate_size:
         wrong.append("no shared expert (shared_expert_intermediate_size=0)")
     if t == "qwen2_moe" and not config.shared_expert_intermediate_size:

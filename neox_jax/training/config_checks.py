@@ -8,10 +8,12 @@ fine-tuning are checked by the modules that read them (``training.data``,
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 from neox_jax.config_checks import choice
+from neox_jax.convert.hf import config_to_hf
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
 
@@ -79,6 +81,27 @@ def check_seq_len(seq_len: int, model_config: ModelConfig) -> None:
             f"{f' x rope_scaling factor {factor:g}' if factor != 1.0 else ''}); lower "
             "data.seq_len or extend the context with model.rope_scaling."
         )
+
+
+def warn_if_not_exportable(model_config: ModelConfig) -> str | None:
+    """Warn at the start of a run, not when it is over, that its model has a setting no
+    Hugging Face class can express (``config_to_hf`` refuses it, as ``python -m
+    neox_jax.convert --to=hf`` and ``neox_jax.finetune.export`` will). Such a model
+    trains and loads as our checkpoint everywhere in neox_jax, so this is a warning, not
+    an error. Returns the warning, None when the model exports.
+    """
+    try:
+        config_to_hf(model_config)
+    except UserError as e:
+        message = (
+            f"This model cannot be exported to Hugging Face: {e} It trains, and its "
+            "checkpoints load in neox_jax (sample, serve, evaluate), but "
+            "`python -m neox_jax.convert --to=hf` and neox_jax.finetune.export will "
+            "refuse them; change the setting now if you need a transformers model."
+        )
+        logging.warning(message)
+        return message
+    return None
 
 
 def _check_workdir(workdir: Path) -> None:

@@ -38,7 +38,11 @@ from neox_jax.parallel.mesh import AXES, create_mesh, initialize_distributed
 from neox_jax.parallel.rules import RULES, batch_sharding, data_parallel_size
 from neox_jax.training import data as data_lib
 from neox_jax.training.checkpoints import Checkpointer, parse_steps
-from neox_jax.training.config_checks import check_seq_len, check_train_config
+from neox_jax.training.config_checks import (
+    check_seq_len,
+    check_train_config,
+    warn_if_not_exportable,
+)
 from neox_jax.training.metrics import (
     MetricWriter,
     device_peak_flops,
@@ -301,6 +305,7 @@ def train_and_evaluate(
             state, model_config, start, origin, shardings = state_factory(tx, mesh, ckpt)
             check_seq_len(config.data.seq_len, model_config)
         _check_vocab(tokenizer_path, model_config)
+        warn_if_not_exportable(model_config)  # before the first step, not when it is over
         writer = MetricWriter(
             workdir, total_steps, start, train_config=config.train, run_config=config.to_dict()
         )
