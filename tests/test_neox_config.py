@@ -122,11 +122,42 @@ def test_files_merge_and_train_flag_overrides_apply_on_top(capsys):
     assert config.train.extra_save_steps.startswith("0,1,2,4,8,")
 
 
-def test_duplicate_key_across_files_is_refused(tmp_path):
-    other = tmp_path / "more.yml"
-    other.write_text("num-layers: 4\n")  # the same key, dashed
-    with pytest.raises(UserError, match="num_layers.*both"):
-        read_configs([str(DATA / "pythia" / "160M.yml"), str(other)])
+# Two files merged, and what GPT-NeoX's NeoXArgs.from_ymls makes of them
+# (megatron/neox_arguments/arguments.py): it stores each key with "-" read as "_", after
+# checking the key *as written* against those stored, so a key written with "_" (or with
+# neither) that is already set raises, and a dashed one replaces the earlier value.
+MERGES = {
+    "dashed_overrides": ("num-layers: 2\n", "num-layers: 4\n", {"num_layers": 4}),
+    "dashed_overrides_underscored": ("num_layers: 2\n", "num-layers: 4\n", {"num_layers": 4}),
+    "underscored_is_refused": ("num-layers: 2\n", "num_layers: 4\n", "'num_layers' is set in both"),
+    "plain_is_refused": ("precision: fp16\n", "precision: bf16\n", "'precision' is set in both"),
+    "same_file_dashed_last": ("train_iters: 1\ntrain-iters: 2\n", "lr: 1\n",
+                              {"train_iters": 2, "lr": 1}),
+    "same_file_underscored_last": ("train-iters: 1\ntrain_iters: 2\n", "lr: 1\n", "twice in"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", MERGES)
+def test_files_merge_as_gpt_neox_merges_them(tmp_path, case, caplog):
+    first, second, want = MERGES[case]
+    (tmp_path / "a.yml").write_text(first)
+    (tmp_path / "b.yml").write_text(second)
+    files = [str(tmp_path / "a.yml"), str(tmp_path / "b.yml")]
+    if isinstance(want, str):
+        with pytest.raises(UserError, match=want):
+            read_configs(files)
+        return
+    assert read_configs(files) == want
+    assert "replaces" in caplog.text  # a replaced value is never silent
+
+
+def test_an_override_file_changes_a_pythia_config(tmp_path):
+    """GPT-NeoX's way to change a published config: a later file with the dashed key;
+    deepy.py's names without ".yml" work too."""
+    (tmp_path / "deeper.yml").write_text("num-layers: 4\n")
+    neox = read_configs([str(DATA / "pythia" / "160M"), str(tmp_path / "deeper.yml")])
+    assert neox["num_layers"] == 4 and neox["hidden_size"] == 768  # the rest is 160M's
+    assert translate(neox).overrides["model.num_hidden_layers"] == 4
 
 
 @pytest.mark.parametrize(

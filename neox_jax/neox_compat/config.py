@@ -4,8 +4,9 @@
     python -m neox_jax.train --neox_config=pythia/160M.yml --neox_config=local_setup.yml \\
         --neox_num_gpus=32 --workdir=/tmp/run [--config.x=y ...]
 
-Several files merge as GPT-NeoX's ``NeoXArgs.from_ymls`` merges them: keys with ``-``
-are read with ``_``, and a key set in two files is an error. Every key is accounted for:
+Several files merge as GPT-NeoX's ``NeoXArgs.from_ymls`` merges them
+(``neox_compat.files``): keys with ``-`` are read with ``_``; a key set again is an error
+when written with ``_``, and overrides when written with ``-``. Every key is accounted for:
 mapped onto a ``configs/pretrain.py`` field, ignored with the reason printed (DeepSpeed,
 ZeRO, fusion and kernel knobs), or listed as unknown. A key that would change the model
 into one neox_jax cannot build, and keys that contradict each other, raise ``UserError``.
@@ -25,10 +26,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from neox_jax.data.neox_order import split_ranges
 from neox_jax.errors import UserError
+from neox_jax.neox_compat.files import read_configs
 from neox_jax.neox_compat.model_config import KERNEL, model_fields
 from neox_jax.neox_compat.values import coerce
 
@@ -159,33 +159,6 @@ class Translation:
 
 def _flag_value(v: Any) -> str:
     return repr(v) if isinstance(v, float) else str(v)
-
-
-def read_configs(paths: list[str]) -> dict[str, Any]:
-    """GPT-NeoX config files (YAML or JSON) merged as ``NeoXArgs.from_ymls`` merges them."""
-    if not paths:
-        raise UserError("no GPT-NeoX config files given; pass --neox_config=FILE.yml")
-    merged: dict[str, Any] = {}
-    source: dict[str, str] = {}
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f)
-        except FileNotFoundError as e:
-            raise UserError(f"GPT-NeoX config {path} does not exist.") from e
-        except yaml.YAMLError as e:
-            raise UserError(f"GPT-NeoX config {path} is not valid YAML/JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise UserError(f"GPT-NeoX config {path} must hold a mapping of keys to values.")
-        for key, value in data.items():
-            name = str(key).replace("-", "_")
-            if name in merged:
-                raise UserError(
-                    f"GPT-NeoX key {name!r} is set in both {source[name]} and {path}; GPT-NeoX "
-                    "refuses duplicate keys across files, keep it in one."
-                )
-            merged[name], source[name] = value, path
-    return merged
 
 
 def _get(neox: dict, used: set, key: str, default=None):
