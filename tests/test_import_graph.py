@@ -9,6 +9,8 @@ the importer sits inside that package: a package may re-export its own submodule
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,48 @@ def test_the_graph_sees_function_level_and_package_imports(tmp_path, source, cir
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
     assert (find_circle(import_graph(root)) is not None) == circle
+
+
+# Every entry point (``python -m ...``; ``--help`` imports what importing does), and the
+# heavy libraries none of them needs to start: torch alone costs 2-4 s per command. Each
+# is imported where it is used (tensorboardX, which imports torch, when a TensorBoard
+# writer is made; transformers and torch when a .bin file is read; the server's fastapi
+# when it serves).
+ENTRY_POINTS = (
+    "neox_jax.train", "neox_jax.sample", "neox_jax.serve", "neox_jax.evaluate",
+    "neox_jax.convert.__main__", "neox_jax.quantize", "neox_jax.embed", "neox_jax.rag",
+    "neox_jax.sweep", "neox_jax.batch_viewer", "neox_jax.aot", "neox_jax.neox_config",
+    "neox_jax.finetune.export", "neox_jax.data.preprocess", "neox_jax.data.spm_training",
+    "neox_jax.retrieval.rag", "neox_jax.loading",
+)  # fmt: skip
+HEAVY = (
+    "torch", "tensorflow", "transformers", "tensorflow_datasets", "datasets", "lm_eval",
+    "faiss", "fastapi", "uvicorn", "tensorboardX",
+)  # fmt: skip
+_PROBE = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(" ".join(h for h in {heavy!r} if h in sys.modules))
+"""
+
+
+def heavy_imports(*modules: str) -> set[str]:
+    """The ``HEAVY`` libraries a fresh interpreter has loaded after importing ``modules``."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(heavy=HEAVY), *modules],
+        capture_output=True, text=True, cwd=PACKAGE.parent, check=True,
+    )  # fmt: skip
+    return set(out.stdout.split())
+
+
+def test_entry_points_start_without_heavy_libraries():
+    # One interpreter for all (each start costs seconds); on failure, name the culprit.
+    if found := heavy_imports(*ENTRY_POINTS):
+        culprits = {m: heavy_imports(m) for m in ENTRY_POINTS}
+        culprits = {m: sorted(h) for m, h in culprits.items() if h}
+        raise AssertionError(f"importing the entry points loads {sorted(found)}: {culprits}")
+
+
+def test_the_probe_sees_a_heavy_import():
+    assert heavy_imports("tensorboardX") >= {"tensorboardX"}

@@ -24,7 +24,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter
 
 from neox_jax.errors import UserError
 from neox_jax.model import ModelConfig
@@ -176,6 +175,18 @@ class _Wandb:
         self.run.finish()
 
 
+def _tensorboard_writer(tb_dir: Path):
+    """A TensorBoard event writer for ``tb_dir``.
+
+    tensorboardX is imported here, not at the top: it imports torch when torch is
+    installed (2-4 s), and every entry point imports this module through the trainer or
+    the quantizer's calibration, most of them never writing an event.
+    """
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(tb_dir))
+
+
 class MetricWriter:
     """Console progress line, TensorBoard events, a JSON-lines log and optionally W&B;
     process 0 only. Also runs the profiler (``before_step``) for the trainer."""
@@ -201,7 +212,7 @@ class MetricWriter:
         # Every process traces its own devices (a trace per host, as the profiler expects).
         self.profiler = StepProfiler(profile if workdir is not None else None, tb_dir)
         if self.enabled and workdir is not None:
-            self.tb = SummaryWriter(str(tb_dir))
+            self.tb = _tensorboard_writer(tb_dir)
             self.jsonl = open(Path(workdir) / "metrics.jsonl", "a")  # noqa: SIM115
             if project := train_config.get("wandb_project", ""):
                 name = train_config.get("wandb_run", "") or Path(workdir).absolute().name
