@@ -19,7 +19,8 @@ from pathlib import Path
 import sentencepiece as spm
 
 from neox_jax import cli, config_checks
-from neox_jax.data.tokenizer import SPM_FILE, SentencePieceTokenizer, _atomic_write
+from neox_jax.data.tokenizer import SPM_FILE, SentencePieceTokenizer
+from neox_jax.data.tokenizer_files import atomic_write
 
 
 def _file_lines(path: os.PathLike) -> Iterator[str]:
@@ -136,7 +137,7 @@ def train_sentencepiece(
         )
     except RuntimeError as e:
         raise ValueError(f"sentencepiece training failed: {e}") from e
-    _atomic_write(output_path, model.getvalue())
+    atomic_write(output_path, model.getvalue())
     return SentencePieceTokenizer(output_path)
 
 

@@ -13,8 +13,6 @@ import functools
 import itertools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,15 +22,17 @@ import tokenizers
 
 from neox_jax import hub
 from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
-from neox_jax.errors import UserError
+from neox_jax.data.tokenizer_files import (  # noqa: F401 - re-exported: the public names
+    CONFIG_FILE,
+    HF_FILE,
+    SPECIAL_MAP_FILE,
+    SPM_FILE,
+    TOKENIZER_FILES,
+    atomic_write,
+    copy_tokenizer,
+    read_json,
+)
 
-HF_FILE = "tokenizer.json"
-SPM_FILE = "tokenizer.model"
-CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_MAP_FILE = "special_tokens_map.json"
-# The files that make up a tokenizer folder (what a checkpoint or an export copies); a
-# model folder's generation_config.json travels with them (see data/generation_config.py).
-TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, GENERATION_FILE)
 _SPM_NAMES = (SPM_FILE, "spm.model")
 # Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
 # model declares none). GPT-NeoX/Pythia use <|endoftext|> to end and to start documents.
@@ -42,46 +42,6 @@ _CANDIDATES = {
     "pad": ("<|padding|>", "<pad>"),
 }
 _META = "\u2581"  # sentencepiece's stand-in for " "
-
-
-def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy tokenizer files (a file, or the tokenizer files of a folder) into ``dst``."""
-    src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if src.is_file():  # load_tokenizer(file) reads these beside the file: so must the copy
-        metadata = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
-        files += [src.parent / n for n in metadata if (src.parent / n).is_file()]
-    if src.is_dir():
-        files += [f for f in src.glob("*.model") if f not in files]
-    for f in files:
-        shutil.copy2(f, dst / f.name)
-    folder = src if src.is_dir() else src.parent
-    if not (folder / GENERATION_FILE).is_file() and (gen := read_generation_config(folder)):
-        (dst / GENERATION_FILE).write_bytes(gen.file_bytes())  # config.json's eos ids
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: cannot read JSON ({e}); fix or replace the file") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    # Write beside the target, then rename: a crash never leaves half a file in a checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared checkpoint must stay readable
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _existing_file(path: str | os.PathLike) -> Path:
@@ -126,11 +86,11 @@ class Tokenizer(abc.ABC):
     def __init__(self, path: Path) -> None:
         self.path = path
         config_path = path.parent / CONFIG_FILE
-        self._config = _read_json(config_path) if config_path.is_file() else {}
+        self._config = read_json(config_path) if config_path.is_file() else {}
         # Older exports name the special tokens only in special_tokens_map.json; transformers
         # reads it after tokenizer_config.json, so its tokens win.
         map_path = path.parent / SPECIAL_MAP_FILE
-        mapped = _read_json(map_path) if map_path.is_file() else {}
+        mapped = read_json(map_path) if map_path.is_file() else {}
         self._named = {
             f"{k}_token": (v, map_path if mapped.get(f"{k}_token") else config_path)
             for k in _CANDIDATES
@@ -316,15 +276,15 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{directory} holds a {HF_FILE}, which load_tokenizer would prefer")
         target = directory / self.file_name
         if not (target.exists() and target.samefile(self.path)):
-            _atomic_write(target, self.path.read_bytes())
+            atomic_write(target, self.path.read_bytes())
         config = dict(self._config)
         for kind, idx in self._special.items():
             config[f"{kind}_token"] = None if idx is None else self.id_to_token(idx)
-        _atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode() + b"\n")
+        atomic_write(directory / CONFIG_FILE, json.dumps(config, indent=2).encode() + b"\n")
         if (gen := self.generation) is not None and gen.path.resolve() != (
             directory / GENERATION_FILE
         ).resolve():
-            _atomic_write(directory / GENERATION_FILE, gen.file_bytes())
+            atomic_write(directory / GENERATION_FILE, gen.file_bytes())
         return target
 
     def __repr__(self) -> str:

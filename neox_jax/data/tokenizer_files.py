@@ -1,0 +1,64 @@
+"""The files of a tokenizer folder: their names, reading their JSON, copying and writing them.
+
+Kept apart from ``neox_jax.data.tokenizer`` (which re-exports the names) so the tokenizer
+classes stay one readable file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
+from neox_jax.errors import UserError
+
+HF_FILE = "tokenizer.json"
+SPM_FILE = "tokenizer.model"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_MAP_FILE = "special_tokens_map.json"
+# The files that make up a tokenizer folder (what a checkpoint or an export copies); a
+# model folder's generation_config.json travels with them (see data/generation_config.py).
+TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, GENERATION_FILE)
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy tokenizer files (a file, or the tokenizer files of a folder) into ``dst``."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
+    if src.is_file():  # load_tokenizer(file) reads these beside the file: so must the copy
+        metadata = (CONFIG_FILE, SPECIAL_MAP_FILE, GENERATION_FILE)
+        files += [src.parent / n for n in metadata if (src.parent / n).is_file()]
+    if src.is_dir():
+        files += [f for f in src.glob("*.model") if f not in files]
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    folder = src if src.is_dir() else src.parent
+    if not (folder / GENERATION_FILE).is_file() and (gen := read_generation_config(folder)):
+        (dst / GENERATION_FILE).write_bytes(gen.file_bytes())  # config.json's eos ids
+
+
+def read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read JSON ({e}); fix or replace the file") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    # Write beside the target, then rename: a crash never leaves half a file in a checkpoint.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared checkpoint must stay readable
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
