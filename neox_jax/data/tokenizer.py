@@ -302,8 +302,26 @@ class HFTokenizer(Tokenizer):
             self._tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"{path}: not a valid Hugging Face tokenizer.json ({e})") from e
+        self._add_declared(path.parent / CONFIG_FILE)
         self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
         super().__init__(path)
+
+    def _add_declared(self, config: Path) -> None:
+        # tokenizer_config.json's added_tokens_decoder may declare tokens tokenizer.json lacks;
+        # transformers adds them on loading, in id order, after the others: so do we.
+        declared = read_json(config).get("added_tokens_decoder") if config.is_file() else None
+        for key in sorted(declared or {}, key=lambda k: int(k) if str(k).isdigit() else -1):
+            entry = declared[key]
+            if not isinstance(entry, dict) or not isinstance(entry.get("content"), str):
+                raise ValueError(f"{config}: added_tokens_decoder[{key!r}] has no 'content'")
+            if self._tok.token_to_id(entry["content"]) is not None:
+                continue
+            flags = ("single_word", "lstrip", "rstrip", "normalized", "special")
+            token = tokenizers.AddedToken(
+                entry["content"], **{f: bool(entry[f]) for f in flags if f in entry}
+            )
+            add = self._tok.add_special_tokens if entry.get("special") else self._tok.add_tokens
+            add([token])
 
     def _special_token_id(self, token: str) -> int | None:
         # Only added tokens count: a plain BPE entry spelled "<s>" is ordinary text.
@@ -349,7 +367,29 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from e
         self._meta_bytes = self._literal_meta_ids()
+        self._refuse_added(path)
         super().__init__(path)
+
+    def _refuse_added(self, path: Path) -> None:
+        # Tokens added beyond the model's pieces (transformers' added_tokens_decoder, extra or
+        # additional special tokens, added_tokens.json) would be split into pieces here.
+        config, extra = path.parent / CONFIG_FILE, path.parent / "added_tokens.json"
+        config = read_json(config) if config.is_file() else {}
+        declared = config.get("added_tokens_decoder") or {}
+        names = [e.get("content") for e in declared.values() if isinstance(e, dict)]
+        tokens = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")]
+        for key in ("extra_special_tokens", "additional_special_tokens"):
+            more = config.get(key) or []  # a list, or (transformers 5) a dict of names
+            tokens += list(more.values() if isinstance(more, dict) else more)
+        names += [t.get("content") if isinstance(t, dict) else t for t in tokens]
+        names += list(read_json(extra)) if extra.is_file() else []
+        if missing := [n for n in names if isinstance(n, str) and self.token_to_id(n) is None]:
+            raise ValueError(
+                f"{path.parent} adds tokens that {path.name} does not hold ({missing[:5]}); "
+                "this backend reads sentencepiece pieces only. Write a tokenizer.json with "
+                "transformers, which carries them: AutoTokenizer.from_pretrained(folder)"
+                ".save_pretrained(folder)."
+            )
 
     def _literal_meta_ids(self) -> list[int] | None:
         # sentencepiece BPE escapes " " as "▁" and unescapes on decode, so a literal "▁" would

@@ -1,0 +1,145 @@
+"""Tokenizer folders as other tools leave them, read against transformers' reading of them.
+
+* a Llama/Mistral folder with only ``tokenizer.model`` (sentencepiece, Llama's trainer
+  settings) and its ``tokenizer_config.json``;
+* a ``tokenizer.json`` whose added tokens sit past the BPE vocabulary (as Qwen's do), some
+  special, one not;
+* a token declared only in ``tokenizer_config.json``'s ``added_tokens_decoder`` (transformers
+  adds it on loading);
+* a sentencepiece folder to which transformers added a token the model does not hold.
+"""
+
+import io
+import json
+
+import pytest
+import sentencepiece as spm
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from neox_jax.data.tokenizer import load_tokenizer
+
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world",
+         "123", "4567", "café", "naïve"]  # fmt: skip
+TEXTS = ["hello world", "hello  world ", "\nfox 123", "café naïve 🌍", "a</s>b", "", "x\n\n y"]
+
+
+def _corpus():
+    return [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(12)) for i in range(500)]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llama")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # Llama's settings: BPE, byte fallback, split digits
+        sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=300,
+        model_type="bpe", byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+              "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "legacy": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_sentencepiece_only_llama_folder_reads_as_transformers_does(llama_dir):
+    ref = transformers.AutoTokenizer.from_pretrained(str(llama_dir))
+    assert not (llama_dir / "tokenizer.json").exists()
+    tok = load_tokenizer(llama_dir)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (ref.bos_token_id, ref.eos_token_id, None)
+    assert tok.vocab_size == len(ref) == 300
+    sp = spm.SentencePieceProcessor(model_file=str(llama_dir / "tokenizer.model"))
+    for text in TEXTS:
+        # The special-token text "</s>" is not split out of raw text here (a document
+        # saying "</s>" is not ended by it); transformers maps it to eos. Without it the
+        # ids agree with transformers and with sentencepiece itself.
+        if "</s>" in text:
+            assert tok.encode(text) == sp.encode(text)
+            continue
+        assert tok.encode(text, add_special_tokens=True) == ref(text).input_ids, text
+        assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids == sp.encode(text)
+        assert tok.decode(tok.encode(text)) == ref.decode(
+            ref(text, add_special_tokens=False).input_ids
+        )
+
+
+def _bpe_json(vocab_size=270):
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw.train_from_iterator(_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, show_progress=False))  # fmt: skip
+    return json.loads(raw.to_str())
+
+
+def _added(i, content, special=True):
+    return {"id": i, "content": content, "single_word": False, "lstrip": False,
+            "rstrip": False, "normalized": not special, "special": special}  # fmt: skip
+
+
+def _compare(folder, texts):
+    ref = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = load_tokenizer(folder)
+    assert tok.vocab_size == len(ref)
+    assert (tok.eos_id, tok.pad_id) == (ref.eos_token_id, ref.pad_token_id)
+    for text in texts:
+        ids = ref(text).input_ids
+        assert tok.encode(text, add_special_tokens=True) == ids, text
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip
+            )
+    return tok, ref
+
+
+CHAT_TEXTS = ["<|im_start|>user\nhello<|im_end|>\n<think>fox</think>", "dog<|endoftext|>"]
+
+
+@pytest.mark.parametrize("gap", [0, 50], ids=["contiguous", "declared_past_a_gap"])
+def test_added_tokens_past_the_bpe_vocabulary(tmp_path, gap):
+    spec = _bpe_json()
+    base = len(spec["model"]["vocab"]) + gap
+    names = [("<|endoftext|>", True), ("<|im_start|>", True), ("<|im_end|>", True),
+             ("<think>", False)]  # fmt: skip
+    spec["added_tokens"] = [_added(base + i, c, s) for i, (c, s) in enumerate(names)]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, ref = _compare(tmp_path, CHAT_TEXTS)
+    assert tok.token_to_id("<|im_end|>") == ref.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_token_declared_only_in_tokenizer_config(tmp_path):
+    spec = _bpe_json()
+    n = len(spec["model"]["vocab"])
+    spec["added_tokens"] = [_added(n, "<|im_end|>")]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    declared = {str(n): _added(n, "<|im_end|>"), str(n + 1): _added(n + 1, "<|pad|>")}
+    for entry in declared.values():
+        del entry["id"]
+    config = {"eos_token": "<|im_end|>", "pad_token": "<|pad|>", "added_tokens_decoder": declared}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok, ref = _compare(tmp_path, ["fox<|pad|><|im_end|>"])
+    assert tok.pad_id == ref.pad_token_id == n + 1
+
+
+@pytest.mark.parametrize("extra", [[], ["<|im_start|>"]], ids=["pad", "pad_and_chat_token"])
+def test_sentencepiece_folder_with_tokens_added_by_transformers_is_refused(
+    llama_dir, tmp_path, extra
+):
+    ref = transformers.AutoTokenizer.from_pretrained(str(llama_dir))
+    ref.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": extra})
+    ref.save_pretrained(str(tmp_path))
+    (tmp_path / "tokenizer.json").unlink()  # as older slow-tokenizer uploads ship it
+    (tmp_path / "tokenizer.model").write_bytes((llama_dir / "tokenizer.model").read_bytes())
+    assert ref("<pad>").input_ids[-1] == 300  # what transformers would train on
+    with pytest.raises(
+        ValueError, match=r"adds tokens that tokenizer.model does not hold.*save_pretrained"
+    ):
+        load_tokenizer(tmp_path)
