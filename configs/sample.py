@@ -79,6 +79,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.top_p = 0.95
     # Penalise tokens already in the prompt or output (transformers' semantics); 1.0 = off.
     c.repetition_penalty = 1.0
+    # OpenAI's penalties, -2 to 2, 0 = off: a token's logit loses presence_penalty once if
+    # the output holds it, frequency_penalty for every time it does (the prompt not counted).
+    c.presence_penalty = 0.0
+    c.frequency_penalty = 0.0
     # Seed of the sampler: the same seed and prompt give the same output.
     c.seed = 0
     # Token ids that end generation, besides the tokenizer's eos, e.g. "(187,)".

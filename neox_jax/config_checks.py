@@ -95,6 +95,9 @@ def sample(config) -> None:
         at_least(config, field, minimum)
     if not 0.0 < config.top_p <= 1.0:
         raise UserError(f"--config.top_p={config.top_p!r} must be in (0, 1].")
+    for field in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= config[field] <= 2.0:
+            raise UserError(f"--config.{field}={config[field]!r} must be in [-2, 2] (0 = off).")
     choice(config, "early_stopping", ("false", "true", "never", False, True))
     output_file(config)
 

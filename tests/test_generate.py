@@ -90,6 +90,36 @@ def test_repetition_penalty_matches_transformers(model):
     assert plain[0].token_ids != ours[0].token_ids  # the penalty did something
 
 
+def test_presence_and_frequency_penalties_against_a_naive_loop(model):
+    """transformers has no presence / frequency penalty: the reference is its model in a
+    plain greedy loop (whole sequence each step) with OpenAI's rule applied by hand to
+    the last logits, counting only generated tokens. Rows of one batch differ in their
+    penalties (negative ones too), and the batch's neutral row is plain greedy."""
+    ref, config, params, _ = model
+    prompts = _prompts(config.vocab_size, (9, 4, 6), seed=7)
+    knobs = [(0.6, 0.9), (-1.5, 0.0), (0.0, 0.0)]  # (presence, frequency) per row
+    samplings = [
+        SamplingParams(max_new_tokens=14, presence_penalty=p, frequency_penalty=f, ignore_eos=True)
+        for p, f in knobs
+    ]
+    ours = Generator(config, params).generate(prompts, samplings)
+    for prompt, (presence, frequency), res in zip(prompts, knobs, ours, strict=True):
+        ids, out = list(prompt), []
+        for _ in range(14):
+            with torch.no_grad():
+                logits = ref(torch.tensor([ids])).logits[0, -1].double()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=len(logits))
+            logits -= frequency * counts + presence * (counts > 0)
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+        assert res.token_ids == out
+    plain = Generator(config, params).generate(
+        prompts[:2], SamplingParams(max_new_tokens=14, ignore_eos=True)
+    )
+    # the penalties did something
+    assert all(p.token_ids != r.token_ids for p, r in zip(plain, ours, strict=False))
+
+
 @pytest.mark.parametrize(
     "length_penalty,early_stopping", [(1.0, False), (2.0, True), (-0.5, "never")]
 )
@@ -278,6 +308,10 @@ def test_max_cache_len_and_truncation(model):
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, temperature=0.7), "beam search"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\]"),
+        (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+        (dict(num_beams=2, presence_penalty=0.5), "beam search"),
         (dict(early_stopping="sometimes"), "early_stopping"),
         (dict(stop_strings=[""]), "stop_strings"),
     ],

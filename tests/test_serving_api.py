@@ -21,6 +21,7 @@ from helpers.serving import Server
 
 from neox_jax.convert import load_hf
 from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.finetune.chat import encode_chat
 from neox_jax.inference import Generator, SamplingParams
 
 openai = pytest.importorskip("openai")
@@ -107,8 +108,6 @@ def test_chat_stream_and_stop(server, client, generator):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     kw = dict(model=server.name, messages=messages, max_tokens=12, temperature=0)
     whole = client.chat.completions.create(**kw)
-    from neox_jax.finetune.chat import encode_chat
-
     ids = encode_chat(messages, generator.tokenizer)
     ref = generator.generate([ids], SamplingParams(max_new_tokens=12))[0]
     assert whole.choices[0].message.content == ref.text
@@ -141,6 +140,27 @@ def test_chat_with_tools_on_the_real_engine(server, client, generator):
     named = {"type": "function", "function": {"name": "f"}}  # forced, but in no format
     with pytest.raises(openai.BadRequestError, match="no tool-call format"):
         client.chat.completions.create(**kw, tools=[tool], tool_choice=named)
+
+
+def test_presence_and_frequency_penalties_equal_generator(server, client, generator):
+    """The openai client's presence_penalty / frequency_penalty: greedy, the same tokens
+    as ``Generator.generate`` with those SamplingParams (for completions and chat)."""
+    kw = dict(presence_penalty=1.5, frequency_penalty=-0.5)
+    want = generator.generate(["hello"], SamplingParams(max_new_tokens=12, ignore_eos=True, **kw))
+    got = client.completions.create(
+        model=server.name, prompt="hello", max_tokens=12, temperature=0,
+        extra_body={"ignore_eos": True}, **kw,
+    )  # fmt: skip
+    assert got.choices[0].text == want[0].text
+    plain = generator.generate(["hello"], SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert plain[0].text != want[0].text  # the penalties did something
+    messages = [{"role": "user", "content": "hi"}]
+    ids = encode_chat(messages, generator.tokenizer)
+    want = generator.generate([ids], SamplingParams(max_new_tokens=8, frequency_penalty=2.0))
+    chat = client.chat.completions.create(
+        model=server.name, messages=messages, max_tokens=8, temperature=0, frequency_penalty=2
+    )
+    assert chat.choices[0].message.content == want[0].text
 
 
 def test_logprobs_and_echo(server, client):
@@ -198,7 +218,9 @@ BAD = [
     ({"model": "{m}", "prompt": "x", "stop": [str(i) for i in range(33)]}, 400, "stop"),
     # fields that would change the output and are not implemented: refused, not ignored
     ({"model": "{m}", "prompt": "x", "logit_bias": {"5": 10}}, 400, "logit_bias"),
-    ({"model": "{m}", "prompt": "x", "presence_penalty": 0.5}, 400, "repetition_penalty"),
+    ({"model": "{m}", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty must"),
+    ({"model": "{m}", "prompt": "x", "frequency_penalty": -3}, 400, "frequency_penalty must"),
+    ({"model": "{m}", "prompt": "x", "stream_options": {}}, 400, "only allowed when stream"),
     ({"model": "{m}", "prompt": "x", "response_format": {"type": "json_object"}}, 400, "format"),
     ({"model": "{m}", "prompt": "x", "max_tokens": 4, "min_tokens": 2}, 400, "ignore_eos"),
 ]

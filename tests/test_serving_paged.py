@@ -173,7 +173,8 @@ def test_paged_config_errors(model):
 
 def test_out_of_pages_is_429_over_http_not_a_crash(model, engine):
     """Runs last (stops the module's engine). More concurrent requests than pages and
-    queue hold: the surplus gets OpenAI-style 429 JSON, the rest complete, no page leaks."""
+    queue hold: the surplus gets OpenAI-style 429 JSON and a Retry-After header, the rest
+    complete, no page leaks."""
     uvicorn = pytest.importorskip("uvicorn")
     from neox_jax.serving.api import create_app
 
@@ -195,7 +196,7 @@ def test_out_of_pages_is_429_over_http_not_a_crash(model, engine):
             "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
         )
         reply = conn.getresponse()
-        return reply.status, json.loads(reply.read())
+        return reply.status, json.loads(reply.read()), reply.getheader("Retry-After")
 
     try:
         with ThreadPoolExecutor(16) as pool:
@@ -203,11 +204,12 @@ def test_out_of_pages_is_429_over_http_not_a_crash(model, engine):
     finally:
         server.should_exit = True
         thread.join(60)
-    codes = [c for c, _ in replies]
+    codes = [c for c, _, _ in replies]
     assert set(codes) == {200, 429}, codes
-    for code, body in replies:
-        if code == 429:
-            assert "retry later" in body["error"]["message"]
+    for code, body, retry_after in replies:
+        if code == 429:  # with the wait in whole seconds that the openai client honours
+            assert "retry later" in body["error"]["message"] and retry_after == "1"
         else:
+            assert retry_after is None
             assert body["usage"]["completion_tokens"] == 30
     _assert_no_leak(engine)

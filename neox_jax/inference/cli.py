@@ -43,6 +43,8 @@ def sampling_params(config) -> SamplingParams:
         top_k=config.top_k,
         top_p=config.top_p,
         repetition_penalty=config.repetition_penalty,
+        presence_penalty=config.presence_penalty,
+        frequency_penalty=config.frequency_penalty,
         seed=config.seed,
         stop_token_ids=tuple(config.stop_token_ids),
         stop_strings=tuple(config.stop_strings),

@@ -94,7 +94,7 @@ def id_table(rows: Sequence[Sequence[int]], multiple: int = 4) -> np.ndarray:
 class Controls:
     """Per-row knobs of a batch (traced ``[B]`` arrays, so changing them never compiles).
 
-    knobs: ``sampling.row_arrays`` (temperature, top_k, top_p, repetition_penalty).
+    knobs: ``sampling.row_arrays`` (temperature, top_k, top_p, the penalties, ...).
     max_new: ``[B]`` tokens to generate at most. eos_ids / stop_ids: ``[B, n]`` tables
     (-1 padded) of ids that end a row with reason EOS / STOP.
     """
@@ -115,7 +115,8 @@ class DecodeState:
     finish: ``[B]`` RUNNING or the reason the row ended. lengths: ``[B]`` generated
     tokens per row, counting the eos/stop token. keys: ``[B]`` PRNG keys, one stream per
     row (step ``i`` uses ``fold_in(key, i)``). seen: ``[B, V]`` bool tokens in prompt or
-    output (only with a repetition penalty; else None).
+    output (only with a repetition penalty; else None). counts: ``[B, V]`` int32 times
+    each token was generated (only with presence / frequency penalties; else None).
     """
 
     cache: dict[str, Array]
@@ -127,6 +128,7 @@ class DecodeState:
     lengths: Array
     keys: Array
     seen: Array | None = None
+    counts: Array | None = None
 
 
 def prompt_positions(mask: Array) -> Array:
@@ -143,7 +145,9 @@ def seen_tokens(ids: Array, mask: Array, vocab_size: int) -> Array:
     return seen.at[jnp.arange(batch)[:, None], cols].set(True)[:, :vocab_size]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "cache_len", "track_seen", "pipeline"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "cache_len", "track_seen", "track_counts", "pipeline")
+)
 def prefill(
     config,
     params,
@@ -153,6 +157,7 @@ def prefill(
     *,
     cache_len: int,
     track_seen: bool = False,
+    track_counts: bool = False,
     pipeline: int = 0,
 ):
     """Write all but the last prompt token into a fresh cache; returns a ``DecodeState``.
@@ -165,6 +170,8 @@ def prefill(
       keys: ``[B]`` PRNG keys.
       cache_len: cache slots ``S`` (static); up to ``S - P + 1`` tokens can be generated.
       track_seen: keep the ``[B, V]`` seen-token table (repetition penalty).
+      track_counts: keep the ``[B, V]`` generated-token counts (presence / frequency
+        penalties).
       pipeline: 0, or the microbatches of a pipeline over the mesh's ``stage`` axis
         (``step.forward``; stacked params and cache).
 
@@ -197,6 +204,7 @@ def prefill(
         lengths=zeros,
         keys=keys,
         seen=seen,
+        counts=jnp.zeros((batch, config.vocab_size), jnp.int32) if track_counts else None,
     )
 
 
@@ -250,12 +258,14 @@ def decode(
             pipeline=pipeline,
         )  # fmt: skip
         keys = None if mode.greedy else jax.vmap(jax.random.fold_in, (0, None))(s.keys, s.step)
-        tok = next_tokens(logits, controls.knobs, mode, keys, s.seen)  # [B]
+        tok = next_tokens(logits, controls.knobs, mode, keys, s.seen, s.counts)  # [B]
         running = s.finish == RUNNING
         tok = jnp.where(running, tok, 0)
-        seen = s.seen
+        seen, counts = s.seen, s.counts
         if seen is not None:
             seen = seen.at[rows, tok].set(seen[rows, tok] | running)
+        if counts is not None:
+            counts = counts.at[rows, tok].add(running.astype(jnp.int32))
         return s.replace(
             cache=cache,
             tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
@@ -265,6 +275,7 @@ def decode(
             finish=jnp.where(running, _finish_reason(tok, s.step, controls), s.finish),
             lengths=jnp.where(running, s.step + 1, s.lengths),
             seen=seen,
+            counts=counts,
         )
 
     return jax.lax.while_loop(cond, body, state)
@@ -418,7 +429,8 @@ def generate_tokens(
     controls, mode = make_controls(rows, eos_token_ids, vocab_limit)
     state = prefill(
         config, params, ids, mask, keys,
-        cache_len=cache_len, track_seen=mode.repetition_penalty, pipeline=pipeline,
+        cache_len=cache_len, track_seen=mode.repetition_penalty,
+        track_counts=mode.presence_frequency, pipeline=pipeline,
     )  # fmt: skip
     state = decode(
         config, params, state, controls, jnp.int32(max_new), mode=mode, pipeline=pipeline

@@ -252,6 +252,7 @@ class Generator:
         state = self._prefill(
             self.config, weights, ids, mask, keys,
             cache_len=cache_len, track_seen=mode.repetition_penalty,
+            track_counts=mode.presence_frequency,
         )  # fmt: skip
         if not any(p.stop_strings for p in params):
             state = self._decode(self.config, weights, state, controls, max_new, mode=mode)
@@ -369,6 +370,7 @@ class Generator:
         state = self._prefill(
             self.config, weights, tok, mask, gen.row_keys([p.seed]),
             cache_len=cache_len, track_seen=mode.repetition_penalty,
+            track_counts=mode.presence_frequency,
         )  # fmt: skip
         tracker, until = TextTracker(self.tokenizer, p.stop_strings), 0
         while True:

@@ -3,12 +3,15 @@
 Every function here works on a batch of logits ``[B, V]`` (fp32) and takes its knobs
 as arrays broadcastable to ``[B]``, so one compiled decode loop serves any
 temperature, top-k, top-p, penalty or seed (and rows of a batch may differ). A knob
-at its neutral value (temperature 1, top_k 0, top_p 1, penalty 1) leaves the logits
-unchanged. Which processors run at all is decided once per compile from
-``SamplingParams`` (see ``SamplingMode``): greedy decoding never sorts the vocabulary.
+at its neutral value (temperature 1, top_k 0, top_p 1, repetition penalty 1, presence
+and frequency penalties 0) leaves the logits unchanged. Which processors run at all is
+decided once per compile from ``SamplingParams`` (see ``SamplingMode``): greedy decoding
+never sorts the vocabulary.
 
 The order is transformers' (``GenerationMixin._get_logits_processor``): repetition
-penalty, temperature, top-k, top-p, then a draw from the renormalised distribution.
+penalty, temperature, top-k, top-p, then a draw from the renormalised distribution;
+OpenAI's presence and frequency penalties (which transformers lacks) come right after
+the repetition penalty, where vLLM applies them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class SamplingParams:
         probability reaches ``top_p``; 1.0 = off.
       repetition_penalty: transformers' CTRL penalty on tokens already in the prompt or
         the output: positive logits are divided by it, negative ones multiplied; 1.0 = off.
+      presence_penalty: OpenAI's: subtracted from the logit of every token the output
+        (not the prompt) already holds; in [-2, 2], 0 = off.
+      frequency_penalty: OpenAI's: subtracted from a token's logit once per time the
+        output already holds it; in [-2, 2], 0 = off.
       seed: seeds the sampler; the same request with the same seed gives the same output.
       stop_token_ids: token ids that end generation (finish_reason "stop"), besides eos.
       stop_strings: strings that end generation (finish_reason "stop"); the text is cut
@@ -60,6 +67,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
@@ -88,6 +97,8 @@ class SamplingParams:
         _check_float("temperature", self.temperature, lambda x: x >= 0, ">= 0 (0 = greedy)")
         _check_float("top_p", self.top_p, lambda x: 0 < x <= 1, "in (0, 1] (1 = off)")
         _check_float("repetition_penalty", self.repetition_penalty, lambda x: x > 0, "> 0")
+        for name in ("presence_penalty", "frequency_penalty"):  # OpenAI's range
+            _check_float(name, getattr(self, name), lambda x: -2 <= x <= 2, "in [-2, 2] (0 = off)")
         _check_float("length_penalty", self.length_penalty, lambda x: True, "a number")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids entry", t, 0)
@@ -102,6 +113,12 @@ class SamplingParams:
             raise ValueError(
                 "beam search (num_beams > 1) is deterministic: set temperature=0, top_k=0 and "
                 "top_p=1.0, or use num_beams=1 to sample."
+            )
+        if self.num_beams > 1 and (self.presence_penalty or self.frequency_penalty):
+            raise ValueError(
+                "beam search (num_beams > 1) does not apply presence_penalty or "
+                "frequency_penalty: set them to 0 (repetition_penalty works with beams), or "
+                "use num_beams=1."
             )
 
     def replace(self, **changes) -> SamplingParams:
@@ -140,6 +157,7 @@ class SamplingMode:
     top_k: bool
     top_p: bool
     repetition_penalty: bool
+    presence_frequency: bool = False  # OpenAI's presence / frequency penalties
 
     @classmethod
     def of(cls, params: Sequence[SamplingParams]) -> SamplingMode:
@@ -149,6 +167,7 @@ class SamplingMode:
             top_k=not greedy and any(p.top_k > 0 for p in params),
             top_p=not greedy and any(p.top_p < 1 for p in params),
             repetition_penalty=any(p.repetition_penalty != 1 for p in params),
+            presence_frequency=any(p.presence_penalty or p.frequency_penalty for p in params),
         )
 
 
@@ -171,6 +190,8 @@ def row_arrays(
         "top_k": np.array([p.top_k for p in params], np.int32),
         "top_p": np.array([p.top_p for p in params], np.float32),
         "repetition_penalty": np.array([p.repetition_penalty for p in params], np.float32),
+        "presence_penalty": np.array([p.presence_penalty for p in params], np.float32),
+        "frequency_penalty": np.array([p.frequency_penalty for p in params], np.float32),
         "vocab_limit": np.full((len(params),), limit, np.int32),
     }
 
@@ -197,6 +218,24 @@ def apply_repetition_penalty(logits: Array, seen: Array, penalty) -> Array:
     penalty = _col(penalty, logits)
     penalised = jnp.where(logits > 0, logits / penalty, logits * penalty)
     return jnp.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(logits: Array, counts: Array, presence, frequency) -> Array:
+    """OpenAI's presence and frequency penalties, as vLLM applies them.
+
+    Args:
+      logits: ``[B, V]``.
+      counts: ``[B, V]`` int, how many times each token occurs in the tokens generated
+        so far (the prompt does not count).
+      presence: scalar or ``[B]``, subtracted once from every token with ``counts > 0``.
+      frequency: scalar or ``[B]``, subtracted ``counts`` times.
+
+    Returns:
+      ``[B, V]`` ``logits - frequency * counts - presence * (counts > 0)``, the two
+      subtractions in that order (vLLM's); both 0 leave the logits exactly unchanged.
+    """
+    logits = logits - _col(frequency, logits) * counts.astype(logits.dtype)
+    return logits - _col(presence, logits) * (counts > 0).astype(logits.dtype)
 
 
 def mask_vocab(logits: Array, limit) -> Array:
@@ -270,15 +309,21 @@ def top_p_mask(logits: Array, p, sorted_desc: Array | None = None) -> Array:
 
 
 def process_logits(
-    logits: Array, knobs: dict[str, Array], mode: SamplingMode, seen: Array | None = None
+    logits: Array,
+    knobs: dict[str, Array],
+    mode: SamplingMode,
+    seen: Array | None = None,
+    counts: Array | None = None,
 ) -> Array:
-    """Repetition penalty, temperature, top-k, top-p, in transformers' order.
+    """Repetition, presence and frequency penalties, temperature, top-k, top-p.
 
     Args:
       logits: ``[B, V]`` fp32.
       knobs: ``row_arrays`` entries (scalars or ``[B]``).
       mode: which processors to apply.
       seen: ``[B, V]`` bool, required when ``mode.repetition_penalty``.
+      counts: ``[B, V]`` int generated-token counts, required when
+        ``mode.presence_frequency``.
 
     Returns:
       ``[B, V]`` processed logits (-inf where excluded).
@@ -288,6 +333,10 @@ def process_logits(
         logits = mask_vocab(logits, knobs["vocab_limit"])
     if mode.repetition_penalty:
         logits = apply_repetition_penalty(logits, seen, knobs["repetition_penalty"])
+    if mode.presence_frequency:
+        logits = apply_presence_frequency(
+            logits, counts, knobs["presence_penalty"], knobs["frequency_penalty"]
+        )
     if mode.greedy:
         return logits
     logits = apply_temperature(logits, knobs["temperature"])
@@ -343,9 +392,10 @@ def next_tokens(
     mode: SamplingMode,
     keys: Array | None = None,
     seen: Array | None = None,
+    counts: Array | None = None,
 ) -> Array:
     """``process_logits`` then ``sample_tokens`` (argmax when ``mode.greedy``): ``[B]`` ids."""
-    logits = process_logits(logits, knobs, mode, seen)
+    logits = process_logits(logits, knobs, mode, seen, counts)
     if mode.greedy:
         return greedy_tokens(logits)
     return sample_tokens(logits, keys, knobs["temperature"])

@@ -74,7 +74,7 @@ def create_app(
     # ---------------------------------------------------------------- errors
     @app.exception_handler(APIError)
     async def _api_error(_, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(http: Request, e: RequestValidationError):

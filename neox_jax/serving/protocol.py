@@ -21,14 +21,16 @@ from neox_jax.inference.sampling import SamplingParams
 # task's whole ``until`` list plus the eos text (often more than 4). They are matched on
 # the host, so the bound only keeps one request's per-token search small.
 MAX_STOP_STRINGS = 32
+# Seconds a 429 (queue full) or 503 (shutting down) tells the client to wait before it
+# retries (the ``Retry-After`` header, which the openai client honours up to 60 s): the
+# queue drains as slots free, within a few decode steps.
+RETRY_AFTER_S = 1
 
 # Fields of OpenAI's or vLLM's requests that change what is generated and that this
 # server does not implement: accepted at their neutral values (what a client sends when
 # it does not use them), else a 400 naming the field, never silently ignored.
 # name -> (neutral values, what to do instead)
 UNSERVED = {
-    "presence_penalty": ((None, 0), "use repetition_penalty"),
-    "frequency_penalty": ((None, 0), "use repetition_penalty"),
     "logit_bias": ((None, {}), "remove it"),
     "response_format": ((None, {"type": "text"}), "describe the format in the prompt"),
     "min_p": ((None, 0), "use top_p or top_k"),
@@ -54,6 +56,11 @@ class APIError(Exception):
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        """``Retry-After`` on back-pressure answers (429, 503), as OpenAI and vLLM send."""
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status in (429, 503) else None
 
     @property
     def type(self) -> str:
@@ -104,13 +111,13 @@ class _Sampling(BaseModel):
     # vLLM's extra sampling fields
     top_k: int | None = None
     repetition_penalty: float | None = None
+    presence_penalty: float | None = None  # OpenAI's, in [-2, 2]
+    frequency_penalty: float | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     min_tokens: int = 0  # served only where nothing could end a request earlier
     user: str | None = None
     # UNSERVED: accepted at their neutral values only (checked in ``sampling``)
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     logit_bias: Any = None
     response_format: Any = None
     min_p: Any = None
@@ -146,6 +153,16 @@ class _Sampling(BaseModel):
             raise bad(
                 f"repetition_penalty must be in (0, 10], got {penalty}.", "repetition_penalty"
             )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if value is not None and not -2 <= value <= 2:
+                raise bad(f"{name} must be between -2.0 and 2.0, got {value}.", name)
+        if self.stream_options is not None and not self.stream:
+            raise bad(
+                "stream_options is only allowed when stream is true: set stream=true or "
+                "remove stream_options.",
+                "stream_options",
+            )
         for name, (neutral, instead) in self.unserved.items():
             value = getattr(self, name)
             if value not in neutral:
@@ -175,6 +192,8 @@ class _Sampling(BaseModel):
                 top_k=max(0, top_k),
                 top_p=float(top_p),
                 repetition_penalty=float(penalty),
+                presence_penalty=float(self.presence_penalty or 0),
+                frequency_penalty=float(self.frequency_penalty or 0),
                 seed=seed,
                 stop_token_ids=tuple(self.stop_token_ids or ()),
                 stop_strings=tuple(stops),

@@ -7,8 +7,8 @@ programs over them (the JetStream shape).
     generate(params, state) -> state, StepOutput  every running slot advances one token
 
 A slot owns row ``slot`` of every cache buffer (``[N, KV, S, D]`` per layer), its own
-write index, rotary position, step counter, PRNG key, seen-token row and sampling
-knobs. Nothing about a request is static: prompt lengths share their bucket's
+write index, rotary position, step counter, PRNG key, seen-token and generated-count
+rows and sampling knobs. Nothing about a request is static: prompt lengths share their bucket's
 compiled prefill, and every ``SamplingParams`` knob is a traced ``[N]`` array, so a new
 request never compiles. Two ``SamplingMode``s exist (all-greedy and full sampling); the
 scheduler picks per step, and both are compiled at start-up.
@@ -54,11 +54,12 @@ Array = jax.Array
 
 FREE = -1  # finish code of an empty slot (never RUNNING, so generate skips it)
 SKIPPED = -2  # StepOutput.finish at a step that a call ended before (see generate)
-# The two processor sets every request is served by. The repetition penalty is always
-# compiled in: at 1.0 it is exactly neutral (x / 1 and x * 1 are exact), so greedy rows
-# get the argmax of the raw logits, as ``Generator``'s greedy loop does.
-GREEDY = SamplingMode(greedy=True, top_k=False, top_p=False, repetition_penalty=True)
-SAMPLE = SamplingMode(greedy=False, top_k=True, top_p=True, repetition_penalty=True)
+# The two processor sets every request is served by. The penalties are always compiled
+# in: at their neutral values they are exact no-ops (x / 1, x * 1 and x - 0 are exact),
+# so greedy rows get the argmax of the raw logits, as ``Generator``'s greedy loop does.
+_PENALTIES = dict(repetition_penalty=True, presence_frequency=True)
+GREEDY = SamplingMode(greedy=True, top_k=False, top_p=False, **_PENALTIES)
+SAMPLE = SamplingMode(greedy=False, top_k=True, top_p=True, **_PENALTIES)
 
 
 @flax.struct.dataclass
@@ -84,7 +85,8 @@ class SlotState:
     each slot feeds next and its rotary position. steps: ``[N]`` tokens generated.
     finish: ``[N]`` RUNNING, FREE, or the reason the request ended. keys: ``[N]`` PRNG
     keys (step ``i`` draws with ``fold_in(key, i)``, as ``inference.generate.decode``).
-    seen: ``[N, V]`` tokens in prompt or output (repetition penalty). controls: the
+    seen: ``[N, V]`` tokens in prompt or output (repetition penalty). counts: ``[N, V]``
+    int32 times each token was generated (presence / frequency penalties). controls: the
     per-slot knobs, limits and eos / stop id tables. scratch (static): the last this many
     cache columns hold no request's tokens; a decode call of up to this many steps
     writes its new keys/values there first (``slot_forward``).
@@ -97,6 +99,7 @@ class SlotState:
     finish: Array
     keys: Array
     seen: Array
+    counts: Array
     controls: Controls
     scratch: int = flax.struct.field(pytree_node=False, default=1)
 
@@ -151,6 +154,7 @@ def init_state(
         finish=jnp.full((slots,), FREE, jnp.int32),
         keys=jax.random.split(jax.random.key(0), slots),
         seen=jnp.zeros((slots, config.vocab_size), jnp.bool_),
+        counts=jnp.zeros((slots, config.vocab_size), jnp.int32),
         controls=controls,
         scratch=steps,
     )
@@ -200,7 +204,8 @@ def insert(
 
 
 def _activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_ids, key):
-    """``slot`` starts RUNNING at step 0, feeding ``last`` at ``position`` next."""
+    """``slot`` starts RUNNING at step 0, feeding ``last`` at ``position`` next, with no
+    generated tokens counted (the row may hold a finished request's counts)."""
     c = state.controls
     controls = Controls(
         knobs={name: c.knobs[name].at[slot].set(knobs[name]) for name in c.knobs},
@@ -217,6 +222,7 @@ def _activate(state, slot, last, position, seen, knobs, max_new, eos_ids, stop_i
         finish=state.finish.at[slot].set(RUNNING),
         keys=state.keys.at[slot].set(key),
         seen=state.seen.at[slot].set(seen),
+        counts=state.counts.at[slot].set(0),
         controls=controls,
     )
 
@@ -461,7 +467,7 @@ def _one_step(
     if not mode.greedy:
         keys = jax.vmap(jax.random.fold_in)(state.keys, state.steps)
     c = state.controls
-    tok = next_tokens(logits, c.knobs, mode, keys, state.seen)
+    tok = next_tokens(logits, c.knobs, mode, keys, state.seen, state.counts)
     tok = jnp.where(running, tok, 0)
     if num_logprobs:
         logprobs = jax.nn.log_softmax(logits, axis=-1)
@@ -479,6 +485,7 @@ def _one_step(
         steps=jnp.where(running, state.steps + 1, state.steps),
         finish=finish,
         seen=state.seen.at[rows, tok].set(state.seen[rows, tok] | running),
+        counts=state.counts.at[rows, tok].add(running.astype(jnp.int32)),
     )
     out = StepOutput(
         tokens=tok,
