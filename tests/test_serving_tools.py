@@ -167,6 +167,33 @@ def test_tool_choice_none_and_malformed_calls(served, tok):
         list(stream)
 
 
+def test_parallel_tool_calls_false_returns_the_first_call(served):
+    """A reply with two calls: both by default; with ``parallel_tool_calls=False`` only
+    the first (vLLM's rule), plain and streamed."""
+    if served.family == "qwen":
+        two = _call_text("qwen") + "\n" + _call_text("qwen", '{"city": "Oslo"}')
+    else:
+        two = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, ' \
+              '{"name": "get_weather", "arguments": {"city": "Oslo"}}]'  # fmt: skip
+    kw = dict(model="m", messages=CONVERSATION[1:2], tools=TOOLS)
+
+    def cities(calls):
+        return [json.loads(c.function.arguments)["city"] for c in calls]
+
+    served.engine.replies = [two, two]
+    assert cities(served.client.chat.completions.create(**kw).choices[0].message.tool_calls) == [
+        "Paris", "Oslo"
+    ]  # fmt: skip
+    one = served.client.chat.completions.create(**kw, parallel_tool_calls=False).choices[0]
+    assert cities(one.message.tool_calls) == ["Paris"] and one.finish_reason == "tool_calls"
+    served.engine.replies = [two]
+    chunks = list(served.client.chat.completions.create(**kw, parallel_tool_calls=False,
+                                                        stream=True))  # fmt: skip
+    assert cities(d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()) == [
+        "Paris"
+    ]  # fmt: skip
+
+
 # The start of a call each family's template teaches (helpers/tool_templates.py), as
 # OpenAI's forced tool_choice must make the model write it: "required" forces the marker,
 # a named function the call up to its arguments.

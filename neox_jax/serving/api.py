@@ -250,9 +250,17 @@ def create_app(
     async def completions(body: CompletionRequest, http: Request):
         check_model(body.model)
         if body.suffix:
-            raise bad("suffix is not supported.", "suffix")
+            raise bad(
+                "suffix (text after the insertion point) is not supported: this server only "
+                "continues the prompt; remove suffix.",
+                "suffix",
+            )
         if body.best_of not in (None, body.n):
-            raise bad("best_of must equal n (or be omitted).", "best_of")
+            raise bad(
+                f"best_of={body.best_of} is not supported: this server does not rank extra "
+                "candidates; ask for n choices (best_of may only equal n).",
+                "best_of",
+            )
         k = body.logprobs or 0
         if not 0 <= k <= engine.max_logprobs:
             raise bad(

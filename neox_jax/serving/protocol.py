@@ -45,6 +45,12 @@ CHAT_UNSERVED = {
     "add_generation_prompt": ((None, True), "end the messages with a user turn"),
     "continue_final_message": ((None, False), "end the messages with a user turn"),
     "echo": ((None, False), "prepend the last message yourself"),
+    # OpenAI's deprecated function calling: the functions would not reach the model
+    "functions": ((None, []), "send them as tools (OpenAI's current form)"),
+    "function_call": ((None, "none", "auto"), "use tools and tool_choice"),
+    "audio": ((None,), "this server's models write text only"),
+    "modalities": ((None, ["text"]), "this server's models write text only"),
+    "web_search_options": ((None,), "this server cannot search the web"),
 }
 
 
@@ -166,7 +172,8 @@ class _Sampling(BaseModel):
         for name, (neutral, instead) in self.unserved.items():
             value = getattr(self, name)
             if value not in neutral:
-                raise bad(f"{name}={value!r} is not supported by this server; {instead}.", name)
+                shown = repr(value) if len(repr(value)) <= 60 else type(value).__name__
+                raise bad(f"{name}={shown} is not supported by this server; {instead}.", name)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise bad(f"stop must be up to {MAX_STOP_STRINGS} non-empty strings.", "stop")
@@ -292,6 +299,11 @@ class ChatRequest(_Sampling):
     add_generation_prompt: Any = None
     continue_final_message: Any = None
     echo: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    web_search_options: Any = None
 
 
 def validation_message(

@@ -20,6 +20,8 @@
   returned as prose the client would mistake for an answer.
 * Streaming: prose is streamed as it comes; a call is held back from its marker on and
   sent, parsed, as one ``delta.tool_calls`` chunk before the finish chunk.
+* ``parallel_tool_calls: false``: only the first call of a reply comes back (vLLM's
+  rule; the model is not stopped after it).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class ToolSetup:
     forced: bool = False  # tool_choice "required" or named: a call must come back
     name: str | None = None  # the named function
     prefix: str = ""  # the start of a call, forced into the generation
+    single: bool = False  # parallel_tool_calls false: the first call only
 
     def prompt(self, ids: list[int], tokenizer) -> list[int]:
         """The prompt ids with the forced start of a call (if any) after them."""
@@ -59,29 +62,30 @@ class ToolSetup:
             raise invalid(e) from None
         if not parsed.tool_calls:
             return {"role": "assistant", "content": text}, reason
-        message = {"role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls}
-        return message, "tool_calls"
+        calls = parsed.tool_calls[:1] if self.single else parsed.tool_calls
+        return {"role": "assistant", "content": parsed.content, "tool_calls": calls}, "tool_calls"
 
     def splitter(self) -> tc.StreamSplitter | None:
         if self.fmt is None:
             return None
-        split = _ForcedSplitter(self.fmt, self.names) if self.forced else None
-        split = split or tc.StreamSplitter(self.fmt, self.names)
+        split = _Splitter(self.fmt, self.names)
+        split.setup = self
         if self.prefix:
-            split.name = self.name
             split.feed(self.prefix)  # held back: it starts with the call marker
         return split
 
 
-class _ForcedSplitter(tc.StreamSplitter):
-    """A splitter whose ``finish`` also checks the forced tool choice."""
+class _Splitter(tc.StreamSplitter):
+    """A splitter whose ``finish`` also checks a forced tool choice and keeps only the
+    first call where ``parallel_tool_calls`` is false (``setup``: the request's)."""
 
-    name: str | None = None
+    setup: ToolSetup
 
     def finish(self) -> tuple[str, list[dict]]:
         tail, calls = super().finish()
-        tc.check_forced(calls, self.name, self.text)
-        return tail, calls
+        if self.setup.forced:
+            tc.check_forced(calls, self.setup.name, self.text)
+        return tail, calls[:1] if self.setup.single else calls
 
 
 def invalid(e: tc.ToolCallError) -> APIError:
@@ -124,7 +128,7 @@ def setup(body: ChatRequest, template: str | None, format_setting: str) -> ToolS
             "tool_choice",
         )
     prefix = tc.forced_prefix(fmt, name, template) if forced else ""
-    return ToolSetup(tools, fmt, names, forced, name, prefix)
+    return ToolSetup(tools, fmt, names, forced, name, prefix, body.parallel_tool_calls is False)
 
 
 def _named(choice) -> str | None:
