@@ -87,7 +87,8 @@ def _compare(folder, texts):
     ref = transformers.AutoTokenizer.from_pretrained(str(folder))
     tok = load_tokenizer(folder)
     assert tok.vocab_size == len(ref)
-    assert (tok.eos_id, tok.pad_id) == (ref.eos_token_id, ref.pad_token_id)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)  # fmt: skip
     for text in texts:
         ids = ref(text).input_ids
         assert tok.encode(text, add_special_tokens=True) == ids, text
@@ -109,7 +110,8 @@ def test_added_tokens_past_the_bpe_vocabulary(tmp_path, gap):
              ("<think>", False)]  # fmt: skip
     spec["added_tokens"] = [_added(base + i, c, s) for i, (c, s) in enumerate(names)]
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
-    config = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    # Qwen's tokenizer_config.json: no bos (null), though <|endoftext|> exists.
+    config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     tok, ref = _compare(tmp_path, CHAT_TEXTS)
     assert tok.token_to_id("<|im_end|>") == ref.convert_tokens_to_ids("<|im_end|>")

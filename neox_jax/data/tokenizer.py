@@ -66,7 +66,8 @@ class Tokenizer(abc.ABC):
     `eos_id`, `bos_id`, `pad_id` (int or None) come from `special_tokens_map.json` or
     `tokenizer_config.json` beside the file when they name them (`eos_token`, ...: a string or
     a dict with "content"; the map wins, as in transformers), else from the backend's own
-    declarations, else from the well-known strings in `_CANDIDATES`.
+    declarations, else from the well-known strings in `_CANDIDATES`; a bos set to null stays
+    None, as transformers reads Qwen's (a null eos or pad still falls back: generation needs it).
 
     `encode(text, add_special_tokens=True)` is what transformers' `tokenizer(text)` gives, the
     encoding of text fed to a model: the special tokens the folder's tokenizer adds around a
@@ -96,6 +97,7 @@ class Tokenizer(abc.ABC):
             for k in _CANDIDATES
             if (v := mapped.get(f"{k}_token") or self._config.get(f"{k}_token"))
         }
+        self._no_bos = "bos_token" in (self._config.keys() | mapped.keys()) - self._named.keys()
         self._special = {k: self._resolve_special(k) for k in _CANDIDATES}
         self.generation = read_generation_config(path.parent)
         self.special_prefix, self.special_suffix = self._input_specials()
@@ -108,6 +110,8 @@ class Tokenizer(abc.ABC):
             if (idx := self.token_to_id(value)) is None:
                 raise ValueError(f"{source}: {kind}_token {value!r} is not in {self.path}")
             return idx
+        if kind == "bos" and self._no_bos:
+            return None
         found = (self._special_token_id(t) for t in _CANDIDATES[kind])
         return next((i for i in (self._declared_special(kind), *found) if i is not None), None)
 
@@ -375,13 +379,11 @@ class SentencePieceTokenizer(Tokenizer):
         # additional special tokens, added_tokens.json) would be split into pieces here.
         config, extra = path.parent / CONFIG_FILE, path.parent / "added_tokens.json"
         config = read_json(config) if config.is_file() else {}
-        declared = config.get("added_tokens_decoder") or {}
-        names = [e.get("content") for e in declared.values() if isinstance(e, dict)]
         tokens = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")]
-        for key in ("extra_special_tokens", "additional_special_tokens"):
-            more = config.get(key) or []  # a list, or (transformers 5) a dict of names
+        for key in ("added_tokens_decoder", "extra_special_tokens", "additional_special_tokens"):
+            more = config.get(key) or []  # a list, or a dict (by id or, transformers 5, name)
             tokens += list(more.values() if isinstance(more, dict) else more)
-        names += [t.get("content") if isinstance(t, dict) else t for t in tokens]
+        names = [t.get("content") if isinstance(t, dict) else t for t in tokens]
         names += list(read_json(extra)) if extra.is_file() else []
         if missing := [n for n in names if isinstance(n, str) and self.token_to_id(n) is None]:
             raise ValueError(
