@@ -45,8 +45,9 @@ def get_config(arg: str = "sft-lora") -> ml_collections.ConfigDict:
     c.unlock()
 
     c.data.source = "sft"  # packed jsonl examples with loss masks (neox_jax.finetune.sft_data)
-    c.data.sft_path = ""  # jsonl: {"prompt", "completion"} or {"messages": [...]}; or
-    #   hf:NAME[:SPLIT], a Hugging Face dataset (Hub id or folder) with those fields
+    c.data.sft_path = ""  # jsonl/json/parquet: {"prompt", "completion"}, {"messages": [...]},
+    #   ShareGPT or Alpaca records (neox_jax/finetune/sft_formats.py); or hf:NAME[:SPLIT], a
+    #   Hugging Face dataset (Hub id, folder or file) with those fields
     c.data.sft_eval_path = ""  # held-out jsonl; else data.eval_fraction of sft_path
     c.data.eval_fraction = 0.05  # examples held out for eval when no sft_eval_path
     c.data.sft_chat_template = ""  # "": the default; or a template / tokenizer_config.json

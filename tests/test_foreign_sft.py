@@ -142,3 +142,23 @@ def test_same_examples_from_a_parquet_dataset(tmp_path, tok):
 def test_unsupported_formats_are_named(tmp_path, tok, record, message):
     with pytest.raises(SFTDataError, match=message):
         _ours(tmp_path, tok, [record])
+
+
+def test_sft_files_as_other_tools_write_them(tmp_path, tok):
+    # Stanford Alpaca's alpaca_data.json is one indented JSON array (here pandas writes it);
+    # ShareGPT dumps come as .jsonl.gz (datasets); parquet without the hf: prefix.
+    import pandas as pd
+
+    pd.DataFrame(ALPACA).to_json(tmp_path / "alpaca_data.json", orient="records", indent=4)
+    datasets.Dataset.from_list([SHAREGPT] * 2).to_json(
+        str(tmp_path / "sharegpt.jsonl.gz"), compression="gzip"
+    )
+    datasets.Dataset.from_list([SHAREGPT] * 2).to_parquet(str(tmp_path / "sharegpt.parquet"))
+    expected = {
+        "alpaca_data.json": _ours(tmp_path, tok, ALPACA),
+        "sharegpt.jsonl.gz": _ours(tmp_path, tok, [SHAREGPT] * 2),
+        "sharegpt.parquet": _ours(tmp_path, tok, [SHAREGPT] * 2),
+    }
+    for name, want in expected.items():
+        got, _ = load_examples(str(tmp_path / name), tok, max_len=1024, chat_template=CHATML)
+        assert [(i.tolist(), m.tolist()) for i, m in got] == want, name

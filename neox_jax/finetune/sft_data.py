@@ -42,6 +42,7 @@ import numpy as np
 
 from neox_jax.data.hf_source import load_hf_dataset
 from neox_jax.data.pretrain_data import SampleSource, permute
+from neox_jax.data.text_files import file_kind, json_records
 from neox_jax.data.tokenizer import load_tokenizer
 from neox_jax.errors import UserError
 from neox_jax.finetune.chat import (
@@ -166,8 +167,9 @@ HF_PREFIX = "hf:"
 
 
 def _records(path: str):
-    """``(line or record number, json line or record)`` of a jsonl file, or of a Hugging
-    Face dataset named ``hf:NAME[:SPLIT]`` (a Hub id or local folder; split "train")."""
+    """``(line or record number, record or JSONDecodeError)`` of a JSON-lines or JSON-array
+    file (compressed too: ``data.text_files``), or of a Hugging Face dataset named
+    ``hf:NAME[:SPLIT]`` (a Hub id, a local folder or file; split "train")."""
     if str(path).startswith(HF_PREFIX):
         name, _, split = str(path)[len(HF_PREFIX) :].partition(":")
         ds = load_hf_dataset(name, split or "train", streaming=True)
@@ -177,11 +179,11 @@ def _records(path: str):
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"SFT data file {path} does not exist.")
+    if file_kind(file) == "parquet":
+        yield from _records(f"{HF_PREFIX}{file}")
+        return
     try:
-        with open(file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    yield lineno, line
+        yield from json_records(file)
     except UnicodeDecodeError as e:
         raise SFTDataError(
             f"SFT data file {path} is not UTF-8 text (byte {e.start}: {e.reason}); convert it "
@@ -228,7 +230,8 @@ def load_examples(
     examples = []
     for lineno, rec in _records(path):
         try:
-            rec = json.loads(rec) if isinstance(rec, str) else rec
+            if isinstance(rec, json.JSONDecodeError):
+                raise rec
             rec = normalize_record(rec)
             _check_record(rec)
             ids, mask = tokenize_record(
