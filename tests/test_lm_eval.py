@@ -107,6 +107,16 @@ def test_generate_until(lm):
         [lm.tok_encode("alpha beta")], SamplingParams(max_new_tokens=6, stop_strings=("\n",))
     )[0]
     assert outputs[0] == direct.text
+    # Penalties in a task's generation_kwargs reach the sampler (as lm-eval's vllm model
+    # passes them), not dropped with a warning.
+    penalties = {"presence_penalty": 2.0, "frequency_penalty": 1.5, "repetition_penalty": 1.3}
+    kwargs = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    (got,) = lm.generate_until(_instances("generate_until", [("gamma", kwargs | penalties)]))
+    plain = SamplingParams(max_new_tokens=8, stop_strings=("\n",))
+    want, plain = lm.generator.generate(
+        [lm.tok_encode("gamma")] * 2, [plain.replace(**penalties), plain]
+    )
+    assert got == want.text != plain.text  # the penalties did something
 
 
 def _write_tasks(directory):

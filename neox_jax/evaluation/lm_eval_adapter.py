@@ -195,7 +195,9 @@ class NeoxLM(TemplateLM):
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         if kwargs.pop("do_sample", None) is False:
             temperature = 0.0
-        extra = {k: kwargs.pop(k) for k in ("top_k", "top_p", "seed") if k in kwargs}
+        knobs = ("top_k", "top_p", "seed", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")  # fmt: skip
+        extra = {k: kwargs.pop(k) for k in knobs if k in kwargs}
         if kwargs:
             log.warning("ignoring unsupported generation arguments %s", sorted(kwargs))
         return SamplingParams(
