@@ -9,6 +9,7 @@ a whole penalty, which changes tokens within a step or two).
 import numpy as np
 import pytest
 from helpers.serving import serving_model
+from test_serving_engine import _cache_sizes
 
 from neox_jax.inference import Generator, SamplingParams
 from neox_jax.serving import Engine
@@ -42,9 +43,12 @@ def _penalised(m, presence, frequency, **kw):
 def test_penalties_in_a_batch_equal_generator_alone(model, reference):
     """Two slots, six requests of mixed penalties (negative too, with a repetition
     penalty, sampled): slots run side by side and are reused, each request equals the
-    ``Generator`` alone; and the penalties change what greedy decoding gives."""
+    ``Generator`` alone, nothing compiles after the warm-up (the knobs are traced), and
+    the penalties change what greedy decoding gives."""
     config, params, tok = model
     eng = Engine(config, params, tok, num_slots=2, max_len=64, prefill_buckets=(16,))
+    eng.warmup(progress=lambda _: None)
+    before = _cache_sizes()
     prompts = _prompts(config.vocab_size, (5, 12, 3, 9, 7, 14), seed=1)
     samplings = [
         _penalised(20, 1.5, 0.5),
@@ -55,6 +59,7 @@ def test_penalties_in_a_batch_equal_generator_alone(model, reference):
         _penalised(20, 2.0, 2.0),
     ]
     results = eng.generate(prompts, samplings)
+    assert _cache_sizes() == before
     for p, s, (ids, text, _) in zip(prompts, samplings, results, strict=True):
         ref = reference.generate([p], s)[0]
         assert ids == ref.token_ids, s
