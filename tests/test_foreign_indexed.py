@@ -191,3 +191,24 @@ def test_megatron_multimodal_index_is_refused_by_name(tmp_path):
     w.finalize()
     with pytest.raises(ValueError, match="Megatron-LM multimodal dataset"):
         IndexedDataset(str(tmp_path / "mm"))
+
+
+def test_token_ids_past_the_model_vocabulary_stop_training(tmp_path):
+    # A GPT-NeoX int32 file tokenized for a 100k vocabulary, trained with a 64-token model:
+    # the embedding lookup would clamp the ids silently; the trainer must refuse instead.
+    from helpers.train import tiny_config
+
+    from neox_jax.errors import UserError
+    from neox_jax.training.trainer import train_and_evaluate
+
+    w = NeoxWriter(str(tmp_path / "wide"), np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        w.add_item(rng.integers(0, 64, size=30))
+        w.end_document()
+    w.add_item(np.array([5, 99_999, 7]))  # one document from the wider vocabulary
+    w.end_document()
+    w.finalize()
+    config = tiny_config(str(tmp_path / "wide"), **{"data.eval_fraction": 0.0, "train.steps": 40})
+    with pytest.raises(UserError, match=r"token id 99999, outside the model's vocabulary \[0, 64"):
+        train_and_evaluate(config, tmp_path / "run")

@@ -273,16 +273,29 @@ def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
     return lo, hi
 
 
-def global_batch(source, step: int, mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def global_batch(
+    source, step: int, mesh: jax.sharding.Mesh, vocab_size: int | None = None
+) -> dict[str, jax.Array]:
     """Step ``step``'s batch as global arrays sharded over the batch axes.
 
     Each process reads only the rows its own devices hold (``process_rows``), so hosts
     never load data they do not use, and the rows of a step do not depend on how many
-    hosts there are.
+    hosts there are. With ``vocab_size``, a token id outside ``[0, vocab_size)`` (data
+    tokenized for a larger vocabulary) is an error: the embedding lookup would clamp it.
     """
     rows = source.global_batch_size
     lo, hi = process_rows(mesh, rows)
     local = source.samples(np.arange(step * rows + lo, step * rows + hi, dtype=np.int64))
+    tokens = local["tokens"]
+    if vocab_size and tokens.size and not 0 <= tokens.min() <= tokens.max() < vocab_size:
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        where = getattr(source, "dataset", None)
+        raise UserError(
+            f"step {step}: the data holds token id {int(bad)}, outside the model's vocabulary "
+            f"[0, {vocab_size}){f' ({where.prefix})' if hasattr(where, 'prefix') else ''}: it "
+            "was tokenized for another vocabulary; retokenize it with the model's tokenizer or "
+            "set --config.model.vocab_size to cover it."
+        )
     out = {}
     for key, value in local.items():
         value = np.asarray(value, np.int32)

@@ -211,9 +211,9 @@ def _save_run_files(config, workdir: Path, tokenizer_path: str | None) -> None:
         copy_tokenizer(tokenizer_path, workdir / "tokenizer")
 
 
-def _evaluate(eval_fn, state, source, mesh, batches: int, first: int = 0) -> dict[str, float]:
+def _evaluate(eval_fn, state, source, mesh, batches: int, first: int, vocab: int) -> dict:
     totals = [
-        eval_fn(state.params, state.frozen, data_lib.global_batch(source, i, mesh))
+        eval_fn(state.params, state.frozen, data_lib.global_batch(source, i, mesh, vocab))
         for i in range(first, first + batches)
     ]
     totals = jax.device_get(totals)
@@ -334,13 +334,14 @@ def train_and_evaluate(
         )
 
         final: dict[str, Any] = {"step": start}
+        vocab = model_config.vocab_size  # every batch's token ids are checked against it
         pending: list[dict] = []
         in_flight: collections.deque = collections.deque()
         t_log, step_log = time.time(), start
         with concurrent.futures.ThreadPoolExecutor(1) as pool, _saves_survive(ckpt, writer):
             if start == 0 and 0 in ckpt.extra_steps:  # GPT-NeoX saves step 0 when asked
                 ckpt.save(state, model_config, meta, force=True)
-            nxt = pool.submit(data_lib.global_batch, train_src, start, mesh)
+            nxt = pool.submit(data_lib.global_batch, train_src, start, mesh, vocab)
             for step in range(start, total_steps):
                 if sigterm.interrupted or sigterm.raised or ckpt.reached_preemption(step):
                     _check_finite(pending, step, ckpt, config.train.nonfinite)
@@ -353,7 +354,7 @@ def train_and_evaluate(
                     return final
                 batch = nxt.result()
                 if step + 1 < total_steps:
-                    nxt = pool.submit(data_lib.global_batch, train_src, step + 1, mesh)
+                    nxt = pool.submit(data_lib.global_batch, train_src, step + 1, mesh, vocab)
                 writer.before_step(step, state)  # profiler trace of train.profile_steps
                 state, metrics = step_fn(state, batch)
                 pending.append(metrics)
@@ -388,7 +389,7 @@ def train_and_evaluate(
                     ):
                         first = data_lib.first_eval_batch(eval_src, done, config.train)
                         ev = _evaluate(
-                            eval_fn, state, eval_src, mesh, config.train.eval_batches, first
+                            eval_fn, state, eval_src, mesh, config.train.eval_batches, first, vocab
                         )
                         writer.write(done, ev, "eval")
                         scalars.update(ev)
