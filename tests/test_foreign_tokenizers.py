@@ -145,3 +145,16 @@ def test_sentencepiece_folder_with_tokens_added_by_transformers_is_refused(
         ValueError, match=r"adds tokens that tokenizer.model does not hold.*save_pretrained"
     ):
         load_tokenizer(tmp_path)
+
+
+def test_llama3_tiktoken_model_file_is_named(tmp_path):
+    # Llama 3's original/tokenizer.model is tiktoken's BPE dump (tiktoken's
+    # dump_tiktoken_bpe: base64 of each token, a space, its rank, one per line), not a
+    # sentencepiece protobuf, though it has the same name.
+    import base64
+
+    ranks = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hello"]
+    lines = [base64.b64encode(t) + b" " + str(r).encode() for r, t in enumerate(ranks)]
+    (tmp_path / "tokenizer.model").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match="tiktoken BPE file.*tokenizer.json"):
+        load_tokenizer(tmp_path)

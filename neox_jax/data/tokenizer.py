@@ -30,6 +30,7 @@ from neox_jax.data.tokenizer_files import (  # noqa: F401 - re-exported: the pub
     TOKENIZER_FILES,
     atomic_write,
     copy_tokenizer,
+    not_sentencepiece_hint,
     read_json,
 )
 
@@ -369,7 +370,8 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except (RuntimeError, OSError) as e:
-            raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from e
+            hint = not_sentencepiece_hint(path)
+            raise ValueError(f"{path}: not a valid sentencepiece model ({e}){hint}") from e
         self._meta_bytes = self._literal_meta_ids()
         self._refuse_added(path)
         super().__init__(path)
@@ -387,10 +389,9 @@ class SentencePieceTokenizer(Tokenizer):
         names += list(read_json(extra)) if extra.is_file() else []
         if missing := [n for n in names if isinstance(n, str) and self.token_to_id(n) is None]:
             raise ValueError(
-                f"{path.parent} adds tokens that {path.name} does not hold ({missing[:5]}); "
-                "this backend reads sentencepiece pieces only. Write a tokenizer.json with "
-                "transformers, which carries them: AutoTokenizer.from_pretrained(folder)"
-                ".save_pretrained(folder)."
+                f"{path.parent} adds tokens that {path.name} does not hold ({missing[:5]}); write "
+                "a tokenizer.json, which carries them, with transformers: "
+                "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
             )
 
     def _literal_meta_ids(self) -> list[int] | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -62,3 +63,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# A line of a tiktoken BPE file: a base64 token, a space, its rank.
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
+
+
+def not_sentencepiece_hint(path: Path) -> str:
+    """What a ``.model`` file that sentencepiece cannot parse is instead, when it can tell."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+    if _TIKTOKEN_LINE.match(head):
+        return (
+            "; it is a tiktoken BPE file (as Llama 3's original/tokenizer.model), which is not "
+            "read here: use the tokenizer.json of the model's Hugging Face folder"
+        )
+    return ""
