@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # ------------------------------------------------------------- perplexity
     c.perplexity = ml_collections.ConfigDict()
-    # A UTF-8 text file, scored as one token sequence (the Hugging Face recipe).
+    # A UTF-8 text file, scored as one token sequence (the Hugging Face recipe); a .jsonl,
+    # .json or .parquet file (wikitext as datasets exports it): its records' "text" joined
+    # by blank lines, as the recipe joins them. Compressed files are read through.
     c.perplexity.text_file = ""
     # A Megatron indexed dataset prefix (<prefix>.bin/.idx); each sequence on its own.
     c.perplexity.indexed_dataset = ""

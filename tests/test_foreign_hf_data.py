@@ -261,3 +261,24 @@ def test_retrieval_corpus_from_files_other_tools_write(tmp_path, kind):
         docs = read_corpus(where, text_field="content")
         assert [d["text"] for d in docs] == [t or "" for t in TEXTS]
         assert [d["id"] for d in docs] == [str(r["id"]) for r in ROWS]
+
+
+# --------------------------------------------- evaluation text (perplexity.text_file)
+@pytest.mark.parametrize("kind", ["datasets_jsonl", "json_array", "parquet", "txt_gz"])
+def test_perplexity_text_from_files_other_tools_write(tmp_path, kind):
+    # wikitext as datasets exports it: the transformers recipe scores "\n\n".join(texts).
+    from neox_jax.evaluation.perplexity import read_eval_text
+
+    rows = [{"text": r["content"]} for r in ROWS]
+    joined = "\n\n".join(r["text"] for r in rows if r["text"] is not None)
+    if kind == "txt_gz":
+        path = tmp_path / "held_out.txt.gz"
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(joined)
+    elif kind == "parquet":
+        path = tmp_path / "test.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path = tmp_path / ("test.jsonl" if kind == "datasets_jsonl" else "test.json")
+        datasets.Dataset.from_list(rows).to_json(str(path), lines=kind == "datasets_jsonl")
+    assert read_eval_text(path) == joined

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from neox_jax.data.indexed_dataset import IndexedDataset, exists
+from neox_jax.data.text_files import file_kind, json_records, open_text, parquet_rows
+from neox_jax.errors import UserError
 from neox_jax.evaluation.scoring import LogLikelihoodScorer
 
 
@@ -189,17 +191,40 @@ def perplexity_of_text_file(
     stride: int | None = None,
     prefix_token_id: int | None = None,
 ) -> PerplexityResult:
-    """Perplexity of a UTF-8 text file, read whole."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"perplexity text file {path} does not exist.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e}).") from e
+    """Perplexity of the text of a file (``read_eval_text``), scored as one sequence."""
+    text = read_eval_text(path)
     return perplexity_of_text(
         scorer, tokenizer, text, stride=stride, prefix_token_id=prefix_token_id
     )
+
+
+def read_eval_text(path: str | os.PathLike, text_key: str = "text") -> str:
+    """The text of a UTF-8 file read whole, or of a JSON-lines/JSON-array/parquet file (as
+    ``datasets`` exports wikitext) the ``text_key`` field of every record joined by blank
+    lines, as transformers' perplexity recipe joins ``"\n\n".join(test["text"])``; null
+    texts are skipped. Compressed files are read through (``neox_jax.data.text_files``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"perplexity text file {path} does not exist.")
+    kind = file_kind(path)
+    try:
+        if kind == "text":
+            with open_text(path) as f:
+                return f.read()
+        if kind == "parquet":
+            rows = enumerate(parquet_rows(path, [text_key], "the text field"), 1)
+        else:
+            rows = json_records(path)
+        texts = []
+        for n, row in rows:
+            if not isinstance(row, dict) or not isinstance(row.get(text_key, ""), str | None):
+                raise UserError(f"{path}:{n}: expected an object whose {text_key!r} is text.")
+            if text_key not in row:
+                raise UserError(f"{path}:{n}: no {text_key!r} field (fields: {sorted(row)}).")
+            texts += [row[text_key]] if row[text_key] is not None else []
+        return "\n\n".join(texts)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e}).") from None
 
 
 def perplexity_of_indexed_dataset(
