@@ -162,3 +162,26 @@ def test_sft_files_as_other_tools_write_them(tmp_path, tok):
     for name, want in expected.items():
         got, _ = load_examples(str(tmp_path / name), tok, max_len=1024, chat_template=CHATML)
         assert [(i.tolist(), m.tolist()) for i, m in got] == want, name
+
+
+@pytest.mark.parametrize("form", ["openai", "sharegpt"])
+def test_weight_zero_keeps_an_answer_out_of_the_loss(tmp_path, tok, hf, form):
+    # OpenAI's fine-tuning format (and axolotl's ShareGPT) mark an assistant message
+    # "weight": 0 to keep it out of the loss. Reference: transformers' assistant mask with
+    # the first answer's run of ones cleared.
+    if form == "openai":
+        messages = [dict(m) for m in CHAT]
+        messages[2]["weight"] = 0
+        record = {"messages": messages}
+    else:
+        turns = [dict(t) for t in SHAREGPT["conversations"]]
+        turns[2]["weight"] = 0
+        record = {"conversations": turns}
+    (got,) = _ours(tmp_path, tok, [record])
+    ids, mask = _reference(hf, CHAT)
+    first = mask.index(1)
+    end = first + mask[first:].index(0)
+    mask[first:end] = [0] * (end - first)
+    assert got == (ids, mask)
+    with pytest.raises(SFTDataError, match="weight must be 0 or 1"):
+        _ours(tmp_path, tok, [{"messages": [{**CHAT[1], "weight": 0.5}, CHAT[2]]}])

@@ -29,8 +29,10 @@ Which characters are the assistant's is found by rendering prefixes, never by se
 the text: assistant message ``i`` spans from the end of
 ``render(messages[:i], add_generation_prompt=True)`` to the end of
 ``render(messages[:i + 1])``, which includes whatever the template writes after the
-content (the eos above). Every prefix must be a prefix of the next render; a template
-for which that fails is rejected with the message index rather than guessed at.
+content (the eos above); an assistant message with ``"weight": 0`` (OpenAI's fine-tuning
+format) is cut the same way but not trained on. Every prefix must be a prefix of the next
+render; a template for which that fails is rejected with the message index rather than
+guessed at.
 
 The rendered text is tokenized piece by piece at those boundaries (``encode_segments``),
 so a token never straddles prompt and answer, and a prompt tokenizes exactly as the
@@ -256,7 +258,8 @@ class ChatTemplate:
                 )
             if start > done:
                 pieces.append((full[done:start], False))
-            pieces.append((full[start : len(upto)], True))
+            # OpenAI's fine-tuning format: "weight": 0 keeps an answer out of the loss.
+            pieces.append((full[start : len(upto)], message.get("weight", 1) != 0))
             done = len(upto)
         if done < len(full):
             pieces.append((full[done:], False))
@@ -278,6 +281,8 @@ def validate_messages(messages) -> None:
             raise ChatFormatError(
                 f"message {i} has unknown role {m['role']!r}; valid roles: {', '.join(ROLES)}."
             )
+        if m.get("weight", 1) not in (0, 1) or isinstance(m.get("weight"), bool):
+            raise ChatFormatError(f"message {i} weight must be 0 or 1, got {m['weight']!r}.")
         if calls is not None:
             _check_tool_calls(i, m)
         elif not isinstance(m["content"], str):

@@ -6,14 +6,16 @@ Trained on as they are (``neox_jax.finetune.sft_data``):
   ``content`` given as a list of parts (``[{"type": "text", "text": ...}, ...]``) becomes one
   text, the parts joined by newlines, as the server (``neox_jax.serving.protocol``) and vLLM
   join them, so a model is trained on what it will be served; a part that is not text is
-  refused. OpenAI's ``"developer"`` role is the system role. Other fields of a message
+  refused. OpenAI's ``"developer"`` role is the system role; an assistant message's
+  ``"weight": 0`` keeps it out of the loss (``neox_jax.finetune.chat``). Other fields of a message
   (``name``, ...) go to the chat template, as transformers passes them.
 * ``{"prompt": str, "completion": str}``.
 
 Converted here:
 
 * ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``
-  (``"user"``/``"assistant"`` are accepted as ``from`` too) becomes ``messages``.
+  (``"user"``/``"assistant"`` are accepted as ``from`` too) becomes ``messages``; a turn's
+  ``"weight": 0`` (as in OpenAI's format and axolotl's ShareGPT) keeps it out of the loss.
 * Alpaca: ``{"instruction", "input"?, "output", "system"?}`` becomes a system turn (when
   given), one user turn (the instruction, then a blank line and the input when there is
   one) and one assistant turn (the output), rendered with the chat template.
@@ -83,7 +85,8 @@ def _sharegpt(turns) -> list[dict]:
                 f"are {', '.join(SHAREGPT_ROLES)}. Convert other turns (tool calls, "
                 "observations) to 'messages' with roles and tool_calls."
             )
-        messages.append({"role": role, "content": turn["value"]})
+        weight = {"weight": turn["weight"]} if turn.get("weight") is not None else {}
+        messages.append({"role": role, "content": turn["value"], **weight})
     return messages
 
 
