@@ -84,6 +84,9 @@ APPENDED = [
         f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json",
     ),
     ("neox_jax.batch_viewer", "--config.batch_size=2"),  # steps of 2 sequences, not 1024
+    # Each program compiles on its first request instead of every prefill bucket and slot
+    # count before listening (minutes here; tests/test_serving_api.py tests the warm-up).
+    ("python -m neox_jax.serve", "--config.warmup=false"),
 ]
 
 
