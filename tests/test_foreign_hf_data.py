@@ -282,3 +282,15 @@ def test_perplexity_text_from_files_other_tools_write(tmp_path, kind):
         path = tmp_path / ("test.jsonl" if kind == "datasets_jsonl" else "test.json")
         datasets.Dataset.from_list(rows).to_json(str(path), lines=kind == "datasets_jsonl")
     assert read_eval_text(path) == joined
+
+
+@pytest.mark.parametrize("where", ["folder", "file"])
+def test_text_files_are_one_document_each(tmp_path, where):
+    # datasets' text builder gives a record per line by default, which would put an eos at
+    # every line end and drop the newlines; a text file is one document, as preprocess reads.
+    texts = ["def f():\n    return 1\n\nprint(f())\n", "line one\nline two\n"]
+    for i, text in enumerate(texts):
+        (tmp_path / f"{'ab'[i]}.txt").write_text(text)
+    name = tmp_path if where == "folder" else tmp_path / "a.txt"
+    got = [r["text"] for r in load_hf_dataset(str(name), "train")]
+    assert got == (texts if where == "folder" else texts[:1])

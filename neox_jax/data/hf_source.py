@@ -7,7 +7,8 @@
 jsonl/parquet/csv files, a builder name such as "json" with ``hf_data_files``), one such
 file (``.jsonl.gz`` too), or a folder written by ``Dataset.save_to_disk``. Offline, a Hub id
 that ``datasets`` has not prepared before is read from the Hub cache's snapshot of it. The
-text is the ``data.text_key`` field; a null text is an empty document. Documents are
+text is the ``data.text_key`` field; a null text is an empty document; a plain-text file is
+one document (datasets' ``sample_by="document"``), as preprocessing reads it. Documents are
 packed into ``seq_len + 1`` windows exactly as preprocessing packs them (an eos after every
 document).
 
@@ -60,13 +61,17 @@ def load_hf_dataset(
             ds = ds[split]
         return ds.to_iterable_dataset() if streaming else ds
     files = [f.strip() for f in data_files.split(",") if f.strip()] or None
-    builder = name
+    builder, kwargs = name, {}
     if os.path.isfile(name):  # one data file: load_dataset takes its builder and the file
         builder, config_name, files = _file_builder(name), "", {split: [name]}
+    listed = files if files is not None else ([name] if os.path.isdir(name) else [])
+    if _text_files_only(listed.get(split, []) if isinstance(listed, dict) else listed):
+        kwargs["sample_by"] = "document"  # a text file is one document, as preprocess reads it
     try:
         return datasets.load_dataset(
-            builder, config_name or None, split=split, data_files=files, streaming=streaming
-        )
+            builder, config_name or None, split=split, data_files=files, streaming=streaming,
+            **kwargs,
+        )  # fmt: skip
     except (FileNotFoundError, ValueError) as e:
         raise UserError(f"data.hf_name={name!r}, split {split!r}: {e}") from e
     except ConnectionError as e:  # offline, or the Hub unreachable
@@ -88,16 +93,30 @@ _BUILDERS = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 
 
-def _file_builder(path: str) -> str:
+def _file_builder(path: str, strict: bool = True) -> str | None:
     suffixes = [x.lower() for x in Path(path).suffixes]
     while suffixes and suffixes[-1] in _COMPRESSED:
         suffixes.pop()
     if not suffixes or suffixes[-1] not in _BUILDERS:
+        if not strict:
+            return None
         raise UserError(
             f"data.hf_name={path!r} is a file of a kind datasets cannot be told apart by name; "
             f"use one ending in {', '.join(_BUILDERS)} (optionally compressed), or a folder"
         )
     return _BUILDERS[suffixes[-1]]
+
+
+def _text_files_only(paths: list[str]) -> bool:
+    """Whether the data files among ``paths`` (folders searched) are all plain text: datasets'
+    text builder then gives one record per line unless told ``sample_by="document"``."""
+    found = []
+    for path in map(Path, paths):
+        found += [path] if not path.is_dir() else [
+            f for f in path.rglob("*") if f.is_file() and not f.name.startswith(".")
+        ]  # fmt: skip
+    kinds = {_file_builder(str(f), strict=False) for f in found} - {None}
+    return kinds == {"text"}
 
 
 def _cached_snapshot(repo_id: str) -> str | None:
