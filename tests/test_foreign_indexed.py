@@ -212,3 +212,19 @@ def test_token_ids_past_the_model_vocabulary_stop_training(tmp_path):
     config = tiny_config(str(tmp_path / "wide"), **{"data.eval_fraction": 0.0, "train.steps": 40})
     with pytest.raises(UserError, match=r"token id 99999, outside the model's vocabulary \[0, 64"):
         train_and_evaluate(config, tmp_path / "run")
+
+
+def test_prefix_without_gpt_neox_suffix_points_at_the_files(tmp_path):
+    # GPT-NeoX's and Megatron-LM's preprocess_data.py write <output-prefix>_text_document.*
+    from configs import pretrain
+    from neox_jax.training.data import resolve_tokenizer_and_paths
+
+    w = NeoxWriter(str(tmp_path / "enwik8_text_document"), np.uint16)
+    w.add_item([1, 2, 3])
+    w.end_document()
+    w.finalize()
+    cfg = pretrain.get_config("tiny").data
+    cfg.unlock()
+    cfg.update(source="indexed", paths=str(tmp_path / "enwik8"))
+    with pytest.raises(FileNotFoundError, match="did you mean .*enwik8_text_document"):
+        resolve_tokenizer_and_paths(cfg, tmp_path)

@@ -7,6 +7,7 @@ is what makes resumption exact and independent of the host count.
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
@@ -104,8 +105,12 @@ def resolve_tokenizer_and_paths(data_cfg, workdir: str | Path) -> tuple[str | No
         )
     missing = [p for p in paths if not dataset_exists(p)]
     if missing:
+        # GPT-NeoX's and Megatron-LM's preprocess_data.py append _<json key>_document.
+        near = [glob.glob(f"{glob.escape(p)}_*_document.idx") for p in missing]
+        near = [f[: -len(".idx")] for found in near for f in found]
         raise FileNotFoundError(
             f"Indexed datasets not found (need <prefix>.bin and .idx): {missing}"
+            + (f"; did you mean {near}? (preprocess_data.py adds _<key>_document)" if near else "")
         )
     return tokenizer, paths
 
