@@ -6,6 +6,8 @@ test, with a ChatML template whose ``{% generation %}`` block covers what the as
 writes (its content and the end of its turn).
 """
 
+import json
+
 import datasets
 import pytest
 import transformers
@@ -82,6 +84,10 @@ ALPACA_AS_MESSAGES = [
         {"role": "assistant", "content": "hi"},
     ],
 ]
+# Databricks Dolly's fields; LLaMA-Factory's ShareGPT with the system prompt beside the turns.
+DOLLY = {"instruction": "Reverse the word.", "context": "abc", "response": "cba",
+         "category": "open_qa"}  # fmt: skip
+LLAMA_FACTORY = {"conversations": SHAREGPT["conversations"][1:], "system": "Be brief."}
 TRL = {
     "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}],
     "completion": [{"role": "assistant", "content": "5"}],
@@ -96,8 +102,18 @@ TRL = {
         (ALPACA[0], ALPACA_AS_MESSAGES[0]),
         (ALPACA[1], ALPACA_AS_MESSAGES[1]),
         (TRL, SHAREGPT_AS_MESSAGES[:3]),
+        (DOLLY, ALPACA_AS_MESSAGES[0]),
+        (LLAMA_FACTORY, SHAREGPT_AS_MESSAGES),
     ],
-    ids=["openai", "sharegpt", "alpaca", "alpaca_system", "trl_conversational"],
+    ids=[
+        "openai",
+        "sharegpt",
+        "alpaca",
+        "alpaca_system",
+        "trl_conversational",
+        "dolly",
+        "llama_factory_sharegpt",
+    ],  # fmt: skip
 )
 def test_loss_mask_is_the_assistant_tokens_as_transformers_finds_them(
     tmp_path, tok, hf, record, messages
@@ -185,3 +201,11 @@ def test_weight_zero_keeps_an_answer_out_of_the_loss(tmp_path, tok, hf, form):
     assert got == (ids, mask)
     with pytest.raises(SFTDataError, match="weight must be 0 or 1"):
         _ours(tmp_path, tok, [{"messages": [{**CHAT[1], "weight": 0.5}, CHAT[2]]}])
+
+
+def test_llama_factory_tools_string_is_parsed():
+    from neox_jax.finetune.sft_formats import normalize_record
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    rec = {"conversations": SHAREGPT["conversations"], "tools": json.dumps(tools)}
+    assert normalize_record(rec)["tools"] == tools

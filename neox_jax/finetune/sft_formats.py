@@ -14,11 +14,13 @@ Trained on as they are (``neox_jax.finetune.sft_data``):
 Converted here:
 
 * ShareGPT: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``
-  (``"user"``/``"assistant"`` are accepted as ``from`` too) becomes ``messages``; a turn's
+  (``"user"``/``"assistant"`` are accepted as ``from`` too), with LLaMA-Factory's optional
+  ``"system"`` and ``"tools"`` (a JSON string) fields, becomes ``messages``; a turn's
   ``"weight": 0`` (as in OpenAI's format and axolotl's ShareGPT) keeps it out of the loss.
 * Alpaca: ``{"instruction", "input"?, "output", "system"?}`` becomes a system turn (when
   given), one user turn (the instruction, then a blank line and the input when there is
-  one) and one assistant turn (the output), rendered with the chat template.
+  one) and one assistant turn (the output), rendered with the chat template; Databricks
+  Dolly's ``{"instruction", "context", "response"}`` the same way.
 * TRL's conversational prompt/completion: ``{"prompt": [messages], "completion":
   [messages]}`` becomes ``messages`` when the prompt holds no assistant turn (every
   assistant turn is trained on, so an assistant turn in the prompt would be too).
@@ -30,6 +32,8 @@ count as absent.
 """
 
 from __future__ import annotations
+
+import json
 
 from neox_jax.finetune.chat import ChatFormatError
 
@@ -90,7 +94,19 @@ def _sharegpt(turns) -> list[dict]:
     return messages
 
 
+def _tools(tools):
+    # LLaMA-Factory stores the tool schemas as one JSON string.
+    if isinstance(tools, str):
+        try:
+            return json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ChatFormatError(f"'tools' is a string but not JSON ({e.msg}).") from None
+    return tools
+
+
 def _alpaca(rec: dict) -> list[dict]:
+    if "response" in rec:  # Databricks Dolly: instruction, context, response
+        rec = {**rec, "input": rec.get("context", ""), "output": rec["response"]}
     for key in ("instruction", "input", "output", "system"):
         if not isinstance(rec.get(key, ""), str):
             raise ChatFormatError(f"Alpaca field {key!r} must be a string.")
@@ -120,8 +136,13 @@ def normalize_record(rec) -> dict:
     if "messages" in rec:
         return {**rec, "messages": _openai_messages(rec["messages"])}
     if "conversations" in rec:
-        return {"messages": _sharegpt(rec["conversations"])}
-    if "instruction" in rec and "output" in rec:
+        messages = _sharegpt(rec["conversations"])
+        if rec.get("system"):  # LLaMA-Factory's ShareGPT: the system prompt beside the turns
+            if messages[0]["role"] == "system":
+                raise ChatFormatError("ShareGPT record with a 'system' field and a system turn.")
+            messages.insert(0, {"role": "system", "content": rec["system"]})
+        return {"messages": messages, **({"tools": _tools(rec["tools"])} if "tools" in rec else {})}
+    if "instruction" in rec and ("output" in rec or "response" in rec):
         return {"messages": _alpaca(rec)}
     if "prompt" in rec and "completion" in rec:
         prompt, completion = rec["prompt"], rec["completion"]
