@@ -158,3 +158,16 @@ def test_llama3_tiktoken_model_file_is_named(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"\n".join(lines) + b"\n")
     with pytest.raises(ValueError, match="tiktoken BPE file.*tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def test_gpt2_vocab_and_merges_folder_is_named(tmp_path):
+    # GPT-2's (and GPT-NeoX's GPT2BPETokenizer's) vocab.json + merges.txt, as the tokenizers
+    # library's ByteLevelBPETokenizer.save_model writes them, with no tokenizer.json.
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=280, show_progress=False)
+    bpe.save_model(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
+    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt.*save_pretrained"):
+        load_tokenizer(tmp_path)

@@ -30,6 +30,7 @@ from neox_jax.data.tokenizer_files import (  # noqa: F401 - re-exported: the pub
     TOKENIZER_FILES,
     atomic_write,
     copy_tokenizer,
+    missing_tokenizer_hint,
     not_sentencepiece_hint,
     read_json,
 )
@@ -377,8 +378,7 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(path)
 
     def _refuse_added(self, path: Path) -> None:
-        # Tokens added beyond the model's pieces (transformers' added_tokens_decoder, extra or
-        # additional special tokens, added_tokens.json) would be split into pieces here.
+        # Tokens transformers added beyond the model's pieces would be split into pieces here.
         config, extra = path.parent / CONFIG_FILE, path.parent / "added_tokens.json"
         config = read_json(config) if config.is_file() else {}
         tokens = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")]
@@ -459,7 +459,7 @@ def _find_in_dir(directory: Path) -> Path:
         names = ", ".join(p.name for p in models)
         raise ValueError(f"{directory} holds several .model files ({names}); pass one of them")
     if not models:
-        looked = ", ".join((HF_FILE, *_SPM_NAMES, "*.model"))
+        looked = ", ".join((HF_FILE, *_SPM_NAMES, "*.model")) + missing_tokenizer_hint(directory)
         raise FileNotFoundError(f"no tokenizer in {directory}: looked for {looked}")
     return models[0]
 

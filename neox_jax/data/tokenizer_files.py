@@ -79,3 +79,16 @@ def not_sentencepiece_hint(path: Path) -> str:
             "read here: use the tokenizer.json of the model's Hugging Face folder"
         )
     return ""
+
+
+def missing_tokenizer_hint(directory: Path) -> str:
+    """What a folder without a tokenizer.json or sentencepiece model holds instead, if known."""
+    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
+        return (
+            "; it holds vocab.json and merges.txt (GPT-2's BPE files, as GPT-2 and GPT-NeoX's "
+            "GPT2BPETokenizer use them), which are not read alone: write a tokenizer.json with "
+            "transformers, AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
+        )
+    if (directory / "tekken.json").is_file():
+        return "; its tekken.json (mistral-common's format) is not read: use a tokenizer.json"
+    return ""
