@@ -294,3 +294,19 @@ def test_text_files_are_one_document_each(tmp_path, where):
     name = tmp_path if where == "folder" else tmp_path / "a.txt"
     got = [r["text"] for r in load_hf_dataset(str(name), "train")]
     assert got == (texts if where == "folder" else texts[:1])
+
+
+def test_byte_order_mark_is_not_text(tmp_path, tok):
+    # Windows tools (Notepad, PowerShell's Out-File utf8) start UTF-8 files with a BOM,
+    # which json.loads refuses and which is no part of the first document.
+    from neox_jax.data.preprocess import iter_documents
+    from neox_jax.retrieval.rag import read_corpus
+
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS[:1]), encoding="utf-8-sig")
+    txt = tmp_path / "bom.txt"
+    txt.write_text(TEXTS[0], encoding="utf-8-sig")
+    assert jsonl.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert list(iter_documents([str(jsonl)], jsonl_key="content")) == TEXTS[:1]
+    assert list(iter_documents([str(txt)])) == TEXTS[:1]
+    assert [d["text"] for d in read_corpus(txt)] == TEXTS[:1]

@@ -30,20 +30,25 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 
 
+# "utf-8-sig" reads UTF-8, dropping the byte-order mark Windows tools put first (json.loads
+# refuses one, and it is no text of the document).
+_UTF8 = "utf-8-sig"
+
+
 def open_text(path):
     """``path`` opened for reading UTF-8 text, decompressed by its suffix."""
     path = os.fspath(path)
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rt", encoding=_UTF8)
     if path.endswith(".bz2"):
-        return bz2.open(path, "rt", encoding="utf-8")
+        return bz2.open(path, "rt", encoding=_UTF8)
     if path.endswith(".xz"):
-        return lzma.open(path, "rt", encoding="utf-8")
+        return lzma.open(path, "rt", encoding=_UTF8)
     if path.endswith(".zst"):
         zstd = require("zstandard", f"reading the zstandard-compressed {path}")
         raw = zstd.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.TextIOWrapper(raw, encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.TextIOWrapper(raw, encoding=_UTF8)
+    return open(path, encoding=_UTF8)
 
 
 def file_kind(path) -> str:
