@@ -55,11 +55,12 @@ def test_sentencepiece_only_llama_folder_reads_as_transformers_does(llama_dir):
     assert tok.vocab_size == len(ref) == 300
     sp = spm.SentencePieceProcessor(model_file=str(llama_dir / "tokenizer.model"))
     for text in TEXTS:
-        # The special-token text "</s>" is not split out of raw text here (a document
-        # saying "</s>" is not ended by it); transformers maps it to eos. Without it the
-        # ids agree with transformers and with sentencepiece itself.
+        # "</s>" in text is the eos id, as in transformers; the text around it is encoded
+        # by sentencepiece piece by piece (as Meta's own chat code does), where transformers
+        # 5 leaves out the dummy prefix of the piece after a special token.
         if "</s>" in text:
-            assert tok.encode(text) == sp.encode(text)
+            before, after = text.split("</s>")
+            assert tok.encode(text) == sp.encode(before) + [2] + sp.encode(after)
             continue
         assert tok.encode(text, add_special_tokens=True) == ref(text).input_ids, text
         assert tok.encode(text) == ref(text, add_special_tokens=False).input_ids == sp.encode(text)
@@ -171,3 +172,28 @@ def test_gpt2_vocab_and_merges_folder_is_named(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
     with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt.*save_pretrained"):
         load_tokenizer(tmp_path)
+
+
+def test_control_symbols_of_a_mistral_sentencepiece_model(tmp_path):
+    # Mistral v0.3's tokenizer.model holds [INST] and [/INST] as control pieces: text never
+    # encodes to them in sentencepiece, but transformers (and mistral-common) give their ids
+    # where the chat template writes them. Between them, sentencepiece's own encoding.
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=300,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        control_symbols=["[INST]", "[/INST]"], minloglevel=2,
+    )  # fmt: skip
+    (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    inst, end = ref.convert_tokens_to_ids(["[INST]", "[/INST]"])
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    tok = load_tokenizer(tmp_path)
+    text = "[INST] hello fox [/INST] the dog</s>"
+    ids = tok.encode(text)
+    assert ids == [inst, *sp.encode(" hello fox "), end, *sp.encode(" the dog"), 2]
+    assert [i for i in ref(text).input_ids if i in (inst, end, 2)] == [inst, end, 2]
+    assert tok.decode(ids) == text

@@ -13,6 +13,7 @@ import functools
 import itertools
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from neox_jax.data.tokenizer_files import (  # noqa: F401 - re-exported: the pub
     TOKENIZER_FILES,
     atomic_write,
     copy_tokenizer,
+    literal_meta_ids,
     missing_tokenizer_hint,
     not_sentencepiece_hint,
     read_json,
+    refuse_added_tokens,
 )
 
 _SPM_NAMES = (SPM_FILE, "spm.model")
@@ -373,43 +376,38 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             hint = not_sentencepiece_hint(path)
             raise ValueError(f"{path}: not a valid sentencepiece model ({e}){hint}") from e
-        self._meta_bytes = self._literal_meta_ids()
-        self._refuse_added(path)
+        self._meta_bytes = literal_meta_ids(self._sp)
+        refuse_added_tokens(path, self.token_to_id)
         super().__init__(path)
-
-    def _refuse_added(self, path: Path) -> None:
-        # Tokens transformers added beyond the model's pieces would be split into pieces here.
-        config, extra = path.parent / CONFIG_FILE, path.parent / "added_tokens.json"
-        config = read_json(config) if config.is_file() else {}
-        tokens = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")]
-        for key in ("added_tokens_decoder", "extra_special_tokens", "additional_special_tokens"):
-            more = config.get(key) or []  # a list, or a dict (by id or, transformers 5, name)
-            tokens += list(more.values() if isinstance(more, dict) else more)
-        names = [t.get("content") if isinstance(t, dict) else t for t in tokens]
-        names += list(read_json(extra)) if extra.is_file() else []
-        if missing := [n for n in names if isinstance(n, str) and self.token_to_id(n) is None]:
-            raise ValueError(
-                f"{path.parent} adds tokens that {path.name} does not hold ({missing[:5]}); write "
-                "a tokenizer.json, which carries them, with transformers: "
-                "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
-            )
-
-    def _literal_meta_ids(self) -> list[int] | None:
-        # sentencepiece BPE escapes " " as "▁" and unescapes on decode, so a literal "▁" would
-        # come back as a space. Its UTF-8 byte pieces decode literally, so we spell it with them
-        # and encode the text between occurrences separately. That needs byte pieces and segment
-        # encodings that concatenate exactly (no dummy prefix or whitespace removal): probe it.
-        ids = [self._sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode()]
-        probe = ["a ", " b", "  c  ", "\td"]
-        joined = [i for p in probe for i in self._sp.encode(p)]
-        exact = self._sp.decode(joined) == "".join(probe)
-        return ids if exact and all(self._sp.is_byte(i) for i in ids) else None
 
     def _declared_special(self, kind: str) -> int | None:
         idx = {"eos": self._sp.eos_id, "bos": self._sp.bos_id, "pad": self._sp.pad_id}[kind]()
         return idx if idx >= 0 else None
 
+    @functools.cached_property
+    def _special_text(self) -> re.Pattern | None:
+        pieces = sorted({self._sp.id_to_piece(i) for i in self._special_ids} - {""}, key=len)
+        return re.compile(f"({'|'.join(map(re.escape, pieces[::-1]))})") if pieces else None
+
     def _encode_many(self, texts: list[str]) -> list[list[int]]:
+        # Control pieces (<s>, </s>, Mistral's [INST], ...) never come out of sentencepiece's
+        # encoding of text; transformers (and Meta's and Mistral's own code) give their ids
+        # where their text stands, so they are cut out first and each part encoded alone.
+        special = self._special_text
+        if special is None or not any(map(special.search, texts)):
+            return self._encode_plain(texts)
+        return [self._encode_around(special, text) for text in texts]
+
+    def _encode_around(self, special: re.Pattern, text: str) -> list[int]:
+        ids: list[int] = []
+        for k, part in enumerate(special.split(text)):  # text, piece, text, ..., text
+            if k % 2:
+                ids.append(self._sp.piece_to_id(part))
+            elif part:
+                ids += self._encode_plain([part])[0]
+        return ids
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
         if self._meta_bytes is None or not any(_META in t for t in texts):
             return self._sp.encode(texts) if texts else []
         parts = [self._sp.encode(t.split(_META)) for t in texts]

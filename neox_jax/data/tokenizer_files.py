@@ -92,3 +92,36 @@ def missing_tokenizer_hint(directory: Path) -> str:
     if (directory / "tekken.json").is_file():
         return "; its tekken.json (mistral-common's format) is not read: use a tokenizer.json"
     return ""
+
+
+def literal_meta_ids(sp) -> list[int] | None:
+    """The byte pieces spelling a literal ``\u2581`` in the sentencepiece model ``sp``, or None."""
+    # sentencepiece BPE escapes " " as "▁" and unescapes on decode, so a literal "▁" would
+    # come back as a space. Its UTF-8 byte pieces decode literally, so we spell it with them
+    # and encode the text between occurrences separately. That needs byte pieces and segment
+    # encodings that concatenate exactly (no dummy prefix or whitespace removal): probe it.
+    ids = [sp.piece_to_id(f"<0x{b:02X}>") for b in "\u2581".encode()]
+    probe = ["a ", " b", "  c  ", "\td"]
+    joined = [i for p in probe for i in sp.encode(p)]
+    exact = sp.decode(joined) == "".join(probe)
+    return ids if exact and all(sp.is_byte(i) for i in ids) else None
+
+
+def refuse_added_tokens(path: Path, token_to_id) -> None:
+    """Refuses a sentencepiece ``path`` whose folder declares tokens the model does not hold
+    (transformers' added_tokens_decoder, extra or additional special tokens, the named
+    bos/eos/unk/pad, added_tokens.json): they would be split into pieces."""
+    config, extra = path.parent / CONFIG_FILE, path.parent / "added_tokens.json"
+    config = read_json(config) if config.is_file() else {}
+    tokens = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")]
+    for key in ("added_tokens_decoder", "extra_special_tokens", "additional_special_tokens"):
+        more = config.get(key) or []  # a list, or a dict (by id or, transformers 5, name)
+        tokens += list(more.values() if isinstance(more, dict) else more)
+    names = [t.get("content") if isinstance(t, dict) else t for t in tokens]
+    names += list(read_json(extra)) if extra.is_file() else []
+    if missing := [n for n in names if isinstance(n, str) and token_to_id(n) is None]:
+        raise ValueError(
+            f"{path.parent} adds tokens that {path.name} does not hold ({missing[:5]}); write "
+            "a tokenizer.json, which carries them, with transformers: "
+            "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
+        )
