@@ -61,6 +61,14 @@ _compilation_cache()
 # optimized build).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
+# And with XLA's older CPU loop emitters, which compile faster (tests/helpers/xla.py says
+# why and what it changes); also inherited by subprocesses, and kept by those that set a
+# fake device count (helpers.xla.xla_flags). A choice the user made in XLA_FLAGS is kept.
+from helpers.xla import SUITE_FLAGS  # noqa: E402
+
+if SUITE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_FLAGS}".strip()
+
 # `configs/` is not a package on the install path; make `import configs.pretrain` work.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

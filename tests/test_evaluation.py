@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.evaluation import corpus_lines, hf_token_logprobs, tiny_model
+from helpers.xla import xla_flags
 
 from neox_jax.data.indexed_dataset import IndexedDatasetBuilder
 from neox_jax.evaluation import (
@@ -93,7 +94,7 @@ print("ok")
 def test_batches_split_over_two_devices():
     """Two fake CPU devices (own process): same scores and embeddings as one device,
     up to fp32 round-off of differently partitioned programs (1e-5)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    env = {**os.environ, "XLA_FLAGS": xla_flags(2),
            "JAX_PLATFORMS": "cpu"}  # fmt: skip
     done = subprocess.run([sys.executable, "-c", TWO_DEVICES], capture_output=True, text=True,
                           env=env, timeout=600)  # fmt: skip

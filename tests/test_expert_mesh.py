@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.train import REPO, logged, tiny_config, write_dataset
+from helpers.xla import xla_flags
 
 DEVICES = 8
 STEPS = 4
@@ -203,7 +204,7 @@ def runs(tmp_path_factory):
     data = write_dataset(root / "counting")
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": xla_flags(DEVICES),
         "JAX_PLATFORMS": "cpu",
     }
     cmd = [sys.executable, __file__, "--worker", data, str(root)]

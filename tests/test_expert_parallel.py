@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import pytest
 from helpers.train import REPO
+from helpers.xla import xla_flags
 
 DEVICES = 8
 NUM_EXPERTS, TOP_K, EMBED, HIDDEN = 8, 2, 16, 32
@@ -218,7 +219,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("expert") / "report.json"
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": xla_flags(DEVICES),
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(

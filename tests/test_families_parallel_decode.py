@@ -16,7 +16,8 @@ from helpers.train import run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # the suite's flags
+                               + " --xla_force_host_platform_device_count=4")
     import jax, numpy as np
     from neox_jax.inference import Generator, SamplingParams
     from neox_jax.model import ModelConfig, init_params

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers.xla import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 # (kv heads, tensor axis size)
 LAYOUTS = [(4, 2), (2, 2), (1, 2), (2, 4)]
@@ -74,7 +76,7 @@ def test_grouped_kv_heads_shard_and_match(tmp_path):
     out = tmp_path / "report.json"
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": xla_flags(4),
         "JAX_PLATFORMS": "cpu",
         "PYTHONPATH": str(REPO),
     }

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from helpers.train import REPO
+from helpers.xla import xla_flags
 
 SCRIPT = r"""
 import json, re, sys
@@ -34,7 +35,7 @@ print(json.dumps({"gathered": sorted(gathered), "params": sorted(map(list, shape
 
 
 def test_readme_mesh_recipe_gathers_only_weights():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(REPO)], capture_output=True, text=True,
         timeout=600, env={**os.environ, **env},

@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers.xla import xla_flags
 
 from neox_jax.convert import save_checkpoint, save_hf
 from neox_jax.errors import UserError
@@ -169,7 +170,7 @@ MESH_SCRIPT = textwrap.dedent(
 
 
 def test_every_kind_loads_straight_onto_a_mesh(artifacts):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(4))
     env["JAX_PLATFORMS"] = "cpu"
     out = subprocess.run(
         [sys.executable, "-c", MESH_SCRIPT, json.dumps({k: str(p) for k, p in artifacts.items()})],

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from helpers.hf_reference import assert_logits_close
+from helpers.xla import xla_flags
 
 from neox_jax.finetune.lora import (
     LoraConfig,
@@ -238,7 +239,7 @@ def test_adapters_shard_like_their_kernels_on_a_mesh():
     """On a 2 x 2 (fsdp x tensor) mesh of fake CPU devices, in its own process."""
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": xla_flags(4),
         "JAX_PLATFORMS": "cpu",
     }
     out = subprocess.run(

@@ -7,6 +7,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers.xla import xla_flags
 
 from neox_jax.model import GPTNeoX, ModelConfig, init_cache, init_params
 
@@ -103,7 +104,7 @@ def test_pallas_model_on_a_mesh_matches_xla():
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "XLA_FLAGS": xla_flags(4),
     }
     proc = subprocess.run(
         [sys.executable, "-c", _SHARDED], env=env, capture_output=True, text=True, timeout=600

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.train import REPO, logged, tiny_config, write_dataset
+from helpers.xla import xla_flags
 
 STEPS = 8
 SAVE_EVERY = 4
@@ -113,7 +114,7 @@ def _free_port() -> int:
 def _spawn(data, workdir, out, devices, distributed=None, overrides=None):
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "JAX_PLATFORMS": "cpu",
     }
     cmd = [sys.executable, __file__, "--worker", data, str(workdir), str(out)]

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers.train import REPO, logged, tiny_config, write_dataset
+from helpers.xla import xla_flags
 
 DEVICES = 8
 STEPS = 8
@@ -179,7 +180,7 @@ def runs(tmp_path_factory):
     out = root / "report.json"
     env = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+        "XLA_FLAGS": xla_flags(DEVICES),
         "JAX_PLATFORMS": "cpu",
     }
     cmd = [sys.executable, __file__, "--worker", data, str(root), str(out)]

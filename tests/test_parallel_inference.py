@@ -18,7 +18,8 @@ from helpers.train import REPO, run_json_script
 
 SCRIPT = textwrap.dedent("""
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # the suite's flags
+                               + " --xla_force_host_platform_device_count=4")
     import jax, numpy as np
     from neox_jax.inference import Generator, SamplingParams
     from neox_jax.model import ModelConfig, init_params
@@ -91,7 +92,8 @@ def test_weights_are_actually_split(result):
 def test_pipeline_needs_divisible_layers():
     script = textwrap.dedent("""
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")  # the suite's flags
+                                   + " --xla_force_host_platform_device_count=4")
         import jax
         from neox_jax.inference import Generator
         from neox_jax.model import ModelConfig, init_params

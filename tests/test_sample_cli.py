@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from helpers.generate import make_model_dir
+from helpers.xla import xla_flags
 
 from neox_jax.cli import is_user_error
 from neox_jax.convert import load_hf, save_checkpoint
@@ -230,7 +231,7 @@ def test_chat_mode_with_a_tools_file(hf_dir, tmp_path, monkeypatch):
 
 
 def test_tensor_and_pipeline_parallel_cli_equals_one_device(hf_dir):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(4)}
     args = [f"--config.checkpoint={hf_dir}", "--config.prompt=ab", "--config.max_new_tokens=6"]
     outs = [
         subprocess.run(

@@ -12,12 +12,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+from helpers.xla import xla_flags
+
 
 def _run_on_fake_devices(script: str, devices: int, tmp_path: Path) -> None:
     tests = Path(__file__).resolve().parent
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
     )

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from helpers.train import REPO, config_flags, tiny_config, write_dataset
+from helpers.xla import xla_flags
 
 from neox_jax import sweep
 
@@ -52,7 +53,7 @@ def test_two_by_one_sweep(tmp_path):
         "--",
         *fixed,
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}  # no device count
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((work / "sweep.json").read_text())

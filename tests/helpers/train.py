@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .xla import xla_flags
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -85,7 +87,7 @@ def run_train(config, workdir, *, env=None, devices=1, wait=True, **popen):
     cmd = train_command(config, workdir)
     environ = {
         **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "JAX_PLATFORMS": "cpu",
         **(env or {}),
     }
