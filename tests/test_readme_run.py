@@ -193,7 +193,7 @@ class Workspace:
         if kind == "bash":
             flags = next((f for key, f in APPENDED if key in text), "")
             if "--config.mesh." in text and "XLA_FLAGS" not in text:  # devices stand in too
-                text = f"XLA_FLAGS=--xla_force_host_platform_device_count=8 {text}"
+                text = f'XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=8" {text}'
             code, _, comment = text.partition(" # ")
             text = f"{code} {flags}".strip() + (f"  # {comment}" if comment else "")
         return text
