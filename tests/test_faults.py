@@ -367,10 +367,10 @@ def test_an_error_in_the_loop_lets_the_save_in_flight_finish(
 
     real = data_lib.global_batch
 
-    def failing(source, step, mesh):
+    def failing(source, step, *args, **kwargs):
         if step == 5:
             raise RuntimeError("the dataset's disk went away")
-        return real(source, step, mesh)
+        return real(source, step, *args, **kwargs)
 
     monkeypatch.setattr(data_lib, "global_batch", failing)
     config = _config(
