@@ -9,7 +9,7 @@ import json
 import jax
 import pytest
 from helpers.tokenizer import HELD_OUT
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from neox_jax.convert import save_hf
 from neox_jax.convert.hf_tokenizer import PROBE_TEXTS, write_hf_tokenizer
@@ -32,14 +32,7 @@ def spm_dir(tmp_path_factory, corpus_file):  # noqa: F811
     return out
 
 
-# The fields that make a gpt_neox ModelConfig a Llama.
-LLAMA = dict(
-    model_type="llama", norm_type="rmsnorm", gated_mlp=True, mlp_bias=False, fused_qkv=False,
-    attention_bias=False, use_parallel_residual=False, rotary_pct=1.0, hidden_act="silu",
-)  # fmt: skip
-
-
-def _export(tokenizer_dir, out, chat_template=None, vocab=700, model_type="gpt_neox"):
+def _export(tokenizer_dir, out, chat_template=None, vocab=700):
     # A real export (config.json says gpt_neox, which alone made transformers pick
     # GPTNeoXTokenizer): the tokenizer must not depend on the model's type.
     config = ModelConfig(
@@ -49,7 +42,6 @@ def _export(tokenizer_dir, out, chat_template=None, vocab=700, model_type="gpt_n
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=32,
-        **(LLAMA if model_type == "llama" else {}),
     )
     params = jax.device_get(init_params(config, jax.random.key(0)))
     return save_hf(config, params, out, tokenizer_dir=tokenizer_dir, chat_template=chat_template)
@@ -164,21 +156,3 @@ def test_sentencepiece_with_add_bos_token_exports_its_bos_and_generation_config(
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
     assert GenerationConfig.from_pretrained(out).eos_token_id == [0, 4]
     assert load_tokenizer(out).encode("hi", add_special_tokens=True)[0] == 3
-
-
-@pytest.mark.parametrize("model_type", ["gpt_neox", "llama"])
-def test_export_config_names_the_tokenizers_eos_and_bos(corpus_file, tmp_path, model_type):  # noqa: F811
-    """Without a generation_config.json (our trained sentencepiece has none), transformers'
-    generate stops at config.json's eos_token_id and starts from its bos: they must be the
-    tokenizer's. (A gpt_neox export said 0 for both; a Llama export named none, so
-    transformers' generate never stopped where ours does.)"""
-    src = tmp_path / "src"
-    spm_training.train_sentencepiece(
-        corpus_file, 700, src / "tokenizer.model", input_sentence_size=5000, bos_token="<s>"
-    )
-    ours = load_tokenizer(src)
-    assert ours.generation is None and (ours.eos_ids, ours.bos_id) == ((0,), 3)
-    out = _export(src, tmp_path / "export", model_type=model_type)
-    generation = AutoModelForCausalLM.from_pretrained(out).generation_config  # what generate uses
-    assert (generation.eos_token_id, generation.bos_token_id) == (0, 3)
-    assert load_tokenizer(out).eos_ids == (0,)  # and our reading of the export agrees

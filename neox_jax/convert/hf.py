@@ -428,8 +428,7 @@ def save_hf(
     leaves nothing partial at ``path``. The tokenizer of ``tokenizer_dir`` (when given) is
     written as a ``tokenizer.json`` + ``tokenizer_config.json`` that transformers'
     ``AutoTokenizer`` reads into the same ids (a sentencepiece model is converted; see
-    ``hf_tokenizer``), with ``chat_template`` in the config when given, and its eos and
-    bos ids in ``config.json``, where ``generate`` looks without a generation_config.json.
+    ``hf_tokenizer``), with ``chat_template`` in the config when given.
     """
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
@@ -438,9 +437,9 @@ def save_hf(
     check_params(config, params, what="params to export")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
-        if tokenizer_dir is not None:  # config.json names the tokenizer's eos and bos
-            hf_config.update(write_hf_tokenizer(tokenizer_dir, tmp, chat_template))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
     return path
 
 

@@ -13,10 +13,7 @@ export carries:
   as our tokenizer adds them to a model input (a sentencepiece model's are written into the
   converted ``tokenizer.json`` as its post_processor, which transformers follows), no
   "clean-up" of spaces, and the chat template when the run was chat fine-tuned;
-* ``generation_config.json`` when the tokenizer folder has one (its eos ids, defaults);
-* and, for the export's ``config.json``, the ids generation stops at and the bos
-  (``model_config_ids``): transformers' ``generate`` reads them when there is no
-  ``generation_config.json``, and without them stops at no token at all.
+* ``generation_config.json`` when the tokenizer folder has one (its eos ids, defaults).
 
 A converted sentencepiece model is checked against sentencepiece itself on a fixed set of
 texts before anything is written; a model we cannot reproduce exactly is refused.
@@ -199,30 +196,15 @@ def hf_tokenizer_config(tok, chat_template: str | None = None) -> dict:
     return config
 
 
-def model_config_ids(tok) -> dict[str, int | list[int]]:
-    """``eos_token_id`` (``tok.eos_ids``: one id as an int, several as a list, as
-    transformers writes them) and ``bos_token_id`` for a model ``config.json``; the ids
-    ``tok`` does not know are left out."""
-    ids: dict[str, int | list[int]] = {}
-    if eos := list(tok.eos_ids):
-        ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-    if tok.bos_id is not None:
-        ids["bos_token_id"] = tok.bos_id
-    return ids
-
-
 def write_hf_tokenizer(
     tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, chat_template: str | None = None
-) -> dict[str, int | list[int]]:
+) -> None:
     """Writes ``tokenizer.json`` and ``tokenizer_config.json`` for transformers into ``out_dir``.
 
     Args:
       tokenizer_path: our tokenizer (a file or a folder; see ``load_tokenizer``).
       out_dir: the export folder (exists).
       chat_template: Jinja text of the run's chat template, or None.
-
-    Returns:
-      The tokenizer's ids for the model's ``config.json`` (``model_config_ids``).
     """
     tok = load_tokenizer(tokenizer_path)
     out_dir = Path(out_dir)
@@ -245,4 +227,3 @@ def write_hf_tokenizer(
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if tok.generation is not None:  # the eos ids transformers' generate stops at
         (out_dir / GENERATION_FILE).write_bytes(tok.generation.file_bytes())
-    return model_config_ids(tok)
