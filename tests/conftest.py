@@ -61,13 +61,15 @@ _compilation_cache()
 # optimized build).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-# And with XLA's older CPU loop emitters, which compile faster (tests/helpers/xla.py says
-# why and what it changes); also inherited by subprocesses, and kept by those that set a
+# And with XLA's older CPU loop emitters, which compile faster, and without YNNPACK's
+# fusions, which can segfault on jaxlib 0.10.2 (tests/helpers/xla.py says why and what
+# each changes); also inherited by subprocesses, and kept by those that set a
 # fake device count (helpers.xla.xla_flags). A choice the user made in XLA_FLAGS is kept.
 from helpers.xla import SUITE_FLAGS  # noqa: E402
 
-if SUITE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {SUITE_FLAGS}".strip()
+for _flag in SUITE_FLAGS.split():
+    if _flag.split("=")[0] + "=" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 # `configs/` is not a package on the install path; make `import configs.pretrain` work.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
