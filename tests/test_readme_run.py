@@ -9,7 +9,8 @@ and named in the README's "Tested as written" note:
 * stand-ins: what a reader replaces (``/models/...``, ``PATH``, the Hub ids, port 8000)
   points at a tiny random GPT-NeoX folder this test builds, the Hub ids through an offline
   Hub cache in huggingface_hub's own layout (``HF_HUB_OFFLINE=1``); a command with mesh
-  flags sees 8 fake CPU devices (``XLA_FLAGS``) in place of accelerators;
+  flags sees 8 fake CPU devices (``XLA_FLAGS``) in place of accelerators, and one that
+  sets ``XLA_FLAGS`` itself keeps the suite's (tests/helpers/xla.py) in front of its own;
 * APPENDED: flags appended to a command so it takes seconds (fewer steps, a tiny shape);
   appended flags win over the command's own;
 * SKIPPED: the lines that cannot run here (installing, a TPU VM, uploads, a 20B model,
@@ -70,18 +71,26 @@ TINY_SHAPE = (
     "--config.data.seq_len=32 --config.data.global_batch_size=32"
 )
 SHORT = "--config.train.steps=2 --config.train.eval_every=2 --config.train.eval_batches=1"
+# Rows of 64 tokens, not the tiny config's 256: its 16 x 256-token steps took most of each
+# of its runs here (the batch stays 16, which the recipes' 8-way meshes divide).
+SHORT_ROWS = "--config.data.seq_len=64"
 STDLIB = "--config.data.stdlib_max_mb=1 --config.data.tokenizer_vocab_size=1000"
 # (what the command contains, the flags appended to it); the first match applies.
 APPENDED = [
-    ("neox_jax.sweep", f"{SHORT} {STDLIB}"),  # each of its runs trains a tokenizer
+    ("neox_jax.sweep", f"{SHORT} {STDLIB} {SHORT_ROWS}"),  # each run trains a tokenizer
     ("--config.workers=8", "--config.workers=2"),  # still a pool of spawned workers, not 8
-    ("configs/pretrain.py:tiny", f"{SHORT} {STDLIB} --config.sample.max_new_tokens=8"),
+    (
+        "configs/pretrain.py:tiny",
+        f"{SHORT} {STDLIB} {SHORT_ROWS} --config.sample.max_new_tokens=8",
+    ),
     ("configs/pretrain.py:", f"{SHORT} {TINY_SHAPE}"),
     ("configs/finetune.py:", f"{SHORT} --config.data.seq_len=64 --config.data.global_batch_size=4"),
     ("neox_jax.evaluate", "--config.harness.tasks="),  # its lm-eval task downloads data
     (
         "--neox_config=local_setup.yml",
-        f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json",
+        # The stand-in tokenizer's size, as the mapping's note says to pass when GPT-NeoX's
+        # vocab_file is not at hand (else it assumes the 20B tokenizer's 50277 rows).
+        f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json --neox_vocab_size={{vocab}}",
     ),
     ("neox_jax.batch_viewer", "--config.batch_size=2"),  # steps of 2 sequences, not 1024
     # Each program compiles on its first request instead of every prefill bucket and slot
@@ -173,7 +182,7 @@ class Workspace:
             (self.root / item.name).symlink_to(item)
         shutil.copy(model / "tokenizer.json", self.root / "20B_tokenizer.json")
         rng = np.random.default_rng(0)
-        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+        vocab = self.vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         self._write_dataset("data/enwik8/enwik8_text_document", rng.integers(3, vocab, (400, 50)))
         self._write_dataset("pythia_data/document", rng.integers(3, vocab, (2002, 9)))  # 2 x 1001
         stdlib = Path(os.__file__).parent
@@ -191,9 +200,10 @@ class Workspace:
         for old, new in self.stand_ins.items():
             text = text.replace(old, new)
         if kind == "bash":
-            flags = next((f for key, f in APPENDED if key in text), "")
+            flags = next((f for key, f in APPENDED if key in text), "").format(vocab=self.vocab)
             if "--config.mesh." in text and "XLA_FLAGS" not in text:  # devices stand in too
                 text = f'XLA_FLAGS="$XLA_FLAGS --xla_force_host_platform_device_count=8" {text}'
+            text = re.sub(r"\bXLA_FLAGS=([^\s\"']+)", r'XLA_FLAGS="$XLA_FLAGS \1"', text)
             code, _, comment = text.partition(" # ")
             text = f"{code} {flags}".strip() + (f"  # {comment}" if comment else "")
         return text

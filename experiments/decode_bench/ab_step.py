@@ -83,6 +83,8 @@ OPTIONS = {
     "conc": {"xla_cpu_enable_concurrency_optimized_scheduler": True},
     "xnn": {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
     "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
+    # oneDNN's matmuls (bound.py found them fastest for 3 of the 5 batch-16 products).
+    "onednn": {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True},
 }
 
 
