@@ -31,10 +31,11 @@ import difflib
 import errno
 import importlib.util
 import os
+import re
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -402,4 +403,34 @@ class Command:
 
     def run(self) -> None:
         """Run on ``sys.argv`` and exit with the status (the ``__main__`` block)."""
+        threads_for_fake_devices(os.environ)
         sys.exit(self(sys.argv))
+
+
+_FAKE_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+THREADS_PER_FAKE_DEVICE = 4
+
+
+def threads_for_fake_devices(environ: MutableMapping[str, str]) -> None:
+    """Give XLA:CPU enough threads for the fake CPU devices ``XLA_FLAGS`` asks for.
+
+    XLA:CPU sizes its thread pools to ``max(cores, devices)`` (``PJRT_NPROC`` in place of
+    the cores where set), and a collective holds its thread until every device has joined
+    it. A program in which one device runs two collectives at once (the pipeline's
+    ``ppermute`` beside a tensor-parallel all-gather) can then hold every thread in a
+    rendezvous while the last device waits for a thread to reach it: XLA aborts after
+    40 s ("Termination timeout for `collective permute ...` ... only 3 of them arrived"),
+    seen on 2 cores with 4 fake devices in about one run in three under load, never with
+    more threads. So a command-line run with ``N`` fake devices gets ``4 N`` threads
+    (``PJRT_NPROC``, read when JAX starts its CPU backend, so call this before that);
+    threads beyond the cores only wait, and a choice the user made (``PJRT_NPROC`` or
+    ``NPROC``, XLA's older name) is kept. Only the ``__main__`` path calls it: importing
+    neox_jax sets nothing.
+    """
+    if "PJRT_NPROC" in environ or "NPROC" in environ:
+        return
+    found = _FAKE_DEVICES.findall(environ.get("XLA_FLAGS", ""))
+    devices = int(found[-1]) if found else 1  # XLA takes the last of a repeated flag
+    if devices > 1:
+        threads = max(os.cpu_count() or 1, THREADS_PER_FAKE_DEVICE * devices)
+        environ["PJRT_NPROC"] = str(threads)

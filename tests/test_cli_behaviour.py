@@ -168,3 +168,39 @@ def test_every_entry_point_is_a_command():
         if '\nif __name__ == "__main__":' not in text or name in NOT_A_COMMAND:
             continue
         assert "COMMAND = cli.Command(" in text and "COMMAND.run()" in text, name
+
+
+# --- threads for fake CPU devices ---------------------------------------------------------
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"XLA_FLAGS": f"--xla_cpu_ftz=true {_FLAG}=4"}, max(os.cpu_count() or 1, 16)),
+        ({"XLA_FLAGS": f"{_FLAG}=2 {_FLAG}=8"}, max(os.cpu_count() or 1, 32)),  # the last
+        ({"XLA_FLAGS": f"{_FLAG}=1"}, None),  # one device: XLA's own sizing is enough
+        ({}, None),
+        ({"XLA_FLAGS": f"{_FLAG}=4", "PJRT_NPROC": "3"}, 3),  # the user's choice is kept
+        ({"XLA_FLAGS": f"{_FLAG}=4", "NPROC": "3"}, None),  # XLA's older knob, also kept
+    ],
+)
+def test_fake_devices_get_four_threads_each(environ, expected):
+    environ = dict(environ)
+    cli.threads_for_fake_devices(environ)
+    assert (None if "PJRT_NPROC" not in environ else int(environ["PJRT_NPROC"])) == expected
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts Linux threads")
+def test_pjrt_nproc_sizes_the_installed_jaxlibs_thread_pools():
+    # The knob threads_for_fake_devices sets must be the one this jaxlib reads: its CPU
+    # client makes two pools (intra-op and dispatch) of max(PJRT_NPROC, devices) threads.
+    script = "import os, jax; jax.devices(); print(len(os.listdir('/proc/self/task')))"
+    counts = {}
+    for nproc in ("1", "24"):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PJRT_NPROC": nproc,
+               "XLA_FLAGS": f"{_FLAG}=2"}  # fmt: skip
+        r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                           text=True, timeout=300, check=True)  # fmt: skip
+        counts[nproc] = int(r.stdout.split()[-1])
+    assert counts["24"] - counts["1"] >= 2 * (24 - 2), counts
