@@ -136,8 +136,8 @@ def test_the_graph_sees_function_level_and_package_imports(tmp_path, source, cir
 
 # Every entry point (``python -m ...``; ``--help`` imports what importing does), and the
 # heavy libraries none of them needs to start: torch alone costs 2-4 s per command. Each
-# is imported where it is used (tensorboardX, which imports torch, when a TensorBoard
-# writer is made; transformers and torch when a .bin file is read; the server's fastapi
+# is imported where it is used (tensorboardX when a TensorBoard writer is made, without
+# torch; transformers and torch when a .bin file is read; the server's fastapi
 # when it serves).
 ENTRY_POINTS = (
     "neox_jax.train", "neox_jax.sample", "neox_jax.serve", "neox_jax.evaluate",
@@ -177,3 +177,36 @@ def test_entry_points_start_without_heavy_libraries():
 
 def test_the_probe_sees_a_heavy_import():
     assert heavy_imports("tensorboardX") >= {"tensorboardX"}
+
+
+_WRITER = """
+import sys, tempfile, pathlib
+from neox_jax.training.metrics import _tensorboard_writer
+folder = pathlib.Path(tempfile.mkdtemp())
+writer = _tensorboard_writer(folder)
+writer.add_scalar("train/loss", 2.5, 7)
+writer.close()
+loaded = "torch" in sys.modules
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401
+import struct
+data = next(folder.iterdir()).read_bytes()
+values = []
+while data:  # TFRecord framing: length (8 bytes), its CRC (4), the record, its CRC (4)
+    (n,) = struct.unpack("<Q", data[:8])
+    event = Event.FromString(data[12 : 12 + n])
+    values += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+    data = data[16 + n :]
+import torch  # the writer's import left torch importable
+print(loaded, values, torch.__name__)
+"""
+
+
+def test_tensorboard_writer_starts_without_torch_and_leaves_it_importable():
+    # tensorboardX imports torch (2-4 s) only to accept torch tensors; the trainer's writer
+    # takes floats, so it loads tensorboardX with torch hidden (metrics.py says how).
+    out = subprocess.run(
+        [sys.executable, "-c", _WRITER], capture_output=True, text=True,
+        cwd=PACKAGE.parent, check=True,
+    )  # fmt: skip
+    assert out.stdout.split("\n")[0] == "False [(7, 'train/loss', 2.5)] torch"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -178,12 +179,23 @@ class _Wandb:
 def _tensorboard_writer(tb_dir: Path):
     """A TensorBoard event writer for ``tb_dir``.
 
-    tensorboardX is imported here, not at the top: it imports torch when torch is
-    installed (2-4 s), and every entry point imports this module through the trainer or
-    the quantizer's calibration, most of them never writing an event.
+    tensorboardX is imported here, not at the top, and without torch: at import it tries
+    ``import torch`` only to accept torch tensors as values (2-4 s where torch is
+    installed, as with the test extra), and this writer is given Python floats only. So
+    unless torch is already loaded, the import runs with torch marked missing
+    (``sys.modules["torch"] = None`` makes ``import torch`` raise ImportError, which
+    tensorboardX catches), and the mark is removed right after, so a later
+    ``import torch`` anywhere works as before.
     """
-    from tensorboardX import SummaryWriter
-
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            if sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
     return SummaryWriter(str(tb_dir))
 
 
