@@ -30,6 +30,9 @@ META_FILES = [
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "vocab.json",  # GPT-2's BPE pair, for folders saved without a tokenizer.json
+    "merges.txt",
+    "added_tokens.json",
     "adapter_config.json",  # a PEFT adapter (its adapter_model.safetensors are weights)
 ]
 # The names the loader reads (transformers' model.safetensors / model-0000k-of-0000n and

@@ -6,7 +6,8 @@
   special, one not;
 * a token declared only in ``tokenizer_config.json``'s ``added_tokens_decoder`` (transformers
   adds it on loading);
-* a sentencepiece folder to which transformers added a token the model does not hold.
+* a sentencepiece folder to which transformers added a token the model does not hold;
+* GPT-2's vocab.json + merges.txt (a folder, its slow tokenizer's files, GPT-NeoX's names).
 """
 
 import io
@@ -17,7 +18,7 @@ import sentencepiece as spm
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.data.tokenizer import copy_tokenizer, load_tokenizer
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "hello", "world",
          "123", "4567", "café", "naïve"]  # fmt: skip
@@ -161,17 +162,94 @@ def test_llama3_tiktoken_model_file_is_named(tmp_path):
         load_tokenizer(tmp_path)
 
 
-def test_gpt2_vocab_and_merges_folder_is_named(tmp_path):
+GPT2_TEXTS = [*TEXTS, "a<|endoftext|>b", "  leading", "it's we'll", "x<|pad|>y", "<|endoftext|>"]
+
+
+def _gpt2_files(folder, vocab="vocab.json", merges="merges.txt"):
     # GPT-2's (and GPT-NeoX's GPT2BPETokenizer's) vocab.json + merges.txt, as the tokenizers
     # library's ByteLevelBPETokenizer.save_model writes them, with no tokenizer.json.
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(), vocab_size=280, show_progress=False)
-    bpe.save_model(str(tmp_path))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merges.txt", "vocab.json"]
-    with pytest.raises(FileNotFoundError, match="vocab.json and merges.txt.*save_pretrained"):
-        load_tokenizer(tmp_path)
+    bpe.train_from_iterator(_corpus(), vocab_size=300, show_progress=False,
+                            special_tokens=["<|endoftext|>"])  # fmt: skip
+    bpe.save_model(str(folder))
+    if (vocab, merges) != ("vocab.json", "merges.txt"):
+        (folder / "vocab.json").rename(folder / vocab)
+        (folder / "merges.txt").rename(folder / merges)
+    return folder
+
+
+def _same_as(tok, ref, texts=GPT2_TEXTS):
+    assert tok.vocab_size == len(ref)
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id)  # fmt: skip
+    for text in texts:
+        ids = ref(text).input_ids  # what the model is fed: the folder's added tokens too
+        assert tok.encode(text, add_special_tokens=True) == ids, text
+        assert tok.decode(ids) == ref.decode(ids), text
+
+
+def test_gpt2_vocab_and_merges_folder_reads_as_transformers_does(tmp_path):
+    folder = _gpt2_files(tmp_path)
+    assert sorted(p.name for p in folder.iterdir()) == ["merges.txt", "vocab.json"]
+    tok = load_tokenizer(folder)
+    _same_as(tok, transformers.GPT2Tokenizer.from_pretrained(str(folder)))
+    assert tok.eos_id == tok.token_to_id("<|endoftext|>") == 0
+    assert tok.encode("fox<|endoftext|>") == [*tok.encode("fox"), 0]  # kept whole
+
+
+def test_gpt2_folder_with_its_slow_tokenizer_files(tmp_path):
+    # What transformers' slow GPT2Tokenizer.save_pretrained left: a config that puts bos in
+    # front of every text and names a pad token, and an added_tokens.json.
+    folder = _gpt2_files(tmp_path)
+    (folder / "added_tokens.json").write_text(json.dumps({"<|pad|>": 300}))
+    config = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True,
+              "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+              "pad_token": "<|pad|>"}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(folder)
+    # Not a text that starts with the bos text: encode never puts bos in front of it twice.
+    texts = [t for t in GPT2_TEXTS if not t.startswith("<|endoftext|>")]
+    _same_as(tok, transformers.AutoTokenizer.from_pretrained(str(folder)), texts)
+    assert tok.special_prefix == (0,) and tok.pad_id == 300
+
+    # Saved (into a checkpoint, a run's tokenizer folder) as a tokenizer.json that reads
+    # back to the same ids.
+    saved = tmp_path / "saved"
+    copy_tokenizer(folder, saved)
+    assert (saved / "tokenizer.json").is_file() and not (saved / "vocab.json").exists()
+    again = load_tokenizer(saved)
+    assert type(again).__name__ == "HFTokenizer"
+    for text in GPT2_TEXTS:
+        assert again.encode(text, add_special_tokens=True) == tok.encode(
+            text, add_special_tokens=True), text  # fmt: skip
+    assert (again.bos_id, again.eos_id, again.pad_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_gpt_neox_gpt2_vocab_file_finds_its_merges(tmp_path):
+    # GPT-NeoX's configs name vocab_file: data/gpt2-vocab.json, merge_file:
+    # data/gpt2-merges.txt; the vocab file alone finds its merges by name.
+    folder = _gpt2_files(tmp_path, "gpt2-vocab.json", "gpt2-merges.txt")
+    tok = load_tokenizer(folder / "gpt2-vocab.json")
+    plain = tmp_path / "plain"  # the same files under transformers' names
+    plain.mkdir()
+    (plain / "vocab.json").write_bytes((folder / "gpt2-vocab.json").read_bytes())
+    (plain / "merges.txt").write_bytes((folder / "gpt2-merges.txt").read_bytes())
+    _same_as(tok, transformers.GPT2Tokenizer.from_pretrained(str(plain)))
+
+
+def test_gpt2_files_that_do_not_make_a_tokenizer(tmp_path):
+    folder = _gpt2_files(tmp_path)
+    (folder / "added_tokens.json").write_text(json.dumps({"<|pad|>": 305}))
+    with pytest.raises(ValueError, match="added_tokens.json.*305.*continue"):
+        load_tokenizer(folder)
+    (folder / "added_tokens.json").unlink()
+    (folder / "merges.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="vocab.json without merges.txt"):
+        load_tokenizer(folder)
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
+        load_tokenizer(folder / "vocab.json")  # a vocab whose merges are nowhere
 
 
 def test_control_symbols_of_a_mistral_sentencepiece_model(tmp_path):

@@ -445,3 +445,51 @@ def test_older_mlp_type_llama_config():
     assert model["model.gated_mlp"] and not model["model.mlp_bias"]
     with pytest.raises(UserError, match="mlp_type=llama gates its MLP itself"):
         translate({**neox, "activation": "swiglu"})
+
+
+def _gpt2_pair(folder: Path, size: int = 300) -> None:
+    """GPT-NeoX's gpt2-vocab.json + gpt2-merges.txt (GPT-2's format), of ``size`` tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    text = [f"the fox {i} jumps over dog {i * 7}" for i in range(300)]
+    bpe.train_from_iterator(text, vocab_size=size, show_progress=False,
+                            special_tokens=["<|endoftext|>"])  # fmt: skip
+    bpe.save_model(str(folder), prefix="gpt2")  # gpt2-vocab.json, gpt2-merges.txt
+
+
+def test_gpt2_bpe_vocab_and_merge_files_are_the_runs_tokenizer(tmp_path):
+    from neox_jax.data.tokenizer import load_tokenizer
+
+    _gpt2_pair(tmp_path)
+    neox = {k: v for k, v in read_configs([str(DATA / "pythia" / "70M.yml")]).items()
+            if k not in ("tokenizer_type", "vocab_file")}  # fmt: skip
+    files = {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": str(tmp_path / "gpt2-vocab.json"),
+             "merge_file": str(tmp_path / "gpt2-merges.txt")}  # fmt: skip
+    t = translate({**neox, **files}, num_gpus=32)
+    assert t.overrides["data.tokenizer"] == files["vocab_file"]
+    tok = load_tokenizer(t.overrides["data.tokenizer"])
+    assert tok.vocab_size == 300 and t.overrides["model.vocab_size"] == 384  # padded to 128
+    assert tok.eos_id == tok.token_to_id("<|endoftext|>")  # GPT-NeoX's eod
+
+    # Merges somewhere load_tokenizer would not look: said, and no tokenizer set.
+    elsewhere = tmp_path / "other" / "m.txt"
+    t = translate({**neox, **files, "merge_file": str(elsewhere)}, num_gpus=32)
+    assert "data.tokenizer" not in t.overrides
+    assert any(f"merge_file {elsewhere}" in n and "copy it there" in n for n in t.notes)
+
+
+def test_the_users_tokenizer_sizes_the_vocabulary(tmp_path, capsys):
+    # local_setup.yml's vocab_file is not here; --config.data.tokenizer replaces it, and
+    # its size (not the 20B tokenizer's assumed 50277) is padded into the model's rows.
+    from neox_jax.train import COMMAND
+
+    _gpt2_pair(tmp_path, size=270)
+    parsed = COMMAND.parse([
+        "neox_jax.train", f"--neox_config={DATA / 'pythia' / '160M.yml'}",
+        f"--neox_config={DATA / 'local_setup.yml'}", "--neox_num_gpus=32",
+        "--workdir=/tmp/unused", f"--config.data.tokenizer={tmp_path}/gpt2-vocab.json",
+    ])  # fmt: skip
+    assert parsed.config.model.vocab_size == 384  # 270 padded to 128
+    assert parsed.config.data.tokenizer == f"{tmp_path}/gpt2-vocab.json"
+    assert "tokenizer size unknown" not in capsys.readouterr().err

@@ -88,9 +88,9 @@ APPENDED = [
     ("neox_jax.evaluate", "--config.harness.tasks="),  # its lm-eval task downloads data
     (
         "--neox_config=local_setup.yml",
-        # The stand-in tokenizer's size, as the mapping's note says to pass when GPT-NeoX's
-        # vocab_file is not at hand (else it assumes the 20B tokenizer's 50277 rows).
-        f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json --neox_vocab_size={{vocab}}",
+        # The stand-in tokenizer, which also sizes the vocabulary (GPT-NeoX's vocab_file is
+        # not at hand; without a tokenizer the mapping assumes the 20B one's 50277 rows).
+        f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json",
     ),
     ("neox_jax.batch_viewer", "--config.batch_size=2"),  # steps of 2 sequences, not 1024
     # Each program compiles on its first request instead of every prefill bucket and slot

@@ -1,9 +1,11 @@
-"""Tokenizers: one interface over Hugging Face `tokenizer.json` files and sentencepiece models.
+"""Tokenizers: one interface over Hugging Face `tokenizer.json` files, sentencepiece models
+and GPT-2's BPE files.
 
 GPT-NeoX-20B/Pythia ship a byte-level BPE `tokenizer.json` (`HFTokenizer`); sentencepiece models
 (`SentencePieceTokenizer`) come from elsewhere or from `neox_jax.data.spm_training`, which trains
-a byte-fallback BPE on which any text round-trips exactly. `load_tokenizer` picks the backend
-from a file or directory.
+a byte-fallback BPE on which any text round-trips exactly; GPT-2's `vocab.json` + `merges.txt`
+(`GPT2BPETokenizer`) come from older checkpoints and GPT-NeoX's own configs. `load_tokenizer`
+picks the backend from a file or directory.
 """
 
 from __future__ import annotations
@@ -24,19 +26,21 @@ import tokenizers
 from neox_jax import hub
 from neox_jax.data.generation_config import GENERATION_FILE, read_generation_config
 from neox_jax.data.tokenizer_files import (  # noqa: F401 - re-exported: the public names
+    ADDED_TOKENS_FILE,
     CONFIG_FILE,
     HF_FILE,
     SPECIAL_MAP_FILE,
     SPM_FILE,
     TOKENIZER_FILES,
     atomic_write,
-    copy_tokenizer,
+    gpt2_bpe_files,
     literal_meta_ids,
     missing_tokenizer_hint,
     not_sentencepiece_hint,
     read_json,
     refuse_added_tokens,
 )
+from neox_jax.data.tokenizer_files import copy_tokenizer as _copy_tokenizer_files
 
 _SPM_NAMES = (SPM_FILE, "spm.model")
 # Token strings tried in order when tokenizer_config.json names no such token (and a sentencepiece
@@ -285,7 +289,7 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{directory} holds a {HF_FILE}, which load_tokenizer would prefer")
         target = directory / self.file_name
         if not (target.exists() and target.samefile(self.path)):
-            atomic_write(target, self.path.read_bytes())
+            atomic_write(target, self._file_bytes())
         config = dict(self._config)
         for kind, idx in self._special.items():
             config[f"{kind}_token"] = None if idx is None else self.id_to_token(idx)
@@ -295,6 +299,10 @@ class Tokenizer(abc.ABC):
         ).resolve():
             atomic_write(directory / GENERATION_FILE, gen.file_bytes())
         return target
+
+    def _file_bytes(self) -> bytes:
+        """What `save_to` writes under `file_name`."""
+        return self.path.read_bytes()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
@@ -362,6 +370,71 @@ class HFTokenizer(Tokenizer):
 
     def id_to_token(self, idx: int) -> str | None:
         return self._tok.id_to_token(idx) if idx >= 0 else None
+
+
+class GPT2BPETokenizer(HFTokenizer):
+    """GPT-2's BPE files, `vocab.json` + `merges.txt` (what transformers' slow GPT2Tokenizer
+    saves, and GPT-NeoX's GPT2BPETokenizer reads as `vocab_file` and `merge_file`).
+
+    Built with `tokenizers` as transformers builds GPT2Tokenizer from them: byte-level BPE
+    with GPT-2's split pattern and no prefix space; the special tokens the folder names
+    (bos/eos/unk/pad in `tokenizer_config.json` or `special_tokens_map.json`, else GPT-2's
+    `<|endoftext|>`) and `added_tokens.json`'s tokens are kept whole; `add_bos_token` in
+    `tokenizer_config.json` puts bos in front of a text. `save_to` writes it as a
+    `tokenizer.json` (which `load_tokenizer` reads back to the same ids). GPT-NeoX's own
+    tokenizer splits a `<|endoftext|>` written in the text into pieces; transformers and
+    this class read it as the token.
+    """
+
+    def __init__(self, vocab: str | os.PathLike, merges: str | os.PathLike) -> None:
+        vocab, merges = _existing_file(vocab), _existing_file(merges)
+        try:
+            model = tokenizers.models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"{vocab} + {merges}: not GPT-2 BPE files ({e})") from e
+        self._tok = tokenizers.Tokenizer(model)
+        self._tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tok.decoder = tokenizers.decoders.ByteLevel()
+        self.merges_path = merges
+        self._add_named_specials(vocab.parent)
+        self._add_declared(vocab.parent / CONFIG_FILE)
+        self._added = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        Tokenizer.__init__(self, vocab)
+        if self._config.get("add_bos_token") is True and self.bos_id is not None:
+            bos = self.id_to_token(self.bos_id)
+            self._tok.post_processor = tokenizers.processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, self.bos_id)]
+            )
+            self.special_prefix, self.special_suffix = self._input_specials()
+
+    def _add_named_specials(self, folder: Path) -> None:
+        named = {}
+        for name in (CONFIG_FILE, SPECIAL_MAP_FILE):
+            data = read_json(folder / name) if (folder / name).is_file() else {}
+            extra = data.get("additional_special_tokens") or []
+            for value in [data.get(f"{k}_token") for k in ("bos", "eos", "unk", "pad")] + extra:
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str) and value:
+                    named[value] = None
+        specials = list(named) or ["<|endoftext|>"]  # GPT2Tokenizer's default bos/eos/unk
+        self._tok.add_special_tokens(
+            [tokenizers.AddedToken(t, special=True, normalized=False)
+             for t in specials if self._tok.token_to_id(t) is not None]
+        )  # fmt: skip
+        path = folder / ADDED_TOKENS_FILE
+        added = read_json(path) if path.is_file() else {}
+        for token, idx in sorted(added.items(), key=lambda kv: kv[1]):
+            if self._tok.token_to_id(token) is None:
+                self._tok.add_tokens([tokenizers.AddedToken(token, normalized=False)])
+            if self._tok.token_to_id(token) != idx:
+                raise ValueError(
+                    f"{path}: {token!r} has id {idx}, but follows a vocabulary of "
+                    f"{self._tok.get_vocab_size(with_added_tokens=True) - 1} tokens; "
+                    "its ids must continue the vocabulary's"
+                )
+
+    def _file_bytes(self) -> bytes:
+        return self._tok.to_str().encode()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -467,17 +540,21 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
     Args:
       path: a `tokenizer.json`, a sentencepiece `.model`, or a directory with one of them
-        (`tokenizer.json` preferred, then `tokenizer.model`, `spm.model`, a single `*.model`),
-        or a Hugging Face Hub model id (`EleutherAI/pythia-160m[@revision]`, see `neox_jax.hub`).
+        (`tokenizer.json` preferred, then `tokenizer.model`, `spm.model`, a single `*.model`,
+        then GPT-2's `vocab.json` + `merges.txt`), a GPT-2 vocab file with its merges beside
+        it (`gpt2-vocab.json` + `gpt2-merges.txt`), or a Hugging Face Hub model id
+        (`EleutherAI/pythia-160m[@revision]`, see `neox_jax.hub`).
 
     Returns:
-      An `HFTokenizer` or a `SentencePieceTokenizer`.
+      An `HFTokenizer`, a `SentencePieceTokenizer` or a `GPT2BPETokenizer`.
 
     Raises:
       FileNotFoundError: nothing at `path`, or no tokenizer in the directory.
       ValueError: a corrupt file.
     """
     path = Path(hub.resolve(path, weights=False)).expanduser()  # a Hub id: its tokenizer files
+    if (pair := gpt2_bpe_files(path)) is not None:
+        return GPT2BPETokenizer(*pair)
     if path.is_dir():
         path = _find_in_dir(path)
     elif not path.exists():
@@ -490,6 +567,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     with open(path, "rb") as f:  # other names: tokenizer.json is JSON, a .model is protobuf
         is_json = f.read(64).lstrip().startswith(b"{")
     return HFTokenizer(path) if is_json else SentencePieceTokenizer(path)
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy the tokenizer at ``src`` (a file, or a folder's tokenizer files) into ``dst``;
+    GPT-2's BPE pair is written as the tokenizer.json it reads as."""
+    if gpt2_bpe_files(Path(src)) is not None:
+        load_tokenizer(src).save_to(dst)
+    else:
+        _copy_tokenizer_files(src, dst)
 
 
 def save(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:

@@ -23,6 +23,38 @@ SPECIAL_MAP_FILE = "special_tokens_map.json"
 # The files that make up a tokenizer folder (what a checkpoint or an export copies); a
 # model folder's generation_config.json travels with them (see data/generation_config.py).
 TOKENIZER_FILES = (HF_FILE, CONFIG_FILE, SPECIAL_MAP_FILE, SPM_FILE, GENERATION_FILE)
+# GPT-2's BPE pair (transformers' slow GPT2Tokenizer saves these; GPT-NeoX's
+# GPT2BPETokenizer reads them as vocab_file and merge_file) and the slow tokenizers' extra
+# tokens.
+VOCAB_FILE, MERGES_FILE, ADDED_TOKENS_FILE = "vocab.json", "merges.txt", "added_tokens.json"
+
+
+def gpt2_merges_beside(vocab: Path) -> list[Path]:
+    """Where the merges of GPT-2's vocab file ``vocab`` are looked for, in order."""
+    names = [vocab.stem.replace("vocab", "merges") + ".txt"] if "vocab" in vocab.stem else []
+    return [vocab.with_name(n) for n in dict.fromkeys((*names, MERGES_FILE))]
+
+
+def gpt2_bpe_files(path: Path) -> tuple[Path, Path] | None:
+    """``(vocab, merges)`` when ``path`` is GPT-2's BPE pair: a folder holding vocab.json and
+    merges.txt but no tokenizer.json (which would be preferred), or a vocab file (a flat JSON
+    object of token -> id, as GPT-NeoX's gpt2-vocab.json) with its merges beside it, named
+    as it is with "vocab" -> "merges" and .txt (gpt2-merges.txt), or merges.txt."""
+    if path.is_dir():
+        vocab, merges = path / VOCAB_FILE, path / MERGES_FILE
+        if (path / HF_FILE).is_file() or not (vocab.is_file() and merges.is_file()):
+            return None
+        return vocab, merges
+    if path.suffix != ".json" or not path.is_file():
+        return None
+    merges = next((m for m in gpt2_merges_beside(path) if m.is_file()), None)
+    if merges is None:
+        return None
+    with open(path, "rb") as f:  # a tokenizer.json is an object of sections, not of ids
+        head = f.read(4096)
+    if re.match(rb'\s*\{\s*"(?:[^"\\]|\\.)*"\s*:\s*\d', head) is None:
+        return None
+    return path, merges
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
@@ -83,12 +115,9 @@ def not_sentencepiece_hint(path: Path) -> str:
 
 def missing_tokenizer_hint(directory: Path) -> str:
     """What a folder without a tokenizer.json or sentencepiece model holds instead, if known."""
-    if (directory / "vocab.json").is_file() and (directory / "merges.txt").is_file():
-        return (
-            "; it holds vocab.json and merges.txt (GPT-2's BPE files, as GPT-2 and GPT-NeoX's "
-            "GPT2BPETokenizer use them), which are not read alone: write a tokenizer.json with "
-            "transformers, AutoTokenizer.from_pretrained(folder).save_pretrained(folder)"
-        )
+    if (directory / VOCAB_FILE).is_file() != (directory / MERGES_FILE).is_file():
+        have, lack = (VOCAB_FILE, MERGES_FILE)[:: 1 if (directory / VOCAB_FILE).is_file() else -1]
+        return f"; it holds {have} without {lack}: GPT-2's BPE needs both"
     if (directory / "tekken.json").is_file():
         return "; its tekken.json (mistral-common's format) is not read: use a tokenizer.json"
     return ""

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from neox_jax.data.neox_order import split_ranges
+from neox_jax.data.tokenizer import load_tokenizer
+from neox_jax.data.tokenizer_files import gpt2_merges_beside
 from neox_jax.errors import UserError
 from neox_jax.neox_compat.files import read_configs
 from neox_jax.neox_compat.model_config import KERNEL, model_fields
@@ -65,7 +67,6 @@ IGNORED = {
                      "memory_profiling", "profile"), _LOGGING),
     "checkpoint_activations": "rematerialisation is model.remat (the base config's choice is kept)",
     "checkpoint_num_layers": "rematerialisation is model.remat (per block)",
-    "merge_file": "GPT-2 BPE merges; neox_jax reads tokenizer.json or sentencepiece files",
     "save": "the run directory is --workdir",
     "load": "resume reads --workdir; start from other weights with --config.train.init_from",
     "test_data_paths": "neox_jax has no test split (train and eval only)",
@@ -325,11 +326,30 @@ def _data(neox, used, t: Translation) -> dict[str, Any]:
     # With pack_impl "packed" it names the index files only (data/neox_source.py).
     out["data.neox_allow_chopped"] = chopped
     vocab_file, kind = g("vocab_file"), g("tokenizer_type", "GPT2BPETokenizer")
+    merge_file = g("merge_file")
     if vocab_file and str(kind).lower() in ("hftokenizer", "spmtokenizer"):
         out["data.tokenizer"] = str(vocab_file)
+    elif vocab_file and str(kind).lower() == "gpt2bpetokenizer":
+        # load_tokenizer finds GPT-2's merges beside the vocab file, by name.
+        beside = gpt2_merges_beside(Path(vocab_file))
+        if merge_file and not any(_same_path(merge_file, m) for m in beside):
+            t.notes.append(
+                f"merge_file {merge_file} is not where neox_jax looks for {vocab_file}'s "
+                f"merges ({' or '.join(str(m) for m in beside)}): copy it there, or set "
+                "data.tokenizer"
+            )
+        else:
+            out["data.tokenizer"] = str(vocab_file)
     elif vocab_file:
         t.notes.append(f"{kind} files ({vocab_file}) are not read by neox_jax; set data.tokenizer")
     return out
+
+
+def _same_path(a: str | Path, b: Path) -> bool:
+    a = Path(a)
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.absolute() == b.absolute()
 
 
 def _train(neox, used, t: Translation) -> dict[str, Any]:
@@ -420,10 +440,27 @@ def expand_argv(argv: list[str]) -> list[str]:
         if options:
             raise UserError(f"{', '.join(options)} needs --neox_config=FILE.yml")
         return list(argv)
+    size = options.get("--neox_vocab_size")
+    if size is None:  # the tokenizer the run will use, where the user named one
+        size = _tokenizer_override_size(rest)
     t = translate(read_configs(files), num_gpus=options.get("--neox_num_gpus"),
-                  tokenizer_vocab_size=options.get("--neox_vocab_size"))  # fmt: skip
+                  tokenizer_vocab_size=size)  # fmt: skip
     print(t.report(), file=sys.stderr, flush=True)
     base = [a for a in rest if a.startswith("--config=")] or [f"--config={BASE_CONFIG}"]
     rest = [a for a in rest if not a.startswith("--config=")]
     # config_flags wants --config first; the user's --config.x=y come last, so they win.
     return [*base, *t.flags(), *rest]
+
+
+def _tokenizer_override_size(argv: list[str]) -> int | None:
+    """The size of the tokenizer a ``--config.data.tokenizer=X`` flag names, which replaces
+    the GPT-NeoX config's vocab_file: the model's vocabulary pads it as GPT-NeoX pads its
+    own. None when no such flag is given or it cannot be read here (the run then reports
+    the tokenizer itself)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("--config.data.tokenizer=")]
+    if not values or not values[-1]:
+        return None
+    try:
+        return load_tokenizer(values[-1]).vocab_size
+    except (OSError, ValueError, UserError):
+        return None

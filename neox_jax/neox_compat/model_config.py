@@ -66,8 +66,8 @@ def padded_vocab(g: Getter, notes: list[str], tokenizer_vocab_size: int | None) 
         size = NEOX_20B_TOKENIZER_SIZE
         notes.append(
             f"tokenizer size unknown (vocab_file {vocab_file or 'not set'} not readable here): "
-            f"assuming {size}, the 20B tokenizer's (Pythia's); pass the real size with "
-            "--neox_vocab_size=N"
+            f"assuming {size}, the 20B tokenizer's (Pythia's); name the tokenizer with "
+            "--config.data.tokenizer=PATH or its size with --neox_vocab_size=N"
         )
     multiple = _int(g, "make_vocab_size_divisible_by", 128) * max(
         1, _int(g, "model_parallel_size", 1) or 1
