@@ -156,3 +156,27 @@ def test_sentencepiece_with_add_bos_token_exports_its_bos_and_generation_config(
         assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode(text), text
     assert GenerationConfig.from_pretrained(out).eos_token_id == [0, 4]
     assert load_tokenizer(out).encode("hi", add_special_tokens=True)[0] == 3
+    config = json.loads((out / "config.json").read_text())  # generate's fallback ids
+    assert (config["bos_token_id"], config["eos_token_id"]) == (3, [0, 4])
+
+
+def test_gpt2_bpe_files_export_as_a_tokenizer_json_with_their_ids(tmp_path):
+    """GPT-2's vocab.json + merges.txt whose <|endoftext|> is not id 0: the export's
+    tokenizer.json reads into our ids in transformers, and config.json names that eos."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    src = tmp_path / "gpt2"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(HELD_OUT * 20, vocab_size=400, show_progress=False,
+                            special_tokens=["<|pad|>", "<|endoftext|>"])  # fmt: skip
+    src.mkdir()
+    bpe.save_model(str(src))
+    config = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    ours = load_tokenizer(src)
+    assert (ours.eos_id, ours.pad_id) == (1, 0)
+    out = _export(src, tmp_path / "export", vocab=512)
+    assert not (out / "vocab.json").exists()
+    _assert_same(ours, AutoTokenizer.from_pretrained(out))
+    config = json.loads((out / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 1, 0)

@@ -29,7 +29,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from neox_jax.atomic import atomic_directory
 from neox_jax.convert import hf_families
 from neox_jax.convert.hf_families import ConversionError
-from neox_jax.convert.hf_tokenizer import write_hf_tokenizer
+from neox_jax.convert.hf_tokenizer import special_token_ids, write_hf_tokenizer
 from neox_jax.errors import load_json
 from neox_jax.model import ModelConfig, abstract_params
 from neox_jax.model.shapes import check_params
@@ -428,7 +428,8 @@ def save_hf(
     leaves nothing partial at ``path``. The tokenizer of ``tokenizer_dir`` (when given) is
     written as a ``tokenizer.json`` + ``tokenizer_config.json`` that transformers'
     ``AutoTokenizer`` reads into the same ids (a sentencepiece model is converted; see
-    ``hf_tokenizer``), with ``chat_template`` in the config when given.
+    ``hf_tokenizer``), with ``chat_template`` in the config when given, and config.json
+    names its bos/eos/pad ids (without a tokenizer, a gpt_neox export says 0/0, Pythia's).
     """
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
@@ -437,9 +438,10 @@ def save_hf(
     check_params(config, params, what="params to export")
     with atomic_directory(path, overwrite=overwrite) as tmp:
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
+        if tokenizer_dir is not None:  # the config names its special ids, as the source's did
+            tok = write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
+            hf_config.update(special_token_ids(tok))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        if tokenizer_dir is not None:
-            write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
     return path
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from tokenizers import (
     AddedToken,
@@ -49,6 +50,7 @@ from neox_jax.data.tokenizer import (
     SentencePieceTokenizer,
     load_tokenizer,
 )
+from neox_jax.data.tokenizer import Tokenizer as TokenizerOfOurs  # tokenizers' is Tokenizer
 from neox_jax.errors import UserError
 
 _META = "\u2581"
@@ -198,18 +200,21 @@ def hf_tokenizer_config(tok, chat_template: str | None = None) -> dict:
 
 def write_hf_tokenizer(
     tokenizer_path: str | os.PathLike, out_dir: str | os.PathLike, chat_template: str | None = None
-) -> None:
+) -> TokenizerOfOurs:
     """Writes ``tokenizer.json`` and ``tokenizer_config.json`` for transformers into ``out_dir``.
 
     Args:
       tokenizer_path: our tokenizer (a file or a folder; see ``load_tokenizer``).
       out_dir: the export folder (exists).
       chat_template: Jinja text of the run's chat template, or None.
+
+    Returns:
+      The tokenizer written (as ``load_tokenizer`` read it).
     """
     tok = load_tokenizer(tokenizer_path)
     out_dir = Path(out_dir)
     if isinstance(tok, HFTokenizer):
-        (out_dir / HF_FILE).write_bytes(tok.path.read_bytes())
+        (out_dir / HF_FILE).write_bytes(tok.file_bytes())
     else:
         raw = sentencepiece_to_tokenizers(tok)
         check_same_ids(tok, raw)
@@ -227,3 +232,17 @@ def write_hf_tokenizer(
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     if tok.generation is not None:  # the eos ids transformers' generate stops at
         (out_dir / GENERATION_FILE).write_bytes(tok.generation.file_bytes())
+    return tok
+
+
+def special_token_ids(tok: TokenizerOfOurs) -> dict[str, Any]:
+    """The ``config.json`` fields naming ``tok``'s special ids (transformers' ``generate``
+    falls back to them without a generation_config.json): bos (null when the tokenizer has
+    none), eos (a list when generation stops at several), pad when there is one."""
+    eos = list(tok.eos_ids)
+    out: dict[str, Any] = {"bos_token_id": tok.bos_id}
+    if eos:
+        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if tok.pad_id is not None:
+        out["pad_token_id"] = tok.pad_id
+    return out

@@ -289,7 +289,7 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{directory} holds a {HF_FILE}, which load_tokenizer would prefer")
         target = directory / self.file_name
         if not (target.exists() and target.samefile(self.path)):
-            atomic_write(target, self._file_bytes())
+            atomic_write(target, self.file_bytes())
         config = dict(self._config)
         for kind, idx in self._special.items():
             config[f"{kind}_token"] = None if idx is None else self.id_to_token(idx)
@@ -300,7 +300,7 @@ class Tokenizer(abc.ABC):
             atomic_write(directory / GENERATION_FILE, gen.file_bytes())
         return target
 
-    def _file_bytes(self) -> bytes:
+    def file_bytes(self) -> bytes:
         """What `save_to` writes under `file_name`."""
         return self.path.read_bytes()
 
@@ -433,7 +433,7 @@ class GPT2BPETokenizer(HFTokenizer):
                     "its ids must continue the vocabulary's"
                 )
 
-    def _file_bytes(self) -> bytes:
+    def file_bytes(self) -> bytes:
         return self._tok.to_str().encode()
 
 
