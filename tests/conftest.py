@@ -71,16 +71,20 @@ for _flag in SUITE_FLAGS.split():
     if _flag.split("=")[0] + "=" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
-# Threads enough for the fake-device subprocesses (up to 8 devices): XLA:CPU's pools are
-# max(cores, devices) threads, and a program whose devices each run two collectives at
-# once can hold them all in a rendezvous and abort after 40 s (CI, stop 20: the pipeline
-# decode on 4 fake devices; about one run in three under load here, none in 8 with 32
-# threads). neox_jax's own commands set this for themselves (cli.threads_for_fake_devices,
-# which says more); the suite's scripts import JAX directly, so it is set here for every
-# process the tests start. Extra threads only wait: test_head_loss + test_pipeline took
-# 92 s without, 88 s with. A value the user set is kept.
-if "NPROC" not in os.environ:
-    os.environ.setdefault("PJRT_NPROC", "32")
+# Threads enough for the fake-device subprocesses the tests start (up to 8 devices):
+# XLA:CPU's pools are max(cores, devices) threads, and a program whose devices each run two
+# collectives at once can hold them all in a rendezvous and abort after 40 s (CI, stop 20:
+# the pipeline decode on 4 fake devices; about one run in three under load here, none in
+# 8 with 32 threads). neox_jax's own commands set this for themselves
+# (cli.threads_for_fake_devices, which says more); the suite's scripts import JAX directly,
+# so it is set here, for the processes the tests start only: this process's CPU client is
+# made first, with XLA's default pools, as in every run before this setting. A value the
+# user set is kept.
+if "NPROC" not in os.environ and "PJRT_NPROC" not in os.environ:
+    import jax
+
+    jax.devices()  # reads PJRT_NPROC once, now, while it is unset
+    os.environ["PJRT_NPROC"] = "32"
 
 # `configs/` is not a package on the install path; make `import configs.pretrain` work.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
