@@ -256,6 +256,37 @@ def test_generation_config_travels_into_checkpoints_and_exports(stopping, tmp_pa
     )
 
 
+def test_a_family_export_names_its_tokenizers_ids_not_the_class_defaults(llama, tmp_path):
+    """transformers' ``generate`` falls back to config.json's ids without a
+    generation_config.json: a Llama export with a tokenizer of other ids (pad 0, eos 1,
+    bos 2; LlamaConfig's defaults are bos 1, eos 2, no pad) must name the tokenizer's.
+    A generation config transformers derived from a model config (``_from_model_config``,
+    as a folder converted from Hugging Face carries it) is that config's ids, unset ones
+    included, so the export's config.json says exactly those."""
+    config, params = load_model(llama)
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    config_json = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    tok = train_byte_level_bpe(tok_dir, CORPUS, 300, config_json, ("<pad>", "</s>", "<s>"))
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.generation) == (0, 1, 2, None)
+    out = save_hf(config, params, tmp_path / "fresh", tokenizer_dir=tok_dir)
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    assert (hf_config.bos_token_id, hf_config.eos_token_id, hf_config.pad_token_id) == (2, 1, 0)
+    ref = transformers.GenerationConfig.from_model_config(hf_config)
+    assert (ref.bos_token_id, ref.eos_token_id, ref.pad_token_id) == (2, 1, 0)
+
+    _write_generation_config(tok_dir, _from_model_config=True, eos_token_id=[1, 2])
+    out = save_hf(config, params, tmp_path / "mirrored", tokenizer_dir=tok_dir)
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    assert (hf_config.bos_token_id, hf_config.eos_token_id, hf_config.pad_token_id) == (
+        None, [1, 2], None,
+    )  # fmt: skip
+    _write_generation_config(tok_dir, eos_token_id=2)  # the model's own file: it, then tok
+    out = save_hf(config, params, tmp_path / "own", tokenizer_dir=tok_dir)
+    hf_config = transformers.AutoConfig.from_pretrained(out)
+    assert (hf_config.bos_token_id, hf_config.eos_token_id, hf_config.pad_token_id) == (2, 2, 0)
+
+
 def test_lm_eval_adapter_scores_as_lm_evals_hf_model(llama):
     """lm-eval's own Hugging Face model on the folder is the reference: the same ids
     (its ``tok_encode`` adds what the tokenizer adds, bos as the empty-context and rolling

@@ -428,10 +428,10 @@ def save_hf(
     leaves nothing partial at ``path``. The tokenizer of ``tokenizer_dir`` (when given) is
     written as a ``tokenizer.json`` + ``tokenizer_config.json`` that transformers'
     ``AutoTokenizer`` reads into the same ids (a sentencepiece model is converted; see
-    ``hf_tokenizer``), with ``chat_template`` in the config when given. A gpt_neox
-    export's config.json names that tokenizer's bos/eos/pad ids (0/0, Pythia's, without
-    one); the other families' keep their class defaults, as a folder converted from
-    Hugging Face had them (ModelConfig does not carry the source's own ids).
+    ``hf_tokenizer``), with ``chat_template`` in the config when given. config.json
+    names that tokenizer's bos/eos/pad ids (``hf_tokenizer.special_token_ids``: for a
+    folder converted from Hugging Face, the source config's own); without a tokenizer, a
+    gpt_neox export says 0/0 (Pythia's) and the other families keep their class defaults.
     """
     path = Path(path).absolute()
     limit = _parse_size(max_shard_size)
@@ -442,8 +442,7 @@ def save_hf(
         _write_shards(_hf_tensors(config, params, np_dtype), tmp, limit)
         if tokenizer_dir is not None:
             tok = write_hf_tokenizer(tokenizer_dir, tmp, chat_template)
-            if config.model_type == "gpt_neox":  # its ids, not the constant 0/0 (see above)
-                hf_config.update(special_token_ids(tok))
+            hf_config.update(special_token_ids(tok))  # not a class default (see above)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return path
 

@@ -237,12 +237,28 @@ def write_hf_tokenizer(
 
 def special_token_ids(tok: TokenizerOfOurs) -> dict[str, Any]:
     """The ``config.json`` fields naming ``tok``'s special ids (transformers' ``generate``
-    falls back to them without a generation_config.json): bos (null when the tokenizer has
-    none), eos (a list when generation stops at several), pad when there is one."""
+    falls back to them without a generation_config.json).
+
+    When the tokenizer's generation config holds a source model's own ``config.json`` ids
+    (``GenerationDefaults.mirrors_model_config``: a folder converted from Hugging Face
+    carries them so), those, unset ones included: a round trip gives back the config it
+    came from. Otherwise each field the generation config names, else the tokenizer's:
+    bos (null when there is none), eos (a list when generation stops at several), pad
+    when there is one.
+    """
+    gen = tok.generation
     eos = list(tok.eos_ids)
-    out: dict[str, Any] = {"bos_token_id": tok.bos_id}
+    if gen is not None and gen.mirrors_model_config:
+        eos = list(gen.eos_token_ids)
+        return {
+            "bos_token_id": gen.bos_token_id,
+            "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+            "pad_token_id": gen.pad_token_id,
+        }
+    bos, pad = (gen.bos_token_id, gen.pad_token_id) if gen is not None else (None, None)
+    out: dict[str, Any] = {"bos_token_id": tok.bos_id if bos is None else bos}
     if eos:
         out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-    if tok.pad_id is not None:
-        out["pad_token_id"] = tok.pad_id
+    if (pad := tok.pad_id if pad is None else pad) is not None:
+        out["pad_token_id"] = pad
     return out

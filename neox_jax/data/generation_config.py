@@ -67,6 +67,9 @@ class GenerationDefaults:
       eos_token_ids: every id that ends generation (empty when the file names none).
       bos_token_id, pad_token_id: as the file names them, or None.
       sampling: the sampling fields the file sets (``SAMPLING_FIELDS``), by name.
+      mirrors_model_config: the ids are a model ``config.json``'s: read from one (the
+        fallback), or a file transformers derived from one (its ``_from_model_config``
+        marker, as ``save_pretrained`` writes it for a model without its own file).
     """
 
     path: Path
@@ -74,6 +77,7 @@ class GenerationDefaults:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    mirrors_model_config: bool = False
 
     @property
     def from_model_config(self) -> bool:
@@ -183,4 +187,5 @@ def _parse(path: Path, data: Any, *, sampling: bool) -> GenerationDefaults:
         bos_token_id=next(iter(ids["bos_token_id"]), None),
         pad_token_id=next(iter(ids["pad_token_id"]), None),
         sampling=found,
+        mirrors_model_config=not sampling or data.get("_from_model_config") is True,
     )
