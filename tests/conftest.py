@@ -15,16 +15,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _compilation_cache() -> None:
-    """A fresh XLA compilation cache for this run, one folder per pytest worker, for the
-    subprocesses each starts (the command-line runs); the worker itself compiles without
-    it (below).
+    """A fresh XLA compilation cache for this run, one folder per pytest worker, shared
+    with the subprocesses each starts.
 
-    Many of the suite's subprocesses compile the same programs (the same tiny model in
-    many command-line runs); with JAX's persistent cache each compiles once per worker and
-    run: every program is still compiled by this run, and a hit returns that same
-    executable, so no check sees anything else. One folder per worker, not one for all:
-    without ``filelock`` JAX writes cache files unlocked, and two workers writing one key
-    at once could race. A cache folder the user set is kept.
+    Most of the suite's time is XLA compiling small programs, and many tests (and the CLI
+    subprocesses they start) compile the same ones. With JAX's persistent cache each
+    identical program compiles once per worker and run: every program is still compiled
+    by this run, and a hit returns that same executable, so no check sees anything else.
+    One folder per worker, not one for all: without ``filelock`` JAX writes cache files
+    unlocked, and two workers writing one key at once could race. A cache folder the user
+    set is kept.
     """
     ours = os.environ.get("NEOX_JAX_TEST_XLA_CACHE")  # made by this file in the controller
     if "JAX_COMPILATION_CACHE_DIR" in os.environ and not ours:
@@ -71,18 +71,6 @@ for _flag in SUITE_FLAGS.split():
     if _flag.split("=")[0] + "=" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
-import jax  # noqa: E402  (after the settings above: JAX reads its own when imported)
-
-# The compilation cache (above) is for the subprocesses, not the pytest workers: writing an
-# entry serializes the executable, and jaxlib 0.10.2's `executable.serialize()` segfaulted
-# in a worker that had run hundreds of tests (a full run: a Generator's prefill in
-# tests/test_serving_penalties.py), killing it and ending the run; CI then lost a worker
-# the same way in tests/test_serving_paged.py, which compiles the same prefill. Those files
-# alone (16 runs) and the short-lived subprocesses never crashed. Nor did the workers gain
-# from it: tests/test_serving_engine.py took 108 s with it, 95 s without (test_train.py,
-# whose subprocesses share programs: 101 s with the cache everywhere, 107 s with none).
-jax.config.update("jax_enable_compilation_cache", False)  # this process only
-
 # Threads enough for the fake-device subprocesses the tests start (up to 8 devices):
 # XLA:CPU's pools are max(cores, devices) threads, and a program whose devices each run two
 # collectives at once can hold them all in a rendezvous and abort after 40 s (CI, stop 20:
@@ -93,6 +81,8 @@ jax.config.update("jax_enable_compilation_cache", False)  # this process only
 # made first, with XLA's default pools, as in every run before this setting. A value the
 # user set is kept.
 if "NPROC" not in os.environ and "PJRT_NPROC" not in os.environ:
+    import jax
+
     jax.devices()  # reads PJRT_NPROC once, now, while it is unset
     os.environ["PJRT_NPROC"] = "32"
 
