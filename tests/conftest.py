@@ -6,9 +6,7 @@ Multi-device tests start their own subprocess with
 
 import gc
 import os
-import signal
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -160,36 +158,4 @@ def pytest_runtest_teardown(item, nextitem):
     if nextitem is None or nextitem.path != item.path:
         jax.clear_caches()
         gc.collect()
-    return result
-
-
-def _ctrl_c_state() -> tuple[object, bool]:
-    """This thread's Ctrl-C: Python's SIGINT handler, and whether SIGINT is blocked."""
-    return signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(
-        signal.SIG_BLOCK, []
-    )
-
-
-_CTRL_C_AT_START = _ctrl_c_state()
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    """A test that leaves Ctrl-C ignored or blocked in the worker gets a warning naming it,
-    and Ctrl-C is put back: the Ctrl-C tests (tests/test_cli_behaviour.py), in-process
-    and in the subprocesses they start (which inherit both), need it. In one full run both
-    found it so in their worker (exit 0, not 130) after some earlier test there; no file
-    of those checked alone does it, so the culprit is not known yet.
-    """
-    result = yield
-    state = _ctrl_c_state()
-    if state != _CTRL_C_AT_START and (state[0] is signal.SIG_IGN or state[1]):
-        signal.signal(signal.SIGINT, _CTRL_C_AT_START[0])
-        if state[1] and not _CTRL_C_AT_START[1]:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-        warnings.warn(
-            f"{item.nodeid} left Ctrl-C {'blocked' if state[1] else 'ignored'} (restored)",
-            pytest.PytestWarning,
-            stacklevel=1,
-        )
     return result

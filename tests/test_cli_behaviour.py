@@ -76,14 +76,32 @@ def test_old_rag_spelling_names_the_new_one():
     assert proc.returncode == 2 and "python -m neox_jax.rag" in proc.stderr, proc.stderr
 
 
+@contextlib.contextmanager
+def _ctrl_c_as_in_a_terminal():
+    """Ctrl-C raising KeyboardInterrupt, for the block and the processes it starts.
+
+    The suite may itself run with Ctrl-C ignored: a command started in the background
+    by a non-interactive shell (``cmd &`` in a script, no job control) inherits SIGINT
+    ignored, and so does every process it starts. Our commands then rightly keep it
+    ignored (as under ``nohup``), so these tests set it as a terminal has it. A signal
+    with a Python handler is reset to the default in a child, which Python then handles.
+    """
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_ctrl_c_exits_130(art):
     # Interactive sampling waits on stdin: interrupt it there.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "neox_jax.sample", f"--config.checkpoint={art['model']}",
-         "--config.interactive=True"],
-        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )  # fmt: skip
+    with _ctrl_c_as_in_a_terminal():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "neox_jax.sample", f"--config.checkpoint={art['model']}",
+             "--config.interactive=True"],
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )  # fmt: skip
     deadline = time.time() + 240
     prompt = ""
     while "> " not in prompt and time.time() < deadline:
@@ -108,11 +126,12 @@ def test_a_swallowed_ctrl_c_still_ends_the_run_as_interrupted(capsys):
         print("the run went on")
 
     command = cli.Command(swallowing, "neox_jax.demo", default_config="convert.py")
-    before = signal.getsignal(signal.SIGINT)
-    assert command(["demo"]) == cli.EXIT_INTERRUPTED
+    with _ctrl_c_as_in_a_terminal():
+        before = signal.getsignal(signal.SIGINT)
+        assert command(["demo"]) == cli.EXIT_INTERRUPTED
+        assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     out, err = capsys.readouterr()
     assert "the run went on" in out and err.strip() == "neox_jax.demo: interrupted", err
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
 
 
 def test_internal_error_shows_summary_then_traceback(capsys):
