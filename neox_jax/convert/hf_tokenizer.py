@@ -247,18 +247,21 @@ def special_token_ids(tok: TokenizerOfOurs) -> dict[str, Any]:
     when there is one.
     """
     gen = tok.generation
-    eos = list(tok.eos_ids)
     if gen is not None and gen.mirrors_model_config:
-        eos = list(gen.eos_token_ids)
         return {
             "bos_token_id": gen.bos_token_id,
-            "eos_token_id": (eos[0] if len(eos) == 1 else eos) if eos else None,
+            "eos_token_id": _one_or_list(gen.eos_token_ids),
             "pad_token_id": gen.pad_token_id,
         }
     bos, pad = (gen.bos_token_id, gen.pad_token_id) if gen is not None else (None, None)
     out: dict[str, Any] = {"bos_token_id": tok.bos_id if bos is None else bos}
-    if eos:
-        out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    if tok.eos_ids:
+        out["eos_token_id"] = _one_or_list(tok.eos_ids)
     if (pad := tok.pad_id if pad is None else pad) is not None:
         out["pad_token_id"] = pad
     return out
+
+
+def _one_or_list(ids: tuple[int, ...]) -> int | list[int] | None:
+    """An id field as transformers writes it: one id, a list of several, null for none."""
+    return None if not ids else ids[0] if len(ids) == 1 else list(ids)
