@@ -164,6 +164,12 @@ class GPTNeoX(nn.Module):
             length=cfg.num_hidden_layers,
             unroll=min(cfg.scan_unroll, cfg.num_hidden_layers),
             metadata_params={nn.PARTITION_NAME: axes.LAYERS},
+            # Flax's default traces the layer once more before the scan, to check that
+            # broadcast values are loop invariants: there are no broadcast variables or
+            # outputs here (the broadcast inputs are positions, segment ids and cache
+            # bookkeeping), and that trace was the largest single cost of tracing a model
+            # (~40 % of it). Same scan, same program.
+            check_constancy_invariants=False,
         )(cfg, keep_hidden, name="layers")
 
 
@@ -321,17 +327,29 @@ def init_params(config: ModelConfig, rng: Array) -> dict[str, Any]:
     return nn.meta.unbox(variables["params"])
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_variables(config: ModelConfig) -> dict[str, Any]:
+    """``GPTNeoX(config).init``'s boxed parameters as ``jax.ShapeDtypeStruct``s.
+
+    Tracing the whole model's init is the costly part of both functions below, and
+    loading, sharding, checking and converting a model each ask for them; the config is
+    frozen and hashable, so one trace per config serves every call. Callers get new
+    containers each time (``unbox`` / ``get_partition_spec`` build new trees) around
+    leaves that are never mutated.
+    """
+    return jax.eval_shape(
+        lambda: GPTNeoX(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+    )["params"]
+
+
 def abstract_params(config: ModelConfig) -> dict[str, Any]:
     """Parameter shapes/dtypes as ``jax.ShapeDtypeStruct``; allocates nothing."""
-    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return nn.meta.unbox(_abstract_variables(config))
 
 
 def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
     """The logical axis names of every parameter, as a tree of ``PartitionSpec``."""
-    boxed = jax.eval_shape(
-        lambda: GPTNeoX(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    )
-    return nn.get_partition_spec(boxed)["params"]
+    return nn.get_partition_spec(_abstract_variables(config))
 
 
 def count_params(config: ModelConfig, *, active: bool = False) -> int:
