@@ -10,6 +10,7 @@ sampler or evaluator works on it unchanged, except a quantized ``embed_in`` (see
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -139,5 +140,11 @@ def abstract_quantized_params(config: ModelConfig, qconfig: QuantConfig):
 
     GPTQ and round-to-nearest produce the same structure, so this serves both.
     """
-    rtn = qconfig.replace(method="rtn")
+    # A new tree each call around the cached leaves (callers may edit containers).
+    return jax.tree.map(lambda x: x, _abstract_quantized(config, qconfig.replace(method="rtn")))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_quantized(config: ModelConfig, rtn: QuantConfig):
+    # Traced once per (config, settings): loading, checking and saving each ask.
     return jax.eval_shape(lambda p: quantize_params(config, p, rtn), abstract_params(config))
