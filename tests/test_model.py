@@ -98,6 +98,35 @@ def test_count_params_allocates_nothing():
     assert count_params(ModelConfig.from_preset("neox-20b")) > 2e10
 
 
+def test_the_layer_body_is_traced_once_per_trace(monkeypatch):
+    # Tracing dominates small programs' start-up (and this suite's time): the scanned
+    # layer must be traced once per forward or init trace, not twice (Flax's default
+    # nn.scan traces it again to check loop invariance), and abstract_params /
+    # param_logical_axes must reuse one trace per config. Counted through `attend`,
+    # which every layer calls once per trace.
+    import neox_jax.model.layers as layers
+    from neox_jax.model import abstract_params
+
+    calls = []
+    real = layers.attend
+    monkeypatch.setattr(layers, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    config = dataclasses.replace(SMALL, num_hidden_layers=3, vocab_size=72)  # a new config
+    params = init_params(config, jax.random.key(0))
+    assert len(calls) == 1
+    ids = jnp.zeros((1, 5), jnp.int32)
+    jax.make_jaxpr(lambda p: GPTNeoX(config).apply({"params": p}, ids))(params)
+    assert len(calls) == 2
+    shapes = abstract_params(config)
+    axes = param_logical_axes(config)
+    assert len(calls) == 3  # one trace of init for both
+    again = abstract_params(config)
+    assert len(calls) == 3 and again == shapes and again is not shapes
+    assert param_logical_axes(config) == axes
+    assert jax.tree.map(lambda s: (s.shape, s.dtype), shapes) == jax.tree.map(
+        lambda x: (x.shape, x.dtype), params
+    )
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
