@@ -344,7 +344,13 @@ def _abstract_variables(config: ModelConfig) -> dict[str, Any]:
 
 def abstract_params(config: ModelConfig) -> dict[str, Any]:
     """Parameter shapes/dtypes as ``jax.ShapeDtypeStruct``; allocates nothing."""
-    return nn.meta.unbox(_abstract_variables(config))
+    # The boxes' values, not ``nn.meta.unbox``: outside a trace, under a mesh and logical
+    # axis rules, unbox would apply a sharding constraint to each ShapeDtypeStruct.
+    return jax.tree.map(
+        lambda box: box.value,
+        _abstract_variables(config),
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def param_logical_axes(config: ModelConfig) -> dict[str, Any]:
