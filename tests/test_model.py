@@ -105,12 +105,15 @@ def test_the_layer_body_is_traced_once_per_trace(monkeypatch):
     # param_logical_axes must reuse one trace per config. Counted through `attend`,
     # which every layer calls once per trace.
     import neox_jax.model.layers as layers
+    import neox_jax.model.transformer as transformer
     from neox_jax.model import abstract_params
+
+    transformer._abstract_variables.cache_clear()  # counted from an empty cache
 
     calls = []
     real = layers.attend
     monkeypatch.setattr(layers, "attend", lambda *a, **k: calls.append(1) or real(*a, **k))
-    config = dataclasses.replace(SMALL, num_hidden_layers=3, vocab_size=72)  # a new config
+    config = dataclasses.replace(SMALL, num_hidden_layers=3, vocab_size=72)
     params = init_params(config, jax.random.key(0))
     assert len(calls) == 1
     ids = jnp.zeros((1, 5), jnp.int32)

@@ -167,8 +167,8 @@ class GPTNeoX(nn.Module):
             # Flax's default traces the layer once more before the scan, to check that
             # broadcast values are loop invariants: there are no broadcast variables or
             # outputs here (the broadcast inputs are positions, segment ids and cache
-            # bookkeeping), and that trace was the largest single cost of tracing a model
-            # (~40 % of it). Same scan, same program.
+            # bookkeeping), and that trace was up to half the cost of tracing a forward
+            # pass or the model's init (experiments/trace_bench/). Same scan, same program.
             check_constancy_invariants=False,
         )(cfg, keep_hidden, name="layers")
 
@@ -334,8 +334,7 @@ def _abstract_variables(config: ModelConfig) -> dict[str, Any]:
     Tracing the whole model's init is the costly part of both functions below, and
     loading, sharding, checking and converting a model each ask for them; the config is
     frozen and hashable, so one trace per config serves every call. Callers get new
-    containers each time (``unbox`` / ``get_partition_spec`` build new trees) around
-    leaves that are never mutated.
+    containers each time (both build new trees) around leaves that are never mutated.
     """
     return jax.eval_shape(
         lambda: GPTNeoX(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
