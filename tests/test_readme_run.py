@@ -93,6 +93,8 @@ APPENDED = [
         f"{SHORT} {TINY_SHAPE} --config.data.tokenizer=tokenizer.json",
     ),
     ("neox_jax.batch_viewer", "--config.batch_size=2"),  # steps of 2 sequences, not 1024
+    # 16 x 64 calibration tokens, not 128 x 512: their forwards were most of its 25 s here.
+    ("quantize.py:gptq4", "--config.num_calibration_samples=16 --config.calibration_seq_len=64"),
     # Each program compiles on its first request instead of every prefill bucket and slot
     # count before listening (minutes here; tests/test_serving_api.py tests the warm-up).
     ("python -m neox_jax.serve", "--config.warmup=false"),

@@ -55,7 +55,7 @@ from roofline import (  # noqa: E402
     matmul_peak,
 )
 
-from neox_jax.inference import Generator, SamplingParams, fused  # noqa: E402
+from neox_jax.inference import Generator, SamplingParams, fused, step  # noqa: E402
 from neox_jax.inference import generate as gen  # noqa: E402
 from neox_jax.inference.fused import FUSED_LAYERS  # noqa: E402
 from neox_jax.inference.step import VOCAB_MAJOR_HEAD, split_params  # noqa: E402
@@ -73,17 +73,20 @@ class Ours:
         self.generator = Generator(config, params, max_batch_size=self.batch, split_layers=split)
         self.rows = [list(map(int, p)) for p in prompts]
         self.tokens = [r.token_ids for r in self.generator.generate(self.rows, self.sampling)]
-        # As the Generator splits them (with the config: fused layers on CPU, laid out
-        # for this batch size, fused.block_columns).
+        # The Generator's own weights for this batch size (with the config: fused layers
+        # on CPU, laid out for this batch size, step.BatchLayouts).
         self.config = config
-        self.params = split_params(params, config, batch=self.batch) if split else params
+        self.params = self.generator._layouts(self.batch)
         # The same weights as per-layer model trees, not fused (``--ab_fused``).
         self.unfused = split_params(params) if split else params
-        # The fused weights in the other batch size's layout (``--ab_layout``): blocks
-        # of K_BLOCK input columns at batch 1, one block per weight at batch > 1.
-        other = fused.K_BLOCK if fused.block_columns(self.batch) == 0 else 0
+        # The fused weights in another layout (``--ab_layout``): blocks of K_BLOCK input
+        # columns at batch 1; at more rows one block per weight, or, for input-major
+        # weights (fused.INPUT_MAJOR_ROWS rows on), the blocked output-major layout.
         self.other_layout = None
-        if FUSED_LAYERS in self.params:
+        if FUSED_LAYERS in self.params and step.uses_xla_dots(self.params):
+            self.other_layout = split_params(params, config, batch=self.batch)
+        elif FUSED_LAYERS in self.params:
+            other = fused.K_BLOCK if fused.block_columns(self.batch) == 0 else 0
             layers = fused.reblock(self.params[FUSED_LAYERS], other)
             self.other_layout = {**self.params, FUSED_LAYERS: layers}
         # The same split params with the output head only as stored ([E, V]): the
@@ -109,7 +112,7 @@ class Ours:
         params = self.params if params is None else params
         state = self._prefill()
         start = time.perf_counter()
-        state = gen.decode(
+        state = gen.decode_program(params)(
             self.config, params, state, self.controls, self.new_tokens, mode=self.mode
         )
         jax.block_until_ready(state.tokens)
@@ -121,7 +124,7 @@ class Ours:
     def op_profile(self, steps: int = 2) -> dict:
         """The per-op table of the decode loop (``op_profile.xla_op_table``), per token.
         The prefills run before the trace, so only the loop's ops are in it."""
-        decode = gen.decode.lower(
+        decode = gen.decode_program(self.params).lower(
             self.config, self.params, self._prefill(), self.controls, self.new_tokens,
             mode=self.mode,
         ).compile()  # fmt: skip

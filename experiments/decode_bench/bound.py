@@ -68,7 +68,13 @@ def _timed(fn, reps: int) -> tuple[float, float]:
     return best
 
 
-def time_products(config, batch: int, reps: int) -> list[dict]:
+def time_products(config, batch: int, reps: int, streamed: bool = False) -> list[dict]:
+    """Per product shape, the fastest library and weight order; ``counted_s`` per step.
+
+    ``streamed``: each of a step's ``count`` products of a shape gets its own weight (the
+    layers' distinct matrices, as in a real step) and one jitted program runs them all in
+    turn, so each weight comes from memory, not from the caches a repeated one sits in.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -78,12 +84,15 @@ def time_products(config, batch: int, reps: int) -> list[dict]:
         timings = {}
         for order, shape, spec in (("[in, out]", (inputs, outputs), "bi,io->bo"),
                                    ("[out, in]", (outputs, inputs), "bi,oi->bo")):  # fmt: skip
-            w = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+            n = count if streamed else 1
+            ws = [jax.random.normal(jax.random.key(1 + i), shape, jnp.float32) for i in range(n)]
             for lib, options in JAX_OPTIONS.items():
-                f = jax.jit(lambda a, b, s=spec: jnp.einsum(s, a, b), compiler_options=options)
-                wall, cpu = _timed(lambda f=f, x=x, w=w: f(x, w).block_until_ready(), reps)
-                timings[f"{lib} {order}"] = {"wall_s": wall, "cpu_s": cpu,
-                                             "counted_s": min(wall, cpu / 2)}  # fmt: skip
+                f = jax.jit(lambda a, bs, s=spec: [jnp.einsum(s, a, b) for b in bs],
+                            compiler_options=options)  # fmt: skip
+                wall, cpu = _timed(lambda f=f, x=x, ws=ws: jax.block_until_ready(f(x, ws)), reps)
+                timings[f"{lib} {order}"] = {"wall_s": wall / n, "cpu_s": cpu / n,
+                                             "counted_s": min(wall, cpu / 2) / n}  # fmt: skip
+            del ws
         best = min(timings, key=lambda k: timings[k]["counted_s"])
         flops = 2 * batch * inputs * outputs
         rows.append({
@@ -92,6 +101,43 @@ def time_products(config, batch: int, reps: int) -> list[dict]:
             "gflops": flops / timings[best]["counted_s"] / 1e9, "all": timings,
         })  # fmt: skip
     return rows
+
+
+def time_other_libraries(config, batch: int, reps: int) -> dict[str, dict[str, float]]:
+    """Seconds per step of each product shape, streamed as ``time_products(streamed=True)``,
+    with the BLAS of numpy (OpenBLAS) and of torch (all cores): not XLA:CPU's, so not part
+    of the bound, but they say whether another library streams these few-row products
+    faster on this machine."""
+    import numpy as np
+
+    libs = {"numpy": lambda x, w, order: x @ w if order == "[in, out]" else x @ w.T}
+    try:
+        import torch
+
+        def torch_product(x, w, order):
+            return x @ w if order == "[in, out]" else torch.nn.functional.linear(x, w)
+
+        libs["torch"] = torch_product
+    except ImportError:
+        torch = None
+    out = {}
+    rng = np.random.default_rng(0)
+    for name, inputs, outputs, count in weight_products(config):
+        best = {}
+        for order, shape in (("[in, out]", (inputs, outputs)), ("[out, in]", (outputs, inputs))):
+            ws = [rng.standard_normal(shape, np.float32) for _ in range(count)]
+            x = rng.standard_normal((batch, inputs), np.float32)
+            for lib, product in libs.items():
+                if lib == "torch":
+                    xs, wl = torch.from_numpy(x), [torch.from_numpy(w) for w in ws]
+                else:
+                    xs, wl = x, ws
+                wall, _ = _timed(lambda p=product, xs=xs, wl=wl, o=order: [p(xs, w, o) for w in wl],
+                                 reps)  # fmt: skip
+                best[f"{lib} {order}"] = wall  # the step's `count` products of this shape
+            del ws
+        out[name] = best
+    return out
 
 
 def best_bandwidth(reps: int) -> dict[str, float]:
@@ -138,14 +184,33 @@ def main() -> None:
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--streamed",
+        action="store_true",
+        help="each layer's product with its own weight, read from memory",
+    )
+    p.add_argument(
+        "--other_libraries",
+        action="store_true",
+        help="also time the products (streamed) with numpy's and torch's BLAS",
+    )
     p.add_argument("--results", default="", help="a bench.py report: both decoders' tokens/s")
     p.add_argument("--out", default="")
     args = p.parse_args()
     from neox_jax.model import ModelConfig
 
     config = ModelConfig.from_preset(args.model)
-    report = {"model": args.model, "batch": args.batch, "load_before": os.getloadavg()}
-    rows = time_products(config, args.batch, args.reps)
+    report = {"model": args.model, "batch": args.batch, "streamed": args.streamed,
+              "load_before": os.getloadavg()}  # fmt: skip
+    rows = time_products(config, args.batch, args.reps, streamed=args.streamed)
+    if args.other_libraries:
+        other = time_other_libraries(config, args.batch, args.reps)
+        report["other_libraries_s_per_step"] = other
+        # Each shape at the fastest of every library, XLA:CPU's and the others.
+        report["products_s_per_step_any_library"] = sum(
+            min(r["counted_s"], *other[name].values())
+            for r, (name, *_) in zip(rows, weight_products(config), strict=True)
+        )
     bandwidths = best_bandwidth(args.reps)
     report |= {"rows": rows, "bandwidths_gb_s": bandwidths}
     report |= bound(config, args.batch, args.prompt_len, args.new_tokens, rows, bandwidths)
@@ -161,6 +226,14 @@ def main() -> None:
         f" GB/s (best of {', '.join(f'{k} {v:.1f}' for k, v in bandwidths.items())})"
     )
     print(f"decode tokens/s upper bound, any XLA:CPU program: {report['tok_s_upper_bound']:.1f}")
+    for name, libs in report.get("other_libraries_s_per_step", {}).items():
+        best = min(libs, key=libs.get)
+        print(f"  {name}: best other library {best} {libs[best]:.4f} s per step")
+    if "products_s_per_step_any_library" in report:
+        print(
+            f"products at the fastest of every library: "
+            f"{report['products_s_per_step_any_library'] * 1e3:.1f} ms per step"
+        )
     if args.results:
         rows_b = json.loads(Path(args.results).read_text())["rows"]
         found = [r for r in rows_b if r["model"] == args.model and r["batch"] == args.batch]

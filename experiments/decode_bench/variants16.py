@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from neox_jax.inference import fused, sampling
+from neox_jax.inference import step as step_module
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.step import split_params
 from neox_jax.kernels import reference
@@ -169,6 +170,41 @@ def _old_argmax():
 
 _fused = lambda c, p: split_params(p, c)  # noqa: E731
 
+
+def _input_major(columns: int | None):
+    """Params: ``split_params``' fused layers with each block stored input-major
+    (``[in, out]``; ``columns`` input rows per block, 0 for one block, None as
+    ``fused.K_BLOCK``) and no vocabulary-major head copy (the head is ``embed_out``'s
+    ``[E, V]``): the weight order bound.py found fastest for Eigen and oneDNN."""
+
+    def make(config, params):
+        split = split_params(params, config)
+        split.pop(step_module.VOCAB_MAJOR_HEAD, None)
+
+        def weight(parts):
+            whole = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+            return tuple(b.T.copy() for b in fused.blocks(whole, columns))
+
+        layers_ = tuple(
+            {**layer, "w_in": weight(layer["w_in"]), "w_out": weight(layer["w_out"])}
+            for layer in split[FUSED_LAYERS]
+        )
+        return {**split, FUSED_LAYERS: layers_}
+
+    return make
+
+
+def _input_major_product(x, weights):
+    out, start = None, 0
+    for w in weights:
+        part = jnp.einsum("bti,io->bto", x[..., start : start + w.shape[0]], w)
+        out, start = part if out is None else out + part, start + w.shape[0]
+    return out
+
+
+def _input_major_patch():
+    return mock.patch.object(fused, "_product", _input_major_product)
+
 VARIANTS = {
     "unblocked": (contextlib.nullcontext, lambda c, p: unblocked(split_params(p, c))),
     "qkred": (_reduced_attention(False, True), _fused),
@@ -184,4 +220,7 @@ VARIANTS = {
     "mlpfirst": (_mlp_first(), _fused),
     "halves": (_halves(), _fused),
     "oldargmax": (_old_argmax(), _fused),
+    # input-major blocks, for XLA's own (Eigen) dots: ``io+eigen``
+    "io": (_input_major_patch, _input_major(None)),
+    "iowhole": (_input_major_patch, _input_major(0)),
 }

@@ -31,6 +31,14 @@ bandwidth roofline against 86.6 % with one block per weight, pythia-160m). So th
 layout follows the batch: ``block_columns(batch)`` is one block per weight for one row
 and ``K_BLOCK`` columns for more; ``reblock`` turns one layout into the other.
 
+From ``INPUT_MAJOR_ROWS`` rows on, the weights are instead stored input-major
+(``[in, out]``, one block each, ``to_input_major``) and the decode loop is compiled with
+XLA:CPU's own dot emitter instead of YNNPACK (``XLA_DOTS``; ``generate.decode_program``).
+At 8-16 rows that pair streams the weights from memory 1.3-1.6x faster than YNNPACK in
+either weight order (experiments/decode_bench/bound.py ``--streamed``): the batch-16
+step of pythia-160m took 85 ms instead of 115 with the blocked output-major weights,
+batch 8 85 instead of 103; at 1 and 4 rows no gain (README, 2026-12-02).
+
 The same arithmetic in another order, so the logits differ from the model's by fp32
 round-off (tests check them against the model). Only for configs and weights where the
 algebra holds exactly: fp32, a plain parallel-residual GPT-NeoX layer (LayerNorm, fused
@@ -40,6 +48,8 @@ runs them. Measured effect: experiments/decode_bench/README.md.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +63,9 @@ Array = jax.Array
 
 FUSED_LAYERS = "layers_fused"  # split_params' per-layer fused weights (``fuse_layer``)
 K_BLOCK = 768  # input columns per weight block (module docstring; measured on XLA:CPU)
+INPUT_MAJOR_ROWS = 8  # rows per step from which weights are input-major (module docstring)
+# Compile options of a program over input-major weights: XLA:CPU's own dots, not YNNPACK.
+XLA_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 _LINEAR = {"kernel", "bias"}
 _LAYER = {
@@ -93,6 +106,42 @@ def block_columns(batch: int) -> int:
     """Input columns per weight block for a step of ``batch`` rows (module docstring):
     0 (each weight one block) for one row, else ``K_BLOCK``."""
     return 0 if batch == 1 else K_BLOCK
+
+
+@functools.cache
+def xla_dot_options() -> dict | None:
+    """``XLA_DOTS`` if this XLA:CPU accepts them (a tiny compile, once), else None: a
+    jaxlib without the option keeps the output-major layouts and YNNPACK."""
+    probe = jax.jit(lambda a: a @ a, compiler_options=XLA_DOTS)
+    try:
+        probe.lower(np.ones((2, 2), np.float32)).compile()
+    except jax.errors.JaxRuntimeError:  # "No such compile option"
+        return None
+    return dict(XLA_DOTS)
+
+
+def input_major_rows(batch: int) -> bool:
+    """Whether a step of ``batch`` rows on CPU takes input-major weights and
+    ``XLA_DOTS`` (module docstring)."""
+    return batch >= INPUT_MAJOR_ROWS and xla_dot_options() is not None
+
+
+def to_input_major(layer) -> dict:
+    """A ``fuse_layer`` layer (output-major, in any blocks) with both weights input-major,
+    one buffer each: ``w_in_t [E, 3E + F]``, ``w_out_t [E + F, E]``; biases shared."""
+    if "w_in_t" in layer:
+        return layer
+    whole = lambda parts: parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)  # noqa: E731
+    return {
+        "w_in_t": jnp.asarray(whole(layer["w_in"]).T),
+        "b_in": layer["b_in"],
+        "w_out_t": jnp.asarray(whole(layer["w_out"]).T),
+        "b_out": layer["b_out"],
+    }
+
+
+def is_input_major(fused_layers) -> bool:
+    return any("w_in_t" in layer for layer in fused_layers)
 
 
 def fuse_layer(layer, columns: int | None = None) -> dict:
@@ -157,6 +206,13 @@ def _product(x: Array, weights: tuple[Array, ...]) -> Array:
     return out
 
 
+def _apply(x: Array, fused, name: str) -> Array:
+    """``x @ W`` for the fused weight ``name`` (``w_in``/``w_out``), in either layout."""
+    if f"{name}_t" in fused:  # input-major
+        return jnp.einsum("bti,io->bto", x, fused[f"{name}_t"])
+    return _product(x, fused[name])
+
+
 def _normalize(config: ModelConfig, x: Array) -> Array:
     """``LayerNorm`` without its scale and bias (they are in the fused weights)."""
     mean = x.mean(-1, keepdims=True)
@@ -191,7 +247,7 @@ def fused_block(
     batch, length, _ = x.shape
     heads, head_dim = config.num_attention_heads, config.head_dim
     width = heads * head_dim
-    y = _product(_normalize(config, x), fused["w_in"]) + fused["b_in"]  # [B, T, 3E + F]
+    y = _apply(_normalize(config, x), fused, "w_in") + fused["b_in"]  # [B, T, 3E + F]
     qkv = y[..., : 3 * width].reshape(batch, length, heads, 3, head_dim)  # per head [q|k|v]
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
     inv_freq, scale = rotary_inv_freq(config, positions), rotary_attention_scaling(config)
@@ -199,4 +255,4 @@ def fused_block(
     attn, new_cache = attention(config, q, k, v, layer_cache, segment_ids, cache_info)
     h = activation(config.hidden_act)(y[..., 3 * width :])  # [B, T, F]
     both = jnp.concatenate([attn.reshape(batch, length, width), h], axis=-1)  # [B, T, E + F]
-    return _product(both, fused["w_out"]) + fused["b_out"] + x, new_cache
+    return _apply(both, fused, "w_out") + fused["b_out"] + x, new_cache

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.inference import step
+from neox_jax.inference import fused, step
 from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
 from neox_jax.model import ModelConfig
 
@@ -279,6 +279,23 @@ def decode(
         )
 
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.cache
+def _decode_with_xla_dots():
+    return jax.jit(
+        decode.__wrapped__,
+        static_argnames=("config", "mode", "pipeline"),
+        donate_argnames=("state",),
+        compiler_options=fused.xla_dot_options(),
+    )
+
+
+def decode_program(params):
+    """``decode``, or for input-major weights (``step.uses_xla_dots``: a batch of
+    ``fused.INPUT_MAJOR_ROWS`` or more on CPU) the same loop compiled with XLA's own
+    dots (``fused.XLA_DOTS``), which read those weights faster than YNNPACK."""
+    return _decode_with_xla_dots() if step.uses_xla_dots(params) else decode
 
 
 # -------------------------------------------------------------- functional API

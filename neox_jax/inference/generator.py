@@ -133,7 +133,7 @@ class Generator:
         # on CPU fused weights laid out for each batch size met (built on first use);
         # the pipeline needs the stacked layers (split over ``stage``).
         split = split_layers and not self._pipeline
-        self._layouts = BatchLayouts(params, config) if split else (lambda batch: params)
+        self._layouts = BatchLayouts(params, config) if split else (lambda batch, **_: params)
         self.max_cache_len = max_cache_len
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -152,7 +152,7 @@ class Generator:
 
     def _decode(self, *args, **kwargs):
         with self._context():
-            return gen.decode(*args, pipeline=self._pipeline, **kwargs)
+            return gen.decode_program(args[1])(*args, pipeline=self._pipeline, **kwargs)
 
     def _beam_search(self, *args, **kwargs):
         with self._context():
@@ -293,7 +293,8 @@ class Generator:
         eos_t = gen.id_table([eos] * len(prompts))
         stop_t = gen.id_table([p.stop_token_ids] * len(prompts))
         n_stop = len(set(eos) | set(p.stop_token_ids))
-        weights = self._layouts(len(prompts) * p.num_beams)  # beams are rows
+        # Beams are rows; beam search's program keeps YNNPACK's dots (no input-major).
+        weights = self._layouts(len(prompts) * p.num_beams, xla_dots=False)
         out = self._beam_search(
             self.config, weights, ids, mask, jnp.int32(p.max_new_tokens),
             stop_t, eos_t, jnp.float32(p.length_penalty), jnp.float32(p.repetition_penalty),

@@ -55,7 +55,9 @@ Array = jax.Array
 VOCAB_MAJOR_HEAD = "embed_out_vocab_major"  # split_params' [V, E] copy of embed_out/kernel
 
 
-def split_params(params, config: ModelConfig | None = None, *, batch: int | None = None) -> dict:
+def split_params(
+    params, config: ModelConfig | None = None, *, batch: int | None = None, input_major=False
+) -> dict:
     """``params`` with ``layers`` as a tuple of per-layer trees (separate buffers), and
     on CPU a plain untied output head also as a ``[V, E]`` copy under ``VOCAB_MAJOR_HEAD``
     (``forward`` projects with it; ``embed_out`` stays for code that reads it).
@@ -67,13 +69,26 @@ def split_params(params, config: ModelConfig | None = None, *, batch: int | None
     that suit ``batch`` rows per step (``fused.block_columns``; default several rows).
     Given params split already, returns them with their fused weights in ``batch``'s
     layout, sharing every buffer that layout does not change (``fused.reblock``).
+    ``input_major``: the fused weights input-major instead (``fused.to_input_major``) and
+    no ``[V, E]`` head copy (the head is ``embed_out``'s ``[E, V]``), for programs
+    compiled with ``fused.XLA_DOTS`` (``uses_xla_dots``); where nothing is fused, the
+    same as without it.
 
     Call once, outside jit. While the caller also keeps the stacked params, the layer
     weights are held twice, and on CPU the head is always held twice.
     """
+    if input_major:
+        split = split_params(params, config, batch=batch)
+        if FUSED_LAYERS not in split:
+            return split
+        layers = tuple(fused.to_input_major(layer) for layer in split[FUSED_LAYERS])
+        split = {k: v for k, v in split.items() if k != VOCAB_MAJOR_HEAD}
+        return {**split, FUSED_LAYERS: layers}
     layers = params["layers"]
     columns = fused.block_columns(2 if batch is None else batch)
     if FUSED_LAYERS in params:  # already split
+        if fused.is_input_major(params[FUSED_LAYERS]):
+            raise ValueError("split_params: these params are input-major; split the originals.")
         params = {**params, FUSED_LAYERS: fused.reblock(params[FUSED_LAYERS], columns)}
         return _head_copy(params)
     if config is not None and _fuse_here(params):
@@ -92,32 +107,45 @@ class BatchLayouts:
     """``split_params``' weights for each batch size a holder decodes at, each layout
     built on first use: ``layouts(batch)`` returns the params for ``batch`` rows.
 
-    One row per step (batch 1) reads each fused weight as one block, more rows read
+    One row per step (batch 1) reads each fused weight as one block, a few rows read
     them in blocks of ``fused.K_BLOCK`` input columns (``fused.block_columns``: the
-    blocks cost batch 1 8 % of its speed and give batch 16 16 %, pythia-160m). A
-    holder that decodes at only one of the two holds one layout; one that decodes at
-    both holds the weights whose blocks differ twice: the out products
-    (``[E, E + F]`` per layer, 142 MB for pythia-160m in fp32, 42 % of its layer
-    weights), and the in products too where
-    ``E > K_BLOCK`` (pythia-410m up). The biases and the head copy are shared. Where
-    nothing is fused (a mesh, a config ``fused.fusable`` refuses), every batch size
-    gets the same params.
+    blocks cost batch 1 8 % of its speed and give batch 16 16 %, pythia-160m), and from
+    ``fused.INPUT_MAJOR_ROWS`` rows they are input-major, one block each, for a decode
+    program compiled with XLA's own dots (``fused.input_major_rows``; ``uses_xla_dots``).
+    A holder that decodes at only one batch size holds one layout; one that decodes at
+    several holds the weights whose layouts differ again (up to all the layer weights,
+    e.g. one row and sixteen). The biases are shared. Where nothing is fused (a mesh,
+    a config ``fused.fusable`` refuses), every batch size gets the same params.
     """
 
     def __init__(self, params, config: ModelConfig):
         self._params, self._config = params, config
         self._built: dict[int, dict] = {}  # block columns -> split params
 
-    def __call__(self, batch: int) -> dict:
-        key = fused.block_columns(batch)
+    def __call__(self, batch: int, *, xla_dots: bool = True) -> dict:
+        """The params for ``batch`` rows; ``xla_dots=False`` for a program compiled
+        without ``fused.XLA_DOTS`` (never input-major)."""
+        input_major = xla_dots and fused.input_major_rows(batch)
+        key = "input_major" if input_major else fused.block_columns(batch)
         if key not in self._built:
             first = next(iter(self._built.values()), None)
             if first is not None and FUSED_LAYERS not in first:
                 return first  # nothing fused: no layouts to tell apart
+            # Another output-major layout shares its unchanged buffers (``reblock``).
+            base = next((p for k, p in self._built.items() if k != "input_major"), None)
             self._built[key] = split_params(
-                self._params if first is None else first, self._config, batch=batch
+                self._params if base is None else base,
+                self._config,
+                batch=batch,
+                input_major=input_major,
             )
         return self._built[key]
+
+
+def uses_xla_dots(params) -> bool:
+    """Whether ``params`` hold input-major fused weights, whose programs are compiled
+    with ``fused.XLA_DOTS`` (``BatchLayouts``)."""
+    return isinstance(params, dict) and fused.is_input_major(params.get(FUSED_LAYERS, ()))
 
 
 def _fuse_here(params) -> bool:
