@@ -123,7 +123,8 @@ def xla_dot_options() -> dict | None:
 def input_major_rows(batch: int) -> bool:
     """Whether a step of ``batch`` rows on CPU takes input-major weights and
     ``XLA_DOTS`` (module docstring)."""
-    return batch >= INPUT_MAJOR_ROWS and xla_dot_options() is not None
+    on_cpu = jax.default_backend() == "cpu"
+    return batch >= INPUT_MAJOR_ROWS and on_cpu and xla_dot_options() is not None
 
 
 def to_input_major(layer) -> dict:
