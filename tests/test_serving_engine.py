@@ -433,3 +433,26 @@ def test_calls_end_when_a_waiting_request_can_take_a_slot(model, monkeypatch):
     for p, s, (ids, _, _) in zip(prompts, samplings, ours, strict=True):
         assert ids == gen.generate([p], s)[0].token_ids
     assert eng.free_slots == eng.num_slots
+
+
+def test_eight_slots_decode_input_major_with_xla_dots(model):
+    """From ``fused.INPUT_MAJOR_ROWS`` slots (a slot cache on CPU) the engine holds the
+    fused weights input-major and compiles its decode calls, and the decode steps that
+    carry prefill chunks, with XLA's own dots; each request still equals the
+    ``Generator`` alone (same tolerance argument as above)."""
+    from neox_jax.inference import fused, step
+
+    config, params, tok = model
+    slots = fused.INPUT_MAJOR_ROWS
+    eng = Engine(config, params, tok, num_slots=slots, max_len=64, prefill_chunk=16)
+    assert step.uses_xla_dots(eng.params) and eng.mix_prefill
+    assert eng.generate_program() is not dev.generate
+    assert mixed.generate_program(eng.params) is not mixed.generate
+    prompts = _prompts(config.vocab_size, (40, 3, 17, 33, 16, 48, 5, 9, 21, 2), seed=8)
+    samplings = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in range(6, 16)]
+    results = eng.generate(prompts, samplings)
+    gen = _reference(model)
+    for p, s, (ids, text, _) in zip(prompts, samplings, results, strict=True):
+        ref = gen.generate([p], s)[0]
+        assert ids == ref.token_ids and text == ref.text
+    assert eng.free_slots == eng.num_slots

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from neox_jax.inference import fused, step
+from neox_jax.inference import step
 from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
 from neox_jax.model import ModelConfig
 
@@ -216,9 +216,10 @@ def _finish_reason(tok: Array, step: Array, controls: Controls) -> Array:
     return jnp.select([hit_eos, hit_stop, at_limit], [EOS, STOP, LENGTH], RUNNING)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "mode", "pipeline"), donate_argnames=("state",)
-)
+_DECODE_JIT = dict(static_argnames=("config", "mode", "pipeline"), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, **_DECODE_JIT)
 def decode(
     config,
     params,
@@ -281,21 +282,11 @@ def decode(
     return jax.lax.while_loop(cond, body, state)
 
 
-@functools.cache
-def _decode_with_xla_dots():
-    return jax.jit(
-        decode.__wrapped__,
-        static_argnames=("config", "mode", "pipeline"),
-        donate_argnames=("state",),
-        compiler_options=fused.xla_dot_options(),
-    )
-
-
 def decode_program(params):
     """``decode``, or for input-major weights (``step.uses_xla_dots``: a batch of
     ``fused.INPUT_MAJOR_ROWS`` or more on CPU) the same loop compiled with XLA's own
     dots (``fused.XLA_DOTS``), which read those weights faster than YNNPACK."""
-    return _decode_with_xla_dots() if step.uses_xla_dots(params) else decode
+    return step.program_for(params, decode, **_DECODE_JIT)
 
 
 # -------------------------------------------------------------- functional API

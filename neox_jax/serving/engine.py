@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from neox_jax.errors import UserError
+from neox_jax.inference import fused
 from neox_jax.inference.generate import FINISH_REASONS, context_length
 from neox_jax.inference.sampling import SamplingParams
 from neox_jax.inference.step import split_params
@@ -188,9 +189,12 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         self.mesh = mesh
         # The pipeline needs the stacked layers (split over ``stage``).
         # Fused weights laid out for num_slots rows (fused.block_columns: one block per
-        # weight for the one-slot server, blocks of input columns for more slots).
+        # weight for the one-slot server, blocks of input columns for a few slots; from
+        # fused.INPUT_MAJOR_ROWS slots of a slot cache input-major, for decode programs
+        # compiled with XLA's own dots: slots/mixed.generate_program).
         if split_layers and not self.pipeline:
-            params = split_params(params, config, batch=num_slots)
+            input_major = kv_cache == "slots" and fused.input_major_rows(num_slots)
+            params = split_params(params, config, batch=num_slots, input_major=input_major)
         # On the device once: a loader's numpy arrays would otherwise be copied to the
         # device by every call (at pythia-70m ~65 ms of CPU per call, a third of a
         # 4-step decode call's time on CPU).
@@ -371,7 +375,7 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         start = time.perf_counter()
         if chunk is None:
             until, stop_after = self._call_length()
-            self.state, out = self.dev.generate(
+            self.state, out = self.generate_program()(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call, until=np.int32(until),
                 stop_after=np.int32(stop_after), **self._active_arg(active),
@@ -380,7 +384,7 @@ class Engine(Admission, Delivery, Schedule, Warmup):
         else:  # one decode step with the chunk in its products (its slot computed too)
             slot, tokens, offset, length = chunk
             active = self._bucket_of(max(active, slot + 1))
-            self.state, out = mixed.generate(
+            self.state, out = mixed.generate_program(self.params)(
                 self.config, self.params, self.state, np.int32(slot), tokens,
                 np.int32(offset), np.int32(length), mode=mode, **self._active_arg(active),
             )  # fmt: skip

@@ -33,7 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from neox_jax.inference import fused
+from neox_jax.inference import fused, step
 from neox_jax.inference.fused import FUSED_LAYERS
 from neox_jax.inference.generate import RUNNING
 from neox_jax.inference.sampling import SamplingMode
@@ -133,9 +133,16 @@ def mixed_forward(config: ModelConfig, params, state, column, chunk_tokens, chun
     return logits, {"k": tuple(new_k), "v": tuple(new_v), "segment_ids": seg, "index": c["index"]}
 
 
-@functools.partial(
-    jax.jit, static_argnames=("config", "mode", "active"), donate_argnames=("state",)
-)
+_GENERATE_JIT = dict(static_argnames=("config", "mode", "active"), donate_argnames=("state",))
+
+
+def generate_program(params):
+    """``generate``, compiled with XLA's own dots for input-major weights
+    (``step.program_for``), as ``slots.generate_program``."""
+    return step.program_for(params, generate, **_GENERATE_JIT)
+
+
+@functools.partial(jax.jit, **_GENERATE_JIT)
 def generate(
     config: ModelConfig,
     params,

@@ -68,6 +68,13 @@ class Schedule:
         """``generate``'s ``active`` argument for ``n`` slots (none with one bucket)."""
         return {} if len(self.slot_buckets) == 1 else {"active": n}
 
+    def generate_program(self):
+        """The decode call's program: ``paged_slots.generate`` over pages, else
+        ``slots.generate`` (compiled with XLA's own dots over input-major weights)."""
+        if self.pages is not None:
+            return self.dev.generate
+        return self.dev.generate_program(self.params)
+
     def _attention_arg(self) -> dict:
         """``generate``'s ``attention`` argument for the paged cache (none for slots)."""
         return {} if self.pages is None else {"attention": self.paged_attention}

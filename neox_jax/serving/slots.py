@@ -343,11 +343,20 @@ def _stacked(state: SlotState) -> bool:
     return not isinstance(state.cache["k"], tuple | list)
 
 
-@functools.partial(
-    jax.jit,
+_GENERATE_JIT = dict(
     static_argnames=("config", "mode", "num_logprobs", "steps", "active"),
     donate_argnames=("state",),
 )
+
+
+def generate_program(params):
+    """``generate``, or for input-major weights (the engine's from
+    ``fused.INPUT_MAJOR_ROWS`` slots on CPU) the same compiled with XLA's own dots
+    (``step.program_for``)."""
+    return step.program_for(params, generate, **_GENERATE_JIT)
+
+
+@functools.partial(jax.jit, **_GENERATE_JIT)
 def generate(
     config: ModelConfig,
     params,

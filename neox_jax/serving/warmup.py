@@ -75,7 +75,7 @@ class Warmup:
         for j, (mode, k, n) in enumerate(variants, 1):
             name = "greedy" if mode.greedy else "sampling"
             progress(f"compiling {name} step, {k} logprobs, {n} slots ({done + j}/{total})")
-            self.state, out = self.dev.generate(
+            self.state, out = self.generate_program()(
                 self.config, self.params, self.state, mode=mode, num_logprobs=k,
                 steps=self.steps_per_call, until=np.int32(1), stop_after=np.int32(0),
                 **self._active_arg(n), **self._attention_arg(),
@@ -86,7 +86,7 @@ class Warmup:
             name = "greedy" if mode.greedy else "sampling"
             progress(f"compiling {name} step with a prefill chunk, {n} slots ({done + j}/{total})")
             zeros = np.zeros(self.prefill_chunk, np.int32)
-            self.state, out = mixed.generate(
+            self.state, out = mixed.generate_program(self.params)(
                 self.config, self.params, self.state, np.int32(0), zeros, np.int32(0),
                 np.int32(1), mode=mode, **self._active_arg(n),
             )  # fmt: skip
