@@ -33,7 +33,8 @@ and ``K_BLOCK`` columns for more; ``reblock`` turns one layout into the other.
 
 From ``INPUT_MAJOR_ROWS`` rows on, the weights are instead stored input-major
 (``[in, out]``, one block each, ``to_input_major``) and the decode loop is compiled with
-XLA:CPU's own dot emitter instead of YNNPACK (``XLA_DOTS``; ``generate.decode_program``).
+XLA:CPU's own dot emitter instead of YNNPACK (``XLA_DOTS``; ``step.program_for``: the
+Generator's decode loop, the serving engine's decode calls from as many slots).
 At 8-16 rows that pair streams the weights from memory 1.3-1.6x faster than YNNPACK in
 either weight order (experiments/decode_bench/bound.py ``--streamed``): the batch-16
 step of pythia-160m took 85 ms instead of 115 with the blocked output-major weights,
