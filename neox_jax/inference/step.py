@@ -120,7 +120,7 @@ class BatchLayouts:
 
     def __init__(self, params, config: ModelConfig):
         self._params, self._config = params, config
-        self._built: dict[int, dict] = {}  # block columns -> split params
+        self._built: dict[int | str, dict] = {}  # block columns or "input_major" -> params
 
     def __call__(self, batch: int, *, xla_dots: bool = True) -> dict:
         """The params for ``batch`` rows; ``xla_dots=False`` for a program compiled

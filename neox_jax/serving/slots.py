@@ -48,6 +48,9 @@ from neox_jax.inference.generate import (
 )
 from neox_jax.inference.sampling import SamplingMode, SamplingParams, next_tokens, row_arrays
 from neox_jax.model import ModelConfig
+
+# The prefix cache's block copies; re-exported (the engine calls them as ``dev.*``).
+from neox_jax.serving.slot_blocks import block_segments, get_block, per_layer, put_block  # noqa: F401
 from neox_jax.serving.slot_forward import settle, slot_forward
 
 Array = jax.Array
@@ -160,14 +163,6 @@ def init_state(
     )
 
 
-def _per_layer(fn, *bufs):
-    """``fn`` on each layer's buffer: per-layer tuples, or a stacked ``[L, ...]`` array
-    (the pipeline's layout; ``fn`` is vmapped over its layer axis)."""
-    if isinstance(bufs[0], tuple | list):
-        return tuple(map(fn, *bufs))
-    return jax.vmap(fn)(*bufs)
-
-
 @functools.partial(jax.jit, donate_argnames=("state",))
 def insert(
     prefix: Prefix,
@@ -191,8 +186,8 @@ def insert(
     # Columns past the prefix may hold an earlier request's keys: mark them empty.
     seg_row = jnp.zeros((1, max_len), jnp.int32).at[:, :plen].set(prefix.segment_ids)
     cache = {
-        "k": _per_layer(put, state.cache["k"], prefix.k),
-        "v": _per_layer(put, state.cache["v"], prefix.v),
+        "k": per_layer(put, state.cache["k"], prefix.k),
+        "v": per_layer(put, state.cache["v"], prefix.v),
         "segment_ids": put(state.cache["segment_ids"], seg_row),
         "index": state.cache["index"].at[slot].set(prefix.position),
     }
@@ -258,8 +253,8 @@ def prefill_chunk(
     seg_row = row(state.cache["segment_ids"])
     seg_row = jnp.where(start == 0, jnp.zeros_like(seg_row), seg_row)
     cache = {
-        "k": _per_layer(row, state.cache["k"]),
-        "v": _per_layer(row, state.cache["v"]),
+        "k": per_layer(row, state.cache["k"]),
+        "v": per_layer(row, state.cache["v"]),
         "segment_ids": seg_row,
         "index": start,
     }
@@ -268,61 +263,12 @@ def prefill_chunk(
         compute_logits=False, pipeline=int(_stacked(state)),
     )  # fmt: skip
     new = {
-        "k": _per_layer(put, state.cache["k"], cache["k"]),
-        "v": _per_layer(put, state.cache["v"], cache["v"]),
+        "k": per_layer(put, state.cache["k"], cache["k"]),
+        "v": per_layer(put, state.cache["v"], cache["v"]),
         "segment_ids": put(state.cache["segment_ids"], cache["segment_ids"]),
         "index": state.cache["index"],
     }
     return state.replace(cache=new)
-
-
-def block_segments(segment_ids: Array, slot: Array, offset: Array, size: int) -> Array:
-    """``segment_ids [N, S]`` with ``slot``'s columns ``offset .. offset + size - 1``
-    marked prompt (1) and every column after them empty (0).
-
-    Cached blocks are put in order from column 0, and the chunked prefill that clears a
-    reused row's old ids runs only from column 0: after a prefix hit nothing else would
-    clear an earlier request's ids past the copied blocks, and the next decode step
-    would attend to that request's keys."""
-    row = jax.lax.dynamic_slice_in_dim(segment_ids, slot, 1, axis=0)  # [1, S]
-    cols = jnp.arange(row.shape[1])
-    row = jnp.where(cols < offset, row, (cols < offset + size).astype(row.dtype))
-    return jax.lax.dynamic_update_slice_in_dim(segment_ids, row, slot, axis=0)
-
-
-@functools.partial(jax.jit, donate_argnames=("state",))
-def put_block(state: SlotState, slot: Array, k: tuple, v: tuple, offset: Array) -> SlotState:
-    """Write a cached prompt block (per-layer ``[KV, C, D]`` keys and values, or stacked
-    ``[L, KV, C, D]``) into ``slot``'s columns ``offset .. offset + C - 1``, marked as
-    prompt (segment 1)."""
-    size = k[0].shape[1] if isinstance(k, tuple | list) else k.shape[2]
-
-    def put(buf, block):  # buf [N, KV, S, D]
-        return jax.lax.dynamic_update_slice(
-            buf, block[None].astype(buf.dtype), (slot, 0, offset, 0)
-        )
-
-    seg = block_segments(state.cache["segment_ids"], slot, offset, size)
-    cache = dict(
-        state.cache,
-        k=_per_layer(put, state.cache["k"], k),
-        v=_per_layer(put, state.cache["v"], v),
-        segment_ids=seg,
-    )
-    return state.replace(cache=cache)
-
-
-@functools.partial(jax.jit, static_argnames=("size",))
-def get_block(state: SlotState, slot: Array, offset: Array, *, size: int) -> tuple[tuple, tuple]:
-    """``slot``'s keys and values at columns ``offset .. offset + size - 1``: per-layer
-    ``[KV, size, D]`` copies, or stacked ``[L, KV, size, D]`` (to store in the prefix
-    cache)."""
-
-    def get(buf):  # [N, KV, S, D] -> [KV, size, D]
-        shape = (1, buf.shape[1], size, buf.shape[3])
-        return jax.lax.dynamic_slice(buf, (slot, 0, offset, 0), shape)[0]
-
-    return _per_layer(get, state.cache["k"]), _per_layer(get, state.cache["v"])
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
